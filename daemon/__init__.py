@@ -1,0 +1,1 @@
+"""The tiercache service: config, CLI (and, later, socket server, MQTT control, metrics)."""

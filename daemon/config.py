@@ -1,0 +1,248 @@
+"""The one config loader: TOML file, then ``TIERCACHE_<SECTION>__<KEY>`` environment overrides.
+
+CLI, daemon, embedded mode and tests all build their settings here, so a key
+means the same thing everywhere. Unknown sections or keys and bad values are
+errors that name the key (``ConfigError: tiers.host.bytes: bad size 'lots'``).
+Sizes are strings like ``"32GiB"``. Sub-tables such as ``[tiers.host]`` are
+overridden as ``TIERCACHE_TIERS_HOST__BYTES``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tiercache.spec import parse_size
+
+ENV_PREFIX = "TIERCACHE_"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it."""
+
+
+def _runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/tiercache-{os.getuid()}"
+    return Path(base)
+
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tiercache"
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    socket: str = field(default_factory=lambda: str(_runtime_dir() / "tiercache.sock"))
+    socket_group: str = ""
+    log_level: str = "info"
+
+
+@dataclass(slots=True)
+class DeviceTierConfig:
+    bytes: int = 0
+    devices: list[str] = field(default_factory=lambda: ["cuda:0"])
+
+
+@dataclass(slots=True)
+class HostTierConfig:
+    bytes: int = 4 * 2**30
+    slot_bytes: int = 0  # 0: the block size of the first namespace registered
+    shared: bool = False  # a /dev/shm arena that CPU engines in other processes map
+
+
+@dataclass(slots=True)
+class DiskTierConfig:
+    url: str = field(default_factory=lambda: "file://" + str(_data_dir() / "disk"))
+    bytes: int = 64 * 2**30
+
+
+@dataclass(slots=True)
+class RemoteTierConfig:
+    url: str = ""
+    endpoint: str = ""
+
+
+@dataclass(slots=True)
+class PolicyConfig:
+    eviction: str = "lru"
+    write: str = "write-back"
+    admission: int = 1  # store a block on its N-th offer
+
+    def __post_init__(self) -> None:
+        if self.eviction not in ("lru", "arc"):
+            raise ConfigError(f"policy.eviction: {self.eviction!r} is not one of lru, arc")
+        if self.write not in ("write-through", "write-back"):
+            raise ConfigError(f"policy.write: {self.write!r} is not one of write-through, write-back")
+        if self.admission < 1:
+            raise ConfigError(f"policy.admission: must be >= 1, got {self.admission}")
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(slots=True)
+class MqttConfig:
+    host: str = ""
+    port: int = 1883
+    prefix: str = "tiercache"
+    node: str = field(default_factory=socket.gethostname)
+    username: str = ""
+    password_file: str = ""
+    tls_ca: str = ""
+
+
+@dataclass(slots=True)
+class TiersConfig:
+    device: DeviceTierConfig | None = None
+    host: HostTierConfig = field(default_factory=HostTierConfig)
+    disk: DiskTierConfig | None = field(default_factory=DiskTierConfig)
+    remote: RemoteTierConfig | None = None
+
+
+@dataclass(slots=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = _to_dict(self)
+        return out
+
+
+_SIZE_KEYS = {"bytes", "slot_bytes"}
+_SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig,
+    "tiers.device": DeviceTierConfig,
+    "tiers.host": HostTierConfig,
+    "tiers.disk": DiskTierConfig,
+    "tiers.remote": RemoteTierConfig,
+    "policy": PolicyConfig,
+    "metrics": MetricsConfig,
+    "mqtt": MqttConfig,
+}
+
+
+def _to_dict(obj: Any) -> Any:
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, list):
+        return [_to_dict(x) for x in obj]
+    return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
+
+
+def _coerce(where: str, name: str, default: Any, value: Any) -> Any:
+    if name in _SIZE_KEYS:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{name}: {e}") from None
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}.{name}: expected {kind.__name__}, got {value!r}")
+
+
+def _build(where: str, cls: type, table: Mapping[str, Any]) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(where, k, getattr(defaults, k), v) for k, v in table.items()}
+    try:
+        return cls(**{**{f.name: getattr(defaults, f.name) for f in fields(cls)}, **kwargs})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``TIERCACHE_TIERS_HOST__BYTES=8GiB`` -> ``{"tiers.host": {"bytes": "8GiB"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, key = name[len(ENV_PREFIX) :].lower().rsplit("__", 1)
+        dotted = section.replace("_", ".", 1) if section.startswith("tiers_") else section
+        if dotted not in _SECTIONS:
+            raise ConfigError(f"environment {name}: unknown section {dotted!r}; known: {', '.join(_SECTIONS)}")
+        out.setdefault(dotted, {})[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults <- TOML file (if given) <- environment overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    tables: dict[str, dict[str, Any]] = {}
+    for section, body in raw.items():
+        if section == "tiers":
+            if not isinstance(body, dict):
+                raise ConfigError("tiers: expected a table")
+            for tier, tbody in body.items():
+                if f"tiers.{tier}" not in _SECTIONS:
+                    raise ConfigError(f"tiers.{tier}: unknown tier; known: device, host, disk, remote")
+                tables[f"tiers.{tier}"] = dict(tbody) if isinstance(tbody, dict) else tbody
+        elif section in _SECTIONS:
+            tables[section] = dict(body) if isinstance(body, dict) else body
+        else:
+            raise ConfigError(f"unknown section [{section}]; known: {', '.join(_SECTIONS)}")
+    for section, overrides in _env_tables(os.environ if env is None else env).items():
+        tables[section] = {**tables.get(section, {}), **overrides}
+
+    built = {name: _build(name, cls, tables[name]) for name, cls in _SECTIONS.items() if name in tables}
+    tiers = TiersConfig(
+        device=built.get("tiers.device"),
+        host=built.get("tiers.host", HostTierConfig()),
+        disk=built.get("tiers.disk", DiskTierConfig()),
+        remote=built.get("tiers.remote"),
+    )
+    if tiers.disk is not None and tiers.disk.url in ("", "none"):
+        tiers.disk = None
+    if tiers.remote is not None and not tiers.remote.url:
+        tiers.remote = None
+    return Config(
+        daemon=built.get("daemon", DaemonConfig()),
+        tiers=tiers,
+        policy=built.get("policy", PolicyConfig()),
+        metrics=built.get("metrics", MetricsConfig()),
+        mqtt=built.get("mqtt", MqttConfig()),
+    )

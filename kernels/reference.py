@@ -1,0 +1,125 @@
+"""Torch reference gather/scatter between an engine's KV cache and page-first blocks.
+
+This is the CPU path (CPU engines and embedded mode copy with it) *and* the
+oracle the CUDA kernels are checked against bit for bit, so it is written for
+clarity with ``index_select`` / ``index_copy_``, never clever.
+
+A stored block is ``[layers, 2 (K, V), block_size, kv_heads, head_dim]``.
+Engine layouts, per layer:
+
+- ``vllm`` (flash-attn): one tensor ``[2, num_blocks, block_size, heads, head_dim]``
+- ``flashinfer``: one tensor ``[num_blocks, 2, block_size, heads, head_dim]``
+- ``hf`` (transformers): a ``(K, V)`` pair, each ``[batch, heads, seq, head_dim]``;
+  "block ids" are block positions along the sequence of one batch row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tiercache.spec import KVSpec, Layout
+
+# One layer of an engine's cache: a tensor (vllm, flashinfer) or a (K, V) pair (hf).
+LayerCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class LayoutError(ValueError):
+    """A KV cache whose shapes do not match its KVSpec and layout."""
+
+
+def _ids(block_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(block_ids, dtype=torch.long)
+    if ids.dim() != 1:
+        raise LayoutError(f"block ids must be 1-D, got shape {list(ids.shape)}")
+    return ids.to(device)
+
+
+def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
+    if len(caches) != spec.num_layers:
+        raise LayoutError(f"expected {spec.num_layers} layers, got {len(caches)}")
+    h, bs, d = spec.num_kv_heads, spec.block_size, spec.head_dim
+    for i, c in enumerate(caches):
+        parts = c if isinstance(c, tuple) else (c,)
+        for t in parts:
+            if t.dtype != spec.torch_dtype:
+                raise LayoutError(f"layer {i}: dtype {t.dtype}, spec says {spec.dtype}")
+        if spec.layout is Layout.HF:
+            if not isinstance(c, tuple) or len(c) != 2:
+                raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
+            k, v = c
+            if k.dim() != 4 or k.shape[1] != h or k.shape[3] != d or k.shape != v.shape:
+                raise LayoutError(f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {list(k.shape)}/{list(v.shape)}")
+        else:
+            assert isinstance(c, torch.Tensor)
+            kv_dim = 0 if spec.layout is Layout.VLLM else 1
+            if c.dim() != 5 or (c.shape[kv_dim], *c.shape[2:]) != (2, bs, h, d):
+                raise LayoutError(f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of {spec}")
+
+
+def gather(
+    spec: KVSpec,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    batch: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Copy blocks ``block_ids`` out of ``caches`` into ``[n, *spec.block_shape]``."""
+    _check(spec, caches)
+    first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
+    ids = _ids(block_ids, first.device)
+    n, bs = ids.numel(), spec.block_size
+    if out is None:
+        out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=first.device)
+    elif tuple(out.shape) != (n, *spec.block_shape) or out.dtype != spec.torch_dtype:
+        raise LayoutError(f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}")
+    for layer, c in enumerate(caches):
+        if spec.layout is Layout.VLLM:
+            assert isinstance(c, torch.Tensor)
+            out[:, layer] = c.index_select(1, ids).transpose(0, 1)
+        elif spec.layout is Layout.FLASHINFER:
+            assert isinstance(c, torch.Tensor)
+            out[:, layer] = c.index_select(0, ids)
+        else:
+            assert isinstance(c, tuple)
+            tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)
+            for kv, t in enumerate(c):
+                # [heads, n*bs, d] -> [n, bs, heads, d]
+                sel = t[batch].index_select(1, tok)
+                out[:, layer, kv] = sel.view(spec.num_kv_heads, n, bs, spec.head_dim).permute(1, 2, 0, 3)
+    return out
+
+
+def scatter(
+    spec: KVSpec,
+    blocks: torch.Tensor,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    batch: int = 0,
+) -> None:
+    """Copy ``blocks`` (``[n, *spec.block_shape]``) into ``caches`` at ``block_ids``."""
+    _check(spec, caches)
+    first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
+    ids = _ids(block_ids, first.device)
+    n, bs = ids.numel(), spec.block_size
+    if tuple(blocks.shape) != (n, *spec.block_shape) or blocks.dtype != spec.torch_dtype:
+        raise LayoutError(
+            f"blocks must be {[n, *spec.block_shape]} {spec.dtype}, got {list(blocks.shape)} {blocks.dtype}"
+        )
+    blocks = blocks.to(first.device)
+    for layer, c in enumerate(caches):
+        if spec.layout is Layout.VLLM:
+            assert isinstance(c, torch.Tensor)
+            c.index_copy_(1, ids, blocks[:, layer].transpose(0, 1))
+        elif spec.layout is Layout.FLASHINFER:
+            assert isinstance(c, torch.Tensor)
+            c.index_copy_(0, ids, blocks[:, layer])
+        else:
+            assert isinstance(c, tuple)
+            tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)
+            for kv, t in enumerate(c):
+                src = blocks[:, layer, kv].permute(2, 0, 1, 3).reshape(spec.num_kv_heads, n * bs, spec.head_dim)
+                t[batch].index_copy_(1, tok, src)

@@ -1,0 +1,37 @@
+"""tiercache: a tiered KV-cache offload store for LLM inference (GPU, pinned host, zarr disk)."""
+
+from tiercache.embedded import SyncCache, open_cache
+from tiercache.keys import BlockKey, Namespace
+from tiercache.manager import (
+    BlockShapeError,
+    CacheError,
+    LoadResult,
+    LookupResult,
+    NoRoom,
+    SaveResult,
+    SessionPinned,
+    TierManager,
+    UnknownSession,
+)
+from tiercache.spec import KVSpec, Layout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockKey",
+    "BlockShapeError",
+    "CacheError",
+    "KVSpec",
+    "Layout",
+    "LoadResult",
+    "LookupResult",
+    "Namespace",
+    "NoRoom",
+    "SaveResult",
+    "SessionPinned",
+    "SyncCache",
+    "TierManager",
+    "UnknownSession",
+    "__version__",
+    "open_cache",
+]

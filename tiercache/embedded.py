@@ -1,0 +1,96 @@
+"""Embedded mode: the cache in this process, no daemon.
+
+``await open_cache(config)`` gives the same ``TierManager`` the daemon serves;
+``SyncCache`` runs it on a private event-loop thread for synchronous callers
+(notebooks, a transformers ``generate`` loop), with the same methods, blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from tiercache.daemon.config import Config, load_config
+from tiercache.keys import BlockKey, Namespace
+from tiercache.manager import LoadResult, LookupResult, SaveResult, TierManager, Tokens
+from tiercache.stats import Stats
+
+T = TypeVar("T")
+
+
+async def open_cache(config: Config | None = None, *, stats: Stats | None = None) -> TierManager:
+    """A cache with the tiers ``config`` describes (default: ``load_config()``)."""
+    cfg = config or load_config()
+    host = cfg.tiers.host
+    disk = cfg.tiers.disk
+    return await TierManager.open(
+        host_bytes=host.bytes,
+        slot_bytes=host.slot_bytes or None,
+        shared_host=host.shared,
+        disk_url=disk.url if disk else None,
+        disk_bytes=disk.bytes if disk else 0,
+        eviction=cfg.policy.eviction,
+        write=cfg.policy.write,
+        admission=cfg.policy.admission,
+        stats=stats,
+    )
+
+
+class SyncCache:
+    """Blocking facade over a ``TierManager`` running on its own event-loop thread."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tiercache-loop", daemon=True)
+        self._thread.start()
+        self.manager: TierManager = self._run(open_cache(config))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def save(self, ns: Namespace, tokens: Tokens, blocks: torch.Tensor, *, first_block: int = 0,
+             session: str | None = None) -> SaveResult:
+        return self._run(self.manager.save(ns, tokens, blocks, first_block=first_block, session=session))
+
+    def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
+        return self.manager.lookup(ns, tokens)
+
+    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
+        return self._run(self.manager.load(ns, tokens, max_blocks=max_blocks))
+
+    def prefetch(self, ns: Namespace | None = None, tokens: Tokens | None = None, *,
+                 session: str | None = None) -> int:
+        return self._run(self.manager.prefetch(ns, tokens, session=session))
+
+    def pin(self, session: str) -> int:
+        return self._run(self.manager.pin(session))
+
+    def unpin(self, session: str) -> int:
+        return self._run(self.manager.unpin(session))
+
+    def set_ttl(self, session: str, seconds: float | None) -> None:
+        self._run(self.manager.set_ttl(session, seconds))
+
+    def evict(self, *, session: str | None = None, keys: Sequence[BlockKey] | None = None) -> int:
+        return self._run(self.manager.evict(session=session, keys=keys))
+
+    def flush(self) -> int:
+        return self._run(self.manager.flush())
+
+    def close(self) -> None:
+        try:
+            self._run(self.manager.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> SyncCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,110 @@
+"""Namespaces and chained block keys.
+
+``key_i = BLAKE2b-128(key_{i-1} || tokens of block i)``, with ``key_{-1}`` the
+namespace id. A byte of difference anywhere in a prefix changes every later
+key, so a cache hit is always a contiguous prefix. The hash is cryptographic
+and keyed only by its inputs: stable across processes, restarts and machines
+(never Python's salted ``hash``), which is what lets a shared disk or object
+store tier serve blocks to other processes. 128 bits make an accidental
+collision negligible (about 2^-64 after 2^32 blocks), so a hit is not
+re-confirmed by comparing tokens.
+
+Only *full* blocks get keys. The tail of a sequence shorter than
+``block_size`` tokens is never stored: it is recomputed on resume (at most
+``block_size - 1`` tokens), because a partial block's key would have to change
+as the block fills up, and the bytes of a block must never change under its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tiercache.spec import KVSpec
+
+KEY_BYTES = 16
+# Bumped whenever the key derivation changes, so old stored blocks become misses.
+KEY_SCHEME = 1
+
+BlockKey = bytes
+
+
+class TokenError(ValueError):
+    """Token ids that cannot be hashed (negative, too large, not integers)."""
+
+
+def _h(data: bytes, prev: bytes) -> bytes:
+    return hashlib.blake2b(prev + data, digest_size=KEY_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """What must match for a block to be reused.
+
+    ``model`` is a fingerprint of the weights (a name plus revision, or a hash
+    of the weight files); ``salt`` separates tenants: two tenants with the same
+    tokens and model never share a block.
+    """
+
+    model: str
+    spec: KVSpec
+    salt: str = ""
+    id: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("Namespace.model must name the model (a fingerprint of its weights)")
+        canon = json.dumps(
+            {
+                "scheme": KEY_SCHEME,
+                "model": self.model,
+                "spec": self.spec.to_dict(),
+                "salt": self.salt,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        object.__setattr__(self, "id", hashlib.blake2b(canon, digest_size=KEY_BYTES).digest())
+
+    @property
+    def hex(self) -> str:
+        return self.id.hex()
+
+    def block_keys(
+        self, tokens: Sequence[int] | np.ndarray, start: BlockKey | None = None
+    ) -> list[BlockKey]:
+        """Keys of every full block of ``tokens`` (the partial tail block gets none).
+
+        ``start`` continues a chain: the key of the block just before ``tokens``.
+        """
+        return chain_keys(self.id if start is None else start, tokens, self.spec.block_size)
+
+
+def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise TokenError(f"token ids must be a flat sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        return b""
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TokenError(f"token ids must be integers, got dtype {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) >= 2**32:
+        raise TokenError(
+            f"token ids must lie in [0, 2^32), got range [{int(arr.min())}, {int(arr.max())}]"
+        )
+    return arr.astype("<u4").tobytes()
+
+
+def chain_keys(seed: bytes, tokens: Sequence[int] | np.ndarray, block_size: int) -> list[BlockKey]:
+    raw = token_bytes(tokens)
+    step = 4 * block_size
+    keys: list[BlockKey] = []
+    prev = seed
+    for off in range(0, len(raw) - step + 1, step):
+        prev = _h(raw[off : off + step], prev)
+        keys.append(prev)
+    return keys

@@ -1,0 +1,746 @@
+"""The tier manager: save, lookup, load, prefetch, pin, evict, flush over host and disk.
+
+This is the whole cache in one process; the daemon serves it over a socket and
+embedded mode (``tiercache.Cache``) calls it directly. Every public method is a
+coroutine so disk I/O never blocks the event loop; ``tiercache.SyncCache``
+wraps them for synchronous callers.
+
+Concurrency: one asyncio lock serialises changes to the index and the tiers'
+allocation state. Disk reads run outside it, protected by leases (a leased
+block is never evicted, so the slot under a read cannot be reused). Disk
+writes of a save run outside it too, again under leases.
+
+Data flows host -> disk (write-through on save, write-back on host eviction
+or flush) and disk -> host (promotion on load or prefetch). A block is served
+only from a tier whose copy is complete: host copies are made under the lock
+before the entry becomes visible; disk copies are verified by checksum on
+every read, and a copy that fails is dropped and counted, never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tiercache.index import Entry, Index, Session
+from tiercache.keys import BlockKey, Namespace
+from tiercache.policy.base import EvictionPolicy, make_policy
+from tiercache.policy.write import Admission, WritePolicy, make_write_policy
+from tiercache.stats import Stats
+from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, checksum
+from tiercache.tiers.host import ArenaFull, HostArena
+
+log = logging.getLogger(__name__)
+
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+
+class CacheError(RuntimeError):
+    """Base of the errors the cache reports to its callers."""
+
+
+class BlockShapeError(CacheError, ValueError):
+    """Blocks whose shape or dtype do not match the namespace's KVSpec."""
+
+
+class UnknownSession(CacheError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SessionPinned(CacheError):
+    pass
+
+
+class NoRoom(CacheError):
+    """A tier is full of pinned or in-use blocks; nothing can be evicted to make room."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    stored: int  # new blocks written
+    present: int  # blocks the cache already had
+    rejected: int  # blocks not admitted (admission threshold) or without room
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    keys: list[BlockKey]  # keys of every full block of the tokens
+    tiers: list[str]  # best tier of each block of the cached prefix
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tiers) * self.block_size
+
+
+@dataclass(slots=True)
+class LoadResult:
+    data: torch.Tensor  # uint8 [blocks, block_nbytes], page-first
+    tiers: list[str]
+    namespace: Namespace
+    seconds: float = 0.0
+    per_tier: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.namespace.spec.block_size
+
+    def kv(self) -> torch.Tensor:
+        """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype."""
+        spec = self.namespace.spec
+        return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
+
+
+def _as_tokens(tokens: Tokens) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().reshape(-1).numpy()
+    return np.asarray(tokens)
+
+
+class TierManager:
+    def __init__(
+        self,
+        *,
+        host_bytes: int,
+        disk: DiskTier | None = None,
+        slot_bytes: int | None = None,
+        eviction: str = "lru",
+        write: str | WritePolicy = "write-back",
+        admission: int = 1,
+        shared_host: bool = False,
+        stats: Stats | None = None,
+    ) -> None:
+        self.host_bytes = host_bytes
+        self.disk = disk
+        self.slot_bytes = slot_bytes
+        self.eviction = eviction
+        self.write = make_write_policy(write) if isinstance(write, str) else write
+        self.admission = Admission(admission)
+        self.shared_host = shared_host
+        self.stats = stats or Stats()
+        self.index = Index()
+        self.namespaces: dict[str, Namespace] = {}  # array path -> namespace registered here
+        self.host: HostArena | None = None
+        self.host_policy: EvictionPolicy | None = None
+        self.disk_policy: EvictionPolicy | None = None
+        # Serialises every change to the index and to tier allocation state.
+        self._lock = asyncio.Lock()
+        self._closed = False
+        if slot_bytes is not None:
+            self._make_host(slot_bytes)
+        make_policy(eviction, 1)  # reject a bad name now, not at first use
+        if disk is not None and disk.records:
+            policy = self._make_disk_policy(min(r.nbytes for r in disk.records))
+            for rec in disk.records:
+                self.index.add(Entry(rec.key, rec.array, rec.nbytes, rec.checksum, disk=rec))
+                policy.insert(rec.key)
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        host_bytes: int,
+        disk_url: str | None = None,
+        disk_bytes: int = 0,
+        **kwargs: object,
+    ) -> TierManager:
+        disk = await DiskTier.open(disk_url, disk_bytes) if disk_url else None
+        return cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+
+    def _make_host(self, slot_bytes: int) -> None:
+        self.host = HostArena(slot_bytes, self.host_bytes, shared=self.shared_host)
+        self.slot_bytes = slot_bytes
+        self.host_policy = make_policy(self.eviction, self.host.num_slots)
+
+    def _make_disk_policy(self, block_nbytes: int) -> EvictionPolicy:
+        assert self.disk is not None
+        if self.disk_policy is None:
+            capacity_blocks = max(1, self.disk.capacity_bytes // block_nbytes)
+            self.disk_policy = make_policy(self.eviction, capacity_blocks)
+        return self.disk_policy
+
+    # -- namespaces -------------------------------------------------------
+
+    async def register(self, ns: Namespace) -> str:
+        """Make ``ns`` known here; creates the host arena on first use (sized to its blocks)."""
+        path = f"ns/{ns.hex}"
+        if path in self.namespaces:
+            return path
+        nbytes = ns.spec.block_nbytes
+        if self.host is None:
+            self._make_host(nbytes)
+        assert self.host is not None
+        if nbytes > self.host.slot_bytes:
+            raise BlockShapeError(
+                f"a block of {ns.model} is {nbytes} B but host slots are {self.host.slot_bytes} B; "
+                f"set [tiers.host] slot_bytes to at least {nbytes}"
+            )
+        if self.disk is not None:
+            await self.disk.register(ns)
+            self._make_disk_policy(nbytes)
+        self.namespaces[path] = ns
+        return path
+
+    def _check_blocks(self, ns: Namespace, blocks: torch.Tensor) -> torch.Tensor:
+        """Validate blocks for ``ns`` and return them as uint8 ``[n, block_nbytes]``."""
+        spec = ns.spec
+        if blocks.device.type != "cpu":
+            raise BlockShapeError(f"blocks must be on the CPU here, got {blocks.device}")
+        if blocks.dtype == torch.uint8:
+            if blocks.dim() != 2 or blocks.shape[1] != spec.block_nbytes:
+                raise BlockShapeError(
+                    f"uint8 blocks must be [n, {spec.block_nbytes}] for this namespace, got {list(blocks.shape)}"
+                )
+            return blocks.contiguous()
+        if blocks.dtype != spec.torch_dtype:
+            raise BlockShapeError(
+                f"blocks have dtype {blocks.dtype}, namespace stores {spec.dtype}"
+            )
+        if tuple(blocks.shape[1:]) != spec.block_shape:
+            raise BlockShapeError(
+                f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] "
+                f"(layers, K/V, block_size, kv_heads, head_dim), got {list(blocks.shape)}"
+            )
+        return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
+
+    # -- save -------------------------------------------------------------
+
+    async def save(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult:
+        """Store the KV of ``tokens``' full blocks ``first_block ..`` (one row of ``blocks`` each).
+
+        Blocks the cache already holds are not written again. With a session,
+        the session's chain becomes these keys; a pinned session pins them.
+        """
+        t0 = time.perf_counter()
+        array = await self.register(ns)
+        keys = ns.block_keys(_as_tokens(tokens))
+        data = self._check_blocks(ns, blocks)
+        if first_block < 0 or first_block + data.shape[0] > len(keys):
+            raise BlockShapeError(
+                f"{data.shape[0]} blocks from block {first_block} do not fit the "
+                f"{len(keys)} full blocks of {len(_as_tokens(tokens))} tokens"
+            )
+        stored = present = rejected = 0
+        new: list[Entry] = []
+        async with self._lock:
+            self._check_open()
+            sess = self._session_for(session, keys) if session else None
+            for i in range(data.shape[0]):
+                key = keys[first_block + i]
+                entry = self.index.get(key)
+                if entry is not None:
+                    present += 1
+                    self._touch(entry)
+                    continue
+                if not self.admission.admit(key):
+                    rejected += 1
+                    continue
+                try:
+                    slot = await self._host_slot()
+                except NoRoom:
+                    rejected += data.shape[0] - i
+                    self.stats.error("host_full")
+                    break
+                assert self.host is not None and self.host_policy is not None
+                row = data[i]
+                self.host.view(slot, ns.spec.block_nbytes).copy_(row)
+                entry = Entry(
+                    key,
+                    array,
+                    ns.spec.block_nbytes,
+                    checksum(row),
+                    host_slot=slot,
+                    last_use=time.monotonic(),
+                )
+                if sess is not None and sess.pinned:
+                    entry.pins += 1
+                self.index.add(entry)
+                self.host_policy.insert(key)
+                new.append(entry)
+                stored += 1
+            self.stats.transfer(
+                "client", "host", stored * ns.spec.block_nbytes, time.perf_counter() - t0
+            )
+            if self.write.write_on_save and self.disk is not None and new:
+                # Under the lock: disk eviction and slot allocation change shared
+                # state. Loads of host blocks wait for it; write-back avoids that.
+                await self._write_to_disk(new)
+        self.stats.request("save", time.perf_counter() - t0)
+        return SaveResult(stored, present, rejected)
+
+    def _session_for(self, sid: str, keys: list[BlockKey]) -> Session:
+        sess = self.index.sessions.get(sid)
+        if sess is None:
+            sess = self.index.sessions[sid] = Session(sid)
+        if len(keys) >= len(sess.keys):
+            sess.keys = list(keys)
+        return sess
+
+    # -- lookup / load ----------------------------------------------------
+
+    def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
+        """How much of ``tokens``' prefix is cached, and in which tier each block is."""
+        keys = ns.block_keys(_as_tokens(tokens))
+        hit = self.index.prefix(keys)
+        tiers = [e.best_tier or "miss" for e in hit]
+        for t in ("host", "disk"):
+            n = tiers.count(t)
+            if n:
+                self.stats.lookup(t, n)
+        if len(keys) > len(hit):
+            self.stats.lookup("miss", len(keys) - len(hit))
+        return LookupResult(keys, tiers, ns.spec.block_size)
+
+    async def load(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        max_blocks: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> LoadResult:
+        """Read the cached prefix of ``tokens`` (up to ``max_blocks`` blocks), byte-exact.
+
+        The result stops at the first block that is missing or fails its
+        checksum: a load is always a contiguous prefix of verified blocks.
+        """
+        t0 = time.perf_counter()
+        await self.register(ns)
+        keys = ns.block_keys(_as_tokens(tokens))
+        if max_blocks is not None:
+            keys = keys[:max_blocks]
+        nbytes = ns.spec.block_nbytes
+        async with self._lock:
+            self._check_open()
+            entries = self.index.prefix(keys)
+            for e in entries:
+                e.leases += 1
+        if out is None:
+            out = torch.empty((len(entries), nbytes), dtype=torch.uint8)
+        elif (
+            out.dtype != torch.uint8
+            or out.dim() != 2
+            or out.shape[0] < len(entries)
+            or out.shape[1] != nbytes
+        ):
+            raise BlockShapeError(
+                f"out must be uint8 [>= {len(entries)}, {nbytes}], got {out.dtype} {list(out.shape)}"
+            )
+        tiers: list[str] = []
+        from_disk: list[tuple[int, Entry]] = []
+        failed: list[tuple[Entry, DiskRecord]] = []
+        ok = 0
+        try:
+            ok = await self._read(entries, out, tiers, from_disk, failed)
+        finally:
+            async with self._lock:
+                for e in entries:
+                    e.leases -= 1
+                self._forget_corrupt(failed)
+                await self._after_read(entries[:ok], from_disk, out)
+        per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
+        result = LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier)
+        self.stats.request("load", result.seconds)
+        return result
+
+    async def _read(
+        self,
+        entries: list[Entry],
+        out: torch.Tensor,
+        tiers: list[str],
+        from_disk: list[tuple[int, Entry]],
+        failed: list[tuple[Entry, DiskRecord]],
+    ) -> int:
+        """Copy ``entries`` into ``out``; returns how many leading blocks are verified."""
+        t0 = time.perf_counter()
+        host_bytes = 0
+        disk_jobs: list[tuple[int, Entry, DiskRecord]] = []
+        for i, e in enumerate(entries):
+            if e.host_slot is not None:
+                assert self.host is not None
+                out[i].copy_(self.host.view(e.host_slot, e.nbytes))
+                tiers.append("host")
+                host_bytes += e.nbytes
+            else:
+                assert e.disk is not None and self.disk is not None
+                disk_jobs.append((i, e, e.disk))
+                tiers.append("disk")
+        if host_bytes:
+            self.stats.transfer("host", "client", host_bytes, time.perf_counter() - t0)
+        if not disk_jobs:
+            return len(entries)
+        assert self.disk is not None
+        t1 = time.perf_counter()
+        disk = self.disk
+        oks = await asyncio.gather(*(disk.get(rec, out[i]) for i, _, rec in disk_jobs))
+        good = len(entries)
+        for (i, e, rec), ok in zip(disk_jobs, oks, strict=True):
+            if ok:
+                from_disk.append((i, e))
+            else:
+                failed.append((e, rec))
+                good = min(good, i)
+        self.stats.transfer(
+            "disk", "client", sum(e.nbytes for _, e in from_disk), time.perf_counter() - t1
+        )
+        return good
+
+    async def _after_read(
+        self, good: list[Entry], from_disk: list[tuple[int, Entry]], out: torch.Tensor
+    ) -> None:
+        """Under the lock: touch what was read, promote verified disk blocks to host."""
+        for e in good:
+            self._touch(e)
+        for i, e in from_disk:
+            if i >= len(good) or e.host_slot is not None or e.key not in self.index:
+                continue
+            try:
+                slot = await self._host_slot()
+            except NoRoom:
+                break
+            assert self.host is not None and self.host_policy is not None
+            self.host.view(slot, e.nbytes).copy_(out[i])
+            e.host_slot = slot
+            self.host_policy.insert(e.key)
+            self.stats.transfer("disk", "host", e.nbytes, 0.0)
+
+    def _forget_corrupt(self, failed: list[tuple[Entry, DiskRecord]]) -> None:
+        """Under the lock: drop disk copies that failed verification (counted, never served)."""
+        for e, rec in failed:
+            self.stats.corrupt()
+            if e.disk is rec:
+                self._drop_disk(e)
+
+    def _touch(self, e: Entry) -> None:
+        e.last_use = time.monotonic()
+        if e.host_slot is not None and self.host_policy is not None:
+            self.host_policy.touch(e.key)
+        if e.disk is not None and self.disk_policy is not None:
+            self.disk_policy.touch(e.key)
+
+    # -- prefetch ---------------------------------------------------------
+
+    async def prefetch(
+        self,
+        ns: Namespace | None = None,
+        tokens: Tokens | None = None,
+        *,
+        session: str | None = None,
+    ) -> int:
+        """Promote the blocks of ``tokens`` (or of a session) from disk to host; returns how many."""
+        if session is not None:
+            sess = self.index.sessions.get(session)
+            if sess is None:
+                raise UnknownSession(f"unknown session {session!r}")
+            keys = sess.keys
+        elif ns is not None and tokens is not None:
+            keys = ns.block_keys(_as_tokens(tokens))
+        else:
+            raise ValueError("prefetch needs a session, or a namespace and tokens")
+        if self.disk is None or self.host is None:
+            return 0
+        disk, host = self.disk, self.host
+        async with self._lock:
+            self._check_open()
+            todo = [
+                (e, e.disk)
+                for e in self.index.prefix(keys)
+                if e.host_slot is None and e.disk is not None
+            ]
+            for e, _ in todo:
+                e.leases += 1
+        if not todo:
+            self.stats.prefetched("noop")
+            return 0
+        buf = torch.empty((len(todo), max(e.nbytes for e, _ in todo)), dtype=torch.uint8)
+        t0 = time.perf_counter()
+        oks: list[bool] = [False] * len(todo)
+        try:
+            oks = list(
+                await asyncio.gather(
+                    *(disk.get(rec, buf[i]) for i, (_, rec) in enumerate(todo) if rec)
+                )
+            )
+        finally:
+            async with self._lock:
+                for e, _ in todo:
+                    e.leases -= 1
+                self._forget_corrupt(
+                    [(e, rec) for (e, rec), ok in zip(todo, oks, strict=True) if not ok and rec]
+                )
+        promoted = 0
+        async with self._lock:
+            for i, ((e, _), ok) in enumerate(zip(todo, oks, strict=True)):
+                if not ok or e.host_slot is not None or e.key not in self.index:
+                    continue
+                try:
+                    slot = await self._host_slot()
+                except NoRoom:
+                    break
+                assert self.host_policy is not None
+                host.view(slot, e.nbytes).copy_(buf[i, : e.nbytes])
+                e.host_slot = slot
+                self.host_policy.insert(e.key)
+                promoted += 1
+                self.stats.transfer("disk", "host", e.nbytes, 0.0)
+        self.stats.prefetched("done" if promoted == len(todo) else "partial")
+        self.stats.request("prefetch", time.perf_counter() - t0)
+        return promoted
+
+    # -- room making ------------------------------------------------------
+
+    async def _host_slot(self) -> int:
+        """A free host slot, evicting (and writing back) as needed. Call under the lock."""
+        assert self.host is not None and self.host_policy is not None
+        try:
+            return self.host.allocate()
+        except ArenaFull:
+            pass
+        for key in self.host_policy.victims():
+            e = self.index.get(key)
+            if e is None or not e.evictable or e.host_slot is None:
+                continue
+            if e.disk is None and self.disk is not None:
+                await self._write_to_disk([e])
+            self._drop_host(e)
+            self.stats.evicted("host")
+            return self.host.allocate()
+        raise NoRoom(
+            f"host tier is full: all {self.host.num_slots} slots hold pinned or in-use blocks; "
+            "unpin a session or raise [tiers.host] bytes"
+        )
+
+    def _drop_host(self, e: Entry) -> None:
+        assert self.host is not None and self.host_policy is not None and e.host_slot is not None
+        self.host.free(e.host_slot)
+        e.host_slot = None
+        self.host_policy.remove(e.key)
+        if self.index.drop_if_empty(e):
+            self.stats.dropped_blocks += 1
+
+    def _drop_disk(self, e: Entry) -> None:
+        assert self.disk is not None and self.disk_policy is not None and e.disk is not None
+        self.disk.discard(e.disk)
+        e.disk = None
+        self.disk_policy.remove(e.key)
+        if self.index.drop_if_empty(e):
+            self.stats.dropped_blocks += 1
+
+    async def _disk_room(self, nbytes: int, keep: set[BlockKey]) -> bool:
+        assert self.disk is not None and self.disk_policy is not None
+        if self.disk.has_room(nbytes):
+            return True
+        for key in self.disk_policy.victims():
+            e = self.index.get(key)
+            if e is None or key in keep or e.disk is None or not e.evictable:
+                continue
+            self._drop_disk(e)
+            self.stats.evicted("disk")
+            if self.disk.has_room(nbytes):
+                return True
+        return False
+
+    async def _write_to_disk(self, entries: list[Entry]) -> int:
+        """Copy host-resident ``entries`` to disk (evicting disk blocks as needed)."""
+        assert self.disk is not None and self.host is not None and self.disk_policy is not None
+        t0 = time.perf_counter()
+        by_array: dict[str, list[Entry]] = {}
+        keep = {e.key for e in entries}
+        for e in entries:
+            if e.disk is None and e.host_slot is not None:
+                by_array.setdefault(e.array, []).append(e)
+        written = 0
+        for array, group in by_array.items():
+            fits: list[Entry] = []
+            for e in group:
+                if not await self._disk_room(e.nbytes * (len(fits) + 1), keep):
+                    self.stats.error("disk_full")
+                    break
+                fits.append(e)
+            items = [
+                (e.key, self.host.view(e.host_slot, e.nbytes), e.checksum)
+                for e in fits
+                if e.host_slot is not None
+            ]
+            results = await self.disk.put_many(array, items)
+            for e, res in zip(fits, results, strict=True):
+                if isinstance(res, DiskRecord):
+                    e.disk = res
+                    self.disk_policy.insert(e.key)
+                    written += e.nbytes
+                elif isinstance(res, DiskFull):
+                    self.stats.error("disk_full")
+                else:
+                    self.stats.error("disk_write")
+                    log.warning("disk write failed: %s", res)
+        self.stats.transfer("host", "disk", written, time.perf_counter() - t0)
+        return written
+
+    # -- sessions, pins, eviction -------------------------------------------
+
+    async def pin(self, session: str) -> int:
+        async with self._lock:
+            sess = self.index.sessions.get(session)
+            if sess is None:
+                raise UnknownSession(f"unknown session {session!r}")
+            if sess.pinned:
+                return 0
+            sess.pinned = True
+            n = 0
+            for k in sess.keys:
+                e = self.index.get(k)
+                if e is not None:
+                    e.pins += 1
+                    n += 1
+            return n
+
+    async def unpin(self, session: str) -> int:
+        async with self._lock:
+            sess = self.index.sessions.get(session)
+            if sess is None:
+                raise UnknownSession(f"unknown session {session!r}")
+            if not sess.pinned:
+                return 0
+            sess.pinned = False
+            n = 0
+            for k in sess.keys:
+                e = self.index.get(k)
+                if e is not None and e.pins > 0:
+                    e.pins -= 1
+                    n += 1
+            return n
+
+    async def set_ttl(self, session: str, seconds: float | None) -> None:
+        """After ``seconds`` the session is forgotten and its blocks evicted (``None`` clears it)."""
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"ttl must be positive seconds, got {seconds}")
+        async with self._lock:
+            sess = self.index.sessions.get(session)
+            if sess is None:
+                raise UnknownSession(f"unknown session {session!r}")
+            sess.expires = None if seconds is None else time.monotonic() + seconds
+
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Forget every session whose TTL has passed; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [
+            s.id for s in self.index.sessions.values() if s.expires is not None and s.expires <= now
+        ]
+        for sid in gone:
+            await self.evict(session=sid, force=True)
+        return gone
+
+    async def evict(
+        self,
+        *,
+        session: str | None = None,
+        keys: Sequence[BlockKey] | None = None,
+        force: bool = False,
+    ) -> int:
+        """Remove blocks from every tier: a session's (and forget it), or the given keys.
+
+        A session's blocks still used by another session are kept. A pinned
+        session needs ``force`` (TTL expiry) or an unpin first.
+        """
+        async with self._lock:
+            if session is not None:
+                sess = self.index.sessions.get(session)
+                if sess is None:
+                    raise UnknownSession(f"unknown session {session!r}")
+                if sess.pinned and not force:
+                    raise SessionPinned(f"session {session!r} is pinned; unpin it first")
+                if sess.pinned:
+                    for k in sess.keys:
+                        e = self.index.get(k)
+                        if e is not None and e.pins > 0:
+                            e.pins -= 1
+                del self.index.sessions[session]
+                shared = {k for s in self.index.sessions.values() for k in s.keys}
+                targets = [k for k in sess.keys if k not in shared]
+            else:
+                targets = list(keys or [])
+            n = 0
+            for k in targets:
+                e = self.index.get(k)
+                if e is None or not e.evictable:
+                    continue
+                if e.host_slot is not None:
+                    self._drop_host(e)
+                if e.disk is not None:
+                    self._drop_disk(e)
+                n += 1
+            if self.disk is not None:
+                await self.disk.sync_journal()
+            return n
+
+    # -- flush / close ------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write every host-only block to disk and sync the journal; returns bytes written."""
+        if self.disk is None:
+            return 0
+        async with self._lock:
+            dirty = [e for e in self.index if e.host_slot is not None and e.disk is None]
+            for e in dirty:
+                e.leases += 1
+            try:
+                written = await self._write_to_disk(dirty) if dirty else 0
+            finally:
+                for e in dirty:
+                    e.leases -= 1
+            await self.disk.sync_journal()
+            return written
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheError("the cache is closed")
+
+    async def close(self, flush: bool = True) -> None:
+        if self._closed:
+            return
+        if flush:
+            await self.flush()
+        self._closed = True
+        if self.disk is not None:
+            await self.disk.close()
+        if self.host is not None:
+            self.host.close()
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        if self.host is not None:
+            out["host"] = {
+                "capacity_bytes": self.host.capacity_bytes,
+                "used_bytes": self.host.used_bytes,
+                "blocks": self.host.num_slots - self.host.free_slots,
+            }
+        if self.disk is not None:
+            out["disk"] = {
+                "capacity_bytes": self.disk.capacity_bytes,
+                "used_bytes": self.disk.used_bytes,
+                "blocks": len(self.disk.records),
+            }
+        return out

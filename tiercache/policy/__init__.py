@@ -1,0 +1,1 @@
+"""Eviction, write and admission policies, one small class each."""

@@ -1,0 +1,59 @@
+"""Counters of what the cache did, in base units, keyed by bounded labels only.
+
+The manager reports every event here; the daemon's Prometheus exporter
+subclasses ``Stats`` to turn the same calls into metrics, so the data path
+never knows which observer it has. Labels are tier names, results and error
+kinds: never a block key or a session id (unbounded cardinality).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    lookups: Counter[str] = field(
+        default_factory=Counter
+    )  # result ("host", "disk", "miss") -> blocks
+    transfer_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    transfer_count: Counter[tuple[str, str]] = field(default_factory=Counter)
+    evictions: Counter[str] = field(default_factory=Counter)  # tier -> blocks
+    prefetch: Counter[str] = field(default_factory=Counter)  # "early" / "late" / "miss"
+    errors: Counter[str] = field(default_factory=Counter)  # kind -> count
+    corrupt_blocks: int = 0
+    dropped_blocks: int = 0  # evicted from the last tier holding them (cache loss, not data loss)
+
+    def lookup(self, result: str, blocks: int) -> None:
+        self.lookups[result] += blocks
+
+    def transfer(self, src: str, dst: str, nbytes: int, seconds: float) -> None:
+        self.transfer_bytes[(src, dst)] += nbytes
+        self.transfer_count[(src, dst)] += 1
+
+    def evicted(self, tier: str, blocks: int = 1) -> None:
+        self.evictions[tier] += blocks
+
+    def prefetched(self, result: str, lead_seconds: float | None = None) -> None:
+        self.prefetch[result] += 1
+
+    def corrupt(self, blocks: int = 1) -> None:
+        self.corrupt_blocks += blocks
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def request(self, op: str, seconds: float) -> None:
+        """One API operation finished (the exporter keeps a latency histogram)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "lookup_blocks": dict(self.lookups),
+            "transfer_bytes": {f"{s}->{d}": n for (s, d), n in self.transfer_bytes.items()},
+            "evictions": dict(self.evictions),
+            "prefetch": dict(self.prefetch),
+            "errors": dict(self.errors),
+            "corrupt_blocks": self.corrupt_blocks,
+            "dropped_blocks": self.dropped_blocks,
+        }

@@ -1,0 +1,1 @@
+"""Storage tiers: host arena, zarr disk."""

@@ -1,0 +1,162 @@
+"""Host tier: one preallocated arena of fixed-size slots.
+
+The arena is allocated once at start and carved into ``capacity // slot_bytes``
+slots; a free list (a deque of slot ids) makes allocate and free O(1), and the
+byte budget can never be exceeded because nothing is ever allocated after
+start. When CUDA is present the whole arena is registered with
+``cudaHostRegister`` once (page-locked), so host<->device copies are DMA
+without a per-block registration; on a CPU-only machine that step is skipped.
+
+With ``shared=True`` the arena is a file in ``/dev/shm`` (mode 0600) that a CPU
+engine in another process maps by name and copies its KV into and out of
+directly: block bytes never travel through the control socket. Python's
+``multiprocessing.shared_memory`` was rejected because before 3.13 its
+resource tracker unlinks the segment when *any* attaching process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+from collections import deque
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+
+
+class ArenaFull(RuntimeError):
+    """No free slot in the host arena (the caller evicts, then retries)."""
+
+
+class HostArena:
+    """Fixed-size slots in one buffer; ``view(slot)`` is a uint8 tensor of ``slot_bytes``."""
+
+    def __init__(
+        self,
+        slot_bytes: int,
+        capacity_bytes: int,
+        *,
+        shared: bool = False,
+        name: str | None = None,
+        pin: bool | None = None,
+    ) -> None:
+        if slot_bytes <= 0:
+            raise ValueError(f"host arena slot size must be positive, got {slot_bytes}")
+        if capacity_bytes < slot_bytes:
+            raise ValueError(
+                f"host tier budget ({capacity_bytes} B) is smaller than one block ({slot_bytes} B); "
+                "raise [tiers.host] bytes"
+            )
+        self.slot_bytes = slot_bytes
+        self.num_slots = capacity_bytes // slot_bytes
+        self.capacity_bytes = self.num_slots * slot_bytes
+        self.shared = shared
+        self.name = name or f"tiercache-{os.getpid()}-{secrets.token_hex(4)}"
+        self._path: Path | None = None
+        if shared:
+            self._path = SHM_DIR / self.name
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, self.capacity_bytes)
+                self._mmap = mmap.mmap(fd, self.capacity_bytes)
+            finally:
+                os.close(fd)
+        else:
+            self._mmap = mmap.mmap(-1, self.capacity_bytes)
+        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
+            self.num_slots, slot_bytes
+        )
+        # The free list; _used[slot] mirrors it so a double free is caught.
+        self._free: deque[int] = deque(range(self.num_slots))
+        self._used = bytearray(self.num_slots)
+        self.pinned = False
+        if pin is None:
+            pin = torch.cuda.is_available()
+        if pin:
+            self._pin()
+
+    def _pin(self) -> None:
+        ptr = self.buffer.data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
+            ptr, self.capacity_bytes, 0)
+        if int(err) != 0:
+            log.warning(
+                "cudaHostRegister of the %d-byte host arena failed (%s); "
+                "host<->device copies will be pageable",
+                self.capacity_bytes,
+                err,
+            )
+        else:
+            self.pinned = True
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_slots - len(self._free)) * self.slot_bytes
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise ArenaFull(f"all {self.num_slots} host slots are in use")
+        slot = self._free.popleft()
+        self._used[slot] = 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or not self._used[slot]:
+            raise ValueError(f"host slot {slot} is not allocated")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
+        return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
+                self.buffer.data_ptr())
+            self.pinned = False
+        del self.buffer
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A tensor view handed out earlier is still alive; the mapping goes with it.
+            log.debug("host arena %s still referenced at close", self.name)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+
+class MappedArena:
+    """A client's view of a daemon's shared arena (``HostArena(shared=True)``)."""
+
+    def __init__(self, name: str, slot_bytes: int, num_slots: int) -> None:
+        path = SHM_DIR / name
+        size = slot_bytes * num_slots
+        fd = os.open(path, os.O_RDWR)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise ValueError(f"shared arena {path} is {actual} B, expected {size} B")
+            self._mmap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.slot_bytes = slot_bytes
+        self.num_slots = num_slots
+        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(num_slots, slot_bytes)
+
+    def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
+        return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
+
+    def close(self) -> None:
+        del self.buffer
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
