@@ -78,7 +78,9 @@ class PolicyConfig:
         if self.eviction not in ("lru", "arc"):
             raise ConfigError(f"policy.eviction: {self.eviction!r} is not one of lru, arc")
         if self.write not in ("write-through", "write-back"):
-            raise ConfigError(f"policy.write: {self.write!r} is not one of write-through, write-back")
+            raise ConfigError(
+                f"policy.write: {self.write!r} is not one of write-through, write-back"
+            )
         if self.admission < 1:
             raise ConfigError(f"policy.admission: must be >= 1, got {self.admission}")
 
@@ -138,7 +140,11 @@ def _to_dict(obj: Any) -> Any:
         return obj
     if isinstance(obj, list):
         return [_to_dict(x) for x in obj]
-    return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
+    return {
+        f.name: _to_dict(getattr(obj, f.name))
+        for f in fields(obj)
+        if getattr(obj, f.name) is not None
+    }
 
 
 def _coerce(where: str, name: str, default: Any, value: Any) -> Any:
@@ -149,7 +155,16 @@ def _coerce(where: str, name: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{where}.{name}: {e}") from None
     kind = type(default)
     if kind is bool:
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         if isinstance(value, bool):
             return value
@@ -177,7 +192,9 @@ def _build(where: str, cls: type, table: Mapping[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     kwargs = {k: _coerce(where, k, getattr(defaults, k), v) for k, v in table.items()}
     try:
         return cls(**{**{f.name: getattr(defaults, f.name) for f in fields(cls)}, **kwargs})
@@ -196,7 +213,9 @@ def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
         section, key = name[len(ENV_PREFIX) :].lower().rsplit("__", 1)
         dotted = section.replace("_", ".", 1) if section.startswith("tiers_") else section
         if dotted not in _SECTIONS:
-            raise ConfigError(f"environment {name}: unknown section {dotted!r}; known: {', '.join(_SECTIONS)}")
+            raise ConfigError(
+                f"environment {name}: unknown section {dotted!r}; known: {', '.join(_SECTIONS)}"
+            )
         out.setdefault(dotted, {})[key] = value
     return out
 
@@ -219,7 +238,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 raise ConfigError("tiers: expected a table")
             for tier, tbody in body.items():
                 if f"tiers.{tier}" not in _SECTIONS:
-                    raise ConfigError(f"tiers.{tier}: unknown tier; known: device, host, disk, remote")
+                    raise ConfigError(
+                        f"tiers.{tier}: unknown tier; known: device, host, disk, remote"
+                    )
                 tables[f"tiers.{tier}"] = dict(tbody) if isinstance(tbody, dict) else tbody
         elif section in _SECTIONS:
             tables[section] = dict(body) if isinstance(body, dict) else body
@@ -228,7 +249,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for section, overrides in _env_tables(os.environ if env is None else env).items():
         tables[section] = {**tables.get(section, {}), **overrides}
 
-    built = {name: _build(name, cls, tables[name]) for name, cls in _SECTIONS.items() if name in tables}
+    built = {
+        name: _build(name, cls, tables[name]) for name, cls in _SECTIONS.items() if name in tables
+    }
     tiers = TiersConfig(
         device=built.get("tiers.device"),
         host=built.get("tiers.host", HostTierConfig()),

@@ -50,12 +50,16 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                 raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
             k, v = c
             if k.dim() != 4 or k.shape[1] != h or k.shape[3] != d or k.shape != v.shape:
-                raise LayoutError(f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {list(k.shape)}/{list(v.shape)}")
+                raise LayoutError(
+                    f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {list(k.shape)}/{list(v.shape)}"
+                )
         else:
             assert isinstance(c, torch.Tensor)
             kv_dim = 0 if spec.layout is Layout.VLLM else 1
             if c.dim() != 5 or (c.shape[kv_dim], *c.shape[2:]) != (2, bs, h, d):
-                raise LayoutError(f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of {spec}")
+                raise LayoutError(
+                    f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of {spec}"
+                )
 
 
 def gather(
@@ -74,7 +78,9 @@ def gather(
     if out is None:
         out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=first.device)
     elif tuple(out.shape) != (n, *spec.block_shape) or out.dtype != spec.torch_dtype:
-        raise LayoutError(f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}")
+        raise LayoutError(
+            f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}"
+        )
     for layer, c in enumerate(caches):
         if spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
@@ -88,7 +94,9 @@ def gather(
             for kv, t in enumerate(c):
                 # [heads, n*bs, d] -> [n, bs, heads, d]
                 sel = t[batch].index_select(1, tok)
-                out[:, layer, kv] = sel.view(spec.num_kv_heads, n, bs, spec.head_dim).permute(1, 2, 0, 3)
+                out[:, layer, kv] = sel.view(spec.num_kv_heads, n, bs, spec.head_dim).permute(
+                    1, 2, 0, 3
+                )
     return out
 
 
@@ -121,5 +129,9 @@ def scatter(
             assert isinstance(c, tuple)
             tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)
             for kv, t in enumerate(c):
-                src = blocks[:, layer, kv].permute(2, 0, 1, 3).reshape(spec.num_kv_heads, n * bs, spec.head_dim)
+                src = (
+                    blocks[:, layer, kv]
+                    .permute(2, 0, 1, 3)
+                    .reshape(spec.num_kv_heads, n * bs, spec.head_dim)
+                )
                 t[batch].index_copy_(1, tok, src)

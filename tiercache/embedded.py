@@ -45,16 +45,27 @@ class SyncCache:
 
     def __init__(self, config: Config | None = None) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tiercache-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tiercache-loop", daemon=True
+        )
         self._thread.start()
         self.manager: TierManager = self._run(open_cache(config))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def save(self, ns: Namespace, tokens: Tokens, blocks: torch.Tensor, *, first_block: int = 0,
-             session: str | None = None) -> SaveResult:
-        return self._run(self.manager.save(ns, tokens, blocks, first_block=first_block, session=session))
+    def save(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult:
+        return self._run(
+            self.manager.save(ns, tokens, blocks, first_block=first_block, session=session)
+        )
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
         return self.manager.lookup(ns, tokens)
@@ -62,8 +73,13 @@ class SyncCache:
     def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
         return self._run(self.manager.load(ns, tokens, max_blocks=max_blocks))
 
-    def prefetch(self, ns: Namespace | None = None, tokens: Tokens | None = None, *,
-                 session: str | None = None) -> int:
+    def prefetch(
+        self,
+        ns: Namespace | None = None,
+        tokens: Tokens | None = None,
+        *,
+        session: str | None = None,
+    ) -> int:
         return self._run(self.manager.prefetch(ns, tokens, session=session))
 
     def pin(self, session: str) -> int:

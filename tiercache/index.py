@@ -55,7 +55,10 @@ class Session:
     id: str
     keys: list[BlockKey] = field(default_factory=list)
     pinned: bool = False
-    expires: float | None = None  # monotonic deadline set by a TTL; None: no TTL
+    pinned_keys: set[BlockKey] = field(
+        default_factory=set
+    )  # keys whose pin count this session holds
+    expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
 
 
 class Index:

@@ -160,7 +160,14 @@ class TierManager:
         **kwargs: object,
     ) -> TierManager:
         disk = await DiskTier.open(disk_url, disk_bytes) if disk_url else None
-        return cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+        manager = cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+        if disk is not None:
+            for rec in await disk.load_sessions():
+                sess = Session(rec["id"], list(rec["keys"]), pinned=rec["pinned"], expires=rec["expires"])
+                manager.index.sessions[sess.id] = sess
+                if sess.pinned:
+                    manager._pin_keys(sess)
+        return manager
 
     def _make_host(self, slot_bytes: int) -> None:
         self.host = HostArena(slot_bytes, self.host_bytes, shared=self.shared_host)
@@ -248,6 +255,8 @@ class TierManager:
         async with self._lock:
             self._check_open()
             sess = self._session_for(session, keys) if session else None
+            if sess is not None and sess.keys is keys:
+                await self._persist(sess)
             for i in range(data.shape[0]):
                 key = keys[first_block + i]
                 entry = self.index.get(key)
@@ -275,12 +284,12 @@ class TierManager:
                     host_slot=slot,
                     last_use=time.monotonic(),
                 )
-                if sess is not None and sess.pinned:
-                    entry.pins += 1
                 self.index.add(entry)
                 self.host_policy.insert(key)
                 new.append(entry)
                 stored += 1
+            if sess is not None and sess.pinned:
+                self._pin_keys(sess)
             self.stats.transfer(
                 "client", "host", stored * ns.spec.block_nbytes, time.perf_counter() - t0
             )
@@ -292,12 +301,23 @@ class TierManager:
         return SaveResult(stored, present, rejected)
 
     def _session_for(self, sid: str, keys: list[BlockKey]) -> Session:
+        """The session ``sid``, its chain extended to ``keys`` (a longer or new chain replaces it)."""
         sess = self.index.sessions.get(sid)
         if sess is None:
             sess = self.index.sessions[sid] = Session(sid)
-        if len(keys) >= len(sess.keys):
-            sess.keys = list(keys)
+        if len(keys) >= len(sess.keys) and keys != sess.keys:
+            sess.keys = keys
         return sess
+
+    async def _persist(self, sess: Session) -> None:
+        """Write a session's record to the disk tier, so pins and TTLs survive a restart."""
+        if self.disk is None:
+            return
+        try:
+            await self.disk.put_session(sess.id, sess.keys, sess.pinned, sess.expires)
+        except OSError as e:
+            self.stats.error("session_write")
+            log.warning("could not persist session record: %s", e)
 
     # -- lookup / load ----------------------------------------------------
 
@@ -609,12 +629,8 @@ class TierManager:
             if sess.pinned:
                 return 0
             sess.pinned = True
-            n = 0
-            for k in sess.keys:
-                e = self.index.get(k)
-                if e is not None:
-                    e.pins += 1
-                    n += 1
+            n = self._pin_keys(sess)
+            await self._persist(sess)
             return n
 
     async def unpin(self, session: str) -> int:
@@ -625,13 +641,30 @@ class TierManager:
             if not sess.pinned:
                 return 0
             sess.pinned = False
-            n = 0
-            for k in sess.keys:
-                e = self.index.get(k)
-                if e is not None and e.pins > 0:
-                    e.pins -= 1
-                    n += 1
+            n = self._unpin_keys(sess)
+            await self._persist(sess)
             return n
+
+    def _pin_keys(self, sess: Session) -> int:
+        """Pin every present block of ``sess`` not yet pinned by it; returns how many."""
+        n = 0
+        for k in sess.keys:
+            e = self.index.get(k)
+            if e is not None and k not in sess.pinned_keys:
+                e.pins += 1
+                sess.pinned_keys.add(k)
+                n += 1
+        return n
+
+    def _unpin_keys(self, sess: Session) -> int:
+        n = 0
+        for k in sess.pinned_keys:
+            e = self.index.get(k)
+            if e is not None and e.pins > 0:
+                e.pins -= 1
+                n += 1
+        sess.pinned_keys.clear()
+        return n
 
     async def set_ttl(self, session: str, seconds: float | None) -> None:
         """After ``seconds`` the session is forgotten and its blocks evicted (``None`` clears it)."""
@@ -641,11 +674,12 @@ class TierManager:
             sess = self.index.sessions.get(session)
             if sess is None:
                 raise UnknownSession(f"unknown session {session!r}")
-            sess.expires = None if seconds is None else time.monotonic() + seconds
+            sess.expires = None if seconds is None else time.time() + seconds
+            await self._persist(sess)
 
     async def expire(self, now: float | None = None) -> list[str]:
         """Forget every session whose TTL has passed; returns their ids."""
-        now = time.monotonic() if now is None else now
+        now = time.time() if now is None else now
         gone = [
             s.id for s in self.index.sessions.values() if s.expires is not None and s.expires <= now
         ]
@@ -672,12 +706,10 @@ class TierManager:
                     raise UnknownSession(f"unknown session {session!r}")
                 if sess.pinned and not force:
                     raise SessionPinned(f"session {session!r} is pinned; unpin it first")
-                if sess.pinned:
-                    for k in sess.keys:
-                        e = self.index.get(k)
-                        if e is not None and e.pins > 0:
-                            e.pins -= 1
+                self._unpin_keys(sess)
                 del self.index.sessions[session]
+                if self.disk is not None:
+                    await self.disk.delete_session(session)
                 shared = {k for s in self.index.sessions.values() for k in s.keys}
                 targets = [k for k in sess.keys if k not in shared]
             else:

@@ -24,8 +24,8 @@ import torch
 import xxhash
 
 from tiercache.embedded import SyncCache
-from tiercache.keys import Namespace
 from tiercache.kernels.reference import gather
+from tiercache.keys import Namespace
 from tiercache.manager import LoadResult, SaveResult, Tokens
 from tiercache.spec import KVSpec, Layout
 
@@ -61,7 +61,9 @@ class HFChatCache:
     ) -> None:
         self.cache = cache
         self.model = model
-        spec = KVSpec.from_hf_config(model.config, dtype=model.dtype, block_size=block_size, layout=Layout.HF)
+        spec = KVSpec.from_hf_config(
+            model.config, dtype=model.dtype, block_size=block_size, layout=Layout.HF
+        )
         self.namespace = Namespace(model_id or model_fingerprint(model), spec, salt)
         self.last_load: LoadResult | None = None
 
@@ -83,8 +85,12 @@ class HFChatCache:
         n_blocks = ids.numel() // self.spec.block_size
         have = self.cache.lookup(self.namespace, ids).blocks
         if have >= n_blocks:
-            self.cache.save(self.namespace, ids, torch.empty((0, self.spec.block_nbytes), dtype=torch.uint8),
-                            session=session)
+            self.cache.save(
+                self.namespace,
+                ids,
+                torch.empty((0, self.spec.block_nbytes), dtype=torch.uint8),
+                session=session,
+            )
             return SaveResult(0, n_blocks, 0)
         blocks = gather(self.spec, layers, list(range(have, n_blocks)))
         result = self.cache.save(self.namespace, ids, blocks, first_block=have, session=session)
@@ -111,10 +117,12 @@ class HFChatCache:
         device = next(self.model.parameters()).device
         for layer in range(spec.num_layers):
             k, v = (
-                kv[:, layer, i].reshape(seq, spec.num_kv_heads, spec.head_dim).permute(1, 0, 2).unsqueeze(0)
+                kv[:, layer, i]
+                .reshape(seq, spec.num_kv_heads, spec.head_dim)
+                .permute(1, 0, 2)
+                .unsqueeze(0)
                 for i in (0, 1)
             )
             past.update(k.contiguous().to(device), v.contiguous().to(device), layer)
         assert past.get_seq_length() == n * spec.block_size
         return past, seq
-

@@ -6,6 +6,7 @@ Layout in the store (any zarr store URL; ``file://`` by default)::
                                      no compressor; attributes: model, KVSpec, logical dtype
     ns/<namespace-hex>/c/<slot>/0    one block's raw bytes (a valid zarr chunk)
     journal/<seq>                    msgpack records + xxh64 trailer: put / del of slots
+    sessions/<blake2b(id)>           one session: id, key chain, pinned, TTL deadline (+ xxh64)
 
 Blocks are read and written at the *store* level (``store.set`` / ``store.get``
 on the chunk key), many at a time with ``asyncio.gather``. The data stays a
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -52,6 +54,7 @@ from tiercache.keys import BlockKey, Namespace
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal/"
+SESSIONS = "sessions/"
 _PUT, _DEL = 1, 2
 # Compact the journal (one snapshot segment) once it has this many segments.
 COMPACT_AFTER = 512
@@ -282,6 +285,14 @@ class DiskTier:
 
     # -- data path --------------------------------------------------------
 
+    def _buffer(self, data: torch.Tensor) -> Buffer:
+        """The bytes to hand the store: zero-copy for LocalStore, which has written them out
+        when ``set`` returns; a private copy for stores that may keep the buffer (memory,
+        fsspec upload queues), since the caller's host slot is reused afterwards."""
+        if isinstance(self.store, LocalStore):
+            return Buffer.from_array_like(data.numpy())
+        return Buffer.from_bytes(data.numpy().tobytes())
+
     def has_room(self, nbytes: int) -> bool:
         return self.used_bytes + nbytes <= self.capacity_bytes
 
@@ -315,9 +326,7 @@ class DiskTier:
         async def one(key: BlockKey, data: torch.Tensor, csum: bytes) -> DiskRecord:
             slot = await self._allocate(arr)
             try:
-                await self.store.set(
-                    self._chunk_key(arr, slot), Buffer.from_array_like(data.numpy())
-                )
+                await self.store.set(self._chunk_key(arr, slot), self._buffer(data))
             except BaseException:
                 self.used_bytes -= arr.block_nbytes
                 arr.free.append(slot)
@@ -366,6 +375,34 @@ class DiskTier:
         self.used_bytes -= arr.block_nbytes
         arr.pending_free.append(rec.slot)
         self._pending.append((_DEL, rec.array, rec.slot))
+
+    # -- sessions -----------------------------------------------------------
+
+    @staticmethod
+    def _session_key(sid: str) -> str:
+        return SESSIONS + hashlib.blake2b(sid.encode(), digest_size=16).hexdigest()
+
+    async def put_session(
+        self, sid: str, keys: list[BlockKey], pinned: bool, expires: float | None
+    ) -> None:
+        body = msgpack.packb({"id": sid, "keys": keys, "pinned": pinned, "expires": expires})
+        await self.store.set(
+            self._session_key(sid), Buffer.from_bytes(body + xxhash.xxh64_digest(body))
+        )
+
+    async def delete_session(self, sid: str) -> None:
+        await self.store.delete(self._session_key(sid))
+
+    async def load_sessions(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        async for k in self.store.list_prefix(SESSIONS):
+            buf = await self.store.get(k, prototype=default_buffer_prototype())
+            raw = buf.to_bytes() if buf is not None else b""
+            if len(raw) <= 8 or xxhash.xxh64_digest(raw[:-8]) != raw[-8:]:
+                log.warning("session record %s is torn; ignored", k)
+                continue
+            out.append(msgpack.unpackb(raw[:-8]))
+        return out
 
     # -- journal ----------------------------------------------------------
 

@@ -85,7 +85,8 @@ class HostArena:
     def _pin(self) -> None:
         ptr = self.buffer.data_ptr()
         err = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-            ptr, self.capacity_bytes, 0)
+            ptr, self.capacity_bytes, 0
+        )
         if int(err) != 0:
             log.warning(
                 "cudaHostRegister of the %d-byte host arena failed (%s); "
@@ -123,7 +124,8 @@ class HostArena:
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
-                self.buffer.data_ptr())
+                self.buffer.data_ptr()
+            )
             self.pinned = False
         del self.buffer
         try:

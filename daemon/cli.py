@@ -1,0 +1,127 @@
+"""The ``tiercache`` command line: ``demo``, ``size``, ``bench``.
+
+Every error a user can cause (bad config, bad model config, bad size) exits
+with status 2 and one line naming what was wrong; nothing prints a traceback
+for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tiercache.daemon.config import Config, ConfigError, load_config
+from tiercache.spec import KVSpec, SpecError, format_size
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path)
+
+
+def cmd_size(args: argparse.Namespace) -> int:
+    spec = KVSpec.from_hf_config(args.model_config, dtype=args.dtype, block_size=args.block_size)
+    total = spec.bytes_for(args.tokens, args.batch)
+    print(
+        f"model:            {spec.num_layers} layers, {spec.num_kv_heads} KV heads, head dim "
+        f"{spec.head_dim}, {spec.dtype}"
+    )
+    print(f"bytes per token:  {spec.bytes_per_token:,}")
+    print(f"block:            {spec.block_size} tokens = {spec.block_nbytes:,} bytes")
+    print(
+        f"total:            {total:,} bytes ({format_size(total)}; {total / 1e9:.1f} GB) "
+        f"for {args.tokens:,} tokens x batch {args.batch}"
+    )
+    cfg = _config(args.config)
+    tiers: list[tuple[str, int]] = []
+    if cfg.tiers.device is not None:
+        tiers.append(("device", cfg.tiers.device.bytes))
+    tiers.append(("host", cfg.tiers.host.bytes))
+    if cfg.tiers.disk is not None:
+        tiers.append(("disk", cfg.tiers.disk.bytes))
+    for name, nbytes in tiers:
+        print(f"{name + ' tier:':<18}{format_size(nbytes)} holds {spec.tokens_in(nbytes):,} tokens")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tiercache.daemon.demo import run_demo
+
+    reports = run_demo(
+        _config(args.config),
+        turns=args.turns,
+        context_tokens=args.context_tokens,
+        reply_tokens=args.reply_tokens,
+    )
+    if not all(r.identical for r in reports):
+        print("error: a resumed reply differed from full recompute", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tiercache.bench import run
+
+    return run(args.name, args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tiercache", description="Tiered KV-cache offload for LLM inference."
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "size", help="KV bytes for a model and token count, and what each tier holds"
+    )
+    s.add_argument(
+        "--model-config", required=True, help="a Hugging Face config.json (or its directory)"
+    )
+    s.add_argument("--tokens", type=int, required=True)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument(
+        "--dtype", default=None, help="KV dtype: fp32, bf16, fp16, fp8, int8 (default: the model's)"
+    )
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--config", default=None, help="tiercache TOML config (for the tier sizes)")
+    s.set_defaults(func=cmd_size)
+
+    d = sub.add_parser("demo", help="a multi-turn chat resumed from the cache, against recompute")
+    d.add_argument("--config", default=None)
+    d.add_argument("--turns", type=int, default=4)
+    d.add_argument("--context-tokens", type=int, default=1024)
+    d.add_argument("--reply-tokens", type=int, default=16)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark, writing JSON and a PNG")
+    b.add_argument("name", choices=["storage", "resume", "disk-layout"])
+    b.add_argument("--out", default="bench-out")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("tokens", "batch", "turns", "context_tokens", "reply_tokens", "block_size"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(
+                f"error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr
+            )
+            return 2
+    try:
+        code: int = args.func(args)
+    except (ConfigError, SpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared factories: a small KV spec, namespaces, deterministic random blocks, caches on tmp dirs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tiercache import KVSpec, Namespace, TierManager
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
+NBYTES = SPEC.block_nbytes  # 512 bytes
+
+
+def make_ns(model: str = "test-model", salt: str = "", spec: KVSpec = SPEC) -> Namespace:
+    return Namespace(model, spec, salt)
+
+
+def make_tokens(n_blocks: int, seed: int = 0, spec: KVSpec = SPEC) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50_000, (n_blocks * spec.block_size,), generator=g).tolist()
+
+
+def make_blocks(n_blocks: int, seed: int = 0, spec: KVSpec = SPEC) -> torch.Tensor:
+    """Random (never zero) KV blocks of ``spec``'s shape and dtype."""
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    return (torch.rand((n_blocks, *spec.block_shape), generator=g) + 0.5).to(spec.torch_dtype)
+
+
+def as_bytes(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.contiguous().view(torch.uint8).reshape(blocks.shape[0], -1)
+
+
+OpenCache = Callable[..., Awaitable[TierManager]]
+
+
+@pytest.fixture
+async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
+    """``await open_cache(host_blocks=4, disk_blocks=64, **kwargs)``; all are closed at teardown."""
+    opened: list[TierManager] = []
+
+    async def factory(host_blocks: int = 4, disk_blocks: int | None = 64, **kwargs: Any) -> TierManager:
+        kwargs.setdefault("disk_url", str(tmp_path / "disk") if disk_blocks else None)
+        m = await TierManager.open(
+            host_bytes=host_blocks * NBYTES, disk_bytes=(disk_blocks or 0) * NBYTES, **kwargs
+        )
+        opened.append(m)
+        return m
+
+    yield factory
+    for m in opened:
+        await m.close(flush=False)

@@ -1,0 +1,113 @@
+"""A real transformers model resumes a 3-turn chat from tiercache with output identical to recompute.
+
+Two architectures (Llama-style and Qwen2-style, both GQA). The controls show
+the equality check can fail: a changed prefix changes the reply, and so does
+restoring tampered KV, so the restored cache is really what the model attends to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+from tiercache import SyncCache  # noqa: E402
+from tiercache.daemon.config import load_config  # noqa: E402
+from tiercache.demo_models import tiny_model  # noqa: E402
+from tiercache.integrations.hf import HFChatCache  # noqa: E402
+
+REPLY = 12
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request: pytest.FixtureRequest) -> Any:
+    return tiny_model(request.param, seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[SyncCache]:
+    cfg = load_config(env={"TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+                           "TIERCACHE_TIERS_HOST__BYTES": "32MiB"})
+    c = SyncCache(cfg)
+    yield c
+    c.close()
+
+
+def generate(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy reply and the log-probs of each chosen token."""
+    with torch.no_grad():
+        out = model.generate(ids[None], past_key_values=past, max_new_tokens=REPLY, do_sample=False,
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    seq = out.sequences[0]
+    logp = torch.stack([torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, seq[-REPLY:], strict=True)])
+    return seq, logp
+
+
+def recompute(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return generate(model, ids, DynamicCache(config=model.config))
+
+
+def user_message(turn: int, n: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + turn)
+    return torch.randint(1, vocab, (n,), generator=g)
+
+
+def test_three_turn_chat_resumes_with_output_identical_to_recompute(model: Any, cache: SyncCache) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    vocab = model.config.vocab_size
+    convo = torch.empty(0, dtype=torch.long)
+    reused_per_turn = []
+    for turn, n in enumerate((150, 40, 40)):
+        convo = torch.cat([convo, user_message(turn, n, vocab)])
+        past, reused = chat.restore("chat", convo)
+        reused_per_turn.append(reused)
+        resumed, logp = generate(model, convo, past)
+        expected, expected_logp = recompute(model, convo)
+        assert torch.equal(resumed, expected), f"turn {turn + 1}: resumed reply differs from recompute"
+        torch.testing.assert_close(logp, expected_logp, atol=1e-3, rtol=0)
+        chat.save("chat", resumed[:-1], past)
+        convo = resumed
+    # Turn 1 is cold; turns 2 and 3 reuse every full block of the previous conversation.
+    assert reused_per_turn == [0, 160, 208]
+
+
+def test_a_changed_prefix_changes_the_reply(model: Any) -> None:
+    ids = user_message(0, 150, model.config.vocab_size)
+    changed = ids.clone()
+    changed[3] = (changed[3] + 1) % model.config.vocab_size
+    assert not torch.equal(recompute(model, ids)[0][-REPLY:], recompute(model, changed)[0][-REPLY:])
+
+
+def test_restoring_tampered_kv_changes_the_reply(model: Any, cache: SyncCache) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    ids = user_message(0, 150, model.config.vocab_size)
+    expected, _ = recompute(model, ids)
+    with torch.no_grad():
+        past = DynamicCache(config=model.config)
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    restored, reused = chat.restore("chat", ids)
+    assert reused == 144
+    assert torch.equal(generate(model, ids, restored)[0], expected)
+    tampered, _ = chat.restore("chat", ids)
+    tampered.layers[0].keys.mul_(-1.0)
+    assert not torch.equal(generate(model, ids, tampered)[0], expected)
+
+
+def test_models_with_different_weights_do_not_share_blocks(cache: SyncCache) -> None:
+    a = tiny_model("llama", seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    b = tiny_model("llama", seed=1, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    chat_a, chat_b = HFChatCache(cache, a), HFChatCache(cache, b)
+    ids = user_message(0, 64, a.config.vocab_size)
+    with torch.no_grad():
+        past = DynamicCache(config=a.config)
+        a(ids[None], past_key_values=past)
+    chat_a.save("s", ids, past)
+    assert chat_a.restore("s", ids)[1] == 48
+    assert chat_b.restore("s", ids)[1] == 0

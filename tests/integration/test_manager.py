@@ -1,0 +1,278 @@
+"""The tier manager over a real host arena and a real zarr disk tier on a tmp dir."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import NBYTES, SPEC, OpenCache, as_bytes, make_blocks, make_ns, make_tokens
+from tiercache import BlockShapeError, KVSpec, NoRoom, SessionPinned, UnknownSession
+
+NS = make_ns()
+
+
+async def test_save_then_load_returns_the_exact_bytes(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    assert (await m.save(NS, tokens, blocks)).stored == 3
+    got = await m.load(NS, tokens)
+    assert got.tiers == ["host", "host", "host"]
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_lookup_reports_the_cached_prefix_and_its_tiers(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(3)
+    await m.save(NS, tokens[:8], make_blocks(2))
+    hit = m.lookup(NS, tokens + [1, 2])  # 3 full blocks and a partial tail
+    assert len(hit.keys) == 3
+    assert hit.tiers == ["host", "host"]
+    assert hit.tokens == 8
+
+
+async def test_a_changed_token_ends_the_hit_at_its_block(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(3)
+    await m.save(NS, tokens, make_blocks(3))
+    changed = list(tokens)
+    changed[5] += 1  # inside block 1
+    assert m.lookup(NS, changed).blocks == 1
+
+
+async def test_other_salt_or_model_never_hits(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2))
+    assert m.lookup(make_ns(salt="tenant-b"), tokens).blocks == 0
+    assert m.lookup(make_ns(model="other-model"), tokens).blocks == 0
+
+
+async def test_saving_blocks_already_cached_writes_nothing(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2))
+    again = await m.save(NS, tokens, make_blocks(2, seed=9))
+    assert (again.stored, again.present) == (0, 2)
+    got = await m.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(make_blocks(2)))
+
+
+async def test_first_block_saves_a_continuation(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens, blocks = make_tokens(4), make_blocks(4)
+    await m.save(NS, tokens[:8], blocks[:2])
+    await m.save(NS, tokens, blocks[2:], first_block=2)
+    got = await m.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        (torch.zeros((1, *SPEC.block_shape), dtype=torch.float16), "dtype torch.float16"),
+        (torch.zeros((1, 2, 2, 4, 2, 4), dtype=torch.bfloat16), "must be [n, 2, 2, 4, 2, 8]"),
+        (torch.zeros((1, NBYTES + 1), dtype=torch.uint8), f"[n, {NBYTES}]"),
+        (torch.zeros((3, *SPEC.block_shape), dtype=torch.bfloat16), "do not fit the 2 full blocks"),
+    ],
+)
+async def test_wrong_shapes_and_dtypes_are_rejected_by_name(
+    open_cache: OpenCache, blocks: torch.Tensor, message: str
+) -> None:
+    m = await open_cache()
+    with pytest.raises(BlockShapeError) as err:
+        await m.save(NS, make_tokens(2), blocks)
+    assert message in str(err.value)
+    assert len(m.index) == 0
+
+
+async def test_a_namespace_with_blocks_bigger_than_host_slots_is_rejected(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    await m.register(NS)
+    big = make_ns(spec=KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4))
+    with pytest.raises(BlockShapeError, match="slot_bytes"):
+        await m.register(big)
+
+
+async def test_host_eviction_writes_back_to_disk_in_lru_order(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2, write="write-back")
+    tokens, blocks = make_tokens(4), make_blocks(4)
+    await m.save(NS, tokens, blocks)
+    assert m.lookup(NS, tokens).tiers == ["disk", "disk", "host", "host"]
+    assert m.stats.evictions["host"] == 2
+    got = await m.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    assert got.tiers == ["disk", "disk", "host", "host"]
+
+
+async def test_write_through_puts_every_block_on_disk_at_save(open_cache: OpenCache) -> None:
+    m = await open_cache(write="write-through")
+    await m.save(NS, make_tokens(3), make_blocks(3))
+    assert m.disk is not None and len(m.disk.records) == 3
+
+
+async def test_write_back_leaves_disk_empty_until_flush(open_cache: OpenCache) -> None:
+    m = await open_cache(write="write-back")
+    await m.save(NS, make_tokens(3), make_blocks(3))
+    assert m.disk is not None and len(m.disk.records) == 0
+    assert await m.flush() == 3 * NBYTES
+    assert len(m.disk.records) == 3
+
+
+async def test_a_disk_hit_is_promoted_to_host_on_load(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2)
+    tokens = make_tokens(4)
+    await m.save(NS, tokens, make_blocks(4))
+    await m.load(NS, tokens[:8])  # blocks 0, 1 come from disk and take the host slots
+    assert m.lookup(NS, tokens).tiers == ["host", "host", "disk", "disk"]
+
+
+async def test_prefetch_promotes_a_session_from_disk(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2)
+    a, b = make_tokens(2, seed=1), make_tokens(2, seed=2)
+    await m.save(NS, a, make_blocks(2), session="a")
+    await m.save(NS, b, make_blocks(2), session="b")
+    assert m.lookup(NS, a).tiers == ["disk", "disk"]
+    assert await m.prefetch(session="a") == 2
+    assert m.lookup(NS, a).tiers == ["host", "host"]
+
+
+async def test_prefetch_of_an_unknown_session_is_a_typed_error(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    with pytest.raises(UnknownSession, match="'nope'"):
+        await m.prefetch(session="nope")
+
+
+async def test_pinned_blocks_are_never_evicted(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2, disk_blocks=None)
+    pinned = make_tokens(2, seed=1)
+    await m.save(NS, pinned, make_blocks(2), session="keep")
+    assert await m.pin("keep") == 2
+    result = await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))
+    assert (result.stored, result.rejected) == (0, 2)
+    assert m.lookup(NS, pinned).tiers == ["host", "host"]
+    assert await m.unpin("keep") == 2
+    assert (await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))).stored == 2
+
+
+async def test_pinning_twice_then_unpinning_once_releases(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    await m.save(NS, make_tokens(2), make_blocks(2), session="s")
+    assert await m.pin("s") == 2
+    assert await m.pin("s") == 0
+    assert await m.unpin("s") == 2
+    assert all(e.pins == 0 for e in m.index)
+
+
+async def test_no_room_when_every_host_slot_is_pinned(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=1, disk_blocks=None)
+    await m.save(NS, make_tokens(1), make_blocks(1), session="s")
+    await m.pin("s")
+    with pytest.raises(NoRoom, match="unpin a session or raise"):
+        await m._host_slot()
+
+
+async def test_evicting_a_session_keeps_blocks_another_session_shares(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=8)
+    tokens = make_tokens(3)
+    await m.save(NS, tokens[:8], make_blocks(2), session="short")
+    await m.save(NS, tokens, make_blocks(3), session="long")
+    assert await m.evict(session="long") == 1
+    assert m.lookup(NS, tokens).blocks == 2
+    with pytest.raises(UnknownSession):
+        await m.evict(session="long")
+
+
+async def test_a_pinned_session_cannot_be_evicted_without_unpinning(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    await m.save(NS, make_tokens(2), make_blocks(2), session="s")
+    await m.pin("s")
+    with pytest.raises(SessionPinned):
+        await m.evict(session="s")
+    assert m.lookup(NS, make_tokens(2)).blocks == 2
+
+
+async def test_a_session_past_its_ttl_is_forgotten_and_evicted(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2), session="s")
+    await m.pin("s")
+    await m.set_ttl("s", 60)
+    sess = m.index.sessions["s"]
+    assert sess.expires is not None
+    assert await m.expire(now=sess.expires - 1) == []
+    assert await m.expire(now=sess.expires) == ["s"]
+    assert m.lookup(NS, tokens).blocks == 0
+    assert "s" not in m.index.sessions
+
+
+async def test_admission_threshold_stores_on_second_offer(open_cache: OpenCache) -> None:
+    m = await open_cache(admission=2)
+    tokens = make_tokens(2)
+    assert (await m.save(NS, tokens, make_blocks(2))).rejected == 2
+    assert m.lookup(NS, tokens).blocks == 0
+    assert (await m.save(NS, tokens, make_blocks(2))).stored == 2
+
+
+async def test_disk_budget_evicts_the_least_recently_used_disk_blocks(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=1, disk_blocks=3, write="write-through")
+    for seed in range(5):
+        await m.save(NS, make_tokens(1, seed=seed), make_blocks(1, seed=seed))
+    assert m.disk is not None
+    assert m.disk.used_bytes <= 3 * NBYTES
+    on_disk = {e.key for e in m.index if e.disk is not None}
+    assert on_disk == {NS.block_keys(make_tokens(1, seed=s))[0] for s in (2, 3, 4)}
+    assert m.stats.evictions["disk"] == 2
+
+
+async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache) -> None:
+    m = await open_cache(write="write-back")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await m.save(NS, tokens, blocks, session="chat")
+    await m.pin("chat")
+    await m.close()  # flushes write-back blocks
+    m2 = await open_cache()
+    assert m2.lookup(NS, tokens).tiers == ["disk", "disk", "disk"]
+    assert m2.index.sessions["chat"].pinned
+    assert all(e.pins == 1 for e in m2.index)
+    got = await m2.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_close_without_flush_loses_only_unwritten_write_back_blocks(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2, write="write-back")
+    tokens = make_tokens(4)
+    await m.save(NS, tokens, make_blocks(4))  # blocks 0, 1 written back on eviction
+    await m.close(flush=False)
+    m2 = await open_cache()
+    assert m2.lookup(NS, tokens).tiers == ["disk", "disk"]
+
+
+async def test_a_second_process_cannot_open_the_same_disk_dir(open_cache: OpenCache) -> None:
+    from tiercache.tiers.disk import StoreError
+
+    await open_cache()
+    with pytest.raises(StoreError, match="in use by another process"):
+        await open_cache()
+
+
+async def test_memory_store_url_works_without_a_filesystem(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=1, disk_url="memory://")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await m.save(NS, tokens, blocks)
+    got = await m.load(NS, tokens)
+    assert got.tiers == ["disk", "disk", "host"]
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_stored_blocks_form_a_zarr_array_zarr_itself_can_read(open_cache: OpenCache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zarr
+
+    m = await open_cache(write="write-through")
+    blocks = make_blocks(2)
+    await m.save(NS, make_tokens(2), blocks)
+    assert m.disk is not None
+    arr = zarr.open_array(str(tmp_path / "disk"), path=f"ns/{NS.hex}", mode="r")
+    assert arr.attrs["tiercache"]["logical_dtype"] == "bfloat16"
+    slots = sorted(r.slot for r in m.disk.records)
+    raw = torch.from_numpy(arr[slots[0] : slots[-1] + 1])
+    assert sorted(map(bytes, raw.numpy())) == sorted(map(bytes, as_bytes(blocks).numpy()))
