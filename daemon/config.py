@@ -10,6 +10,7 @@ overridden as ``TIERCACHE_TIERS_HOST__BYTES``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -51,7 +52,7 @@ class DeviceTierConfig:
 
 @dataclass(slots=True)
 class HostTierConfig:
-    bytes: int = 4 * 2**30
+    bytes: int = 2**30
     slot_bytes: int = 0  # 0: the block size of the first namespace registered
     shared: bool = False  # a /dev/shm arena that CPU engines in other processes map
 
@@ -169,12 +170,11 @@ def _coerce(where: str, name: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
+        # Only real integers or integer strings: int(1.9) would silently truncate.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value):
             return int(value)
-        except (TypeError, ValueError):
-            pass
     elif kind is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]

@@ -36,18 +36,25 @@ def _ids(block_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch
     return ids.to(device)
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
 def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
     if len(caches) != spec.num_layers:
         raise LayoutError(f"expected {spec.num_layers} layers, got {len(caches)}")
     h, bs, d = spec.num_kv_heads, spec.block_size, spec.head_dim
     for i, c in enumerate(caches):
-        parts = c if isinstance(c, tuple) else (c,)
-        for t in parts:
+        if spec.layout is Layout.HF:
+            if not (isinstance(c, tuple) and len(c) == 2 and all(isinstance(t, torch.Tensor) for t in c)):
+                raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
+        elif not isinstance(c, torch.Tensor):
+            raise LayoutError(f"layer {i}: the {spec.layout} layout needs one tensor per layer")
+        for t in c if isinstance(c, tuple) else (c,):
             if t.dtype != spec.torch_dtype:
                 raise LayoutError(f"layer {i}: dtype {t.dtype}, spec says {spec.dtype}")
         if spec.layout is Layout.HF:
-            if not isinstance(c, tuple) or len(c) != 2:
-                raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
+            assert isinstance(c, tuple)
             k, v = c
             if k.dim() != 4 or k.shape[1] != h or k.shape[3] != d or k.shape != v.shape:
                 raise LayoutError(
@@ -117,8 +124,11 @@ def scatter(
         raise LayoutError(
             f"blocks must be {[n, *spec.block_shape]} {spec.dtype}, got {list(blocks.shape)} {blocks.dtype}"
         )
-    blocks = blocks.to(first.device)
+    # Moved as bytes, like the kernels: torch has no CPU index_copy_ for fp8, and a
+    # one-byte dtype viewed as uint8 keeps its shape.
+    blocks = _bytes(blocks.to(first.device))
     for layer, c in enumerate(caches):
+        c = (_bytes(c[0]), _bytes(c[1])) if isinstance(c, tuple) else _bytes(c)
         if spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
             c.index_copy_(1, ids, blocks[:, layer].transpose(0, 1))

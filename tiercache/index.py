@@ -6,12 +6,13 @@ verified copy of it; an entry with no tier left is deleted at once.
 
 Pins and leases are counts, so that several sessions (or clients) can protect
 the same block: a block is evictable only when both are zero. Leases are held
-by readers and writers in flight (a connection's leases end with it); pins are
-held by sessions an operator pinned.
+by readers and writers in flight, on the entry (a connection's leases end with
+it); pins are held by pinned sessions, on the key.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,10 +25,9 @@ class Entry:
     key: BlockKey
     array: str  # namespace array the block belongs to (ns/<namespace hex>)
     nbytes: int
-    checksum: bytes
+    checksum: bytes = b""  # xxh3-128, set when the block is first written below host memory
     host_slot: int | None = None
     disk: DiskRecord | None = None
-    pins: int = 0
     leases: int = 0
     last_use: float = 0.0
 
@@ -43,9 +43,6 @@ class Entry:
     def best_tier(self) -> str | None:
         return "host" if self.host_slot is not None else ("disk" if self.disk is not None else None)
 
-    @property
-    def evictable(self) -> bool:
-        return self.pins == 0 and self.leases == 0
 
 
 @dataclass(slots=True)
@@ -65,6 +62,12 @@ class Index:
     def __init__(self) -> None:
         self._entries: dict[BlockKey, Entry] = {}
         self.sessions: dict[str, Session] = {}
+        # Pin counts by key, held by pinned sessions (a key may be pinned before or after
+        # its block is stored, and stays pinned if the block is dropped and saved again).
+        self.pins: Counter[BlockKey] = Counter()
+
+    def evictable(self, entry: Entry) -> bool:
+        return entry.leases == 0 and self.pins[entry.key] == 0
 
     def __len__(self) -> int:
         return len(self._entries)

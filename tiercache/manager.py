@@ -135,14 +135,15 @@ class TierManager:
         self.stats = stats or Stats()
         self.index = Index()
         self.namespaces: dict[str, Namespace] = {}  # array path -> namespace registered here
-        self.host: HostArena | None = None
+        # Allocated (and faulted in) now, carved into slots at the first namespace.
+        self.host: HostArena | None = HostArena(None, host_bytes, shared=shared_host)
         self.host_policy: EvictionPolicy | None = None
         self.disk_policy: EvictionPolicy | None = None
         # Serialises every change to the index and to tier allocation state.
         self._lock = asyncio.Lock()
         self._closed = False
         if slot_bytes is not None:
-            self._make_host(slot_bytes)
+            self._format_host(slot_bytes)
         make_policy(eviction, 1)  # reject a bad name now, not at first use
         if disk is not None and disk.records:
             policy = self._make_disk_policy(min(r.nbytes for r in disk.records))
@@ -163,14 +164,17 @@ class TierManager:
         manager = cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
         if disk is not None:
             for rec in await disk.load_sessions():
-                sess = Session(rec["id"], list(rec["keys"]), pinned=rec["pinned"], expires=rec["expires"])
+                sess = Session(
+                    rec["id"], list(rec["keys"]), pinned=rec["pinned"], expires=rec["expires"]
+                )
                 manager.index.sessions[sess.id] = sess
                 if sess.pinned:
                     manager._pin_keys(sess)
         return manager
 
-    def _make_host(self, slot_bytes: int) -> None:
-        self.host = HostArena(slot_bytes, self.host_bytes, shared=self.shared_host)
+    def _format_host(self, slot_bytes: int) -> None:
+        assert self.host is not None
+        self.host.format(slot_bytes)
         self.slot_bytes = slot_bytes
         self.host_policy = make_policy(self.eviction, self.host.num_slots)
 
@@ -184,14 +188,14 @@ class TierManager:
     # -- namespaces -------------------------------------------------------
 
     async def register(self, ns: Namespace) -> str:
-        """Make ``ns`` known here; creates the host arena on first use (sized to its blocks)."""
+        """Make ``ns`` known here; the first one sets the host slot size (unless configured)."""
         path = f"ns/{ns.hex}"
         if path in self.namespaces:
             return path
         nbytes = ns.spec.block_nbytes
-        if self.host is None:
-            self._make_host(nbytes)
         assert self.host is not None
+        if not self.host.formatted:
+            self._format_host(nbytes)
         if nbytes > self.host.slot_bytes:
             raise BlockShapeError(
                 f"a block of {ns.model} is {nbytes} B but host slots are {self.host.slot_bytes} B; "
@@ -251,7 +255,26 @@ class TierManager:
                 f"{len(keys)} full blocks of {len(_as_tokens(tokens))} tokens"
             )
         stored = present = rejected = 0
-        new: list[Entry] = []
+        new: list[Entry] = []  # stored by this save, visible
+        pending: list[tuple[int, Entry]] = []  # (row of data, entry) with a slot, not yet copied
+
+        def commit() -> None:
+            """Copy the pending rows into their slots in one call, then make them visible."""
+            assert self.host is not None and self.host_policy is not None
+            if not pending:
+                return
+            rows = [r for r, _ in pending]
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            src = data[rows[0] : rows[0] + len(rows)] if contiguous else data[rows]
+            self.host.write([e.host_slot for _, e in pending if e.host_slot is not None], src)
+            now = time.monotonic()
+            for _, e in pending:
+                e.last_use = now
+                self.index.add(e)
+                self.host_policy.insert(e.key)
+                new.append(e)
+            pending.clear()
+
         async with self._lock:
             self._check_open()
             sess = self._session_for(session, keys) if session else None
@@ -270,33 +293,31 @@ class TierManager:
                 try:
                     slot = await self._host_slot()
                 except NoRoom:
-                    rejected += data.shape[0] - i
-                    self.stats.error("host_full")
-                    break
-                assert self.host is not None and self.host_policy is not None
-                row = data[i]
-                self.host.view(slot, ns.spec.block_nbytes).copy_(row)
-                entry = Entry(
-                    key,
-                    array,
-                    ns.spec.block_nbytes,
-                    checksum(row),
-                    host_slot=slot,
-                    last_use=time.monotonic(),
-                )
-                self.index.add(entry)
-                self.host_policy.insert(key)
-                new.append(entry)
-                stored += 1
+                    if not pending:
+                        rejected += data.shape[0] - i
+                        self.stats.error("host_full")
+                        break
+                    # The batch outgrew the free slots: commit it so it can be evicted.
+                    commit()
+                    try:
+                        slot = await self._host_slot()
+                    except NoRoom:
+                        rejected += data.shape[0] - i
+                        self.stats.error("host_full")
+                        break
+                pending.append((i, Entry(key, array, ns.spec.block_nbytes, host_slot=slot)))
+            commit()
+            stored = len(new)
             if sess is not None and sess.pinned:
                 self._pin_keys(sess)
             self.stats.transfer(
                 "client", "host", stored * ns.spec.block_nbytes, time.perf_counter() - t0
             )
-            if self.write.write_on_save and self.disk is not None and new:
+            written = [e for e in new if e.host_slot is not None]
+            if self.write.write_on_save and self.disk is not None and written:
                 # Under the lock: disk eviction and slot allocation change shared
                 # state. Loads of host blocks wait for it; write-back avoids that.
-                await self._write_to_disk(new)
+                await self._write_to_disk(written)
         self.stats.request("save", time.perf_counter() - t0)
         return SaveResult(stored, present, rejected)
 
@@ -396,20 +417,28 @@ class TierManager:
     ) -> int:
         """Copy ``entries`` into ``out``; returns how many leading blocks are verified."""
         t0 = time.perf_counter()
-        host_bytes = 0
+        host_rows: list[int] = []
+        host_slots: list[int] = []
         disk_jobs: list[tuple[int, Entry, DiskRecord]] = []
         for i, e in enumerate(entries):
             if e.host_slot is not None:
-                assert self.host is not None
-                out[i].copy_(self.host.view(e.host_slot, e.nbytes))
+                host_rows.append(i)
+                host_slots.append(e.host_slot)
                 tiers.append("host")
-                host_bytes += e.nbytes
             else:
                 assert e.disk is not None and self.disk is not None
                 disk_jobs.append((i, e, e.disk))
                 tiers.append("disk")
-        if host_bytes:
-            self.stats.transfer("host", "client", host_bytes, time.perf_counter() - t0)
+        if host_rows:
+            assert self.host is not None
+            if host_rows[-1] == len(host_rows) - 1:  # a leading run: straight into ``out``
+                self.host.read(host_slots, out[: len(host_rows)])
+            else:
+                tmp = torch.empty((len(host_rows), out.shape[1]), dtype=torch.uint8)
+                self.host.read(host_slots, tmp)
+                out.index_copy_(0, torch.tensor(host_rows), tmp)
+            nbytes = len(host_rows) * out.shape[1]
+            self.stats.transfer("host", "client", nbytes, time.perf_counter() - t0)
         if not disk_jobs:
             return len(entries)
         assert self.disk is not None
@@ -492,6 +521,9 @@ class TierManager:
             ]
             for e, _ in todo:
                 e.leases += 1
+            if todo and not host.formatted:
+                # A prefetch by session right after a restart, before any engine registered.
+                self._format_host(max(e.nbytes for e, _ in todo))
         if not todo:
             self.stats.prefetched("noop")
             return 0
@@ -541,7 +573,7 @@ class TierManager:
             pass
         for key in self.host_policy.victims():
             e = self.index.get(key)
-            if e is None or not e.evictable or e.host_slot is None:
+            if e is None or not self.index.evictable(e) or e.host_slot is None:
                 continue
             if e.disk is None and self.disk is not None:
                 await self._write_to_disk([e])
@@ -575,7 +607,7 @@ class TierManager:
             return True
         for key in self.disk_policy.victims():
             e = self.index.get(key)
-            if e is None or key in keep or e.disk is None or not e.evictable:
+            if e is None or key in keep or e.disk is None or not self.index.evictable(e):
                 continue
             self._drop_disk(e)
             self.stats.evicted("disk")
@@ -600,11 +632,16 @@ class TierManager:
                     self.stats.error("disk_full")
                     break
                 fits.append(e)
-            items = [
-                (e.key, self.host.view(e.host_slot, e.nbytes), e.checksum)
-                for e in fits
-                if e.host_slot is not None
-            ]
+            items = []
+            for e in fits:
+                assert e.host_slot is not None
+                view = self.host.view(e.host_slot, e.nbytes)
+                if not e.checksum:
+                    # Computed when a block first leaves memory: it guards the copies
+                    # that can tear or rot (disk, object store), and keeps a host save
+                    # at memcpy speed.
+                    e.checksum = checksum(view)
+                items.append((e.key, view, e.checksum))
             results = await self.disk.put_many(array, items)
             for e, res in zip(fits, results, strict=True):
                 if isinstance(res, DiskRecord):
@@ -646,23 +683,26 @@ class TierManager:
             return n
 
     def _pin_keys(self, sess: Session) -> int:
-        """Pin every present block of ``sess`` not yet pinned by it; returns how many."""
+        """Pin every key of ``sess`` not yet pinned by it; returns how many of them are stored.
+
+        Pins belong to keys, not entries: a block of a pinned session stays
+        protected even if it is dropped (a corrupt disk copy) and saved again.
+        """
         n = 0
         for k in sess.keys:
-            e = self.index.get(k)
-            if e is not None and k not in sess.pinned_keys:
-                e.pins += 1
+            if k not in sess.pinned_keys:
+                self.index.pins[k] += 1
                 sess.pinned_keys.add(k)
-                n += 1
+                n += k in self.index
         return n
 
     def _unpin_keys(self, sess: Session) -> int:
         n = 0
         for k in sess.pinned_keys:
-            e = self.index.get(k)
-            if e is not None and e.pins > 0:
-                e.pins -= 1
-                n += 1
+            self.index.pins[k] -= 1
+            if self.index.pins[k] <= 0:
+                del self.index.pins[k]
+            n += k in self.index
         sess.pinned_keys.clear()
         return n
 
@@ -717,7 +757,7 @@ class TierManager:
             n = 0
             for k in targets:
                 e = self.index.get(k)
-                if e is None or not e.evictable:
+                if e is None or not self.index.evictable(e):
                     continue
                 if e.host_slot is not None:
                     self._drop_host(e)

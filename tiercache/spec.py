@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,15 @@ def parse_size(value: str | int) -> int:
         raise ValueError(
             f"bad size {value!r}: expected a number with a unit B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
         )
+    if number.startswith("-"):
+        raise ValueError(f"bad size {value!r}: a size must not be negative")
     try:
-        n = float(number)
-    except ValueError:
+        # Decimal, not float: exact for large integers, no overflow to infinity.
+        n = Decimal(number)
+    except InvalidOperation:
         raise ValueError(f"bad size {value!r}: {number!r} is not a number") from None
+    if not n.is_finite() or n.adjusted() > 30:
+        raise ValueError(f"bad size {value!r}: out of range")
     return int(n * units[unit])
 
 

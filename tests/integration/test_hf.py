@@ -15,12 +15,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache
 
-from tiercache import SyncCache  # noqa: E402
-from tiercache.daemon.config import load_config  # noqa: E402
-from tiercache.demo_models import tiny_model  # noqa: E402
-from tiercache.integrations.hf import HFChatCache  # noqa: E402
+from tiercache import SyncCache
+from tiercache.daemon.config import load_config
+from tiercache.demo_models import tiny_model
+from tiercache.integrations.hf import HFChatCache
 
 REPLY = 12
 

@@ -3,6 +3,7 @@ and kill -9 in the middle of heavy disk writes loses nothing that completed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -116,7 +117,7 @@ def _crash_block(i: int) -> torch.Tensor:
     return (torch.rand((1, *CRASH_SPEC.block_shape), generator=g) + 0.5).to(torch.bfloat16)
 
 
-async def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Path) -> None:
+def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     completed: list[int] = []
     start = 0
@@ -128,16 +129,17 @@ async def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Pat
         )
         assert child.stdout is not None
         target = 20 + 7 * round_  # kill at a different point each round
-        done_here = 0
-        for line in child.stdout:
+        for done_here, line in enumerate(child.stdout, 1):
             completed.append(int(line))
-            done_here += 1
             if done_here >= target:
                 break
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         start = completed[-1] + 1_000  # the next round writes new blocks
+    asyncio.run(_check_recovered(root, completed, start))
 
+
+async def _check_recovered(root: Path, completed: list[int], start: int) -> None:
     ns = Namespace("crash-model", CRASH_SPEC)
     m = await TierManager.open(host_bytes=4 * CRASH_SPEC.block_nbytes, disk_url=str(root),
                                disk_bytes=4096 * CRASH_SPEC.block_nbytes)

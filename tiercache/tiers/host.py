@@ -1,6 +1,6 @@
 """Host tier: one preallocated arena of fixed-size slots.
 
-The arena is allocated once at start and carved into ``capacity // slot_bytes``
+The arena is allocated (and its pages faulted in) once at start and carved into ``capacity // slot_bytes``
 slots; a free list (a deque of slot ids) makes allocate and free O(1), and the
 byte budget can never be exceeded because nothing is ever allocated after
 start. When CUDA is present the whole arena is registered with
@@ -22,6 +22,7 @@ import mmap
 import os
 import secrets
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,23 +41,19 @@ class HostArena:
 
     def __init__(
         self,
-        slot_bytes: int,
+        slot_bytes: int | None,
         capacity_bytes: int,
         *,
         shared: bool = False,
         name: str | None = None,
         pin: bool | None = None,
     ) -> None:
-        if slot_bytes <= 0:
-            raise ValueError(f"host arena slot size must be positive, got {slot_bytes}")
-        if capacity_bytes < slot_bytes:
-            raise ValueError(
-                f"host tier budget ({capacity_bytes} B) is smaller than one block ({slot_bytes} B); "
-                "raise [tiers.host] bytes"
-            )
-        self.slot_bytes = slot_bytes
-        self.num_slots = capacity_bytes // slot_bytes
-        self.capacity_bytes = self.num_slots * slot_bytes
+        """Allocate (and fault in) ``capacity_bytes`` now; carve slots now if ``slot_bytes`` is
+        given, else on ``format`` (the daemon learns its block size from the first engine)."""
+        if capacity_bytes <= 0:
+            raise ValueError(f"host tier budget must be positive, got {capacity_bytes} B")
+        self.budget_bytes = capacity_bytes  # allocated; usable capacity is whole slots of it
+        self.capacity_bytes = capacity_bytes
         self.shared = shared
         self.name = name or f"tiercache-{os.getpid()}-{secrets.token_hex(4)}"
         self._path: Path | None = None
@@ -64,34 +61,62 @@ class HostArena:
             self._path = SHM_DIR / self.name
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, self.capacity_bytes)
-                self._mmap = mmap.mmap(fd, self.capacity_bytes)
+                os.ftruncate(fd, capacity_bytes)
+                self._mmap = mmap.mmap(fd, capacity_bytes)
             finally:
                 os.close(fd)
         else:
-            self._mmap = mmap.mmap(-1, self.capacity_bytes)
-        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
-            self.num_slots, slot_bytes
-        )
+            self._mmap = mmap.mmap(-1, capacity_bytes)
+        self._raw = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        # Fault every page in now: the budget is really held from the start, and
+        # no save pays page faults (which would halve the first copy into a slot).
+        self._raw.zero_()
+        self.slot_bytes = 0
+        self.num_slots = 0
+        self.buffer = self._raw[:0].view(0, 0)
         # The free list; _used[slot] mirrors it so a double free is caught.
-        self._free: deque[int] = deque(range(self.num_slots))
-        self._used = bytearray(self.num_slots)
+        self._free: deque[int] = deque()
+        self._used = bytearray()
         self.pinned = False
         if pin is None:
             pin = torch.cuda.is_available()
         if pin:
             self._pin()
+        if slot_bytes is not None:
+            self.format(slot_bytes)
+
+    @property
+    def formatted(self) -> bool:
+        return self.slot_bytes > 0
+
+    def format(self, slot_bytes: int) -> None:
+        """Carve the arena into ``capacity // slot_bytes`` slots (once)."""
+        if self.formatted:
+            raise ValueError(f"host arena already has {self.slot_bytes}-byte slots")
+        if slot_bytes <= 0:
+            raise ValueError(f"host arena slot size must be positive, got {slot_bytes}")
+        if self.budget_bytes < slot_bytes:
+            raise ValueError(
+                f"host tier budget ({self.budget_bytes} B) is smaller than one block "
+                f"({slot_bytes} B); raise [tiers.host] bytes"
+            )
+        self.slot_bytes = slot_bytes
+        self.num_slots = self.budget_bytes // slot_bytes
+        self.capacity_bytes = self.num_slots * slot_bytes
+        self.buffer = self._raw[: self.capacity_bytes].view(self.num_slots, slot_bytes)
+        self._free = deque(range(self.num_slots))
+        self._used = bytearray(self.num_slots)
 
     def _pin(self) -> None:
-        ptr = self.buffer.data_ptr()
+        ptr = self._raw.data_ptr()
         err = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-            ptr, self.capacity_bytes, 0
+            ptr, self.budget_bytes, 0
         )
         if int(err) != 0:
             log.warning(
                 "cudaHostRegister of the %d-byte host arena failed (%s); "
                 "host<->device copies will be pageable",
-                self.capacity_bytes,
+                self.budget_bytes,
                 err,
             )
         else:
@@ -121,13 +146,23 @@ class HostArena:
     def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
         return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
 
+    def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
+        """Copy ``rows`` (uint8 ``[n, nbytes]``) into ``slots``: one call for the batch, since
+        per-block copies cost a torch dispatch each (as much as a 64 KiB memcpy)."""
+        self.buffer[:, : rows.shape[1]].index_copy_(0, torch.tensor(slots, dtype=torch.long), rows)
+
+    def read(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        """Copy ``slots`` into ``out`` (uint8 ``[n, nbytes]``, contiguous) in one call."""
+        idx = torch.tensor(slots, dtype=torch.long)
+        torch.index_select(self.buffer[:, : out.shape[1]], 0, idx, out=out)
+
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
-                self.buffer.data_ptr()
+                self._raw.data_ptr()
             )
             self.pinned = False
-        del self.buffer
+        del self.buffer, self._raw
         try:
             self._mmap.close()
         except BufferError:

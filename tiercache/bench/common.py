@@ -1,0 +1,76 @@
+"""What every benchmark shares: side-by-side interleaved timing, machine facts, JSON + PNG output.
+
+These machines are noisy (2 shared cores), so a benchmark never reports an
+absolute number alone: each repetition times tiercache and its baseline back
+to back, in alternating order, and the result is the median of the per-rep
+ratios, next to the medians of each side.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    import zarr
+
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def side_by_side(
+    ours: Callable[[], float], base: Callable[[], float], reps: int
+) -> dict[str, float]:
+    """Run ``ours`` and ``base`` (each returns the seconds it measured) ``reps`` times, alternating
+    which goes first. ``ratio`` is the median per-rep base/ours time ratio: our throughput as a
+    fraction of the baseline's (1.0: as fast; above 1: faster)."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(reps):
+        if i % 2:
+            b.append(base())
+            a.append(ours())
+        else:
+            a.append(ours())
+            b.append(base())
+    return {
+        "ours_s": statistics.median(a),
+        "base_s": statistics.median(b),
+        "ratio": statistics.median(y / x for x, y in zip(a, b, strict=True)),
+    }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def write(out: Path, name: str, result: dict[str, Any], fig: Any) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "machine": machine(), **result}
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    return json_path, png_path
+
+
+def size_label(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
