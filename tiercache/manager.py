@@ -33,7 +33,7 @@ from tiercache.keys import BlockKey, Namespace
 from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.stats import Stats
-from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, checksum
+from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError, checksum
 from tiercache.tiers.host import ArenaFull, HostArena
 
 log = logging.getLogger(__name__)
@@ -749,7 +749,11 @@ class TierManager:
                 self._unpin_keys(sess)
                 del self.index.sessions[session]
                 if self.disk is not None:
-                    await self.disk.delete_session(session)
+                    try:
+                        await self.disk.delete_session(session)
+                    except OSError as err:
+                        self.stats.error("session_write")
+                        log.warning("could not delete the session record: %s", err)
                 shared = {k for s in self.index.sessions.values() for k in s.keys}
                 targets = [k for k in sess.keys if k not in shared]
             else:
@@ -765,7 +769,13 @@ class TierManager:
                     self._drop_disk(e)
                 n += 1
             if self.disk is not None:
-                await self.disk.sync_journal()
+                try:
+                    await self.disk.sync_journal()
+                except (DiskFull, StoreError) as err:
+                    # The blocks are gone from the index; their slots stay unused
+                    # until the del records can be written.
+                    self.stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
+                    log.warning("evict: %s", err)
             return n
 
     # -- flush / close ------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -66,6 +67,13 @@ class DiskFull(RuntimeError):
 
 class StoreError(RuntimeError):
     """The disk store cannot be opened or used (bad URL, unwritable, locked)."""
+
+
+def as_store_error(e: OSError, what: str) -> DiskFull | StoreError:
+    """An OSError from the store as the typed error callers handle: full, or otherwise failed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"disk tier {what} failed: the device is full ({e.strerror})")
+    return StoreError(f"disk tier {what} failed: {e}")
 
 
 def checksum(data: torch.Tensor | np.ndarray | bytes) -> bytes:
@@ -327,9 +335,11 @@ class DiskTier:
             slot = await self._allocate(arr)
             try:
                 await self.store.set(self._chunk_key(arr, slot), self._buffer(data))
-            except BaseException:
+            except BaseException as e:
                 self.used_bytes -= arr.block_nbytes
                 arr.free.append(slot)
+                if isinstance(e, OSError):
+                    raise as_store_error(e, "block write") from e
                 raise
             return DiskRecord(key, arr.path, slot, int(data.numel()), csum)
 
@@ -341,7 +351,20 @@ class DiskTier:
             self._live[(rec.array, rec.slot)] = rec
             self._pending.append((_PUT, rec.array, rec.slot, rec.key, rec.nbytes, rec.checksum))
         if done:
-            await self.sync_journal()
+            try:
+                await self.sync_journal()
+            except (DiskFull, StoreError) as e:
+                # The chunks landed but their records did not: forget them. Their
+                # slots are reusable at once, since no journal record names them.
+                ours = {(r.array, r.slot) for r in done}
+                self._pending = [
+                    p for p in self._pending if not (p[0] == _PUT and (p[1], p[2]) in ours)
+                ]
+                for rec in done:
+                    self._live.pop((rec.array, rec.slot), None)
+                    self.used_bytes -= arr.block_nbytes
+                    arr.free.append(rec.slot)
+                return [e if isinstance(r, DiskRecord) else r for r in results]
         return results
 
     async def get(self, rec: DiskRecord, out: torch.Tensor) -> bool:
@@ -407,25 +430,39 @@ class DiskTier:
     # -- journal ----------------------------------------------------------
 
     async def sync_journal(self) -> None:
-        """Write pending put/del records as one journal segment."""
+        """Write pending put/del records as one journal segment.
+
+        On failure (``DiskFull``, ``StoreError``) the records stay pending for
+        the next sync; freed slots stay unusable until their ``del`` is written.
+        """
         async with self._journal_lock:
             if not self._pending:
                 return
             records, self._pending = self._pending, []
-            await self._write_segment(records)
+            try:
+                await self._write_segment(records)
+            except BaseException:
+                self._pending = records + self._pending
+                raise
             for arr in self._arrays.values():
                 arr.free.extend(arr.pending_free)
                 arr.pending_free.clear()
         if self._segments >= COMPACT_AFTER:
-            await self._compact()
+            try:
+                await self._compact()
+            except (DiskFull, StoreError) as e:
+                log.warning("journal compaction failed, will retry: %s", e)
 
     async def _write_segment(self, records: list[tuple[Any, ...]], snapshot: bool = False) -> None:
         body = msgpack.packb({"snapshot": snapshot, "records": records})
         seq = self._seq
         self._seq += 1
-        await self.store.set(
-            f"{JOURNAL}{seq:016d}", Buffer.from_bytes(body + xxhash.xxh64_digest(body))
-        )
+        try:
+            await self.store.set(
+                f"{JOURNAL}{seq:016d}", Buffer.from_bytes(body + xxhash.xxh64_digest(body))
+            )
+        except OSError as e:
+            raise as_store_error(e, "journal write") from e
         self._segments += 1
 
     async def _compact(self) -> None:
