@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from tiercache.keys import BlockKey, Namespace
 from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.stats import Stats
-from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError, checksum
+from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class TierManager:
         self.host: HostArena | None = HostArena(None, host_bytes, shared=shared_host)
         self.host_policy: EvictionPolicy | None = None
         self.disk_policy: EvictionPolicy | None = None
+        self._next_expiry = math.inf  # earliest session TTL deadline (time.time())
         # Serialises every change to the index and to tier allocation state.
         self._lock = asyncio.Lock()
         self._closed = False
@@ -170,6 +172,8 @@ class TierManager:
                 manager.index.sessions[sess.id] = sess
                 if sess.pinned:
                     manager._pin_keys(sess)
+                if sess.expires is not None:
+                    manager._next_expiry = min(manager._next_expiry, sess.expires)
         return manager
 
     def _format_host(self, slot_bytes: int) -> None:
@@ -246,6 +250,7 @@ class TierManager:
         the session's chain becomes these keys; a pinned session pins them.
         """
         t0 = time.perf_counter()
+        await self._expire_due()
         array = await self.register(ns)
         keys = ns.block_keys(_as_tokens(tokens))
         data = self._check_blocks(ns, blocks)
@@ -369,6 +374,7 @@ class TierManager:
         checksum: a load is always a contiguous prefix of verified blocks.
         """
         t0 = time.perf_counter()
+        await self._expire_due()
         await self.register(ns)
         keys = ns.block_keys(_as_tokens(tokens))
         if max_blocks is not None:
@@ -444,7 +450,9 @@ class TierManager:
         assert self.disk is not None
         t1 = time.perf_counter()
         disk = self.disk
-        oks = await asyncio.gather(*(disk.get(rec, out[i]) for i, _, rec in disk_jobs))
+        oks = await disk.get_many(
+            [rec for _, _, rec in disk_jobs], [out[i] for i, _, _ in disk_jobs]
+        )
         good = len(entries)
         for (i, e, rec), ok in zip(disk_jobs, oks, strict=True):
             if ok:
@@ -531,11 +539,8 @@ class TierManager:
         t0 = time.perf_counter()
         oks: list[bool] = [False] * len(todo)
         try:
-            oks = list(
-                await asyncio.gather(
-                    *(disk.get(rec, buf[i]) for i, (_, rec) in enumerate(todo) if rec)
-                )
-            )
+            recs = [rec for _, rec in todo if rec is not None]
+            oks = await disk.get_many(recs, [buf[i] for i in range(len(recs))])
         finally:
             async with self._lock:
                 for e, _ in todo:
@@ -632,19 +637,18 @@ class TierManager:
                     self.stats.error("disk_full")
                     break
                 fits.append(e)
-            items = []
-            for e in fits:
-                assert e.host_slot is not None
-                view = self.host.view(e.host_slot, e.nbytes)
-                if not e.checksum:
-                    # Computed when a block first leaves memory: it guards the copies
-                    # that can tear or rot (disk, object store), and keeps a host save
-                    # at memcpy speed.
-                    e.checksum = checksum(view)
-                items.append((e.key, view, e.checksum))
+            items = [
+                (e.key, self.host.view(e.host_slot, e.nbytes))
+                for e in fits
+                if e.host_slot is not None
+            ]
             results = await self.disk.put_many(array, items)
             for e, res in zip(fits, results, strict=True):
                 if isinstance(res, DiskRecord):
+                    # The checksum is taken when a block first leaves memory (in the
+                    # disk tier's I/O threads): it guards the copies that can tear or
+                    # rot, and keeps a host save at memcpy speed.
+                    e.checksum = res.checksum
                     e.disk = res
                     self.disk_policy.insert(e.key)
                     written += e.nbytes
@@ -715,17 +719,29 @@ class TierManager:
             if sess is None:
                 raise UnknownSession(f"unknown session {session!r}")
             sess.expires = None if seconds is None else time.time() + seconds
+            if sess.expires is not None:
+                self._next_expiry = min(self._next_expiry, sess.expires)
             await self._persist(sess)
 
     async def expire(self, now: float | None = None) -> list[str]:
-        """Forget every session whose TTL has passed; returns their ids."""
+        """Forget every session whose TTL has passed; returns their ids.
+
+        Saves and loads call it whenever the earliest deadline has passed, so
+        TTLs hold in embedded mode too; the daemon also runs it on a timer.
+        """
         now = time.time() if now is None else now
+        deadlines = [s.expires for s in self.index.sessions.values() if s.expires is not None]
         gone = [
             s.id for s in self.index.sessions.values() if s.expires is not None and s.expires <= now
         ]
+        self._next_expiry = min((d for d in deadlines if d > now), default=math.inf)
         for sid in gone:
             await self.evict(session=sid, force=True)
         return gone
+
+    async def _expire_due(self) -> None:
+        if self._next_expiry <= time.time():
+            await self.expire()
 
     async def evict(
         self,

@@ -11,35 +11,46 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import OpenCache, as_bytes, make_blocks, make_ns, make_tokens
 from tiercache import KVSpec, Namespace, TierManager
+from tiercache.tiers.blockio import SlabIO
+
+SHARD_BLOCKS = SlabIO(Path()).shard_blocks
 
 NS = make_ns()
 
 
-def chunk_path(root: Path, m: TierManager, key: bytes) -> Path:
+def locate(m: TierManager, key: bytes) -> tuple[Path, int]:
+    """The shard file and byte offset of a stored block."""
     e = m.index.get(key)
-    assert e is not None and e.disk is not None
-    return root / e.disk.array / "c" / str(e.disk.slot) / "0"
+    assert e is not None and e.disk is not None and m.disk is not None
+    return m.disk.location(e.disk)
+
+
+def flip_byte(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
 
 
 async def saved_on_disk_only(open_cache: OpenCache, n: int) -> tuple[TierManager, list[int], torch.Tensor]:
-    """A cache whose ``n`` blocks are on disk and not in host memory (so reads hit the chunks)."""
-    m = await open_cache(write="write-through")
+    """A cache whose ``n`` blocks are on disk and not in host memory (so reads hit the files)."""
+    m = await open_cache(write="write-through", host_blocks=64)
     tokens, blocks = make_tokens(n), make_blocks(n)
     await m.save(NS, tokens, blocks)
     await m.close()
-    return await open_cache(), tokens, blocks
+    return await open_cache(host_blocks=64), tokens, blocks
 
 
-async def test_a_corrupted_chunk_is_a_counted_miss(open_cache: OpenCache, tmp_path: Path) -> None:
+async def test_a_corrupted_block_is_a_counted_miss(open_cache: OpenCache) -> None:
     m, tokens, blocks = await saved_on_disk_only(open_cache, 3)
-    path = chunk_path(tmp_path / "disk", m, NS.block_keys(tokens)[1])
-    raw = bytearray(path.read_bytes())
-    raw[100] ^= 0x01
-    path.write_bytes(bytes(raw))
+    path, offset = locate(m, NS.block_keys(tokens)[1])
+    flip_byte(path, offset + 100)
     got = await m.load(NS, tokens)
     assert got.blocks == 1
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:1]))
@@ -47,27 +58,31 @@ async def test_a_corrupted_chunk_is_a_counted_miss(open_cache: OpenCache, tmp_pa
     assert m.lookup(NS, tokens).blocks == 1  # the bad copy is forgotten
 
 
-async def test_a_chunk_truncated_while_running_is_a_miss(open_cache: OpenCache, tmp_path: Path) -> None:
-    m, tokens, _ = await saved_on_disk_only(open_cache, 2)
-    path = chunk_path(tmp_path / "disk", m, NS.block_keys(tokens)[0])
-    path.write_bytes(path.read_bytes()[:77])
+async def test_a_file_truncated_while_running_is_a_miss_from_the_cut(open_cache: OpenCache) -> None:
+    m, tokens, blocks = await saved_on_disk_only(open_cache, 3)
+    path, offset = locate(m, NS.block_keys(tokens)[2])
+    os.truncate(path, offset + 77)  # the cut falls inside block 2
     got = await m.load(NS, tokens)
-    assert got.blocks == 0
+    assert got.blocks == 2
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:2]))
     assert m.stats.corrupt_blocks == 1
 
 
-async def test_a_truncated_or_missing_chunk_is_dropped_at_start(open_cache: OpenCache, tmp_path: Path) -> None:
-    m, tokens, blocks = await saved_on_disk_only(open_cache, 3)
-    keys = NS.block_keys(tokens)
-    truncated, missing = chunk_path(tmp_path / "disk", m, keys[1]), chunk_path(tmp_path / "disk", m, keys[2])
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+async def test_a_damaged_shard_file_is_dropped_at_start(open_cache: OpenCache, damage: str) -> None:
+    n = SHARD_BLOCKS + 4  # two shard files: blocks 0-15 and 16-19
+    m, tokens, blocks = await saved_on_disk_only(open_cache, n)
+    path, _ = locate(m, NS.block_keys(tokens)[SHARD_BLOCKS])
     await m.close()
-    truncated.write_bytes(truncated.read_bytes()[:10])
-    missing.unlink()
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size - 1)
+    else:
+        path.unlink()
     m2 = await open_cache()
-    assert m2.lookup(NS, tokens).blocks == 1
-    assert m2.disk is not None and m2.disk.corrupt_reads == 2
+    assert m2.lookup(NS, tokens).blocks == SHARD_BLOCKS
+    assert m2.disk is not None and m2.disk.corrupt_reads == 4
     got = await m2.load(NS, tokens)
-    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:1]))
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:SHARD_BLOCKS]))
 
 
 async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path: Path) -> None:

@@ -276,3 +276,26 @@ async def test_stored_blocks_form_a_zarr_array_zarr_itself_can_read(open_cache: 
     slots = sorted(r.slot for r in m.disk.records)
     raw = torch.from_numpy(arr[slots[0] : slots[-1] + 1])
     assert sorted(map(bytes, raw.numpy())) == sorted(map(bytes, as_bytes(blocks).numpy()))
+
+
+async def test_a_save_after_the_deadline_expires_the_session(open_cache: OpenCache) -> None:
+    import asyncio
+
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2), session="short-lived")
+    await m.set_ttl("short-lived", 0.05)
+    await asyncio.sleep(0.06)
+    await m.save(NS, make_tokens(1, seed=5), make_blocks(1, seed=5))
+    assert "short-lived" not in m.index.sessions
+    assert m.lookup(NS, tokens).blocks == 0
+
+
+async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    await m.save(NS, make_tokens(2), make_blocks(2), session="s")
+    await m.set_ttl("s", 3600)
+    deadline = m.index.sessions["s"].expires
+    await m.close()
+    m2 = await open_cache()
+    assert m2.index.sessions["s"].expires == deadline

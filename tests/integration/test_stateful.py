@@ -98,10 +98,14 @@ class CacheMachine(RuleBasedStateMachine):
                          key=lambda e: e.key)
         e = data.draw(st.sampled_from(on_disk))
         assert e.disk is not None
-        path = self.dir / e.disk.array / "c" / str(e.disk.slot) / "0"
-        raw = bytearray(path.read_bytes())
-        raw[data.draw(st.integers(0, len(raw) - 1))] ^= 0xFF
-        path.write_bytes(bytes(raw))
+        assert self.m.disk is not None
+        path, offset = self.m.disk.location(e.disk)
+        at = offset + data.draw(st.integers(0, e.nbytes - 1))
+        with open(path, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ 0xFF]))
 
     @invariant()
     def budgets_hold(self) -> None:

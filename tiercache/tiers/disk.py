@@ -29,19 +29,17 @@ another block's bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 import xxhash
 import zarr
@@ -51,6 +49,7 @@ from zarr.core.buffer.cpu import Buffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from tiercache.keys import BlockKey, Namespace
+from tiercache.tiers.blockio import BlockIO, SlabIO, block_io_for
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,6 @@ def as_store_error(e: OSError, what: str) -> DiskFull | StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"disk tier {what} failed: the device is full ({e.strerror})")
     return StoreError(f"disk tier {what} failed: {e}")
-
-
-def checksum(data: torch.Tensor | np.ndarray | bytes) -> bytes:
-    """xxh3-128 of a block's bytes: fast enough to run on every read (tens of GB/s)."""
-    if isinstance(data, torch.Tensor):
-        data = data.numpy()
-    if isinstance(data, np.ndarray):
-        return xxhash.xxh3_128_digest(np.ascontiguousarray(data).data)
-    return xxhash.xxh3_128_digest(data)
 
 
 @dataclass(slots=True)
@@ -135,6 +125,7 @@ class DiskTier:
         self._segments = 0
         self._journal_lock = asyncio.Lock()
         self._lockfile: int | None = None
+        self.io: BlockIO = block_io_for(store)
         self.corrupt_reads = 0
 
     # -- open / recover ---------------------------------------------------
@@ -153,10 +144,9 @@ class DiskTier:
         if isinstance(store, LocalStore):
             tier._lock_local(Path(store.root))
         records = await tier._replay()
-        sizes = await tier._chunk_sizes()
+        present = {path: await tier.io.present(path) for path in tier._arrays}
         for rec in records:
-            arr = tier._arrays.get(rec.array)
-            if arr is None or sizes.get(tier._chunk_key(arr, rec.slot)) != rec.nbytes:
+            if present.get(rec.array, {}).get(rec.slot, -1) < rec.nbytes:
                 log.warning(
                     "disk block in slot %s/%d is missing or truncated; dropped", rec.array, rec.slot
                 )
@@ -216,21 +206,6 @@ class DiskTier:
             arr.next_slot = 1 + max((s for (a, s) in live if a == arr.path), default=-1)
         return list(live.values())
 
-    async def _chunk_sizes(self) -> dict[str, int]:
-        if isinstance(self.store, LocalStore):
-            root = Path(self.store.root)
-            out: dict[str, int] = {}
-            for dirpath, _, files in os.walk(root / "ns"):
-                for f in files:
-                    p = Path(dirpath) / f
-                    with contextlib.suppress(FileNotFoundError):
-                        out[str(p.relative_to(root))] = p.stat().st_size
-            return out
-        sizes: dict[str, int] = {}
-        async for k in self.store.list_prefix("ns/"):
-            sizes[k] = await self.store.getsize(k)
-        return sizes
-
     def _adopt(self, rec: DiskRecord) -> None:
         self._live[(rec.array, rec.slot)] = rec
         self.used_bytes += self._arrays[rec.array].block_nbytes
@@ -250,6 +225,10 @@ class DiskTier:
         except (FileNotFoundError, KeyError) as e:
             raise StoreError(f"disk tier array {path} is missing its metadata: {e}") from e
         arr = _Array(path, int(za.shape[1]), za.metadata, [], 0, [])
+        try:
+            self.io.attach(path, za.metadata, arr.block_nbytes)
+        except ValueError as e:
+            raise StoreError(str(e)) from e
         self._arrays[path] = arr
         return arr
 
@@ -267,8 +246,8 @@ class DiskTier:
                 store=self.store,
                 name=path,
                 shape=(slots, nbytes),
-                chunks=(1, nbytes),
                 dtype="uint8",
+                **self.io.array_kwargs(nbytes),
                 compressors=None,
                 filters=None,
                 fill_value=0,
@@ -285,21 +264,21 @@ class DiskTier:
             raise StoreError(f"cannot create disk tier array {path} in {self.url}: {e}") from e
         if za.shape[0] < slots:
             await za.resize((slots, nbytes))
+            za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
+        try:
+            self.io.attach(path, za.metadata, nbytes)
+        except ValueError as e:
+            raise StoreError(str(e)) from e
         self._arrays[path] = _Array(path, nbytes, za.metadata, [], 0, [])
         return path
 
-    def _chunk_key(self, arr: _Array, slot: int) -> str:
-        return f"{arr.path}/{arr.meta.encode_chunk_key((slot, 0))}"
+    def location(self, rec: DiskRecord) -> tuple[Path, int]:
+        """The file and byte offset of a block on a local disk tier (for scrubbing and tests)."""
+        if not isinstance(self.io, SlabIO):
+            raise StoreError(f"blocks of {self.url} are not in local files")
+        return self.io.location(rec.array, rec.slot)
 
     # -- data path --------------------------------------------------------
-
-    def _buffer(self, data: torch.Tensor) -> Buffer:
-        """The bytes to hand the store: zero-copy for LocalStore, which has written them out
-        when ``set`` returns; a private copy for stores that may keep the buffer (memory,
-        fsspec upload queues), since the caller's host slot is reused afterwards."""
-        if isinstance(self.store, LocalStore):
-            return Buffer.from_array_like(data.numpy())
-        return Buffer.from_bytes(data.numpy().tobytes())
 
     def has_room(self, nbytes: int) -> bool:
         return self.used_bytes + nbytes <= self.capacity_bytes
@@ -321,29 +300,38 @@ class DiskTier:
         return slot
 
     async def put_many(
-        self, array: str, items: Iterable[tuple[BlockKey, torch.Tensor, bytes]]
+        self, array: str, items: Iterable[tuple[BlockKey, torch.Tensor]]
     ) -> list[DiskRecord | BaseException]:
-        """Write blocks (key, uint8 tensor, checksum) concurrently; journal the ones that landed.
+        """Write blocks (key, uint8 tensor) in one batch; journal the ones that landed.
 
-        Returns one DiskRecord per item, or the exception that stopped it
-        (``DiskFull``, ``OSError``); a failed block takes no slot.
+        Returns one DiskRecord (with the checksum of the bytes written) per
+        item, or the error that stopped it (``DiskFull``, ``StoreError``); a
+        failed block takes no slot.
         """
         arr = self._arrays[array]
         items = list(items)
-
-        async def one(key: BlockKey, data: torch.Tensor, csum: bytes) -> DiskRecord:
-            slot = await self._allocate(arr)
+        slots: list[int | DiskFull] = []
+        for _ in items:
             try:
-                await self.store.set(self._chunk_key(arr, slot), self._buffer(data))
-            except BaseException as e:
+                slots.append(await self._allocate(arr))
+            except DiskFull as e:
+                slots.append(e)
+        writes = [
+            (s, data) for s, (_, data) in zip(slots, items, strict=True) if isinstance(s, int)
+        ]
+        outcomes = iter(await self.io.write(arr.path, writes))
+        results: list[DiskRecord | BaseException] = []
+        for (key, data), slot in zip(items, slots, strict=True):
+            if not isinstance(slot, int):
+                results.append(slot)
+                continue
+            out = next(outcomes)
+            if isinstance(out, bytes):
+                results.append(DiskRecord(key, arr.path, slot, int(data.numel()), out))
+            else:
                 self.used_bytes -= arr.block_nbytes
                 arr.free.append(slot)
-                if isinstance(e, OSError):
-                    raise as_store_error(e, "block write") from e
-                raise
-            return DiskRecord(key, arr.path, slot, int(data.numel()), csum)
-
-        results = await asyncio.gather(*(one(*it) for it in items), return_exceptions=True)
+                results.append(as_store_error(out, "block write"))
         done = [r for r in results if isinstance(r, DiskRecord)]
         for rec in done:
             # In _live before the journal write so a concurrent compaction keeps it;
@@ -354,7 +342,7 @@ class DiskTier:
             try:
                 await self.sync_journal()
             except (DiskFull, StoreError) as e:
-                # The chunks landed but their records did not: forget them. Their
+                # The blocks landed but their records did not: forget them. Their
                 # slots are reusable at once, since no journal record names them.
                 ours = {(r.array, r.slot) for r in done}
                 self._pending = [
@@ -367,28 +355,32 @@ class DiskTier:
                 return [e if isinstance(r, DiskRecord) else r for r in results]
         return results
 
+    async def get_many(
+        self, recs: Sequence[DiskRecord], outs: Sequence[torch.Tensor]
+    ) -> list[bool]:
+        """Read blocks into ``outs`` (uint8, at least ``nbytes`` each); False where one does not
+        verify (missing, truncated, torn or corrupted): a miss, counted, never data."""
+        by_array: dict[str, list[int]] = {}
+        for i, rec in enumerate(recs):
+            by_array.setdefault(rec.array, []).append(i)
+        oks = [False] * len(recs)
+        for array, idx in by_array.items():
+            got = await self.io.read(
+                array, [(recs[i].slot, recs[i].nbytes, recs[i].checksum, outs[i]) for i in idx]
+            )
+            for i, ok in zip(idx, got, strict=True):
+                oks[i] = ok
+                if not ok:
+                    self.corrupt_reads += 1
+                    log.warning(
+                        "disk block %s/%d failed verification; treated as a miss",
+                        array,
+                        recs[i].slot,
+                    )
+        return oks
+
     async def get(self, rec: DiskRecord, out: torch.Tensor) -> bool:
-        """Read ``rec`` into ``out`` (uint8, at least ``rec.nbytes``); False if it does not verify."""
-        arr = self._arrays[rec.array]
-        try:
-            buf = await self.store.get(
-                self._chunk_key(arr, rec.slot), prototype=default_buffer_prototype()
-            )
-        except OSError as e:
-            log.warning("disk read of %s/%d failed: %s", rec.array, rec.slot, e)
-            buf = None
-        if buf is None:
-            self.corrupt_reads += 1
-            return False
-        data = buf.as_numpy_array()
-        if data.nbytes != rec.nbytes or checksum(data) != rec.checksum:
-            self.corrupt_reads += 1
-            log.warning(
-                "disk block %s/%d failed its checksum; treated as a miss", rec.array, rec.slot
-            )
-            return False
-        np.copyto(out[: rec.nbytes].numpy(), data.reshape(-1).view(np.uint8))
-        return True
+        return (await self.get_many([rec], [out]))[0]
 
     def discard(self, rec: DiskRecord) -> None:
         """Forget a block; its slot is reused once the ``del`` is journaled."""
@@ -485,6 +477,7 @@ class DiskTier:
 
     async def close(self) -> None:
         await self.sync_journal()
+        self.io.close()
         self.store.close()
         if self._lockfile is not None:
             os.close(self._lockfile)
