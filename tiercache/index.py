@@ -44,7 +44,6 @@ class Entry:
         return "host" if self.host_slot is not None else ("disk" if self.disk is not None else None)
 
 
-
 @dataclass(slots=True)
 class Session:
     """A named chat: the chain of keys it saved, and the protection it asked for."""

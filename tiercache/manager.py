@@ -268,10 +268,11 @@ class TierManager:
             assert self.host is not None and self.host_policy is not None
             if not pending:
                 return
-            rows = [r for r, _ in pending]
-            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-            src = data[rows[0] : rows[0] + len(rows)] if contiguous else data[rows]
-            self.host.write([e.host_slot for _, e in pending if e.host_slot is not None], src)
+            self.host.write(
+                [e.host_slot for _, e in pending if e.host_slot is not None],
+                data,
+                [r for r, _ in pending],
+            )
             now = time.monotonic()
             for _, e in pending:
                 e.last_use = now
@@ -437,12 +438,7 @@ class TierManager:
                 tiers.append("disk")
         if host_rows:
             assert self.host is not None
-            if host_rows[-1] == len(host_rows) - 1:  # a leading run: straight into ``out``
-                self.host.read(host_slots, out[: len(host_rows)])
-            else:
-                tmp = torch.empty((len(host_rows), out.shape[1]), dtype=torch.uint8)
-                self.host.read(host_slots, tmp)
-                out.index_copy_(0, torch.tensor(host_rows), tmp)
+            self.host.read(host_slots, out, host_rows)
             nbytes = len(host_rows) * out.shape[1]
             self.stats.transfer("host", "client", nbytes, time.perf_counter() - t0)
         if not disk_jobs:

@@ -35,7 +35,9 @@ MESSAGE = 32
 
 def _first_token(model: Any, ids: torch.Tensor, past: Any) -> None:
     with torch.no_grad():
-        model.generate(ids[None], past_key_values=past, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        model.generate(
+            ids[None], past_key_values=past, max_new_tokens=1, do_sample=False, pad_token_id=0
+        )
 
 
 def bench_prefix(model: Any, prefix: int, reps: int, workdir: Path) -> dict[str, Any]:
@@ -43,8 +45,11 @@ def bench_prefix(model: Any, prefix: int, reps: int, workdir: Path) -> dict[str,
 
     g = torch.Generator().manual_seed(prefix)
     ids = torch.randint(1, model.config.vocab_size, (prefix + MESSAGE,), generator=g)
-    env = {"TIERCACHE_TIERS_DISK__URL": str(workdir / f"disk-{prefix}"),
-           "TIERCACHE_TIERS_HOST__BYTES": "256MiB", "TIERCACHE_POLICY__WRITE": "write-through"}
+    env = {
+        "TIERCACHE_TIERS_DISK__URL": str(workdir / f"disk-{prefix}"),
+        "TIERCACHE_TIERS_HOST__BYTES": "256MiB",
+        "TIERCACHE_POLICY__WRITE": "write-through",
+    }
     cfg = load_config(env=env)
     cache = SyncCache(cfg)
     chat = HFChatCache(cache, model, model_id="bench-llama")
@@ -94,12 +99,23 @@ def plot(result: dict[str, Any]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(len(rows))
     for j, (key, label) in enumerate(
-        (("recompute_s", "recompute"), ("resume_host_s", "resume, host hit"), ("resume_disk_s", "resume, disk hit"))
+        (
+            ("recompute_s", "recompute"),
+            ("resume_host_s", "resume, host hit"),
+            ("resume_disk_s", "resume, disk hit"),
+        )
     ):
-        ax.bar([i + (j - 1) * 0.27 for i in x], [r[key] * 1000 for r in rows], width=0.27, label=label)
+        ax.bar(
+            [i + (j - 1) * 0.27 for i in x], [r[key] * 1000 for r in rows], width=0.27, label=label
+        )
     for i, r in enumerate(rows):
-        ax.annotate(f"{r['speedup_host']:.1f}x / {r['speedup_disk']:.1f}x", (i, r["recompute_s"] * 1000),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{r['speedup_host']:.1f}x / {r['speedup_disk']:.1f}x",
+            (i, r["recompute_s"] * 1000),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(list(x), [f"{r['prefix_tokens']} + {MESSAGE} tokens" for r in rows])
     ax.set_ylabel("time to first token (ms)")
     ax.set_title(f"resume vs recompute, {result['model']} (speedup host / disk)")
@@ -128,7 +144,9 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [f"{'prefix':>7} {'reused':>7} {'recompute':>10} {'host':>9} {'disk':>9} {'x host':>7} {'x disk':>7}"]
+    lines = [
+        f"{'prefix':>7} {'reused':>7} {'recompute':>10} {'host':>9} {'disk':>9} {'x host':>7} {'x disk':>7}"
+    ]
     for r in result["prefixes"]:
         lines.append(
             f"{r['prefix_tokens']:>7} {r['reused_tokens']:>7} {r['recompute_s'] * 1000:>8.1f}ms "

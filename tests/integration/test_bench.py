@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end (``--quick``) and write their JSON and PNG.
+
+These check that the measuring code works and says what it measured; they
+assert no timings (benchmarks report numbers, tests assert behaviour).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiercache.daemon.cli import main
+
+
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("storage", {"host", "disk", "machine"}),
+        ("resume", {"prefixes", "model", "machine"}),
+        ("disk-layout", {"io", "codecs", "meta"}),
+    ],
+)
+def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:
+    assert main(["bench", name, "--quick", "--out", str(tmp_path)]) == 0
+    stem = name.replace("-", "_")
+    result = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert keys <= set(result)
+    png = (tmp_path / f"{stem}.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_resume_benchmark_reuses_the_whole_prefix(tmp_path: Path) -> None:
+    assert main(["bench", "resume", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "resume.json").read_text())["prefixes"]
+    assert all(r["reused_tokens"] == r["prefix_tokens"] for r in rows)

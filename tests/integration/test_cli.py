@@ -1,0 +1,79 @@
+"""The ``tiercache`` command line: sizing, the demo (the README's main job), and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiercache.daemon.cli import main
+
+LLAMA_3_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8192,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture
+def model_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_3_70B))
+    return path
+
+
+def test_size_of_llama_3_70b_at_128k_tokens(model_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["size", "--model-config", str(model_config), "--tokens", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes per token:  327,680" in out
+    assert "42,949,672,960 bytes" in out and "42.9 GB" in out
+
+
+def test_size_reports_what_each_configured_tier_holds(
+    model_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text('[tiers.host]\nbytes = "32GiB"\n[tiers.disk]\nurl = "none"\n')
+    assert main(["size", "--model-config", str(model_config), "--tokens", "1", "--dtype", "fp8",
+                 "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "bytes per token:  163,840" in out
+    # 32 GiB / (16 tokens x 163,840 B) = 13,107 whole blocks = 209,712 tokens
+    assert "host tier:        32.0 GiB holds 209,712 tokens" in out
+    assert "disk tier" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["size", "--model-config", "/nonexistent/config.json", "--tokens", "1"], "model config not found"),
+        (["size", "--model-config", "MODEL", "--tokens", "0"], "--tokens must be positive"),
+        (["size", "--model-config", "MODEL", "--tokens", "1", "--dtype", "fp4"], "unsupported KV dtype 'fp4'"),
+        (["size", "--model-config", "MODEL", "--tokens", "1", "--config", "BADCFG"], "tiers.host.bytes: bad size"),
+    ],
+)
+def test_bad_input_exits_2_naming_what_was_wrong(
+    args: list[str], message: str, model_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[tiers.host]\nbytes = "lots"\n')
+    args = [str(model_config) if a == "MODEL" else str(bad) if a == "BADCFG" else a for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_resumes_every_turn_with_the_same_reply_and_one_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", str(tmp_path / "disk"))
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "64MiB")
+    assert main(["demo", "--turns", "3", "--context-tokens", "256", "--reply-tokens", "8"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert [r[3] for r in rows] == ["-", "host", "disk"]  # turn 3 follows the restart
+    assert all(r[-1] == "yes" for r in rows)
+    assert all(int(r[2]) > 0 for r in rows[1:])
