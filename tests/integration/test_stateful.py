@@ -36,6 +36,8 @@ def content(key: bytes) -> torch.Tensor:
 
 
 class CacheMachine(RuleBasedStateMachine):
+    eviction = "lru"
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
@@ -46,7 +48,13 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _open(self) -> TierManager:
         return self.loop.run_until_complete(
-            TierManager.open(host_bytes=3 * NBYTES, disk_url=str(self.dir), disk_bytes=5 * NBYTES, write=self.write)
+            TierManager.open(
+                host_bytes=3 * NBYTES,
+                disk_url=str(self.dir),
+                disk_bytes=5 * NBYTES,
+                write=self.write,
+                eviction=self.eviction,
+            )
         )
 
     @rule(seq=st.integers(0, len(SEQS) - 1), blocks=st.integers(1, 6), session=st.sampled_from([None, "a", "b"]))
@@ -125,7 +133,14 @@ class CacheMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-CacheMachine.TestCase.settings = settings(
+class ARCCacheMachine(CacheMachine):
+    eviction = "arc"
+
+
+SETTINGS = settings(
     max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-TestCacheMachine = CacheMachine.TestCase
+CacheMachine.TestCase.settings = SETTINGS
+ARCCacheMachine.TestCase.settings = SETTINGS
+TestLRUCacheMachine = CacheMachine.TestCase
+TestARCCacheMachine = ARCCacheMachine.TestCase
