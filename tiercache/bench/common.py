@@ -8,13 +8,14 @@ ratios, next to the medians of each side.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,23 @@ def write(out: Path, name: str, result: dict[str, Any], fig: Any) -> tuple[Path,
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     fig.savefig(png_path, dpi=110, bbox_inches="tight")
     return json_path, png_path
+
+
+def cli(
+    doc: str | None,
+    run: Callable[[Path, bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    argv: Sequence[str] | None,
+) -> int:
+    """The command line every benchmark module shares: ``--out DIR`` and ``--quick``."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where the JSON and PNG go")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement"
+    )
+    args = p.parse_args(argv)
+    print(report(run(args.out, args.quick)))
+    return 0
 
 
 def size_label(n: int) -> str:

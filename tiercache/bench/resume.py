@@ -15,7 +15,6 @@ The reported ratio is recompute TTFT / resume TTFT (how many times faster).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tiercache.bench.common import timed, write
+from tiercache.bench.common import cli, timed, write
 from tiercache.daemon.config import load_config
 from tiercache.embedded import SyncCache
 from tiercache.integrations.hf import HFChatCache
@@ -157,12 +156,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"))
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    print(report(run(args.out, args.quick)))
-    return 0
+    return cli(__doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ file I/O at >= 1 MiB.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tiercache.bench.common import side_by_side, size_label, timed, write
+from tiercache.bench.common import cli, side_by_side, size_label, timed, write
 from tiercache.keys import Namespace
 from tiercache.manager import TierManager
 from tiercache.spec import KVSpec
@@ -218,12 +217,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"))
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    print(report(run(args.out, args.quick)))
-    return 0
+    return cli(__doc__, run, report, argv)
 
 
 if __name__ == "__main__":
