@@ -5,6 +5,7 @@ from tiercache.keys import BlockKey, Namespace
 from tiercache.manager import (
     BlockShapeError,
     CacheError,
+    Draining,
     LoadResult,
     LookupResult,
     NoRoom,
@@ -21,6 +22,7 @@ __all__ = [
     "BlockKey",
     "BlockShapeError",
     "CacheError",
+    "Draining",
     "KVSpec",
     "Layout",
     "LoadResult",

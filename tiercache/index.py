@@ -30,6 +30,7 @@ class Entry:
     disk: DiskRecord | None = None
     leases: int = 0
     last_use: float = 0.0
+    prefetched_at: float = 0.0  # monotonic time a prefetch promoted it; 0 once read
 
     @property
     def tiers(self) -> tuple[str, ...]:

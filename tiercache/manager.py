@@ -63,6 +63,10 @@ class NoRoom(CacheError):
     """A tier is full of pinned or in-use blocks; nothing can be evicted to make room."""
 
 
+class Draining(CacheError):
+    """The cache is draining (shutdown or an operator's drain): it serves reads, takes no saves."""
+
+
 @dataclass(frozen=True, slots=True)
 class SaveResult:
     stored: int  # new blocks written
@@ -107,6 +111,38 @@ class LoadResult:
         return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
 
 
+@dataclass(slots=True)
+class Reservation:
+    """Host slots reserved for a save, invisible until ``commit``."""
+
+    ns: Namespace
+    array: str
+    keys: list[BlockKey]
+    session: str | None
+    first_block: int
+    entries: list[Entry] = field(default_factory=list)  # pending, each with its host slot
+    rows: list[int] = field(default_factory=list)  # row (from first_block) of each entry
+    present: int = 0
+    rejected: int = 0
+    walked: int = 0  # blocks from first_block this reservation covered
+
+    @property
+    def slots(self) -> list[int]:
+        return [e.host_slot for e in self.entries if e.host_slot is not None]
+
+
+@dataclass(slots=True)
+class Lease:
+    """Host-resident blocks a reader may copy out of until ``release``."""
+
+    entries: list[Entry]
+    tiers: list[str]  # where each block was found (before any promotion)
+
+    @property
+    def slots(self) -> list[int]:
+        return [e.host_slot for e in self.entries if e.host_slot is not None]
+
+
 def _as_tokens(tokens: Tokens) -> np.ndarray:
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().reshape(-1).numpy()
@@ -141,9 +177,12 @@ class TierManager:
         self.host_policy: EvictionPolicy | None = None
         self.disk_policy: EvictionPolicy | None = None
         self._next_expiry = math.inf  # earliest session TTL deadline (time.time())
+        # Keys being promoted by a prefetch -> the event set when it is done.
+        self._prefetching: dict[BlockKey, asyncio.Event] = {}
         # Serialises every change to the index and to tier allocation state.
         self._lock = asyncio.Lock()
         self._closed = False
+        self.draining = False  # set by drain/shutdown: saves are refused, reads served
         if slot_bytes is not None:
             self._format_host(slot_bytes)
         make_policy(eviction, 1)  # reject a bad name now, not at first use
@@ -248,84 +287,121 @@ class TierManager:
 
         Blocks the cache already holds are not written again. With a session,
         the session's chain becomes these keys; a pinned session pins them.
+        This is reserve, copy into the reserved host slots, commit: the same
+        steps a socket client takes through the shared arena.
         """
         t0 = time.perf_counter()
+        data = self._check_blocks(ns, blocks)
+        stored = present = rejected = 0
+        done = 0
+        while done < data.shape[0]:
+            r = await self.reserve(
+                ns, tokens, first_block=first_block + done, count=data.shape[0] - done, session=session
+            )
+            assert self.host is not None
+            try:
+                self.host.write(r.slots, data, [done + row for row in r.rows])
+            except BaseException:
+                await self.abort(r)
+                raise
+            result = await self.commit(r)
+            stored, present, rejected = (
+                stored + result.stored,
+                present + result.present,
+                rejected + result.rejected,
+            )
+            done += r.walked
+        self.stats.request("save", time.perf_counter() - t0)
+        return SaveResult(stored, present, rejected)
+
+    async def reserve(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        first_block: int = 0,
+        count: int | None = None,
+        session: str | None = None,
+    ) -> Reservation:
+        """Host slots for the blocks ``first_block .. first_block+count`` the cache lacks.
+
+        The slots are the caller's to fill until ``commit`` makes them visible
+        (or ``abort`` frees them); nothing else can see or evict them. When the
+        host tier runs out of evictable room the reservation stops early:
+        ``walked`` says how many blocks it covered, and the caller commits and
+        asks again for the rest (its own committed blocks are then evictable).
+        """
+        if self.draining:
+            raise Draining("the cache is draining: saves are not taken (reads are served)")
         await self._expire_due()
         array = await self.register(ns)
         keys = ns.block_keys(_as_tokens(tokens))
-        data = self._check_blocks(ns, blocks)
-        if first_block < 0 or first_block + data.shape[0] > len(keys):
+        n = len(keys) - first_block if count is None else count
+        if first_block < 0 or n < 0 or first_block + n > len(keys):
             raise BlockShapeError(
-                f"{data.shape[0]} blocks from block {first_block} do not fit the "
+                f"{n} blocks from block {first_block} do not fit the "
                 f"{len(keys)} full blocks of {len(_as_tokens(tokens))} tokens"
             )
-        stored = present = rejected = 0
-        new: list[Entry] = []  # stored by this save, visible
-        pending: list[tuple[int, Entry]] = []  # (row of data, entry) with a slot, not yet copied
-
-        def commit() -> None:
-            """Copy the pending rows into their slots in one call, then make them visible."""
-            assert self.host is not None and self.host_policy is not None
-            if not pending:
-                return
-            self.host.write(
-                [e.host_slot for _, e in pending if e.host_slot is not None],
-                data,
-                [r for r, _ in pending],
-            )
-            now = time.monotonic()
-            for _, e in pending:
-                e.last_use = now
-                self.index.add(e)
-                self.host_policy.insert(e.key)
-                new.append(e)
-            pending.clear()
-
+        r = Reservation(ns, array, keys, session, first_block)
         async with self._lock:
             self._check_open()
-            sess = self._session_for(session, keys) if session else None
-            if sess is not None and sess.keys is keys:
-                await self._persist(sess)
-            for i in range(data.shape[0]):
+            if session:
+                sess = self._session_for(session, keys)
+                if sess.keys is keys:
+                    await self._persist(sess)
+            for i in range(n):
                 key = keys[first_block + i]
                 entry = self.index.get(key)
                 if entry is not None:
-                    present += 1
+                    r.present += 1
                     self._touch(entry)
-                    continue
-                if not self.admission.admit(key):
-                    rejected += 1
-                    continue
-                try:
-                    slot = await self._host_slot()
-                except NoRoom:
-                    if not pending:
-                        rejected += data.shape[0] - i
-                        self.stats.error("host_full")
-                        break
-                    # The batch outgrew the free slots: commit it so it can be evicted.
-                    commit()
+                elif not self.admission.admit(key):
+                    r.rejected += 1
+                else:
                     try:
                         slot = await self._host_slot()
                     except NoRoom:
-                        rejected += data.shape[0] - i
-                        self.stats.error("host_full")
-                        break
-                pending.append((i, Entry(key, array, ns.spec.block_nbytes, host_slot=slot)))
-            commit()
-            stored = len(new)
+                        if not r.entries:
+                            r.rejected += n - i
+                            r.walked = n
+                            self.stats.error("host_full")
+                        return r
+                    r.entries.append(Entry(key, array, ns.spec.block_nbytes, host_slot=slot))
+                    r.rows.append(i)
+                r.walked = i + 1
+        return r
+
+    async def commit(self, r: Reservation) -> SaveResult:
+        """Make a filled reservation's blocks visible (and write them through to disk)."""
+        t0 = time.perf_counter()
+        async with self._lock:
+            assert self.host_policy is not None
+            now = time.monotonic()
+            for e in r.entries:
+                e.last_use = now
+                self.index.add(e)
+                self.host_policy.insert(e.key)
+            sess = self.index.sessions.get(r.session) if r.session else None
             if sess is not None and sess.pinned:
                 self._pin_keys(sess)
-            self.stats.transfer(
-                "client", "host", stored * ns.spec.block_nbytes, time.perf_counter() - t0
-            )
-            written = [e for e in new if e.host_slot is not None]
-            if self.write.write_on_save and self.disk is not None and written:
+            nbytes = len(r.entries) * r.ns.spec.block_nbytes
+            self.stats.transfer("client", "host", nbytes, time.perf_counter() - t0)
+            if self.write.write_on_save and self.disk is not None and r.entries:
                 # Under the lock: disk eviction and slot allocation change shared
                 # state. Loads of host blocks wait for it; write-back avoids that.
-                await self._write_to_disk(written)
-        self.stats.request("save", time.perf_counter() - t0)
-        return SaveResult(stored, present, rejected)
+                await self._write_to_disk([e for e in r.entries if e.host_slot is not None])
+        result = SaveResult(len(r.entries), r.present, r.rejected)
+        r.entries = []
+        return result
+
+    async def abort(self, r: Reservation) -> None:
+        """Give back a reservation's slots unfilled (a client that died or gave up)."""
+        async with self._lock:
+            assert self.host is not None
+            for e in r.entries:
+                if e.host_slot is not None:
+                    self.host.free(e.host_slot)
+            r.entries = []
 
     def _session_for(self, sid: str, keys: list[BlockKey]) -> Session:
         """The session ``sid``, its chain extended to ``keys`` (a longer or new chain replaces it)."""
@@ -380,6 +456,7 @@ class TierManager:
         keys = ns.block_keys(_as_tokens(tokens))
         if max_blocks is not None:
             keys = keys[:max_blocks]
+        await self._await_prefetch(keys)
         nbytes = ns.spec.block_nbytes
         async with self._lock:
             self._check_open()
@@ -467,6 +544,7 @@ class TierManager:
         """Under the lock: touch what was read, promote verified disk blocks to host."""
         for e in good:
             self._touch(e)
+        self._note_prefetch_lead(good)
         for i, e in from_disk:
             if i >= len(good) or e.host_slot is not None or e.key not in self.index:
                 continue
@@ -515,53 +593,138 @@ class TierManager:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
         if self.disk is None or self.host is None:
             return 0
-        disk, host = self.disk, self.host
+        t0 = time.perf_counter()
         async with self._lock:
             self._check_open()
-            todo = [
-                (e, e.disk)
-                for e in self.index.prefix(keys)
-                if e.host_slot is None and e.disk is not None
-            ]
-            for e, _ in todo:
+            todo = [e for e in self.index.prefix(keys) if e.host_slot is None and e.disk is not None]
+            for e in todo:
                 e.leases += 1
-            if todo and not host.formatted:
-                # A prefetch by session right after a restart, before any engine registered.
-                self._format_host(max(e.nbytes for e, _ in todo))
         if not todo:
             self.stats.prefetched("noop")
             return 0
-        buf = torch.empty((len(todo), max(e.nbytes for e, _ in todo)), dtype=torch.uint8)
-        t0 = time.perf_counter()
-        oks: list[bool] = [False] * len(todo)
+        done = asyncio.Event()
+        for e in todo:
+            self._prefetching[e.key] = done
         try:
-            recs = [rec for _, rec in todo if rec is not None]
-            oks = await disk.get_many(recs, [buf[i] for i in range(len(recs))])
+            promoted = await self._promote(todo)
         finally:
+            now = time.monotonic()
             async with self._lock:
-                for e, _ in todo:
+                for e in todo:
                     e.leases -= 1
-                self._forget_corrupt(
-                    [(e, rec) for (e, rec), ok in zip(todo, oks, strict=True) if not ok and rec]
-                )
-        promoted = 0
-        async with self._lock:
-            for i, ((e, _), ok) in enumerate(zip(todo, oks, strict=True)):
-                if not ok or e.host_slot is not None or e.key not in self.index:
-                    continue
-                try:
-                    slot = await self._host_slot()
-                except NoRoom:
-                    break
-                assert self.host_policy is not None
-                host.view(slot, e.nbytes).copy_(buf[i, : e.nbytes])
-                e.host_slot = slot
-                self.host_policy.insert(e.key)
-                promoted += 1
-                self.stats.transfer("disk", "host", e.nbytes, 0.0)
+                    if e.host_slot is not None:
+                        e.prefetched_at = now
+                    if self._prefetching.get(e.key) is done:
+                        del self._prefetching[e.key]
+            done.set()
         self.stats.prefetched("done" if promoted == len(todo) else "partial")
         self.stats.request("prefetch", time.perf_counter() - t0)
         return promoted
+
+    async def _promote(self, entries: list[Entry]) -> int:
+        """Copy disk-only ``entries`` (leased by the caller) into host slots; returns how many.
+
+        Slots are allocated first and the verified bytes read straight into
+        them; a block that fails verification is forgotten (counted), and its
+        slot goes back. Stops allocating when the host tier has no evictable room.
+        """
+        assert self.disk is not None and self.host is not None
+        host = self.host
+        t0 = time.perf_counter()
+        async with self._lock:
+            if not host.formatted:
+                # A prefetch by session right after a restart, before any engine registered.
+                self._format_host(max(e.nbytes for e in entries))
+            targets: list[tuple[Entry, DiskRecord, int]] = []
+            for e in entries:
+                if e.host_slot is not None or e.disk is None:
+                    continue
+                try:
+                    targets.append((e, e.disk, await self._host_slot()))
+                except NoRoom:
+                    break
+        if not targets:
+            return 0
+        oks = [False] * len(targets)
+        try:
+            oks = await self.disk.get_many(
+                [rec for _, rec, _ in targets], [host.view(slot, e.nbytes) for e, _, slot in targets]
+            )
+        finally:
+            async with self._lock:
+                assert self.host_policy is not None
+                promoted = 0
+                for (e, rec, slot), ok in zip(targets, oks, strict=True):
+                    if ok and e.host_slot is None and e.key in self.index:
+                        e.host_slot = slot
+                        self.host_policy.insert(e.key)
+                        promoted += 1
+                    else:
+                        host.free(slot)
+                        if not ok:
+                            self._forget_corrupt([(e, rec)])
+                nbytes = sum(e.nbytes for (e, _, _), ok in zip(targets, oks, strict=True) if ok)
+                self.stats.transfer("disk", "host", nbytes, time.perf_counter() - t0)
+        return promoted
+
+    async def _await_prefetch(self, keys: list[BlockKey]) -> None:
+        """A load that arrives while a prefetch of its blocks is in flight waits for it (rather
+        than reading the same blocks twice) and records how late the prefetch was."""
+        pending = {ev for k in keys if (ev := self._prefetching.get(k)) is not None}
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        await asyncio.gather(*(ev.wait() for ev in pending))
+        self.stats.prefetched("late", time.perf_counter() - t0)
+
+    def _note_prefetch_lead(self, entries: list[Entry]) -> None:
+        """Under the lock: record how early a prefetch served this read (once per read)."""
+        now = time.monotonic()
+        leads = [now - e.prefetched_at for e in entries if e.prefetched_at]
+        for e in entries:
+            e.prefetched_at = 0.0
+        if leads:
+            self.stats.prefetched("early", min(leads))
+
+    # -- lease-based reads (the socket data plane) ---------------------------
+
+    async def acquire(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> Lease:
+        """Lease the cached prefix of ``tokens`` in host memory, promoting disk blocks first.
+
+        The leased blocks cannot be evicted until ``release``; a reader copies
+        them out of their host slots (a CPU engine maps the shared arena). The
+        lease stops at the first block that is missing, fails verification, or
+        finds no host room.
+        """
+        t0 = time.perf_counter()
+        await self._expire_due()
+        await self.register(ns)
+        keys = ns.block_keys(_as_tokens(tokens))[:max_blocks]
+        await self._await_prefetch(keys)
+        async with self._lock:
+            self._check_open()
+            entries = self.index.prefix(keys)
+            tiers = [e.best_tier or "miss" for e in entries]
+            for e in entries:
+                e.leases += 1
+        if self.disk is not None and any(e.host_slot is None for e in entries):
+            await self._promote(entries)
+        async with self._lock:
+            n = next((i for i, e in enumerate(entries) if e.host_slot is None), len(entries))
+            for e in entries[n:]:
+                e.leases -= 1
+            for e in entries[:n]:
+                self._touch(e)
+            self._note_prefetch_lead(entries[:n])
+            self.stats.transfer("host", "client", sum(e.nbytes for e in entries[:n]), 0.0)
+        self.stats.request("acquire", time.perf_counter() - t0)
+        return Lease(entries[:n], tiers[:n])
+
+    async def release(self, lease: Lease) -> None:
+        async with self._lock:
+            for e in lease.entries:
+                e.leases -= 1
+            lease.entries = []
 
     # -- room making ------------------------------------------------------
 

@@ -299,3 +299,51 @@ async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:
     await m.close()
     m2 = await open_cache()
     assert m2.index.sessions["s"].expires == deadline
+
+
+async def test_a_reservation_is_invisible_until_committed(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    r = await m.reserve(NS, tokens, session="s")
+    assert len(r.slots) == 2 and m.lookup(NS, tokens).blocks == 0
+    assert m.host is not None
+    m.host.write(r.slots, as_bytes(blocks))
+    assert (await m.commit(r)).stored == 2
+    got = await m.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_an_aborted_reservation_gives_its_slots_back(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2)
+    r = await m.reserve(NS, make_tokens(2))
+    assert m.host is not None and m.host.free_slots == 0
+    await m.abort(r)
+    assert m.host.free_slots == 2 and len(m.index) == 0
+
+
+async def test_acquire_promotes_disk_blocks_and_holds_them_until_release(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2)
+    a, b = make_tokens(2, seed=1), make_tokens(2, seed=2)
+    blocks_a = make_blocks(2, seed=1)
+    await m.save(NS, a, blocks_a)
+    await m.save(NS, b, make_blocks(2, seed=2))  # pushes a to disk
+    lease = await m.acquire(NS, a)
+    assert lease.tiers == ["disk", "disk"] and len(lease.slots) == 2
+    assert m.host is not None
+    out = torch.empty((2, NBYTES), dtype=torch.uint8)
+    m.host.read(lease.slots, out)
+    assert torch.equal(out, as_bytes(blocks_a))
+    # Leased: a save cannot evict them, so it finds no room.
+    assert (await m.save(NS, make_tokens(1, seed=3), make_blocks(1, seed=3))).rejected == 1
+    await m.release(lease)
+    assert (await m.save(NS, make_tokens(1, seed=3), make_blocks(1, seed=3))).stored == 1
+
+
+async def test_a_load_after_a_prefetch_records_its_lead(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2)
+    a = make_tokens(2, seed=1)
+    await m.save(NS, a, make_blocks(2, seed=1), session="a")
+    await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))
+    assert await m.prefetch(session="a") == 2
+    await m.load(NS, a)
+    assert m.stats.prefetch["early"] == 1 and m.stats.prefetch["late"] == 0

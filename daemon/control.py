@@ -1,0 +1,155 @@
+"""The operator verbs: pin, unpin, evict, flush, prefetch, stats, set, drain.
+
+One implementation serves every channel (MQTT commands, ``tiercache ctl`` over
+the socket, tests): a channel decodes its payload into a dict, calls
+``Control.run(verb, args)`` and encodes either the result or the
+``ControlError`` it raised. Every error has a stable ``code`` a program can
+branch on and a message that names what was wrong; nothing a caller sends can
+raise anything else out of ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tiercache.manager import CacheError, SessionPinned, TierManager, UnknownSession
+from tiercache.policy.write import make_write_policy
+from tiercache.tiers.disk import DiskFull, StoreError
+
+log = logging.getLogger(__name__)
+
+VERBS = ("pin", "unpin", "evict", "flush", "prefetch", "stats", "set", "drain")
+
+# The settings `set` may change at run time: name -> (kind, description).
+SETTABLE = {
+    "policy.admission": "int >= 1: store a block on its N-th offer",
+    "policy.write": "'write-through' or 'write-back'",
+    "session.ttl": "seconds > 0 or null, with 'session'",
+    "daemon.log_level": "'debug', 'info', 'warning' or 'error'",
+}
+
+
+class ControlError(Exception):
+    """A verb that could not be carried out; ``code`` is stable, ``message`` is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass
+class Control:
+    manager: TierManager
+    # Called once a drain has flushed; the daemon publishes status and events from it.
+    on_drained: Callable[[int], Awaitable[None]] | None = None
+    draining: bool = False
+
+    async def run(self, verb: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if verb not in VERBS:
+            raise ControlError("unknown_verb", f"unknown verb {verb!r}; verbs: {', '.join(VERBS)}")
+        if args is None:
+            args = {}
+        if not isinstance(args, Mapping):
+            raise ControlError("bad_request", f"{verb}: arguments must be a JSON object, got {type(args).__name__}")
+        handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] = getattr(self, f"_{verb}")
+        try:
+            return await handler(args)
+        except ControlError:
+            raise
+        except UnknownSession as e:
+            raise ControlError("unknown_session", str(e)) from None
+        except SessionPinned as e:
+            raise ControlError("session_pinned", str(e)) from None
+        except DiskFull as e:
+            raise ControlError("disk_full", str(e)) from None
+        except (StoreError, CacheError) as e:
+            raise ControlError("failed", str(e)) from None
+        except Exception as e:  # a bug, not bad input: say so, keep serving
+            log.exception("control verb %s failed", verb)
+            raise ControlError("internal", f"{verb} failed: {type(e).__name__}: {e}") from None
+
+    @staticmethod
+    def _session(verb: str, args: Mapping[str, Any]) -> str:
+        sid = args.get("session")
+        if not isinstance(sid, str) or not sid:
+            raise ControlError("bad_request", f"{verb}: 'session' must be a non-empty string")
+        return sid
+
+    async def _pin(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"blocks": await self.manager.pin(self._session("pin", args))}
+
+    async def _unpin(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"blocks": await self.manager.unpin(self._session("unpin", args))}
+
+    async def _evict(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        if "keys" in args:
+            keys = args["keys"]
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise ControlError("bad_request", "evict: 'keys' must be a list of hex block keys")
+            try:
+                raw = [bytes.fromhex(k) for k in keys]
+            except ValueError:
+                raise ControlError("bad_request", "evict: 'keys' must be hex strings") from None
+            return {"blocks": await self.manager.evict(keys=raw)}
+        return {"blocks": await self.manager.evict(session=self._session("evict", args))}
+
+    async def _flush(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"bytes": await self.manager.flush()}
+
+    async def _prefetch(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"blocks": await self.manager.prefetch(session=self._session("prefetch", args))}
+
+    async def _stats(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        m = self.manager
+        return {
+            "tiers": m.usage(),
+            "blocks": len(m.index),
+            "sessions": len(m.index.sessions),
+            "pinned_blocks": sum(1 for e in m.index if m.index.pins[e.key] > 0),
+            "draining": self.draining,
+            "policy": {"eviction": m.eviction, "write": m.write.name, "admission": m.admission.threshold},
+            **m.stats.as_dict(),
+        }
+
+    async def _set(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        name, value = args.get("name"), args.get("value")
+        if name not in SETTABLE:
+            known = "; ".join(f"{k} ({v})" for k, v in SETTABLE.items())
+            raise ControlError("bad_request", f"set: unknown setting {name!r}; settable: {known}")
+        m = self.manager
+        if name == "policy.admission":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ControlError("bad_value", f"set policy.admission: must be an integer >= 1, got {value!r}")
+            m.admission.threshold = value
+        elif name == "policy.write":
+            try:
+                m.write = make_write_policy(str(value))
+            except ValueError as e:
+                raise ControlError("bad_value", f"set policy.write: {e}") from None
+        elif name == "session.ttl":
+            ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value > 0)
+            if not ok:
+                raise ControlError("bad_value", f"set session.ttl: must be seconds > 0 or null, got {value!r}")
+            await m.set_ttl(self._session("set session.ttl", args), value)
+        else:
+            levels = ("debug", "info", "warning", "error")
+            if value not in levels:
+                raise ControlError("bad_value", f"set daemon.log_level: must be one of {', '.join(levels)}")
+            logging.getLogger().setLevel(str(value).upper())
+        return {"name": name, "value": value}
+
+    async def _drain(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Stop taking saves, flush write-back blocks; reads keep being served."""
+        self.draining = True
+        self.manager.draining = True
+        flushed = await self.manager.flush()
+        if self.on_drained is not None:
+            await self.on_drained(flushed)
+        return {"flushed_bytes": flushed, "draining": True}
