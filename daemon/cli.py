@@ -1,4 +1,4 @@
-"""The ``tiercache`` command line: ``demo``, ``size``, ``bench``.
+"""The ``tiercache`` command line: ``serve``, ``status``, ``ctl``, ``demo``, ``size``, ``bench``.
 
 Every error a user can cause (bad config, bad model config, bad size) exits
 with status 2 and one line naming what was wrong; nothing prints a traceback
@@ -8,11 +8,14 @@ for bad input.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from tiercache.daemon.config import Config, ConfigError, load_config
+from tiercache.daemon.ctl import CtlError
 from tiercache.spec import KVSpec, SpecError, format_size
 
 
@@ -60,6 +63,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tiercache.daemon.config import to_toml
+
+    cfg = _config(args.config)
+    if args.check_config:
+        print(to_toml(cfg), end="")
+        return 0
+    from tiercache.daemon.service import Daemon
+
+    logging.getLogger().setLevel(cfg.daemon.log_level.upper())
+    asyncio.run(Daemon(cfg).run())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tiercache.daemon.ctl import render_status, request
+
+    stats = asyncio.run(request(_config(args.config), "stats", {}, args.node))
+    print(json.dumps(stats, indent=2) if args.json else render_status(stats))
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from tiercache.daemon.ctl import parse_args, run_with_progress
+
+    result = asyncio.run(
+        run_with_progress(_config(args.config), args.verb, parse_args(args.args), args.node)
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tiercache.bench import run
 
@@ -87,6 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--config", default=None, help="tiercache TOML config (for the tier sizes)")
     s.set_defaults(func=cmd_size)
+
+    v = sub.add_parser(
+        "serve", help="run the daemon in the foreground (SIGTERM drains and flushes)"
+    )
+    v.add_argument(
+        "--config", default=None, help="TOML config (default: built-in defaults + environment)"
+    )
+    v.add_argument(
+        "--check-config", action="store_true", help="validate and print the effective config"
+    )
+    v.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="tiers, hit ratios and errors of a running daemon")
+    st.add_argument("--config", default=None)
+    st.add_argument("--node", default=None, help="with MQTT: the node to ask (default [mqtt] node)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser(
+        "ctl", help="an operator verb: pin, unpin, evict, flush, prefetch, stats, set, drain"
+    )
+    c.add_argument(
+        "verb", choices=["pin", "unpin", "evict", "flush", "prefetch", "stats", "set", "drain"]
+    )
+    c.add_argument("args", nargs="*", help="key=value arguments, e.g. session=chat-1")
+    c.add_argument("--config", default=None)
+    c.add_argument("--node", default=None)
+    c.set_defaults(func=cmd_ctl)
 
     d = sub.add_parser("demo", help="a multi-turn chat resumed from the cache, against recompute")
     d.add_argument("--config", default=None)
@@ -120,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if e.code != "bad_request" else 2
     return code
 
 

@@ -269,3 +269,26 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         metrics=built.get("metrics", MetricsConfig()),
         mqtt=built.get("mqtt", MqttConfig()),
     )
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML (what ``tiercache serve --check-config`` prints)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+    d = cfg.to_dict()
+    for section in ("daemon", "tiers", "policy", "metrics", "mqtt"):
+        tables = d[section].items() if section == "tiers" else [(None, d[section])]
+        for sub, body in tables:
+            lines.append(f"[{section}.{sub}]" if sub else f"[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in body.items())
+            lines.append("")
+    return "\n".join(lines)

@@ -57,8 +57,12 @@ class Control:
         if args is None:
             args = {}
         if not isinstance(args, Mapping):
-            raise ControlError("bad_request", f"{verb}: arguments must be a JSON object, got {type(args).__name__}")
-        handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] = getattr(self, f"_{verb}")
+            raise ControlError(
+                "bad_request", f"{verb}: arguments must be a JSON object, got {type(args).__name__}"
+            )
+        handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] = getattr(
+            self, f"_{verb}"
+        )
         try:
             return await handler(args)
         except ControlError:
@@ -113,8 +117,14 @@ class Control:
             "blocks": len(m.index),
             "sessions": len(m.index.sessions),
             "pinned_blocks": sum(1 for e in m.index if m.index.pins[e.key] > 0),
+            # Host-only blocks a flush would write (what flush and drain progress is measured in).
+            "dirty_blocks": sum(1 for e in m.index if e.disk is None) if m.disk is not None else 0,
             "draining": self.draining,
-            "policy": {"eviction": m.eviction, "write": m.write.name, "admission": m.admission.threshold},
+            "policy": {
+                "eviction": m.eviction,
+                "write": m.write.name,
+                "admission": m.admission.threshold,
+            },
             **m.stats.as_dict(),
         }
 
@@ -126,7 +136,9 @@ class Control:
         m = self.manager
         if name == "policy.admission":
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ControlError("bad_value", f"set policy.admission: must be an integer >= 1, got {value!r}")
+                raise ControlError(
+                    "bad_value", f"set policy.admission: must be an integer >= 1, got {value!r}"
+                )
             m.admission.threshold = value
         elif name == "policy.write":
             try:
@@ -134,14 +146,20 @@ class Control:
             except ValueError as e:
                 raise ControlError("bad_value", f"set policy.write: {e}") from None
         elif name == "session.ttl":
-            ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value > 0)
+            ok = value is None or (
+                isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            )
             if not ok:
-                raise ControlError("bad_value", f"set session.ttl: must be seconds > 0 or null, got {value!r}")
+                raise ControlError(
+                    "bad_value", f"set session.ttl: must be seconds > 0 or null, got {value!r}"
+                )
             await m.set_ttl(self._session("set session.ttl", args), value)
         else:
             levels = ("debug", "info", "warning", "error")
             if value not in levels:
-                raise ControlError("bad_value", f"set daemon.log_level: must be one of {', '.join(levels)}")
+                raise ControlError(
+                    "bad_value", f"set daemon.log_level: must be one of {', '.join(levels)}"
+                )
             logging.getLogger().setLevel(str(value).upper())
         return {"name": name, "value": value}
 

@@ -137,6 +137,7 @@ class Lease:
 
     entries: list[Entry]
     tiers: list[str]  # where each block was found (before any promotion)
+    prefix: int = 0  # how many blocks the cached run had from the lease's first block
 
     @property
     def slots(self) -> list[int]:
@@ -688,22 +689,30 @@ class TierManager:
 
     # -- lease-based reads (the socket data plane) ---------------------------
 
-    async def acquire(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> Lease:
-        """Lease the cached prefix of ``tokens`` in host memory, promoting disk blocks first.
+    async def acquire(
+        self, ns: Namespace, tokens: Tokens, *, first_block: int = 0, max_blocks: int | None = None
+    ) -> Lease:
+        """Lease cached blocks ``first_block ..`` of ``tokens`` in host memory, promoting disk
+        blocks first.
 
         The leased blocks cannot be evicted until ``release``; a reader copies
         them out of their host slots (a CPU engine maps the shared arena). The
         lease stops at the first block that is missing, fails verification, or
-        finds no host room.
+        finds no host room, and never covers more blocks than the host tier has
+        slots: ``Lease.prefix`` says how far the cached run goes, so a reader
+        takes a longer prefix in rounds.
         """
         t0 = time.perf_counter()
         await self._expire_due()
         await self.register(ns)
-        keys = ns.block_keys(_as_tokens(tokens))[:max_blocks]
+        assert self.host is not None
+        keys = ns.block_keys(_as_tokens(tokens))[first_block:]
         await self._await_prefetch(keys)
         async with self._lock:
             self._check_open()
-            entries = self.index.prefix(keys)
+            run = self.index.prefix(keys)
+            window = self.host.num_slots if max_blocks is None else min(max_blocks, self.host.num_slots)
+            entries = run[:window]
             tiers = [e.best_tier or "miss" for e in entries]
             for e in entries:
                 e.leases += 1
@@ -718,7 +727,7 @@ class TierManager:
             self._note_prefetch_lead(entries[:n])
             self.stats.transfer("host", "client", sum(e.nbytes for e in entries[:n]), 0.0)
         self.stats.request("acquire", time.perf_counter() - t0)
-        return Lease(entries[:n], tiers[:n])
+        return Lease(entries[:n], tiers[:n], len(run))
 
     async def release(self, lease: Lease) -> None:
         async with self._lock:

@@ -133,6 +133,9 @@ class KVSpec:
         unknown = set(d) - known
         if unknown:
             raise SpecError(f"unknown KVSpec field(s): {', '.join(sorted(unknown))}")
+        missing = {"num_layers", "num_kv_heads", "head_dim"} - set(d)
+        if missing:
+            raise SpecError(f"KVSpec is missing field(s): {', '.join(sorted(missing))}")
         return cls(**d)
 
     @classmethod

@@ -45,7 +45,38 @@ class ArenaFull(RuntimeError):
     """No free slot in the host arena (the caller evicts, then retries)."""
 
 
-class HostArena:
+class Slots:
+    """Copying in and out of fixed-size slots of a uint8 ``buffer`` ``[num_slots, slot_bytes]``:
+    the daemon's arena and a client's mapping of it share this."""
+
+    buffer: torch.Tensor
+    slot_bytes: int
+    num_slots: int
+
+    def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
+        return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
+
+    def write(
+        self, slots: Sequence[int], src: torch.Tensor, rows: Sequence[int] | None = None
+    ) -> None:
+        """Copy ``src[rows[i]]`` (uint8 ``[*, nbytes]``; rows default to 0..n-1) into ``slots[i]``,
+        one ``copy_`` per run of consecutive slots and rows: a run is a plain memcpy, where
+        ``index_copy_`` measured at a sixth of memcpy speed and a copy per block pays a
+        torch dispatch each (as much as 64 KiB of memcpy)."""
+        nbytes = src.shape[1]
+        for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
+            self.buffer[slot : slot + n, :nbytes].copy_(src[row : row + n])
+
+    def read(
+        self, slots: Sequence[int], out: torch.Tensor, rows: Sequence[int] | None = None
+    ) -> None:
+        """Copy ``slots[i]`` into ``out[rows[i]]`` (rows default to 0..n-1), one ``copy_`` per run."""
+        nbytes = out.shape[1]
+        for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
+            out[row : row + n].copy_(self.buffer[slot : slot + n, :nbytes])
+
+
+class HostArena(Slots):
     """Fixed-size slots in one buffer; ``view(slot)`` is a uint8 tensor of ``slot_bytes``."""
 
     def __init__(
@@ -152,28 +183,6 @@ class HostArena:
         self._used[slot] = 0
         self._free.append(slot)
 
-    def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
-        return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
-
-    def write(
-        self, slots: Sequence[int], src: torch.Tensor, rows: Sequence[int] | None = None
-    ) -> None:
-        """Copy ``src[rows[i]]`` (uint8 ``[*, nbytes]``; rows default to 0..n-1) into ``slots[i]``,
-        one ``copy_`` per run of consecutive slots and rows: a run is a plain memcpy, where
-        ``index_copy_`` measured at a sixth of memcpy speed and a copy per block pays a
-        torch dispatch each (as much as 64 KiB of memcpy)."""
-        nbytes = src.shape[1]
-        for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
-            self.buffer[slot : slot + n, :nbytes].copy_(src[row : row + n])
-
-    def read(
-        self, slots: Sequence[int], out: torch.Tensor, rows: Sequence[int] | None = None
-    ) -> None:
-        """Copy ``slots[i]`` into ``out[rows[i]]`` (rows default to 0..n-1), one ``copy_`` per run."""
-        nbytes = out.shape[1]
-        for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
-            out[row : row + n].copy_(self.buffer[slot : slot + n, :nbytes])
-
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
@@ -190,7 +199,7 @@ class HostArena:
             self._path.unlink(missing_ok=True)
 
 
-class MappedArena:
+class MappedArena(Slots):
     """A client's view of a daemon's shared arena (``HostArena(shared=True)``)."""
 
     def __init__(self, name: str, slot_bytes: int, num_slots: int) -> None:
@@ -199,17 +208,19 @@ class MappedArena:
         fd = os.open(path, os.O_RDWR)
         try:
             actual = os.fstat(fd).st_size
-            if actual != size:
-                raise ValueError(f"shared arena {path} is {actual} B, expected {size} B")
-            self._mmap = mmap.mmap(fd, size)
+            if actual < size:
+                raise ValueError(
+                    f"shared arena {path} is {actual} B, smaller than {num_slots} x {slot_bytes} B"
+                )
+            # The file is the whole budget; the slots are its first num_slots * slot_bytes.
+            self._mmap = mmap.mmap(fd, actual)
         finally:
             os.close(fd)
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
-        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(num_slots, slot_bytes)
-
-    def view(self, slot: int, nbytes: int | None = None) -> torch.Tensor:
-        return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
+        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)[:size].view(
+            num_slots, slot_bytes
+        )
 
     def close(self) -> None:
         del self.buffer

@@ -1,0 +1,132 @@
+"""``tiercache status`` and ``tiercache ctl VERB``: operator commands to a running daemon.
+
+A command goes over MQTT when ``[mqtt]`` is configured (it reaches any node
+by name), else over the local socket. Long operations (flush, drain, prefetch
+of a session) show a progress bar on a terminal, measured by polling ``stats``
+on a second channel while the command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from tiercache.client import AsyncClient, RemoteError
+from tiercache.daemon.config import Config
+from tiercache.spec import format_size
+
+LONG_VERBS = ("flush", "drain", "prefetch")
+
+
+class CtlError(RuntimeError):
+    """The daemon refused a command (``code``) or could not be reached."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def parse_args(items: list[str]) -> dict[str, Any]:
+    """``["session=chat-1", "value=3", "name=policy.admission"]`` -> a dict; values are JSON
+    when they parse as JSON (numbers, true/false/null, lists), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CtlError("bad_request", f"argument {item!r} is not key=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+async def request(
+    cfg: Config, verb: str, args: dict[str, Any], node: str | None = None
+) -> dict[str, Any]:
+    """One verb to the daemon; its result, or CtlError."""
+    if cfg.mqtt.host:
+        from tiercache.daemon.mqtt import request as mqtt_request
+
+        reply = await mqtt_request(cfg.mqtt, verb, args, node=node)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise CtlError(str(err.get("code")), str(err.get("message")))
+        result: dict[str, Any] = reply.get("result") or {}
+        return result
+    try:
+        client = await AsyncClient.connect(cfg.daemon.socket, name="tiercache-ctl")
+    except ConnectionError as e:
+        raise CtlError("unreachable", str(e)) from None
+    try:
+        return await client.ctl(verb, **args)
+    except RemoteError as e:
+        raise CtlError(e.code, e.message) from None
+    finally:
+        await client.close()
+
+
+async def run_with_progress(
+    cfg: Config, verb: str, args: dict[str, Any], node: str | None = None, out: TextIO = sys.stderr
+) -> dict[str, Any]:
+    """``request``, with a progress line on ``out`` while a long verb runs (terminals only)."""
+    task = asyncio.create_task(request(cfg, verb, args, node))
+    if verb not in LONG_VERBS or not out.isatty():
+        return await task
+    start = await request(cfg, "stats", {}, node)
+    t0 = time.monotonic()
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if task.done():
+            break
+        try:
+            now = await request(cfg, "stats", {}, node)
+        except CtlError:
+            continue
+        out.write("\r" + _progress_line(verb, start, now, time.monotonic() - t0))
+        out.flush()
+    out.write("\r" + " " * 78 + "\r")
+    return await task
+
+
+def _progress_line(verb: str, start: dict[str, Any], now: dict[str, Any], elapsed: float) -> str:
+    if verb in ("flush", "drain") and start.get("dirty_blocks"):
+        total, left = start["dirty_blocks"], now.get("dirty_blocks", 0)
+        frac = min(1.0, max(0.0, (total - left) / total))
+        bar = "#" * int(frac * 30)
+        return f"{verb}: [{bar:<30}] {total - left}/{total} blocks  {elapsed:5.1f}s"
+    moved = now.get("transfer_bytes", {}).get("disk->host", 0) - start.get(
+        "transfer_bytes", {}
+    ).get("disk->host", 0)
+    return f"{verb}: {format_size(max(0, moved))} promoted  {elapsed:5.1f}s"
+
+
+def render_status(stats: dict[str, Any]) -> str:
+    lines = []
+    for tier, u in stats.get("tiers", {}).items():
+        cap = u["capacity_bytes"] or 1
+        lines.append(
+            f"{tier:<5} {format_size(u['used_bytes']):>10} of {format_size(u['capacity_bytes']):>10} "
+            f"({100 * u['used_bytes'] / cap:5.1f}%)  {u['blocks']} blocks"
+        )
+    lookups = stats.get("lookup_blocks", {})
+    total = sum(lookups.values()) or 1
+    hits = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(lookups.items()))
+    lines.append(
+        f"blocks {stats.get('blocks', 0)}, sessions {stats.get('sessions', 0)}, "
+        f"pinned {stats.get('pinned_blocks', 0)}, dirty {stats.get('dirty_blocks', 0)}"
+    )
+    lines.append(f"lookups: {hits or 'none yet'}")
+    lines.append(
+        f"corrupt blocks {stats.get('corrupt_blocks', 0)}, errors {stats.get('errors', {}) or 'none'}"
+    )
+    policy = stats.get("policy", {})
+    lines.append(
+        f"policy: {policy.get('eviction')}, {policy.get('write')}, admission {policy.get('admission')}"
+        + ("  (draining)" if stats.get("draining") else "")
+    )
+    return "\n".join(lines)

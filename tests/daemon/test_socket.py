@@ -1,0 +1,345 @@
+"""The socket data plane of a real daemon: round trips through the shared arena, the protocol's
+typed errors for every kind of bad input, and leases that die with their client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
+from tiercache.client import AsyncClient, RemoteError
+from tiercache.daemon.config import load_config
+from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode
+from tiercache.daemon.service import Daemon
+
+NS = make_ns()
+
+
+def daemon_env(tmp: Path, host_blocks: int = 8) -> dict[str, str]:
+    return {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp / "disk"),
+        "TIERCACHE_TIERS_DISK__BYTES": str(256 * NBYTES),
+        "TIERCACHE_TIERS_HOST__BYTES": str(host_blocks * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+    }
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    d = Daemon(load_config(env=daemon_env(tmp_path)))
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[AsyncClient]:
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    yield c
+    await c.close()
+
+
+async def raw(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_unix_connection(daemon.config.daemon.socket)
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes) -> dict | None:  # type: ignore[type-arg]
+    writer.write(frame)
+    await writer.drain()
+    try:
+        head = await asyncio.wait_for(reader.readexactly(4), 5)
+    except asyncio.IncompleteReadError:
+        return None
+    return decode(await reader.readexactly(struct.unpack(">I", head)[0]))
+
+
+HELLO = encode({"id": 1, "op": "hello", "args": {"version": PROTOCOL_VERSION}})
+
+
+async def test_save_and_load_through_the_shared_arena_are_byte_exact(client: AsyncClient) -> None:
+    tokens, blocks = make_tokens(5), make_blocks(5)
+    assert (await client.save(NS, tokens, blocks, session="s")).stored == 5
+    hit = await client.lookup(NS, tokens)
+    assert (hit.blocks, hit.tiers) == (5, ["host"] * 5)
+    got = await client.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_a_save_bigger_than_the_host_tier_goes_through_in_rounds(client: AsyncClient) -> None:
+    tokens, blocks = make_tokens(20), make_blocks(20)  # host holds 8
+    assert (await client.save(NS, tokens, blocks)).stored == 20
+    got = await client.load(NS, tokens)
+    assert got.blocks == 20 and torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    assert "disk" in got.tiers
+
+
+async def test_the_socket_is_owner_only(daemon: Daemon) -> None:
+    mode = stat.S_IMODE(os.stat(daemon.config.daemon.socket).st_mode)
+    assert mode == 0o600
+
+
+async def test_a_wrong_protocol_version_is_refused_and_closed(daemon: Daemon) -> None:
+    reader, writer = await raw(daemon)
+    reply = await roundtrip(reader, writer, encode({"id": 1, "op": "hello", "args": {"version": 99}}))
+    assert reply is not None and reply["error"]["code"] == "bad_version"
+    assert "this daemon speaks 1" in reply["error"]["message"]
+    assert await reader.read() == b""  # closed
+    writer.close()
+
+
+async def test_a_request_before_hello_is_refused(daemon: Daemon) -> None:
+    reader, writer = await raw(daemon)
+    reply = await roundtrip(reader, writer, encode({"id": 7, "op": "lookup", "args": {}}))
+    assert reply == {"id": 7, "ok": False, "error": {"code": "no_hello", "message": "the first request must be 'hello', got 'lookup'"}}
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("msg", "code"),
+    [
+        ({"id": 2, "op": "explode", "args": {}}, "unknown_op"),
+        ({"id": 2, "op": 5}, "bad_request"),
+        ({"id": 2, "op": "lookup", "args": []}, "bad_request"),
+        ({"id": 2, "op": "lookup", "args": {"ns": "nope", "tokens": b""}}, "unknown_namespace"),
+        ({"id": 2, "op": "register", "args": {"model": "m", "spec": {"num_layers": -1}}}, "bad_spec"),
+        ({"id": 2, "op": "register", "args": {"model": "m", "spec": {"bogus": 1}}}, "bad_spec"),
+        ({"id": 2, "op": "commit", "args": {"txn": 12345}}, "unknown_txn"),
+        ({"id": 2, "op": "release", "args": {"lease": -3}}, "bad_request"),
+        ({"id": 2, "op": "ctl", "args": {"verb": "explode"}}, "unknown_verb"),
+        ({"id": 2, "op": "ctl", "args": {"verb": "pin", "args": {"session": "nobody"}}}, "unknown_session"),
+        ({"id": 2, "op": "ctl", "args": {"verb": "set", "args": {"name": "policy.admission", "value": 0}}}, "bad_value"),
+    ],
+)
+async def test_bad_requests_get_typed_errors_and_the_connection_stays_usable(
+    daemon: Daemon, msg: dict, code: str  # type: ignore[type-arg]
+) -> None:
+    reader, writer = await raw(daemon)
+    assert (await roundtrip(reader, writer, HELLO))["ok"]  # type: ignore[index]
+    reply = await roundtrip(reader, writer, encode(msg))
+    assert reply is not None and reply["ok"] is False and reply["error"]["code"] == code, reply
+    again = await roundtrip(reader, writer, encode({"id": 3, "op": "ctl", "args": {"verb": "stats"}}))
+    assert again is not None and again["ok"] is True
+    writer.close()
+
+
+async def test_bad_tokens_and_shapes_are_typed_errors(client: AsyncClient) -> None:
+    await client.register(NS)
+    with pytest.raises(RemoteError) as err:
+        await client.call("lookup", ns=NS.hex, tokens=b"\x01\x02\x03")
+    assert err.value.code == "bad_request"
+    with pytest.raises(RemoteError) as err:
+        await client.call("reserve", ns=NS.hex, tokens=b"\0" * 4 * 8, first_block=1, count=5)
+    assert err.value.code == "bad_shape" and "do not fit the 2 full blocks" in err.value.message
+
+
+async def test_a_garbage_frame_is_an_error_but_not_the_end(daemon: Daemon) -> None:
+    reader, writer = await raw(daemon)
+    reply = await roundtrip(reader, writer, struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+    assert reply is not None and reply["error"]["code"] == "bad_frame"
+    assert (await roundtrip(reader, writer, HELLO))["ok"]  # type: ignore[index]
+    writer.close()
+
+
+async def test_an_oversized_frame_is_refused_and_the_connection_closed(daemon: Daemon) -> None:
+    reader, writer = await raw(daemon)
+    reply = await roundtrip(reader, writer, struct.pack(">I", MAX_FRAME + 1))
+    assert reply is not None and reply["error"]["code"] == "frame_too_large"
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_truncated_frame_does_not_hurt_the_daemon(daemon: Daemon, client: AsyncClient) -> None:
+    tokens = make_tokens(2)
+    await client.save(NS, tokens, make_blocks(2))
+    _, writer = await raw(daemon)
+    writer.write(struct.pack(">I", 1000) + b"\x81")
+    await writer.drain()
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert (await client.lookup(NS, tokens)).blocks == 2
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys, torch
+    from tiercache import KVSpec, Namespace
+    from tiercache.client import AsyncClient
+    from tiercache.daemon.protocol import pack_tokens
+
+    async def main(path, what):
+        c = await AsyncClient.connect(path)
+        ns = Namespace("test-model", KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4))
+        await c.register(ns)
+        tokens = pack_tokens(list(range(4 * 8)))
+        if what == "lease":
+            await c.call("acquire", ns=ns.hex, tokens=tokens)
+        else:
+            await c.call("reserve", ns=ns.hex, tokens=tokens)
+        print("holding", flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["lease", "reservation"])
+async def test_a_client_killed_while_holding_blocks_releases_them(
+    daemon: Daemon, client: AsyncClient, what: str
+) -> None:
+    tokens = list(range(4 * 8))
+    await client.save(NS, tokens, make_blocks(8))  # fills all 8 host slots
+    if what == "reservation":
+        await client.ctl("evict", keys=[k.hex() for k in NS.block_keys(tokens)])
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, daemon.config.daemon.socket, what, stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    line = await asyncio.wait_for(child.stdout.readline(), 30)
+    assert line.strip() == b"holding"
+    m = daemon.manager
+    assert m is not None and m.host is not None
+    if what == "lease":
+        assert all(e.leases == 1 for e in m.index)
+    else:
+        assert m.host.free_slots == 0 and len(m.index) == 0
+    child.kill()  # SIGKILL: no chance to say goodbye
+    await child.wait()
+    for _ in range(100):
+        if daemon.server is not None and daemon.server.clients == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert all(e.leases == 0 for e in m.index)
+    if what == "reservation":
+        assert m.host.free_slots == 8
+
+
+async def test_drain_refuses_saves_but_serves_loads(client: AsyncClient) -> None:
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    await client.save(NS, tokens, blocks)
+    assert (await client.ctl("drain"))["draining"] is True
+    with pytest.raises(RemoteError) as err:
+        await client.save(NS, make_tokens(1, seed=9), make_blocks(1, seed=9))
+    assert err.value.code == "draining"
+    got = await client.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_the_frame_decoder_raises_only_protocol_errors(body: bytes) -> None:
+    try:
+        msg = decode(body)
+    except ProtocolError as e:
+        assert e.code == "bad_frame"
+    else:
+        assert isinstance(msg, dict)
+
+
+MESSAGES = st.dictionaries(
+    st.sampled_from(["id", "op", "args", "x"]),
+    st.one_of(
+        st.none(), st.integers(-(2**40), 2**40), st.text(max_size=8), st.binary(max_size=16),
+        st.sampled_from(["hello", "register", "lookup", "reserve", "commit", "abort", "acquire",
+                         "release", "prefetch", "ctl", "bye"]),
+        st.dictionaries(st.text(max_size=6), st.one_of(st.integers(), st.text(max_size=6), st.binary(max_size=8)),
+                        max_size=4),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(msgs=st.lists(MESSAGES, max_size=6))
+async def test_fuzzed_messages_always_get_a_reply_and_never_hurt_the_daemon(
+    daemon: Daemon, msgs: list[dict]  # type: ignore[type-arg]
+) -> None:
+    reader, writer = await raw(daemon)
+    try:
+        await roundtrip(reader, writer, HELLO)
+        for msg in msgs:
+            reply = await roundtrip(reader, writer, struct.pack(">I", len(b := msgpack.packb(msg))) + b)
+            if reply is None:  # the daemon hung up (bye): fine, it must still serve others
+                break
+            assert set(reply) == {"id", "ok", "result"} or set(reply) == {"id", "ok", "error"}
+            assert reply["ok"] or reply["error"]["code"] != "internal", reply
+    finally:
+        writer.close()
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    assert "tiers" in await c.stats()
+    await c.close()
+
+
+def test_sigterm_flushes_write_back_blocks_and_exits_0(tmp_path: Path) -> None:
+    env = {**os.environ, **daemon_env(tmp_path), "TIERCACHE_POLICY__WRITE": "write-back"}
+    proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    sock = tmp_path / "tc.sock"
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            asyncio.run(asyncio.sleep(0.05))
+        tokens, blocks = make_tokens(3), make_blocks(3)
+
+        async def save() -> None:
+            c = await AsyncClient.connect(sock)
+            await c.save(NS, tokens, blocks)
+            await c.close()
+
+        asyncio.run(save())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not sock.exists()
+
+    async def reopen() -> None:
+        from tiercache import TierManager
+
+        m = await TierManager.open(host_bytes=8 * NBYTES, disk_url=str(tmp_path / "disk"), disk_bytes=256 * NBYTES)
+        got = await m.load(NS, tokens)
+        assert got.tiers == ["disk"] * 3 and torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+        await m.close()
+
+    asyncio.run(reopen())
+
+
+async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path, daemon: Daemon) -> None:
+    env = daemon_env(tmp_path)
+    env["TIERCACHE_TIERS_DISK__URL"] = str(tmp_path / "disk2")
+    second = Daemon(load_config(env=env))
+    with pytest.raises(RuntimeError, match="another daemon is serving"):
+        await second.start()
+    await second.shutdown()
+    stale = tmp_path / "stale.sock"
+    import socket as socket_mod
+
+    s = socket_mod.socket(socket_mod.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on: what a kill -9 leaves behind
+    env2 = {**env, "TIERCACHE_DAEMON__SOCKET": str(stale), "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk3")}
+    third = Daemon(load_config(env=env2))
+    await third.start()
+    c = await AsyncClient.connect(stale)
+    assert "tiers" in await c.stats()
+    await c.close()
+    await third.shutdown()
+
+
+assert SPEC.block_nbytes == NBYTES

@@ -1,0 +1,329 @@
+"""The engine-side client of a tiercache daemon: ``AsyncClient`` and its blocking twin ``Client``.
+
+It speaks the socket protocol (``tiercache.daemon.protocol``) and moves block
+bytes through the daemon's shared host arena, never through the socket: a save
+reserves slots, copies the blocks into them and commits; a load leases the
+cached prefix, copies it out of the slots and releases the lease. If the client
+dies in between, the daemon gives the slots and leases back.
+
+The methods mirror the embedded ``TierManager`` (save, lookup, load, prefetch,
+pin, unpin, evict, flush, stats), so code moves between embedded mode and the
+daemon by swapping the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, pack_tokens, read_frame
+from tiercache.keys import Namespace
+from tiercache.manager import SaveResult, Tokens, _as_tokens
+from tiercache.spec import KVSpec
+from tiercache.tiers.host import MappedArena
+
+T = TypeVar("T")
+
+
+class RemoteError(RuntimeError):
+    """The daemon answered a request with an error; ``code`` is stable, ``message`` explains."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLookup:
+    blocks: int
+    tokens: int
+    tiers: list[str]
+
+
+@dataclass(slots=True)
+class RemoteLoad:
+    data: torch.Tensor  # uint8 [blocks, block_nbytes]
+    tiers: list[str]
+    namespace: Namespace
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.namespace.spec.block_size
+
+    def kv(self) -> torch.Tensor:
+        spec = self.namespace.spec
+        return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
+
+
+class AsyncClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        # One request in flight per connection: replies come back in order.
+        self._lock = asyncio.Lock()
+        self._ns: dict[str, str] = {}  # namespace id hex -> the daemon's handle (the same hex)
+        self._arena: MappedArena | None = None
+
+    @classmethod
+    async def connect(cls, path: str | Path, *, name: str = "") -> AsyncClient:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ConnectionError(
+                f"no tiercache daemon at {path} ({e.strerror}); start one with `tiercache serve` "
+                "or set [daemon] socket"
+            ) from None
+        client = cls(reader, writer)
+        await client.call("hello", version=PROTOCOL_VERSION, client=name or f"pid-{os.getpid()}")
+        return client
+
+    async def call(self, op: str, **args: Any) -> Any:
+        async with self._lock:
+            rid = next(self._ids)
+            self._writer.write(encode({"id": rid, "op": op, "args": args}))
+            await self._writer.drain()
+            body = await read_frame(self._reader)
+        if body is None:
+            raise ConnectionError("the tiercache daemon closed the connection")
+        reply = decode(body)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")))
+        return reply.get("result")
+
+    async def register(self, ns: Namespace) -> None:
+        if ns.hex in self._ns:
+            return
+        res = await self.call("register", model=ns.model, spec=ns.spec.to_dict(), salt=ns.salt)
+        arena = res["arena"]
+        if arena is None:
+            raise RemoteError(
+                "no_shared_arena",
+                "the daemon's host arena is not shared; it cannot move bytes for this client",
+            )
+        if self._arena is None:
+            self._arena = MappedArena(arena["name"], arena["slot_bytes"], arena["num_slots"])
+        self._ns[ns.hex] = res["ns"]
+
+    async def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
+        await self.register(ns)
+        res = await self.call("lookup", ns=ns.hex, tokens=pack_tokens(_as_tokens(tokens)))
+        return RemoteLookup(res["blocks"], res["tokens"], res["tiers"])
+
+    async def save(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult:
+        """Store blocks ``first_block ..`` of ``tokens`` (page-first rows, typed or uint8)."""
+        await self.register(ns)
+        data = _as_rows(ns.spec, blocks)
+        packed = pack_tokens(_as_tokens(tokens))
+        assert self._arena is not None
+        stored = present = rejected = done = 0
+        while done < data.shape[0]:
+            r = await self.call(
+                "reserve",
+                ns=ns.hex,
+                tokens=packed,
+                first_block=first_block + done,
+                count=data.shape[0] - done,
+                session=session,
+            )
+            try:
+                self._arena.write(r["slots"], data, [done + row for row in r["rows"]])
+            except BaseException:
+                await self.call("abort", txn=r["txn"])
+                raise
+            c = await self.call("commit", txn=r["txn"])
+            stored, present, rejected = (
+                stored + c["stored"],
+                present + c["present"],
+                rejected + c["rejected"],
+            )
+            done += r["walked"]
+        return SaveResult(stored, present, rejected)
+
+    async def load(
+        self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None
+    ) -> RemoteLoad:
+        """The cached prefix of ``tokens``, byte-exact (or shorter: a miss ends it)."""
+        await self.register(ns)
+        assert self._arena is not None
+        packed = pack_tokens(_as_tokens(tokens))
+        parts: list[torch.Tensor] = []
+        tiers: list[str] = []
+        while max_blocks is None or len(tiers) < max_blocks:
+            # A lease covers at most the host tier's slots: a longer prefix comes in rounds.
+            left = None if max_blocks is None else max_blocks - len(tiers)
+            res = await self.call(
+                "acquire", ns=ns.hex, tokens=packed, first_block=len(tiers), max_blocks=left
+            )
+            try:
+                part = torch.empty((len(res["slots"]), ns.spec.block_nbytes), dtype=torch.uint8)
+                self._arena.read(res["slots"], part)
+            finally:
+                await self.call("release", lease=res["lease"])
+            parts.append(part)
+            tiers += res["tiers"]
+            if not res["slots"] or len(res["slots"]) >= res["prefix"]:
+                break
+        data = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return RemoteLoad(data, tiers, ns)
+
+    async def prefetch(
+        self,
+        ns: Namespace | None = None,
+        tokens: Tokens | None = None,
+        *,
+        session: str | None = None,
+    ) -> int:
+        if session is not None:
+            res = await self.call("prefetch", session=session)
+        elif ns is not None and tokens is not None:
+            await self.register(ns)
+            res = await self.call("prefetch", ns=ns.hex, tokens=pack_tokens(_as_tokens(tokens)))
+        else:
+            raise ValueError("prefetch needs a session, or a namespace and tokens")
+        return int(res["blocks"])
+
+    async def ctl(self, verb: str, **args: Any) -> dict[str, Any]:
+        """An operator verb (pin, unpin, evict, flush, prefetch, stats, set, drain)."""
+        result: dict[str, Any] = await self.call("ctl", verb=verb, args=args)
+        return result
+
+    async def pin(self, session: str) -> int:
+        return int((await self.ctl("pin", session=session))["blocks"])
+
+    async def unpin(self, session: str) -> int:
+        return int((await self.ctl("unpin", session=session))["blocks"])
+
+    async def evict(self, *, session: str) -> int:
+        return int((await self.ctl("evict", session=session))["blocks"])
+
+    async def flush(self) -> int:
+        return int((await self.ctl("flush"))["bytes"])
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.ctl("stats")
+
+    async def close(self) -> None:
+        with contextlib.suppress(ConnectionError, RemoteError):
+            await self.call("bye")
+        self._writer.close()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+
+def _as_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
+    if blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.shape[1] == spec.block_nbytes:
+        return blocks.contiguous()
+    if blocks.dtype != spec.torch_dtype or tuple(blocks.shape[1:]) != spec.block_shape:
+        raise ValueError(
+            f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] {spec.dtype} "
+            f"or uint8 [n, {spec.block_nbytes}], got {list(blocks.shape)} {blocks.dtype}"
+        )
+    return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
+
+
+class Client:
+    """Blocking ``AsyncClient``, run on a private event-loop thread."""
+
+    def __init__(self, path: str | Path, *, name: str = "") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tiercache-client", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._c: AsyncClient = self._run(AsyncClient.connect(path, name=name))
+        except BaseException:
+            self._stop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
+        return self._run(self._c.lookup(ns, tokens))
+
+    def save(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult:
+        return self._run(self._c.save(ns, tokens, blocks, first_block=first_block, session=session))
+
+    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> RemoteLoad:
+        return self._run(self._c.load(ns, tokens, max_blocks=max_blocks))
+
+    def prefetch(
+        self,
+        ns: Namespace | None = None,
+        tokens: Tokens | None = None,
+        *,
+        session: str | None = None,
+    ) -> int:
+        return self._run(self._c.prefetch(ns, tokens, session=session))
+
+    def ctl(self, verb: str, **args: Any) -> dict[str, Any]:
+        return self._run(self._c.ctl(verb, **args))
+
+    def pin(self, session: str) -> int:
+        return self._run(self._c.pin(session))
+
+    def unpin(self, session: str) -> int:
+        return self._run(self._c.unpin(session))
+
+    def evict(self, *, session: str) -> int:
+        return self._run(self._c.evict(session=session))
+
+    def flush(self) -> int:
+        return self._run(self._c.flush())
+
+    def stats(self) -> dict[str, Any]:
+        return self._run(self._c.stats())
+
+    def close(self) -> None:
+        try:
+            self._run(self._c.close())
+        finally:
+            self._stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["AsyncClient", "Client", "RemoteError", "RemoteLoad", "RemoteLookup"]
