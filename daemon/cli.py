@@ -53,6 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     reports = run_demo(
         _config(args.config),
+        config_path=args.config,
         turns=args.turns,
         context_tokens=args.context_tokens,
         reply_tokens=args.reply_tokens,

@@ -1,11 +1,13 @@
-"""``tiercache demo``: a multi-turn chat that resumes from the cache instead of recomputing.
+"""``tiercache demo``: a multi-turn chat that resumes from a tiercache daemon instead of recomputing.
 
-A small Llama-style model with seeded random weights (no model hub) chats for
-a few turns. Before each turn the conversation's KV is restored from
-tiercache by session id, so only the new message is prefilled; after each
-turn its KV is saved. Every turn is also recomputed from scratch, and the two
-replies are compared token for token. Halfway through, the cache is closed and
-reopened, as a restart would, so the next turn resumes from the disk tier.
+The demo starts a real daemon (``tiercache serve``, a separate process, on a
+socket of its own) and a small Llama-style model with seeded random weights (no
+model hub) chats for a few turns through it. Before each turn the
+conversation's KV is restored by session id over the socket and the shared
+arena, so only the new message is prefilled; after each turn its KV is saved.
+Every turn is also recomputed from scratch, and the two replies are compared
+token for token. Halfway through, the daemon is stopped (SIGTERM: it flushes
+to disk) and started again, so the next turn resumes from the disk tier.
 
 The model's text is noise (random weights); the point is the numbers and the
 equality. Tokens are bytes of the message text.
@@ -13,16 +15,21 @@ equality. Tokens are bytes of the message text.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from tiercache.client import Client
 from tiercache.daemon.config import Config
-from tiercache.embedded import SyncCache
 from tiercache.integrations.hf import HFChatCache
 from tiercache.spec import format_size
 
@@ -62,9 +69,44 @@ def _ttft(model: Any, ids: torch.Tensor, past: Any) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+class DaemonProcess:
+    """``tiercache serve`` in a child process, on a private socket, with the caller's config."""
+
+    def __init__(self, config_path: str | None, workdir: Path) -> None:
+        self.socket = workdir / "tiercache.sock"
+        self.env = {
+            **os.environ,
+            "TIERCACHE_DAEMON__SOCKET": str(self.socket),
+            "TIERCACHE_METRICS__LISTEN": "",  # a second exporter would fight a running daemon's port
+            "TIERCACHE_MQTT__HOST": "",
+        }
+        self.args = [sys.executable, "-m", "tiercache.daemon.cli", "serve"]
+        if config_path:
+            self.args += ["--config", config_path]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"the tiercache daemon did not start:\n{err}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the tiercache daemon did not open its socket in time")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+
 def run_demo(
     config: Config,
     *,
+    config_path: str | None = None,
     turns: int = 4,
     context_tokens: int = 1024,
     reply_tokens: int = 16,
@@ -82,89 +124,99 @@ def run_demo(
     document = (MESSAGES[0] * (1 + context_tokens // len(MESSAGES[0])))[:context_tokens]
     convo = torch.empty(0, dtype=torch.long)
     reports: list[TurnReport] = []
-    cache = SyncCache(config)
     session = "demo-chat"
-    try:
-        # A fresh salt per run: the first turn starts cold even when the disk
-        # tier still holds an earlier run's blocks (the session is evicted at the end).
-        chat = HFChatCache(cache, model, block_size=16, salt=f"demo-{secrets.token_hex(4)}")
-        disk = config.tiers.disk.url if config.tiers.disk else "(none)"
-        print(
-            f"tiercache demo: {type(model).__name__} with random weights, "
-            f"{format_size(chat.spec.bytes_per_token)} of KV per token; disk tier {disk}",
-            file=out,
-        )
-        print(
-            f"{'turn':>4} {'prompt':>7} {'reused':>7} {'tier':>5} {'load':>9} "
-            f"{'resume TTFT':>12} {'recompute TTFT':>15} {'speedup':>8}  same reply",
-            file=out,
-        )
-        for turn in range(turns):
-            message = document if turn == 0 else MESSAGES[turn % len(MESSAGES)]
-            convo = torch.cat([convo, _tokens(message, vocab)])
-            if turn == restart_after:
-                cache.close()
-                cache = SyncCache(config)
-                chat.cache = cache
-                print(
-                    "     -- cache closed and reopened (a restart): the next turn resumes from disk --",
-                    file=out,
-                )
-            past, reused = chat.restore(session, convo)
-            load = chat.last_load
-            load_ms = load.seconds * 1000 if load else 0.0
-            tier = "+".join(sorted(load.per_tier)) if load and load.per_tier else "-"
-            resume_ttft = load_ms + _ttft(model, convo, past)
-            recompute_ttft = _ttft(model, convo, DynamicCache(config=model.config))
-            # The reply, generated on the resumed cache and by full recompute.
-            past, _ = chat.restore(session, convo)
-            with torch.no_grad():
-                resumed = model.generate(
-                    convo[None],
-                    past_key_values=past,
-                    max_new_tokens=reply_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )[0]
-                recomputed = model.generate(
-                    convo[None],
-                    past_key_values=DynamicCache(config=model.config),
-                    max_new_tokens=reply_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )[0]
-            identical = torch.equal(resumed, recomputed)
-            chat.save(session, resumed[:-1], past)
-            convo = resumed
-            r = TurnReport(
-                turn + 1,
-                int(convo.numel() - reply_tokens),
-                reused,
-                tier,
-                load_ms,
-                resume_ttft,
-                recompute_ttft,
-                identical,
-            )
-            reports.append(r)
-            speedup = r.recompute_ttft_ms / r.resume_ttft_ms if reused else 1.0
+    with tempfile.TemporaryDirectory(prefix="tiercache-demo-") as tmp:
+        daemon = DaemonProcess(config_path, Path(tmp))
+        daemon.start()
+        client = Client(daemon.socket, name="tiercache-demo")
+        try:
+            # A fresh salt per run: the first turn starts cold even when the disk
+            # tier still holds an earlier run's blocks (the session is evicted at the end).
+            chat = HFChatCache(client, model, block_size=16, salt=f"demo-{secrets.token_hex(4)}")
+            disk = config.tiers.disk.url if config.tiers.disk else "(none)"
             print(
-                f"{r.turn:>4} {r.prompt_tokens:>7} {r.reused_tokens:>7} {r.tier:>5} {r.load_ms:>7.1f}ms "
-                f"{r.resume_ttft_ms:>10.1f}ms {r.recompute_ttft_ms:>13.1f}ms {speedup:>7.1f}x  "
-                f"{'yes' if identical else 'NO'}",
+                f"tiercache demo: {type(model).__name__} with random weights, "
+                f"{format_size(chat.spec.bytes_per_token)} of KV per token",
                 file=out,
             )
-        usage = cache.manager.usage()
-        print(
-            "tiers: "
-            + ", ".join(
-                f"{t} {format_size(u['used_bytes'])} of {format_size(u['capacity_bytes'])} "
-                f"({u['blocks']} blocks)"
-                for t, u in usage.items()
-            ),
-            file=out,
-        )
-        cache.evict(session=session)
-    finally:
-        cache.close()
+            print(
+                f"daemon: pid {daemon.proc.pid if daemon.proc else '?'}, socket {daemon.socket}, disk tier {disk}",
+                file=out,
+            )
+            print(
+                f"{'turn':>4} {'prompt':>7} {'reused':>7} {'tier':>5} {'load':>9} "
+                f"{'resume TTFT':>12} {'recompute TTFT':>15} {'speedup':>8}  same reply",
+                file=out,
+            )
+            for turn in range(turns):
+                message = document if turn == 0 else MESSAGES[turn % len(MESSAGES)]
+                convo = torch.cat([convo, _tokens(message, vocab)])
+                if turn == restart_after:
+                    client.close()
+                    daemon.stop()
+                    daemon.start()
+                    client = Client(daemon.socket, name="tiercache-demo")
+                    chat.cache = client
+                    print(
+                        "     -- daemon stopped (SIGTERM flushes) and started again: "
+                        "the next turn resumes from disk --",
+                        file=out,
+                    )
+                past, reused = chat.restore(session, convo)
+                load = chat.last_load
+                load_ms = load.seconds * 1000 if load else 0.0
+                tier = "+".join(sorted(load.per_tier)) if load and load.per_tier else "-"
+                resume_ttft = load_ms + _ttft(model, convo, past)
+                recompute_ttft = _ttft(model, convo, DynamicCache(config=model.config))
+                # The reply, generated on the resumed cache and by full recompute.
+                past, _ = chat.restore(session, convo)
+                with torch.no_grad():
+                    resumed = model.generate(
+                        convo[None],
+                        past_key_values=past,
+                        max_new_tokens=reply_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )[0]
+                    recomputed = model.generate(
+                        convo[None],
+                        past_key_values=DynamicCache(config=model.config),
+                        max_new_tokens=reply_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )[0]
+                identical = torch.equal(resumed, recomputed)
+                chat.save(session, resumed[:-1], past)
+                convo = resumed
+                r = TurnReport(
+                    turn + 1,
+                    int(convo.numel() - reply_tokens),
+                    reused,
+                    tier,
+                    load_ms,
+                    resume_ttft,
+                    recompute_ttft,
+                    identical,
+                )
+                reports.append(r)
+                speedup = r.recompute_ttft_ms / r.resume_ttft_ms if reused else 1.0
+                print(
+                    f"{r.turn:>4} {r.prompt_tokens:>7} {r.reused_tokens:>7} {r.tier:>5} {r.load_ms:>7.1f}ms "
+                    f"{r.resume_ttft_ms:>10.1f}ms {r.recompute_ttft_ms:>13.1f}ms {speedup:>7.1f}x  "
+                    f"{'yes' if identical else 'NO'}",
+                    file=out,
+                )
+            stats = client.stats()
+            print(
+                "tiers: "
+                + ", ".join(
+                    f"{t} {format_size(u['used_bytes'])} of {format_size(u['capacity_bytes'])} ({u['blocks']} blocks)"
+                    for t, u in stats["tiers"].items()
+                ),
+                file=out,
+            )
+            client.evict(session=session)
+        finally:
+            client.close()
+            daemon.stop()
     return reports

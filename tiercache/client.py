@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ class RemoteLoad:
     data: torch.Tensor  # uint8 [blocks, block_nbytes]
     tiers: list[str]
     namespace: Namespace
+    seconds: float = 0.0
+
+    @property
+    def per_tier(self) -> dict[str, int]:
+        return {t: self.tiers.count(t) for t in set(self.tiers)}
 
     @property
     def blocks(self) -> int:
@@ -167,6 +173,7 @@ class AsyncClient:
         self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None
     ) -> RemoteLoad:
         """The cached prefix of ``tokens``, byte-exact (or shorter: a miss ends it)."""
+        t0 = time.perf_counter()
         await self.register(ns)
         assert self._arena is not None
         packed = pack_tokens(_as_tokens(tokens))
@@ -188,7 +195,7 @@ class AsyncClient:
             if not res["slots"] or len(res["slots"]) >= res["prefix"]:
                 break
         data = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return RemoteLoad(data, tiers, ns)
+        return RemoteLoad(data, tiers, ns, time.perf_counter() - t0)
 
     async def prefetch(
         self,

@@ -352,3 +352,9 @@ def test_a_mapping_process_exiting_leaves_the_shared_file_in_place(
     _, _, path = child_run
 
     assert path.exists()
+
+
+def test_a_shared_arena_larger_than_dev_shm_is_refused_by_name() -> None:
+    too_big = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize + 2**30
+    with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
+        HostArena(SLOT, too_big, shared=True, pin=False)

@@ -18,15 +18,15 @@ never share blocks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import xxhash
 
-from tiercache.embedded import SyncCache
+
 from tiercache.kernels.reference import gather
 from tiercache.keys import Namespace
-from tiercache.manager import LoadResult, SaveResult, Tokens
+from tiercache.manager import SaveResult, Tokens
 from tiercache.spec import KVSpec, Layout
 
 
@@ -47,12 +47,25 @@ def _layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in zip(past.key_cache, past.value_cache, strict=True)]
 
 
+class BlockCache(Protocol):
+    """What the integration needs: the embedded ``SyncCache`` or a daemon ``Client``."""
+
+    def lookup(self, ns: Namespace, tokens: Tokens) -> Any: ...
+
+    def save(
+        self, ns: Namespace, tokens: Tokens, blocks: torch.Tensor, *, first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult: ...
+
+    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> Any: ...
+
+
 class HFChatCache:
     """Session save/restore of a transformers model's ``DynamicCache`` through tiercache."""
 
     def __init__(
         self,
-        cache: SyncCache,
+        cache: BlockCache,
         model: Any,
         *,
         block_size: int = 16,
@@ -65,7 +78,7 @@ class HFChatCache:
             model.config, dtype=model.dtype, block_size=block_size, layout=Layout.HF
         )
         self.namespace = Namespace(model_id or model_fingerprint(model), spec, salt)
-        self.last_load: LoadResult | None = None
+        self.last_load: Any = None  # the last load's result (blocks, tiers, seconds)
 
     @property
     def spec(self) -> KVSpec:

@@ -98,6 +98,14 @@ class HostArena(Slots):
         self.name = name or f"tiercache-{os.getpid()}-{secrets.token_hex(4)}"
         self._path: Path | None = None
         if shared:
+            free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+            if free < capacity_bytes:
+                # Touching pages past a tmpfs's size kills the process with SIGBUS:
+                # refuse up front instead.
+                raise ValueError(
+                    f"{SHM_DIR} has {free} B free, less than the {capacity_bytes} B host tier; "
+                    "lower [tiers.host] bytes or enlarge /dev/shm"
+                )
             self._path = SHM_DIR / self.name
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
