@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import torch
 import xxhash
 
-
 from tiercache.kernels.reference import gather
 from tiercache.keys import Namespace
 from tiercache.manager import SaveResult, Tokens
