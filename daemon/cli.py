@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="run a benchmark, writing JSON and a PNG")
-    b.add_argument("name", choices=["storage", "resume", "disk-layout"])
+    b.add_argument("name", choices=["storage", "resume", "disk-layout", "control"])
     b.add_argument("--out", default="bench-out")
     b.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     b.set_defaults(func=cmd_bench)

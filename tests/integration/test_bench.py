@@ -20,6 +20,7 @@ from tiercache.daemon.cli import main
         ("storage", {"host", "disk", "machine"}),
         ("resume", {"prefixes", "model", "machine"}),
         ("disk-layout", {"io", "codecs", "meta"}),
+        ("control", {"rows", "embedded_p50_s", "machine"}),
     ],
 )
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:
