@@ -124,7 +124,7 @@ class Config:
 
 
 _SIZE_KEYS = {"bytes", "slot_bytes"}
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "daemon": DaemonConfig,
     "tiers.device": DeviceTierConfig,
     "tiers.host": HostTierConfig,
@@ -212,9 +212,9 @@ def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
             continue
         section, key = name[len(ENV_PREFIX) :].lower().rsplit("__", 1)
         dotted = section.replace("_", ".", 1) if section.startswith("tiers_") else section
-        if dotted not in _SECTIONS:
+        if dotted not in SECTIONS:
             raise ConfigError(
-                f"environment {name}: unknown section {dotted!r}; known: {', '.join(_SECTIONS)}"
+                f"environment {name}: unknown section {dotted!r}; known: {', '.join(SECTIONS)}"
             )
         out.setdefault(dotted, {})[key] = value
     return out
@@ -237,20 +237,20 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             if not isinstance(body, dict):
                 raise ConfigError("tiers: expected a table")
             for tier, tbody in body.items():
-                if f"tiers.{tier}" not in _SECTIONS:
+                if f"tiers.{tier}" not in SECTIONS:
                     raise ConfigError(
                         f"tiers.{tier}: unknown tier; known: device, host, disk, remote"
                     )
                 tables[f"tiers.{tier}"] = dict(tbody) if isinstance(tbody, dict) else tbody
-        elif section in _SECTIONS:
+        elif section in SECTIONS:
             tables[section] = dict(body) if isinstance(body, dict) else body
         else:
-            raise ConfigError(f"unknown section [{section}]; known: {', '.join(_SECTIONS)}")
+            raise ConfigError(f"unknown section [{section}]; known: {', '.join(SECTIONS)}")
     for section, overrides in _env_tables(os.environ if env is None else env).items():
         tables[section] = {**tables.get(section, {}), **overrides}
 
     built = {
-        name: _build(name, cls, tables[name]) for name, cls in _SECTIONS.items() if name in tables
+        name: _build(name, cls, tables[name]) for name, cls in SECTIONS.items() if name in tables
     }
     tiers = TiersConfig(
         device=built.get("tiers.device"),

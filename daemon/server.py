@@ -36,7 +36,7 @@ from tiercache.daemon.protocol import (
     read_frame,
     unpack_tokens,
 )
-from tiercache.keys import Namespace, TokenError
+from tiercache.keys import KeyChain, Namespace, TokenError
 from tiercache.manager import (
     BlockShapeError,
     Draining,
@@ -273,7 +273,7 @@ class SocketServer:
         }
 
     async def _lookup(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        hit = self.manager.lookup(self._ns(conn, args), unpack_tokens(args.get("tokens")))
+        hit = self.manager.lookup(self._ns(conn, args), _sequence(args))
         return {
             "blocks": hit.blocks,
             "tokens": hit.tokens,
@@ -287,7 +287,7 @@ class SocketServer:
             raise ProtocolError("bad_request", "'session' must be a string")
         r = await self.manager.reserve(
             self._ns(conn, args),
-            unpack_tokens(args.get("tokens")),
+            _sequence(args),
             first_block=self._int(args, "first_block", 0) or 0,
             count=self._int(args, "count"),
             session=session,
@@ -323,7 +323,7 @@ class SocketServer:
     async def _acquire(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         lease = await self.manager.acquire(
             self._ns(conn, args),
-            unpack_tokens(args.get("tokens")),
+            _sequence(args),
             first_block=self._int(args, "first_block", 0) or 0,
             max_blocks=self._int(args, "max_blocks"),
         )
@@ -346,7 +346,7 @@ class SocketServer:
                 raise ProtocolError("bad_request", "'session' must be a string")
             return {"blocks": await self.manager.prefetch(session=session)}
         ns = self._ns(conn, args)
-        return {"blocks": await self.manager.prefetch(ns, unpack_tokens(args.get("tokens")))}
+        return {"blocks": await self.manager.prefetch(ns, _sequence(args))}
 
     async def _ctl(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         verb = args.get("verb")
@@ -368,6 +368,17 @@ class SocketServer:
             )
         conn.leases.clear()
         conn.reservations.clear()
+
+
+def _sequence(args: dict[str, Any]) -> KeyChain | Any:
+    """A request's sequence: ``keys`` (the client hashed its tokens: the normal case) or
+    ``tokens`` (packed uint32, hashed here)."""
+    if "keys" in args:
+        raw = args["keys"]
+        if not isinstance(raw, bytes):
+            raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")
+        return KeyChain.from_bytes(raw)
+    return unpack_tokens(args.get("tokens"))
 
 
 def _classify(e: Exception) -> tuple[str, str]:

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, pack_tokens, read_frame
-from tiercache.keys import Namespace
+from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_frame
+from tiercache.keys import KeyChain, Namespace
 from tiercache.manager import SaveResult, Tokens, _as_tokens
 from tiercache.spec import KVSpec
 from tiercache.tiers.host import MappedArena
@@ -128,7 +128,7 @@ class AsyncClient:
 
     async def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
         await self.register(ns)
-        res = await self.call("lookup", ns=ns.hex, tokens=pack_tokens(_as_tokens(tokens)))
+        res = await self.call("lookup", ns=ns.hex, keys=_chain(ns, tokens))
         return RemoteLookup(res["blocks"], res["tokens"], res["tiers"])
 
     async def save(
@@ -143,14 +143,14 @@ class AsyncClient:
         """Store blocks ``first_block ..`` of ``tokens`` (page-first rows, typed or uint8)."""
         await self.register(ns)
         data = _as_rows(ns.spec, blocks)
-        packed = pack_tokens(_as_tokens(tokens))
+        packed = _chain(ns, tokens)
         assert self._arena is not None
         stored = present = rejected = done = 0
         while done < data.shape[0]:
             r = await self.call(
                 "reserve",
                 ns=ns.hex,
-                tokens=packed,
+                keys=packed,
                 first_block=first_block + done,
                 count=data.shape[0] - done,
                 session=session,
@@ -176,14 +176,14 @@ class AsyncClient:
         t0 = time.perf_counter()
         await self.register(ns)
         assert self._arena is not None
-        packed = pack_tokens(_as_tokens(tokens))
+        packed = _chain(ns, tokens)
         parts: list[torch.Tensor] = []
         tiers: list[str] = []
         while max_blocks is None or len(tiers) < max_blocks:
             # A lease covers at most the host tier's slots: a longer prefix comes in rounds.
             left = None if max_blocks is None else max_blocks - len(tiers)
             res = await self.call(
-                "acquire", ns=ns.hex, tokens=packed, first_block=len(tiers), max_blocks=left
+                "acquire", ns=ns.hex, keys=packed, first_block=len(tiers), max_blocks=left
             )
             try:
                 part = torch.empty((len(res["slots"]), ns.spec.block_nbytes), dtype=torch.uint8)
@@ -208,7 +208,7 @@ class AsyncClient:
             res = await self.call("prefetch", session=session)
         elif ns is not None and tokens is not None:
             await self.register(ns)
-            res = await self.call("prefetch", ns=ns.hex, tokens=pack_tokens(_as_tokens(tokens)))
+            res = await self.call("prefetch", ns=ns.hex, keys=_chain(ns, tokens))
         else:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
         return int(res["blocks"])
@@ -240,6 +240,12 @@ class AsyncClient:
         if self._arena is not None:
             self._arena.close()
             self._arena = None
+
+
+def _chain(ns: Namespace, tokens: Tokens) -> bytes:
+    """The block keys of ``tokens``, hashed here so the daemon does not have to."""
+    keys = tokens if isinstance(tokens, KeyChain) else KeyChain(ns.block_keys(_as_tokens(tokens)))
+    return keys.to_bytes()
 
 
 def _as_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,21 @@ KEY_SCHEME = 1
 BlockKey = bytes
 
 
+class KeyChain(list[BlockKey]):
+    """Block keys a client already computed (``Namespace.block_keys``), accepted wherever token
+    ids are: connectors hash their own tokens, so the daemon does not hash everyone's, and
+    the socket carries 16 bytes per block instead of 4 per token."""
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> KeyChain:
+        if len(raw) % KEY_BYTES:
+            raise TokenError(f"a key chain is a multiple of {KEY_BYTES} bytes, got {len(raw)}")
+        return cls(raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES))
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self)
+
+
 class TokenError(ValueError):
     """Token ids that cannot be hashed (negative, too large, not integers)."""
 

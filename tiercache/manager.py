@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tiercache.index import Entry, Index, Session
-from tiercache.keys import BlockKey, Namespace
+from tiercache.keys import BlockKey, KeyChain, Namespace
 from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.stats import Stats
@@ -39,7 +39,8 @@ from tiercache.tiers.host import ArenaFull, HostArena
 
 log = logging.getLogger(__name__)
 
-Tokens = Sequence[int] | np.ndarray | torch.Tensor
+# Token ids, or the chain of block keys a client already computed from them.
+Tokens = Sequence[int] | np.ndarray | torch.Tensor | KeyChain
 
 
 class CacheError(RuntimeError):
@@ -142,6 +143,13 @@ class Lease:
     @property
     def slots(self) -> list[int]:
         return [e.host_slot for e in self.entries if e.host_slot is not None]
+
+
+def _keys(ns: Namespace, tokens: Tokens) -> list[BlockKey]:
+    """The block keys of ``tokens`` in ``ns``: hashed here, or as a client sent them."""
+    if isinstance(tokens, KeyChain):
+        return list(tokens)
+    return ns.block_keys(_as_tokens(tokens))
 
 
 def _as_tokens(tokens: Tokens) -> np.ndarray:
@@ -297,7 +305,11 @@ class TierManager:
         done = 0
         while done < data.shape[0]:
             r = await self.reserve(
-                ns, tokens, first_block=first_block + done, count=data.shape[0] - done, session=session
+                ns,
+                tokens,
+                first_block=first_block + done,
+                count=data.shape[0] - done,
+                session=session,
             )
             assert self.host is not None
             try:
@@ -336,12 +348,12 @@ class TierManager:
             raise Draining("the cache is draining: saves are not taken (reads are served)")
         await self._expire_due()
         array = await self.register(ns)
-        keys = ns.block_keys(_as_tokens(tokens))
+        keys = _keys(ns, tokens)
         n = len(keys) - first_block if count is None else count
         if first_block < 0 or n < 0 or first_block + n > len(keys):
             raise BlockShapeError(
                 f"{n} blocks from block {first_block} do not fit the "
-                f"{len(keys)} full blocks of {len(_as_tokens(tokens))} tokens"
+                f"{len(keys)} full blocks of the sequence"
             )
         r = Reservation(ns, array, keys, session, first_block)
         async with self._lock:
@@ -427,7 +439,8 @@ class TierManager:
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
         """How much of ``tokens``' prefix is cached, and in which tier each block is."""
-        keys = ns.block_keys(_as_tokens(tokens))
+        t0 = time.perf_counter()
+        keys = _keys(ns, tokens)
         hit = self.index.prefix(keys)
         tiers = [e.best_tier or "miss" for e in hit]
         for t in ("host", "disk"):
@@ -436,6 +449,7 @@ class TierManager:
                 self.stats.lookup(t, n)
         if len(keys) > len(hit):
             self.stats.lookup("miss", len(keys) - len(hit))
+        self.stats.request("lookup", time.perf_counter() - t0)
         return LookupResult(keys, tiers, ns.spec.block_size)
 
     async def load(
@@ -454,7 +468,7 @@ class TierManager:
         t0 = time.perf_counter()
         await self._expire_due()
         await self.register(ns)
-        keys = ns.block_keys(_as_tokens(tokens))
+        keys = _keys(ns, tokens)
         if max_blocks is not None:
             keys = keys[:max_blocks]
         await self._await_prefetch(keys)
@@ -534,9 +548,8 @@ class TierManager:
             else:
                 failed.append((e, rec))
                 good = min(good, i)
-        self.stats.transfer(
-            "disk", "client", sum(e.nbytes for _, e in from_disk), time.perf_counter() - t1
-        )
+        served = sum(e.nbytes for i, e in from_disk if i < good)
+        self.stats.transfer("disk", "client", served, time.perf_counter() - t1)
         return good
 
     async def _after_read(
@@ -546,6 +559,8 @@ class TierManager:
         for e in good:
             self._touch(e)
         self._note_prefetch_lead(good)
+        t0 = time.perf_counter()
+        promoted = 0
         for i, e in from_disk:
             if i >= len(good) or e.host_slot is not None or e.key not in self.index:
                 continue
@@ -557,7 +572,9 @@ class TierManager:
             self.host.view(slot, e.nbytes).copy_(out[i])
             e.host_slot = slot
             self.host_policy.insert(e.key)
-            self.stats.transfer("disk", "host", e.nbytes, 0.0)
+            promoted += e.nbytes
+        if promoted:
+            self.stats.transfer("disk", "host", promoted, time.perf_counter() - t0)
 
     def _forget_corrupt(self, failed: list[tuple[Entry, DiskRecord]]) -> None:
         """Under the lock: drop disk copies that failed verification (counted, never served)."""
@@ -589,19 +606,22 @@ class TierManager:
                 raise UnknownSession(f"unknown session {session!r}")
             keys = sess.keys
         elif ns is not None and tokens is not None:
-            keys = ns.block_keys(_as_tokens(tokens))
+            keys = _keys(ns, tokens)
         else:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
+        t0 = time.perf_counter()
         if self.disk is None or self.host is None:
             return 0
-        t0 = time.perf_counter()
         async with self._lock:
             self._check_open()
-            todo = [e for e in self.index.prefix(keys) if e.host_slot is None and e.disk is not None]
+            todo = [
+                e for e in self.index.prefix(keys) if e.host_slot is None and e.disk is not None
+            ]
             for e in todo:
                 e.leases += 1
         if not todo:
             self.stats.prefetched("noop")
+            self.stats.request("prefetch", time.perf_counter() - t0)
             return 0
         done = asyncio.Event()
         for e in todo:
@@ -649,7 +669,8 @@ class TierManager:
         oks = [False] * len(targets)
         try:
             oks = await self.disk.get_many(
-                [rec for _, rec, _ in targets], [host.view(slot, e.nbytes) for e, _, slot in targets]
+                [rec for _, rec, _ in targets],
+                [host.view(slot, e.nbytes) for e, _, slot in targets],
             )
         finally:
             async with self._lock:
@@ -706,12 +727,14 @@ class TierManager:
         await self._expire_due()
         await self.register(ns)
         assert self.host is not None
-        keys = ns.block_keys(_as_tokens(tokens))[first_block:]
+        keys = _keys(ns, tokens)[first_block:]
         await self._await_prefetch(keys)
         async with self._lock:
             self._check_open()
             run = self.index.prefix(keys)
-            window = self.host.num_slots if max_blocks is None else min(max_blocks, self.host.num_slots)
+            window = (
+                self.host.num_slots if max_blocks is None else min(max_blocks, self.host.num_slots)
+            )
             entries = run[:window]
             tiers = [e.best_tier or "miss" for e in entries]
             for e in entries:
@@ -725,7 +748,8 @@ class TierManager:
             for e in entries[:n]:
                 self._touch(e)
             self._note_prefetch_lead(entries[:n])
-            self.stats.transfer("host", "client", sum(e.nbytes for e in entries[:n]), 0.0)
+            # Counted, not timed: the copy out of the arena happens in the client's process.
+            self.stats.transfer("host", "client", sum(e.nbytes for e in entries[:n]), None)
         self.stats.request("acquire", time.perf_counter() - t0)
         return Lease(entries[:n], tiers[:n], len(run))
 
@@ -764,7 +788,7 @@ class TierManager:
         e.host_slot = None
         self.host_policy.remove(e.key)
         if self.index.drop_if_empty(e):
-            self.stats.dropped_blocks += 1
+            self.stats.dropped()
 
     def _drop_disk(self, e: Entry) -> None:
         assert self.disk is not None and self.disk_policy is not None and e.disk is not None
@@ -772,7 +796,7 @@ class TierManager:
         e.disk = None
         self.disk_policy.remove(e.key)
         if self.index.drop_if_empty(e):
-            self.stats.dropped_blocks += 1
+            self.stats.dropped()
 
     async def _disk_room(self, nbytes: int, keep: set[BlockKey]) -> bool:
         assert self.disk is not None and self.disk_policy is not None
@@ -825,7 +849,8 @@ class TierManager:
                 else:
                     self.stats.error("disk_write")
                     log.warning("disk write failed: %s", res)
-        self.stats.transfer("host", "disk", written, time.perf_counter() - t0)
+        if written:
+            self.stats.transfer("host", "disk", written, time.perf_counter() - t0)
         return written
 
     # -- sessions, pins, eviction -------------------------------------------
@@ -1007,6 +1032,6 @@ class TierManager:
             out["disk"] = {
                 "capacity_bytes": self.disk.capacity_bytes,
                 "used_bytes": self.disk.used_bytes,
-                "blocks": len(self.disk.records),
+                "blocks": self.disk.num_blocks,
             }
         return out

@@ -20,7 +20,7 @@ class Stats:
     transfer_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
     transfer_count: Counter[tuple[str, str]] = field(default_factory=Counter)
     evictions: Counter[str] = field(default_factory=Counter)  # tier -> blocks
-    prefetch: Counter[str] = field(default_factory=Counter)  # "early" / "late" / "miss"
+    prefetch: Counter[str] = field(default_factory=Counter)  # early, late, done, partial, noop
     errors: Counter[str] = field(default_factory=Counter)  # kind -> count
     corrupt_blocks: int = 0
     dropped_blocks: int = 0  # evicted from the last tier holding them (cache loss, not data loss)
@@ -28,7 +28,9 @@ class Stats:
     def lookup(self, result: str, blocks: int) -> None:
         self.lookups[result] += blocks
 
-    def transfer(self, src: str, dst: str, nbytes: int, seconds: float) -> None:
+    def transfer(self, src: str, dst: str, nbytes: int, seconds: float | None) -> None:
+        """``nbytes`` moved from ``src`` to ``dst``; ``seconds`` is None when the copy was not
+        timed here (a client copying out of the shared arena in its own process)."""
         self.transfer_bytes[(src, dst)] += nbytes
         self.transfer_count[(src, dst)] += 1
 
@@ -37,6 +39,10 @@ class Stats:
 
     def prefetched(self, result: str, lead_seconds: float | None = None) -> None:
         self.prefetch[result] += 1
+
+    def dropped(self, blocks: int = 1) -> None:
+        """Blocks evicted from the last tier that held them (a cache loss, not a data loss)."""
+        self.dropped_blocks += blocks
 
     def corrupt(self, blocks: int = 1) -> None:
         self.corrupt_blocks += blocks

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = {"storage": "storage", "resume": "resume", "disk-layout": "disk_layout", "control": "control"}
+MODULES = {
+    "storage": "storage",
+    "resume": "resume",
+    "disk-layout": "disk_layout",
+    "control": "control",
+}
 
 
 def run(name: str, out: str, quick: bool = False) -> int:

@@ -52,7 +52,12 @@ class BlockCache(Protocol):
     def lookup(self, ns: Namespace, tokens: Tokens) -> Any: ...
 
     def save(
-        self, ns: Namespace, tokens: Tokens, blocks: torch.Tensor, *, first_block: int = 0,
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
         session: str | None = None,
     ) -> SaveResult: ...
 

@@ -211,6 +211,10 @@ class DiskTier:
         self.used_bytes += self._arrays[rec.array].block_nbytes
 
     @property
+    def num_blocks(self) -> int:
+        return len(self._live)
+
+    @property
     def records(self) -> list[DiskRecord]:
         return list(self._live.values())
 
