@@ -63,7 +63,9 @@ class Daemon:
         self.metrics.bind(
             manager,
             clients=lambda: server.clients,
-            mqtt_connected=(lambda: bool(self.mqtt is not None and self.mqtt.connected)) if cfg.mqtt.host else None,
+            mqtt_connected=(lambda: bool(self.mqtt is not None and self.mqtt.connected))
+            if cfg.mqtt.host
+            else None,
         )
         self.http = self.metrics.serve(cfg.metrics.listen)
         if cfg.mqtt.host:
