@@ -11,6 +11,7 @@ raise anything else out of ``run``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,8 @@ class Control:
         return {"blocks": await self.manager.unpin(self._session("unpin", args))}
 
     async def _evict(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        if "keys" in args and "session" in args:
+            raise ControlError("bad_request", "evict: give 'session' or 'keys', not both")
         if "keys" in args:
             keys = args["keys"]
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -147,7 +150,10 @@ class Control:
                 raise ControlError("bad_value", f"set policy.write: {e}") from None
         elif name == "session.ttl":
             ok = value is None or (
-                isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value > 0
             )
             if not ok:
                 raise ControlError(

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -31,9 +34,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tiercache
 from tests.conftest import NBYTES, OpenCache, make_blocks, make_ns, make_tokens
+from tests.daemon.mosquitto import Mosquitto
 from tests.daemon.prometheus import PrometheusServer, promtool, running_prometheus
 from tiercache import TierManager
-from tiercache.daemon.config import SECTIONS, ConfigError, load_config
+from tiercache.client import AsyncClient
+from tiercache.daemon.config import SECTIONS, ConfigError, MqttConfig, load_config
 from tiercache.daemon.metrics import Metrics, MetricsServer, parse_listen
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -716,41 +721,75 @@ def test_the_example_config_loads_with_the_documented_values() -> None:
 # -- a real Prometheus scraping a cache under load -----------------------------------------------
 
 
-class InProcessLoad:
-    """A TierManager and its exporter in this process, kept busy by a thread of its own.
+def _flip_every_block(shard: Path) -> None:
+    with open(shard, "r+b") as f:
+        for i in range(16):
+            f.seek(i * NBYTES + 7)
+            byte = f.read(1)
+            f.seek(i * NBYTES + 7)
+            f.write(bytes([byte[0] ^ 0xFF]))
 
-    Stands in for ``tiercache serve`` plus client traffic: ``target`` is the
-    ``host:port`` a Prometheus scrapes. The load mixes every event the
-    dashboard shows: saves (client->host), evictions and write-back
-    (host->disk) with a 16-block host tier, loads from disk (disk->client,
-    disk->host), lookups with host/disk hits and misses, prefetches, a
-    corrupted block every 25 rounds and a host tier full of pinned blocks
-    (host_full errors) every 25 rounds.
+
+class DaemonLoad:
+    """A real ``tiercache serve`` process under socket-client load, for a real Prometheus.
+
+    ``target`` is the daemon's metrics ``host:port``. A thread drives a mix of
+    every event the dashboard shows, through ``tiercache.client``: saves
+    (client->host), evictions and write-back (host->disk) with a 16-block host
+    tier, loads from host and from disk (promoted back), lookups that hit host,
+    hit disk and miss, prefetches answered early (a load well after the
+    prefetch) and late (a load racing the prefetch), corrupted blocks (bytes
+    flipped in a shard file, then read) and a host tier full of pinned blocks
+    (host_full errors).
     """
 
     HOST_BLOCKS = 16
     DISK_BLOCKS = 256
     BLOCKS_PER_TURN = 4
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mqtt: MqttConfig) -> None:
         self.root = root
-        self.target = ""
+        self.mqtt = mqtt
+        root.mkdir(parents=True, exist_ok=True)
+        self.socket = root / "tc.sock"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.target = f"127.0.0.1:{s.getsockname()[1]}"
         self.rounds = 0
         self.error: BaseException | None = None
-        self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> InProcessLoad:
+    def __enter__(self) -> DaemonLoad:
+        env = {
+            **os.environ,
+            "TIERCACHE_DAEMON__SOCKET": str(self.socket),
+            "TIERCACHE_TIERS_DISK__URL": str(self.root / "disk"),
+            "TIERCACHE_TIERS_DISK__BYTES": str(self.DISK_BLOCKS * NBYTES),
+            "TIERCACHE_TIERS_HOST__BYTES": str(self.HOST_BLOCKS * NBYTES),
+            "TIERCACHE_METRICS__LISTEN": self.target,
+            "TIERCACHE_MQTT__HOST": self.mqtt.host,
+            "TIERCACHE_MQTT__PORT": str(self.mqtt.port),
+            "TIERCACHE_MQTT__NODE": self.mqtt.node,
+            "TIERCACHE_MQTT__USERNAME": self.mqtt.username,
+            "TIERCACHE_MQTT__PASSWORD_FILE": self.mqtt.password_file,
+        }
+        self.proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env)
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            assert self.proc.poll() is None, "tiercache serve exited at start"
+            assert time.monotonic() < deadline, "tiercache serve did not open its socket in 60 s"
+            time.sleep(0.05)
         self._thread.start()
-        self._ready.wait(30)
-        self.check()
-        assert self.target, "the load did not start within 30 s"
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(timeout=60) == 0
         self.check()
 
     def check(self) -> None:
@@ -762,93 +801,72 @@ class InProcessLoad:
             asyncio.run(self._main())
         except BaseException as e:
             self.error = e
-            self._ready.set()
 
     async def _main(self) -> None:
-        metrics = Metrics()
-        cache = await TierManager.open(
-            host_bytes=self.HOST_BLOCKS * NBYTES,
-            disk_url=str(self.root / "disk"),
-            disk_bytes=self.DISK_BLOCKS * NBYTES,
-            stats=metrics,
-        )
-        metrics.bind(cache, clients=lambda: 2, mqtt_connected=lambda: True)
-        server = metrics.serve("127.0.0.1:0")
-        assert server is not None
-        self.target = f"127.0.0.1:{server.port}"
-        self._ready.set()
+        a = await AsyncClient.connect(self.socket, name="load-a")
+        b = await AsyncClient.connect(self.socket, name="load-b")
         try:
             while not self._stop.is_set():
-                await self._round(cache, metrics, self.rounds)
+                await self._round(a, b, self.rounds)
                 self.rounds += 1
                 await asyncio.sleep(0.02)
         finally:
-            server.close()
-            await cache.close(flush=False)
+            await a.close()
+            await b.close()
 
     def _turn(self, r: int) -> list[int]:
         return make_tokens(self.BLOCKS_PER_TURN, seed=r)
 
-    async def _round(self, cache: TierManager, metrics: Metrics, r: int) -> None:
-        n = self.BLOCKS_PER_TURN
-        await cache.save(NS, self._turn(r), make_blocks(n, seed=r))
-        t0 = time.perf_counter()
+    async def _round(self, a: AsyncClient, b: AsyncClient, r: int) -> None:
+        await a.save(NS, self._turn(r), make_blocks(self.BLOCKS_PER_TURN, seed=r), session=f"s{r}")
         for back in (1, 6, -1):  # host hit, disk hit, never saved (miss)
-            cache.lookup(NS, self._turn(r - back if back > 0 else 10_000_000 + r))
-        # The daemon's server times lookups; in process, the driver does.
-        metrics.request("lookup", time.perf_counter() - t0)
+            await a.lookup(NS, self._turn(r - back if back > 0 else 10_000_000 + r))
         if r >= 5:
-            await cache.load(NS, self._turn(r - 1))  # from host memory
-            await cache.load(NS, self._turn(r - 5))  # from disk (promoted back to host)
-        if r >= 8:
-            t0 = time.perf_counter()
-            await cache.prefetch(NS, self._turn(r - 8))
-            # Until the manager times prefetches against the requests that use
-            # them, report a lead (the engine asks later) or, every third
-            # time, a lateness (it asked when the prefetch started).
-            if r % 3:
-                metrics.prefetched("early", 0.05 + (r % 7) / 10)
-            else:
-                metrics.prefetched("late", time.perf_counter() - t0)
+            await a.load(NS, self._turn(r - 1))  # from host memory
+            await a.load(NS, self._turn(r - 5))  # from disk (promoted back to host)
+        if r >= 8 and r % 3:
+            await a.prefetch(session=f"s{r - 8}")
+            await asyncio.sleep(0.05)
+            await a.load(NS, self._turn(r - 8))  # early: the prefetch finished first
+        elif r >= 8:
+            await asyncio.gather(a.prefetch(session=f"s{r - 7}"), b.load(NS, self._turn(r - 7)))  # late
         if r % 25 == 12:
-            await self._corrupt_one(cache, r - 7)
+            await self._corrupt_disk(a, r)
         if r % 25 == 20:
-            await self._fill_host_with_pins(cache, r)
+            await self._fill_host_with_pins(a, r)
 
-    async def _corrupt_one(self, cache: TierManager, turn: int) -> None:
-        """Flip a byte of a block only on disk, then read it: one counted corrupt block."""
-        tokens = self._turn(turn)
-        e = cache.index.get(NS.block_keys(tokens)[0])
-        if e is None or e.disk is None or e.host_slot is not None or cache.disk is None:
-            return
-        path, offset = cache.disk.location(e.disk)
-        flip_byte(path, offset + 7)
-        await cache.load(NS, tokens)
+    async def _corrupt_disk(self, a: AsyncClient, r: int) -> None:
+        """Flip a byte in every block of the first shard file, then read old (disk-only) turns."""
+        for shard in (self.root / "disk" / "ns").glob("*/c/0/0"):
+            await asyncio.to_thread(_flip_every_block, shard)
+        for old in range(max(0, r - 12), r - 6):
+            await a.load(NS, self._turn(old))
 
-    async def _fill_host_with_pins(self, cache: TierManager, r: int) -> None:
+    async def _fill_host_with_pins(self, a: AsyncClient, r: int) -> None:
         """Pin a session as big as the host tier, so the next save finds no room (host_full)."""
         big = make_tokens(self.HOST_BLOCKS, seed=20_000_000 + r)
-        await cache.save(NS, big, make_blocks(self.HOST_BLOCKS, seed=r), session=f"big-{r}")
-        await cache.pin(f"big-{r}")
-        await cache.save(NS, self._turn(30_000_000 + r), make_blocks(self.BLOCKS_PER_TURN))
-        await cache.unpin(f"big-{r}")
-        await cache.evict(session=f"big-{r}")
+        await a.save(NS, big, make_blocks(self.HOST_BLOCKS, seed=r), session=f"big-{r}")
+        await a.pin(f"big-{r}")
+        await a.save(NS, self._turn(30_000_000 + r), make_blocks(self.BLOCKS_PER_TURN))
+        await a.unpin(f"big-{r}")
+        await a.evict(session=f"big-{r}")
 
 
 @pytest.fixture(scope="module")
 def live(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[PrometheusServer, InProcessLoad]]:
-    """A real Prometheus (1 s scrapes, the ops rules loaded) scraping a cache under load."""
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto
+) -> Iterator[tuple[PrometheusServer, DaemonLoad]]:
+    """A real Prometheus (1 s scrapes, the ops rules loaded) scraping a daemon under load,
+    the daemon connected to a real Mosquitto."""
     root = tmp_path_factory.mktemp("live")
     with (
-        InProcessLoad(root / "cache") as load,
+        DaemonLoad(root / "cache", mosquitto.config(node="live-metrics")) as load,
         running_prometheus(root / "prometheus", [load.target], rule_files=[RULES]) as prom,
     ):
         yield prom, load
 
 
-def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, InProcessLoad]) -> None:
+def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, DaemonLoad]) -> None:
     prom, load = live
     up = prom.wait_for_data('up{job="tiercache"} == 1', timeout=15)
     load.check()
@@ -859,7 +877,7 @@ def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, InProcess
     ("where", "expr"), dashboard_targets(), ids=[w for w, _ in dashboard_targets()]
 )
 def test_every_dashboard_query_returns_data(
-    live: tuple[PrometheusServer, InProcessLoad], where: str, expr: str
+    live: tuple[PrometheusServer, DaemonLoad], where: str, expr: str
 ) -> None:
     prom, load = live
     found = prom.wait_for_data(as_promql(expr))
@@ -877,7 +895,7 @@ def _rule_id(rule: dict[str, Any]) -> str:
 
 
 def test_every_rule_expression_evaluates_without_error(
-    live: tuple[PrometheusServer, InProcessLoad],
+    live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
     prom, _ = live
     for rule in rules():
@@ -885,7 +903,7 @@ def test_every_rule_expression_evaluates_without_error(
 
 
 def test_prometheus_loaded_every_rule_and_evaluates_them_healthily(
-    live: tuple[PrometheusServer, InProcessLoad],
+    live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
     prom, _ = live
     loaded = [r for g in prom.rule_groups() for r in g["rules"]]
@@ -894,19 +912,20 @@ def test_prometheus_loaded_every_rule_and_evaluates_them_healthily(
 
 
 def test_every_recording_rule_records_series_under_load(
-    live: tuple[PrometheusServer, InProcessLoad],
+    live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
     prom, _ = live
     empty = [r["record"] for r in rules() if "record" in r and not prom.wait_for_data(r["record"])]
     assert empty == []
 
 
-def test_the_exporter_reports_the_load_it_saw(live: tuple[PrometheusServer, InProcessLoad]) -> None:
+def test_the_exporter_reports_the_load_it_saw(live: tuple[PrometheusServer, DaemonLoad]) -> None:
     prom, load = live
     # Every kind of event the load produces shows up as an increase.
     for expr in [
         'tiercache_evictions_total{tier="host"} > 0',
-        'tiercache_transfer_bytes_total{src="disk",dst="client"} > 0',
+        # Socket clients read disk blocks promoted into the shared arena: disk->host.
+        'tiercache_transfer_bytes_total{src="disk",dst="host"} > 0',
         'tiercache_lookup_blocks_total{result="miss"} > 0',
         'tiercache_prefetch_total{result="late"} > 0',
         "tiercache_corrupt_blocks_total > 0",

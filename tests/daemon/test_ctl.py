@@ -1,0 +1,143 @@
+"""``tiercache ctl``, ``status`` and ``serve --check-config`` against a real daemon, over the
+local socket and over a real Mosquitto (as the ``operator`` user of ops/mosquitto/acl)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
+from tests.daemon.mosquitto import Mosquitto
+from tiercache.client import Client
+from tiercache.daemon.cli import main
+from tiercache.daemon.ctl import _progress_line, parse_args
+
+NS = make_ns()
+NODE = "ctl-test-node"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> Iterator[Path]:
+    """A ``tiercache serve`` process with a session "chat" of 3 blocks; yields its socket."""
+    root = tmp_path_factory.mktemp("ctl")
+    mqtt = mosquitto.config(node=NODE)
+    env = {
+        **os.environ,
+        "TIERCACHE_DAEMON__SOCKET": str(root / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(root / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(64 * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+        "TIERCACHE_MQTT__HOST": mqtt.host,
+        "TIERCACHE_MQTT__PORT": str(mqtt.port),
+        "TIERCACHE_MQTT__NODE": NODE,
+        "TIERCACHE_MQTT__USERNAME": mqtt.username,
+        "TIERCACHE_MQTT__PASSWORD_FILE": mqtt.password_file,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (root / "tc.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "tiercache serve did not start"
+            time.sleep(0.05)
+        with Client(root / "tc.sock") as c:
+            c.save(NS, make_tokens(3), make_blocks(3), session="chat")
+        yield root / "tc.sock"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def via_socket(served: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", str(served))
+    monkeypatch.setenv("TIERCACHE_MQTT__HOST", "")
+
+
+@pytest.fixture
+def via_mqtt(served: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch) -> None:
+    op = mosquitto.config("operator", node=NODE)
+    monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", "/nonexistent/so-it-must-be-mqtt.sock")
+    for key, value in (("HOST", op.host), ("PORT", str(op.port)), ("NODE", NODE),
+                       ("USERNAME", op.username), ("PASSWORD_FILE", op.password_file)):
+        monkeypatch.setenv(f"TIERCACHE_MQTT__{key}", value)
+
+
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+def test_ctl_pin_and_unpin_a_session(
+    channel: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request.getfixturevalue(channel)
+    assert main(["ctl", "pin", "session=chat"]) == 0
+    assert '"blocks": 3' in capsys.readouterr().out
+    assert main(["ctl", "unpin", "session=chat"]) == 0
+    assert '"blocks": 3' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+def test_status_shows_the_tiers(
+    channel: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request.getfixturevalue(channel)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host ") and "sessions 1" in out
+
+
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+def test_a_refused_command_exits_1_with_the_daemons_reason(
+    channel: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request.getfixturevalue(channel)
+    assert main(["ctl", "pin", "session=nobody"]) == 1
+    assert "unknown_session: unknown session 'nobody'" in capsys.readouterr().err
+
+
+def test_a_malformed_argument_exits_2(via_socket: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ctl", "pin", "chat"]) == 2
+    assert "argument 'chat' is not key=value" in capsys.readouterr().err
+
+
+def test_no_daemon_exits_1_saying_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", str(tmp_path / "none.sock"))
+    monkeypatch.setenv("TIERCACHE_MQTT__HOST", "")
+    assert main(["status"]) == 1
+    assert f"no tiercache daemon at {tmp_path / 'none.sock'}" in capsys.readouterr().err
+
+
+def test_check_config_prints_the_effective_config_as_toml(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "2GiB")
+    monkeypatch.setenv("TIERCACHE_POLICY__EVICTION", "arc")
+    assert main(["serve", "--check-config"]) == 0
+    cfg = tomllib.loads(capsys.readouterr().out)
+    assert cfg["tiers"]["host"]["bytes"] == 2 * 2**30
+    assert cfg["policy"]["eviction"] == "arc"
+
+
+def test_check_config_names_a_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[policy]\neviction = "fifo"\n')
+    assert main(["serve", "--config", str(bad), "--check-config"]) == 2
+    assert "policy.eviction: 'fifo' is not one of lru, arc" in capsys.readouterr().err
+
+
+def test_ctl_arguments_are_json_when_they_parse_and_strings_otherwise() -> None:
+    assert parse_args(["session=chat-1", "value=3", "x=null", "keys=[\"ab\"]"]) == {
+        "session": "chat-1", "value": 3, "x": None, "keys": ["ab"],
+    }
+
+
+def test_flush_progress_counts_dirty_blocks_written() -> None:
+    line = _progress_line("flush", {"dirty_blocks": 40}, {"dirty_blocks": 10}, 1.5)
+    assert line == "flush: [######################        ] 30/40 blocks    1.5s"
