@@ -1,0 +1,104 @@
+"""What only the composed daemon does: MQTT events from real counter changes, the status it
+publishes through a drain and a shutdown, and TTL expiry on its timer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
+from tests.daemon.mosquitto import Mosquitto
+from tiercache.client import AsyncClient
+from tiercache.daemon import service
+from tiercache.daemon.config import load_config
+from tiercache.daemon.service import Daemon
+
+NS = make_ns()
+
+
+async def _next(messages: AsyncIterator[aiomqtt.Message], topic: str, within: float = 15) -> Any:
+    async def find() -> Any:
+        async for msg in messages:
+            if msg.topic.matches(topic):
+                assert isinstance(msg.payload, bytes | bytearray)
+                payload = bytes(msg.payload).decode()
+                return json.loads(payload) if payload.startswith("{") else payload
+        raise AssertionError("subscription ended")
+
+    return await asyncio.wait_for(find(), within)
+
+
+async def test_the_daemon_publishes_events_status_and_drain(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "EVENT_INTERVAL", 0.2)
+    node = "service-test"
+    cfg = mosquitto.config(node=node)
+    env = {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(4 * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+        "TIERCACHE_MQTT__HOST": cfg.host,
+        "TIERCACHE_MQTT__PORT": str(cfg.port),
+        "TIERCACHE_MQTT__NODE": node,
+        "TIERCACHE_MQTT__USERNAME": cfg.username,
+        "TIERCACHE_MQTT__PASSWORD_FILE": cfg.password_file,
+    }
+    op = mosquitto.config("operator", node=node)
+    password = (await asyncio.to_thread(Path(op.password_file).read_text)).strip()
+    daemon = Daemon(load_config(env=env))
+    async with aiomqtt.Client(op.host, op.port, username=op.username, password=password,
+                              protocol=aiomqtt.ProtocolVersion.V5) as watcher:
+        await watcher.subscribe(f"tiercache/{node}/#", qos=1)
+        messages = watcher.messages
+        await daemon.start()
+        try:
+            assert await _next(messages, f"tiercache/{node}/status") == "online"
+            client = await AsyncClient.connect(tmp_path / "tc.sock")
+            await client.save(NS, make_tokens(10), make_blocks(10))  # 6 evictions from a 4-block host
+            event = await _next(messages, f"tiercache/{node}/events/evictions")
+            assert event == {"blocks": {"host": 6}, "interval_s": 0.2}
+            drained = await client.ctl("drain")
+            assert drained["draining"] is True
+            assert await _next(messages, f"tiercache/{node}/status") == "draining"
+            assert await _next(messages, f"tiercache/{node}/events/drain_done") == {
+                "flushed_bytes": drained["flushed_bytes"]
+            }
+            await client.close()
+        finally:
+            await daemon.shutdown()
+        # Shutdown drains (again) and then leaves: the retained status ends at offline.
+        assert await _next(messages, f"tiercache/{node}/status") == "draining"
+        assert await _next(messages, f"tiercache/{node}/status") == "offline"
+
+
+async def test_the_daemon_expires_sessions_on_its_timer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "EXPIRE_INTERVAL", 0.05)
+    env = {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+    }
+    daemon = Daemon(load_config(env=env))
+    await daemon.start()
+    try:
+        client = await AsyncClient.connect(tmp_path / "tc.sock")
+        await client.save(NS, make_tokens(2), make_blocks(2), session="brief")
+        await client.ctl("set", name="session.ttl", session="brief", value=0.1)
+        for _ in range(100):
+            if (await client.lookup(NS, make_tokens(2))).blocks == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.lookup(NS, make_tokens(2))).blocks == 0
+        assert (await client.stats())["sessions"] == 0
+        await client.close()
+    finally:
+        await daemon.shutdown()
