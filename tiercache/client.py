@@ -17,22 +17,18 @@ import asyncio
 import contextlib
 import itertools
 import os
-import threading
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_frame
 from tiercache.keys import KeyChain, Namespace
-from tiercache.manager import SaveResult, Tokens, _as_tokens
-from tiercache.spec import KVSpec
+from tiercache.loop import LoopThread
+from tiercache.manager import LoadResult, SaveResult, Tokens, _as_tokens, block_rows
 from tiercache.tiers.host import MappedArena
-
-T = TypeVar("T")
 
 
 class RemoteError(RuntimeError):
@@ -49,30 +45,6 @@ class RemoteLookup:
     blocks: int
     tokens: int
     tiers: list[str]
-
-
-@dataclass(slots=True)
-class RemoteLoad:
-    data: torch.Tensor  # uint8 [blocks, block_nbytes]
-    tiers: list[str]
-    namespace: Namespace
-    seconds: float = 0.0
-
-    @property
-    def per_tier(self) -> dict[str, int]:
-        return {t: self.tiers.count(t) for t in set(self.tiers)}
-
-    @property
-    def blocks(self) -> int:
-        return len(self.tiers)
-
-    @property
-    def tokens(self) -> int:
-        return self.blocks * self.namespace.spec.block_size
-
-    def kv(self) -> torch.Tensor:
-        spec = self.namespace.spec
-        return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
 
 
 class AsyncClient:
@@ -142,7 +114,7 @@ class AsyncClient:
     ) -> SaveResult:
         """Store blocks ``first_block ..`` of ``tokens`` (page-first rows, typed or uint8)."""
         await self.register(ns)
-        data = _as_rows(ns.spec, blocks)
+        data = block_rows(ns.spec, blocks)
         packed = _chain(ns, tokens)
         assert self._arena is not None
         stored = present = rejected = done = 0
@@ -171,7 +143,7 @@ class AsyncClient:
 
     async def load(
         self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None
-    ) -> RemoteLoad:
+    ) -> LoadResult:
         """The cached prefix of ``tokens``, byte-exact (or shorter: a miss ends it)."""
         t0 = time.perf_counter()
         await self.register(ns)
@@ -195,7 +167,9 @@ class AsyncClient:
             if not res["slots"] or len(res["slots"]) >= res["prefix"]:
                 break
         data = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return RemoteLoad(data, tiers, ns, time.perf_counter() - t0)
+        return LoadResult(
+            data, tiers, ns, time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
+        )
 
     async def prefetch(
         self,
@@ -248,39 +222,17 @@ def _chain(ns: Namespace, tokens: Tokens) -> bytes:
     return keys.to_bytes()
 
 
-def _as_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
-    if blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.shape[1] == spec.block_nbytes:
-        return blocks.contiguous()
-    if blocks.dtype != spec.torch_dtype or tuple(blocks.shape[1:]) != spec.block_shape:
-        raise ValueError(
-            f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] {spec.dtype} "
-            f"or uint8 [n, {spec.block_nbytes}], got {list(blocks.shape)} {blocks.dtype}"
-        )
-    return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
-
-
 class Client:
     """Blocking ``AsyncClient``, run on a private event-loop thread."""
 
     def __init__(self, path: str | Path, *, name: str = "") -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="tiercache-client", daemon=True
-        )
-        self._thread.start()
+        self._thread = LoopThread("tiercache-client")
+        self._run = self._thread.run
         try:
             self._c: AsyncClient = self._run(AsyncClient.connect(path, name=name))
         except BaseException:
-            self._stop()
+            self._thread.stop()
             raise
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
         return self._run(self._c.lookup(ns, tokens))
@@ -296,7 +248,7 @@ class Client:
     ) -> SaveResult:
         return self._run(self._c.save(ns, tokens, blocks, first_block=first_block, session=session))
 
-    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> RemoteLoad:
+    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
         return self._run(self._c.load(ns, tokens, max_blocks=max_blocks))
 
     def prefetch(
@@ -330,7 +282,7 @@ class Client:
         try:
             self._run(self._c.close())
         finally:
-            self._stop()
+            self._thread.stop()
 
     def __enter__(self) -> Client:
         return self
@@ -339,4 +291,4 @@ class Client:
         self.close()
 
 
-__all__ = ["AsyncClient", "Client", "RemoteError", "RemoteLoad", "RemoteLookup"]
+__all__ = ["AsyncClient", "Client", "RemoteError", "RemoteLookup"]

@@ -7,19 +7,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import torch
 
 from tiercache.daemon.config import Config, load_config
 from tiercache.keys import BlockKey, Namespace
+from tiercache.loop import LoopThread
 from tiercache.manager import LoadResult, LookupResult, SaveResult, TierManager, Tokens
 from tiercache.stats import Stats
-
-T = TypeVar("T")
 
 
 async def open_cache(config: Config | None = None, *, stats: Stats | None = None) -> TierManager:
@@ -44,15 +40,13 @@ class SyncCache:
     """Blocking facade over a ``TierManager`` running on its own event-loop thread."""
 
     def __init__(self, config: Config | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="tiercache-loop", daemon=True
-        )
-        self._thread.start()
-        self.manager: TierManager = self._run(open_cache(config))
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        self._thread = LoopThread("tiercache-loop")
+        self._run = self._thread.run
+        try:
+            self.manager: TierManager = self._run(open_cache(config))
+        except BaseException:
+            self._thread.stop()
+            raise
 
     def save(
         self,
@@ -101,9 +95,7 @@ class SyncCache:
         try:
             self._run(self.manager.close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._thread.stop()
 
     def __enter__(self) -> SyncCache:
         return self

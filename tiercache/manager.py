@@ -33,6 +33,7 @@ from tiercache.index import Entry, Index, Session
 from tiercache.keys import BlockKey, KeyChain, Namespace
 from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
+from tiercache.spec import KVSpec
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
@@ -143,6 +144,27 @@ class Lease:
     @property
     def slots(self) -> list[int]:
         return [e.host_slot for e in self.entries if e.host_slot is not None]
+
+
+def block_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks for ``spec`` (typed ``[n, *block_shape]`` or uint8 ``[n, block_nbytes]``) as uint8
+    rows; anything else is a BlockShapeError naming the expected shape."""
+    if blocks.device.type != "cpu":
+        raise BlockShapeError(f"blocks must be on the CPU here, got {blocks.device}")
+    if blocks.dtype == torch.uint8:
+        if blocks.dim() != 2 or blocks.shape[1] != spec.block_nbytes:
+            raise BlockShapeError(
+                f"uint8 blocks must be [n, {spec.block_nbytes}] for this namespace, got {list(blocks.shape)}"
+            )
+        return blocks.contiguous()
+    if blocks.dtype != spec.torch_dtype:
+        raise BlockShapeError(f"blocks have dtype {blocks.dtype}, namespace stores {spec.dtype}")
+    if tuple(blocks.shape[1:]) != spec.block_shape:
+        raise BlockShapeError(
+            f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] "
+            f"(layers, K/V, block_size, kv_heads, head_dim), got {list(blocks.shape)}"
+        )
+    return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
 
 
 def _keys(ns: Namespace, tokens: Tokens) -> list[BlockKey]:
@@ -259,28 +281,6 @@ class TierManager:
         self.namespaces[path] = ns
         return path
 
-    def _check_blocks(self, ns: Namespace, blocks: torch.Tensor) -> torch.Tensor:
-        """Validate blocks for ``ns`` and return them as uint8 ``[n, block_nbytes]``."""
-        spec = ns.spec
-        if blocks.device.type != "cpu":
-            raise BlockShapeError(f"blocks must be on the CPU here, got {blocks.device}")
-        if blocks.dtype == torch.uint8:
-            if blocks.dim() != 2 or blocks.shape[1] != spec.block_nbytes:
-                raise BlockShapeError(
-                    f"uint8 blocks must be [n, {spec.block_nbytes}] for this namespace, got {list(blocks.shape)}"
-                )
-            return blocks.contiguous()
-        if blocks.dtype != spec.torch_dtype:
-            raise BlockShapeError(
-                f"blocks have dtype {blocks.dtype}, namespace stores {spec.dtype}"
-            )
-        if tuple(blocks.shape[1:]) != spec.block_shape:
-            raise BlockShapeError(
-                f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] "
-                f"(layers, K/V, block_size, kv_heads, head_dim), got {list(blocks.shape)}"
-            )
-        return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
-
     # -- save -------------------------------------------------------------
 
     async def save(
@@ -300,7 +300,7 @@ class TierManager:
         steps a socket client takes through the shared arena.
         """
         t0 = time.perf_counter()
-        data = self._check_blocks(ns, blocks)
+        data = block_rows(ns.spec, blocks)
         stored = present = rejected = 0
         done = 0
         while done < data.shape[0]:
