@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tiercache.bench import MODULES as BENCHMARKS
 from tiercache.daemon.config import Config, ConfigError, load_config
 from tiercache.daemon.ctl import CtlError
 from tiercache.spec import KVSpec, SpecError, format_size
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="run a benchmark, writing JSON and a PNG")
-    b.add_argument("name", choices=["storage", "resume", "disk-layout", "control"])
+    b.add_argument("name", choices=list(BENCHMARKS))
     b.add_argument("--out", default="bench-out")
     b.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     b.set_defaults(func=cmd_bench)

@@ -122,6 +122,16 @@ class Control:
             "pinned_blocks": sum(1 for e in m.index if m.index.pins[e.key] > 0),
             # Host-only blocks a flush would write (what flush and drain progress is measured in).
             "dirty_blocks": sum(1 for e in m.index if e.disk is None) if m.disk is not None else 0,
+            # Blocks a reader holds (a dead client's are released with its connection).
+            "leased_blocks": sum(1 for e in m.index if e.leases > 0),
+            # Host slots neither free nor holding a visible block: open save reservations.
+            "reserved_slots": (
+                m.host.num_slots
+                - m.host.free_slots
+                - sum(1 for e in m.index if e.host_slot is not None)
+            )
+            if m.host is not None
+            else 0,
             "draining": self.draining,
             "policy": {
                 "eviction": m.eviction,

@@ -15,10 +15,7 @@ equality. Tokens are bytes of the message text.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,7 @@ import torch
 
 from tiercache.client import Client
 from tiercache.daemon.config import Config
+from tiercache.daemon.process import DaemonProcess
 from tiercache.integrations.hf import HFChatCache
 from tiercache.spec import format_size
 
@@ -69,40 +67,6 @@ def _ttft(model: Any, ids: torch.Tensor, past: Any) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-class DaemonProcess:
-    """``tiercache serve`` in a child process, on a private socket, with the caller's config."""
-
-    def __init__(self, config_path: str | None, workdir: Path) -> None:
-        self.socket = workdir / "tiercache.sock"
-        self.env = {
-            **os.environ,
-            "TIERCACHE_DAEMON__SOCKET": str(self.socket),
-            "TIERCACHE_METRICS__LISTEN": "",  # a second exporter would fight a running daemon's port
-            "TIERCACHE_MQTT__HOST": "",
-        }
-        self.args = [sys.executable, "-m", "tiercache.daemon.cli", "serve"]
-        if config_path:
-            self.args += ["--config", config_path]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.proc = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"the tiercache daemon did not start:\n{err}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the tiercache daemon did not open its socket in time")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
-        self.proc = None
-
-
 def run_demo(
     config: Config,
     *,
@@ -126,7 +90,7 @@ def run_demo(
     reports: list[TurnReport] = []
     session = "demo-chat"
     with tempfile.TemporaryDirectory(prefix="tiercache-demo-") as tmp:
-        daemon = DaemonProcess(config_path, Path(tmp))
+        daemon = DaemonProcess(Path(tmp), config_path=config_path)
         daemon.start()
         client = Client(daemon.socket, name="tiercache-demo")
         try:

@@ -28,6 +28,7 @@ from tiercache.daemon.metrics import Metrics, MetricsServer
 from tiercache.daemon.server import SocketServer
 from tiercache.embedded import open_cache
 from tiercache.manager import TierManager
+from tiercache.tiers.host import reap_stale_arenas
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        for name in reap_stale_arenas():
+            log.warning("removed %s, the shared arena of a daemon that died", name)
         self.manager = manager = await open_cache(cfg, stats=self.metrics)
         self.control = Control(manager, on_drained=self._drained)
         self.server = SocketServer(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import OpenCache, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, OpenCache, as_bytes, make_blocks, make_ns, make_tokens
 from tiercache import KVSpec, Namespace, TierManager
 from tiercache.tiers.blockio import SlabIO
 
@@ -68,21 +68,38 @@ async def test_a_file_truncated_while_running_is_a_miss_from_the_cut(open_cache:
     assert m.stats.corrupt_blocks == 1
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-async def test_a_damaged_shard_file_is_dropped_at_start(open_cache: OpenCache, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "kept"), [("truncated", SHARD_BLOCKS + 2), ("missing", SHARD_BLOCKS)])
+async def test_a_damaged_shard_file_loses_only_what_it_lost(open_cache: OpenCache, damage: str, kept: int) -> None:
     n = SHARD_BLOCKS + 4  # two shard files: blocks 0-15 and 16-19
     m, tokens, blocks = await saved_on_disk_only(open_cache, n)
-    path, _ = locate(m, NS.block_keys(tokens)[SHARD_BLOCKS])
+    path, offset = locate(m, NS.block_keys(tokens)[SHARD_BLOCKS + 2])
     await m.close()
     if damage == "truncated":
-        os.truncate(path, path.stat().st_size - 1)
+        os.truncate(path, offset + 77)  # cut inside block 18: 16 and 17 are whole
     else:
         path.unlink()
     m2 = await open_cache()
-    assert m2.lookup(NS, tokens).blocks == SHARD_BLOCKS
-    assert m2.disk is not None and m2.disk.corrupt_reads == 4
+    assert m2.lookup(NS, tokens).blocks == kept
+    assert m2.disk is not None and m2.disk.corrupt_reads == n - kept
     got = await m2.load(NS, tokens)
-    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:SHARD_BLOCKS]))
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:kept]))
+
+
+async def test_a_shard_cut_short_is_repaired_by_the_next_write(open_cache: OpenCache) -> None:
+    import zarr
+
+    m, tokens, _ = await saved_on_disk_only(open_cache, 2)
+    path, offset = locate(m, NS.block_keys(tokens)[0])
+    await m.close()
+    os.truncate(path, offset + 2 * NBYTES)  # the blocks survive, the zarr shard index does not
+    m2 = await open_cache(write="write-through")
+    more, more_blocks = make_tokens(1, seed=77), make_blocks(1, seed=77)
+    await m2.save(NS, more, more_blocks)  # lands in the same shard: its index is written again
+    assert m2.disk is not None
+    slot = m2.index.get(NS.block_keys(more)[0]).disk.slot  # type: ignore[union-attr]
+    await m2.close()
+    arr = zarr.open_array(str(path.parents[4]), path=f"ns/{NS.hex}", mode="r")  # the store root
+    assert torch.equal(torch.from_numpy(arr[slot : slot + 1]), as_bytes(more_blocks))
 
 
 async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path: Path) -> None:

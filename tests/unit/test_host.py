@@ -358,3 +358,17 @@ def test_a_shared_arena_larger_than_dev_shm_is_refused_by_name() -> None:
     too_big = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize + 2**30
     with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
         HostArena(SLOT, too_big, shared=True, pin=False)
+
+
+def test_arenas_of_dead_owners_are_reaped_and_live_ones_kept(tmp_path: Path) -> None:
+    from tiercache.tiers.host import reap_stale_arenas
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f"tiercache-{dead}-0badf00d").write_bytes(b"x")
+    (tmp_path / f"tiercache-{os.getpid()}-0badf00d").write_bytes(b"x")
+    (tmp_path / "someone-else").write_bytes(b"x")
+    assert reap_stale_arenas(tmp_path) == [f"tiercache-{dead}-0badf00d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"tiercache-{os.getpid()}-0badf00d", "someone-else"]
+    )

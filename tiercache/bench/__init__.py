@@ -14,6 +14,7 @@ MODULES = {
     "resume": "resume",
     "disk-layout": "disk_layout",
     "control": "control",
+    "reliability": "reliability",
 }
 
 

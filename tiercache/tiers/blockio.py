@@ -203,7 +203,9 @@ class SlabIO:
         return out
 
     async def present(self, path: str) -> dict[int, int]:
-        """Slot -> bytes available, for every slot in a shard file of the full, expected size."""
+        """Slot -> bytes available: every slot wholly inside its shard file. A shard file cut
+        short (a crash, a bad copy) keeps the blocks before the cut; they are verified by
+        checksum on every read, and its index is rewritten when the shard is next written."""
         slab = self._slabs[path]
         out: dict[int, int] = {}
         if not slab.dir.exists():
@@ -212,12 +214,11 @@ class SlabIO:
             for f in files:
                 p = Path(dirpath) / f
                 try:
-                    if p.stat().st_size != slab.shard_bytes:
-                        continue
+                    size = p.stat().st_size
                     shard = int(p.relative_to(slab.dir / "c").parts[0])
                 except (OSError, ValueError):
                     continue
-                for i in range(slab.shard_blocks):
+                for i in range(min(slab.shard_blocks, size // slab.nbytes)):
                     out[shard * slab.shard_blocks + i] = slab.nbytes
         return out
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import mmap
 import os
+import re
 import secrets
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,27 @@ def _runs(slots: Sequence[int], rows: Sequence[int]) -> Iterator[tuple[int, int,
         if i == len(slots) or slots[i] != slots[i - 1] + 1 or rows[i] != rows[i - 1] + 1:
             yield slots[start], rows[start], i - start
             start = i
+
+
+def reap_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove shared arenas whose daemon died without closing them (kill -9); returns their names.
+
+    Arena files are named ``tiercache-<owner pid>-<random>``: one whose owner
+    no longer exists is garbage, and would otherwise hold its memory until reboot.
+    """
+    gone: list[str] = []
+    for path in shm_dir.glob("tiercache-*-*"):
+        m = re.fullmatch(r"tiercache-(\d+)-[0-9a-f]+", path.name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            gone.append(path.name)
+        except PermissionError:
+            pass  # alive, another user's
+    return gone
 
 
 class ArenaFull(RuntimeError):

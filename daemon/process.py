@@ -1,0 +1,85 @@
+"""``tiercache serve`` as a child process: what the demo, the benchmarks and the fault campaigns
+start, stop, kill -9 and restart.
+
+Settings go in as ``TIERCACHE_*`` environment overrides on top of the caller's
+environment (and an optional config file), so the child reads them with the
+same loader as any daemon. The socket lives in the caller's work directory;
+metrics and MQTT are off unless the overrides turn them on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class DaemonProcess:
+    def __init__(
+        self, workdir: Path, env: Mapping[str, str] | None = None, config_path: str | None = None
+    ) -> None:
+        self.socket = workdir / "tiercache.sock"
+        self.log = (
+            workdir / "daemon.log"
+        )  # a file, not a pipe: an unread pipe would block the daemon
+        self.env = {
+            **os.environ,
+            "TIERCACHE_DAEMON__SOCKET": str(self.socket),
+            "TIERCACHE_METRICS__LISTEN": "",
+            "TIERCACHE_MQTT__HOST": "",
+            **(env or {}),
+        }
+        self.args = [sys.executable, "-m", "tiercache.daemon.cli", "serve"]
+        if config_path:
+            self.args += ["--config", config_path]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the daemon is not running"
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the daemon and wait until its socket accepts clients."""
+        self.socket.unlink(missing_ok=True)  # what a killed daemon leaves behind
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"the tiercache daemon did not start:\n{tail}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"the tiercache daemon did not open {self.socket} in {timeout:.0f} s"
+                )
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (drain and flush) and wait; returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def __enter__(self) -> DaemonProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
