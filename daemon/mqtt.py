@@ -120,7 +120,9 @@ def _check_config(cfg: MqttConfig) -> str | None:
     if not cfg.host:
         raise ConfigError("mqtt.host: empty, so MQTT is off; set it to the broker's address")
     if not 0 < cfg.port < 65536:
-        raise ConfigError(f"mqtt.port: {cfg.port} is not a TCP port (1883 plain, 8883 TLS by convention)")
+        raise ConfigError(
+            f"mqtt.port: {cfg.port} is not a TCP port (1883 plain, 8883 TLS by convention)"
+        )
     if not cfg.prefix or any(c in cfg.prefix for c in "+#\0") or cfg.prefix.endswith("/"):
         raise ConfigError(f"mqtt.prefix: {cfg.prefix!r} must be a topic without wildcards")
     try:
