@@ -53,3 +53,11 @@ async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
     yield factory
     for m in opened:
         await m.close(flush=False)
+
+
+def fuzz_examples(n: int) -> int:
+    """``n`` hypothesis examples, times ``TIERCACHE_FUZZ_SCALE`` (default 1): the long fuzz run is
+    ``TIERCACHE_FUZZ_SCALE=100 pytest tests/daemon tests/integration/test_stateful.py tests/unit/test_config.py``."""
+    import os
+
+    return n * max(1, int(os.environ.get("TIERCACHE_FUZZ_SCALE", "1")))

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.conftest import NBYTES, OpenCache, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, OpenCache, fuzz_examples, make_blocks, make_ns, make_tokens
 from tests.daemon.mosquitto import (
     USERS,
     Mosquitto,
@@ -626,7 +626,7 @@ json_args = st.dictionaries(st.sampled_from(["session", "name", "value", "keys"]
 payloads = st.binary(max_size=64) | json_args.map(lambda a: json.dumps(a).encode()) | st.just(b"")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(verb=st.sampled_from(VERBS) | st.text(max_size=12), payload=payloads)
 async def test_any_verb_and_payload_get_exactly_one_well_formed_reply(
     manager: TierManager, verb: str, payload: bytes

@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, SPEC, as_bytes, fuzz_examples, make_blocks, make_ns, make_tokens
 from tiercache.client import AsyncClient, RemoteError
 from tiercache.daemon.config import load_config
 from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode
@@ -240,7 +240,7 @@ async def test_drain_refuses_saves_but_serves_loads(client: AsyncClient) -> None
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_the_frame_decoder_raises_only_protocol_errors(body: bytes) -> None:
     try:
@@ -264,7 +264,7 @@ MESSAGES = st.dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(msgs=st.lists(MESSAGES, max_size=6))
 async def test_fuzzed_messages_always_get_a_reply_and_never_hurt_the_daemon(
     daemon: Daemon, msgs: list[dict]  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.conftest import NBYTES, SPEC, make_ns
+from tests.conftest import NBYTES, SPEC, fuzz_examples, make_ns
 from tiercache import TierManager
 
 NS = make_ns()
@@ -138,7 +138,7 @@ class ARCCacheMachine(CacheMachine):
 
 
 SETTINGS = settings(
-    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=fuzz_examples(40), stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 CacheMachine.TestCase.settings = SETTINGS
 ARCCacheMachine.TestCase.settings = SETTINGS

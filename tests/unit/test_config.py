@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import fuzz_examples
 from tiercache.daemon.config import (
     Config,
     ConfigError,
@@ -454,6 +455,7 @@ JUNK = st.one_of(
 )
 
 
+@settings(max_examples=fuzz_examples(100))
 @given(name=st.sampled_from(sorted(ENV_KEYS)), value=JUNK)
 def test_junk_environment_value_for_a_known_key_loads_or_raises_a_config_error_naming_it(
     name: str, value: str
