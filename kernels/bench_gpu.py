@@ -1,0 +1,260 @@
+"""GPU benchmark of the data path: gather/scatter kernels against the copies they replace.
+
+What it measures, side by side in one run (``tiercache.bench.common.side_by_side``: each
+repetition times ours and the baseline back to back, alternating which goes first; the
+result is the median per-rep ratio), in bytes read + written per second:
+
+- ``gather`` / ``scatter`` (one launch for all layers) against a device-to-device copy of the
+  same bytes (the ceiling), a loop of one ``cudaMemcpyAsync`` per (block, layer, K/V) fragment
+  (what a connector without a kernel does), and torch ``index_select`` / ``index_copy_`` (the
+  reference: one call per layer);
+- the quantized int8 and fp8 gather (narrow bytes written) against the plain gather;
+- host <-> device of a block set: torch's copy from a pinned buffer against a raw
+  ``cudaMemcpyAsync`` of the same pinned bytes, and against a pageable source.
+
+Shapes: Llama-3-8B's vLLM block (32 layers, 8 KV heads x 128, 16 tokens, bf16: 2 MiB a block)
+and a small-head model's (Qwen2.5-0.5B: 24 layers, 2 KV heads x 64: 96 KiB a block), 256
+blocks moved out of a cache of 1024, ids shuffled. Targets (issue 4): gather/scatter >= 0.8 of
+the D2D copy and >= 2x the per-fragment loop; H2D/D2H >= 0.9 of pinned memcpy.
+
+Run on a GPU machine with ``scripts/gpu_check.sh`` (or ``python -m tiercache.kernels.bench_gpu
+--out DIR``); on a machine without CUDA it says so and exits 1. Importable anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiercache.bench.common import side_by_side
+from tiercache.kernels import cuda, reference
+from tiercache.kernels.reference_quant import Format
+from tiercache.spec import KVSpec
+
+SHAPES = {
+    "llama-3-8b": KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16"),
+    "qwen2.5-0.5b": KVSpec(num_layers=24, num_kv_heads=2, head_dim=64, dtype="bfloat16"),
+}
+TARGETS = {"vs_d2d": 0.8, "vs_memcpy_loop": 2.0, "vs_pinned_memcpy": 0.9}
+D2D, H2D, D2H = 3, 1, 2  # cudaMemcpyKind
+
+
+def timed_cuda(fn: Callable[[], object]) -> float:
+    """Seconds ``fn``'s GPU work takes on the current stream, by CUDA events."""
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / 1e3
+
+
+def compare(
+    ours: Callable[[], object], base: Callable[[], object], nbytes: int, reps: int
+) -> dict[str, float]:
+    for f in (ours, base):  # warm-up: compile, allocate
+        f()
+    torch.cuda.synchronize()
+    r = side_by_side(lambda: timed_cuda(ours), lambda: timed_cuda(base), reps)
+    return {**r, "ours_GBps": nbytes / r["ours_s"] / 1e9, "base_GBps": nbytes / r["base_s"] / 1e9}
+
+
+def memcpy_loop(pairs: Sequence[tuple[int, int]], size: int, kind: int) -> Callable[[], None]:
+    """One cudaMemcpyAsync per (dst, src) pair on torch's current stream."""
+    cp = cuda._cupy()
+    memcpy = cp.cuda.runtime.memcpyAsync
+
+    def run() -> None:
+        stream = torch.cuda.current_stream().cuda_stream
+        for dst, src in pairs:
+            memcpy(dst, src, size, kind, stream)
+
+    return run
+
+
+def quantized_gather(
+    spec: KVSpec, caches: Sequence[reference.LayerCache], ids: list[int], fmt: Format
+) -> Callable[[], object]:
+    return lambda: cuda.gather_quantized(spec, caches, ids, fmt=fmt)
+
+
+def bench_shape(spec: KVSpec, n: int, num_blocks: int, reps: int) -> dict[str, Any]:
+    dev = torch.device("cuda", 0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    caches: list[reference.LayerCache] = [
+        torch.randn(shape, generator=g, device=dev).to(spec.torch_dtype)
+        for _ in range(spec.num_layers)
+    ]
+    ids = torch.randperm(num_blocks, generator=g, device=dev)[:n].tolist()
+    out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=dev)
+    flat_src = torch.empty(n * spec.block_nbytes, dtype=torch.uint8, device=dev)
+    flat_dst = torch.empty_like(flat_src)
+    moved = 2 * n * spec.block_nbytes  # read + written
+    frag = spec.block_size * spec.num_kv_heads * spec.head_dim * spec.element_bytes
+    # A (layer, K/V, block) fragment of a vLLM cache is contiguous: one memcpy each.
+    pairs = [
+        (out.data_ptr() + ((i * spec.num_layers + layer) * 2 + kv) * frag,
+         c.data_ptr() + (kv * num_blocks + block) * frag)
+        for i, block in enumerate(ids)
+        for layer, c in enumerate(caches) if isinstance(c, torch.Tensor)
+        for kv in range(2)
+    ]  # fmt: skip
+    back = [(src, dst) for dst, src in pairs]
+
+    def gather() -> None:
+        cuda.gather(spec, caches, ids, out=out)
+
+    def scatter() -> None:
+        cuda.scatter(spec, out, caches, ids)
+
+    result: dict[str, Any] = {"spec": spec.to_dict(), "blocks": n, "bytes_moved": moved}
+    result["gather_vs_d2d"] = compare(gather, lambda: flat_dst.copy_(flat_src), moved, reps)
+    result["gather_vs_memcpy_loop"] = compare(gather, memcpy_loop(pairs, frag, D2D), moved, reps)
+    result["gather_vs_index_select"] = compare(
+        gather, lambda: reference.gather(spec, caches, ids, out=out), moved, reps
+    )
+    result["scatter_vs_d2d"] = compare(scatter, lambda: flat_dst.copy_(flat_src), moved, reps)
+    result["scatter_vs_memcpy_loop"] = compare(scatter, memcpy_loop(back, frag, D2D), moved, reps)
+    result["scatter_vs_index_copy"] = compare(
+        scatter, lambda: reference.scatter(spec, out, caches, ids), moved, reps
+    )
+    fp8 = torch.cuda.get_device_capability(dev) >= cuda.FP8_CAPABILITY
+    formats: tuple[Format, ...] = ("int8", "fp8") if fp8 else ("int8",)
+    for fmt in formats:
+        # Read wide, written narrow (the scales are noise at these shapes).
+        narrow = n * spec.block_nbytes + n * spec.block_nbytes // spec.element_bytes
+        result[f"quant_gather_{fmt}_vs_gather"] = compare(
+            quantized_gather(spec, caches, ids, fmt), gather, narrow, reps
+        )
+
+    nbytes = n * spec.block_nbytes
+    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    pageable = torch.empty(nbytes, dtype=torch.uint8)
+    dst = flat_dst
+    cp = cuda._cupy()
+
+    def raw_copy(to: int, frm: int, kind: int) -> Callable[[], None]:
+        def run() -> None:
+            stream = torch.cuda.current_stream().cuda_stream
+            cp.cuda.runtime.memcpyAsync(to, frm, nbytes, kind, stream)
+
+        return run
+
+    result["h2d_vs_pinned_memcpy"] = compare(
+        lambda: dst.copy_(pinned, non_blocking=True),
+        raw_copy(dst.data_ptr(), pinned.data_ptr(), H2D), nbytes, reps,
+    )  # fmt: skip
+    result["d2h_vs_pinned_memcpy"] = compare(
+        lambda: pinned.copy_(dst, non_blocking=True),
+        raw_copy(pinned.data_ptr(), dst.data_ptr(), D2H), nbytes, reps,
+    )  # fmt: skip
+    result["h2d_pageable_vs_pinned"] = compare(
+        lambda: dst.copy_(pageable), lambda: dst.copy_(pinned, non_blocking=True), nbytes, reps
+    )
+    return result
+
+
+def machine() -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "sms": props.multi_processor_count,
+        "gpu_memory_GiB": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cupy": cuda._cupy().__version__,
+        "python": platform.python_version(),
+    }
+
+
+def verdicts(shape: dict[str, Any]) -> dict[str, bool]:
+    """Each target of issue 4 that this shape's numbers meet."""
+    ratio = {k: v["ratio"] for k, v in shape.items() if isinstance(v, dict) and "ratio" in v}
+    return {
+        "gather >= 0.8 x d2d": ratio["gather_vs_d2d"] >= TARGETS["vs_d2d"],
+        "scatter >= 0.8 x d2d": ratio["scatter_vs_d2d"] >= TARGETS["vs_d2d"],
+        "gather >= 2 x memcpy loop": ratio["gather_vs_memcpy_loop"] >= TARGETS["vs_memcpy_loop"],
+        "scatter >= 2 x memcpy loop": ratio["scatter_vs_memcpy_loop"] >= TARGETS["vs_memcpy_loop"],
+        "h2d >= 0.9 x pinned memcpy": ratio["h2d_vs_pinned_memcpy"] >= TARGETS["vs_pinned_memcpy"],
+        "d2h >= 0.9 x pinned memcpy": ratio["d2h_vs_pinned_memcpy"] >= TARGETS["vs_pinned_memcpy"],
+    }
+
+
+def run(out: Path, quick: bool) -> dict[str, Any]:
+    n, num_blocks, reps = (16, 64, 3) if quick else (256, 1024, 21)
+    result: dict[str, Any] = {"benchmark": "gpu", "machine": machine(), "shapes": {}}
+    for name, spec in SHAPES.items():
+        shape = bench_shape(spec, n, num_blocks, reps)
+        shape["targets_met"] = verdicts(shape)
+        result["shapes"][name] = shape
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "gpu.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["shapes"])
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        rows = {
+            k: v for k, v in result["shapes"][name].items() if isinstance(v, dict) and "ratio" in v
+        }
+        labels = list(rows)
+        ax.barh(labels, [rows[k]["ours_GBps"] for k in labels], height=0.4, label="ours")
+        ax.barh([i + 0.4 for i in range(len(labels))], [rows[k]["base_GBps"] for k in labels],
+                height=0.4, label="baseline")  # fmt: skip
+        ax.set_xlabel("GB/s (bytes read + written)")
+        ax.set_title(name)
+        ax.legend()
+    fig.suptitle(f"tiercache GPU data path on {result['machine']['gpu']}")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [f"GPU benchmark on {result['machine']['gpu']} ({json.dumps(result['machine'])})"]
+    for name, shape in result["shapes"].items():
+        lines.append(
+            f"\n{name}: {shape['blocks']} blocks, {shape['bytes_moved'] / 2**20:.0f} MiB moved"
+        )
+        for key, v in shape.items():
+            if isinstance(v, dict) and "ratio" in v:
+                lines.append(
+                    f"  {key:28s} ours {v['ours_GBps']:8.1f} GB/s  base {v['base_GBps']:8.1f} GB/s"
+                    f"  ratio {v['ratio']:.2f}"
+                )
+        met = shape["targets_met"]
+        lines.append(
+            "  targets: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in met.items())
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where gpu.json/png go")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = p.parse_args(argv)
+    if not cuda.available():
+        print("bench_gpu: no CUDA device visible to CuPy and torch; nothing measured")
+        return 1
+    print(report(run(args.out, args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""CUDA gather/scatter: CuPy launches of ``gather_scatter.cu`` and ``quant.cu`` on torch tensors.
+
+The same functions, signatures and results as the torch reference
+(``reference.gather`` / ``reference.scatter`` and ``reference_quant``'s
+quantized pair), plus ``stream``: every layer of every block moves in one
+kernel launch instead of one ``index_select`` per layer, K and V, which is what
+makes a prefix of a few hundred blocks cheap to move. The tests on a GPU
+(``tests/gpu``) hold them to the reference byte for byte.
+
+Launching: the layout is resolved here into a table of per-(layer, K/V) base
+addresses and three byte strides (``addressing``: see ``gather_scatter.cu``
+for the arithmetic), copied to the device with the block ids, and the kernel
+is launched on ``stream`` (default: torch's current stream). Every allocation
+is made while ``stream`` is current, so torch's caching allocator does not
+hand the table, the ids or the output to other work before the kernel is done.
+The 16-byte vector kernel is chosen when every base address, stride and row
+is a multiple of 16 bytes (any real engine's cache), the byte kernel otherwise.
+
+Rejected: building the kernels as a torch C++ extension. It ties the wheel to
+one torch and CUDA build and needs a compiler where the daemon runs; CuPy's
+NVRTC compiles the sources once per process (``_function`` is cached) against
+whatever driver is there. CuPy is imported lazily: without it (or without a
+device) ``available()`` is false and callers use the torch reference.
+
+Pointers go to the kernels as integers (``tensor.data_ptr()``), never as CuPy
+arrays: CuPy has no bfloat16 or float8, and only the bytes matter here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiercache.kernels.reference import LayerCache, LayoutError, _check
+from tiercache.kernels.reference_quant import (
+    QDTYPE,
+    Format,
+    QuantBlocks,
+    _fmt,
+    check_engine_dtype,
+    check_quantized,
+)
+from tiercache.spec import KVSpec, Layout
+
+HERE = Path(__file__).resolve().parent
+THREADS = 256  # TC_THREADS in both .cu files
+NVRTC_OPTIONS = ("--std=c++17",)
+FP8_CAPABILITY = (8, 9)  # cvt.rn.satfinite.e4m3x2.f32
+
+
+class KernelUnavailable(RuntimeError):
+    """A CUDA kernel that cannot run here (no CuPy, no device, or fp8 on a GPU before sm_89)."""
+
+
+def _cupy() -> Any:
+    """The ``cupy`` module (untyped: ``Any`` stays inside this file)."""
+    return importlib.import_module("cupy")
+
+
+def available() -> bool:
+    """True when CuPy imports and a CUDA device is visible to both CuPy and torch."""
+    try:
+        cp = _cupy()
+        return torch.cuda.is_available() and int(cp.cuda.runtime.getDeviceCount()) > 0
+    except Exception:  # ImportError, or CuPy's own CUDARuntimeError without a driver
+        return False
+
+
+@functools.cache
+def _function(source: str, name: str, device: int) -> Any:
+    """Kernel ``name`` of ``source`` (a file next to this one), compiled once per device."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        module = cp.RawModule(code=(HERE / source).read_text(), options=NVRTC_OPTIONS)
+        return module.get_function(name)
+
+
+# --- addressing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Addressing:
+    """Where a block's rows are: row (layer, kv, block, token, head) starts at byte
+    ``ptrs[layer * 2 + kv] + block * s_block + token * s_token + head * s_head``."""
+
+    ptrs: list[int]
+    s_block: int
+    s_token: int
+    s_head: int
+    row_bytes: int
+    num_blocks: int
+
+    def aligned(self, *others: int) -> bool:
+        """Whether every address, stride and row (and ``others``) is a multiple of 16 bytes."""
+        values = [*self.ptrs, self.s_block, self.s_token, self.s_head, self.row_bytes, *others]
+        return all(v % 16 == 0 for v in values)
+
+
+def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Addressing:
+    """Resolve ``caches`` (already checked against ``spec``) into a pointer table and strides.
+
+    Works on any torch tensors (the CPU tests read memory through it). Needs what the kernels
+    assume: each row of ``head_dim`` elements contiguous, and every layer (and K and V) with
+    the same strides.
+    """
+    es, bs = spec.element_bytes, spec.block_size
+    ptrs: list[int] = []
+    strides: set[tuple[int, int, int]] = set()
+    num_blocks = -1  # the fewest blocks of any layer: an id must be inside all of them
+    for layer, c in enumerate(caches):
+        tensors = c if isinstance(c, tuple) else (c,)
+        for t in tensors:
+            if t.stride(-1) != 1 and spec.head_dim > 1:
+                raise LayoutError(
+                    f"layer {layer}: the CUDA kernels need head_dim contiguous (stride 1), "
+                    f"got strides {list(t.stride())}; pass .contiguous() caches"
+                )
+        if spec.layout is Layout.HF:
+            assert isinstance(c, tuple)
+            k, v = c
+            if not 0 <= batch < k.shape[0]:
+                raise LayoutError(f"batch {batch} is out of range for a batch of {k.shape[0]}")
+            for t in (k, v):
+                ptrs.append(t.data_ptr() + batch * t.stride(0) * es)
+                strides.add((bs * t.stride(2) * es, t.stride(2) * es, t.stride(1) * es))
+            layer_blocks = k.shape[2] // bs
+        else:
+            assert isinstance(c, torch.Tensor)
+            kv_dim, block_dim = (0, 1) if spec.layout is Layout.VLLM else (1, 0)
+            for kv in range(2):
+                ptrs.append(c.data_ptr() + kv * c.stride(kv_dim) * es)
+            strides.add((c.stride(block_dim) * es, c.stride(2) * es, c.stride(3) * es))
+            layer_blocks = c.shape[block_dim]
+        num_blocks = layer_blocks if num_blocks < 0 else min(num_blocks, layer_blocks)
+        if len(strides) > 1:
+            raise LayoutError(
+                f"layer {layer}: the CUDA kernels need every layer's cache (and K and V) with "
+                "the same strides; this one differs from layer 0's"
+            )
+    ((s_block, s_token, s_head),) = strides
+    return Addressing(ptrs, s_block, s_token, s_head, spec.head_dim * es, num_blocks)
+
+
+def host_ids(block_ids: torch.Tensor | Sequence[int], num_blocks: int) -> torch.Tensor:
+    """``block_ids`` as a CPU int64 tensor, every id checked to be inside the cache.
+
+    A kernel does not bounds-check, so an id past the end would be a wild read or write;
+    ids on the device are copied back for the check (one small sync: pass a list).
+    """
+    ids = torch.as_tensor(block_ids, dtype=torch.long).cpu()
+    if ids.dim() != 1:
+        raise LayoutError(f"block ids must be 1-D, got shape {list(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        bad = ids[(ids < 0) | (ids >= num_blocks)][0]
+        raise LayoutError(f"block id {int(bad)} is out of range for a cache of {num_blocks} blocks")
+    return ids
+
+
+# --- launching ------------------------------------------------------------------------------
+
+
+def _device(caches: Sequence[LayerCache]) -> torch.device:
+    devices = {t.device for c in caches for t in (c if isinstance(c, tuple) else (c,))}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise LayoutError(
+            f"the CUDA kernels need every layer on one CUDA device, got {sorted(map(str, devices))}"
+        )
+    return next(iter(devices))
+
+
+def _launch(
+    source: str,
+    name: str,
+    device: torch.device,
+    ctas: int,
+    addr: Addressing,
+    ids: torch.Tensor,
+    buffers: Sequence[torch.Tensor],
+    scalars: Sequence[int],
+    stream: torch.cuda.Stream,
+) -> None:
+    """Launch ``name`` with (ptr table, ids, *buffers, *scalars); call with ``stream`` current."""
+    cp = _cupy()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(source, name, index)
+    # From pinned memory: a copy from pageable memory would first wait for everything queued on
+    # `stream` (the host would block). Allocated on `stream` (it is current): the device copies
+    # are freed when this returns and reused only by work queued behind the kernel.
+    table = torch.tensor(addr.ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    dev_ids = ids.pin_memory().to(device, non_blocking=True)
+    args = (
+        np.uint64(table.data_ptr()),
+        np.uint64(dev_ids.data_ptr()),
+        *(np.uint64(b.data_ptr()) for b in buffers),
+        *(np.int64(s) for s in scalars),
+    )
+    # RawKernel launches on CuPy's current stream (it takes no stream argument): make it ours.
+    with cp.cuda.Device(index), cp.cuda.ExternalStream(stream.cuda_stream, index):
+        fn((ctas,), (THREADS,), args)
+
+
+def gather(
+    spec: KVSpec,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    batch: int = 0,
+    out: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+) -> torch.Tensor:
+    """Copy blocks ``block_ids`` out of ``caches`` into ``[n, *spec.block_shape]`` (on ``stream``)."""
+    _check(spec, caches)
+    device = _device(caches)
+    addr = addressing(spec, caches, batch)
+    ids = host_ids(block_ids, addr.num_blocks)
+    n = ids.numel()
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        if out is None:
+            out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=device)
+        elif tuple(out.shape) != (n, *spec.block_shape) or out.dtype != spec.torch_dtype:
+            raise LayoutError(
+                f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}"
+            )
+        elif out.device != device or not out.is_contiguous():
+            raise LayoutError(f"out must be contiguous on {device}, got {out.device}")
+        if n:
+            kind = "v16" if addr.aligned(out.data_ptr()) else "b1"
+            _launch(
+                "gather_scatter.cu", f"tc_gather_{kind}", device, n * spec.num_layers * 2,
+                addr, ids, [out], _copy_scalars(spec, addr), stream,
+            )  # fmt: skip
+    return out
+
+
+def scatter(
+    spec: KVSpec,
+    blocks: torch.Tensor,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    batch: int = 0,
+    stream: torch.cuda.Stream | None = None,
+) -> None:
+    """Copy ``blocks`` (``[n, *spec.block_shape]``) into ``caches`` at ``block_ids`` (on ``stream``)."""
+    _check(spec, caches)
+    device = _device(caches)
+    addr = addressing(spec, caches, batch)
+    ids = host_ids(block_ids, addr.num_blocks)
+    n = ids.numel()
+    if tuple(blocks.shape) != (n, *spec.block_shape) or blocks.dtype != spec.torch_dtype:
+        raise LayoutError(
+            f"blocks must be {[n, *spec.block_shape]} {spec.dtype}, got {list(blocks.shape)} {blocks.dtype}"
+        )
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        src = blocks.to(device, non_blocking=True).contiguous()
+        if n:
+            kind = "v16" if addr.aligned(src.data_ptr()) else "b1"
+            _launch(
+                "gather_scatter.cu", f"tc_scatter_{kind}", device, n * spec.num_layers * 2,
+                addr, ids, [src], _copy_scalars(spec, addr), stream,
+            )  # fmt: skip
+
+
+def _copy_scalars(spec: KVSpec, addr: Addressing) -> list[int]:
+    return [
+        spec.num_layers, spec.block_size, spec.num_kv_heads, addr.row_bytes,
+        addr.s_block, addr.s_token, addr.s_head,
+    ]  # fmt: skip
+
+
+def _quant_scalars(spec: KVSpec, addr: Addressing) -> list[int]:
+    return [
+        spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
+        addr.s_block, addr.s_token, addr.s_head,
+    ]  # fmt: skip
+
+
+def _check_fp8(fmt: Format, device: torch.device) -> None:
+    if fmt == "fp8" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
+        raise KernelUnavailable(
+            f"fp8 storage needs compute capability 8.9 or later (Ada, Hopper); {device} is "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use fmt='int8'"
+        )
+
+
+def gather_quantized(
+    spec: KVSpec,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    fmt: Format = "int8",
+    batch: int = 0,
+    stream: torch.cuda.Stream | None = None,
+) -> QuantBlocks:
+    """``reference_quant.gather_quantized`` in one fused launch (on ``stream``)."""
+    fmt = _fmt(fmt)
+    check_engine_dtype(spec)
+    _check(spec, caches)
+    device = _device(caches)
+    _check_fp8(fmt, device)
+    addr = addressing(spec, caches, batch)
+    ids = host_ids(block_ids, addr.num_blocks)
+    n = ids.numel()
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        data = torch.empty((n, *spec.block_shape), dtype=QDTYPE[fmt], device=device)
+        scales = torch.empty(
+            (n, spec.num_layers, 2, spec.num_kv_heads), dtype=torch.float32, device=device
+        )
+        if n:
+            _launch(
+                "quant.cu", f"tc_quant_gather_{fmt}_{spec.dtype}", device,
+                n * spec.num_layers * 2, addr, ids, [data, scales], _quant_scalars(spec, addr),
+                stream,
+            )  # fmt: skip
+    return QuantBlocks(data, scales)
+
+
+def scatter_quantized(
+    spec: KVSpec,
+    q: QuantBlocks,
+    caches: Sequence[LayerCache],
+    block_ids: torch.Tensor | Sequence[int],
+    *,
+    batch: int = 0,
+    stream: torch.cuda.Stream | None = None,
+) -> None:
+    """``reference_quant.scatter_quantized`` in one fused launch (on ``stream``)."""
+    check_engine_dtype(spec)
+    _check(spec, caches)
+    device = _device(caches)
+    _check_fp8(q.fmt, device)
+    addr = addressing(spec, caches, batch)
+    ids = host_ids(block_ids, addr.num_blocks)
+    n = ids.numel()
+    check_quantized(spec, q, n)
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        data = q.data.to(device, non_blocking=True).contiguous()
+        scales = q.scales.to(device, non_blocking=True).contiguous()
+        if n:
+            _launch(
+                "quant.cu", f"tc_dequant_scatter_{q.fmt}_{spec.dtype}", device,
+                n * spec.num_layers * 2, addr, ids, [data, scales], _quant_scalars(spec, addr),
+                stream,
+            )  # fmt: skip

@@ -1,0 +1,114 @@
+// Gather/scatter of KV blocks between an engine's paged cache and page-first blocks.
+//
+// What: `gather` copies blocks `block_ids` of every layer of an engine's KV cache into
+// contiguous page-first blocks [n, layers, 2, block_size, heads, head_dim]; `scatter` is the
+// reverse. All layers move in ONE launch: the layers' base addresses come from a device array.
+// The torch reference (kernels/reference.py) is the oracle; these kernels must equal it byte
+// for byte.
+//
+// One addressing for all three layouts. The host (kernels/cuda.py) resolves the layout into
+// a table ptrs[layer * 2 + kv] = byte address of (layer, K/V, block 0, token 0, head 0) and
+// three byte strides shared by all layers, so the (token, head) row of head_dim elements is at
+//     ptrs[layer * 2 + kv] + block * s_block + token * s_token + head * s_head
+//   vllm       [2, nb, bs, h, d]:  ptrs = base + kv * stride0,  s_block = stride1
+//   flashinfer [nb, 2, bs, h, d]:  ptrs = base + kv * stride1,  s_block = stride0
+//   hf         K, V [b, h, s, d]:  ptrs = K or V + batch * stride0, s_token = stride2,
+//                                  s_block = block_size * s_token (token = block * bs + t)
+// Rejected: one kernel per layout. They would differ only in these three lines of address
+// arithmetic, and strided views (every other block, one batch row) would need a fourth.
+//
+// Dtype-agnostic: rows are moved as bytes (row_bytes = head_dim * element size), with 16-byte
+// vector accesses when every address and stride is a multiple of 16, else one byte at
+// a time. The host chooses per launch (`..._v16` or `..._b1`): a kernel that checked alignment
+// per row would branch in the inner loop and could not be told apart in a profile.
+//
+// Grid: one CTA per (block, layer, K/V), blockIdx.x = (i * layers + layer) * 2 + kv. Its
+// slab of block_size * heads rows is contiguous on the page-first side, so consecutive
+// threads write consecutive 16-byte units, and on the engine side each row (256 bytes for
+// head_dim 128 in bf16) is read whole by 16 consecutive threads. Llama-3-8B (32 layers, 8
+// heads x 128, 16-token blocks, bf16) gives 32 KiB per CTA and 64 CTAs per block, enough to
+// fill an H100's 132 SMs from two blocks on. Rejected: one CTA per block id (too few CTAs for
+// a short prefix) and one per row (256-byte CTAs, launch-bound).
+//
+// Each thread loads UNROLL units before it stores any, so that several loads are in flight
+// per thread: a copy is bound by memory latency otherwise.
+//
+// Compiled by CuPy's NVRTC at run time and by nvcc in CI (tests/unit/test_kernels_compile.py):
+// no headers, so that both compile it unchanged.
+
+#define TC_THREADS 256
+#define TC_UNROLL 4
+
+// Own types rather than CUDA's uint4/uchar1: no header is needed under NVRTC.
+struct alignas(16) Vec16 {
+  unsigned int x, y, z, w;
+};
+struct Byte1 {
+  unsigned char b;
+};
+
+template <typename V, bool kGather>
+__device__ __forceinline__ void copy_slab(const unsigned long long* __restrict__ ptrs,
+                                          const long long* __restrict__ block_ids,
+                                          unsigned char* __restrict__ blocks, long long layers,
+                                          long long block_size, long long heads,
+                                          long long row_bytes, long long s_block,
+                                          long long s_token, long long s_head) {
+  const long long slab = blockIdx.x;  // (i * layers + layer) * 2 + kv
+  const long long kv = slab % 2;
+  const long long layer = (slab / 2) % layers;
+  const long long i = slab / (2 * layers);
+  // 32-bit index arithmetic inside a slab (a slab is far below 4 GiB); 64-bit byte offsets.
+  const unsigned int h = (unsigned int)heads;
+  const unsigned int units_per_row = (unsigned int)(row_bytes / sizeof(V));
+  const unsigned int units = (unsigned int)block_size * h * units_per_row;
+
+  unsigned char* paged =
+      (unsigned char*)ptrs[layer * 2 + kv] + block_ids[i] * s_block;  // this block's (0, 0)
+  unsigned char* linear = blocks + slab * block_size * heads * row_bytes;
+
+  for (unsigned int base = threadIdx.x; base < units; base += TC_UNROLL * TC_THREADS) {
+    V r[TC_UNROLL];
+#pragma unroll
+    for (int k = 0; k < TC_UNROLL; ++k) {
+      const unsigned int u = base + k * TC_THREADS;
+      if (u < units) {
+        const unsigned int row = u / units_per_row;
+        const unsigned int col = u - row * units_per_row;
+        V* p = (V*)(paged + (long long)(row / h) * s_token + (long long)(row % h) * s_head) + col;
+        V* q = (V*)linear + u;
+        r[k] = kGather ? *p : *q;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < TC_UNROLL; ++k) {
+      const unsigned int u = base + k * TC_THREADS;
+      if (u < units) {
+        const unsigned int row = u / units_per_row;
+        const unsigned int col = u - row * units_per_row;
+        V* p = (V*)(paged + (long long)(row / h) * s_token + (long long)(row % h) * s_head) + col;
+        V* q = (V*)linear + u;
+        if (kGather) {
+          *q = r[k];
+        } else {
+          *p = r[k];
+        }
+      }
+    }
+  }
+}
+
+#define TC_COPY_KERNEL(NAME, V, GATHER)                                                      \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS)                                  \
+      NAME(const unsigned long long* __restrict__ ptrs,                                      \
+           const long long* __restrict__ block_ids, unsigned char* __restrict__ blocks,      \
+           long long layers, long long block_size, long long heads, long long row_bytes,     \
+           long long s_block, long long s_token, long long s_head) {                         \
+    copy_slab<V, GATHER>(ptrs, block_ids, blocks, layers, block_size, heads, row_bytes,      \
+                         s_block, s_token, s_head);                                          \
+  }
+
+TC_COPY_KERNEL(tc_gather_v16, Vec16, true)
+TC_COPY_KERNEL(tc_gather_b1, Byte1, true)
+TC_COPY_KERNEL(tc_scatter_v16, Vec16, false)
+TC_COPY_KERNEL(tc_scatter_b1, Byte1, false)
