@@ -100,9 +100,3 @@ class Index:
                 break
             out.append(e)
         return out
-
-    def session(self, sid: str) -> Session:
-        s = self.sessions.get(sid)
-        if s is None:
-            raise KeyError(f"unknown session {sid!r}")
-        return s

@@ -18,7 +18,6 @@ class Stats:
         default_factory=Counter
     )  # result ("host", "disk", "miss") -> blocks
     transfer_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    transfer_count: Counter[tuple[str, str]] = field(default_factory=Counter)
     evictions: Counter[str] = field(default_factory=Counter)  # tier -> blocks
     prefetch: Counter[str] = field(default_factory=Counter)  # early, late, done, partial, noop
     errors: Counter[str] = field(default_factory=Counter)  # kind -> count
@@ -32,7 +31,6 @@ class Stats:
         """``nbytes`` moved from ``src`` to ``dst``; ``seconds`` is None when the copy was not
         timed here (a client copying out of the shared arena in its own process)."""
         self.transfer_bytes[(src, dst)] += nbytes
-        self.transfer_count[(src, dst)] += 1
 
     def evicted(self, tier: str, blocks: int = 1) -> None:
         self.evictions[tier] += blocks
