@@ -193,6 +193,7 @@ class TierManager:
         shared_host: bool = False,
         stats: Stats | None = None,
     ) -> None:
+        make_policy(eviction, 1)  # reject a bad name before anything is allocated
         self.host_bytes = host_bytes
         self.disk = disk
         self.slot_bytes = slot_bytes
@@ -216,7 +217,6 @@ class TierManager:
         self.draining = False  # set by drain/shutdown: saves are refused, reads served
         if slot_bytes is not None:
             self._format_host(slot_bytes)
-        make_policy(eviction, 1)  # reject a bad name now, not at first use
         if disk is not None and disk.records:
             policy = self._make_disk_policy(min(r.nbytes for r in disk.records))
             for rec in disk.records:
@@ -233,7 +233,12 @@ class TierManager:
         **kwargs: object,
     ) -> TierManager:
         disk = await DiskTier.open(disk_url, disk_bytes) if disk_url else None
-        manager = cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+        try:
+            manager = cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            if disk is not None:
+                await disk.close()  # release its lock: the caller may fix the config and retry
+            raise
         if disk is not None:
             for rec in await disk.load_sessions():
                 sess = Session(

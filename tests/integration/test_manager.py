@@ -347,3 +347,10 @@ async def test_a_load_after_a_prefetch_records_its_lead(open_cache: OpenCache) -
     assert await m.prefetch(session="a") == 2
     await m.load(NS, a)
     assert m.stats.prefetch["early"] == 1 and m.stats.prefetch["late"] == 0
+
+
+async def test_a_bad_policy_name_leaves_the_disk_tier_free_for_a_retry(open_cache: OpenCache) -> None:
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+        await open_cache(eviction="fifo")
+    m = await open_cache()  # the failed attempt did not keep the directory locked
+    assert m.disk is not None
