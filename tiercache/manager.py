@@ -363,6 +363,12 @@ class TierManager:
         r = Reservation(ns, array, keys, session, first_block)
         async with self._lock:
             self._check_open()
+            if (
+                self.admission.threshold == 1
+            ):  # else the per-block path evicts only for admitted blocks
+                await self._make_host_room(
+                    sum(1 for k in keys[first_block : first_block + n] if k not in self.index)
+                )
             if session:
                 sess = self._session_for(session, keys)
                 if sess.keys is keys:
@@ -662,6 +668,9 @@ class TierManager:
                 # A prefetch by session right after a restart, before any engine registered.
                 self._format_host(max(e.nbytes for e in entries))
             targets: list[tuple[Entry, DiskRecord, int]] = []
+            await self._make_host_room(
+                sum(1 for e in entries if e.host_slot is None and e.disk is not None)
+            )
             for e in entries:
                 if e.host_slot is not None or e.disk is None:
                     continue
@@ -786,6 +795,27 @@ class TierManager:
             f"host tier is full: all {self.host.num_slots} slots hold pinned or in-use blocks; "
             "unpin a session or raise [tiers.host] bytes"
         )
+
+    async def _make_host_room(self, n: int) -> None:
+        """Under the lock: free host slots for ``n`` new blocks in one go, writing the dirty
+        victims back to disk in one batch (one journal record, not one per block)."""
+        assert self.host is not None and self.host_policy is not None
+        need = n - self.host.free_slots
+        if need <= 0:
+            return
+        victims: list[Entry] = []
+        for key in self.host_policy.victims():
+            e = self.index.get(key)
+            if e is not None and self.index.evictable(e) and e.host_slot is not None:
+                victims.append(e)
+                if len(victims) == need:
+                    break
+        dirty = [e for e in victims if e.disk is None]
+        if dirty and self.disk is not None:
+            await self._write_to_disk(dirty)
+        for e in victims:
+            self._drop_host(e)
+            self.stats.evicted("host")
 
     def _drop_host(self, e: Entry) -> None:
         assert self.host is not None and self.host_policy is not None and e.host_slot is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -354,3 +356,16 @@ async def test_a_bad_policy_name_leaves_the_disk_tier_free_for_a_retry(open_cach
         await open_cache(eviction="fifo")
     m = await open_cache()  # the failed attempt did not keep the directory locked
     assert m.disk is not None
+
+
+async def test_a_save_that_evicts_writes_its_dirty_victims_back_in_one_journal_record(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    m = await open_cache(host_blocks=4, write="write-back")
+    await m.save(NS, make_tokens(4, seed=1), make_blocks(4, seed=1))
+    journal = tmp_path / "disk" / "journal"
+    before = len(list(journal.iterdir()))
+    await m.save(NS, make_tokens(4, seed=2), make_blocks(4, seed=2))  # evicts the 4 dirty blocks
+    assert m.stats.evictions["host"] == 4
+    assert m.disk is not None and m.disk.num_blocks == 4
+    assert len(list(journal.iterdir())) == before + 1
