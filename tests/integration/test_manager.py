@@ -369,3 +369,31 @@ async def test_a_save_that_evicts_writes_its_dirty_victims_back_in_one_journal_r
     assert m.stats.evictions["host"] == 4
     assert m.disk is not None and m.disk.num_blocks == 4
     assert len(list(journal.iterdir())) == before + 1
+
+
+async def test_many_concurrent_first_registrations_of_one_model_all_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 engines registering one model at once (seen in the daemon under load): every
+    registration must find the array missing before any creates it, and all must succeed."""
+    import asyncio
+
+    import zarr
+
+    from tiercache.tiers.disk import DiskTier
+
+    real_open = zarr.api.asynchronous.open_array
+
+    async def slow_open(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.05)  # widen the window between "not found" and "create"
+        return await real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zarr.api.asynchronous, "open_array", slow_open)
+    tier = await DiskTier.open(str(tmp_path / "disk"), 2**30)
+    async def engine(i: int) -> str:
+        await asyncio.sleep(i * 0.004)  # engines connect a few ms apart, as over sockets
+        return await tier.register(NS)
+
+    results = await asyncio.gather(*(engine(i) for i in range(16)), return_exceptions=True)
+    await tier.close()
+    assert results == [f"ns/{NS.hex}"] * 16

@@ -308,8 +308,11 @@ async def load(
             t0 = time.perf_counter()
             try:
                 return await call
-            except (RemoteError, ConnectionError) as e:
-                errors[f"{op}: {type(e).__name__}"] += 1
+            except RemoteError as e:
+                errors[f"{op}: {e.code}: {e.message[:120]}"] += 1
+                return None
+            except ConnectionError as e:
+                errors[f"{op}: {type(e).__name__}: {e}"] += 1
                 return None
             finally:
                 lat[op].append(time.perf_counter() - t0)

@@ -124,6 +124,7 @@ class DiskTier:
         self._seq = 0
         self._segments = 0
         self._journal_lock = asyncio.Lock()
+        self._register_lock = asyncio.Lock()  # serialises array creation
         self._lockfile: int | None = None
         self.io: BlockIO = block_io_for(store)
         self.corrupt_reads = 0
@@ -241,6 +242,14 @@ class DiskTier:
         path = f"ns/{ns.hex}"
         if path in self._arrays:
             return path
+        # Many clients register the same model at once: without the lock two of them
+        # both find no array and both create it, and the second creation fails.
+        async with self._register_lock:
+            if path not in self._arrays:
+                await self._create_or_open(ns, path)
+        return path
+
+    async def _create_or_open(self, ns: Namespace, path: str) -> None:
         nbytes = ns.spec.block_nbytes
         slots = max(1, self.capacity_bytes // nbytes)
         try:
@@ -274,7 +283,6 @@ class DiskTier:
         except ValueError as e:
             raise StoreError(str(e)) from e
         self._arrays[path] = _Array(path, nbytes, za.metadata, [], 0, [])
-        return path
 
     def location(self, rec: DiskRecord) -> tuple[Path, int]:
         """The file and byte offset of a block on a local disk tier (for scrubbing and tests)."""
@@ -314,11 +322,11 @@ class DiskTier:
         """
         arr = self._arrays[array]
         items = list(items)
-        slots: list[int | DiskFull] = []
+        slots: list[int | DiskFull | StoreError] = []
         for _ in items:
             try:
                 slots.append(await self._allocate(arr))
-            except DiskFull as e:
+            except (DiskFull, StoreError) as e:  # no room, or the journal could not free a slot
                 slots.append(e)
         writes = [
             (s, data) for s, (_, data) in zip(slots, items, strict=True) if isinstance(s, int)
