@@ -119,16 +119,19 @@ class Control:
             "tiers": m.usage(),
             "blocks": len(m.index),
             "sessions": len(m.index.sessions),
-            "pinned_blocks": sum(1 for e in m.index if m.index.pins[e.key] > 0),
-            # Host-only blocks a flush would write (what flush and drain progress is measured in).
-            "dirty_blocks": sum(1 for e in m.index if e.disk is None) if m.disk is not None else 0,
+            # Counted without walking every block: stats is polled during a flush (the
+            # progress bar) and runs on the same event loop as the flush.
+            "pinned_blocks": sum(1 for k in m.index.pins if k in m.index),
+            # Host-only blocks a flush would write: every block is on disk, host, or both.
+            "dirty_blocks": len(m.index) - m.disk.num_blocks if m.disk is not None else 0,
             # Blocks a reader holds (a dead client's are released with its connection).
             "leased_blocks": sum(1 for e in m.index if e.leases > 0),
-            # Host slots neither free nor holding a visible block: open save reservations.
+            # Host slots neither free nor holding a visible block (the host policy tracks
+            # exactly the visible ones): open save reservations and promotions in flight.
             "reserved_slots": (
-                m.host.num_slots
-                - m.host.free_slots
-                - sum(1 for e in m.index if e.host_slot is not None)
+                m.host.num_slots - m.host.free_slots - len(m.host_policy)
+                if m.host_policy is not None
+                else 0
             )
             if m.host is not None
             else 0,
