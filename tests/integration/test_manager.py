@@ -397,3 +397,19 @@ async def test_many_concurrent_first_registrations_of_one_model_all_succeed(
     results = await asyncio.gather(*(engine(i) for i in range(16)), return_exceptions=True)
     await tier.close()
     assert results == [f"ns/{NS.hex}"] * 16
+
+
+async def test_a_load_racing_a_prefetch_waits_for_it_and_counts_it_late(open_cache: OpenCache) -> None:
+    import asyncio
+
+    m = await open_cache(host_blocks=2)
+    a, blocks_a = make_tokens(2, seed=1), make_blocks(2, seed=1)
+    await m.save(NS, a, blocks_a, session="a")
+    await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))  # a is now only on disk
+    prefetch = asyncio.create_task(m.prefetch(session="a"))
+    await asyncio.sleep(0)  # the prefetch has registered its blocks as in flight
+    got = await m.load(NS, a)
+    assert await prefetch == 2
+    assert got.tiers == ["host", "host"]  # served from what the prefetch brought up, not read twice
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks_a))
+    assert m.stats.prefetch["late"] == 1
