@@ -238,3 +238,14 @@ class TcpProxy:
         finally:
             self._open.discard(writer)
             writer.transport.abort()
+
+
+def mqtt_env(cfg: MqttConfig) -> dict[str, str]:
+    """The ``TIERCACHE_MQTT__*`` overrides that point a daemon process at ``cfg``'s broker."""
+    return {
+        "TIERCACHE_MQTT__HOST": cfg.host,
+        "TIERCACHE_MQTT__PORT": str(cfg.port),
+        "TIERCACHE_MQTT__NODE": cfg.node,
+        "TIERCACHE_MQTT__USERNAME": cfg.username,
+        "TIERCACHE_MQTT__PASSWORD_FILE": cfg.password_file,
+    }

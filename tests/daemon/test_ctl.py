@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto
+from tests.daemon.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.cli import main
 from tiercache.daemon.ctl import _progress_line, parse_args
@@ -35,11 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> It
         "TIERCACHE_TIERS_DISK__URL": str(root / "disk"),
         "TIERCACHE_TIERS_HOST__BYTES": str(64 * NBYTES),
         "TIERCACHE_METRICS__LISTEN": "",
-        "TIERCACHE_MQTT__HOST": mqtt.host,
-        "TIERCACHE_MQTT__PORT": str(mqtt.port),
-        "TIERCACHE_MQTT__NODE": NODE,
-        "TIERCACHE_MQTT__USERNAME": mqtt.username,
-        "TIERCACHE_MQTT__PASSWORD_FILE": mqtt.password_file,
+        **mqtt_env(mqtt),
     }
     proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env)
     try:

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tiercache
 from tests.conftest import NBYTES, OpenCache, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto
+from tests.daemon.mosquitto import Mosquitto, mqtt_env
 from tests.daemon.prometheus import PrometheusServer, promtool, running_prometheus
 from tiercache import TierManager
 from tiercache.client import AsyncClient
@@ -769,11 +769,7 @@ class DaemonLoad:
             "TIERCACHE_TIERS_DISK__BYTES": str(self.DISK_BLOCKS * NBYTES),
             "TIERCACHE_TIERS_HOST__BYTES": str(self.HOST_BLOCKS * NBYTES),
             "TIERCACHE_METRICS__LISTEN": self.target,
-            "TIERCACHE_MQTT__HOST": self.mqtt.host,
-            "TIERCACHE_MQTT__PORT": str(self.mqtt.port),
-            "TIERCACHE_MQTT__NODE": self.mqtt.node,
-            "TIERCACHE_MQTT__USERNAME": self.mqtt.username,
-            "TIERCACHE_MQTT__PASSWORD_FILE": self.mqtt.password_file,
+            **mqtt_env(self.mqtt),
         }
         self.proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env)
         deadline = time.monotonic() + 60

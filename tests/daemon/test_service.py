@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto
+from tests.daemon.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import AsyncClient
 from tiercache.daemon import service
 from tiercache.daemon.config import load_config
@@ -45,11 +45,7 @@ async def test_the_daemon_publishes_events_status_and_drain(
         "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
         "TIERCACHE_TIERS_HOST__BYTES": str(4 * NBYTES),
         "TIERCACHE_METRICS__LISTEN": "",
-        "TIERCACHE_MQTT__HOST": cfg.host,
-        "TIERCACHE_MQTT__PORT": str(cfg.port),
-        "TIERCACHE_MQTT__NODE": node,
-        "TIERCACHE_MQTT__USERNAME": cfg.username,
-        "TIERCACHE_MQTT__PASSWORD_FILE": cfg.password_file,
+        **mqtt_env(cfg),
     }
     op = mosquitto.config("operator", node=node)
     password = (await asyncio.to_thread(Path(op.password_file).read_text)).strip()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto
+from tests.daemon.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.config import load_config
 from tiercache.daemon.process import DaemonProcess
@@ -59,11 +59,7 @@ def test_no_secret_reaches_the_logs_or_the_metrics(tmp_path: Path, mosquitto: Mo
         "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
         "TIERCACHE_METRICS__LISTEN": listen,
         "TIERCACHE_DAEMON__LOG_LEVEL": "debug",
-        "TIERCACHE_MQTT__HOST": cfg.host,
-        "TIERCACHE_MQTT__PORT": str(cfg.port),
-        "TIERCACHE_MQTT__NODE": "secrets",
-        "TIERCACHE_MQTT__USERNAME": cfg.username,
-        "TIERCACHE_MQTT__PASSWORD_FILE": cfg.password_file,
+        **mqtt_env(cfg),
     }
     with DaemonProcess(tmp_path, env) as d, Client(d.socket) as c:
         c.save(make_ns(), make_tokens(2), make_blocks(2), session="s")
