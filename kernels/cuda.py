@@ -110,6 +110,11 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
     assume: each row of ``head_dim`` elements contiguous, and every layer (and K and V) with
     the same strides.
     """
+    if spec.layout is Layout.VLLM_CPU:
+        raise LayoutError(
+            "the vllm-cpu layout belongs to vLLM's CPU backend: use the torch reference "
+            "(tiercache.kernels.reference), not the CUDA kernels"
+        )
     es, bs = spec.element_bytes, spec.block_size
     ptrs: list[int] = []
     strides: set[tuple[int, int, int]] = set()

@@ -11,6 +11,11 @@ Engine layouts, per layer:
 - ``flashinfer``: one tensor ``[num_blocks, 2, block_size, heads, head_dim]``
 - ``hf`` (transformers): a ``(K, V)`` pair, each ``[batch, heads, seq, head_dim]``;
   "block ids" are block positions along the sequence of one batch row.
+- ``vllm-cpu`` (vLLM's CPU backend): one tensor ``[num_blocks, heads, block_size,
+  2 * head_dim]``, K tiled in an ISA-dependent order. A layer's block is copied
+  as it is, as opaque bytes filling the ``[2, block_size, heads, head_dim]`` of
+  its page-first slot: it round-trips exactly, but only the same engine on the
+  same ISA can read it (the connector puts the ISA in the namespace).
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
     h, bs, d = spec.num_kv_heads, spec.block_size, spec.head_dim
     for i, c in enumerate(caches):
         if spec.layout is Layout.HF:
-            if not (isinstance(c, tuple) and len(c) == 2 and all(isinstance(t, torch.Tensor) for t in c)):
+            if not (
+                isinstance(c, tuple) and len(c) == 2 and all(isinstance(t, torch.Tensor) for t in c)
+            ):
                 raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
         elif not isinstance(c, torch.Tensor):
             raise LayoutError(f"layer {i}: the {spec.layout} layout needs one tensor per layer")
@@ -59,6 +66,13 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
             if k.dim() != 4 or k.shape[1] != h or k.shape[3] != d or k.shape != v.shape:
                 raise LayoutError(
                     f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {list(k.shape)}/{list(v.shape)}"
+                )
+        elif spec.layout is Layout.VLLM_CPU:
+            assert isinstance(c, torch.Tensor)
+            if tuple(c.shape[1:]) != (h, bs, 2 * d) or c.dim() != 4:
+                raise LayoutError(
+                    f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of "
+                    f"{spec} ([num_blocks, {h}, {bs}, {2 * d}])"
                 )
         else:
             assert isinstance(c, torch.Tensor)
@@ -95,6 +109,9 @@ def gather(
         elif spec.layout is Layout.FLASHINFER:
             assert isinstance(c, torch.Tensor)
             out[:, layer] = c.index_select(0, ids)
+        elif spec.layout is Layout.VLLM_CPU:
+            assert isinstance(c, torch.Tensor)
+            out[:, layer] = c.index_select(0, ids).view(n, *out.shape[2:])
         else:
             assert isinstance(c, tuple)
             tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)
@@ -135,6 +152,9 @@ def scatter(
         elif spec.layout is Layout.FLASHINFER:
             assert isinstance(c, torch.Tensor)
             c.index_copy_(0, ids, blocks[:, layer])
+        elif spec.layout is Layout.VLLM_CPU:
+            assert isinstance(c, torch.Tensor)
+            c.index_copy_(0, ids, blocks[:, layer].reshape(n, *c.shape[1:]))
         else:
             assert isinstance(c, tuple)
             tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)

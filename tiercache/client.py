@@ -142,9 +142,15 @@ class AsyncClient:
         return SaveResult(stored, present, rejected)
 
     async def load(
-        self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
     ) -> LoadResult:
-        """The cached prefix of ``tokens``, byte-exact (or shorter: a miss ends it)."""
+        """The cached run of blocks ``first_block ..`` of ``tokens``, byte-exact (or shorter: a
+        miss ends it). An engine that already holds the first blocks starts after them."""
         t0 = time.perf_counter()
         await self.register(ns)
         assert self._arena is not None
@@ -155,7 +161,11 @@ class AsyncClient:
             # A lease covers at most the host tier's slots: a longer prefix comes in rounds.
             left = None if max_blocks is None else max_blocks - len(tiers)
             res = await self.call(
-                "acquire", ns=ns.hex, keys=packed, first_block=len(tiers), max_blocks=left
+                "acquire",
+                ns=ns.hex,
+                keys=packed,
+                first_block=first_block + len(tiers),
+                max_blocks=left,
             )
             try:
                 part = torch.empty((len(res["slots"]), ns.spec.block_nbytes), dtype=torch.uint8)
@@ -248,8 +258,15 @@ class Client:
     ) -> SaveResult:
         return self._run(self._c.save(ns, tokens, blocks, first_block=first_block, session=session))
 
-    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
-        return self._run(self._c.load(ns, tokens, max_blocks=max_blocks))
+    def load(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
+    ) -> LoadResult:
+        return self._run(self._c.load(ns, tokens, first_block=first_block, max_blocks=max_blocks))
 
     def prefetch(
         self,

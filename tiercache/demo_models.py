@@ -9,6 +9,7 @@ output-equality test pass even with garbage KV.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,5 +51,21 @@ def tiny_model(
     config = tiny_config(arch, **overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call,unused-ignore]
     return model.eval()
+
+
+def save_tiny(
+    path: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    **overrides: Any,
+) -> Path:
+    """``tiny_model(...)`` saved with ``save_pretrained`` as a model directory an engine such as
+    vLLM loads (no tokenizer: engines run on token ids)."""
+    path = Path(path)
+    model = tiny_model(arch, seed, dtype, **overrides)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(path)
+    return path

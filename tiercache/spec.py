@@ -28,6 +28,10 @@ class Layout(StrEnum):
     VLLM = "vllm"  # flash-attn: [2, num_blocks, block_size, heads, head_dim] per layer
     FLASHINFER = "flashinfer"  # [num_blocks, 2, block_size, heads, head_dim] per layer
     HF = "hf"  # transformers: K and V each [batch, heads, seq, head_dim] per layer
+    # vLLM's CPU attention backend: [num_blocks, heads, block_size, 2 * head_dim] per layer, K
+    # tiled in an order that depends on the CPU's ISA. Its blocks are moved as opaque engine
+    # bytes (same element count as a page-first layer block), never interpreted.
+    VLLM_CPU = "vllm-cpu"
 
 
 # name -> (torch dtype, bytes per element). fp8 and int8 are storage formats:

