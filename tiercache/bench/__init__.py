@@ -15,6 +15,7 @@ MODULES = {
     "disk-layout": "disk_layout",
     "control": "control",
     "reliability": "reliability",
+    "vllm": "vllm_resume",
 }
 
 

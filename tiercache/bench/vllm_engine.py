@@ -7,10 +7,12 @@ vLLM tests and the vLLM benchmark start, one per engine.
 
     {"model": "/path/to/model", "connector": null | {"name": "TierCacheConnector",
      "extra": {...}} | {"name": "ExampleConnector", "extra": {...}},
-     "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8}, ...],
+     "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8},
+                 {"batch": [[...], [...]], "max_tokens": 128},   # throughput
+                 {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false}
 
-Each prompt is generated alone (greedy, one request at a time), so its wall time
+Each ``tokens`` prompt is generated alone (greedy, one request at a time), so its wall time
 with ``max_tokens: 1`` is its time to first token. ``OUT.json`` has the engine's
 start-up time and, per prompt, the tokens, their log-probs, the wall time,
 vLLM's ``num_cached_tokens`` and the connector's ``kv_transfer_params``.
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,30 +94,78 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("warmup", True):
         # Shorter than a block: neither looked up nor saved; warms the kernels.
         generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None)
-    results = [
-        generate(p["tokens"], p.get("max_tokens", 8), p.get("session")) for p in job["prompts"]
-    ]
+
+    def batch(prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        sp = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        )
+        t = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+        seconds = time.perf_counter() - t
+        return {
+            "seconds": seconds,
+            "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        }
+
+    def wait(name: str) -> dict[str, Any]:
+        # A barrier with the process that started us (a benchmark restarting the daemon).
+        Path(name + ".ready").touch()
+        t = time.perf_counter()
+        while not Path(name + ".go").exists():
+            if time.perf_counter() - t > 600:
+                raise TimeoutError(f"nobody released {name}.go")
+            time.sleep(0.05)
+        return {"waited_seconds": time.perf_counter() - t}
+
+    results = []
+    for p in job["prompts"]:
+        if "wait" in p:
+            results.append(wait(p["wait"]))
+        elif "batch" in p:
+            results.append(batch(p["batch"], p.get("max_tokens", 8)))
+        else:
+            results.append(generate(p["tokens"], p.get("max_tokens", 8), p.get("session")))
     return {"startup_seconds": started, "results": results}
 
 
-def launch(job: dict[str, Any], workdir: Path, name: str, timeout: float = 600) -> dict[str, Any]:
-    """Run ``job`` in a fresh engine process; its log goes to ``workdir/<name>.log``."""
+def launch(
+    job: dict[str, Any],
+    workdir: Path,
+    name: str,
+    timeout: float = 900,
+    on_wait: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """Run ``job`` in a fresh engine process; its log goes to ``workdir/<name>.log``. At each
+    ``wait`` step the engine pauses while ``on_wait(step name)`` runs here."""
     workdir.mkdir(parents=True, exist_ok=True)
     job_path, out_path, log_path = (
         workdir / f"{name}{ext}" for ext in (".job.json", ".out.json", ".log")
     )
     job_path.write_text(json.dumps(job))
     out_path.unlink(missing_ok=True)
+    barriers = [p["wait"] for p in job["prompts"] if "wait" in p]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(job.get("kv_cache_gib", 1))}
+    deadline = time.monotonic() + timeout
     with open(log_path, "wb") as log:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "tiercache.bench.vllm_engine", str(job_path), str(out_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            timeout=timeout,
-            check=False,
         )
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vLLM engine {name!r} ran past {timeout:.0f} s")
+                if barriers and Path(barriers[0] + ".ready").exists():
+                    if on_wait is not None:
+                        on_wait(barriers[0])
+                    Path(barriers.pop(0) + ".go").touch()
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     if proc.returncode != 0 or not out_path.exists():
         tail = log_path.read_text(errors="replace")[-6000:]
         raise RuntimeError(f"vLLM engine {name!r} failed (exit {proc.returncode}):\n{tail}")

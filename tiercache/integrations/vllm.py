@@ -52,13 +52,15 @@ hybrid or MLA models), with tensor and pipeline parallelism of 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import xxhash
@@ -319,7 +321,22 @@ class _Link:
                 self._down_logged = False
             return self._client
 
-    def failed(self, what: str, exc: BaseException) -> None:
+    def call(self, what: str, fn: Callable[[Client], _T]) -> _T | None:
+        """``fn(client)``, or None when the daemon cannot be reached or answers an error. A
+        lost connection (the daemon restarted) is retried once on a new one at once."""
+        for attempt in range(2):
+            client = self.get()
+            if client is None:
+                return None
+            try:
+                return fn(client)
+            except _LINK_ERRORS as e:
+                self.failed(what, e, retry_after=0.0 if attempt == 0 else None)
+                if isinstance(e, RemoteError):
+                    return None
+        return None
+
+    def failed(self, what: str, exc: BaseException, retry_after: float | None = None) -> None:
         """A call failed: a lost connection drops the client (reconnect later); a daemon
         error (it answered) keeps it."""
         if isinstance(exc, RemoteError):
@@ -329,8 +346,8 @@ class _Link:
                 self._errors_logged.add((what, exc.code))
                 logger.warning("tiercache %s failed: %s", what, exc)
             return
-        logger.warning("tiercache %s failed, reconnecting later: %s", what, exc)
-        self.close(retry_after=self._retry)
+        logger.warning("tiercache %s failed, reconnecting: %s", what, exc)
+        self.close(retry_after=self._retry if retry_after is None else retry_after)
 
     def close(self, retry_after: float = 0.0) -> None:
         with self._lock:
@@ -342,6 +359,7 @@ class _Link:
 
 
 _LINK_ERRORS = (OSError, ConnectionError, RemoteError, EOFError)
+_T = TypeVar("_T")
 
 
 # -- metadata (scheduler -> worker, once per step) -------------------------------
@@ -459,14 +477,9 @@ class TierCacheConnector(KVConnectorBase_V1):
         usable = (prompt - 1) // self.block
         if prompt < self.min_tokens or usable * self.block <= num_computed_tokens:
             return 0, False
-        client = self._link.get()
-        if client is None:
-            return 0, False
-        keys = self._keys(st, usable * self.block)
-        try:
-            found = client.lookup(self.ns, KeyChain(keys))
-        except _LINK_ERRORS as e:
-            self._link.failed("lookup", e)
+        chain = KeyChain(self._keys(st, usable * self.block))
+        found = self._link.call("lookup", lambda c: c.lookup(self.ns, chain))
+        if found is None:
             return 0, False
         st.hit, st.hit_tiers = found.blocks, list(found.tiers)
         st.stored = max(st.stored, found.blocks)
@@ -604,25 +617,17 @@ class TierCacheConnector(KVConnectorBase_V1):
     def _load_one(self, t: Transfer) -> None:
         assert self._engine_spec is not None
         n = len(t.block_ids) // self.per_block
-        got = 0
-        client = self._link.get()
-        if client is not None:
-            try:
-                res = client.load(
-                    self.ns, KeyChain.from_bytes(t.keys), first_block=t.first, max_blocks=n
-                )
-                got = res.blocks
-                if got:
-                    typed = res.data.view(self.ns.spec.torch_dtype).view(
-                        got, *self.ns.spec.block_shape
-                    )
-                    rows = to_engine_blocks(typed, self.ns.spec, self.per_block)[t.skip :]
-                    ids = t.block_ids[t.skip : got * self.per_block]
-                    dev = self._caches[0].device
-                    scatter(self._engine_spec, rows.to(dev), self._caches, ids)
-            except _LINK_ERRORS as e:
-                self._link.failed("load", e)
-                got = 0
+        keys = KeyChain.from_bytes(t.keys)
+        res = self._link.call(
+            "load", lambda c: c.load(self.ns, keys, first_block=t.first, max_blocks=n)
+        )
+        got = 0 if res is None else res.blocks
+        if res is not None and got:
+            spec = self.ns.spec
+            typed = res.data.view(spec.torch_dtype).view(got, *spec.block_shape)
+            rows = to_engine_blocks(typed, spec, self.per_block)[t.skip :]
+            ids = t.block_ids[t.skip : got * self.per_block]
+            scatter(self._engine_spec, rows.to(self._caches[0].device), self._caches, ids)
         self.loaded_tokens += max(got * self.block - t.skip * self.vllm_block, 0)
         failed = t.block_ids[max(got * self.per_block, t.skip) :]
         if failed:
@@ -650,26 +655,20 @@ class TierCacheConnector(KVConnectorBase_V1):
         if not isinstance(meta, TierCacheMetadata) or not meta.saves:
             return
         assert self._engine_spec is not None
-        client = self._link.get()
-        if client is None:
-            return
         for t in meta.saves:
             if t.req_id in self._failed_reqs:
                 continue
-            n = len(t.block_ids) // self.per_block
-            rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
-            try:
-                client.save(
-                    self.ns,
-                    KeyChain.from_bytes(t.keys),
-                    to_store_blocks(rows, self.ns.spec, self.per_block),
-                    first_block=t.first,
-                    session=t.session,
-                )
-            except _LINK_ERRORS as e:
-                self._link.failed("save", e)
-                return
-            self.saved_blocks += n
+            if self._link.call("save", functools.partial(self._save_to, t)) is None:
+                return  # the daemon is unreachable: no point trying the other saves this step
+
+    def _save_to(self, t: Transfer, client: Client) -> bool:
+        assert self._engine_spec is not None
+        rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
+        blocks = to_store_blocks(rows, self.ns.spec, self.per_block)
+        keys = KeyChain.from_bytes(t.keys)
+        client.save(self.ns, keys, blocks, first_block=t.first, session=t.session)
+        self.saved_blocks += blocks.shape[0]
+        return True
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
