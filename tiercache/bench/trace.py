@@ -293,15 +293,18 @@ def plot(result: dict[str, Any]) -> Any:
         ax.annotate(f"unbounded ceiling {ceil:.1f}%", (xs[0], ceil), xytext=(0, 4),
                     textcoords="offset points", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
+        fracs = sorted({p["capacity_fraction"] for s in sw["series"] for p in s["points"]})
+        ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+        ax.minorticks_off()
         trace = sw["trace"]
-        ax.set_xlabel(
-            f"capacity, % of the working set ({trace['working_set_blocks']:,} blocks)\n"
-            f"host+disk: host {sw['host_with_disk_blocks']:,} blocks, disk the rest"
-        )
+        label = f"capacity, % of the working set ({trace['working_set_blocks']:,} blocks)"
+        if any(s["tiers"] == "host+disk" for s in sw["series"]):
+            label += f"\nhost+disk: host {sw['host_with_disk_blocks']:,} blocks, disk the rest"
+        ax.set_xlabel(label)
         ax.set_ylabel("prefix hit ratio, % of prompt blocks")
         ax.set_ylim(0, ceil * 1.15)
         ax.set_title(f"{trace['sample']} ({trace['requests']:,})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Mooncake conversation trace replayed through tiercache: hit ratio vs capacity")
     return fig
