@@ -2,7 +2,10 @@
 
 ``tiercache bench NAME --out DIR`` (or ``python -m tiercache.bench.NAME``) runs one:
 ``storage`` (tiers vs memcpy and plain file I/O), ``resume`` (resume vs
-recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout).
+recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
+``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
+``trace`` (a real conversation trace replayed: hit ratio against capacity per policy),
+``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ MODULES = {
     "disk-layout": "disk_layout",
     "control": "control",
     "reliability": "reliability",
+    "trace": "trace",
     "vllm": "vllm_resume",
 }
 
