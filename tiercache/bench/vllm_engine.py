@@ -48,7 +48,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if conn:
         kw["kv_transfer_config"] = {
             "kv_connector": conn["name"],
-            "kv_connector_module_path": CONNECTOR_MODULES[conn["name"]],
+            "kv_connector_module_path": conn.get("module") or CONNECTOR_MODULES[conn["name"]],
             "kv_role": "kv_both",
             "kv_connector_extra_config": conn.get("extra", {}),
         }

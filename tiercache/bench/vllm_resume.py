@@ -78,8 +78,8 @@ def _one(tokens: list[int], label: str = "") -> dict[str, Any]:
 def run(out: Path, quick: bool) -> dict[str, Any]:
     prefixes = QUICK_PREFIXES if quick else PREFIXES
     overrides: dict[str, Any] = {} if quick else dict(MODEL)
-    reps = 2 if quick else REPS
-    n_batch, batch_len, batch_out = (4, 200, 16) if quick else (8, 512, 128)
+    reps = 1 if quick else REPS
+    n_batch, batch_len, batch_out = (2, 200, 8) if quick else (8, 512, 128)
     work = Path(tempfile.mkdtemp(prefix="tiercache-bench-vllm-"))
     try:
         max_len = max(prefixes) + 128

@@ -1,0 +1,32 @@
+"""``tiercache bench vllm --quick`` runs its three engines end to end and writes JSON and PNG.
+
+It asserts what the benchmark measured, never how fast: every variant gave the
+recompute's first token, and the cached variants really loaded the prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiercache.bench.vllm_resume import QUICK_PREFIXES
+from tiercache.daemon.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_vllm_benchmark_loads_the_prefix_and_writes_json_and_png(tmp_path: Path) -> None:
+    assert main(["bench", "vllm", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "vllm.json").read_text())
+    (row,) = result["prefixes"]
+    assert row["prefix_tokens"] == QUICK_PREFIXES[0]
+    assert row["same_first_token"]
+    # (300 - 1) // 128 = 2 whole blocks loaded, by both connectors.
+    assert row["tiercache_loaded_tokens"] == 256
+    assert row["example_loaded_tokens"] > 0
+    assert result["throughput"]["plain_tokens_per_s"] > 0
+    assert result["throughput"]["tiercache_tokens_per_s"] > 0
+    png = (tmp_path / "vllm.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
