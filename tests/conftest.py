@@ -30,6 +30,15 @@ def make_blocks(n_blocks: int, seed: int = 0, spec: KVSpec = SPEC) -> torch.Tens
     return (torch.rand((n_blocks, *spec.block_shape), generator=g) + 0.5).to(spec.torch_dtype)
 
 
+def flip_byte(path: Path, at: int) -> None:
+    """Corrupt one bit of a file in place (a disk tier's block, in the integrity tests)."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
 def as_bytes(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.uint8).reshape(blocks.shape[0], -1)
 

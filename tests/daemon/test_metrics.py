@@ -33,7 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import tiercache
-from tests.conftest import NBYTES, OpenCache, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, OpenCache, flip_byte, make_blocks, make_ns, make_tokens
 from tests.daemon.mosquitto import Mosquitto, mqtt_env
 from tests.daemon.prometheus import PrometheusServer, promtool, running_prometheus
 from tiercache import TierManager
@@ -235,14 +235,6 @@ async def test_a_host_eviction_writes_back_and_a_disk_read_promotes(
     assert value(m, "tiercache_transfer_bytes_total", src="host", dst="disk") == 2 * B
     assert value(m, "tiercache_evictions_total", tier="disk") == 0
     assert value(m, "tiercache_dropped_blocks_total") == 0
-
-
-def flip_byte(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([byte ^ 0x01]))
 
 
 async def reopened_on_disk(

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import NBYTES, OpenCache, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import (
+    NBYTES,
+    OpenCache,
+    as_bytes,
+    flip_byte,
+    make_blocks,
+    make_ns,
+    make_tokens,
+)
 from tiercache import KVSpec, Namespace, TierManager
 from tiercache.tiers.blockio import SlabIO
 
@@ -28,14 +36,6 @@ def locate(m: TierManager, key: bytes) -> tuple[Path, int]:
     e = m.index.get(key)
     assert e is not None and e.disk is not None and m.disk is not None
     return m.disk.location(e.disk)
-
-
-def flip_byte(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([byte ^ 0x01]))
 
 
 async def saved_on_disk_only(open_cache: OpenCache, n: int) -> tuple[TierManager, list[int], torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import flip_byte
 from tests.daemon.mosquitto import free_port
 from tiercache.bench.vllm_engine import launch
 from tiercache.daemon.process import DaemonProcess
@@ -282,11 +283,3 @@ async def block_location(disk: Path, session: str, index: int) -> tuple[Path, in
         return m.disk.location(e.disk)
     finally:
         await m.close(flush=False)
-
-
-def flip_byte(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        b = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([b ^ 0x01]))
