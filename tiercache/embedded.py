@@ -14,8 +14,9 @@ import torch
 from tiercache.daemon.config import Config, load_config
 from tiercache.keys import BlockKey, Namespace
 from tiercache.loop import LoopThread
-from tiercache.manager import LoadResult, LookupResult, SaveResult, TierManager, Tokens
+from tiercache.manager import LoadResult, LookupResult, SaveResult, Sharing, TierManager, Tokens
 from tiercache.stats import Stats
+from tiercache.tiers.remote import RemoteOptions
 
 
 async def open_cache(config: Config | None = None, *, stats: Stats | None = None) -> TierManager:
@@ -23,6 +24,7 @@ async def open_cache(config: Config | None = None, *, stats: Stats | None = None
     cfg = config or load_config()
     host = cfg.tiers.host
     disk = cfg.tiers.disk
+    remote = cfg.tiers.remote
     return await TierManager.open(
         host_bytes=host.bytes,
         slot_bytes=host.slot_bytes or None,
@@ -33,6 +35,23 @@ async def open_cache(config: Config | None = None, *, stats: Stats | None = None
         write=cfg.policy.write,
         admission=cfg.policy.admission,
         stats=stats,
+        remote_url=remote.url if remote else None,
+        remote_options=RemoteOptions(
+            endpoint=remote.endpoint,
+            region=remote.region,
+            key_id=remote.key_id,
+            secret_file=remote.secret_file,
+            timeout=remote.timeout,
+        )
+        if remote
+        else None,
+        sharing=Sharing(
+            queue_blocks=remote.queue_blocks,
+            admission=remote.admission,
+            pinned=remote.share_pinned,
+        )
+        if remote
+        else None,
     )
 
 
@@ -62,7 +81,7 @@ class SyncCache:
         )
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
-        return self.manager.lookup(ns, tokens)
+        return self._run(self.manager.lookup(ns, tokens))
 
     def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
         return self._run(self.manager.load(ns, tokens, max_blocks=max_blocks))

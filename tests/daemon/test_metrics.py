@@ -182,7 +182,7 @@ async def test_saves_lookups_and_loads_from_host_count_blocks_bytes_and_requests
     m.bind(cache)
     tokens = make_tokens(4)
     await cache.save(NS, tokens[: 3 * 4], make_blocks(3))
-    assert cache.lookup(NS, tokens).blocks == 3
+    assert (await cache.lookup(NS, tokens)).blocks == 3
     assert (await cache.load(NS, tokens)).blocks == 3
 
     assert value(m, "tiercache_transfer_bytes_total", src="client", dst="host") == 3 * B
@@ -342,7 +342,7 @@ async def test_the_base_stats_are_kept_for_the_stats_verb(open_cache: OpenCache)
     cache = await open_cache(host_blocks=4, stats=m)
     tokens = make_tokens(2)
     await cache.save(NS, tokens, make_blocks(2))
-    cache.lookup(NS, tokens)
+    await cache.lookup(NS, tokens)
     assert m.as_dict() == {
         "lookup_blocks": {"host": 2},
         "transfer_bytes": {"client->host": 2 * B},
