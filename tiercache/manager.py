@@ -1074,7 +1074,8 @@ class TierManager:
             out += [
                 (e, "disk", b) for (e, _), b, ok in zip(from_disk, bufs, oks, strict=True) if ok
             ]
-            self.uploads.dropped["corrupt"] += oks.count(False)
+            if not all(oks):
+                self.uploads.dropped["corrupt"] += oks.count(False)
         return out
 
     async def _remote_fill(self, ns: Namespace, keys: list[BlockKey], start: int) -> set[BlockKey]:
@@ -1104,7 +1105,7 @@ class TierManager:
     def _fill_done(self, first: BlockKey, task: asyncio.Task[None]) -> None:
         if self._fills.get(first, (None,))[0] is task:
             del self._fills[first]
-        if not task.cancelled() and task.exception() is None:
+        if not task.cancelled() and task.exception() is None and self.remote and self.remote.up:
             self._remote_slow = False  # the store answered a whole fill: wait for it again
         elif not task.cancelled():
             log.warning("shared tier fill failed: %s", task.exception())

@@ -58,9 +58,7 @@ def remote_url() -> str:
 
 
 @pytest.fixture
-async def open_node(
-    tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str
-) -> AsyncIterator[Any]:
+async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> AsyncIterator[Any]:
     """``await open_node("a", **kwargs)``: a TierManager with its own disk, on the shared prefix."""
     opened: list[TierManager] = []
 

@@ -63,7 +63,7 @@ FORMAT = 1
 MAGIC = b"TCB1"
 _TRAILER = struct.Struct(f"<4s{KEY_BYTES}sQ16s")  # magic, key, nbytes, xxh3-128 of the bytes
 TRAILER_BYTES = _TRAILER.size
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 5.0  # seconds: a down store is probed at least this often (one small request)
 _BLOCK_PATH = re.compile(r"^ns/([0-9a-f]+)/b/([0-9a-f]{32})$")
 
 
@@ -124,7 +124,18 @@ def _s3_store(url: str, opts: RemoteOptions) -> tuple[Any, str]:
                 f"[tiers.remote] secret_file {opts.secret_file!r} cannot be read: {e.strerror}"
             ) from None
     timeout = dt.timedelta(seconds=opts.timeout)
-    store = S3Store(
+    try:
+        store = _make_s3(S3Store, u, endpoint, timeout, kwargs)
+    except Exception as e:  # obstore checks its configuration here (e.g. a key id, no secret)
+        raise StoreError(
+            f"remote tier {url}: {_first_line(e)}; set [tiers.remote] key_id and secret_file, "
+            "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    return store, endpoint or "AWS S3"
+
+
+def _make_s3(cls: Any, u: Any, endpoint: str, timeout: dt.timedelta, kwargs: dict[str, Any]) -> Any:
+    return cls(
         u.netloc,
         prefix=u.path.strip("/") or None,
         client_options={
@@ -140,7 +151,6 @@ def _s3_store(url: str, opts: RemoteOptions) -> tuple[Any, str]:
         },
         **kwargs,
     )
-    return store, endpoint or "AWS S3"
 
 
 class RemoteTier:
@@ -190,7 +200,7 @@ class RemoteTier:
         self.up = False
         self.backoff = min(MAX_BACKOFF, max(0.1, self.backoff * 2))
         self.down_until = time.monotonic() + self.backoff
-        self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+        self.last_error = f"{type(err).__name__}: {_first_line(err)}"
 
     def succeeded(self) -> None:
         if not self.up:
