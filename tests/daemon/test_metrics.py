@@ -109,6 +109,11 @@ EXPECTED_TYPES = {
     "tiercache_pinned_blocks": "gauge",
     "tiercache_mqtt_connected": "gauge",
     "tiercache_mqtt_configured": "gauge",
+    "tiercache_remote_configured": "gauge",
+    "tiercache_remote_up": "gauge",
+    "tiercache_remote_queue_blocks": "gauge",
+    "tiercache_remote_uploaded_blocks_total": "counter",
+    "tiercache_remote_dropped_blocks_total": "counter",
 }
 
 PATHS = [
@@ -117,6 +122,9 @@ PATHS = [
     ("host", "disk"),
     ("disk", "host"),
     ("disk", "client"),
+    ("remote", "host"),
+    ("host", "remote"),
+    ("disk", "remote"),
 ]
 
 
@@ -132,7 +140,7 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
     assert label_sets(text, "tiercache_tier_blocks") == tiers
     assert label_sets(text, "tiercache_evictions_total") == tiers
     assert label_sets(text, "tiercache_lookup_blocks_total") == {
-        L(result=r) for r in ("host", "disk", "miss")
+        L(result=r) for r in ("host", "disk", "remote", "miss")
     }
     assert label_sets(text, "tiercache_transfer_bytes_total") == {L(src=s, dst=d) for s, d in PATHS}
     assert label_sets(text, "tiercache_transfer_seconds_count") == {
@@ -142,7 +150,19 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
         L(result=r) for r in ("early", "late", "done", "partial", "noop")
     }
     assert label_sets(text, "tiercache_errors_total") == {
-        L(kind=k) for k in ("host_full", "disk_full", "disk_write", "session_write")
+        L(kind=k)
+        for k in (
+            "host_full",
+            "disk_full",
+            "disk_write",
+            "session_write",
+            "remote_read",
+            "remote_write",
+            "remote_timeout",
+        )
+    }
+    assert label_sets(text, "tiercache_remote_dropped_blocks_total") == {
+        L(reason=r) for r in ("queue_full", "evicted", "corrupt", "shutdown")
     }
     assert label_sets(text, "tiercache_request_seconds_count") == {
         L(op=o) for o in ("save", "load", "prefetch", "lookup")

@@ -69,7 +69,7 @@ async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> As
         url: str | None = None,
         host_blocks: int = 16,
         sharing: Sharing | None = None,
-        timeout: float = 2.0,
+        deadline: float = 2.0,
         **kwargs: Any,
     ) -> TierManager:
         m = await TierManager.open(
@@ -77,7 +77,7 @@ async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> As
             disk_url=str(tmp_path / name / "disk"),
             disk_bytes=256 * NBYTES,
             remote_url=url or remote_url,
-            remote_options=options(weed or seaweedfs, tmp_path, timeout=timeout),
+            remote_options=options(weed or seaweedfs, tmp_path, timeout=deadline),
             sharing=sharing,
             **kwargs,
         )
