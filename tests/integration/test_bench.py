@@ -21,6 +21,7 @@ from tiercache.daemon.cli import main
         ("resume", {"prefixes", "model", "machine"}),
         ("disk-layout", {"io", "codecs", "meta"}),
         ("control", {"rows", "embedded_p50_s", "machine"}),
+        ("remote", {"throughput", "resume", "machine"}),
     ],
 )
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:

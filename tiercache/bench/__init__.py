@@ -2,7 +2,8 @@
 
 ``tiercache bench NAME --out DIR`` (or ``python -m tiercache.bench.NAME``) runs one:
 ``storage`` (tiers vs memcpy and plain file I/O), ``resume`` (resume vs
-recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout).
+recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
+``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ MODULES = {
     "disk-layout": "disk_layout",
     "control": "control",
     "reliability": "reliability",
+    "remote": "remote",
 }
 
 
