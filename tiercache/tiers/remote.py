@@ -72,11 +72,14 @@ def object_key(array: str, key: BlockKey) -> str:
     return f"{array}/b/{key.hex()}"
 
 
-def encode(key: BlockKey, data: torch.Tensor) -> tuple[bytes, bytes]:
-    """A block's object body (bytes + trailer) and the xxh3-128 of its bytes."""
-    raw = data.numpy().tobytes()
-    csum = xxhash.xxh3_128_digest(raw)
-    return raw + _TRAILER.pack(MAGIC, key, len(raw), csum), csum
+def encode(key: BlockKey, data: torch.Tensor) -> tuple[bytearray, bytes]:
+    """A block's object body (bytes + trailer, built in one buffer) and the xxh3-128 of its bytes."""
+    nbytes = data.numel()
+    body = bytearray(nbytes + TRAILER_BYTES)
+    np.frombuffer(body, dtype=np.uint8, count=nbytes)[:] = data.numpy()
+    csum = xxhash.xxh3_128_digest(memoryview(body)[:nbytes])
+    _TRAILER.pack_into(body, nbytes, MAGIC, key, nbytes, csum)
+    return body, csum
 
 
 def decode(key: BlockKey, body: bytes | memoryview, nbytes: int) -> tuple[np.ndarray, bytes] | None:
@@ -231,10 +234,10 @@ class RemoteTier:
         self.succeeded()
         return result
 
-    async def _put(self, key: str, body: bytes) -> None:
-        import obstore
+    async def _put(self, key: str, body: bytes | bytearray) -> None:
+        from zarr.core.buffer.cpu import Buffer
 
-        await obstore.put_async(self.obj, key, body)
+        await self.store.set(key, Buffer.from_bytes(body))
 
     # -- blocks -------------------------------------------------------------
 
