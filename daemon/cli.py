@@ -1,4 +1,5 @@
-"""The ``tiercache`` command line: ``serve``, ``status``, ``ctl``, ``demo``, ``size``, ``bench``.
+"""The ``tiercache`` command line: ``serve``, ``status``, ``ctl``, ``demo``, ``size``, ``retention``,
+``bench``.
 
 Every error a user can cause (bad config, bad model config, bad size) exits
 with status 2 and one line naming what was wrong; nothing prints a traceback
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from tiercache.bench import MODULES as BENCHMARKS
 from tiercache.daemon.config import Config, ConfigError, load_config
 from tiercache.daemon.ctl import CtlError
-from tiercache.spec import KVSpec, SpecError, format_size
+from tiercache.spec import KVSpec, SpecError, format_size, parse_size
+from tiercache.tiers.disk import StoreError
 
 
 def _config(path: str | None) -> Config:
@@ -97,6 +99,30 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    from tiercache.embedded import run_retention
+
+    remote = _config(args.config).tiers.remote
+    if remote is None:
+        raise ConfigError("tiers.remote.url: no shared tier is configured; retention needs one")
+    max_bytes = None if args.max_bytes is None else parse_size(args.max_bytes)
+    if max_bytes is None and args.max_age is None and not (remote.max_age or remote.max_bytes):
+        raise ConfigError(
+            "tiers.remote: set max_age or max_bytes (or pass --max-age / --max-bytes)"
+        )
+    report = asyncio.run(
+        run_retention(
+            remote,
+            max_age=args.max_age,
+            max_bytes=max_bytes,
+            namespace=args.namespace,
+            dry_run=args.dry_run,
+        )
+    )
+    print(json.dumps({**report.as_dict(), "dry_run": args.dry_run}, indent=2))
+    return 0 if not report.failed else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tiercache.bench import run
 
@@ -160,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reply-tokens", type=int, default=16)
     d.set_defaults(func=cmd_demo)
 
+    r = sub.add_parser(
+        "retention", help="delete old shared-tier blocks: by age, then oldest beyond a size"
+    )
+    r.add_argument("--config", default=None)
+    r.add_argument("--max-age", type=int, default=None, help="seconds (default: the config's)")
+    r.add_argument("--max-bytes", default=None, help='e.g. "1TiB" (default: the config\'s)')
+    r.add_argument("--namespace", default=None, help="only this namespace (its hex id)")
+    r.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    r.set_defaults(func=cmd_retention)
+
     b = sub.add_parser("bench", help="run a benchmark, writing JSON and a PNG")
     b.add_argument("name", choices=list(BENCHMARKS))
     b.add_argument("--out", default="bench-out")
@@ -182,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         code: int = args.func(args)
-    except (ConfigError, SpecError) as e:
+    except (ConfigError, SpecError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CtlError as e:

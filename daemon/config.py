@@ -9,6 +9,7 @@ overridden as ``TIERCACHE_TIERS_HOST__BYTES``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -65,8 +66,42 @@ class DiskTierConfig:
 
 @dataclass(slots=True)
 class RemoteTierConfig:
-    url: str = ""
-    endpoint: str = ""
+    """The shared tier (``tiercache/tiers/remote.py``): an S3 bucket prefix several daemons use."""
+
+    url: str = ""  # s3://bucket/prefix
+    endpoint: str = ""  # "": AWS S3, or AWS_ENDPOINT_URL
+    region: str = ""  # "": AWS_REGION, else us-east-1
+    key_id: str = ""  # "": AWS_ACCESS_KEY_ID
+    secret_file: str = ""  # a file holding the secret key; "": AWS_SECRET_ACCESS_KEY
+    timeout: float = 1.0  # seconds: a request's deadline, and the most a lookup waits
+    queue_blocks: int = 4096  # write-behind bound; blocks offered beyond it are dropped, counted
+    admission: int = 1  # share a block on its N-th sighting (save or hit); 0: pinned only
+    share_pinned: bool = True  # a pinned session's blocks are shared whatever their count
+    max_age: int = 0  # retention: seconds since written; 0: no age limit
+    max_bytes: int = 0  # retention: total block bytes; 0: no size limit
+    retention_interval: int = 0  # seconds between the daemon's retention runs; 0: never
+
+    def __post_init__(self) -> None:
+        if self.url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]*(/.*)?", self.url):
+            raise ConfigError(
+                f"tiers.remote.url: {self.url!r} is not s3://bucket/prefix (a valid bucket name)"
+            )
+        if self.endpoint and not re.fullmatch(r"https?://[^/\s]+/?", self.endpoint):
+            raise ConfigError(
+                f"tiers.remote.endpoint: {self.endpoint!r} is not http(s)://host[:port]"
+            )
+        if not self.timeout > 0:
+            raise ConfigError(f"tiers.remote.timeout: must be seconds > 0, got {self.timeout}")
+        for name in ("queue_blocks",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tiers.remote.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("admission", "max_age", "max_bytes", "retention_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tiers.remote.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.retention_interval and not (self.max_age or self.max_bytes):
+            raise ConfigError(
+                "tiers.remote.retention_interval: set max_age or max_bytes for it to apply"
+            )
 
 
 @dataclass(slots=True)
@@ -123,7 +158,7 @@ class Config:
         return out
 
 
-_SIZE_KEYS = {"bytes", "slot_bytes"}
+_SIZE_KEYS = {"bytes", "slot_bytes", "max_bytes"}
 SECTIONS: dict[str, type] = {
     "daemon": DaemonConfig,
     "tiers.device": DeviceTierConfig,
@@ -175,6 +210,17 @@ def _coerce(where: str, name: str, default: Any, value: Any) -> Any:
             return value
         if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value):
             return int(value)
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(f):
+                    return f
     elif kind is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -277,7 +323,7 @@ def to_toml(cfg: Config) -> str:
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, int):
+        if isinstance(v, int | float):
             return str(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"

@@ -136,6 +136,7 @@ class Control:
             if m.host is not None
             else 0,
             "draining": self.draining,
+            "remote": m.remote_state(),
             "policy": {
                 "eviction": m.eviction,
                 "write": m.write.name,

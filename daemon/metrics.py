@@ -51,18 +51,32 @@ log = logging.getLogger(__name__)
 
 # Every label value the manager and the daemon report, exported (as 0) from the first scrape.
 TIERS = ("host", "disk")
-LOOKUP_RESULTS = ("host", "disk", "miss")
+LOOKUP_RESULTS = ("host", "disk", "remote", "miss")
 TRANSFER_PATHS = (
     ("client", "host"),
     ("host", "client"),
     ("host", "disk"),
     ("disk", "host"),
     ("disk", "client"),
+    ("remote", "host"),
+    ("host", "remote"),
+    ("disk", "remote"),
 )
 # early/late: a prefetched block was asked for before/after its promotion finished;
 # done/partial/noop: how a prefetch call itself ended (all, some or none of its blocks moved).
 PREFETCH_RESULTS = ("early", "late", "done", "partial", "noop")
-ERROR_KINDS = ("host_full", "disk_full", "disk_write", "session_write")
+ERROR_KINDS = (
+    "host_full",
+    "disk_full",
+    "disk_write",
+    "session_write",
+    "remote_read",
+    "remote_write",
+    "remote_timeout",
+)
+# Why a block offered to the shared tier did not get there: the write-behind queue was full,
+# it left every local tier first, its local copy failed verification, the daemon stopped.
+REMOTE_DROP_REASONS = ("queue_full", "evicted", "corrupt", "shutdown")
 OPS = ("save", "load", "prefetch", "lookup")
 
 # A host hit is a memcpy of a few KiB (~10 us); a cold object-store read of a
@@ -339,6 +353,7 @@ class _Collector:
             "1 while connected to the MQTT broker, else 0.",
             mqtt if mqtt is not None else (lambda: False),
         )
+        yield from self._remote()
         yield _gauge(
             "tiercache_pinned_blocks",
             "Stored blocks protected by a pinned session.",
@@ -366,6 +381,40 @@ class _Collector:
             for tier in tiers:
                 fam.add_metric([tier], usage.get(tier, {}).get(field_, 0))
             yield fam
+
+    def _remote(self) -> Iterator[Metric]:
+        # getattr: a stand-in manager (tests) or one mid-construction has no shared-tier state.
+        manager = self.m._manager
+        remote = getattr(manager, "remote", None)
+        uploads = getattr(manager, "uploads", None)
+        yield _gauge(
+            "tiercache_remote_configured",
+            "1 when a shared tier is configured ([tiers.remote] url), else 0.",
+            lambda: remote is not None,
+        )
+        yield _gauge(
+            "tiercache_remote_up",
+            "1 while the shared tier's store answers, else 0 (the daemon retries by itself).",
+            lambda: remote is not None and remote.up,
+        )
+        yield _gauge(
+            "tiercache_remote_queue_blocks",
+            "Blocks waiting in the write-behind queue to the shared tier.",
+            lambda: len(uploads) if uploads is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "tiercache_remote_uploaded_blocks",
+            "Blocks written to the shared tier.",
+            value=uploads.uploaded if uploads is not None else 0,
+        )
+        yield _counter(
+            "tiercache_remote_dropped_blocks",
+            "Offers of blocks to the shared tier that were dropped, by reason (a block refused "
+            "by a full queue is offered again on its next sighting).",
+            "reason",
+            dict(uploads.dropped) if uploads is not None else {},
+            REMOTE_DROP_REASONS,
+        )
 
     def _pinned_blocks(self) -> int:
         manager = self.m._manager

@@ -273,7 +273,7 @@ class SocketServer:
         }
 
     async def _lookup(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        hit = self.manager.lookup(self._ns(conn, args), _sequence(args))
+        hit = await self.manager.lookup(self._ns(conn, args), _sequence(args))
         return {
             "blocks": hit.blocks,
             "tokens": hit.tokens,

@@ -22,13 +22,14 @@ import logging
 import signal
 from typing import Any
 
-from tiercache.daemon.config import Config
+from tiercache.daemon.config import Config, RemoteTierConfig
 from tiercache.daemon.control import Control
 from tiercache.daemon.metrics import Metrics, MetricsServer
 from tiercache.daemon.server import SocketServer
 from tiercache.embedded import open_cache
 from tiercache.manager import TierManager
 from tiercache.tiers.host import reap_stale_arenas
+from tiercache.tiers.remote import retention
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="ttl"))
         self._tasks.append(asyncio.create_task(self._event_loop(), name="events"))
+        remote = cfg.tiers.remote
+        if remote is not None and remote.retention_interval and manager.remote is not None:
+            self._tasks.append(asyncio.create_task(self._retention_loop(remote), name="retention"))
         log.info(
             "tiercache serving: socket %s, metrics %s, mqtt %s, disk %s",
             cfg.daemon.socket,
@@ -138,6 +142,23 @@ class Daemon:
                 continue
             if gone and self.mqtt is not None:
                 await self.mqtt.event("sessions_expired", {"sessions": len(gone)})
+
+    async def _retention_loop(self, cfg: RemoteTierConfig) -> None:
+        """Apply the shared tier's retention policy every ``retention_interval`` seconds.
+        Every daemon on a bucket may run it: deletes are idempotent."""
+        assert self.manager is not None and self.manager.remote is not None
+        while True:
+            await asyncio.sleep(cfg.retention_interval)
+            try:
+                report = await retention(
+                    self.manager.remote, max_age=cfg.max_age, max_bytes=cfg.max_bytes
+                )
+            except Exception as e:  # the store is down: the next round tries again
+                log.warning("shared tier retention failed: %s", e)
+                continue
+            log.info("shared tier retention: %s", report.as_dict())
+            if self.mqtt is not None and report.removed:
+                await self.mqtt.event("retention", report.as_dict())
 
     async def _event_loop(self) -> None:
         """Turn counter changes into MQTT events: summaries, never one event per block."""

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from tiercache.daemon.config import Config, load_config
+from tiercache.daemon.config import Config, RemoteTierConfig, load_config
 from tiercache.keys import BlockKey, Namespace
 from tiercache.loop import LoopThread
-from tiercache.manager import LoadResult, LookupResult, SaveResult, TierManager, Tokens
+from tiercache.manager import LoadResult, LookupResult, SaveResult, Sharing, TierManager, Tokens
 from tiercache.stats import Stats
+from tiercache.tiers.remote import RemoteOptions, RemoteTier, RetentionReport, retention
 
 
 async def open_cache(config: Config | None = None, *, stats: Stats | None = None) -> TierManager:
@@ -23,6 +24,7 @@ async def open_cache(config: Config | None = None, *, stats: Stats | None = None
     cfg = config or load_config()
     host = cfg.tiers.host
     disk = cfg.tiers.disk
+    remote = cfg.tiers.remote
     return await TierManager.open(
         host_bytes=host.bytes,
         slot_bytes=host.slot_bytes or None,
@@ -33,6 +35,44 @@ async def open_cache(config: Config | None = None, *, stats: Stats | None = None
         write=cfg.policy.write,
         admission=cfg.policy.admission,
         stats=stats,
+        remote_url=remote.url if remote else None,
+        remote_options=remote_options(remote) if remote else None,
+        sharing=Sharing(
+            queue_blocks=remote.queue_blocks,
+            admission=remote.admission,
+            pinned=remote.share_pinned,
+        )
+        if remote
+        else None,
+    )
+
+
+def remote_options(cfg: RemoteTierConfig) -> RemoteOptions:
+    return RemoteOptions(
+        endpoint=cfg.endpoint,
+        region=cfg.region,
+        key_id=cfg.key_id,
+        secret_file=cfg.secret_file,
+        timeout=cfg.timeout,
+    )
+
+
+async def run_retention(
+    cfg: RemoteTierConfig,
+    *,
+    max_age: int | None = None,
+    max_bytes: int | None = None,
+    namespace: str | None = None,
+    dry_run: bool = False,
+) -> RetentionReport:
+    """Apply ``[tiers.remote]``'s retention policy (or the given limits) to the shared tier."""
+    tier = await RemoteTier.open(cfg.url, remote_options(cfg))
+    return await retention(
+        tier,
+        max_age=cfg.max_age if max_age is None else max_age,
+        max_bytes=cfg.max_bytes if max_bytes is None else max_bytes,
+        namespace=namespace,
+        dry_run=dry_run,
     )
 
 
@@ -62,7 +102,7 @@ class SyncCache:
         )
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
-        return self.manager.lookup(ns, tokens)
+        return self._run(self.manager.lookup(ns, tokens))
 
     def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
         return self._run(self.manager.load(ns, tokens, max_blocks=max_blocks))

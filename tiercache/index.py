@@ -31,6 +31,7 @@ class Entry:
     leases: int = 0
     last_use: float = 0.0
     prefetched_at: float = 0.0  # monotonic time a prefetch promoted it; 0 once read
+    remote: bool = False  # known to be in the shared tier (uploaded, or fetched from it)
 
     @property
     def tiers(self) -> tuple[str, ...]:

@@ -11,15 +11,34 @@ block is never evicted, so the slot under a read cannot be reused). Disk
 writes of a save run outside it too, again under leases.
 
 Data flows host -> disk (write-through on save, write-back on host eviction
-or flush) and disk -> host (promotion on load or prefetch). A block is served
+or flush) and disk -> host (promotion on load or prefetch). With a shared
+(remote) tier, blocks worth sharing also go host/disk -> remote through a
+bounded write-behind queue, and a local miss is looked for there: see
+"Shared tier" below. A block is served
 only from a tier whose copy is complete: host copies are made under the lock
 before the entry becomes visible; disk copies are verified by checksum on
 every read, and a copy that fails is dropped and counted, never returned.
+
+Shared tier (``tiers/remote.py``): network I/O is never awaited under the
+lock nor without a deadline. ``lookup``, ``load`` and ``acquire`` that miss
+locally start a *fill*: a background task that fetches the missing blocks in
+chain order (the first alone, then windows in parallel; it stops at the first
+absent block) and promotes each verified one into host memory. The caller
+waits for the fill at most the tier's ``timeout``, then answers with what
+has arrived (tier ``remote``); the fill goes on in the background, so a
+later lookup or load finds the rest locally. After a fill outlives the
+deadline, callers stop waiting (they still start fills) until one finishes in
+time; while the store is down they do not ask it at all. So a slow store
+costs one lookup one deadline, and a dead one costs nothing.
+Uploads run in one background task: blocks are copied out of host memory
+under the lock (or read, verified, from disk under a lease) and PUT outside
+it; a failure marks the store down and puts the blocks back in the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -37,8 +56,12 @@ from tiercache.spec import KVSpec
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
+from tiercache.tiers.remote import CorruptObject, RemoteOptions, RemoteTier, UploadQueue
 
 log = logging.getLogger(__name__)
+
+UPLOAD_BATCH = 16  # blocks in flight to the shared tier at once
+FETCH_WINDOW = 32  # blocks a fill asks the shared tier for at once
 
 # Token ids, or the chain of block keys a client already computed from them.
 Tokens = Sequence[int] | np.ndarray | torch.Tensor | KeyChain
@@ -67,6 +90,21 @@ class NoRoom(CacheError):
 
 class Draining(CacheError):
     """The cache is draining (shutdown or an operator's drain): it serves reads, takes no saves."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """Which blocks go to the shared tier, and how many may wait for it.
+
+    ``admission``: a block goes out on its N-th sighting (its save, then each
+    save or load that finds it); 0 shares only pinned sessions' blocks.
+    ``pinned``: a pinned session's blocks go out whatever their count.
+    """
+
+    queue_blocks: int = 4096
+    admission: int = 1
+    pinned: bool = True
+    drain_seconds: float = 10.0  # how long close() keeps uploading what is queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +230,8 @@ class TierManager:
         admission: int = 1,
         shared_host: bool = False,
         stats: Stats | None = None,
+        remote: RemoteTier | None = None,
+        sharing: Sharing | None = None,
     ) -> None:
         make_policy(eviction, 1)  # reject a bad name before anything is allocated
         self.host_bytes = host_bytes
@@ -215,6 +255,16 @@ class TierManager:
         self._lock = asyncio.Lock()
         self._closed = False
         self.draining = False  # set by drain/shutdown: saves are refused, reads served
+        self.remote = remote
+        self.sharing = sharing or Sharing()
+        self.uploads = UploadQueue(self.sharing.queue_blocks)
+        self._share_admission = Admission(max(1, self.sharing.admission))
+        self._uploader: asyncio.Task[None] | None = None
+        self._in_flight = 0  # blocks the uploader has taken from the queue and not finished
+        self._upload_done = asyncio.Event()  # set after every upload batch (drain waits on it)
+        # Fills in flight, by the first key they fetch -> (task, keys promoted so far).
+        self._fills: dict[BlockKey, tuple[asyncio.Task[None], set[BlockKey]]] = {}
+        self._remote_slow = False  # a fill outlived the deadline: callers do not wait
         if slot_bytes is not None:
             self._format_host(slot_bytes)
         if disk is not None and disk.records:
@@ -230,11 +280,14 @@ class TierManager:
         host_bytes: int,
         disk_url: str | None = None,
         disk_bytes: int = 0,
+        remote_url: str | None = None,
+        remote_options: RemoteOptions | None = None,
         **kwargs: object,
     ) -> TierManager:
         disk = await DiskTier.open(disk_url, disk_bytes) if disk_url else None
         try:
-            manager = cls(host_bytes=host_bytes, disk=disk, **kwargs)  # type: ignore[arg-type]
+            remote = await RemoteTier.open(remote_url, remote_options) if remote_url else None
+            manager = cls(host_bytes=host_bytes, disk=disk, remote=remote, **kwargs)  # type: ignore[arg-type]
         except BaseException:
             if disk is not None:
                 await disk.close()  # release its lock: the caller may fix the config and retry
@@ -408,6 +461,10 @@ class TierManager:
             sess = self.index.sessions.get(r.session) if r.session else None
             if sess is not None and sess.pinned:
                 self._pin_keys(sess)
+            for e in r.entries:
+                self._sighted(e)
+            if sess is not None and sess.pinned:
+                self._share_session(sess)
             nbytes = len(r.entries) * r.ns.spec.block_nbytes
             self.stats.transfer("client", "host", nbytes, time.perf_counter() - t0)
             if self.write.write_on_save and self.disk is not None and r.entries:
@@ -448,13 +505,23 @@ class TierManager:
 
     # -- lookup / load ----------------------------------------------------
 
-    def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
-        """How much of ``tokens``' prefix is cached, and in which tier each block is."""
+    async def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
+        """How much of ``tokens``' prefix is cached, and in which tier each block is.
+
+        With a shared tier, blocks past the local prefix are fetched from it
+        (waiting at most its deadline) and promoted to host; they are reported
+        as ``remote``.
+        """
         t0 = time.perf_counter()
         keys = _keys(ns, tokens)
         hit = self.index.prefix(keys)
         tiers = [e.best_tier or "miss" for e in hit]
-        for t in ("host", "disk"):
+        if self.remote is not None and len(hit) < len(keys):
+            fetched = await self._remote_fill(ns, keys, len(hit))
+            more = self.index.prefix(keys[len(hit) :])
+            tiers += ["remote" if e.key in fetched else (e.best_tier or "miss") for e in more]
+            hit += more
+        for t in ("host", "disk", "remote"):
             n = tiers.count(t)
             if n:
                 self.stats.lookup(t, n)
@@ -483,6 +550,7 @@ class TierManager:
         if max_blocks is not None:
             keys = keys[:max_blocks]
         await self._await_prefetch(keys)
+        fetched = await self._remote_fill(ns, keys, len(self.index.prefix(keys)))
         nbytes = ns.spec.block_nbytes
         async with self._lock:
             self._check_open()
@@ -512,6 +580,10 @@ class TierManager:
                     e.leases -= 1
                 self._forget_corrupt(failed)
                 await self._after_read(entries[:ok], from_disk, out)
+        if fetched:
+            tiers = [
+                "remote" if e.key in fetched else t for e, t in zip(entries, tiers, strict=False)
+            ]
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
         result = LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier)
         self.stats.request("load", result.seconds)
@@ -600,6 +672,7 @@ class TierManager:
             self.host_policy.touch(e.key)
         if e.disk is not None and self.disk_policy is not None:
             self.disk_policy.touch(e.key)
+        self._sighted(e)
 
     # -- prefetch ---------------------------------------------------------
 
@@ -743,6 +816,7 @@ class TierManager:
         assert self.host is not None
         keys = _keys(ns, tokens)[first_block:]
         await self._await_prefetch(keys)
+        fetched = await self._remote_fill(ns, keys, len(self.index.prefix(keys)))
         async with self._lock:
             self._check_open()
             run = self.index.prefix(keys)
@@ -750,7 +824,7 @@ class TierManager:
                 self.host.num_slots if max_blocks is None else min(max_blocks, self.host.num_slots)
             )
             entries = run[:window]
-            tiers = [e.best_tier or "miss" for e in entries]
+            tiers = ["remote" if e.key in fetched else (e.best_tier or "miss") for e in entries]
             for e in entries:
                 e.leases += 1
         if self.disk is not None and any(e.host_slot is None for e in entries):
@@ -888,6 +962,258 @@ class TierManager:
             self.stats.transfer("host", "disk", written, time.perf_counter() - t0)
         return written
 
+    # -- shared tier ----------------------------------------------------------
+
+    def _sighted(self, e: Entry) -> None:
+        """A save or a read met ``e``: queue it for the shared tier once it is worth sharing."""
+        if self.remote is None or e.remote or e.key in self.uploads or not self.sharing.admission:
+            return
+        if self._share_admission.admit(e.key):
+            self._share(e)
+
+    def _share_session(self, sess: Session) -> None:
+        if self.remote is None or not self.sharing.pinned:
+            return
+        for k in sess.keys:
+            e = self.index.get(k)
+            if e is not None and not e.remote:
+                self._share(e)
+
+    def _share(self, e: Entry) -> None:
+        if self._closed:
+            return
+        self.uploads.offer(e.key, e.array)
+        if self._uploader is None or self._uploader.done():
+            self._uploader = asyncio.create_task(self._upload_loop(), name="tiercache-upload")
+
+    async def _upload_loop(self) -> None:
+        remote = self.remote
+        assert remote is not None
+        while True:
+            await self.uploads.ready.wait()
+            pause = remote.down_until - time.monotonic()
+            if not remote.up and pause > 0:
+                await asyncio.sleep(pause)  # the next upload is the health probe
+            batch = self.uploads.take(UPLOAD_BATCH)
+            self._in_flight = len(batch)
+            try:
+                await self._upload(batch)
+            finally:
+                self._in_flight = 0
+                self._upload_done.set()
+
+    async def _upload(self, batch: list[tuple[BlockKey, str]]) -> None:
+        """PUT a batch of queued blocks; failures go back to the queue and mark the store down."""
+        remote = self.remote
+        assert remote is not None
+        t0 = time.perf_counter()
+        sources = await self._upload_sources(batch)
+
+        async def one(e: Entry, data: torch.Tensor) -> None:
+            ns = self.namespaces.get(e.array)
+            if ns is not None:
+                await remote.ensure_namespace(ns)
+            await remote.put(e.array, e.key, data)
+
+        results = await asyncio.gather(
+            *(one(e, data) for e, _, data in sources), return_exceptions=True
+        )
+        retry: list[tuple[BlockKey, str]] = []
+        moved: dict[str, int] = {}
+        for (e, src, _), res in zip(sources, results, strict=True):
+            if isinstance(res, BaseException):
+                retry.append((e.key, e.array))
+                if not isinstance(res, asyncio.CancelledError):
+                    remote.failed(res)
+                    self.stats.error("remote_write")
+            else:
+                e.remote = True
+                self.uploads.uploaded += 1
+                moved[src] = moved.get(src, 0) + e.nbytes
+        for src, nbytes in moved.items():
+            self.stats.transfer(src, "remote", nbytes, time.perf_counter() - t0)
+        if retry:
+            log.warning(
+                "shared tier: %d uploads failed, will retry: %s", len(retry), remote.last_error
+            )
+            self.uploads.put_back(retry)
+
+    async def _upload_sources(
+        self, batch: list[tuple[BlockKey, str]]
+    ) -> list[tuple[Entry, str, torch.Tensor]]:
+        """The bytes of queued blocks: copied out of host memory under the lock, or read (and
+        verified) from disk under a lease. A block no longer cached is dropped and counted."""
+        out: list[tuple[Entry, str, torch.Tensor]] = []
+        from_disk: list[tuple[Entry, DiskRecord]] = []
+        async with self._lock:
+            for key, _ in batch:
+                e = self.index.get(key)
+                if e is None:
+                    self.uploads.dropped["evicted"] += 1
+                elif e.remote:
+                    continue
+                elif e.host_slot is not None:
+                    assert self.host is not None
+                    out.append((e, "host", self.host.view(e.host_slot, e.nbytes).clone()))
+                elif e.disk is not None:
+                    e.leases += 1
+                    from_disk.append((e, e.disk))
+        if from_disk:
+            assert self.disk is not None
+            bufs = [torch.empty(e.nbytes, dtype=torch.uint8) for e, _ in from_disk]
+            oks = [False] * len(from_disk)
+            try:
+                oks = await self.disk.get_many([rec for _, rec in from_disk], bufs)
+            finally:
+                async with self._lock:
+                    for e, _ in from_disk:
+                        e.leases -= 1
+                    self._forget_corrupt(
+                        [j for j, ok in zip(from_disk, oks, strict=True) if not ok]
+                    )
+            out += [
+                (e, "disk", b) for (e, _), b, ok in zip(from_disk, bufs, oks, strict=True) if ok
+            ]
+            if not all(oks):
+                self.uploads.dropped["corrupt"] += oks.count(False)
+        return out
+
+    async def _remote_fill(self, ns: Namespace, keys: list[BlockKey], start: int) -> set[BlockKey]:
+        """Fetch ``keys[start:]`` from the shared tier into host memory (see the module doc):
+        waits for the fill at most the tier's timeout; returns the keys it promoted so far."""
+        remote = self.remote
+        if remote is None or start >= len(keys) or not remote.available():
+            return set()
+        array = await self.register(ns)
+        first = keys[start]
+        fill = self._fills.get(first)
+        if fill is None:
+            got: set[BlockKey] = set()
+            task = asyncio.create_task(
+                self._fetch(array, ns.spec.block_nbytes, keys[start:], got), name="tiercache-fill"
+            )
+            fill = self._fills[first] = (task, got)
+            task.add_done_callback(lambda t: self._fill_done(first, t))
+        task, got = fill
+        if not self._remote_slow:
+            done, _ = await asyncio.wait({task}, timeout=remote.timeout)
+            if not done:
+                self._remote_slow = True
+                self.stats.error("remote_timeout")
+        return set(got)
+
+    def _fill_done(self, first: BlockKey, task: asyncio.Task[None]) -> None:
+        if self._fills.get(first, (None,))[0] is task:
+            del self._fills[first]
+        if not task.cancelled() and task.exception() is None and self.remote and self.remote.up:
+            self._remote_slow = False  # the store answered a whole fill: wait for it again
+        elif not task.cancelled():
+            log.warning("shared tier fill failed: %s", task.exception())
+
+    async def _fetch(
+        self, array: str, nbytes: int, keys: list[BlockKey], got: set[BlockKey]
+    ) -> None:
+        """The fill task: fetch blocks in chain order, promote the verified ones, stop at the
+        first block that is absent, corrupt, unreadable or finds no host room."""
+        remote = self.remote
+        assert remote is not None
+        i, window = 0, 1
+        while i < len(keys) and not self._closed:
+            chunk = keys[i : i + window]
+            t0 = time.perf_counter()
+            results = await asyncio.gather(
+                *(self._fetch_one(remote, array, k, nbytes) for k in chunk),
+                return_exceptions=True,
+            )
+            good: list[tuple[BlockKey, tuple[np.ndarray, bytes] | None]] = []
+            for k, res in zip(chunk, results, strict=True):
+                if isinstance(res, CorruptObject):
+                    log.warning("%s; treated as a miss", res)
+                    self.stats.corrupt()
+                elif isinstance(res, BaseException):
+                    remote.failed(res)
+                    self.stats.error("remote_read")
+                elif not isinstance(res, str):
+                    good.append((k, res))
+                    continue
+                elif res == "local":
+                    good.append((k, None))
+                    continue
+                break
+            adopted, complete = await self._adopt_remote(array, nbytes, good, got)
+            if adopted:
+                self.stats.transfer("remote", "host", adopted * nbytes, time.perf_counter() - t0)
+            if len(good) < len(chunk) or not complete:
+                return
+            i += len(chunk)
+            window = min(window * 4, FETCH_WINDOW)
+
+    async def _fetch_one(
+        self, remote: RemoteTier, array: str, key: BlockKey, nbytes: int
+    ) -> tuple[np.ndarray, bytes] | str:
+        """A block's verified bytes and checksum, or "local" (already here) or "absent"."""
+        if key in self.index:
+            return "local"
+        got = await remote.get(array, key, nbytes)
+        return "absent" if got is None else got
+
+    async def _adopt_remote(
+        self,
+        array: str,
+        nbytes: int,
+        blocks: list[tuple[BlockKey, tuple[np.ndarray, bytes] | None]],
+        got: set[BlockKey],
+    ) -> tuple[int, bool]:
+        """Under the lock: put fetched blocks into host slots and the index (visible from now).
+        Returns how many were adopted, and whether all of ``blocks`` are now local."""
+        adopted = 0
+        async with self._lock:
+            if self._closed or not blocks:
+                return 0, not blocks
+            assert self.host is not None
+            if not self.host.formatted:
+                self._format_host(nbytes)
+            await self._make_host_room(sum(1 for k, _ in blocks if k not in self.index))
+            now = time.monotonic()
+            for key, fetched in blocks:
+                if key in self.index or fetched is None:
+                    continue
+                try:
+                    slot = await self._host_slot()
+                except NoRoom:
+                    return adopted, False
+                data, csum = fetched
+                np.copyto(self.host.view(slot, nbytes).numpy(), data)
+                e = Entry(key, array, nbytes, csum, host_slot=slot, last_use=now, remote=True)
+                self.index.add(e)
+                assert self.host_policy is not None
+                self.host_policy.insert(key)
+                got.add(key)
+                adopted += 1
+        return adopted, True
+
+    async def drain_uploads(self, seconds: float) -> int:
+        """Wait until the write-behind queue is empty (or ``timeout``); returns what is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while len(self.uploads) or self._in_flight:
+                    self._upload_done.clear()
+                    await self._upload_done.wait()
+        return len(self.uploads) + self._in_flight
+
+    def remote_state(self) -> dict[str, object] | None:
+        """The shared tier's state for ``stats``: health, queue, uploads, losses."""
+        if self.remote is None:
+            return None
+        return {
+            **self.remote.state(),
+            "queue_blocks": len(self.uploads),
+            "queue_bound": self.uploads.bound,
+            "uploaded_blocks": self.uploads.uploaded,
+            "dropped_blocks": dict(self.uploads.dropped),
+            "admission": self.sharing.admission,
+        }
+
     # -- sessions, pins, eviction -------------------------------------------
 
     async def pin(self, session: str) -> int:
@@ -899,6 +1225,7 @@ class TierManager:
                 return 0
             sess.pinned = True
             n = self._pin_keys(sess)
+            self._share_session(sess)
             await self._persist(sess)
             return n
 
@@ -1049,7 +1376,18 @@ class TierManager:
             return
         if flush:
             await self.flush()
+            if self.remote is not None and self.remote.available():
+                await self.drain_uploads(self.sharing.drain_seconds)
         self._closed = True
+        tasks = [t for t, _ in self._fills.values()]
+        if self._uploader is not None:
+            tasks.append(self._uploader)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if len(self.uploads):
+            self.uploads.dropped["shutdown"] += len(self.uploads)
+            log.warning("shared tier: %d queued blocks not uploaded at close", len(self.uploads))
         if self.disk is not None:
             await self.disk.close()
         if self.host is not None:

@@ -109,6 +109,11 @@ EXPECTED_TYPES = {
     "tiercache_pinned_blocks": "gauge",
     "tiercache_mqtt_connected": "gauge",
     "tiercache_mqtt_configured": "gauge",
+    "tiercache_remote_configured": "gauge",
+    "tiercache_remote_up": "gauge",
+    "tiercache_remote_queue_blocks": "gauge",
+    "tiercache_remote_uploaded_blocks_total": "counter",
+    "tiercache_remote_dropped_blocks_total": "counter",
 }
 
 PATHS = [
@@ -117,6 +122,9 @@ PATHS = [
     ("host", "disk"),
     ("disk", "host"),
     ("disk", "client"),
+    ("remote", "host"),
+    ("host", "remote"),
+    ("disk", "remote"),
 ]
 
 
@@ -132,7 +140,7 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
     assert label_sets(text, "tiercache_tier_blocks") == tiers
     assert label_sets(text, "tiercache_evictions_total") == tiers
     assert label_sets(text, "tiercache_lookup_blocks_total") == {
-        L(result=r) for r in ("host", "disk", "miss")
+        L(result=r) for r in ("host", "disk", "remote", "miss")
     }
     assert label_sets(text, "tiercache_transfer_bytes_total") == {L(src=s, dst=d) for s, d in PATHS}
     assert label_sets(text, "tiercache_transfer_seconds_count") == {
@@ -142,7 +150,19 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
         L(result=r) for r in ("early", "late", "done", "partial", "noop")
     }
     assert label_sets(text, "tiercache_errors_total") == {
-        L(kind=k) for k in ("host_full", "disk_full", "disk_write", "session_write")
+        L(kind=k)
+        for k in (
+            "host_full",
+            "disk_full",
+            "disk_write",
+            "session_write",
+            "remote_read",
+            "remote_write",
+            "remote_timeout",
+        )
+    }
+    assert label_sets(text, "tiercache_remote_dropped_blocks_total") == {
+        L(reason=r) for r in ("queue_full", "evicted", "corrupt", "shutdown")
     }
     assert label_sets(text, "tiercache_request_seconds_count") == {
         L(op=o) for o in ("save", "load", "prefetch", "lookup")
@@ -182,7 +202,7 @@ async def test_saves_lookups_and_loads_from_host_count_blocks_bytes_and_requests
     m.bind(cache)
     tokens = make_tokens(4)
     await cache.save(NS, tokens[: 3 * 4], make_blocks(3))
-    assert cache.lookup(NS, tokens).blocks == 3
+    assert (await cache.lookup(NS, tokens)).blocks == 3
     assert (await cache.load(NS, tokens)).blocks == 3
 
     assert value(m, "tiercache_transfer_bytes_total", src="client", dst="host") == 3 * B
@@ -334,7 +354,7 @@ async def test_the_base_stats_are_kept_for_the_stats_verb(open_cache: OpenCache)
     cache = await open_cache(host_blocks=4, stats=m)
     tokens = make_tokens(2)
     await cache.save(NS, tokens, make_blocks(2))
-    cache.lookup(NS, tokens)
+    await cache.lookup(NS, tokens)
     assert m.as_dict() == {
         "lookup_blocks": {"host": 2},
         "transfer_bytes": {"client->host": 2 * B},

@@ -236,9 +236,9 @@ async def test_prefetch_promotes_a_sessions_disk_blocks_to_host(
     ns, chat = make_ns(), make_tokens(2)
     await manager.flush()
     await manager.save(ns, make_tokens(4, seed=1), make_blocks(4, seed=1), session="other")
-    assert manager.lookup(ns, chat).tiers == ["disk", "disk"]
+    assert (await manager.lookup(ns, chat)).tiers == ["disk", "disk"]
     assert await request(ctl, "prefetch", {"session": "chat"}, timeout=WAIT) == ok({"blocks": 2})
-    assert manager.lookup(ns, chat).tiers == ["host", "host"]
+    assert (await manager.lookup(ns, chat)).tiers == ["host", "host"]
 
 
 async def test_stats_replies_with_the_managers_counters(daemon: Daemon, ctl: MqttConfig) -> None:

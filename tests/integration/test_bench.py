@@ -22,6 +22,7 @@ from tiercache.daemon.cli import main
         ("disk-layout", {"io", "codecs", "meta"}),
         ("control", {"rows", "embedded_p50_s", "machine"}),
         ("trace", {"sweeps", "machine"}),
+        ("remote", {"throughput", "resume", "machine"}),
     ],
 )
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:

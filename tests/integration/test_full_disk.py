@@ -47,7 +47,7 @@ async def test_a_full_device_refuses_writes_but_keeps_serving(small_fs: Path) ->
     try:
         before, before_blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
         await m.save(NS, before, before_blocks)  # lands on disk while there is room
-        assert m.lookup(NS, before).tiers == ["host", "host"]
+        assert (await m.lookup(NS, before)).tiers == ["host", "host"]
         assert m.disk is not None and len(m.disk.records) == 2
         fill(small_fs / "filler")
 

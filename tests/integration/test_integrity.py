@@ -55,7 +55,7 @@ async def test_a_corrupted_block_is_a_counted_miss(open_cache: OpenCache) -> Non
     assert got.blocks == 1
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:1]))
     assert m.stats.corrupt_blocks == 1
-    assert m.lookup(NS, tokens).blocks == 1  # the bad copy is forgotten
+    assert (await m.lookup(NS, tokens)).blocks == 1  # the bad copy is forgotten
 
 
 async def test_a_file_truncated_while_running_is_a_miss_from_the_cut(open_cache: OpenCache) -> None:
@@ -79,7 +79,7 @@ async def test_a_damaged_shard_file_loses_only_what_it_lost(open_cache: OpenCach
     else:
         path.unlink()
     m2 = await open_cache()
-    assert m2.lookup(NS, tokens).blocks == kept
+    assert (await m2.lookup(NS, tokens)).blocks == kept
     assert m2.disk is not None and m2.disk.corrupt_reads == n - kept
     got = await m2.load(NS, tokens)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:kept]))
@@ -112,8 +112,8 @@ async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path
     segments = sorted((tmp_path / "disk" / "journal").iterdir())
     segments[-1].write_bytes(segments[-1].read_bytes()[:-3])
     m2 = await open_cache()
-    assert m2.lookup(NS, first).blocks == 1
-    assert m2.lookup(NS, second).blocks == 0
+    assert (await m2.lookup(NS, first)).blocks == 1
+    assert (await m2.lookup(NS, second)).blocks == 0
 
 
 CHILD = textwrap.dedent(

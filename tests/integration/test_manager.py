@@ -26,7 +26,7 @@ async def test_lookup_reports_the_cached_prefix_and_its_tiers(open_cache: OpenCa
     m = await open_cache()
     tokens = make_tokens(3)
     await m.save(NS, tokens[:8], make_blocks(2))
-    hit = m.lookup(NS, [*tokens, 1, 2])  # 3 full blocks and a partial tail
+    hit = await m.lookup(NS, [*tokens, 1, 2])  # 3 full blocks and a partial tail
     assert len(hit.keys) == 3
     assert hit.tiers == ["host", "host"]
     assert hit.tokens == 8
@@ -38,15 +38,15 @@ async def test_a_changed_token_ends_the_hit_at_its_block(open_cache: OpenCache) 
     await m.save(NS, tokens, make_blocks(3))
     changed = list(tokens)
     changed[5] += 1  # inside block 1
-    assert m.lookup(NS, changed).blocks == 1
+    assert (await m.lookup(NS, changed)).blocks == 1
 
 
 async def test_other_salt_or_model_never_hits(open_cache: OpenCache) -> None:
     m = await open_cache()
     tokens = make_tokens(2)
     await m.save(NS, tokens, make_blocks(2))
-    assert m.lookup(make_ns(salt="tenant-b"), tokens).blocks == 0
-    assert m.lookup(make_ns(model="other-model"), tokens).blocks == 0
+    assert (await m.lookup(make_ns(salt="tenant-b"), tokens)).blocks == 0
+    assert (await m.lookup(make_ns(model="other-model"), tokens)).blocks == 0
 
 
 async def test_saving_blocks_already_cached_writes_nothing(open_cache: OpenCache) -> None:
@@ -99,7 +99,7 @@ async def test_host_eviction_writes_back_to_disk_in_lru_order(open_cache: OpenCa
     m = await open_cache(host_blocks=2, write="write-back")
     tokens, blocks = make_tokens(4), make_blocks(4)
     await m.save(NS, tokens, blocks)
-    assert m.lookup(NS, tokens).tiers == ["disk", "disk", "host", "host"]
+    assert (await m.lookup(NS, tokens)).tiers == ["disk", "disk", "host", "host"]
     assert m.stats.evictions["host"] == 2
     got = await m.load(NS, tokens)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
@@ -125,7 +125,7 @@ async def test_a_disk_hit_is_promoted_to_host_on_load(open_cache: OpenCache) -> 
     tokens = make_tokens(4)
     await m.save(NS, tokens, make_blocks(4))
     await m.load(NS, tokens[:8])  # blocks 0, 1 come from disk and take the host slots
-    assert m.lookup(NS, tokens).tiers == ["host", "host", "disk", "disk"]
+    assert (await m.lookup(NS, tokens)).tiers == ["host", "host", "disk", "disk"]
 
 
 async def test_prefetch_promotes_a_session_from_disk(open_cache: OpenCache) -> None:
@@ -133,9 +133,9 @@ async def test_prefetch_promotes_a_session_from_disk(open_cache: OpenCache) -> N
     a, b = make_tokens(2, seed=1), make_tokens(2, seed=2)
     await m.save(NS, a, make_blocks(2), session="a")
     await m.save(NS, b, make_blocks(2), session="b")
-    assert m.lookup(NS, a).tiers == ["disk", "disk"]
+    assert (await m.lookup(NS, a)).tiers == ["disk", "disk"]
     assert await m.prefetch(session="a") == 2
-    assert m.lookup(NS, a).tiers == ["host", "host"]
+    assert (await m.lookup(NS, a)).tiers == ["host", "host"]
 
 
 async def test_prefetch_of_an_unknown_session_is_a_typed_error(open_cache: OpenCache) -> None:
@@ -151,7 +151,7 @@ async def test_pinned_blocks_are_never_evicted(open_cache: OpenCache) -> None:
     assert await m.pin("keep") == 2
     result = await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))
     assert (result.stored, result.rejected) == (0, 2)
-    assert m.lookup(NS, pinned).tiers == ["host", "host"]
+    assert (await m.lookup(NS, pinned)).tiers == ["host", "host"]
     assert await m.unpin("keep") == 2
     assert (await m.save(NS, make_tokens(2, seed=2), make_blocks(2, seed=2))).stored == 2
 
@@ -179,7 +179,7 @@ async def test_evicting_a_session_keeps_blocks_another_session_shares(open_cache
     await m.save(NS, tokens[:8], make_blocks(2), session="short")
     await m.save(NS, tokens, make_blocks(3), session="long")
     assert await m.evict(session="long") == 1
-    assert m.lookup(NS, tokens).blocks == 2
+    assert (await m.lookup(NS, tokens)).blocks == 2
     with pytest.raises(UnknownSession):
         await m.evict(session="long")
 
@@ -190,7 +190,7 @@ async def test_a_pinned_session_cannot_be_evicted_without_unpinning(open_cache: 
     await m.pin("s")
     with pytest.raises(SessionPinned):
         await m.evict(session="s")
-    assert m.lookup(NS, make_tokens(2)).blocks == 2
+    assert (await m.lookup(NS, make_tokens(2))).blocks == 2
 
 
 async def test_a_session_past_its_ttl_is_forgotten_and_evicted(open_cache: OpenCache) -> None:
@@ -203,7 +203,7 @@ async def test_a_session_past_its_ttl_is_forgotten_and_evicted(open_cache: OpenC
     assert sess.expires is not None
     assert await m.expire(now=sess.expires - 1) == []
     assert await m.expire(now=sess.expires) == ["s"]
-    assert m.lookup(NS, tokens).blocks == 0
+    assert (await m.lookup(NS, tokens)).blocks == 0
     assert "s" not in m.index.sessions
 
 
@@ -211,7 +211,7 @@ async def test_admission_threshold_stores_on_second_offer(open_cache: OpenCache)
     m = await open_cache(admission=2)
     tokens = make_tokens(2)
     assert (await m.save(NS, tokens, make_blocks(2))).rejected == 2
-    assert m.lookup(NS, tokens).blocks == 0
+    assert (await m.lookup(NS, tokens)).blocks == 0
     assert (await m.save(NS, tokens, make_blocks(2))).stored == 2
 
 
@@ -233,7 +233,7 @@ async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache)
     await m.pin("chat")
     await m.close()  # flushes write-back blocks
     m2 = await open_cache()
-    assert m2.lookup(NS, tokens).tiers == ["disk", "disk", "disk"]
+    assert (await m2.lookup(NS, tokens)).tiers == ["disk", "disk", "disk"]
     assert m2.index.sessions["chat"].pinned
     assert all(m2.index.pins[e.key] == 1 for e in m2.index)
     got = await m2.load(NS, tokens)
@@ -246,7 +246,7 @@ async def test_close_without_flush_loses_only_unwritten_write_back_blocks(open_c
     await m.save(NS, tokens, make_blocks(4))  # blocks 0, 1 written back on eviction
     await m.close(flush=False)
     m2 = await open_cache()
-    assert m2.lookup(NS, tokens).tiers == ["disk", "disk"]
+    assert (await m2.lookup(NS, tokens)).tiers == ["disk", "disk"]
 
 
 async def test_a_second_process_cannot_open_the_same_disk_dir(open_cache: OpenCache) -> None:
@@ -290,7 +290,7 @@ async def test_a_save_after_the_deadline_expires_the_session(open_cache: OpenCac
     await asyncio.sleep(0.06)
     await m.save(NS, make_tokens(1, seed=5), make_blocks(1, seed=5))
     assert "short-lived" not in m.index.sessions
-    assert m.lookup(NS, tokens).blocks == 0
+    assert (await m.lookup(NS, tokens)).blocks == 0
 
 
 async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:
@@ -307,7 +307,7 @@ async def test_a_reservation_is_invisible_until_committed(open_cache: OpenCache)
     m = await open_cache()
     tokens, blocks = make_tokens(2), make_blocks(2)
     r = await m.reserve(NS, tokens, session="s")
-    assert len(r.slots) == 2 and m.lookup(NS, tokens).blocks == 0
+    assert len(r.slots) == 2 and (await m.lookup(NS, tokens)).blocks == 0
     assert m.host is not None
     m.host.write(r.slots, as_bytes(blocks))
     assert (await m.commit(r)).stored == 2

@@ -5,6 +5,7 @@
 recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
 ``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
 ``trace`` (a real conversation trace replayed: hit ratio against capacity per policy),
+``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
 ``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector).
 """
 
@@ -19,6 +20,7 @@ MODULES = {
     "control": "control",
     "reliability": "reliability",
     "trace": "trace",
+    "remote": "remote",
     "vllm": "vllm_resume",
 }
 

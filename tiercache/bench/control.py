@@ -65,10 +65,8 @@ class Ops:
         self.n = 0
 
     async def lookup(self) -> None:
-        hit = self.cache.lookup(self.ns, self.prefix)
-        if isinstance(self.cache, AsyncClient):
-            hit = await hit  # type: ignore[misc]
-        assert hit.blocks == PREFIX_TOKENS // SPEC.block_size  # type: ignore[union-attr]
+        hit = await self.cache.lookup(self.ns, self.prefix)
+        assert hit.blocks == PREFIX_TOKENS // SPEC.block_size
 
     async def save_load(self) -> None:
         self.n += 1

@@ -433,7 +433,9 @@ def markdown(result: dict[str, Any]) -> str:
         "| --- | --- | ---: | ---: | --- |",
     ]
     for name, r in result["campaigns"].items():
-        figures = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+        figures = ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in r.items()
             if k not in ("injected", "lost", "wrong_bytes_served", "per_op", "errors")
             and not isinstance(v, dict)
         )
@@ -448,9 +450,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{load_r['max_rss_bytes'] / 2**20:.0f} MiB against a budget of "
         f"{load_r['memory_budget_bytes'] / 2**20:.0f} MiB (host tier + a stated "
         f"{MEMORY_OVERHEAD // 2**20} MiB for the interpreter, torch and zarr). The clients are "
-              "asyncio tasks in one Python process on the same 2 cores as the daemon, so these "
-              "latencies include the clients' own CPU time (hashing keys, generating and checking "
-              "block bytes): they bound the daemon's latency from above.", "",
+        "asyncio tasks in one Python process on the same 2 cores as the daemon, so these "
+        "latencies include the clients' own CPU time (hashing keys, generating and checking "
+        "block bytes): they bound the daemon's latency from above.",
+        "",
         "| operation | n | p50 | p99 |",
         "| --- | ---: | ---: | ---: |",
     ]
