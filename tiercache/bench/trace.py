@@ -186,7 +186,7 @@ async def replay(
         for ids in prompts:
             raw = np.asarray(ids, dtype="<u4")
             keys = KeyChain(NS.block_keys(raw))  # hashed once, as a connector does
-            hit = cache.lookup(NS, keys)
+            hit = await cache.lookup(NS, keys)
             if hit.blocks:
                 loaded = await cache.load(NS, keys, max_blocks=hit.blocks)
                 expected = torch.from_numpy(raw[: hit.blocks].view(np.uint8).reshape(-1, 4))
