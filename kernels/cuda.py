@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tiercache.kernels.reference import LayerCache, LayoutError, _check
+from tiercache.kernels.reference import LayerCache, LayoutError, _check, check_blocks
 from tiercache.kernels.reference_quant import (
     QDTYPE,
     Format,
@@ -230,12 +230,10 @@ def gather(
     with torch.cuda.stream(stream):
         if out is None:
             out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=device)
-        elif tuple(out.shape) != (n, *spec.block_shape) or out.dtype != spec.torch_dtype:
-            raise LayoutError(
-                f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}"
-            )
-        elif out.device != device or not out.is_contiguous():
-            raise LayoutError(f"out must be contiguous on {device}, got {out.device}")
+        else:
+            check_blocks(spec, out, n, "out")
+            if out.device != device or not out.is_contiguous():
+                raise LayoutError(f"out must be contiguous on {device}, got {out.device}")
         if n:
             kind = "v16" if addr.aligned(out.data_ptr()) else "b1"
             _launch(
@@ -260,10 +258,7 @@ def scatter(
     addr = addressing(spec, caches, batch)
     ids = host_ids(block_ids, addr.num_blocks)
     n = ids.numel()
-    if tuple(blocks.shape) != (n, *spec.block_shape) or blocks.dtype != spec.torch_dtype:
-        raise LayoutError(
-            f"blocks must be {[n, *spec.block_shape]} {spec.dtype}, got {list(blocks.shape)} {blocks.dtype}"
-        )
+    check_blocks(spec, blocks, n)
     stream = stream if stream is not None else torch.cuda.current_stream(device)
     with torch.cuda.stream(stream):
         src = blocks.to(device, non_blocking=True).contiguous()

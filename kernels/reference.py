@@ -83,6 +83,16 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                 )
 
 
+def check_blocks(spec: KVSpec, blocks: torch.Tensor, n: int, what: str = "blocks") -> None:
+    """``blocks`` must be ``[n, *spec.block_shape]`` of the spec's dtype; else a LayoutError
+    naming ``what`` (the argument) and both shapes."""
+    if tuple(blocks.shape) != (n, *spec.block_shape) or blocks.dtype != spec.torch_dtype:
+        raise LayoutError(
+            f"{what} must be {[n, *spec.block_shape]} {spec.dtype}, "
+            f"got {list(blocks.shape)} {blocks.dtype}"
+        )
+
+
 def gather(
     spec: KVSpec,
     caches: Sequence[LayerCache],
@@ -98,10 +108,8 @@ def gather(
     n, bs = ids.numel(), spec.block_size
     if out is None:
         out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=first.device)
-    elif tuple(out.shape) != (n, *spec.block_shape) or out.dtype != spec.torch_dtype:
-        raise LayoutError(
-            f"out must be {[n, *spec.block_shape]} {spec.dtype}, got {list(out.shape)} {out.dtype}"
-        )
+    else:
+        check_blocks(spec, out, n, "out")
     for layer, c in enumerate(caches):
         if spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
@@ -137,10 +145,7 @@ def scatter(
     first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
     ids = _ids(block_ids, first.device)
     n, bs = ids.numel(), spec.block_size
-    if tuple(blocks.shape) != (n, *spec.block_shape) or blocks.dtype != spec.torch_dtype:
-        raise LayoutError(
-            f"blocks must be {[n, *spec.block_shape]} {spec.dtype}, got {list(blocks.shape)} {blocks.dtype}"
-        )
+    check_blocks(spec, blocks, n)
     # Moved as bytes, like the kernels: torch has no CPU index_copy_ for fp8, and a
     # one-byte dtype viewed as uint8 keeps its shape.
     blocks = _bytes(blocks.to(first.device))
