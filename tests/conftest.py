@@ -30,6 +30,20 @@ def make_blocks(n_blocks: int, seed: int = 0, spec: KVSpec = SPEC) -> torch.Tens
     return (torch.rand((n_blocks, *spec.block_shape), generator=g) + 0.5).to(spec.torch_dtype)
 
 
+def llama3_70b_config(**overrides: Any) -> dict[str, Any]:
+    """The fields of meta-llama/Meta-Llama-3-70B's config.json that sizing reads."""
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+        "torch_dtype": "bfloat16",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
 def flip_byte(path: Path, at: int) -> None:
     """Corrupt one bit of a file in place (a disk tier's block, in the integrity tests)."""
     with open(path, "r+b") as f:

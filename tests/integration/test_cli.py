@@ -7,22 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import llama3_70b_config
 from tiercache.daemon.cli import main
-
-LLAMA_3_70B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 8192,
-    "num_attention_heads": 64,
-    "num_hidden_layers": 80,
-    "num_key_value_heads": 8,
-    "torch_dtype": "bfloat16",
-}
 
 
 @pytest.fixture
 def model_config(tmp_path: Path) -> Path:
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(LLAMA_3_70B))
+    path.write_text(json.dumps(llama3_70b_config()))
     return path
 
 

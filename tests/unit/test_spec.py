@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import llama3_70b_config
 from tiercache.spec import (
     DTYPES,
     KVSpec,
@@ -21,20 +22,6 @@ from tiercache.spec import (
     format_size,
     parse_size,
 )
-
-
-def llama3_70b_config(**overrides: Any) -> dict[str, Any]:
-    """The fields of meta-llama/Meta-Llama-3-70B's config.json that sizing reads."""
-    cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 8192,
-        "num_attention_heads": 64,
-        "num_hidden_layers": 80,
-        "num_key_value_heads": 8,
-        "torch_dtype": "bfloat16",
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 def small_spec(**overrides: Any) -> KVSpec:
