@@ -68,6 +68,7 @@ import xxhash
 from tiercache.client import Client, RemoteError
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import BlockKey, KeyChain, Namespace
+from tiercache.manager import SaveResult
 from tiercache.spec import KVSpec, Layout, dtype_name
 
 try:
@@ -358,7 +359,7 @@ class _Link:
                 client.close()
 
 
-_LINK_ERRORS = (OSError, ConnectionError, RemoteError, EOFError)
+_LINK_ERRORS = (OSError, RemoteError, EOFError)  # ConnectionError is an OSError
 _T = TypeVar("_T")
 
 
@@ -438,8 +439,6 @@ class TierCacheConnector(KVConnectorBase_V1):
         self._engine_spec: KVSpec | None = None
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
-        self.loaded_tokens = 0
-        self.saved_blocks = 0
         logger.info(
             "TierCacheConnector %s: namespace %s (%s, %d tokens per block, %d engine blocks each)",
             who,
@@ -628,7 +627,6 @@ class TierCacheConnector(KVConnectorBase_V1):
             rows = to_engine_blocks(typed, spec, self.per_block)[t.skip :]
             ids = t.block_ids[t.skip : got * self.per_block]
             scatter(self._engine_spec, rows.to(self._caches[0].device), self._caches, ids)
-        self.loaded_tokens += max(got * self.block - t.skip * self.vllm_block, 0)
         failed = t.block_ids[max(got * self.per_block, t.skip) :]
         if failed:
             logger.warning(
@@ -661,14 +659,12 @@ class TierCacheConnector(KVConnectorBase_V1):
             if self._link.call("save", functools.partial(self._save_to, t)) is None:
                 return  # the daemon is unreachable: no point trying the other saves this step
 
-    def _save_to(self, t: Transfer, client: Client) -> bool:
+    def _save_to(self, t: Transfer, client: Client) -> SaveResult:
         assert self._engine_spec is not None
         rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
         blocks = to_store_blocks(rows, self.ns.spec, self.per_block)
         keys = KeyChain.from_bytes(t.keys)
-        client.save(self.ns, keys, blocks, first_block=t.first, session=t.session)
-        self.saved_blocks += blocks.shape[0]
-        return True
+        return client.save(self.ns, keys, blocks, first_block=t.first, session=t.session)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
