@@ -12,6 +12,7 @@ from tiercache.demo_models import save_tiny
 from tiercache.integrations.vllm import (
     ConnectorConfigError,
     Options,
+    _session,
     model_fingerprint,
     to_engine_blocks,
     to_store_blocks,
@@ -103,3 +104,19 @@ def test_a_hub_id_is_fingerprinted_by_its_revision_and_an_empty_dir_is_refused(
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConnectorConfigError, match="model_fingerprint"):
         model_fingerprint(str(tmp_path))
+
+
+class _Request:
+    def __init__(self, params: dict[str, object] | None) -> None:
+        self.request_id = "r1"
+        self.kv_transfer_params = params
+
+
+def test_a_request_names_its_session_and_a_bad_name_is_ignored_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert _session(_Request({"session_id": "chat-42"})) == "chat-42"  # type: ignore[arg-type]
+    assert _session(_Request(None)) is None  # type: ignore[arg-type]
+    assert _session(_Request({"session_id": 7})) is None  # type: ignore[arg-type]
+    assert _session(_Request({"session_id": ""})) is None  # type: ignore[arg-type]
+    assert caplog.text.count("kv_transfer_params.session_id must be a non-empty string") == 2

@@ -399,14 +399,21 @@ class _Req:
 
 
 def _session(request: Request) -> str | None:
+    """The request's ``kv_transfer_params.session_id``. A bad one is a client's mistake: it is
+    logged and ignored (the KV is still cached, under no session name), since raising here,
+    in the engine's scheduler, would stop the engine for every request."""
     params = request.kv_transfer_params or {}
     sid = params.get("session_id")
     if sid is None:
         return None
     if not isinstance(sid, str) or not sid:
-        raise ConnectorConfigError(
-            f"kv_transfer_params.session_id must be a non-empty string, got {sid!r}"
+        logger.warning(
+            "request %s: kv_transfer_params.session_id must be a non-empty string, got %r; "
+            "its KV is cached without a session",
+            request.request_id,
+            sid,
         )
+        return None
     return sid
 
 
