@@ -77,7 +77,7 @@ ERROR_KINDS = (
 # Why a block offered to the shared tier did not get there: the write-behind queue was full,
 # it left every local tier first, its local copy failed verification, the daemon stopped.
 REMOTE_DROP_REASONS = ("queue_full", "evicted", "corrupt", "shutdown")
-OPS = ("save", "load", "prefetch", "lookup")
+OPS = ("save", "load", "prefetch", "lookup", "lookup_tail")
 
 # A host hit is a memcpy of a few KiB (~10 us); a cold object-store read of a
 # large batch can take seconds: log-spaced 10 us .. 10 s.

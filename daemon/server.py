@@ -82,6 +82,7 @@ class SocketServer:
         self._handlers: dict[str, Handler] = {
             "register": self._register,
             "lookup": self._lookup,
+            "lookup_tail": self._lookup_tail,
             "reserve": self._reserve,
             "commit": self._commit,
             "abort": self._abort,
@@ -280,6 +281,14 @@ class SocketServer:
             "tiers": hit.tiers,
             "full_blocks": len(hit.keys),
         }
+
+    async def _lookup_tail(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        ns = self._ns(conn, args)
+        raw = args.get("keys")
+        if not isinstance(raw, bytes):
+            raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte tail keys")
+        index, tier = await self.manager.lookup_tail(ns, KeyChain.from_bytes(raw))
+        return {"index": index, "tier": tier}
 
     async def _reserve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         session = args.get("session")

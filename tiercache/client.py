@@ -103,6 +103,15 @@ class AsyncClient:
         res = await self.call("lookup", ns=ns.hex, keys=_chain(ns, tokens))
         return RemoteLookup(res["blocks"], res["tokens"], res["tiers"])
 
+    async def lookup_tail(self, ns: Namespace, candidates: list[bytes]) -> tuple[int, str]:
+        """The longest cached tail among ``candidates`` (``Namespace.tail_keys``, shortest
+        first): ``(index, tier)``, or ``(-1, "miss")``."""
+        if not candidates:
+            return -1, "miss"
+        await self.register(ns)
+        res = await self.call("lookup_tail", ns=ns.hex, keys=b"".join(candidates))
+        return int(res["index"]), str(res["tier"])
+
     async def save(
         self,
         ns: Namespace,
@@ -246,6 +255,9 @@ class Client:
 
     def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
         return self._run(self._c.lookup(ns, tokens))
+
+    def lookup_tail(self, ns: Namespace, candidates: list[bytes]) -> tuple[int, str]:
+        return self._run(self._c.lookup_tail(ns, candidates))
 
     def save(
         self,

@@ -9,10 +9,15 @@ store tier serve blocks to other processes. 128 bits make an accidental
 collision negligible (about 2^-64 after 2^32 blocks), so a hit is not
 re-confirmed by comparing tokens.
 
-Only *full* blocks get keys. The tail of a sequence shorter than
-``block_size`` tokens is never stored: it is recomputed on resume (at most
-``block_size - 1`` tokens), because a partial block's key would have to change
-as the block fills up, and the bytes of a block must never change under its key.
+Full blocks make the chain. A *tail* (the first ``r < block_size`` tokens of
+the block after a chain) gets its own key, ``tail_key = BLAKE2b-128(parent ||
+its r tokens)`` in a separate hash domain (BLAKE2's personalization), so a tail
+key never equals a chain key and every ``r`` has its own key: the bytes stored
+under a key never change as a block fills up (a longer tail is another key).
+A tail's block holds valid KV for its ``r`` tokens only; whoever loads it uses
+those ``r`` tokens and computes the rest of the block. Tails are optional
+(connectors use them to reuse a conversation's last partial block); a chain
+never continues from a tail.
 """
 
 from __future__ import annotations
@@ -98,6 +103,14 @@ class Namespace:
         """
         return chain_keys(self.id if start is None else start, tokens, self.spec.block_size)
 
+    def tail_keys(
+        self, tokens: Sequence[int] | np.ndarray, parent: BlockKey | None = None
+    ) -> list[BlockKey]:
+        """Candidate keys of the tails ``tokens[:1] .. tokens[:block_size - 1]`` after
+        ``parent`` (the namespace itself when None); see :func:`tail_keys`."""
+        toks = tokens[: self.spec.block_size - 1]
+        return tail_keys(self.id if parent is None else parent, toks)
+
 
 def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
     arr = np.asarray(tokens)
@@ -112,6 +125,33 @@ def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
             f"token ids must lie in [0, 2^32), got range [{int(arr.min())}, {int(arr.max())}]"
         )
     return arr.astype("<u4").tobytes()
+
+
+_TAIL = b"tiercache-tail"  # BLAKE2 personalization: the tail keys' own hash domain
+
+
+def tail_keys(parent: bytes, tokens: Sequence[int] | np.ndarray) -> list[BlockKey]:
+    """``[tail_key(parent, tokens[:r]) for r in 1 .. len(tokens)]``, hashed incrementally.
+
+    ``parent`` is the key of the last full block before the tail (the namespace id
+    when the tail is the first block). A connector sends these candidates, shortest
+    first, and the daemon answers which is the longest it holds.
+    """
+    raw = token_bytes(tokens)
+    h = hashlib.blake2b(parent, digest_size=KEY_BYTES, person=_TAIL)
+    keys: list[BlockKey] = []
+    for off in range(0, len(raw), 4):
+        h.update(raw[off : off + 4])
+        keys.append(h.copy().digest())
+    return keys
+
+
+def tail_key(parent: bytes, tokens: Sequence[int] | np.ndarray) -> BlockKey:
+    """The key of a tail of ``len(tokens)`` tokens after ``parent`` (see the module doc)."""
+    if len(tokens) == 0:
+        raise TokenError("a tail holds at least one token")
+    raw = token_bytes(tokens)
+    return hashlib.blake2b(parent + raw, digest_size=KEY_BYTES, person=_TAIL).digest()
 
 
 def chain_keys(seed: bytes, tokens: Sequence[int] | np.ndarray, block_size: int) -> list[BlockKey]:

@@ -530,6 +530,23 @@ class TierManager:
         self.stats.request("lookup", time.perf_counter() - t0)
         return LookupResult(keys, tiers, ns.spec.block_size)
 
+    async def lookup_tail(self, ns: Namespace, candidates: list[BlockKey]) -> tuple[int, str]:
+        """The longest cached tail among ``candidates`` (``Namespace.tail_keys``, shortest
+        first): its index and tier, or ``(-1, "miss")``. Local tiers only (a tail is not
+        fetched from the shared tier). A hit counts one block in the lookup metrics; a miss
+        counts nothing (the missing full block after the chain was already counted)."""
+        t0 = time.perf_counter()
+        found = (-1, "miss")
+        for i in range(len(candidates) - 1, -1, -1):
+            e = self.index.get(candidates[i])
+            tier = None if e is None else e.best_tier
+            if tier is not None:
+                found = (i, tier)
+                self.stats.lookup(tier, 1)
+                break
+        self.stats.request("lookup_tail", time.perf_counter() - t0)
+        return found
+
     async def load(
         self,
         ns: Namespace,

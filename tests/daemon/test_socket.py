@@ -25,6 +25,7 @@ from tiercache.client import AsyncClient, RemoteError
 from tiercache.daemon.config import load_config
 from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode
 from tiercache.daemon.service import Daemon
+from tiercache.keys import KeyChain
 
 NS = make_ns()
 
@@ -78,6 +79,25 @@ async def test_save_and_load_through_the_shared_arena_are_byte_exact(client: Asy
     assert (hit.blocks, hit.tiers) == (5, ["host"] * 5)
     got = await client.load(NS, tokens)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_a_tail_is_stored_found_by_its_longest_candidate_and_loaded_byte_exact(
+    client: AsyncClient,
+) -> None:
+    # Two full blocks, then a 2-token tail after them (its own key, a block of its own).
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    chain = NS.block_keys(tokens[:8])
+    after = tokens[8:11]  # the 3 tokens a later request has after the chain
+    tail = NS.tail_keys(after, chain[-1])
+    assert (await client.save(NS, KeyChain([*chain, tail[1]]), blocks)).stored == 3
+    assert await client.lookup_tail(NS, tail) == (1, "host")  # tokens[8:10] are cached
+    assert await client.lookup_tail(NS, tail[:1]) == (-1, "miss")  # 1 token: never stored
+    assert await client.lookup_tail(NS, NS.tail_keys(after, chain[0])) == (-1, "miss")
+    got = await client.load(NS, KeyChain([*chain, tail[1]]))
+    assert got.blocks == 3 and torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    with pytest.raises(RemoteError) as err:
+        await client.call("lookup_tail", ns=NS.hex, keys="not bytes")
+    assert err.value.code == "bad_request" and "tail keys" in err.value.message
 
 
 async def test_a_save_bigger_than_the_host_tier_goes_through_in_rounds(client: AsyncClient) -> None:

@@ -15,7 +15,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tiercache.keys import KEY_BYTES, Namespace, TokenError, chain_keys, token_bytes
+from tiercache.keys import (
+    KEY_BYTES,
+    Namespace,
+    TokenError,
+    chain_keys,
+    tail_key,
+    tail_keys,
+    token_bytes,
+)
 from tiercache.spec import KVSpec
 
 BLOCK = 4
@@ -290,3 +298,41 @@ def test_unhashable_token_ids_are_rejected(bad: Any, message: str) -> None:
 
 def test_token_error_is_a_value_error() -> None:
     assert issubclass(TokenError, ValueError)
+
+
+# --- tails ----------------------------------------------------------------------------------
+
+
+def test_tail_keys_are_the_tail_key_of_every_prefix_of_the_tokens() -> None:
+    ns = make_ns()
+    parent = ns.block_keys(tokens(BLOCK))[0]
+    tail = tokens(BLOCK - 1, start=7)
+    assert tail_keys(parent, tail) == [tail_key(parent, tail[:r]) for r in range(1, BLOCK)]
+    assert len(set(tail_keys(parent, tail))) == BLOCK - 1  # every length its own key
+    expected = hashlib.blake2b(
+        parent + np.array(tail[:2], dtype="<u4").tobytes(), digest_size=16, person=b"tiercache-tail"
+    ).digest()
+    assert tail_key(parent, tail[:2]) == expected
+
+
+def test_a_tail_key_is_never_the_chain_key_of_the_same_tokens() -> None:
+    # Same parent and the same bytes hashed: only the hash domain tells them apart.
+    ns = make_ns()
+    block = tokens(BLOCK)
+    assert tail_key(ns.id, block) != ns.block_keys(block)[0]
+
+
+def test_namespace_tail_keys_stop_short_of_a_block_and_follow_parent_and_tokens() -> None:
+    ns = make_ns()
+    keys = ns.tail_keys(tokens(3 * BLOCK))
+    assert len(keys) == BLOCK - 1  # a tail is shorter than a block
+    assert keys == tail_keys(ns.id, tokens(BLOCK - 1))
+    parent = ns.block_keys(tokens(BLOCK))[0]
+    assert ns.tail_keys(tokens(2), parent) != ns.tail_keys(tokens(2))
+    assert ns.tail_keys(tokens(2, start=5)) != ns.tail_keys(tokens(2))
+    assert make_ns(salt="other").tail_keys(tokens(2)) != ns.tail_keys(tokens(2))
+
+
+def test_an_empty_tail_has_no_key() -> None:
+    with pytest.raises(TokenError, match="at least one token"):
+        tail_key(b"\0" * KEY_BYTES, [])
