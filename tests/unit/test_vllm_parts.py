@@ -36,6 +36,8 @@ def test_options_default_and_valid() -> None:
         ({"block_tokens": True}, "block_tokens"),
         ({"salt": 7}, "salt"),
         ({"retry_seconds": -1}, "retry_seconds"),
+        ({"min_tail_tokens": -1}, "min_tail_tokens"),
+        ({"min_tail_tokens": True}, "min_tail_tokens"),
     ],
 )
 def test_bad_options_name_the_key(extra: dict[str, object], names: str) -> None:
@@ -94,6 +96,30 @@ def test_the_fingerprint_follows_the_weights(tmp_path: Path) -> None:
     assert model_fingerprint(str(a)) == model_fingerprint(str(a))
     assert model_fingerprint(str(a)) != model_fingerprint(str(b))
     assert model_fingerprint(str(a)).startswith("a@")
+
+
+def test_the_fingerprint_is_remembered_until_a_weight_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = save_tiny(tmp_path / "m", seed=0, num_hidden_layers=1)
+    first = model_fingerprint(str(model))
+    (memo,) = (tmp_path / "cache" / "tiercache" / "fingerprints").iterdir()
+    # The remembered value is what a second start gets (here made recognisable).
+    memo.write_text(memo.read_text().replace(first, "m@remembered"))
+    assert model_fingerprint(str(model)) == "m@remembered"
+    # A rewritten weight file (new size, mtime, inode) is hashed again.
+    weights = next(model.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.unlink()
+    weights.write_bytes(bytes(data))
+    second = model_fingerprint(str(model))
+    assert second not in (first, "m@remembered")
+    # A cache that cannot be written (its directory is a file) only costs the hash.
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir" / "cache"))
+    assert model_fingerprint(str(model)) == second
 
 
 def test_a_hub_id_is_fingerprinted_by_its_revision_and_an_empty_dir_is_refused(

@@ -167,8 +167,10 @@ def test_turn_one_through_the_connector_equals_recompute_and_is_saved(
 ) -> None:
     same(turn1, plain["p1"])
     assert found(turn1) == 0
-    # 600 prompt tokens + 7 computed reply tokens: 4 whole blocks stored.
+    # 600 prompt tokens + 7 computed reply tokens: 4 whole blocks stored, and the 95-token
+    # tail the chat ends with (saved after the request finished, while vLLM held its blocks).
     assert turn1["kv_transfer_params"]["tiercache"]["stored_blocks"] == 4
+    assert turn1["kv_transfer_params"]["tiercache"]["stored_tail_tokens"] == 95
 
 
 def test_turn_two_in_a_fresh_engine_reuses_turn_one_and_equals_recompute(
@@ -177,7 +179,10 @@ def test_turn_two_in_a_fresh_engine_reuses_turn_one_and_equals_recompute(
     r = resumed["p2"]
     same(r, plain["p2"])
     assert found(r) == 4
-    assert r["num_cached_tokens"] == 4 * BLOCK  # vLLM counts the loaded tokens as cached
+    # Turn 1's 4 blocks and its 95-token tail: only the rest of the reply and the new message
+    # are computed. vLLM counts the loaded tokens as cached.
+    assert r["kv_transfer_params"]["tiercache"]["found_tokens"] == 4 * BLOCK + 95
+    assert r["num_cached_tokens"] == 4 * BLOCK + 95
     assert daemon.metric("tiercache_lookup_blocks_total", result="host") >= 4
     assert daemon.metric("tiercache_transfer_bytes_total", src="host", dst="client") > 0
 
@@ -210,7 +215,9 @@ def test_another_tenant_never_sees_the_blocks_and_larger_blocks_round_trip(
     resumed: dict[str, dict[str, Any]],
 ) -> None:
     # Salt "b" with 256-token tiercache blocks (2 engine blocks each): turn 2's blocks, saved
-    # under the default salt, are a miss; then the same prompt again finds its own 2 blocks.
+    # under the default salt, are a miss; then the same prompt again finds its own 2 blocks
+    # and its 196-token tail (a tiercache block whose 2 engine blocks are stored together):
+    # all of it is loaded and only the prompt's last token is computed again.
     first, again = engine(
         model,
         workdir,
@@ -221,7 +228,7 @@ def test_another_tenant_never_sees_the_blocks_and_larger_blocks_round_trip(
     assert found(first) == 0
     same(first, plain["p2"])
     assert found(again) == 2
-    assert again["num_cached_tokens"] == 4 * BLOCK
+    assert again["num_cached_tokens"] == len(prompts["p2"]) - 1
     same(again, plain["p2"])
 
 
@@ -262,7 +269,7 @@ def test_a_corrupted_block_is_reported_and_recomputed(
     assert found(r) == 5  # the lookup's answer: turn 1's 4 blocks and turn 2's fifth
     assert daemon.metric("tiercache_corrupt_blocks_total") == 1
     log = (workdir / "engines" / "F-corrupt.log").read_text()
-    assert "4 of 5 blocks missing; vLLM recomputes them" in log
+    assert "5 of 6 blocks missing; vLLM recomputes them" in log  # 5 blocks and the tail
     # The recomputed blocks were saved again: the next lookup finds all 5, intact.
     (again,) = engine(
         model, workdir, "G-after-repair", [{"tokens": prompts["p2"]}], {"socket": daemon.socket}

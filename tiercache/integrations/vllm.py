@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -67,7 +69,7 @@ import xxhash
 
 from tiercache.client import Client, RemoteError
 from tiercache.kernels.reference import gather, scatter
-from tiercache.keys import BlockKey, KeyChain, Namespace
+from tiercache.keys import BlockKey, KeyChain, Namespace, tail_key
 from tiercache.manager import SaveResult
 from tiercache.spec import KVSpec, Layout, dtype_name
 
@@ -111,6 +113,7 @@ class Options:
     block_tokens: int | None = None
     model_fingerprint: str | None = None
     retry_seconds: float = 5.0
+    min_tail_tokens: int | None = None
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Options:
@@ -142,6 +145,12 @@ class Options:
                 raise ConnectorConfigError(
                     f"kv_connector_extra_config.{name} must be a positive integer, got {value!r}"
                 )
+        tail = opts.min_tail_tokens
+        if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 0):
+            raise ConnectorConfigError(
+                "kv_connector_extra_config.min_tail_tokens must be a non-negative integer "
+                f"(0: no tails), got {opts.min_tail_tokens!r}"
+            )
         if not isinstance(opts.retry_seconds, int | float) or opts.retry_seconds < 0:
             raise ConnectorConfigError(
                 "kv_connector_extra_config.retry_seconds must be a non-negative number, "
@@ -158,11 +167,16 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 def model_fingerprint(model: str, revision: str | None = None) -> str:
     """``<name>@<hash>`` of a local model directory's config and weight files (xxh3 over
     every byte, so two checkpoints with one config never share KV); for a hub id, the id
-    and revision (pin the revision, or set ``model_fingerprint``)."""
+    and revision (pin the revision, or set ``model_fingerprint``).
+
+    Hashing a large checkpoint takes seconds, at every engine start and in both the
+    scheduler and the worker process, so the result is remembered in
+    ``$XDG_CACHE_HOME/tiercache/fingerprints/`` (default ``~/.cache``), valid while every
+    file keeps its name, size, mtime and inode. A cache that cannot be read or written
+    only costs the hash."""
     path = Path(model)
     if not path.is_dir():
         return f"{model}@{revision or 'unpinned'}"
-    h = xxhash.xxh3_128()
     files = sorted(
         p
         for p in path.iterdir()
@@ -172,12 +186,36 @@ def model_fingerprint(model: str, revision: str | None = None) -> str:
         raise ConnectorConfigError(
             f"no weight files in {path}: set kv_connector_extra_config.model_fingerprint"
         )
+    stamp = []
+    for p in files:
+        st = p.stat()
+        stamp.append([p.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    memo = _fingerprint_memo(path)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(memo.read_text())
+        if saved["files"] == stamp:
+            return str(saved["fingerprint"])
+    h = xxhash.xxh3_128()
     for p in files:
         h.update(p.name.encode())
         with p.open("rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
-    return f"{path.name}@{h.hexdigest()}"
+    fingerprint = f"{path.name}@{h.hexdigest()}"
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "files": stamp, "fingerprint": fingerprint}))
+        tmp.replace(memo)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError as e:
+        logger.debug("tiercache: cannot remember the fingerprint of %s: %s", path, e)
+    return fingerprint
+
+
+def _fingerprint_memo(path: Path) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    name = hashlib.blake2b(str(path.resolve()).encode(), digest_size=16).hexdigest()
+    return root / "tiercache" / "fingerprints" / f"{name}.json"
 
 
 def _engine_layout(vllm_config: VllmConfig) -> tuple[Layout, str]:
@@ -368,15 +406,18 @@ _T = TypeVar("_T")
 
 @dataclass
 class Transfer:
-    """Blocks ``first .. first + len(block_ids) // per_block`` of a key chain, and the vLLM
-    blocks they map to (``per_block`` engine blocks per tiercache block)."""
+    """Blocks ``first .. first + count`` of a key chain, and the vLLM blocks they map to
+    (``per_block`` engine blocks per tiercache block; fewer for a tail, whose last engine
+    blocks may not exist)."""
 
     req_id: str
-    keys: bytes  # packed KeyChain up to the last block of this transfer
+    keys: bytes  # packed KeyChain up to the last block of this transfer (a tail key last)
     first: int
+    count: int
     block_ids: list[int]
     session: str | None = None
     skip: int = 0  # load only: leading engine blocks already computed locally (not written)
+    finish: bool = False  # save only: the request finished; its blocks wait for this save
 
 
 @dataclass
@@ -392,8 +433,10 @@ class _Req:
     keys: list[BlockKey] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     stored: int = 0  # tiercache blocks [0, stored) are in the daemon (found, or saved)
-    hit: int = 0  # blocks the last lookup found
-    hit_tiers: list[str] = field(default_factory=list)
+    hit: int = 0  # full blocks the last lookup found
+    hit_tiers: list[str] = field(default_factory=list)  # and the tail's tier, if one was found
+    tail: tuple[int, BlockKey] | None = None  # the tail the last lookup found: (tokens, key)
+    saved_tail: tuple[int, int] | None = None  # (full blocks, tail tokens) stored for it
     local: int = 0  # tokens vLLM's own prefix cache had at lookup
     load: tuple[int, int] | None = None  # tokens [start, end) to load this step
 
@@ -446,6 +489,15 @@ class TierCacheConnector(KVConnectorBase_V1):
         self._engine_spec: KVSpec | None = None
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
+        self._finishing: list[Transfer] = []  # scheduler: tail saves of finished requests
+        self._sent: set[str] = set()  # worker: finished requests whose tail save is done
+        tail = self.options.min_tail_tokens
+        self.min_tail = max(1, self.block // 8) if tail is None else tail
+        if self.min_tail >= self.block:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config.min_tail_tokens={tail} must be below the block "
+                f"({self.block} tokens); 0 turns tails off"
+            )
         logger.info(
             "TierCacheConnector %s: namespace %s (%s, %d tokens per block, %d engine blocks each)",
             who,
@@ -478,19 +530,51 @@ class TierCacheConnector(KVConnectorBase_V1):
         if st is None:
             st = self._reqs[request.request_id] = _Req(request, _session(request))
         st.load, st.hit, st.hit_tiers, st.local = None, 0, [], num_computed_tokens
+        st.tail = None
         prompt = len(request.prompt_token_ids or ())
-        # Leave at least one prompt token to compute: the engine needs its logits.
-        usable = (prompt - 1) // self.block
-        if prompt < self.min_tokens or usable * self.block <= num_computed_tokens:
+        # At least one prompt token is left to compute: the engine needs its logits. The
+        # last block may still be loaded whole (its last token is computed over it).
+        limit = prompt - 1
+        if prompt < self.min_tokens or limit <= num_computed_tokens:
             return 0, False
-        chain = KeyChain(self._keys(st, usable * self.block))
-        found = self._link.call("lookup", lambda c: c.lookup(self.ns, chain))
-        if found is None:
-            return 0, False
-        st.hit, st.hit_tiers = found.blocks, list(found.tiers)
-        st.stored = max(st.stored, found.blocks)
-        external = found.blocks * self.block - num_computed_tokens
-        return max(external, 0), False
+        full = prompt // self.block
+        if full:
+            chain = KeyChain(self._keys(st, full * self.block))
+            found = self._link.call("lookup", lambda c: c.lookup(self.ns, chain))
+            if found is None:
+                return 0, False
+            st.hit, st.hit_tiers = found.blocks, list(found.tiers)
+            st.stored = max(st.stored, found.blocks)
+        hit = st.hit * self.block
+        # A tail right after the namespace (no full block before it) exists only when
+        # prompts shorter than a block are saved (min_tokens below a block).
+        if (
+            self.min_tail
+            and limit - hit >= self.min_tail
+            and (hit or self.min_tokens < self.block)
+        ):
+            self._find_tail(st, hit, prompt)
+        got = min(hit + (st.tail[0] if st.tail else 0), limit)
+        return max(got - num_computed_tokens, 0), False
+
+    def _find_tail(self, st: _Req, start: int, prompt: int) -> None:
+        """The longest tail (``min_tail`` .. ``prompt - start`` tokens) stored after the
+        chain's first ``start // block`` blocks: ``st.tail`` and its tier. A tail that ends
+        with the prompt is loaded whole, and its last token computed again over it."""
+        parent = st.keys[start // self.block - 1] if start else None
+        toks = st.request.all_token_ids[start : min(prompt, start + self.block - 1)]
+        candidates = self.ns.tail_keys(toks, parent)[self.min_tail - 1 :]
+        res = self._link.call("lookup", lambda c: c.lookup_tail(self.ns, candidates))
+        if res is None or res[0] < 0:
+            return
+        st.tail = (self.min_tail + res[0], candidates[res[0]])
+        st.hit_tiers.append(res[1])
+
+    def _tail_key(self, st: _Req, end: int) -> BlockKey:
+        """The key of the request's tail ``[end // block * block, end)``."""
+        start = end // self.block * self.block
+        parent = self._keys(st, start)[-1] if start else self.ns.id
+        return tail_key(parent, st.request.all_token_ids[start:end])
 
     def get_external_cache_hit_sources(
         self, request: Request, num_external_tokens: int
@@ -547,20 +631,38 @@ class TierCacheConnector(KVConnectorBase_V1):
             # Tokens being computed below what we counted as stored: a load failed and vLLM
             # recomputes them (or it dropped a hit): those blocks are saved again.
             st.stored = min(st.stored, computed // self.block)
-            save = self._save(req_id, computed + scheduler_output.num_scheduled_tokens[req_id])
+            done = computed + scheduler_output.num_scheduled_tokens[req_id]
+            save = self._save(req_id, done)
             if save is not None:
                 meta.saves.append(save)
+            # The step that completes the prompt also saves the prompt's tail: a prompt sent
+            # again (a retry, a regenerated reply, n > 1) then loads all of it but one token.
+            prompt = len(st.request.prompt_token_ids or ())
+            if computed < prompt <= done:
+                tail = self._save_tail(st, prompt)
+                if tail is not None:
+                    meta.saves.append(tail)
+        meta.saves += self._finishing
+        self._finishing = []
         return meta
 
     def _load(self, req_id: str, st: _Req) -> Transfer:
+        """Tokens ``[start, end)``: the blocks that hold them (the last one may be the found
+        tail, or a full block of which the last tokens are computed), into the engine blocks
+        that hold them."""
         assert st.load is not None
         start, end = st.load
         st.load = None
-        first, last = start // self.block, end // self.block
-        ids = st.block_ids[first * self.per_block : last * self.per_block]
+        first, last = start // self.block, -(-end // self.block)
+        keys = st.keys[: min(last, st.hit)]
+        if last > st.hit:
+            assert st.tail is not None, "a load past the found chain needs its tail"
+            keys.append(st.tail[1])
+        ids = st.block_ids[first * self.per_block : -(-end // self.vllm_block)]
         skip = start // self.vllm_block - first * self.per_block
-        keys = KeyChain(st.keys[:last]).to_bytes()
-        return Transfer(req_id, keys, first, ids, st.session, skip)
+        return Transfer(
+            req_id, KeyChain(keys).to_bytes(), first, last - first, ids, st.session, skip
+        )
 
     def _save(self, req_id: str, computed: int) -> Transfer | None:
         """The blocks of ``req_id`` that become full this step and are not in the daemon."""
@@ -577,19 +679,63 @@ class TierCacheConnector(KVConnectorBase_V1):
         ids = st.block_ids[st.stored * self.per_block : full * self.per_block]
         if len(ids) != (full - st.stored) * self.per_block:
             return None  # not all of its blocks are allocated (cannot happen for computed tokens)
-        t = Transfer(req_id, KeyChain(keys).to_bytes(), st.stored, ids, st.session)
+        t = Transfer(
+            req_id, KeyChain(keys).to_bytes(), st.stored, full - st.stored, ids, st.session
+        )
         st.stored = full
         return t
+
+    def _save_tail(self, st: _Req, end: int, finish: bool = False) -> Transfer | None:
+        """A save of the request's tail ``[end // block * block, end)``: its engine blocks
+        hold the KV of its tokens (the rest of the block is not part of it). None when the
+        tail is too short, is the one already stored, or its chain is not all stored."""
+        if self.options.save == "prompt":
+            end = min(end, len(st.request.prompt_token_ids or ()))
+        full, r = divmod(end, self.block)
+        if (
+            not self.min_tail
+            or r < self.min_tail
+            or end < self.min_tokens
+            or full > st.stored
+            or st.saved_tail == (full, r)
+            or (st.tail is not None and st.hit == full and st.tail[0] == r)
+        ):
+            return None
+        ids = st.block_ids[full * self.per_block : -(-end // self.vllm_block)]
+        if len(ids) != -(-r // self.vllm_block):
+            return None  # its engine blocks are not all allocated
+        keys = [*self._keys(st, full * self.block), self._tail_key(st, end)]
+        st.saved_tail = (full, r)
+        # No session: a pinned chat's pin protects its full blocks, not the one or two tails
+        # each of its turns leaves (those age out like any unpinned block).
+        return Transfer(
+            st.request.request_id, KeyChain(keys).to_bytes(), full, 1, ids, finish=finish
+        )
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        # Saves are synchronous (done before the step that filled the blocks returned), so
-        # no block has to outlive the request.
+        # Full blocks are saved synchronously, in the step that filled them. The tail the
+        # request ends with (its last, partial block, which the next turn of a chat starts
+        # in) is saved in the next step: its blocks are held until the worker reports it.
         st = self._reqs.pop(request.request_id, None)
         if st is None:
             return False, None
-        return False, {"tiercache": {"stored_blocks": st.stored, "found_blocks": st.hit}}
+        st.block_ids = list(block_ids)
+        # Tokens still in flight (async scheduling) are not counted: their KV may not be written.
+        computed = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        tail = self._save_tail(st, computed, finish=True)
+        if tail is not None:
+            self._finishing.append(tail)
+        found = st.hit * self.block + (st.tail[0] if st.tail else 0)
+        return tail is not None, {
+            "tiercache": {
+                "stored_blocks": st.stored,
+                "found_blocks": st.hit,
+                "found_tokens": found,
+                "stored_tail_tokens": st.saved_tail[1] if st.saved_tail else 0,
+            }
+        }
 
     # -- worker side -----------------------------------------------------------
 
@@ -622,7 +768,7 @@ class TierCacheConnector(KVConnectorBase_V1):
 
     def _load_one(self, t: Transfer) -> None:
         assert self._engine_spec is not None
-        n = len(t.block_ids) // self.per_block
+        n = t.count
         keys = KeyChain.from_bytes(t.keys)
         res = self._link.call(
             "load", lambda c: c.load(self.ns, keys, first_block=t.first, max_blocks=n)
@@ -631,8 +777,8 @@ class TierCacheConnector(KVConnectorBase_V1):
         if res is not None and got:
             spec = self.ns.spec
             typed = res.data.view(spec.torch_dtype).view(got, *spec.block_shape)
-            rows = to_engine_blocks(typed, spec, self.per_block)[t.skip :]
             ids = t.block_ids[t.skip : got * self.per_block]
+            rows = to_engine_blocks(typed, spec, self.per_block)[t.skip : t.skip + len(ids)]
             scatter(self._engine_spec, rows.to(self._caches[0].device), self._caches, ids)
         failed = t.block_ids[max(got * self.per_block, t.skip) :]
         if failed:
@@ -660,21 +806,27 @@ class TierCacheConnector(KVConnectorBase_V1):
         if not isinstance(meta, TierCacheMetadata) or not meta.saves:
             return
         assert self._engine_spec is not None
+        reachable = True
         for t in meta.saves:
-            if t.req_id in self._failed_reqs:
-                continue
-            if self._link.call("save", functools.partial(self._save_to, t)) is None:
-                return  # the daemon is unreachable: no point trying the other saves this step
+            if reachable and t.req_id not in self._failed_reqs:
+                # An unreachable daemon: no point trying the other saves this step.
+                reachable = self._link.call("save", functools.partial(self._save_to, t)) is not None
+            if t.finish:
+                self._sent.add(t.req_id)  # saved or not, vLLM may free its blocks now
 
     def _save_to(self, t: Transfer, client: Client) -> SaveResult:
         assert self._engine_spec is not None
         rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
+        short = t.count * self.per_block - rows.shape[0]
+        if short:  # a tail whose last engine blocks do not exist: they are stored as zeros
+            rows = torch.cat([rows, rows.new_zeros((short, *rows.shape[1:]))])
         blocks = to_store_blocks(rows, self.ns.spec, self.per_block)
         keys = KeyChain.from_bytes(t.keys)
         return client.save(self.ns, keys, blocks, first_block=t.first, session=t.session)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        sent, self._sent = self._sent, set()
+        return sent or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
