@@ -243,8 +243,28 @@ def _launch(
         *scalars,
     )
     # RawKernel launches on CuPy's current stream (it takes no stream argument): make it ours.
-    with cp.cuda.Device(index), cp.cuda.ExternalStream(stream.cuda_stream, index):
+    with cp.cuda.Device(index), _cupy_stream(cp, stream, index):
         fn((ctas,), (THREADS,), args)
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (any torch has ``cuda_stream``; only
+    newer ones implement ``__cuda_stream__`` themselves)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cp: Any, stream: torch.cuda.Stream, index: int) -> Any:
+    """CuPy's view of torch's ``stream``: ``Stream.from_external`` where CuPy has it (14 and
+    later deprecate ``ExternalStream``), ``ExternalStream`` before."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(stream.cuda_stream))
+    return cp.cuda.ExternalStream(stream.cuda_stream, index)
 
 
 def _pick(addr: Addressing, path: KernelPath | None, *others: int) -> KernelPath:

@@ -11,6 +11,7 @@ and bytes (odd rows, or views shifted off alignment by one element).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -484,3 +485,21 @@ def test_a_kernel_runs_on_the_stream_it_is_given() -> None:
 
     assert int((early != 0xFF).sum()) == 0
     assert torch.equal(raw(out), raw(reference.gather(spec, caches, [1, 2])))
+
+
+def test_launches_use_cupys_stream_protocol_not_the_deprecated_external_stream() -> None:
+    """CuPy 14 warns on ``ExternalStream``; the same torch stream serves many launches (a wrapper
+    that destroyed it on release would break the second)."""
+    spec = big_spec()
+    host = make_caches(spec, num_blocks=8)
+    caches = on(DEV, host)
+    side = torch.cuda.Stream(DEV)
+    torch.cuda.synchronize()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ExternalStream.*")
+        outs = [cuda.gather(spec, caches, [k, 7 - k], stream=side) for k in range(4)]
+    side.synchronize()
+
+    for k, out in enumerate(outs):
+        assert torch.equal(raw(out).cpu(), raw(reference.gather(spec, host, [k, 7 - k])))

@@ -19,6 +19,8 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -301,3 +303,34 @@ def test_flat_grid_of_llama_3_8b_and_qwen_blocks() -> None:
 def test_a_flat_launch_past_32_bit_items_is_refused() -> None:
     with pytest.raises(LayoutError, match=r"^4194304 blocks are 2147483648 work items"):
         flat_grid(2**22, 32, 16 * 8 * 256)
+
+
+# --- CuPy's view of a torch stream ----------------------------------------------------------
+
+
+class NewCupyStream:
+    """CuPy 14's ``Stream.from_external``, as far as _cupy_stream uses it: it reads the
+    protocol (CuPy itself cannot run without a device)."""
+
+    @staticmethod
+    def from_external(obj: Any) -> tuple[int, int]:
+        return obj.__cuda_stream__()  # type: ignore[no-any-return]
+
+
+class TorchStream:
+    cuda_stream = 0x5EED
+
+
+def test_cupy_14_gets_the_stream_through_the_stream_protocol() -> None:
+    cp = SimpleNamespace(cuda=SimpleNamespace(Stream=NewCupyStream))
+
+    assert cuda._cupy_stream(cp, TorchStream(), 0) == (0, 0x5EED)  # type: ignore[arg-type]
+
+
+def test_older_cupy_gets_an_external_stream() -> None:
+    made = []
+    old = SimpleNamespace(Stream=object, ExternalStream=lambda ptr, dev: made.append((ptr, dev)))
+
+    cuda._cupy_stream(SimpleNamespace(cuda=old), TorchStream(), 3)  # type: ignore[arg-type]
+
+    assert made == [(0x5EED, 3)]
