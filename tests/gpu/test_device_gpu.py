@@ -115,15 +115,18 @@ async def _concurrent_reads_and_stores_on_the_gpu_never_tear_a_block() -> None:
     keys = [key(i) for i in range(n)]
     rng = random.Random(0)
     reads = 0
+    writing = 2  # writers still running: readers read until both are done
 
     async def writer() -> None:
+        nonlocal writing
         for _ in range(30):
             i = rng.randrange(n)
             await t.put([keys[i]], src, [i])
+        writing -= 1
 
     async def reader() -> None:
         nonlocal reads
-        for _ in range(60):
+        while writing:
             present = [i for i in range(n) if keys[i] in t]
             if present:
                 got = await read(t, [keys[i] for i in present])
@@ -133,7 +136,7 @@ async def _concurrent_reads_and_stores_on_the_gpu_never_tear_a_block() -> None:
 
     await asyncio.gather(writer(), writer(), reader(), reader(), reader())
 
-    assert reads > 20
+    assert reads >= 10
     t.close()
 
 
