@@ -13,8 +13,13 @@ for the arithmetic), copied to the device with the block ids, and the kernel
 is launched on ``stream`` (default: torch's current stream). Every allocation
 is made while ``stream`` is current, so torch's caching allocator does not
 hand the table, the ids or the output to other work before the kernel is done.
-The 16-byte vector kernel is chosen when every base address, stride and row
-is a multiple of 16 bytes (any real engine's cache), the byte kernel otherwise.
+Three kernel paths, the fastest that fits chosen per launch (``Addressing.paths``):
+``flat`` when each (block, layer, K/V) slab is one contiguous run on the engine side
+(vLLM and FlashInfer caches with contiguous rows, also views of every other block) and
+everything is 16-byte aligned; ``v16`` (row by row, 16-byte vectors) when every base
+address, stride and row is a multiple of 16 bytes (HF caches, strided views); ``b1``
+(bytes) otherwise. ``path=`` forces one of those that fit (tests and the benchmark compare
+them on the same data).
 
 Rejected: building the kernels as a torch C++ extension. It ties the wheel to
 one torch and CUDA build and needs a compiler where the daemon runs; CuPy's
@@ -33,7 +38,7 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +56,11 @@ from tiercache.spec import KVSpec, Layout
 
 HERE = Path(__file__).resolve().parent
 THREADS = 256  # TC_THREADS in both .cu files
+WARPS = THREADS // 32  # TC_WARPS
+FLAT_CHUNK = 256  # TC_CHUNK: 16-byte vectors per warp item of the flat kernels
+MAX_ITEMS = 2**31 - 1  # the flat kernels index items and a slab's vectors in 32 bits
+
+KernelPath = Literal["flat", "v16", "b1"]
 NVRTC_OPTIONS = ("--std=c++17",)
 FP8_CAPABILITY = (8, 9)  # cvt.rn.satfinite.e4m3x2.f32
 
@@ -96,11 +106,31 @@ class Addressing:
     s_head: int
     row_bytes: int
     num_blocks: int
+    block_size: int
+    heads: int
 
     def aligned(self, *others: int) -> bool:
         """Whether every address, stride and row (and ``others``) is a multiple of 16 bytes."""
         values = [*self.ptrs, self.s_block, self.s_token, self.s_head, self.row_bytes, *others]
         return all(v % 16 == 0 for v in values)
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of one (block, layer, K/V) slab: block_size x heads rows."""
+        return self.block_size * self.heads * self.row_bytes
+
+    def flat(self) -> bool:
+        """Whether each slab is one contiguous run: heads follow each other, then tokens (a
+        stride that is never stepped, of one head or a one-token block, does not count)."""
+        heads_packed = self.heads == 1 or self.s_head == self.row_bytes
+        tokens_packed = self.block_size == 1 or self.s_token == self.heads * self.row_bytes
+        return heads_packed and tokens_packed
+
+    def paths(self, *others: int) -> tuple[KernelPath, ...]:
+        """The kernel paths that can move these rows (and buffers at ``others``), fastest first."""
+        if not self.aligned(*others):
+            return ("b1",)
+        return ("flat", "v16", "b1") if self.flat() else ("v16", "b1")
 
 
 def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Addressing:
@@ -150,7 +180,9 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
                 "the same strides; this one differs from layer 0's"
             )
     ((s_block, s_token, s_head),) = strides
-    return Addressing(ptrs, s_block, s_token, s_head, spec.head_dim * es, num_blocks)
+    return Addressing(
+        ptrs, s_block, s_token, s_head, spec.head_dim * es, num_blocks, bs, spec.num_kv_heads
+    )
 
 
 def host_ids(block_ids: torch.Tensor | Sequence[int], num_blocks: int) -> torch.Tensor:
@@ -188,27 +220,125 @@ def _launch(
     addr: Addressing,
     ids: torch.Tensor,
     buffers: Sequence[torch.Tensor],
-    scalars: Sequence[int],
+    scalars: Sequence[np.integer[Any]],
     stream: torch.cuda.Stream,
 ) -> None:
-    """Launch ``name`` with (ptr table, ids, *buffers, *scalars); call with ``stream`` current."""
+    """Launch ``name`` with (ptr table, ids, *buffers, *scalars); call with ``stream`` current.
+
+    ``scalars`` carry their C type (``np.int64`` for ``long long``, ``np.uint32`` for
+    ``unsigned int``): CuPy packs each argument by its NumPy type."""
     cp = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _function(source, name, index)
-    # From pinned memory: a copy from pageable memory would first wait for everything queued on
-    # `stream` (the host would block). Allocated on `stream` (it is current): the device copies
-    # are freed when this returns and reused only by work queued behind the kernel.
-    table = torch.tensor(addr.ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-    dev_ids = ids.pin_memory().to(device, non_blocking=True)
+    # The table and the ids in one pinned buffer and one copy. From pinned memory: a copy from
+    # pageable memory would first wait for everything queued on `stream` (the host would
+    # block). Allocated on `stream` (it is current): the device copy is freed when this returns
+    # and reused only by work queued behind the kernel.
+    packed = torch.cat([torch.tensor(addr.ptrs, dtype=torch.int64), ids])
+    on_device = packed.pin_memory().to(device, non_blocking=True)
     args = (
-        np.uint64(table.data_ptr()),
-        np.uint64(dev_ids.data_ptr()),
+        np.uint64(on_device.data_ptr()),
+        np.uint64(on_device.data_ptr() + len(addr.ptrs) * 8),
         *(np.uint64(b.data_ptr()) for b in buffers),
-        *(np.int64(s) for s in scalars),
+        *scalars,
     )
     # RawKernel launches on CuPy's current stream (it takes no stream argument): make it ours.
-    with cp.cuda.Device(index), cp.cuda.ExternalStream(stream.cuda_stream, index):
+    with cp.cuda.Device(index), _cupy_stream(cp, stream, index):
         fn((ctas,), (THREADS,), args)
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (any torch has ``cuda_stream``; only
+    newer ones implement ``__cuda_stream__`` themselves)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cp: Any, stream: torch.cuda.Stream, index: int) -> Any:
+    """CuPy's view of torch's ``stream``: ``Stream.from_external`` where CuPy has it (14 and
+    later deprecate ``ExternalStream``), ``ExternalStream`` before."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(stream.cuda_stream))
+    return cp.cuda.ExternalStream(stream.cuda_stream, index)
+
+
+def _pick(addr: Addressing, path: KernelPath | None, *others: int) -> KernelPath:
+    """``path`` if these rows allow it, else the fastest path they allow."""
+    fits = addr.paths(*others)
+    if path is None:
+        return fits[0]
+    if path not in ("flat", "v16", "b1"):
+        raise LayoutError(f"path must be 'flat', 'v16', 'b1' or None, got {path!r}")
+    if path not in fits:
+        why = (
+            "the rows or buffers are not all 16-byte aligned"
+            if not addr.aligned(*others)
+            else "a slab is not one contiguous run (s_head must equal the row's bytes and "
+            "s_token the heads' bytes)"
+        )
+        raise LayoutError(
+            f"the {path} kernel cannot move these caches: {why}; paths that fit: {fits}"
+        )
+    return path
+
+
+def _copy(
+    op: Literal["gather", "scatter"],
+    spec: KVSpec,
+    device: torch.device,
+    addr: Addressing,
+    ids: torch.Tensor,
+    buffer: torch.Tensor,
+    path: KernelPath,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Launch the ``path`` kernel of ``op`` for ``ids`` (at least one) and ``buffer``."""
+    n = ids.numel()
+    slabs = n * spec.num_layers * 2
+    if path != "flat":
+        _launch(
+            "gather_scatter.cu", f"tc_{op}_{path}", device, slabs, addr, ids, [buffer],
+            [np.int64(v) for v in _copy_scalars(spec, addr)], stream,
+        )  # fmt: skip
+        return
+    grid = flat_grid(n, spec.num_layers, addr.slab_bytes)
+    scalars: list[np.integer[Any]] = [
+        np.uint32(grid.items), np.uint32(spec.num_layers), np.uint32(grid.vectors),
+        np.uint32(grid.chunks), np.int64(addr.s_block),
+    ]  # fmt: skip
+    _launch(
+        "gather_scatter.cu", f"tc_{op}_flat", device, grid.ctas, addr, ids, [buffer], scalars,
+        stream,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FlatGrid:
+    """A flat launch: ``items`` warp items of (slab, chunk), ``chunks`` per slab of ``vectors``
+    16-byte vectors, ``ctas`` CTAs of ``WARPS`` items each."""
+
+    items: int
+    chunks: int
+    vectors: int
+    ctas: int
+
+
+def flat_grid(n: int, layers: int, slab_bytes: int) -> FlatGrid:
+    """The flat kernels' grid for ``n`` blocks of ``layers`` layers (K and V slabs)."""
+    vectors = slab_bytes // 16
+    chunks = -(-vectors // FLAT_CHUNK)
+    items = n * layers * 2 * chunks
+    if items > MAX_ITEMS:
+        raise LayoutError(
+            f"{n} blocks are {items} work items for the flat kernel, more than {MAX_ITEMS}: "
+            "move them in several calls"
+        )
+    return FlatGrid(items, chunks, vectors, -(-items // WARPS))
 
 
 def gather(
@@ -219,8 +349,10 @@ def gather(
     batch: int = 0,
     out: torch.Tensor | None = None,
     stream: torch.cuda.Stream | None = None,
+    path: KernelPath | None = None,
 ) -> torch.Tensor:
-    """Copy blocks ``block_ids`` out of ``caches`` into ``[n, *spec.block_shape]`` (on ``stream``)."""
+    """Copy blocks ``block_ids`` out of ``caches`` into ``[n, *spec.block_shape]`` (on ``stream``;
+    with the kernel ``path``, default the fastest that fits)."""
     _check(spec, caches)
     device = _device(caches)
     addr = addressing(spec, caches, batch)
@@ -234,12 +366,9 @@ def gather(
             check_blocks(spec, out, n, "out")
             if out.device != device or not out.is_contiguous():
                 raise LayoutError(f"out must be contiguous on {device}, got {out.device}")
+        kernel = _pick(addr, path, out.data_ptr())
         if n:
-            kind = "v16" if addr.aligned(out.data_ptr()) else "b1"
-            _launch(
-                "gather_scatter.cu", f"tc_gather_{kind}", device, n * spec.num_layers * 2,
-                addr, ids, [out], _copy_scalars(spec, addr), stream,
-            )  # fmt: skip
+            _copy("gather", spec, device, addr, ids, out, kernel, stream)
     return out
 
 
@@ -251,8 +380,10 @@ def scatter(
     *,
     batch: int = 0,
     stream: torch.cuda.Stream | None = None,
+    path: KernelPath | None = None,
 ) -> None:
-    """Copy ``blocks`` (``[n, *spec.block_shape]``) into ``caches`` at ``block_ids`` (on ``stream``)."""
+    """Copy ``blocks`` (``[n, *spec.block_shape]``) into ``caches`` at ``block_ids`` (on ``stream``;
+    with the kernel ``path``, default the fastest that fits)."""
     _check(spec, caches)
     device = _device(caches)
     addr = addressing(spec, caches, batch)
@@ -262,12 +393,9 @@ def scatter(
     stream = stream if stream is not None else torch.cuda.current_stream(device)
     with torch.cuda.stream(stream):
         src = blocks.to(device, non_blocking=True).contiguous()
+        kernel = _pick(addr, path, src.data_ptr())
         if n:
-            kind = "v16" if addr.aligned(src.data_ptr()) else "b1"
-            _launch(
-                "gather_scatter.cu", f"tc_scatter_{kind}", device, n * spec.num_layers * 2,
-                addr, ids, [src], _copy_scalars(spec, addr), stream,
-            )  # fmt: skip
+            _copy("scatter", spec, device, addr, ids, src, kernel, stream)
 
 
 def _copy_scalars(spec: KVSpec, addr: Addressing) -> list[int]:
@@ -319,8 +447,8 @@ def gather_quantized(
         if n:
             _launch(
                 "quant.cu", f"tc_quant_gather_{fmt}_{spec.dtype}", device,
-                n * spec.num_layers * 2, addr, ids, [data, scales], _quant_scalars(spec, addr),
-                stream,
+                n * spec.num_layers * 2, addr, ids, [data, scales],
+                [np.int64(v) for v in _quant_scalars(spec, addr)], stream,
             )  # fmt: skip
     return QuantBlocks(data, scales)
 
@@ -350,6 +478,6 @@ def scatter_quantized(
         if n:
             _launch(
                 "quant.cu", f"tc_dequant_scatter_{q.fmt}_{spec.dtype}", device,
-                n * spec.num_layers * 2, addr, ids, [data, scales], _quant_scalars(spec, addr),
-                stream,
+                n * spec.num_layers * 2, addr, ids, [data, scales],
+                [np.int64(v) for v in _quant_scalars(spec, addr)], stream,
             )  # fmt: skip

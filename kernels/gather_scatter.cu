@@ -33,11 +33,39 @@
 // Each thread loads UNROLL units before it stores any, so that several loads are in flight
 // per thread: a copy is bound by memory latency otherwise.
 //
+// The flat path (`..._flat`). Measured on an H100 (docs/results/gpu.txt), the strided kernel
+// above moved Llama-3-8B blocks at 0.53x a device-to-device copy and a small-head model's
+// (Qwen2.5-0.5B: 4 KiB slabs) at 0.10x: per 16-byte unit it divides twice (the row, then the
+// row's token and head), and a 4 KiB slab gives each of its 256 threads one unit, so one load
+// in flight per thread. But in the common case the engine side of a slab is ONE contiguous
+// run: vLLM [2, nb, bs, h, d] and FlashInfer [nb, 2, bs, h, d] caches with contiguous rows
+// have s_head == row_bytes and s_token == heads * row_bytes (s_block may be anything: every
+// other block of a wider cache is still flat). Then a slab is a flat copy of
+// slab_units = block_size * heads * row_bytes / 16 vectors, and the kernel needs no row at
+// all. The host (kernels/cuda.py) takes this path when the slab is flat and everything is
+// 16-byte aligned, else v16, else b1.
+//
+// Its grid: the work is cut into items of one warp each: (slab, chunk), a chunk being
+// TC_CHUNK = 32 lanes x TC_FLAT_UNROLL = 256 vectors (4 KiB). Lane l copies vectors
+// chunk * 256 + k * 32 + l, k < 8: each k is one coalesced 512-byte access per warp, and each
+// lane has 8 loads in flight before its first store. The item's (slab, chunk) and the slab's
+// (block, layer, K/V) cost a few divisions once per warp per 4 KiB, none per vector. A 4 KiB
+// slab (Qwen2.5-0.5B) is one item; Llama-3-8B's 32 KiB slab is 8 items on 8 warps, so 256
+// blocks give 131072 warps where the strided grid gives 16384 CTAs with one slab each.
+// Rejected: a grid-stride loop over items with a fixed grid (each warp's items then run one
+// after another, with only one item's loads in flight), and tracking (slab, offset) per
+// vector to let one CTA span several small slabs (a loop per vector instead of a division
+// per warp). The quantized kernels (quant.cu) keep their per-slab grid: their per-head
+// absmax needs a head's rows together.
+//
 // Compiled by CuPy's NVRTC at run time and by nvcc in CI (tests/unit/test_kernels_compile.py):
 // no headers, so that both compile it unchanged.
 
 #define TC_THREADS 256
 #define TC_UNROLL 4
+#define TC_WARPS (TC_THREADS / 32)
+#define TC_FLAT_UNROLL 8
+#define TC_CHUNK (32 * TC_FLAT_UNROLL)  // vectors per warp item: 4 KiB
 
 // Own types rather than CUDA's uint4/uchar1: no header is needed under NVRTC.
 struct alignas(16) Vec16 {
@@ -112,3 +140,57 @@ TC_COPY_KERNEL(tc_gather_v16, Vec16, true)
 TC_COPY_KERNEL(tc_gather_b1, Byte1, true)
 TC_COPY_KERNEL(tc_scatter_v16, Vec16, false)
 TC_COPY_KERNEL(tc_scatter_b1, Byte1, false)
+
+// items = slabs * chunks, chunks = ceil(slab_units / TC_CHUNK); the host keeps items and
+// slab_units below 2^31 (32-bit index arithmetic) and launches ceil(items / TC_WARPS) CTAs.
+template <bool kGather>
+__device__ __forceinline__ void copy_flat(const unsigned long long* __restrict__ ptrs,
+                                          const long long* __restrict__ block_ids,
+                                          Vec16* __restrict__ blocks, unsigned int items,
+                                          unsigned int layers, unsigned int slab_units,
+                                          unsigned int chunks, long long s_block) {
+  const unsigned int item = blockIdx.x * TC_WARPS + threadIdx.x / 32;
+  if (item >= items) {
+    return;
+  }
+  const unsigned int lane = threadIdx.x % 32;
+  const unsigned int slab = item / chunks;  // (i * layers + layer) * 2 + kv
+  const unsigned int chunk = item - slab * chunks;
+  const unsigned int pair = slab / 2;  // i * layers + layer
+  const unsigned int i = pair / layers;
+  const unsigned int layer_kv = slab - i * layers * 2;  // layer * 2 + kv
+
+  Vec16* paged = (Vec16*)((unsigned char*)ptrs[layer_kv] + block_ids[i] * s_block);
+  Vec16* linear = blocks + (unsigned long long)slab * slab_units;
+  const Vec16* __restrict__ src = kGather ? paged : linear;
+  Vec16* __restrict__ dst = kGather ? linear : paged;
+  const unsigned int first = chunk * TC_CHUNK + lane;
+
+  Vec16 r[TC_FLAT_UNROLL];
+#pragma unroll
+  for (int k = 0; k < TC_FLAT_UNROLL; ++k) {
+    const unsigned int u = first + k * 32;
+    if (u < slab_units) {
+      r[k] = src[u];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < TC_FLAT_UNROLL; ++k) {
+    const unsigned int u = first + k * 32;
+    if (u < slab_units) {
+      dst[u] = r[k];
+    }
+  }
+}
+
+#define TC_FLAT_KERNEL(NAME, GATHER)                                                          \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS)                                  \
+      NAME(const unsigned long long* __restrict__ ptrs,                                      \
+           const long long* __restrict__ block_ids, Vec16* __restrict__ blocks,               \
+           unsigned int items, unsigned int layers, unsigned int slab_units,                 \
+           unsigned int chunks, long long s_block) {                                         \
+    copy_flat<GATHER>(ptrs, block_ids, blocks, items, layers, slab_units, chunks, s_block);  \
+  }
+
+TC_FLAT_KERNEL(tc_gather_flat, true)
+TC_FLAT_KERNEL(tc_scatter_flat, false)

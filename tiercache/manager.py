@@ -11,7 +11,10 @@ block is never evicted, so the slot under a read cannot be reused). Disk
 writes of a save run outside it too, again under leases.
 
 Data flows host -> disk (write-through on save, write-back on host eviction
-or flush) and disk -> host (promotion on load or prefetch). With a shared
+or flush) and disk -> host (promotion on load or prefetch). With a device tier
+(``tiers/device.py``, off unless configured), a prefetch also copies its blocks
+host -> device, and a load serves the blocks it finds there; the device holds
+copies of blocks a lower tier also holds, so dropping one loses nothing. With a shared
 (remote) tier, blocks worth sharing also go host/disk -> remote through a
 bounded write-behind queue, and a local miss is looked for there: see
 "Shared tier" below. A block is served
@@ -54,6 +57,7 @@ from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.spec import KVSpec
 from tiercache.stats import Stats
+from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
 from tiercache.tiers.remote import CorruptObject, RemoteOptions, RemoteTier, UploadQueue
@@ -232,6 +236,7 @@ class TierManager:
         stats: Stats | None = None,
         remote: RemoteTier | None = None,
         sharing: Sharing | None = None,
+        device: DeviceTier | None = None,
     ) -> None:
         make_policy(eviction, 1)  # reject a bad name before anything is allocated
         self.host_bytes = host_bytes
@@ -248,6 +253,7 @@ class TierManager:
         self.host: HostArena | None = HostArena(None, host_bytes, shared=shared_host)
         self.host_policy: EvictionPolicy | None = None
         self.disk_policy: EvictionPolicy | None = None
+        self.device = device  # its own LRU; formatted with the host
         self._next_expiry = math.inf  # earliest session TTL deadline (time.time())
         # Keys being promoted by a prefetch -> the event set when it is done.
         self._prefetching: dict[BlockKey, asyncio.Event] = {}
@@ -282,12 +288,19 @@ class TierManager:
         disk_bytes: int = 0,
         remote_url: str | None = None,
         remote_options: RemoteOptions | None = None,
+        device_bytes: int = 0,
+        device_name: str = "cuda:0",
         **kwargs: object,
     ) -> TierManager:
+        """A manager over the tiers named; ``device_bytes`` > 0 adds a device tier on
+        ``device_name`` (``cuda:N``, or ``cpu`` for the CPU twin)."""
         disk = await DiskTier.open(disk_url, disk_bytes) if disk_url else None
         try:
             remote = await RemoteTier.open(remote_url, remote_options) if remote_url else None
-            manager = cls(host_bytes=host_bytes, disk=disk, remote=remote, **kwargs)  # type: ignore[arg-type]
+            device = DeviceTier(device_bytes, device_name) if device_bytes else None
+            manager = cls(
+                host_bytes=host_bytes, disk=disk, remote=remote, device=device, **kwargs  # type: ignore[arg-type]
+            )
         except BaseException:
             if disk is not None:
                 await disk.close()  # release its lock: the caller may fix the config and retry
@@ -309,6 +322,8 @@ class TierManager:
         self.host.format(slot_bytes)
         self.slot_bytes = slot_bytes
         self.host_policy = make_policy(self.eviction, self.host.num_slots)
+        if self.device is not None and not self.device.formatted:
+            self.device.format(slot_bytes)
 
     def _make_disk_policy(self, block_nbytes: int) -> EvictionPolicy:
         assert self.disk is not None
@@ -515,13 +530,13 @@ class TierManager:
         t0 = time.perf_counter()
         keys = _keys(ns, tokens)
         hit = self.index.prefix(keys)
-        tiers = [e.best_tier or "miss" for e in hit]
+        tiers = [self._best_tier(e) for e in hit]
         if self.remote is not None and len(hit) < len(keys):
             fetched = await self._remote_fill(ns, keys, len(hit))
             more = self.index.prefix(keys[len(hit) :])
             tiers += ["remote" if e.key in fetched else (e.best_tier or "miss") for e in more]
             hit += more
-        for t in ("host", "disk", "remote"):
+        for t in ("device", "host", "disk", "remote"):
             n = tiers.count(t)
             if n:
                 self.stats.lookup(t, n)
@@ -575,7 +590,9 @@ class TierManager:
             for e in entries:
                 e.leases += 1
         if out is None:
-            out = torch.empty((len(entries), nbytes), dtype=torch.uint8)
+            # Pinned when a device tier serves it: device -> host is then an async DMA.
+            pin = self.device is not None and self.device.device.type == "cuda"
+            out = torch.empty((len(entries), nbytes), dtype=torch.uint8, pin_memory=pin)
         elif (
             out.dtype != torch.uint8
             or out.dim() != 2
@@ -616,11 +633,17 @@ class TierManager:
     ) -> int:
         """Copy ``entries`` into ``out``; returns how many leading blocks are verified."""
         t0 = time.perf_counter()
+        device_rows: list[int] = []
+        device_keys: list[BlockKey] = []
         host_rows: list[int] = []
         host_slots: list[int] = []
         disk_jobs: list[tuple[int, Entry, DiskRecord]] = []
         for i, e in enumerate(entries):
-            if e.host_slot is not None:
+            if self.device is not None and e.key in self.device:
+                device_rows.append(i)
+                device_keys.append(e.key)
+                tiers.append("device")
+            elif e.host_slot is not None:
                 host_rows.append(i)
                 host_slots.append(e.host_slot)
                 tiers.append("host")
@@ -628,7 +651,13 @@ class TierManager:
                 assert e.disk is not None and self.disk is not None
                 disk_jobs.append((i, e, e.disk))
                 tiers.append("disk")
+        if device_rows:
+            assert self.device is not None
+            await self.device.read(device_keys, out, device_rows)
+            nbytes = len(device_rows) * out.shape[1]
+            self.stats.transfer("device", "client", nbytes, time.perf_counter() - t0)
         if host_rows:
+            t0 = time.perf_counter()
             assert self.host is not None
             self.host.read(host_slots, out, host_rows)
             nbytes = len(host_rows) * out.shape[1]
@@ -683,6 +712,11 @@ class TierManager:
             if e.disk is rec:
                 self._drop_disk(e)
 
+    def _best_tier(self, e: Entry) -> str:
+        if self.device is not None and e.key in self.device:
+            return "device"
+        return e.best_tier or "miss"
+
     def _touch(self, e: Entry) -> None:
         e.last_use = time.monotonic()
         if e.host_slot is not None and self.host_policy is not None:
@@ -700,7 +734,8 @@ class TierManager:
         *,
         session: str | None = None,
     ) -> int:
-        """Promote the blocks of ``tokens`` (or of a session) from disk to host; returns how many."""
+        """Promote the blocks of ``tokens`` (or of a session) from disk to host, and with a device
+        tier on to the device; returns how many blocks moved up (each counted once)."""
         if session is not None:
             sess = self.index.sessions.get(session)
             if sess is None:
@@ -711,12 +746,16 @@ class TierManager:
         else:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
         t0 = time.perf_counter()
-        if self.disk is None or self.host is None:
+        if (self.disk is None and self.device is None) or self.host is None:
             return 0
+        device = self.device
         async with self._lock:
             self._check_open()
             todo = [
-                e for e in self.index.prefix(keys) if e.host_slot is None and e.disk is not None
+                e
+                for e in self.index.prefix(keys)
+                if (e.host_slot is None and e.disk is not None)
+                or (device is not None and e.key not in device)
             ]
             for e in todo:
                 e.leases += 1
@@ -728,7 +767,13 @@ class TierManager:
         for e in todo:
             self._prefetching[e.key] = done
         try:
-            promoted = await self._promote(todo)
+            cold = [e for e in todo if e.host_slot is None]
+            promoted = await self._promote(cold) if cold and self.disk is not None else 0
+            if device is not None:
+                # Every block now in host memory goes on to the device (those already in
+                # host memory too); a block counts once however far it moved.
+                onto = await self._promote_to_device(todo)
+                promoted = len({e.key for e in cold if e.host_slot is not None} | onto)
         finally:
             now = time.monotonic()
             async with self._lock:
@@ -792,6 +837,27 @@ class TierManager:
                 nbytes = sum(e.nbytes for (e, _, _), ok in zip(targets, oks, strict=True) if ok)
                 self.stats.transfer("disk", "host", nbytes, time.perf_counter() - t0)
         return promoted
+
+    async def _promote_to_device(self, entries: list[Entry]) -> set[BlockKey]:
+        """Copy the host-resident ``entries`` (leased by the caller, so their host slots stay)
+        into the device tier on its store stream; returns the keys now there."""
+        assert self.device is not None and self.host is not None
+        hot = [e for e in entries if e.host_slot is not None and e.key not in self.device]
+        if not hot or not self.device.formatted:
+            return set()
+        t0 = time.perf_counter()
+        slots = [e.host_slot for e in hot if e.host_slot is not None]
+        put = await self.device.put([e.key for e in hot], self.host.buffer, slots)
+        if put.evicted:
+            self.stats.evicted("device", put.evicted)
+        # A block may have left the index while it was copied: its copy must not stay.
+        for e in hot:
+            if e.key in self.device and e.key not in self.index:
+                self.device.discard(e.key)
+        done = {e.key for e in hot if e.key in self.device}
+        nbytes = sum(e.nbytes for e in hot if e.key in done)
+        self.stats.transfer("host", "device", nbytes, time.perf_counter() - t0)
+        return done
 
     async def _await_prefetch(self, keys: list[BlockKey]) -> None:
         """A load that arrives while a prefetch of its blocks is in flight waits for it (rather
@@ -915,6 +981,8 @@ class TierManager:
         self.host_policy.remove(e.key)
         if self.index.drop_if_empty(e):
             self.stats.dropped()
+            if self.device is not None:
+                self.device.discard(e.key)
 
     def _drop_disk(self, e: Entry) -> None:
         assert self.disk is not None and self.disk_policy is not None and e.disk is not None
@@ -923,6 +991,8 @@ class TierManager:
         self.disk_policy.remove(e.key)
         if self.index.drop_if_empty(e):
             self.stats.dropped()
+            if self.device is not None:
+                self.device.discard(e.key)
 
     async def _disk_room(self, nbytes: int, keep: set[BlockKey]) -> bool:
         assert self.disk is not None and self.disk_policy is not None
@@ -1409,9 +1479,17 @@ class TierManager:
             await self.disk.close()
         if self.host is not None:
             self.host.close()
+        if self.device is not None:
+            self.device.close()
 
     def usage(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
+        if self.device is not None:
+            out["device"] = {
+                "capacity_bytes": self.device.capacity_bytes,
+                "used_bytes": self.device.used_bytes,
+                "blocks": len(self.device),
+            }
         if self.host is not None:
             out["host"] = {
                 "capacity_bytes": self.host.capacity_bytes,

@@ -3,14 +3,16 @@
 Skipped without CuPy and a device; run on a GPU machine with ``scripts/gpu_check.sh``. Data is
 random and never zero (``make_caches``); every output is poisoned first (all 0xFF, then all
 0x00), so a byte the kernel did not write differs from the reference under one of the two.
-Both kernel paths are covered and asserted to be the one taken: 16-byte vectors (rows of a
-multiple of 16 bytes at aligned addresses) and bytes (odd rows, or views shifted off
-alignment by one element).
+All three kernel paths are covered and asserted to be the one taken: flat (each slab one
+contiguous run: vLLM and FlashInfer caches, also views of every other block), 16-byte vectors
+row by row (HF caches, views of some heads; and every flat case again with the path forced),
+and bytes (odd rows, or views shifted off alignment by one element).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -79,8 +81,17 @@ def poisoned(shape: Sequence[int], dtype: torch.dtype, poison: int) -> torch.Ten
     return out
 
 
-def expect_path(spec: KVSpec, caches: Sequence[LayerCache], vector: bool, *others: int) -> None:
-    assert cuda.addressing(spec, caches).aligned(*others) is vector
+def expect_path(
+    spec: KVSpec, caches: Sequence[LayerCache], path: cuda.KernelPath, *others: int
+) -> None:
+    assert cuda.addressing(spec, caches).paths(*others)[0] == path
+
+
+def path_of(spec: KVSpec) -> cuda.KernelPath:
+    """The path contiguous caches of ``spec`` (from ``make_caches``) take at aligned buffers."""
+    if spec.head_dim * spec.element_bytes % 16:
+        return "b1"
+    return "v16" if spec.layout is Layout.HF else "flat"
 
 
 # --- plain gather / scatter -----------------------------------------------------------------
@@ -95,7 +106,7 @@ def test_gather_equals_the_reference(layout: Layout, dtype: str, shape: str, poi
     host = make_caches(spec)
     caches = on(DEV, host)
     out = poisoned((len(IDS), *spec.block_shape), spec.torch_dtype, poison)
-    expect_path(spec, caches, spec.head_dim * spec.element_bytes % 16 == 0, out.data_ptr())
+    expect_path(spec, caches, path_of(spec), out.data_ptr())
 
     result = cuda.gather(spec, caches, IDS, out=out)
     torch.cuda.synchronize()
@@ -120,6 +131,98 @@ def test_scatter_equals_the_reference(layout: Layout, dtype: str) -> None:
         assert all(map(torch.equal, cache_bytes(caches), cache_bytes(host)))
 
 
+def check_every_path(
+    spec: KVSpec,
+    host: Sequence[LayerCache],
+    device_caches: Callable[[], list[LayerCache]],
+    ids: list[int],
+) -> list[cuda.KernelPath]:
+    """Gather and scatter ``ids`` by every path that fits, each against the reference: gathers
+    into poisoned outputs, scatters of random blocks. ``device_caches()`` makes fresh device
+    caches equal to ``host`` (the same kind of view), one for the gathers and one per scatter.
+    Returns the paths tried."""
+    want = raw(reference.gather(spec, host, ids))
+    blocks = make_blocks(spec, len(ids), seed=21)
+    host_after = [(c[0].clone(), c[1].clone()) if isinstance(c, tuple) else c.clone() for c in host]
+    reference.scatter(spec, blocks, host_after, ids)
+    caches = device_caches()
+    probe = poisoned((len(ids), *spec.block_shape), spec.torch_dtype, 0xFF)
+    paths = list(cuda.addressing(spec, caches).paths(probe.data_ptr()))
+    for path in paths:
+        for poison in POISONS:
+            out = poisoned((len(ids), *spec.block_shape), spec.torch_dtype, poison)
+            cuda.gather(spec, caches, ids, out=out, path=path)
+            torch.cuda.synchronize()
+            assert torch.equal(raw(out).cpu(), want), f"gather by {path}, poison {poison:#x}"
+        target = device_caches()
+        cuda.scatter(spec, blocks.to(DEV), target, ids, path=path)
+        torch.cuda.synchronize()
+        assert all(map(torch.equal, cache_bytes(target), cache_bytes(host_after))), path
+    return paths
+
+
+# (heads, head_dim, block_size) of flat slabs: one partial warp chunk (21 vectors of fp16);
+# two whole chunks (512 vectors); a partial last chunk (544); Llama-3-8B's 32 KiB slab.
+FLAT_SLABS = {"partial": (3, 8, 7), "two-chunks": (2, 128, 16), "tail": (2, 128, 17),
+              "llama": (8, 128, 16)}  # fmt: skip
+
+
+@pytest.mark.parametrize("slab", FLAT_SLABS)
+@pytest.mark.parametrize("layout", [Layout.VLLM, Layout.FLASHINFER])
+def test_flat_and_row_paths_both_equal_the_reference(layout: Layout, slab: str) -> None:
+    heads, head_dim, block = FLAT_SLABS[slab]
+    spec = spec_of(layout, "float16", heads, head_dim, block)
+    host = make_caches(spec)
+
+    assert check_every_path(spec, host, lambda: on(DEV, host), IDS) == ["flat", "v16", "b1"]
+
+
+@pytest.mark.parametrize("layout", [Layout.VLLM, Layout.FLASHINFER])
+def test_views_of_every_other_block_take_the_flat_path_and_equal_the_reference(
+    layout: Layout,
+) -> None:
+    spec = spec_of(layout, "bfloat16", 2, 128, 16)
+    _, full = every_other_block(spec)
+    index = (
+        (slice(None), slice(None, None, 2)) if layout is Layout.VLLM else (slice(None, None, 2),)
+    )
+    host: list[LayerCache] = [c[index] for c in full]
+
+    def views() -> list[LayerCache]:
+        return [c.to(DEV, copy=True)[index] for c in full]
+
+    assert check_every_path(spec, host, views, IDS) == ["flat", "v16", "b1"]
+
+
+def test_a_view_of_some_heads_takes_the_row_path_and_equals_the_reference() -> None:
+    spec = spec_of(Layout.VLLM, "bfloat16", 2, 128, 16)
+    wide = make_caches(spec_of(Layout.VLLM, "bfloat16", 4, 128, 16))
+    host: list[LayerCache] = [c[:, :, :, 1:3] for c in wide if isinstance(c, torch.Tensor)]
+
+    def views() -> list[LayerCache]:
+        return [c.to(DEV, copy=True)[:, :, :, 1:3] for c in wide if isinstance(c, torch.Tensor)]
+
+    assert check_every_path(spec, host, views, IDS) == ["v16", "b1"]
+
+
+def test_hf_caches_take_the_row_path_and_equal_the_reference() -> None:
+    spec = spec_of(Layout.HF, "bfloat16", 2, 128, 16)
+    host = make_caches(spec)
+
+    assert check_every_path(spec, host, lambda: on(DEV, host), IDS) == ["v16", "b1"]
+
+
+def test_forcing_the_flat_path_where_it_does_not_fit_is_refused() -> None:
+    spec = spec_of(Layout.HF, "bfloat16", *SHAPES["real"])
+    caches = on(DEV, make_caches(spec))
+
+    with pytest.raises(LayoutError, match=r"^the flat kernel cannot move these caches: a slab"):
+        cuda.gather(spec, caches, IDS, path="flat")
+    shifted_caches = shifted(on(DEV, make_caches(spec_of(Layout.VLLM, "bfloat16", 2, 128))))
+    with pytest.raises(LayoutError, match=r"^the v16 kernel cannot move these caches: the rows"):
+        cuda.gather(spec_of(Layout.VLLM, "bfloat16", 2, 128), shifted_caches, IDS, path="v16")
+
+
 @pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_unaligned_views_take_the_byte_path_and_equal_the_reference(
@@ -129,7 +232,7 @@ def test_unaligned_views_take_the_byte_path_and_equal_the_reference(
     host = make_caches(spec)
     caches = shifted(on(DEV, host))
     out = poisoned((len(IDS), *spec.block_shape), spec.torch_dtype, poison)
-    expect_path(spec, caches, False, out.data_ptr())
+    expect_path(spec, caches, "b1", out.data_ptr())
 
     cuda.gather(spec, caches, IDS, out=out)
     blocks = make_blocks(spec, len(IDS))
@@ -382,3 +485,21 @@ def test_a_kernel_runs_on_the_stream_it_is_given() -> None:
 
     assert int((early != 0xFF).sum()) == 0
     assert torch.equal(raw(out), raw(reference.gather(spec, caches, [1, 2])))
+
+
+def test_launches_use_cupys_stream_protocol_not_the_deprecated_external_stream() -> None:
+    """CuPy 14 warns on ``ExternalStream``; the same torch stream serves many launches (a wrapper
+    that destroyed it on release would break the second)."""
+    spec = big_spec()
+    host = make_caches(spec, num_blocks=8)
+    caches = on(DEV, host)
+    side = torch.cuda.Stream(DEV)
+    torch.cuda.synchronize()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ExternalStream.*")
+        outs = [cuda.gather(spec, caches, [k, 7 - k], stream=side) for k in range(4)]
+    side.synchronize()
+
+    for k, out in enumerate(outs):
+        assert torch.equal(raw(out).cpu(), raw(reference.gather(spec, host, [k, 7 - k])))

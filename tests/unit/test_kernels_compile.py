@@ -7,22 +7,28 @@ CuPy compiles the same files with NVRTC, which these tests cannot reach without 
 
 Addressing: ``kernels.cuda.addressing`` turns caches into a pointer table and byte strides;
 here it is applied to CPU tensors and the kernel's address formula is followed through
-process memory (``ctypes.string_at``), row by row, against the reference gather.
+process memory (``ctypes.string_at``), row by row, against the reference gather. The flat
+kernels' index arithmetic (warp item -> slab, chunk -> block, layer, K/V) is followed the same
+way, vector by vector, with the grid ``kernels.cuda.flat_grid`` launches.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from tests.unit.test_reference import IDS, LAYOUTS, NUM_BLOCKS, every_other_block, make_caches
 from tests.unit.test_reference import make_spec as make_reference_spec
-from tiercache.kernels.cuda import addressing, host_ids
+from tiercache.kernels import cuda
+from tiercache.kernels.cuda import addressing, flat_grid, host_ids
 from tiercache.kernels.reference import LayerCache, LayoutError, gather
 from tiercache.spec import KVSpec, Layout
 
@@ -175,3 +181,156 @@ def test_hf_cache_counts_only_whole_blocks() -> None:
     spec = make_reference_spec(Layout.HF)
 
     assert addressing(spec, make_caches(spec, extra_tokens=3)).num_blocks == NUM_BLOCKS
+
+
+# --- the flat path --------------------------------------------------------------------------
+
+
+def gather_through_flat_kernel(
+    spec: KVSpec, caches: list[LayerCache], ids: list[int]
+) -> torch.Tensor:
+    """What tc_gather_flat reads and where it writes it, following its arithmetic; every output
+    vector must be written exactly once."""
+    a = addressing(spec, caches)
+    grid = flat_grid(len(ids), spec.num_layers, a.slab_bytes)
+    out = bytearray(len(ids) * spec.block_nbytes)
+    writes = [0] * (len(out) // 16)
+    for item in range(grid.ctas * cuda.WARPS):  # warp w of CTA c is item c * WARPS + w
+        if item >= grid.items:
+            continue
+        slab, chunk = divmod(item, grid.chunks)
+        i = slab // 2 // spec.num_layers
+        layer_kv = slab - i * spec.num_layers * 2
+        paged = a.ptrs[layer_kv] + ids[i] * a.s_block
+        # lane l, step k < TC_FLAT_UNROLL: vector chunk * TC_CHUNK + k * 32 + l
+        for u in range(chunk * cuda.FLAT_CHUNK, (chunk + 1) * cuda.FLAT_CHUNK):
+            if u < grid.vectors:
+                at = slab * grid.vectors + u
+                out[at * 16 : at * 16 + 16] = ctypes.string_at(paged + u * 16, 16)
+                writes[at] += 1
+    assert writes == [1] * len(writes)
+    return torch.frombuffer(out, dtype=torch.uint8).clone()
+
+
+def test_the_flat_constants_match_the_kernel_source() -> None:
+    source = (KERNELS / "gather_scatter.cu").read_text()
+    defines = dict(re.findall(r"^#define (TC_\w+) (.+)$", source, flags=re.M))
+
+    assert int(defines["TC_THREADS"]) == cuda.THREADS
+    assert defines["TC_WARPS"] == "(TC_THREADS / 32)" and cuda.WARPS == cuda.THREADS // 32
+    assert defines["TC_CHUNK"].startswith("(32 * TC_FLAT_UNROLL)")
+    assert 32 * int(defines["TC_FLAT_UNROLL"]) == cuda.FLAT_CHUNK
+
+
+@pytest.mark.parametrize("layout", [Layout.VLLM, Layout.FLASHINFER])
+def test_contiguous_paged_caches_take_the_flat_path(layout: Layout) -> None:
+    spec = big_spec(layout)
+
+    assert addressing(spec, make_caches(spec, num_blocks=3)).paths() == ("flat", "v16", "b1")
+
+
+@pytest.mark.parametrize("layout", [Layout.VLLM, Layout.FLASHINFER])
+def test_views_of_every_other_block_still_take_the_flat_path(layout: Layout) -> None:
+    spec = big_spec(layout)
+    wide = make_caches(spec, num_blocks=6)
+    index = (
+        (slice(None), slice(None, None, 2)) if layout is Layout.VLLM else (slice(None, None, 2),)
+    )
+    views: list[LayerCache] = [c[index] for c in wide if isinstance(c, torch.Tensor)]
+
+    a = addressing(spec, views)
+
+    assert a.paths()[0] == "flat"
+    assert torch.equal(
+        gather_through_flat_kernel(spec, views, [2, 0]), reference_bytes(spec, views, [2, 0])
+    )
+
+
+def test_hf_caches_with_several_heads_take_the_row_path() -> None:
+    spec = big_spec(Layout.HF)
+
+    assert addressing(spec, make_caches(spec, num_blocks=3)).paths() == ("v16", "b1")
+
+
+def test_a_view_of_some_heads_takes_the_row_path() -> None:
+    spec = big_spec(Layout.VLLM)
+    wide = make_caches(big_spec(Layout.VLLM, head_dim=128), num_blocks=3)
+    two_of_four = [
+        torch.cat([c, c], dim=3)[:, :, :, 1:3] for c in wide if isinstance(c, torch.Tensor)
+    ]
+
+    assert addressing(spec, list(two_of_four)).paths() == ("v16", "b1")
+
+
+def test_unaligned_caches_take_only_the_byte_path() -> None:
+    spec = big_spec(Layout.VLLM, head_dim=5)
+
+    assert addressing(spec, make_caches(spec, num_blocks=3)).paths() == ("b1",)
+    assert addressing(big_spec(Layout.VLLM), make_caches(big_spec(Layout.VLLM))).paths(8) == ("b1",)
+
+
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "block", "chunks"),
+    [(3, 8, 7, 1), (2, 128, 16, 2), (2, 128, 17, 3), (1, 8, 1, 1)],
+    ids=["one-partial-chunk", "two-whole-chunks", "partial-last-chunk", "one-vector-slabs"],
+)
+@pytest.mark.parametrize("layout", [Layout.VLLM, Layout.FLASHINFER])
+def test_flat_kernel_arithmetic_finds_the_bytes_the_reference_gathers(
+    layout: Layout, heads: int, head_dim: int, block: int, chunks: int
+) -> None:
+    spec = KVSpec(
+        num_layers=3, num_kv_heads=heads, head_dim=head_dim, dtype="float16", block_size=block,
+        layout=layout,
+    )  # fmt: skip
+    caches = make_caches(spec)
+    a = addressing(spec, caches)
+
+    assert a.paths()[0] == "flat"
+    assert flat_grid(len(IDS), 3, a.slab_bytes).chunks == chunks
+    assert torch.equal(
+        gather_through_flat_kernel(spec, caches, IDS), reference_bytes(spec, caches, IDS)
+    )
+
+
+def test_flat_grid_of_llama_3_8b_and_qwen_blocks() -> None:
+    llama = flat_grid(256, 32, 16 * 8 * 256)  # 32 KiB slabs: 8 warp items each
+    qwen = flat_grid(256, 24, 16 * 2 * 128)  # 4 KiB slabs: one item each
+
+    assert (llama.vectors, llama.chunks, llama.items, llama.ctas) == (2048, 8, 131072, 16384)
+    assert (qwen.vectors, qwen.chunks, qwen.items, qwen.ctas) == (256, 1, 12288, 1536)
+
+
+def test_a_flat_launch_past_32_bit_items_is_refused() -> None:
+    with pytest.raises(LayoutError, match=r"^4194304 blocks are 2147483648 work items"):
+        flat_grid(2**22, 32, 16 * 8 * 256)
+
+
+# --- CuPy's view of a torch stream ----------------------------------------------------------
+
+
+class NewCupyStream:
+    """CuPy 14's ``Stream.from_external``, as far as _cupy_stream uses it: it reads the
+    protocol (CuPy itself cannot run without a device)."""
+
+    @staticmethod
+    def from_external(obj: Any) -> tuple[int, int]:
+        return obj.__cuda_stream__()  # type: ignore[no-any-return]
+
+
+class TorchStream:
+    cuda_stream = 0x5EED
+
+
+def test_cupy_14_gets_the_stream_through_the_stream_protocol() -> None:
+    cp = SimpleNamespace(cuda=SimpleNamespace(Stream=NewCupyStream))
+
+    assert cuda._cupy_stream(cp, TorchStream(), 0) == (0, 0x5EED)  # type: ignore[arg-type]
+
+
+def test_older_cupy_gets_an_external_stream() -> None:
+    made = []
+    old = SimpleNamespace(Stream=object, ExternalStream=lambda ptr, dev: made.append((ptr, dev)))
+
+    cuda._cupy_stream(SimpleNamespace(cuda=old), TorchStream(), 3)  # type: ignore[arg-type]
+
+    assert made == [(0x5EED, 3)]
