@@ -1,4 +1,4 @@
-"""``tiercache bench vllm --quick`` runs its three engines end to end and writes JSON and PNG.
+"""``tiercache bench vllm --quick`` runs its engines end to end and writes JSON and PNG.
 
 It asserts what the benchmark measured, never how fast: every variant gave the
 recompute's first token, and the cached variants really loaded the prefix.
@@ -22,11 +22,17 @@ def test_the_vllm_benchmark_loads_the_prefix_and_writes_json_and_png(tmp_path: P
     result = json.loads((tmp_path / "vllm.json").read_text())
     (row,) = result["prefixes"]
     assert row["prefix_tokens"] == QUICK_PREFIXES[0]
-    assert row["same_first_token"]
-    # (300 - 1) // 128 = 2 whole blocks loaded, by both connectors.
-    assert row["tiercache_loaded_tokens"] == 256
-    assert row["example_loaded_tokens"] > 0
-    assert result["throughput"]["plain_tokens_per_s"] > 0
-    assert result["throughput"]["tiercache_tokens_per_s"] > 0
+    assert row["same_first_token"] and row["chat_same_first_token"]
+    # tiercache loads all of the prompt but its last token (2 whole blocks and the 44-token
+    # tail); ExampleConnector loads its (300 - 1) // 128 = 2 whole blocks.
+    assert row["tiercache_loaded_tokens"] == 299
+    assert row["example_loaded_tokens"] == 256
+    # A chat's next turn: tiercache loads turn 1 (its prompt, and the reply but its last
+    # token, whose KV turn 1 never computed). ExampleConnector's key is a hash of a prompt's
+    # whole blocks before its last token: turn 2 (348 tokens) has turn 1's 2 blocks there.
+    assert row["chat_tiercache_loaded_tokens"] == 300 + result["reply_tokens"] - 1
+    assert row["chat_example_loaded_tokens"] == 256
+    (pair,) = result["throughput"]["pairs"]
+    assert pair["plain_tokens_per_s"] > 0 and pair["tiercache_tokens_per_s"] > 0
     png = (tmp_path / "vllm.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -8,6 +8,8 @@ vLLM tests and the vLLM benchmark start, one per engine.
     {"model": "/path/to/model", "connector": null | {"name": "TierCacheConnector",
      "extra": {...}} | {"name": "ExampleConnector", "extra": {...}},
      "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8},
+                 {"after": 0, "tokens": [...]},  # a chat's next turn: step 0's prompt, its
+                                                 # reply, then these tokens
                  {"batch": [[...], [...]], "max_tokens": 128},   # throughput
                  {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false}
@@ -117,14 +119,22 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.05)
         return {"waited_seconds": time.perf_counter() - t}
 
-    results = []
+    results: list[dict[str, Any]] = []
+    sent: list[list[int]] = []  # each step's prompt ([] for batches and barriers)
     for p in job["prompts"]:
+        prompt: list[int] = []
         if "wait" in p:
             results.append(wait(p["wait"]))
         elif "batch" in p:
             results.append(batch(p["batch"], p.get("max_tokens", 8)))
         else:
-            results.append(generate(p["tokens"], p.get("max_tokens", 8), p.get("session")))
+            if "after" in p:
+                j = p["after"]
+                prompt = sent[j] + results[j]["tokens"]
+            prompt = prompt + list(p["tokens"])
+            results.append(generate(prompt, p.get("max_tokens", 8), p.get("session")))
+            results[-1]["prompt_tokens"] = len(prompt)
+        sent.append(prompt)
     return {"startup_seconds": started, "results": results}
 
 

