@@ -12,7 +12,8 @@ vLLM tests and the vLLM benchmark start, one per engine.
                                                  # reply, then these tokens
                  {"batch": [[...], [...]], "max_tokens": 128},   # throughput
                  {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
-     "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false}
+     "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false,
+     "reserved_cpus": 1}
 
 Each ``tokens`` prompt is generated alone (greedy, one request at a time), so its wall time
 with ``max_tokens: 1`` is its time to first token. ``OUT.json`` has the engine's
@@ -154,7 +155,16 @@ def launch(
     job_path.write_text(json.dumps(job))
     out_path.unlink(missing_ok=True)
     barriers = [p["wait"] for p in job["prompts"] if "wait" in p]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(job.get("kv_cache_gib", 1))}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(job.get("kv_cache_gib", 1)),
+        # vllm-cpu keeps cores for its scheduler process: one, and one more when a KV
+        # connector is configured (for NIXL's transfers). On a 2-core machine that second
+        # core would leave none, and vLLM would then compute on both cores in a connector
+        # engine but on one in an engine without: the same reservation for every engine
+        # keeps their compute the same.
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": str(job.get("reserved_cpus", 1)),
+    }
     deadline = time.monotonic() + timeout
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
