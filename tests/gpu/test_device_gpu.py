@@ -7,13 +7,13 @@ tests/unit/test_device.py and tests/integration/test_device_tier.py. Plain funct
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tests.device_scenarios import key, reads_while_stores_evict
 from tiercache import TierManager
 from tiercache.keys import BlockKey
 from tiercache.tiers.device import DeviceTier
@@ -26,10 +26,6 @@ pytestmark = [
 DEV = "cuda:0"
 SLOT = 1 << 20
 NS = make_ns()
-
-
-def key(i: int) -> BlockKey:
-    return BlockKey(i.to_bytes(16, "big"))
 
 
 def pinned_rows(n: int, seed: int = 0, width: int = SLOT) -> torch.Tensor:
@@ -110,32 +106,8 @@ def test_concurrent_reads_and_stores_on_the_gpu_never_tear_a_block() -> None:
 
 async def _concurrent_reads_and_stores_on_the_gpu_never_tear_a_block() -> None:
     t = gpu_tier(3)
-    n = 8
-    src = pinned_rows(n, seed=5)
-    keys = [key(i) for i in range(n)]
-    rng = random.Random(0)
-    reads = 0
-    writing = 2  # writers still running: readers read until both are done
-
-    async def writer() -> None:
-        nonlocal writing
-        for _ in range(30):
-            i = rng.randrange(n)
-            await t.put([keys[i]], src, [i])
-        writing -= 1
-
-    async def reader() -> None:
-        nonlocal reads
-        while writing:
-            present = [i for i in range(n) if keys[i] in t]
-            if present:
-                got = await read(t, [keys[i] for i in present])
-                assert torch.equal(got, src[present])
-                reads += 1
-            await asyncio.sleep(0)
-
-    await asyncio.gather(writer(), writer(), reader(), reader(), reader())
-
+    src = pinned_rows(8, seed=5)
+    reads = await reads_while_stores_evict(t, src, lambda ks: read(t, ks))
     assert reads >= 10
     t.close()
 

@@ -6,19 +6,15 @@ in tests/gpu/test_device_gpu.py."""
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 import torch
 
+from tests.device_scenarios import key, reads_while_stores_evict
 from tiercache.keys import BlockKey
 from tiercache.tiers.device import DeviceTier
 
 SLOT = 4096
-
-
-def key(i: int) -> BlockKey:
-    return BlockKey(i.to_bytes(16, "big"))
 
 
 def rows(n: int, seed: int = 0, width: int = SLOT) -> torch.Tensor:
@@ -175,31 +171,7 @@ async def test_concurrent_reads_and_stores_never_tear_a_block() -> None:
     """Readers read whatever is present while writers store other keys into a tier too small
     for all of them (so stores keep evicting): every read equals its key's bytes."""
     t = tier(3, slot_bytes=256 << 10)
-    n = 8
-    src = rows(n, width=256 << 10)
-    keys = [key(i) for i in range(n)]
-    rng = random.Random(0)
-    reads = 0
-    writing = 2  # writers still running: readers read until both are done
-
-    async def writer() -> None:
-        nonlocal writing
-        for _ in range(30):
-            i = rng.randrange(n)
-            await t.put([keys[i]], src, [i])
-        writing -= 1
-
-    async def reader() -> None:
-        nonlocal reads
-        while writing:
-            present = [i for i in range(n) if keys[i] in t]
-            if present:
-                got = await read(t, [keys[i] for i in present], width=256 << 10)
-                assert torch.equal(got, src[present])
-                reads += 1
-            await asyncio.sleep(0)
-
-    await asyncio.gather(writer(), writer(), reader(), reader(), reader())
-
+    src = rows(8, width=256 << 10)
+    reads = await reads_while_stores_evict(t, src, lambda ks: read(t, ks, width=256 << 10))
     assert reads >= 10
     assert t.used_bytes <= t.capacity_bytes
