@@ -410,11 +410,16 @@ class _Link:
             _close_quietly(client)
         else:
             threading.Thread(
-                target=_close_quietly, args=(client,), name="tiercache-close", daemon=True
+                target=_close_quietly, args=(client, True), name="tiercache-close", daemon=True
             ).start()
 
 
-def _close_quietly(client: Client) -> None:
+def _close_quietly(client: Client, background: bool = False) -> None:
+    if background:
+        # The unmapping is kernel time charged to this thread: at the lowest priority it
+        # takes the engine's spare cycles, not its compute threads' (Linux: per thread).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     with contextlib.suppress(Exception):  # the connection may already be gone
         client.close()
 
