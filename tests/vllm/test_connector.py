@@ -103,11 +103,13 @@ def engine(
     name: str,
     prompts: list[dict[str, Any]],
     extra: dict[str, Any] | None,
+    prefix_caching: bool = False,
 ) -> list[dict[str, Any]]:
     job = {
         "model": model,
         "connector": None if extra is None else {"name": "TierCacheConnector", "extra": extra},
         "prompts": prompts,
+        "prefix_caching": prefix_caching,
     }
     return list(launch(job, workdir / "engines", name)["results"])
 
@@ -229,6 +231,33 @@ def test_another_tenant_never_sees_the_blocks_and_larger_blocks_round_trip(
     same(first, plain["p2"])
     assert found(again) == 2
     assert again["num_cached_tokens"] == len(prompts["p2"]) - 1
+    same(again, plain["p2"])
+
+
+def test_with_vllms_own_prefix_cache_on_the_connector_loads_only_beyond_it(
+    model: str,
+    workdir: Path,
+    daemon: Daemon,
+    prompts: dict[str, list[int]],
+    plain: dict[str, dict[str, Any]],
+    resumed: dict[str, dict[str, Any]],
+) -> None:
+    # vLLM's default: its own prefix cache on. A fresh engine finds turn 2 in the daemon (5
+    # blocks and its prompt's 68-token tail: all but the last token). The same prompt again
+    # finds the 5 full blocks in vLLM's cache, and the connector adds only the tail beyond them.
+    first, again = engine(
+        model,
+        workdir,
+        "H-prefix-caching",
+        [{"tokens": prompts["p2"]}, {"tokens": prompts["p2"]}],
+        {"socket": daemon.socket},
+        prefix_caching=True,
+    )
+    n = len(prompts["p2"])
+    assert (first["num_cached_tokens"], found(first)) == (n - 1, 5)
+    same(first, plain["p2"])
+    assert again["num_cached_tokens"] == n - 1
+    assert again["kv_transfer_params"]["tiercache"]["found_tokens"] == n
     same(again, plain["p2"])
 
 
