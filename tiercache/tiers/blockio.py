@@ -178,6 +178,15 @@ class SlabIO:
                 continue
             out[j] = checksum(dst[:nbytes]) == csum
 
+    def _will_need(self, slab: _Slab, items: Sequence[ReadItem]) -> None:
+        for slot, nbytes, _, _ in items:
+            k, i = divmod(slot, slab.shard_blocks)
+            try:
+                fd = self._fd(slab, k, create=False)
+                os.posix_fadvise(fd, i * slab.nbytes, nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                continue  # the read itself reports the block missing
+
     async def write(self, path: str, items: Sequence[WriteItem]) -> list[bytes | OSError]:
         """Write blocks; one checksum (of the bytes written) or the OSError per item."""
         slab = self._slabs[path]
@@ -194,6 +203,11 @@ class SlabIO:
         """Read blocks into their ``out`` tensors; True where the bytes verify."""
         slab = self._slabs[path]
         out = [False] * len(items)
+        if len(items) > self.threads:
+            # Announce every block of the batch first: from a cold disk the kernel then has
+            # all of them queued while the threads' reads wait on the first ones, instead of
+            # one block per thread at a time. A hint: a block the kernel skips is just read.
+            await asyncio.to_thread(self._will_need, slab, items)
         await asyncio.gather(
             *(
                 asyncio.to_thread(self._read, slab, items, p, out)
@@ -247,6 +261,15 @@ class ChunkIO:
 
     def _key(self, path: str, slot: int) -> str:
         return f"{path}/{self._meta[path].encode_chunk_key((slot, 0))}"
+
+    def _will_need(self, slab: _Slab, items: Sequence[ReadItem]) -> None:
+        for slot, nbytes, _, _ in items:
+            k, i = divmod(slot, slab.shard_blocks)
+            try:
+                fd = self._fd(slab, k, create=False)
+                os.posix_fadvise(fd, i * slab.nbytes, nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                continue  # the read itself reports the block missing
 
     async def write(self, path: str, items: Sequence[WriteItem]) -> list[bytes | OSError]:
         async def one(slot: int, data: torch.Tensor) -> bytes | OSError:
