@@ -262,15 +262,6 @@ class ChunkIO:
     def _key(self, path: str, slot: int) -> str:
         return f"{path}/{self._meta[path].encode_chunk_key((slot, 0))}"
 
-    def _will_need(self, slab: _Slab, items: Sequence[ReadItem]) -> None:
-        for slot, nbytes, _, _ in items:
-            k, i = divmod(slot, slab.shard_blocks)
-            try:
-                fd = self._fd(slab, k, create=False)
-                os.posix_fadvise(fd, i * slab.nbytes, nbytes, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                continue  # the read itself reports the block missing
-
     async def write(self, path: str, items: Sequence[WriteItem]) -> list[bytes | OSError]:
         async def one(slot: int, data: torch.Tensor) -> bytes | OSError:
             # A private copy: a store may keep the buffer (memory, upload queues), and the
