@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_fra
 from tiercache.keys import KeyChain, Namespace
 from tiercache.loop import LoopThread
 from tiercache.manager import LoadResult, SaveResult, Tokens, _as_tokens, block_rows
-from tiercache.tiers.host import MappedArena
+from tiercache.tiers.host import MappedArena, _runs
 
 
 class RemoteError(RuntimeError):
@@ -190,6 +191,45 @@ class AsyncClient:
             data, tiers, ns, time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
         )
 
+    async def load_into(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        consume: Callable[[int, torch.Tensor], None],
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
+    ) -> list[str]:
+        """``load`` without its copy out of the arena: ``consume(i, rows)`` gets each run of
+        consecutive cached blocks where it lies in the shared arena, while the daemon holds
+        them leased: ``rows`` is uint8 ``[n, block_nbytes]`` (a view, valid only during the
+        call) of blocks ``first_block + i ..``. An engine copies them straight into its KV
+        cache. Returns the tiers of the blocks served (a miss ends them, as in ``load``)."""
+        await self.register(ns)
+        assert self._arena is not None
+        nbytes = ns.spec.block_nbytes
+        packed = _chain(ns, tokens)
+        tiers: list[str] = []
+        while max_blocks is None or len(tiers) < max_blocks:
+            left = None if max_blocks is None else max_blocks - len(tiers)
+            res = await self.call(
+                "acquire",
+                ns=ns.hex,
+                keys=packed,
+                first_block=first_block + len(tiers),
+                max_blocks=left,
+            )
+            slots = res["slots"]
+            try:
+                for slot, row, n in _runs(slots, range(len(slots))):
+                    consume(len(tiers) + row, self._arena.buffer[slot : slot + n, :nbytes])
+            finally:
+                await self.call("release", lease=res["lease"])
+            tiers += res["tiers"]
+            if not slots or len(slots) >= res["prefix"]:
+                break
+        return tiers
+
     async def prefetch(
         self,
         ns: Namespace | None = None,
@@ -279,6 +319,20 @@ class Client:
         max_blocks: int | None = None,
     ) -> LoadResult:
         return self._run(self._c.load(ns, tokens, first_block=first_block, max_blocks=max_blocks))
+
+    def load_into(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        consume: Callable[[int, torch.Tensor], None],
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
+    ) -> list[str]:
+        """``AsyncClient.load_into``; ``consume`` runs on the client's loop thread."""
+        return self._run(
+            self._c.load_into(ns, tokens, consume, first_block=first_block, max_blocks=max_blocks)
+        )
 
     def prefetch(
         self,

@@ -100,6 +100,32 @@ async def test_a_tail_is_stored_found_by_its_longest_candidate_and_loaded_byte_e
     assert err.value.code == "bad_request" and "tail keys" in err.value.message
 
 
+async def test_load_into_hands_over_every_cached_block_in_place_and_stops_at_a_miss(
+    client: AsyncClient,
+) -> None:
+    # Two chains saved interleaved, so one chain's blocks lie in non-adjacent slots; 12 blocks
+    # to read through an 8-slot host tier: the lease comes in rounds, the runs in pieces.
+    a, b = make_tokens(12, seed=1), make_tokens(12, seed=2)
+    blocks_a, blocks_b = make_blocks(12, seed=1), make_blocks(12, seed=2)
+    for i in range(0, 12, 3):
+        await client.save(NS, a[: 4 * (i + 3)], blocks_a[i : i + 3], first_block=i)
+        await client.save(NS, b[: 4 * (i + 3)], blocks_b[i : i + 3], first_block=i)
+    got = torch.zeros_like(as_bytes(blocks_a))
+    runs: list[int] = []
+
+    def consume(i: int, rows: torch.Tensor) -> None:
+        runs.append(rows.shape[0])
+        got[2 + i : 2 + i + rows.shape[0]] = rows
+
+    tiers = await client.load_into(NS, a, consume, first_block=2)
+    assert len(tiers) == 10 and sum(runs) == 10
+    assert torch.equal(got[2:], as_bytes(blocks_a)[2:])
+    # A chain that is cached only up to block 1 hands over blocks 0 and 1, nothing more.
+    changed = [*a[:8], *(t + 1 for t in a[8:])]
+    runs.clear()
+    assert len(await client.load_into(NS, changed, consume)) == 2 and sum(runs) == 2
+
+
 async def test_a_save_bigger_than_the_host_tier_goes_through_in_rounds(client: AsyncClient) -> None:
     tokens, blocks = make_tokens(20), make_blocks(20)  # host holds 8
     assert (await client.save(NS, tokens, blocks)).stored == 20

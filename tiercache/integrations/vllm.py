@@ -797,16 +797,23 @@ class TierCacheConnector(KVConnectorBase_V1):
         assert self._engine_spec is not None
         n = t.count
         keys = KeyChain.from_bytes(t.keys)
-        res = self._link.call(
-            "load", lambda c: c.load(self.ns, keys, first_block=t.first, max_blocks=n)
+        spec, engine_spec, per = self.ns.spec, self._engine_spec, self.per_block
+        device = self._caches[0].device
+
+        def into_engine(i: int, rows: torch.Tensor) -> None:
+            # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
+            # their engine blocks (those not computed locally, and not past the transfer's).
+            typed = rows.view(spec.torch_dtype).view(rows.shape[0], *spec.block_shape)
+            lo, hi = max(t.skip, i * per), min(len(t.block_ids), (i + rows.shape[0]) * per)
+            if lo < hi:
+                eng = to_engine_blocks(typed, spec, per)[lo - i * per : hi - i * per]
+                scatter(engine_spec, eng.to(device), self._caches, t.block_ids[lo:hi])
+
+        tiers = self._link.call(
+            "load",
+            lambda c: c.load_into(self.ns, keys, into_engine, first_block=t.first, max_blocks=n),
         )
-        got = 0 if res is None else res.blocks
-        if res is not None and got:
-            spec = self.ns.spec
-            typed = res.data.view(spec.torch_dtype).view(got, *spec.block_shape)
-            ids = t.block_ids[t.skip : got * self.per_block]
-            rows = to_engine_blocks(typed, spec, self.per_block)[t.skip : t.skip + len(ids)]
-            scatter(self._engine_spec, rows.to(self._caches[0].device), self._caches, ids)
+        got = 0 if tiers is None else len(tiers)
         failed = t.block_ids[max(got * self.per_block, t.skip) :]
         if failed:
             logger.warning(
