@@ -162,30 +162,14 @@ class AsyncClient:
         """The cached run of blocks ``first_block ..`` of ``tokens``, byte-exact (or shorter: a
         miss ends it). An engine that already holds the first blocks starts after them."""
         t0 = time.perf_counter()
-        await self.register(ns)
-        assert self._arena is not None
-        packed = _chain(ns, tokens)
         parts: list[torch.Tensor] = []
-        tiers: list[str] = []
-        while max_blocks is None or len(tiers) < max_blocks:
-            # A lease covers at most the host tier's slots: a longer prefix comes in rounds.
-            left = None if max_blocks is None else max_blocks - len(tiers)
-            res = await self.call(
-                "acquire",
-                ns=ns.hex,
-                keys=packed,
-                first_block=first_block + len(tiers),
-                max_blocks=left,
-            )
-            try:
-                part = torch.empty((len(res["slots"]), ns.spec.block_nbytes), dtype=torch.uint8)
-                self._arena.read(res["slots"], part)
-            finally:
-                await self.call("release", lease=res["lease"])
+
+        def copy_out(arena: MappedArena, slots: list[int], _: int) -> None:
+            part = torch.empty((len(slots), ns.spec.block_nbytes), dtype=torch.uint8)
+            arena.read(slots, part)
             parts.append(part)
-            tiers += res["tiers"]
-            if not res["slots"] or len(res["slots"]) >= res["prefix"]:
-                break
+
+        tiers = await self._leased(ns, tokens, first_block, max_blocks, copy_out)
         data = torch.cat(parts) if len(parts) > 1 else parts[0]
         return LoadResult(
             data, tiers, ns, time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
@@ -205,9 +189,27 @@ class AsyncClient:
         them leased: ``rows`` is uint8 ``[n, block_nbytes]`` (a view, valid only during the
         call) of blocks ``first_block + i ..``. An engine copies them straight into its KV
         cache. Returns the tiers of the blocks served (a miss ends them, as in ``load``)."""
+        nbytes = ns.spec.block_nbytes
+
+        def hand_over(arena: MappedArena, slots: list[int], done: int) -> None:
+            for slot, row, n in _runs(slots, range(len(slots))):
+                consume(done + row, arena.buffer[slot : slot + n, :nbytes])
+
+        return await self._leased(ns, tokens, first_block, max_blocks, hand_over)
+
+    async def _leased(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        first_block: int,
+        max_blocks: int | None,
+        use: Callable[[MappedArena, list[int], int], None],
+    ) -> list[str]:
+        """Lease the cached run of blocks ``first_block ..`` round by round (a lease covers at
+        most the host tier's slots), calling ``use(arena, slots, blocks before them)`` while
+        each round's slots are held; returns the tiers of the blocks served."""
         await self.register(ns)
         assert self._arena is not None
-        nbytes = ns.spec.block_nbytes
         packed = _chain(ns, tokens)
         tiers: list[str] = []
         while max_blocks is None or len(tiers) < max_blocks:
@@ -219,14 +221,12 @@ class AsyncClient:
                 first_block=first_block + len(tiers),
                 max_blocks=left,
             )
-            slots = res["slots"]
             try:
-                for slot, row, n in _runs(slots, range(len(slots))):
-                    consume(len(tiers) + row, self._arena.buffer[slot : slot + n, :nbytes])
+                use(self._arena, res["slots"], len(tiers))
             finally:
                 await self.call("release", lease=res["lease"])
             tiers += res["tiers"]
-            if not slots or len(slots) >= res["prefix"]:
+            if not res["slots"] or len(res["slots"]) >= res["prefix"]:
                 break
         return tiers
 
