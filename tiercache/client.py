@@ -29,7 +29,7 @@ from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_fra
 from tiercache.keys import KeyChain, Namespace
 from tiercache.loop import LoopThread
 from tiercache.manager import LoadResult, SaveResult, Tokens, _as_tokens, block_rows
-from tiercache.tiers.host import MappedArena, _runs
+from tiercache.tiers.host import MappedArena
 
 
 class RemoteError(RuntimeError):
@@ -192,8 +192,8 @@ class AsyncClient:
         nbytes = ns.spec.block_nbytes
 
         def hand_over(arena: MappedArena, slots: list[int], done: int) -> None:
-            for slot, row, n in _runs(slots, range(len(slots))):
-                consume(done + row, arena.buffer[slot : slot + n, :nbytes])
+            for row, view in arena.runs(slots, nbytes):
+                consume(done + row, view)
 
         return await self._leased(ns, tokens, first_block, max_blocks, hand_over)
 

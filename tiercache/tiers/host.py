@@ -89,6 +89,12 @@ class Slots:
         for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
             self.buffer[slot : slot + n, :nbytes].copy_(src[row : row + n])
 
+    def runs(self, slots: Sequence[int], nbytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each run of consecutive ``slots`` as ``(its index in slots, a view [n, nbytes] of
+        the run in place)``: what ``read`` copies, for a caller that copies it elsewhere."""
+        for slot, row, n in _runs(slots, range(len(slots))):
+            yield row, self.buffer[slot : slot + n, :nbytes]
+
     def read(
         self, slots: Sequence[int], out: torch.Tensor, rows: Sequence[int] | None = None
     ) -> None:
