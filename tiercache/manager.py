@@ -554,8 +554,8 @@ class TierManager:
         found = (-1, "miss")
         for i in range(len(candidates) - 1, -1, -1):
             e = self.index.get(candidates[i])
-            tier = None if e is None else e.best_tier
-            if tier is not None:
+            tier = "miss" if e is None else self._best_tier(e)
+            if tier != "miss":
                 found = (i, tier)
                 self.stats.lookup(tier, 1)
                 break
