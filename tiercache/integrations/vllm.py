@@ -588,20 +588,28 @@ class TierCacheConnector(KVConnectorBase_V1):
         """The longest tail (``min_tail`` .. ``prompt - start`` tokens) stored after the
         chain's first ``start // block`` blocks: ``st.tail`` and its tier. A tail that ends
         with the prompt is loaded whole, and its last token computed again over it."""
-        parent = st.keys[start // self.block - 1] if start else None
         toks = st.request.all_token_ids[start : min(prompt, start + self.block - 1)]
-        candidates = self.ns.tail_keys(toks, parent)[self.min_tail - 1 :]
-        res = self._link.call("lookup", lambda c: c.lookup_tail(self.ns, candidates))
+        candidates = self.ns.tail_keys(toks, self._parent(st, start))[self.min_tail - 1 :]
+        res = self._link.call("lookup_tail", lambda c: c.lookup_tail(self.ns, candidates))
         if res is None or res[0] < 0:
             return
         st.tail = (self.min_tail + res[0], candidates[res[0]])
         st.hit_tiers.append(res[1])
 
+    def _parent(self, st: _Req, start: int) -> BlockKey:
+        """The key a tail starting at token ``start`` (a block boundary) hangs from: the
+        chain's block before it, or the namespace for a first block."""
+        return self._keys(st, start)[-1] if start else self.ns.id
+
     def _tail_key(self, st: _Req, end: int) -> BlockKey:
         """The key of the request's tail ``[end // block * block, end)``."""
         start = end // self.block * self.block
-        parent = self._keys(st, start)[-1] if start else self.ns.id
-        return tail_key(parent, st.request.all_token_ids[start:end])
+        return tail_key(self._parent(st, start), st.request.all_token_ids[start:end])
+
+    def _engine_ids(self, st: _Req, first: int, end: int) -> list[int]:
+        """The engine blocks of the request that hold tiercache blocks ``first ..`` up to
+        token ``end`` (the last one partly, when ``end`` is inside an engine block)."""
+        return st.block_ids[first * self.per_block : -(-end // self.vllm_block)]
 
     def get_external_cache_hit_sources(
         self, request: Request, num_external_tokens: int
@@ -685,7 +693,7 @@ class TierCacheConnector(KVConnectorBase_V1):
         if last > st.hit:
             assert st.tail is not None, "a load past the found chain needs its tail"
             keys.append(st.tail[1])
-        ids = st.block_ids[first * self.per_block : -(-end // self.vllm_block)]
+        ids = self._engine_ids(st, first, end)
         skip = start // self.vllm_block - first * self.per_block
         return Transfer(
             req_id, KeyChain(keys).to_bytes(), first, last - first, ids, st.session, skip
@@ -703,7 +711,7 @@ class TierCacheConnector(KVConnectorBase_V1):
         if full <= st.stored:
             return None
         keys = self._keys(st, full * self.block)
-        ids = st.block_ids[st.stored * self.per_block : full * self.per_block]
+        ids = self._engine_ids(st, st.stored, full * self.block)
         if len(ids) != (full - st.stored) * self.per_block:
             return None  # not all of its blocks are allocated (cannot happen for computed tokens)
         t = Transfer(
@@ -728,7 +736,7 @@ class TierCacheConnector(KVConnectorBase_V1):
             or (st.tail is not None and st.hit == full and st.tail[0] == r)
         ):
             return None
-        ids = st.block_ids[full * self.per_block : -(-end // self.vllm_block)]
+        ids = self._engine_ids(st, full, end)
         if len(ids) != -(-r // self.vllm_block):
             return None  # its engine blocks are not all allocated
         keys = [*self._keys(st, full * self.block), self._tail_key(st, end)]
