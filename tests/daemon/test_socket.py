@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import NBYTES, SPEC, as_bytes, fuzz_examples, make_blocks, make_ns, make_tokens
-from tiercache.client import AsyncClient, RemoteError
+from tiercache.client import AsyncClient, Client, RemoteError
 from tiercache.daemon.config import load_config
+from tiercache.daemon.process import DaemonProcess
 from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode
 from tiercache.daemon.service import Daemon
 from tiercache.keys import KeyChain
@@ -273,6 +275,34 @@ async def test_a_client_killed_while_holding_blocks_releases_them(
     assert all(e.leases == 0 for e in m.index)
     if what == "reservation":
         assert m.host.free_slots == 8
+
+
+def _arena_maps() -> set[str]:
+    """The shared arenas this process maps (by /dev/shm path)."""
+    with open("/proc/self/maps") as f:
+        fields = (line.split(maxsplit=5) for line in f)
+        paths = (f[5].strip().removesuffix(" (deleted)") for f in fields if len(f) == 6)
+        return {p for p in paths if p.startswith("/dev/shm/tiercache-")}
+
+
+@pytest.mark.parametrize("end", ["stop", "kill"])
+def test_a_client_unmaps_the_arena_as_soon_as_its_daemon_is_gone(tmp_path: Path, end: str) -> None:
+    # Held until the client's next request, its mapping could be the arena's last one, and
+    # that request would pay for freeing every page of it.
+    env = {"TIERCACHE_TIERS_DISK__URL": "none", "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES)}
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    before = _arena_maps()
+    with DaemonProcess(tmp_path, env) as d, Client(d.socket) as c:
+        c.save(NS, tokens, blocks)
+        mapped = _arena_maps() - before
+        assert len(mapped) == 1  # the check is not vacuous: the client maps the arena
+        d.stop() if end == "stop" else d.kill()
+        deadline = time.monotonic() + 10
+        while _arena_maps() & mapped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _arena_maps() & mapped  # unmapped with no request from this client
+        with pytest.raises(ConnectionError):
+            c.load(NS, tokens)
 
 
 async def test_drain_refuses_saves_but_serves_loads(client: AsyncClient) -> None:

@@ -397,10 +397,10 @@ class _Link:
         self.close(retry_after=self._retry if retry_after is None else retry_after, wait=False)
 
     def close(self, retry_after: float = 0.0, wait: bool = True) -> None:
-        """Drop the client. ``wait=False`` closes it on a thread of its own: the client of a
-        daemon that is gone may hold the last mapping of that daemon's whole host arena, and
-        unmapping it frees every page (measured: 0.35 s for 2 GiB), time the request that
-        found the daemon restarted should not wait for."""
+        """Drop the client. ``wait=False`` closes it on a thread of its own, so the request
+        that found the daemon gone does not wait for it: the client unmapped that daemon's
+        arena when the connection ended, but one that raced the daemon's exit may still hold
+        its last mapping, and unmapping that frees every page (measured: 0.35 s for 2 GiB)."""
         with self._lock:
             client, self._client = self._client, None
             self._next_try = time.monotonic() + retry_after
