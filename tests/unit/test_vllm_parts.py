@@ -25,6 +25,8 @@ def test_options_default_and_valid() -> None:
     assert Options.parse({}) == Options()
     o = Options.parse({"socket": "/s", "salt": "t", "save": "prompt", "min_tokens": 256})
     assert (o.socket, o.salt, o.save, o.min_tokens) == ("/s", "t", "prompt", 256)
+    assert Options().async_load == "auto"
+    assert Options.parse({"async_load": "never"}).async_load == "never"
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,7 @@ def test_options_default_and_valid() -> None:
         ({"retry_seconds": -1}, "retry_seconds"),
         ({"min_tail_tokens": -1}, "min_tail_tokens"),
         ({"min_tail_tokens": True}, "min_tail_tokens"),
+        ({"async_load": "sometimes"}, "async_load"),
     ],
 )
 def test_bad_options_name_the_key(extra: dict[str, object], names: str) -> None:

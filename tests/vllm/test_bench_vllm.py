@@ -32,6 +32,14 @@ def test_the_vllm_benchmark_loads_the_prefix_and_writes_json_and_png(tmp_path: P
     # whole blocks before its last token: turn 2 (348 tokens) has turn 1's 2 blocks there.
     assert row["chat_tiercache_loaded_tokens"] == 300 + result["reply_tokens"] - 1
     assert row["chat_example_loaded_tokens"] == 256
+    # The prompt arriving while another decodes, from the disk tier: loaded before its step
+    # with async_load "never", in the background with "auto"; all of it but the last token.
+    bg = result["background_load"]
+    for mode, background in (("never", False), ("auto", True)):
+        assert bg[mode]["loaded_async"] is background
+        assert bg[mode]["arriving_loaded_tokens"] == 299
+        assert bg[mode]["same_first_token"]
+        assert bg[mode]["decode_longest_gap_s"] >= bg[mode]["decode_median_gap_s"] > 0
     (pair,) = result["throughput"]["pairs"]
     assert pair["plain_tokens_per_s"] > 0 and pair["tiercache_tokens_per_s"] > 0
     png = (tmp_path / "vllm.png").read_bytes()

@@ -187,6 +187,7 @@ def test_turn_two_in_a_fresh_engine_reuses_turn_one_and_equals_recompute(
     assert r["num_cached_tokens"] == 4 * BLOCK + 95
     assert daemon.metric("tiercache_lookup_blocks_total", result="host") >= 4
     assert daemon.metric("tiercache_transfer_bytes_total", src="host", dst="client") > 0
+    assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is False  # host: before the step
 
 
 def test_a_changed_prefix_changes_the_output_and_misses(
@@ -296,6 +297,8 @@ def test_a_corrupted_block_is_reported_and_recomputed(
     )
     same(r, plain["p2"])
     assert found(r) == 5  # the lookup's answer: turn 1's 4 blocks and turn 2's fifth
+    # From the disk tier, the load ran in the background, and its failure was still reported.
+    assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is True
     assert daemon.metric("tiercache_corrupt_blocks_total") == 1
     log = (workdir / "engines" / "F-corrupt.log").read_text()
     assert "5 of 6 blocks missing; vLLM recomputes them" in log  # 5 blocks and the tail
@@ -307,6 +310,43 @@ def test_a_corrupted_block_is_reported_and_recomputed(
     assert found(again) == 5
     assert "blocks missing" not in (workdir / "engines" / "G-after-repair.log").read_text()
     assert daemon.metric("tiercache_corrupt_blocks_total") == 1
+
+
+def test_a_disk_tier_hit_loads_in_the_background_while_another_request_runs(
+    model: str,
+    workdir: Path,
+    daemon: Daemon,
+    prompts: dict[str, list[int]],
+    plain: dict[str, dict[str, Any]],
+    resumed: dict[str, dict[str, Any]],
+) -> None:
+    # After a restart every block is on disk: turn 2 and the changed prompt (saved by engine
+    # C) arrive together and both load in the background, one after the other. Both equal
+    # recompute; with async_load "never" the same load runs before the step instead.
+    daemon.proc.stop()
+    daemon.proc.start()
+    batch = {"batch": [prompts["p2"], prompts["changed"]], "max_tokens": 8, "outputs": True}
+    (both,) = engine(model, workdir, "I-background", [batch], {"socket": daemon.socket})
+    p2, changed = both["outputs"]
+    same(p2, plain["p2"])
+    same(changed, plain["changed"])
+    n = len(prompts["p2"])
+    assert (p2["num_cached_tokens"], found(p2)) == (n - 1, 5)
+    assert p2["kv_transfer_params"]["tiercache"]["loaded_async"] is True
+    assert changed["num_cached_tokens"] == len(prompts["changed"]) - 1
+    assert changed["kv_transfer_params"]["tiercache"]["loaded_async"] is True
+    daemon.proc.stop()
+    daemon.proc.start()
+    (r,) = engine(
+        model,
+        workdir,
+        "J-never",
+        [{"tokens": prompts["p2"]}],
+        {"socket": daemon.socket, "async_load": "never"},
+    )
+    same(r, plain["p2"])
+    assert (r["num_cached_tokens"], found(r)) == (n - 1, 5)
+    assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is False
 
 
 async def block_location(disk: Path, session: str, index: int) -> tuple[Path, int]:

@@ -10,7 +10,10 @@ vLLM tests and the vLLM benchmark start, one per engine.
      "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8},
                  {"after": 0, "tokens": [...]},  # a chat's next turn: step 0's prompt, its
                                                  # reply, then these tokens
-                 {"batch": [[...], [...]], "max_tokens": 128},   # throughput
+                 {"batch": [[...], [...]], "max_tokens": 128},   # throughput ("outputs": true
+                                                                 # adds each one's result)
+                 {"stagger": {"first": [...], "first_max_tokens": 48, "second": [...],
+                              "after": 8}},  # second arrives while first decodes
                  {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false,
      "reserved_cpus": 1}
@@ -81,10 +84,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         )
         t = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], sp, use_tqdm=False)[0]
-        seconds = time.perf_counter() - t
+        return {"seconds": time.perf_counter() - t, **result(out)}
+
+    def result(out: Any) -> dict[str, Any]:
         comp = out.outputs[0]
         return {
-            "seconds": seconds,
             "tokens": list(comp.token_ids),
             "logprobs": [
                 (lp or {})[t].logprob
@@ -98,16 +102,59 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         # Shorter than a block: neither looked up nor saved; warms the kernels.
         generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None)
 
-    def batch(prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    def batch(prompts: list[list[int]], max_tokens: int, outputs: bool) -> dict[str, Any]:
         sp = SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            logprobs=0 if outputs else None,
         )
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         seconds = time.perf_counter() - t
-        return {
+        res: dict[str, Any] = {
             "seconds": seconds,
             "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        }
+        if outputs:
+            res["outputs"] = [result(o) for o in outs]
+        return res
+
+    def stagger(first: list[int], first_max: int, second: list[int], after: int) -> dict[str, Any]:
+        """``first`` generates ``first_max`` tokens; ``second`` (one token) arrives once
+        ``first`` has ``after``: the gaps between ``first``'s tokens (what a load that runs
+        before a step costs the requests already decoding) and ``second``'s TTFT."""
+        eng = llm.llm_engine
+        sp = SamplingParams(
+            max_tokens=first_max, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0
+        )
+        sp2 = SamplingParams(
+            max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0
+        )
+        eng.add_request("first", TokensPrompt(prompt_token_ids=first), sp)
+        stamps: list[float] = []  # when each of first's tokens arrived
+        added = done = 0.0
+        outs: dict[str, Any] = {}
+        while eng.has_unfinished_requests():
+            step: list[Any] = list(eng.step())
+            for o in step:
+                now = time.perf_counter()
+                if o.request_id == "first":
+                    stamps += [now] * (len(o.outputs[0].token_ids) - len(stamps))
+                elif o.finished:
+                    done = now
+                if o.finished:
+                    outs[o.request_id] = o
+            if not added and len(stamps) >= after:
+                eng.add_request("second", TokensPrompt(prompt_token_ids=second), sp2)
+                added = time.perf_counter()
+        gaps = [b - a for a, b in zip(stamps[after - 1 :], stamps[after:], strict=False)]
+        return {
+            "gaps": gaps,
+            "second_ttft": done - added,
+            "first": result(outs["first"]),
+            "second": result(outs["second"]),
         }
 
     def wait(name: str) -> dict[str, Any]:
@@ -126,8 +173,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         prompt: list[int] = []
         if "wait" in p:
             results.append(wait(p["wait"]))
+        elif "stagger" in p:
+            g = p["stagger"]
+            results.append(stagger(g["first"], g["first_max_tokens"], g["second"], g["after"]))
         elif "batch" in p:
-            results.append(batch(p["batch"], p.get("max_tokens", 8)))
+            results.append(batch(p["batch"], p.get("max_tokens", 8), p.get("outputs", False)))
         else:
             if "after" in p:
                 j = p["after"]

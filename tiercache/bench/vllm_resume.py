@@ -31,6 +31,15 @@ The unit is the whole ``generate`` call with ``max_tokens=1`` (TTFT). Each
 cached variant is repeated (medians). Every variant's first token is checked
 against recompute's.
 
+A disk-tier load while another request decodes (where asynchronous loads help):
+a new prompt of ``DECODE_PROMPT`` tokens generates ``DECODE_TOKENS`` tokens; once
+it has ``DECODE_AFTER``, the longest prefix arrives again (its blocks on disk,
+after a daemon restart). With ``async_load`` ``"never"`` the load runs before
+the step that schedules it, and the decoding request waits for it; with
+``"auto"`` (the default) it runs in the background. Reported: the decoding
+request's longest gap between tokens against its median gap, and the
+arriving request's TTFT, for both.
+
 Throughput: an engine without a connector and one with it, alternately
 (``THROUGHPUT_PAIRS`` pairs, fresh engines), each running batches of new
 prompts (0% hits) with a generated tail, its saves included; the first batch
@@ -66,6 +75,7 @@ QUICK_PREFIXES = (300,)
 REPS = 3
 REPLY, NEW = 16, 32  # a chat's turn 1 reply, and turn 2's new message (tokens)
 THROUGHPUT_PAIRS = 2
+DECODE_PROMPT, DECODE_TOKENS, DECODE_AFTER = 1000, 48, 8
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -181,6 +191,28 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 on_wait=lambda _: drop_page_cache(ex_dir),
             )["results"]
 
+            # A disk-tier load arriving while another request decodes, loaded before the step
+            # that schedules it ("never") and in the background ("auto").
+            background: dict[str, dict[str, Any]] = {}
+            for k, mode in enumerate(("never", "auto")):
+                restart("")
+                decode = _tokens(DECODE_PROMPT if not quick else 200, seed=20_000 + k)
+                job = {
+                    "stagger": {
+                        "first": decode,
+                        "first_max_tokens": DECODE_TOKENS if not quick else 12,
+                        "second": prompts[max(prefixes)],
+                        "after": DECODE_AFTER if not quick else 4,
+                    }
+                }
+                bg_conn = {"name": "TierCacheConnector", "extra": {**extra, "async_load": mode}}
+                (res,) = launch(
+                    {**base, "connector": bg_conn, "prompts": [job]},
+                    work / "engines",
+                    f"background-{mode}",
+                )["results"]
+                background[mode] = res
+
             # Throughput at 0% hits: engines without and with the connector, alternately,
             # each on new prompts (a warm-up batch, then timed ones).
             thru: list[tuple[float, float]] = []
@@ -255,6 +287,18 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         row["chat_vs_example"] = row["chat_example_s"] / row["chat_tiercache_s"]
         rows.append(row)
 
+    (longest,) = pick(plain, plain_steps, f"recompute-{max(prefixes)}")
+    bg = {
+        mode: {
+            "decode_median_gap_s": float(statistics.median(r["gaps"])),
+            "decode_longest_gap_s": max(r["gaps"]),
+            "arriving_ttft_s": r["second_ttft"],
+            "arriving_loaded_tokens": r["second"]["num_cached_tokens"],
+            "loaded_async": r["second"]["kv_transfer_params"]["tiercache"]["loaded_async"],
+            "same_first_token": r["second"]["tokens"][0] == longest["tokens"][0],
+        }
+        for mode, r in background.items()
+    }
     ratios = [tc_tps / plain_tps for plain_tps, tc_tps in thru]
     ratio = float(statistics.median(ratios))
     result = {
@@ -264,6 +308,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "reply_tokens": REPLY,
         "new_message_tokens": NEW,
         "prefixes": rows,
+        "background_load": {
+            "decode_prompt_tokens": DECODE_PROMPT if not quick else 200,
+            "arriving_prompt_tokens": max(prefixes),
+            **bg,
+        },
         "throughput": {
             "prompts": n_batch,
             "timed_batches_per_engine": timed,
@@ -344,6 +393,18 @@ def report(result: dict[str, Any]) -> str:
             f"  {r['chat_tiercache_s']:8.3f}s  {r['chat_vs_example']:9.1f}x"
             f"  {r['chat_tiercache_loaded_tokens']:5d}/{r['chat_example_loaded_tokens']:<5d}"
             f" {'yes' if r['chat_same_first_token'] else 'NO'}"
+        )
+    b = result["background_load"]
+    lines.append(
+        f"a {b['arriving_prompt_tokens']}-token disk-tier hit arriving while a request decodes:"
+    )
+    lines.append("async_load  decode gap median/longest  arriving TTFT  loaded  background  same")
+    for mode in ("never", "auto"):
+        m = b[mode]
+        lines.append(
+            f"{mode:>10}  {m['decode_median_gap_s']:10.3f}s/{m['decode_longest_gap_s']:.3f}s"
+            f"  {m['arriving_ttft_s']:12.3f}s  {m['arriving_loaded_tokens']:6d}"
+            f"  {'yes' if m['loaded_async'] else 'no':>10}  {'yes' if m['same_first_token'] else 'NO'}"
         )
     t = result["throughput"]
     per = ", ".join(

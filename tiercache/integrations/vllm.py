@@ -22,8 +22,14 @@ How it works, per role:
   shared host arena with the torch reference gather/scatter
   (``tiercache.kernels.reference``): loads in ``start_load_kv``, before the
   forward; saves in ``wait_for_save``, after it, for every layer at once (one
-  arena transaction per step, not one per layer). Both are synchronous, so a
+  arena transaction per step, not one per layer). Saves are synchronous, so a
   block is in the daemon before the step that filled it returns.
+- **Asynchronous loads** (``async_load``): a load that waits on the daemon's
+  disk or remote tier runs on a thread of its own while the engine goes on
+  with its other requests (vLLM holds the request in
+  ``WAITING_FOR_REMOTE_KVS`` until ``get_finished`` reports the load); a load
+  from the host tier, a few milliseconds of copying, runs before the forward
+  of the step that schedules it, which is sooner.
 - **Tails** (a block's first r tokens, under their own key, see
   ``tiercache.keys``): a prompt's partial last block is saved in the step that
   finishes its prefill; the partial block a finished request ends with is saved
@@ -49,7 +55,9 @@ looked up nor saved; default one block), ``min_tail_tokens`` (the shortest tail
 worth storing; default an eighth of a block; 0: no tails), ``block_tokens`` (tiercache's block:
 the engine's block size, the default, or a whole multiple of it),
 ``model_fingerprint`` (what identifies the weights; default: a hash of the
-model directory's config and weight files).
+model directory's config and weight files), ``async_load`` (``"auto"``, the
+default: asynchronous when a block comes from the disk or remote tier;
+``"always"``; ``"never"``).
 
 Block sizes: a tiercache block is ``block_tokens`` tokens and covers
 ``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected.
@@ -68,6 +76,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -100,11 +109,15 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.tiercache")
 
 SAVE_MODES = ("prompt_and_output", "prompt")
+ASYNC_MODES = ("auto", "always", "never")
+# Tiers a load waits on (disk reads, object-store gets): loaded asynchronously under "auto".
+_SLOW_TIERS = frozenset({"disk", "remote"})
 _HIT_SOURCES = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 
 
@@ -122,6 +135,7 @@ class Options:
     model_fingerprint: str | None = None
     retry_seconds: float = 5.0
     min_tail_tokens: int | None = None
+    async_load: str = "auto"
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Options:
@@ -140,11 +154,12 @@ class Options:
                 raise ConnectorConfigError(
                     f"kv_connector_extra_config.{name} must be a string, got {value!r}"
                 )
-        if opts.save not in SAVE_MODES:
-            raise ConnectorConfigError(
-                f"kv_connector_extra_config.save must be one of {', '.join(SAVE_MODES)}, "
-                f"got {opts.save!r}"
-            )
+        for name, modes in (("save", SAVE_MODES), ("async_load", ASYNC_MODES)):
+            if getattr(opts, name) not in modes:
+                raise ConnectorConfigError(
+                    f"kv_connector_extra_config.{name} must be one of {', '.join(modes)}, "
+                    f"got {getattr(opts, name)!r}"
+                )
         for name in ("min_tokens", "block_tokens"):
             value = getattr(opts, name)
             if value is not None and (
@@ -424,7 +439,10 @@ def _close_quietly(client: Client, background: bool = False) -> None:
         client.close()
 
 
-_LINK_ERRORS = (OSError, RemoteError, EOFError)  # ConnectionError is an OSError
+_LINK_ERRORS = (OSError, RemoteError, EOFError)
+# In a step with no forward, how long get_finished waits for a background load to finish
+# (instead of the engine spinning through empty steps): short, as new requests wait too.
+_IDLE_WAIT_S = 0.02  # ConnectionError is an OSError
 _T = TypeVar("_T")
 
 
@@ -444,6 +462,7 @@ class Transfer:
     block_ids: list[int]
     session: str | None = None
     skip: int = 0  # load only: leading engine blocks already computed locally (not written)
+    background: bool = False  # load only: asynchronous, reported by get_finished
     finish: bool = False  # save only: the request finished; its blocks wait for this save
 
 
@@ -466,6 +485,8 @@ class _Req:
     saved_tail: tuple[int, int] | None = None  # (full blocks, tail tokens) stored for it
     local: int = 0  # tokens vLLM's own prefix cache had at lookup
     load: tuple[int, int] | None = None  # tokens [start, end) to load this step
+    load_async: bool = False  # the last lookup's load runs in the background
+    loaded_async: bool = False  # a load of this request ran in the background
 
 
 def _session(request: Request) -> str | None:
@@ -517,6 +538,14 @@ class TierCacheConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
         self._finishing: list[Transfer] = []  # scheduler: tail saves of finished requests
+        self._waiting: list[str] = []  # scheduler: background loads to send to the worker
+        self._recving: set[str] = set()  # scheduler: background loads not reported done yet
+        # worker: background loads (one at a time, in order), and what they have finished
+        self._loader: ThreadPoolExecutor | None = None
+        self._loading = 0
+        self._loaded: set[str] = set()
+        self._done = threading.Condition()
+        self._forward = True  # whether this step runs a forward (vLLM has idle steps)
         self._sent: set[str] = set()  # worker: finished requests whose tail save is done
         tail = self.options.min_tail_tokens
         self.min_tail = max(1, self.block // 8) if tail is None else tail
@@ -582,7 +611,16 @@ class TierCacheConnector(KVConnectorBase_V1):
         ):
             self._find_tail(st, hit, prompt)
         got = min(hit + (st.tail[0] if st.tail else 0), limit)
-        return max(got - num_computed_tokens, 0), False
+        n = max(got - num_computed_tokens, 0)
+        st.load_async = n > 0 and self._in_background(st, num_computed_tokens, got)
+        return n, st.load_async
+
+    def _in_background(self, st: _Req, start: int, end: int) -> bool:
+        """Whether loading tokens ``[start, end)`` runs asynchronously (``async_load``)."""
+        if self.options.async_load != "auto":
+            return self.options.async_load == "always"
+        tiers = st.hit_tiers[start // self.block : -(-end // self.block)]
+        return any(t in _SLOW_TIERS for t in tiers)
 
     def _find_tail(self, st: _Req, start: int, prompt: int) -> None:
         """The longest tail (``min_tail`` .. ``prompt - start`` tokens) stored after the
@@ -636,9 +674,20 @@ class TierCacheConnector(KVConnectorBase_V1):
             st = self._reqs[request.request_id] = _Req(request, _session(request))
         if num_external_tokens > 0:
             st.load = (st.local, st.local + num_external_tokens)
+            if st.load_async:
+                # The request waits, unscheduled, until its load is reported done: its blocks
+                # are the ones allocated now, and its load goes out with this step's metadata.
+                st.block_ids = list(blocks.get_block_ids()[0])
+                self._waiting.append(request.request_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = TierCacheMetadata()
+        for req_id in self._waiting:
+            st = self._reqs.get(req_id)
+            if st is not None and st.load is not None:
+                meta.loads.append(self._load(req_id, st))
+                self._recving.add(req_id)
+        self._waiting = []
         steps: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -695,8 +744,16 @@ class TierCacheConnector(KVConnectorBase_V1):
             keys.append(st.tail[1])
         ids = self._engine_ids(st, first, end)
         skip = start // self.vllm_block - first * self.per_block
+        st.loaded_async |= st.load_async
         return Transfer(
-            req_id, KeyChain(keys).to_bytes(), first, last - first, ids, st.session, skip
+            req_id,
+            KeyChain(keys).to_bytes(),
+            first,
+            last - first,
+            ids,
+            st.session,
+            skip,
+            background=st.load_async,
         )
 
     def _save(self, req_id: str, computed: int) -> Transfer | None:
@@ -747,6 +804,9 @@ class TierCacheConnector(KVConnectorBase_V1):
             st.request.request_id, KeyChain(keys).to_bytes(), full, 1, ids, finish=finish
         )
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._recving -= connector_output.finished_recving or set()
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -759,7 +819,11 @@ class TierCacheConnector(KVConnectorBase_V1):
         st.block_ids = list(block_ids)
         # Tokens still in flight (async scheduling) are not counted: their KV may not be written.
         computed = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
-        tail = self._save_tail(st, computed, finish=True)
+        tail = None
+        if request.request_id not in self._recving:
+            # (A request aborted while its load runs computed nothing; vLLM holds its blocks
+            # until the worker reports the load.)
+            tail = self._save_tail(st, computed, finish=True)
         if tail is not None:
             self._finishing.append(tail)
         found = st.hit * self.block + (st.tail[0] if st.tail else 0)
@@ -769,6 +833,7 @@ class TierCacheConnector(KVConnectorBase_V1):
                 "found_blocks": st.hit,
                 "found_tokens": found,
                 "stored_tail_tokens": st.saved_tail[1] if st.saved_tail else 0,
+                "loaded_async": st.loaded_async,
             }
         }
 
@@ -796,12 +861,43 @@ class TierCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
         self._failed_reqs.clear()
+        # vLLM steps with no forward while a request waits for its load; get_finished then
+        # waits for it a little instead of letting the engine spin through empty steps.
+        self._forward = getattr(forward_context, "attn_metadata", None) is not None
         if not isinstance(meta, TierCacheMetadata) or not meta.loads:
             return
         for t in meta.loads:
-            self._load_one(t)
+            if not t.background:
+                failed = self._load_one(t)
+                with self._done:
+                    self._load_errors.update(failed)
+                if failed:
+                    # This step computes the request's next tokens over the blocks that failed:
+                    # its saves are skipped (vLLM recomputes them, and saves them then).
+                    self._failed_reqs.add(t.req_id)
+                continue
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tiercache-load")
+            with self._done:
+                self._loading += 1
+            self._loader.submit(self._load_in_background, t)
 
-    def _load_one(self, t: Transfer) -> None:
+    def _load_in_background(self, t: Transfer) -> None:
+        failed = t.block_ids[t.skip :]
+        try:
+            failed = self._load_one(t)
+        except Exception:  # never lose the report: vLLM would wait for this request forever
+            logger.exception("tiercache load of request %s failed; vLLM recomputes it", t.req_id)
+        finally:
+            with self._done:
+                # The failed blocks are reported no later than the request (vLLM's contract).
+                self._load_errors.update(failed)
+                self._loaded.add(t.req_id)
+                self._loading -= 1
+                self._done.notify_all()
+
+    def _load_one(self, t: Transfer) -> list[int]:
+        """Load ``t`` into the engine's blocks; returns the engine blocks not loaded."""
         assert self._engine_spec is not None
         n = t.count
         keys = KeyChain.from_bytes(t.keys)
@@ -830,13 +926,12 @@ class TierCacheConnector(KVConnectorBase_V1):
                 n - got,
                 n,
             )
-            self._load_errors.update(failed)
-            # This step computes the request's next tokens over the blocks that failed: its
-            # saves are skipped (vLLM recomputes from the failure, and those are saved then).
-            self._failed_reqs.add(t.req_id)
+        return failed
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward
+        # A load for this step's forward completes in start_load_kv, before it; a background
+        # load is for a request vLLM does not schedule until get_finished reports it.
+        return
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -868,13 +963,20 @@ class TierCacheConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sent, self._sent = self._sent, set()
-        return sent or None, None
+        with self._done:
+            if not self._forward and self._loading and not self._loaded:
+                self._done.wait(timeout=_IDLE_WAIT_S)
+            loaded, self._loaded = self._loaded, set()
+        return sent or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._done:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
         self._link.close()
 
 
