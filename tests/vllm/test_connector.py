@@ -312,7 +312,7 @@ def test_a_corrupted_block_is_reported_and_recomputed(
     assert daemon.metric("tiercache_corrupt_blocks_total") == 1
 
 
-def test_a_disk_tier_hit_loads_in_the_background_while_another_request_runs(
+def test_disk_tier_hits_load_in_the_background_and_equal_recompute(
     model: str,
     workdir: Path,
     daemon: Daemon,
