@@ -25,11 +25,12 @@ How it works, per role:
   arena transaction per step, not one per layer). Saves are synchronous, so a
   block is in the daemon before the step that filled it returns.
 - **Asynchronous loads** (``async_load``): a load that waits on the daemon's
-  disk or remote tier runs on a thread of its own while the engine goes on
-  with its other requests (vLLM holds the request in
-  ``WAITING_FOR_REMOTE_KVS`` until ``get_finished`` reports the load); a load
-  from the host tier, a few milliseconds of copying, runs before the forward
-  of the step that schedules it, which is sooner.
+  disk or remote tier while other requests run goes on a thread of its own,
+  and the engine keeps decoding them (vLLM holds the request in
+  ``WAITING_FOR_REMOTE_KVS`` until ``get_finished`` reports the load). A load
+  from the host tier (a few milliseconds of copying), or into an engine with
+  nothing else to run, goes before the forward of the step that schedules it,
+  which is sooner.
 - **Tails** (a block's first r tokens, under their own key, see
   ``tiercache.keys``): a prompt's partial last block is saved in the step that
   finishes its prefill; the partial block a finished request ends with is saved
@@ -56,8 +57,8 @@ worth storing; default an eighth of a block; 0: no tails), ``block_tokens`` (tie
 the engine's block size, the default, or a whole multiple of it),
 ``model_fingerprint`` (what identifies the weights; default: a hash of the
 model directory's config and weight files), ``async_load`` (``"auto"``, the
-default: asynchronous when a block comes from the disk or remote tier;
-``"always"``; ``"never"``).
+default: asynchronous when a block comes from the disk or remote tier while
+other requests run; ``"always"``; ``"never"``).
 
 Block sizes: a tiercache block is ``block_tokens`` tokens and covers
 ``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected.
@@ -540,6 +541,7 @@ class TierCacheConnector(KVConnectorBase_V1):
         self._finishing: list[Transfer] = []  # scheduler: tail saves of finished requests
         self._waiting: list[str] = []  # scheduler: background loads to send to the worker
         self._recving: set[str] = set()  # scheduler: background loads not reported done yet
+        self._running = 0  # scheduler: requests the last step scheduled
         # worker: background loads (one at a time, in order), and what they have finished
         self._loader: ThreadPoolExecutor | None = None
         self._loading = 0
@@ -616,11 +618,14 @@ class TierCacheConnector(KVConnectorBase_V1):
         return n, st.load_async
 
     def _in_background(self, st: _Req, start: int, end: int) -> bool:
-        """Whether loading tokens ``[start, end)`` runs asynchronously (``async_load``)."""
+        """Whether loading tokens ``[start, end)`` runs asynchronously (``async_load``). Under
+        "auto": when it waits on a slow tier while other requests run (they would stall
+        behind it). With nothing else running, a load before the step is sooner: a
+        background one costs the request extra scheduler steps."""
         if self.options.async_load != "auto":
             return self.options.async_load == "always"
         tiers = st.hit_tiers[start // self.block : -(-end // self.block)]
-        return any(t in _SLOW_TIERS for t in tiers)
+        return self._running > 0 and any(t in _SLOW_TIERS for t in tiers)
 
     def _find_tail(self, st: _Req, start: int, prompt: int) -> None:
         """The longest tail (``min_tail`` .. ``prompt - start`` tokens) stored after the
@@ -682,6 +687,7 @@ class TierCacheConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = TierCacheMetadata()
+        self._running = len(scheduler_output.num_scheduled_tokens)
         for req_id in self._waiting:
             st = self._reqs.get(req_id)
             if st is not None and st.load is not None:
