@@ -285,13 +285,10 @@ def test_a_corrupted_block_is_reported_and_recomputed(
     plain: dict[str, dict[str, Any]],
     resumed: dict[str, dict[str, Any]],
 ) -> None:
-    # Stop the daemon (SIGTERM flushes every block to disk), flip a byte of block 1 of the chat
-    # on disk, start it again: the lookup still counts block 1 (the index has it), the load
-    # fails its checksum, the connector reports blocks 1.. and vLLM recomputes them.
-    daemon.proc.stop()
-    path, at = asyncio.run(block_location(daemon.workdir / "disk", "chat", 1))
-    flip_byte(path, at + 100)
-    daemon.proc.start()
+    # Block 1 of the chat corrupted on disk, the daemon restarted: the lookup still counts
+    # block 1 (the index has it), the load fails its checksum, the connector reports blocks
+    # 1.. and vLLM recomputes them.
+    corrupt_and_restart(daemon, "chat", 1)
     (r,) = engine(
         model, workdir, "F-corrupt", [{"tokens": prompts["p2"]}], {"socket": daemon.socket}
     )
@@ -325,10 +322,7 @@ def test_background_loads_equal_recompute_and_report_a_corrupted_block(
     # corrupted on disk, turn 2 and the changed prompt (saved by engine C) arrive together
     # and load in the background, one after the other: turn 2's load fails at block 2, is
     # reported with the request, and vLLM recomputes from there. Both equal recompute.
-    daemon.proc.stop()
-    path, at = asyncio.run(block_location(daemon.workdir / "disk", "chat", 2))
-    flip_byte(path, at + 100)
-    daemon.proc.start()
+    corrupt_and_restart(daemon, "chat", 2)
     batch = {"batch": [prompts["p2"], prompts["changed"]], "max_tokens": 8, "outputs": True}
     (both,) = engine(
         model, workdir, "I-background", [batch], {"socket": daemon.socket, "async_load": "always"}
@@ -359,6 +353,15 @@ def test_background_loads_equal_recompute_and_report_a_corrupted_block(
     same(r, plain["p2"])
     assert (r["num_cached_tokens"], found(r)) == (len(prompts["p2"]) - 1, 5)
     assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is False
+
+
+def corrupt_and_restart(daemon: Daemon, session: str, index: int) -> None:
+    """Stop the daemon (SIGTERM flushes every block to disk), flip a byte of block ``index``
+    of ``session`` on disk, and start it again."""
+    daemon.proc.stop()
+    path, at = asyncio.run(block_location(daemon.workdir / "disk", session, index))
+    flip_byte(path, at + 100)
+    daemon.proc.start()
 
 
 async def block_location(disk: Path, session: str, index: int) -> tuple[Path, int]:

@@ -13,6 +13,7 @@ about a real gateway's atomicity, error codes or behaviour when killed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -32,11 +33,15 @@ def weed_binary() -> str | None:
     return str(here) if here.exists() else shutil.which("weed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. Their sockets stay bound until all are chosen: a
+    port taken and released one at a time can come back for the next (two of weed's
+    listeners were once given the same one, and it exited)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class SeaweedFS:
@@ -56,7 +61,7 @@ class SeaweedFS:
         self.dir = workdir
         self.data = workdir / "data"
         self.data.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: _free_port() for name in self.PORTS}
+        self.ports = dict(zip(self.PORTS, _free_ports(len(self.PORTS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.proc: subprocess.Popen[bytes] | None = None
         identities = {
