@@ -72,16 +72,20 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     )
     started = time.perf_counter() - t0
 
-    def generate(tokens: list[int], max_tokens: int, session: str | None) -> dict[str, Any]:
-        extra = {"kv_transfer_params": {"session_id": session}} if session else None
-        sp = SamplingParams(
+    def greedy(max_tokens: int, logprobs: bool = True, extra: Any = None) -> Any:
+        """Greedy sampling of exactly ``max_tokens`` token ids (with their log-probs)."""
+        return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0,
             ignore_eos=True,
             detokenize=False,
-            logprobs=0,
+            logprobs=0 if logprobs else None,
             extra_args=extra,
         )
+
+    def generate(tokens: list[int], max_tokens: int, session: str | None) -> dict[str, Any]:
+        extra = {"kv_transfer_params": {"session_id": session}} if session else None
+        sp = greedy(max_tokens, extra=extra)
         t = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], sp, use_tqdm=False)[0]
         return {"seconds": time.perf_counter() - t, **result(out)}
@@ -103,13 +107,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None)
 
     def batch(prompts: list[list[int]], max_tokens: int, outputs: bool) -> dict[str, Any]:
-        sp = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            detokenize=False,
-            logprobs=0 if outputs else None,
-        )
+        sp = greedy(max_tokens, logprobs=outputs)
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         seconds = time.perf_counter() - t
@@ -126,13 +124,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         ``first`` has ``after``: the gaps between ``first``'s tokens (what a load that runs
         before a step costs the requests already decoding) and ``second``'s TTFT."""
         eng = llm.llm_engine
-        sp = SamplingParams(
-            max_tokens=first_max, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0
-        )
-        sp2 = SamplingParams(
-            max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0
-        )
-        eng.add_request("first", TokensPrompt(prompt_token_ids=first), sp)
+        eng.add_request("first", TokensPrompt(prompt_token_ids=first), greedy(first_max))
         stamps: list[float] = []  # when each of first's tokens arrived
         added = done = 0.0
         outs: dict[str, Any] = {}
@@ -147,7 +139,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 if o.finished:
                     outs[o.request_id] = o
             if not added and len(stamps) >= after:
-                eng.add_request("second", TokensPrompt(prompt_token_ids=second), sp2)
+                eng.add_request("second", TokensPrompt(prompt_token_ids=second), greedy(1))
                 added = time.perf_counter()
         gaps = [b - a for a, b in zip(stamps[after - 1 :], stamps[after:], strict=False)]
         return {

@@ -109,6 +109,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     overrides: dict[str, Any] = {} if quick else dict(MODEL)
     reps = 1 if quick else REPS
     n_batch, batch_len, batch_out = (2, 200, 8) if quick else (8, 512, 128)
+    decode_len, decode_tokens, decode_after = (
+        (200, 12, 4) if quick else (DECODE_PROMPT, DECODE_TOKENS, DECODE_AFTER)
+    )
     pairs, timed = (1, 1) if quick else (THROUGHPUT_PAIRS, 1)
     work = Path(tempfile.mkdtemp(prefix="tiercache-bench-vllm-"))
     try:
@@ -198,13 +201,12 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             background: dict[str, dict[str, Any]] = {}
             for k, mode in enumerate(("never", "auto")):
                 restart("")
-                decode = _tokens(DECODE_PROMPT if not quick else 200, seed=20_000 + k)
                 job = {
                     "stagger": {
-                        "first": decode,
-                        "first_max_tokens": DECODE_TOKENS if not quick else 12,
+                        "first": _tokens(decode_len, seed=20_000 + k),
+                        "first_max_tokens": decode_tokens,
                         "second": prompts[max(prefixes)],
-                        "after": DECODE_AFTER if not quick else 4,
+                        "after": decode_after,
                     }
                 }
                 bg_conn = {"name": "TierCacheConnector", "extra": {**extra, "async_load": mode}}
@@ -311,7 +313,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "new_message_tokens": NEW,
         "prefixes": rows,
         "background_load": {
-            "decode_prompt_tokens": DECODE_PROMPT if not quick else 200,
+            "decode_prompt_tokens": decode_len,
             "arriving_prompt_tokens": max(prefixes),
             **bg,
         },

@@ -440,10 +440,10 @@ def _close_quietly(client: Client, background: bool = False) -> None:
         client.close()
 
 
-_LINK_ERRORS = (OSError, RemoteError, EOFError)
+_LINK_ERRORS = (OSError, RemoteError, EOFError)  # ConnectionError is an OSError
 # In a step with no forward, how long get_finished waits for a background load to finish
 # (instead of the engine spinning through empty steps): short, as new requests wait too.
-_IDLE_WAIT_S = 0.02  # ConnectionError is an OSError
+_IDLE_WAIT_S = 0.02
 _T = TypeVar("_T")
 
 
