@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import tiercache
 from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.protocol import (
@@ -36,6 +38,8 @@ from tiercache.daemon.protocol import (
     read_frame,
     unpack_tokens,
 )
+from tiercache.engine_kv import EngineKV
+from tiercache.ipc import IpcError
 from tiercache.keys import KeyChain, Namespace, TokenError
 from tiercache.manager import (
     BlockShapeError,
@@ -62,6 +66,7 @@ class Connection:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     reservations: dict[int, Reservation] = field(default_factory=dict)
     leases: dict[int, Lease] = field(default_factory=dict)
+    engines: dict[int, EngineKV] = field(default_factory=dict)  # attached KV caches (CUDA IPC)
 
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[Any]]
@@ -89,6 +94,10 @@ class SocketServer:
             "acquire": self._acquire,
             "release": self._release,
             "prefetch": self._prefetch,
+            "attach": self._attach,
+            "detach": self._detach,
+            "save_kv": self._save_kv,
+            "load_kv": self._load_kv,
             "ctl": self._ctl,
         }
 
@@ -357,6 +366,65 @@ class SocketServer:
         ns = self._ns(conn, args)
         return {"blocks": await self.manager.prefetch(ns, _sequence(args))}
 
+    async def _attach(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        """Map an engine's KV caches (CUDA IPC handles) so that ``save_kv`` / ``load_kv`` move
+        its blocks with the daemon's kernels; the mappings go when the connection ends."""
+        ns = self._ns(conn, args)
+        if not torch.cuda.is_available():
+            raise ProtocolError(
+                "no_cuda",
+                "attach maps an engine's GPU memory, but this daemon sees no CUDA device; "
+                "CPU engines copy through the shared host arena (save/load)",
+            )
+        engine = EngineKV.attach(ns.spec, args.get("layers"), args.get("event"))
+        eid = next(self._ids)
+        conn.engines[eid] = engine
+        log.info("connection %d attached an engine's %d-layer KV cache on %s",
+                 conn.id, ns.spec.num_layers, engine.device)  # fmt: skip
+        return {"engine": eid, "event": engine.done_handle}
+
+    def _engine(self, conn: Connection, args: dict[str, Any]) -> EngineKV:
+        engine = conn.engines.get(self._int(args, "engine") or 0)
+        if engine is None:
+            raise ProtocolError(
+                "unknown_engine", "'engine' must name a KV cache attached on this connection"
+            )
+        return engine
+
+    async def _detach(self, conn: Connection, args: dict[str, Any]) -> None:
+        engine = self._engine(conn, args)
+        del conn.engines[self._int(args, "engine") or 0]
+        await engine.close()
+
+    @staticmethod
+    def _block_ids(args: dict[str, Any]) -> list[int]:
+        ids = args.get("block_ids")
+        if not isinstance(ids, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in ids
+        ):
+            raise ProtocolError(
+                "bad_request", "'block_ids' must be a list of the engine's block ids"
+            )
+        return ids
+
+    async def _save_kv(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        session = args.get("session")
+        if session is not None and not isinstance(session, str):
+            raise ProtocolError("bad_request", "'session' must be a string")
+        res = await self._engine(conn, args).save(
+            self.manager, self._ns(conn, args), _chain(args), self._block_ids(args),
+            first_block=self._int(args, "first_block", 0) or 0, session=session,
+        )  # fmt: skip
+        return {"stored": res.stored, "present": res.present, "rejected": res.rejected}
+
+    async def _load_kv(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        engine = self._engine(conn, args)
+        tiers = await engine.load(
+            self.manager, self._ns(conn, args), _chain(args), self._block_ids(args),
+            first_block=self._int(args, "first_block", 0) or 0,
+        )  # fmt: skip
+        return {"tiers": tiers, "wait": engine.done_event is not None and bool(tiers)}
+
     async def _ctl(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         verb = args.get("verb")
         if not isinstance(verb, str):
@@ -364,6 +432,13 @@ class SocketServer:
         return await self.control.run(verb, args.get("args") or {})
 
     async def _release_all(self, conn: Connection) -> None:
+        for engine in conn.engines.values():
+            await engine.close()  # its loads' leases first, then the mappings
+        if conn.engines:
+            log.info(
+                "connection %d ended with %d attached engines: unmapped", conn.id, len(conn.engines)
+            )
+        conn.engines.clear()
         for lease in conn.leases.values():
             await self.manager.release(lease)
         for r in conn.reservations.values():
@@ -390,6 +465,13 @@ def _sequence(args: dict[str, Any]) -> KeyChain | Any:
     return unpack_tokens(args.get("tokens"))
 
 
+def _chain(args: dict[str, Any]) -> KeyChain:
+    raw = args.get("keys")
+    if not isinstance(raw, bytes):
+        raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")
+    return KeyChain.from_bytes(raw)
+
+
 def _classify(e: Exception) -> tuple[str, str]:
     """A manager exception -> (error code, message)."""
     for kind, code in (
@@ -400,6 +482,7 @@ def _classify(e: Exception) -> tuple[str, str]:
         (SessionPinned, "session_pinned"),
         (Draining, "draining"),
         (NoRoom, "no_room"),
+        (IpcError, "ipc_failed"),
     ):
         if isinstance(e, kind):
             return code, str(e)

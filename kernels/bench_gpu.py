@@ -10,7 +10,9 @@ result is the median per-rep ratio), in bytes read + written per second:
   reference: one call per layer);
 - each kernel path on its own (``gather_flat_kernel_vs_d2d``, ``gather_v16_kernel_vs_d2d``,
   the same for scatter): the path forced on the same caches, and timed with the host's work
-  hidden (a GPU sleep is queued first, so the events see only the GPU's time). The plain
+  hidden (a GPU sleep is queued first, so the events see only the GPU's time; the launch
+  table's upload runs on its own stream meanwhile, as in use it overlaps the copy stream's
+  earlier work). The plain
   ``gather_vs_d2d`` times the whole call the way a caller sees it, with the Python before the
   launch (checks, the pointer table, one pinned copy of it and the ids): for small moves that
   overhead, not the kernel, sets the ratio. The 0.8x target is judged on the kernel time of

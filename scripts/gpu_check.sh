@@ -6,8 +6,8 @@
 # It prints the device, installs the wheels carried in .whl/ (the GPU image has torch, CuPy,
 # transformers, pytest and hypothesis, but not tiercache's zarr, numcodecs, donfig and
 # google-crc32c, which `import tiercache` needs; nothing can be fetched there), runs the GPU
-# tests, then the GPU benchmark, and keeps everything it prints in $OUT/gpu.txt beside the
-# benchmark's gpu.json and gpu.png (commit them to docs/results/).
+# tests, then the GPU benchmarks, and keeps everything it prints in $OUT/gpu.txt beside the
+# benchmarks' gpu.json, gpu.png, decode.json and decode.png (commit them to docs/results/).
 #
 # Make the wheels here, once (Python 3.12, x86-64; .whl/ is git-ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -42,10 +42,12 @@ status=0
 echo "== GPU tests"
 "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider || status=1
 echo "== CPU tests of the kernels' reference (the oracle the GPU tests trust)"
-"$PY" -m pytest tests/unit/test_reference.py tests/unit/test_quant.py \
+"$PY" -m pytest tests/unit/test_reference.py tests/unit/test_quant.py tests/unit/test_ipc.py \
   tests/unit/test_kernels_compile.py -q -p no:cacheprovider || status=1
 
 echo "== GPU benchmark"
 "$PY" -m tiercache.kernels.bench_gpu --out "$OUT" || status=1
+echo "== decode while prefetching, and an attached engine's loads"
+"$PY" -m tiercache.kernels.bench_decode --out "$OUT" || status=1
 echo "== exit $status"
 exit $status

@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_frame
+from tiercache.kernels.reference import LayerCache
 from tiercache.keys import KeyChain, Namespace
 from tiercache.loop import LoopThread
 from tiercache.manager import LoadResult, SaveResult, Tokens, _as_tokens, block_rows
@@ -79,6 +80,7 @@ class AsyncClient:
         self._lock = asyncio.Lock()
         self._ns: dict[str, str] = {}  # namespace id hex -> the daemon's handle (the same hex)
         self._arena: MappedArena | None = None
+        self._unshared = False  # the daemon offered no shared arena
         self._lost = False
 
     @classmethod
@@ -114,6 +116,12 @@ class AsyncClient:
     def _mapped(self) -> MappedArena:
         """The daemon's arena, or ConnectionError once the connection is gone."""
         if self._arena is None:
+            if self._unshared and not self._lost:
+                raise RemoteError(
+                    "no_shared_arena",
+                    "the daemon's host arena is not shared ([tiers.host] shared = false): it "
+                    "cannot move bytes for this client; GPU engines attach their caches instead",
+                )
             raise ConnectionError("the tiercache daemon closed the connection")
         return self._arena
 
@@ -136,14 +144,12 @@ class AsyncClient:
             return
         res = await self.call("register", model=ns.model, spec=ns.spec.to_dict(), salt=ns.salt)
         arena = res["arena"]
-        if arena is None:
-            raise RemoteError(
-                "no_shared_arena",
-                "the daemon's host arena is not shared; it cannot move bytes for this client",
-            )
         if self._lost:
             raise ConnectionError("the tiercache daemon closed the connection")
-        if self._arena is None:
+        # No shared arena: this client can still attach GPU caches (save_kv / load_kv);
+        # save and load say why they cannot run (``_mapped``).
+        self._unshared = arena is None
+        if self._arena is None and arena is not None:
             self._arena = MappedArena(arena["name"], arena["slot_bytes"], arena["num_slots"])
         self._ns[ns.hex] = res["ns"]
 
@@ -276,6 +282,75 @@ class AsyncClient:
                 break
         return tiers
 
+    # -- GPU engines: the daemon moves blocks in and out of the engine's own cache -------------
+
+    async def attach(self, ns: Namespace, caches: Sequence[LayerCache]) -> AttachedCache:
+        """Hand the daemon the engine's KV ``caches`` (CUDA tensors in ``ns.spec``'s layout) by
+        CUDA IPC, once; ``save_kv`` and ``load_kv`` then move blocks with the daemon's kernels,
+        ordered against this process's streams by interprocess events. The daemon unmaps them
+        when this connection ends."""
+        from tiercache import ipc
+
+        await self.register(ns)
+        tensors = [t for c in caches for t in (c if isinstance(c, tuple) else (c,))]
+        if not tensors or tensors[0].device.type != "cuda":
+            raise ipc.IpcError("attach takes the engine's CUDA caches; CPU engines use save/load")
+        device = tensors[0].device
+        written = ipc.interprocess_event(device)
+        layers = [
+            [ipc.export_tensor(t).to_wire() for t in (c if isinstance(c, tuple) else (c,))]
+            for c in caches
+        ]
+        res = await self.call("attach", ns=ns.hex, layers=layers, event=ipc.event_handle(written))
+        done = ipc.open_event(res["event"], device, "the daemon's event")
+        return AttachedCache(int(res["engine"]), ns, device, written, done)
+
+    async def save_kv(
+        self,
+        cache: AttachedCache,
+        tokens: Tokens,
+        block_ids: Sequence[int],
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> SaveResult:
+        """Store blocks ``first_block ..`` of ``tokens`` from the engine's blocks ``block_ids``.
+        The daemon's copy waits for the work queued on ``stream`` (default: the current one) so
+        far; when this returns the blocks are copied and the engine may reuse them."""
+        s = stream if stream is not None else torch.cuda.current_stream(cache.device)
+        cache.written.record(s)
+        res = await self.call(
+            "save_kv", ns=cache.ns.hex, engine=cache.id, keys=_chain(cache.ns, tokens),
+            block_ids=[int(b) for b in block_ids], first_block=first_block, session=session,
+        )  # fmt: skip
+        return SaveResult(res["stored"], res["present"], res["rejected"])
+
+    async def load_kv(
+        self,
+        cache: AttachedCache,
+        tokens: Tokens,
+        block_ids: Sequence[int],
+        *,
+        first_block: int = 0,
+        stream: torch.cuda.Stream | None = None,
+    ) -> list[str]:
+        """Have the daemon scatter the cached run of blocks ``first_block ..`` of ``tokens``
+        into the engine's blocks ``block_ids`` (as many as are cached, at most
+        ``len(block_ids)``); returns their tiers. Work queued on ``stream`` (default: the current
+        one) after this returns runs after the scatter."""
+        res = await self.call(
+            "load_kv", ns=cache.ns.hex, engine=cache.id, keys=_chain(cache.ns, tokens),
+            block_ids=[int(b) for b in block_ids], first_block=first_block,
+        )  # fmt: skip
+        if res["wait"]:
+            s = stream if stream is not None else torch.cuda.current_stream(cache.device)
+            s.wait_event(cache.done)
+        return list(res["tiers"])
+
+    async def detach(self, cache: AttachedCache) -> None:
+        await self.call("detach", engine=cache.id)
+
     async def prefetch(
         self,
         ns: Namespace | None = None,
@@ -325,6 +400,17 @@ def _chain(ns: Namespace, tokens: Tokens) -> bytes:
     """The block keys of ``tokens``, hashed here so the daemon does not have to."""
     keys = tokens if isinstance(tokens, KeyChain) else KeyChain(ns.block_keys(_as_tokens(tokens)))
     return keys.to_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedCache:
+    """An engine's KV cache attached to the daemon (``AsyncClient.attach``)."""
+
+    id: int
+    ns: Namespace
+    device: torch.device
+    written: torch.cuda.Event  # ours: recorded behind the engine's writes before a save
+    done: torch.cuda.Event  # the daemon's: recorded behind each scatter
 
 
 class Client:
@@ -380,6 +466,43 @@ class Client:
             self._c.load_into(ns, tokens, consume, first_block=first_block, max_blocks=max_blocks)
         )
 
+    def attach(self, ns: Namespace, caches: Sequence[LayerCache]) -> AttachedCache:
+        return self._run(self._c.attach(ns, caches))
+
+    def save_kv(
+        self,
+        cache: AttachedCache,
+        tokens: Tokens,
+        block_ids: Sequence[int],
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult:
+        """``AsyncClient.save_kv``, ordered after the calling thread's current stream."""
+        stream = torch.cuda.current_stream(cache.device)
+        return self._run(
+            self._c.save_kv(
+                cache, tokens, block_ids, first_block=first_block, session=session, stream=stream
+            )
+        )
+
+    def load_kv(
+        self,
+        cache: AttachedCache,
+        tokens: Tokens,
+        block_ids: Sequence[int],
+        *,
+        first_block: int = 0,
+    ) -> list[str]:
+        """``AsyncClient.load_kv``: the calling thread's current stream waits for the scatter."""
+        stream = torch.cuda.current_stream(cache.device)
+        return self._run(
+            self._c.load_kv(cache, tokens, block_ids, first_block=first_block, stream=stream)
+        )
+
+    def detach(self, cache: AttachedCache) -> None:
+        self._run(self._c.detach(cache))
+
     def prefetch(
         self,
         ns: Namespace | None = None,
@@ -420,4 +543,4 @@ class Client:
         self.close()
 
 
-__all__ = ["AsyncClient", "Client", "RemoteError", "RemoteLookup"]
+__all__ = ["AsyncClient", "AttachedCache", "Client", "RemoteError", "RemoteLookup"]

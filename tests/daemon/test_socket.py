@@ -422,3 +422,26 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path
 
 
 assert SPEC.block_nbytes == NBYTES
+
+
+async def test_attaching_gpu_caches_to_a_daemon_without_cuda_is_refused_by_name(
+    client: AsyncClient,
+) -> None:
+    # CI's daemon has no GPU: the refusal must be clear, and nothing else on the connection break.
+    await client.register(NS)
+    with pytest.raises(RemoteError) as err:
+        await client.call("attach", ns=NS.hex, layers=[], event=b"")
+    assert err.value.code == "no_cuda" and "shared host arena" in err.value.message
+
+    keys = KeyChain(NS.block_keys(make_tokens(1))).to_bytes()
+    for op in ("save_kv", "load_kv"):
+        with pytest.raises(RemoteError) as err:
+            await client.call(op, ns=NS.hex, engine=1, keys=keys, block_ids=[0])
+        assert err.value.code == "unknown_engine"
+    with pytest.raises(RemoteError) as err:
+        await client.call("detach", engine=7)
+    assert err.value.code == "unknown_engine"
+
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    assert (await client.save(NS, tokens, blocks)).stored == 2
+    assert torch.equal(as_bytes((await client.load(NS, tokens)).kv()), as_bytes(blocks))

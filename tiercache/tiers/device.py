@@ -158,9 +158,10 @@ class DeviceTier:
                     self._free.append(slot)
         return PutResult(stored, evicted)
 
-    async def read(self, keys: Sequence[BlockKey], out: torch.Tensor, rows: Sequence[int]) -> None:
-        """Copy blocks ``keys`` (all visible here: check with ``in``) into ``out[rows[i]]``,
-        the first ``out.shape[1]`` bytes of each slot; marks them most recently used."""
+    def hold(self, keys: Sequence[BlockKey]) -> list[int]:
+        """The slots of ``keys`` (all visible here: check with ``in``), held against eviction
+        until ``unhold``, and marked most recently used. For a caller that queues its own
+        copies out of ``buffer`` (the scatter into an engine's cache)."""
         slots = []
         for key in keys:
             slot = self._slots.get(key)
@@ -170,6 +171,22 @@ class DeviceTier:
         for key, slot in zip(keys, slots, strict=True):
             self._slots.move_to_end(key)
             self._readers[slot] += 1
+        return slots
+
+    def unhold(self, slots: Sequence[int]) -> None:
+        """Give back ``hold``'s slots once the copies out of them have completed."""
+        for slot in slots:
+            self._readers[slot] -= 1
+            if not self._readers[slot]:
+                del self._readers[slot]
+                if slot in self._orphans:
+                    self._orphans.discard(slot)
+                    self._free.append(slot)
+
+    async def read(self, keys: Sequence[BlockKey], out: torch.Tensor, rows: Sequence[int]) -> None:
+        """Copy blocks ``keys`` (all visible here: check with ``in``) into ``out[rows[i]]``,
+        the first ``out.shape[1]`` bytes of each slot; marks them most recently used."""
+        slots = self.hold(keys)
         width = out.shape[1]
 
         def copy() -> None:
@@ -179,13 +196,7 @@ class DeviceTier:
         try:
             await self.streams.run("load", copy)
         finally:
-            for slot in slots:
-                self._readers[slot] -= 1
-                if not self._readers[slot]:
-                    del self._readers[slot]
-                    if slot in self._orphans:
-                        self._orphans.discard(slot)
-                        self._free.append(slot)
+            self.unhold(slots)
 
     def discard(self, key: BlockKey) -> bool:
         """Forget ``key``'s copy; its slot is free at once, or when the copy using it is done."""
