@@ -153,37 +153,55 @@ def slowdown(
 
 
 def attached_loads(
-    client: Any, cached: Any, ns: Namespace, prompt: list[int], reps: int
+    client: Any, cached: Any, ns: Namespace, prompts: dict[str, list[int]], reps: int
 ) -> dict[str, Any]:
-    """``load_kv`` of one session into the engine's cache, from the device tier and from the host
-    tier, against a D2D copy and a pinned H2D copy of the same bytes."""
+    """``load_kv`` of one session into the engine's cache, from the device tier (session a, just
+    prefetched) and from the host tier (session c, saved and never prefetched), against a D2D
+    copy and a pinned H2D copy of the same bytes."""
     from tiercache.bench.common import side_by_side
 
     nbytes = SESSION_BLOCKS * SPEC.block_nbytes
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    targets = list(range(SESSION_BLOCKS, 2 * SESSION_BLOCKS))
+    targets = list(range(3 * SESSION_BLOCKS, 4 * SESSION_BLOCKS))
     seen: dict[str, list[str]] = {}
 
     def load(where: str) -> float:
         def run() -> None:
-            seen[where] = client.load_kv(cached, prompt, targets)
+            seen[where] = client.load_kv(
+                cached, prompts["a" if where == "device" else "c"], targets
+            )
 
         return timed_cuda(run)
 
     client.prefetch(session="a")  # a: device tier (and host)
+
+    # The fixed cost of a request: a one-block load_kv as the engine's host sees it and to the
+    # scatter's completion, against a one-block lookup (the socket round trip and hashing).
+    prompt = prompts["a"]
+
+    def wall(fn: Any) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    lookup = statistics.median(wall(lambda: client.lookup(ns, prompt[:16])) for _ in range(reps))
+    one_host = statistics.median(
+        wall(lambda: client.load_kv(cached, prompt, targets[:1])) for _ in range(reps)
+    )
     one = statistics.median(
         timed_cuda(lambda: client.load_kv(cached, prompt, targets[:1])) for _ in range(reps)
     )
     device = side_by_side(lambda: load("device"), lambda: timed_cuda(lambda: dst.copy_(src)), reps)
-    client.prefetch(session="b")  # b takes the device tier: a is served from host memory
     host = side_by_side(
         lambda: load("host"), lambda: timed_cuda(lambda: dst.copy_(pinned, non_blocking=True)), reps
     )
     return {
         "bytes": nbytes,
         "load_kv_one_block_s": one,
+        "load_kv_one_block_host_s": one_host,
+        "lookup_one_block_s": lookup,
         "load_kv_from_device_vs_d2d": {**device, "ours_GBps": nbytes / device["ours_s"] / 1e9},
         "load_kv_from_host_vs_pinned_h2d": {**host, "ours_GBps": nbytes / host["ours_s"] / 1e9},
         "tiers_served": {k: sorted(set(v)) for k, v in seen.items()},
@@ -201,7 +219,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "benchmark": "gpu-decode", "machine": machine(), "model": MODEL,
         "batch": BATCH, "context": CONTEXT, "scenarios": {},
     }  # fmt: skip
-    for source, host_blocks in (("host", 2 * SESSION_BLOCKS + 16), ("disk", SESSION_BLOCKS + 16)):
+    # host: sessions a, b and c all fit the host tier (c only for the attached loads); disk: one.
+    for source, host_blocks in (("host", 3 * SESSION_BLOCKS + 16), ("disk", SESSION_BLOCKS + 16)):
+        sessions = "abc" if source == "host" else "ab"
         with tempfile.TemporaryDirectory() as tmp:
             daemon = DaemonProcess(
                 Path(tmp),
@@ -215,7 +235,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             with daemon, Client(daemon.socket, name="engine") as client:
                 ns = Namespace("bench-decode", SPEC)
                 kv = [
-                    torch.randn((2, 2 * SESSION_BLOCKS, 16, 8, 128), device="cuda").to(
+                    torch.randn((2, 4 * SESSION_BLOCKS, 16, 8, 128), device="cuda").to(
                         torch.bfloat16
                     )
                     for _ in range(SPEC.num_layers)
@@ -224,16 +244,14 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 g = torch.Generator().manual_seed(1)
                 prompts = {
                     s: torch.randint(0, 50_000, (SESSION_BLOCKS * 16,), generator=g).tolist()
-                    for s in "ab"
+                    for s in sessions
                 }
-                for i, s in enumerate("ab"):
+                for i, s in enumerate(sessions):
                     ids = list(range(i * SESSION_BLOCKS, (i + 1) * SESSION_BLOCKS))
                     client.save_kv(cached, prompts[s], ids, session=s)
                 scenario = slowdown(client, str(daemon.socket), reps, steps, engine)
                 if source == "host":
-                    scenario["attached_loads"] = attached_loads(
-                        client, cached, ns, prompts["a"], reps
-                    )
+                    scenario["attached_loads"] = attached_loads(client, cached, ns, prompts, reps)
                 result["scenarios"][source] = scenario
                 del kv
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +300,10 @@ def report(result: dict[str, Any]) -> str:
                     f"{1e3 * v['base_s']:.2f} ms: ratio {v['ratio']:.2f}"
                 )
             lines.append(
-                f"  load_kv of one block (the fixed cost): {1e3 * loads['load_kv_one_block_s']:.2f} ms; "
+                f"  load_kv of one block (the fixed cost): {1e3 * loads['load_kv_one_block_s']:.2f} ms "
+                f"to the scatter's end, {1e3 * loads['load_kv_one_block_host_s']:.2f} ms on the "
+                f"engine's host; "
+                f"a one-block lookup {1e3 * loads['lookup_one_block_s']:.2f} ms; "
                 f"tiers served: {loads['tiers_served']}"
             )
     return "\n".join(lines)

@@ -68,10 +68,12 @@ class EngineKV:
         self.caches = list(caches)
         self.device = devices.pop()
         self.cuda = self.device.type == "cuda"
+        self._prepared = None
         if self.cuda:
             from tiercache.kernels import cuda
 
-            cuda.addressing(spec, self.caches)  # the kernels' layout checks, now, not per copy
+            # The kernels' layout checks and pointer table, once: the caches never move.
+            self._prepared = cuda.prepare(spec, self.caches)
         first = self.caches[0]
         self.num_blocks = (
             first[0].shape[2] // spec.block_size
@@ -159,7 +161,7 @@ class EngineKV:
         if self.cuda:
             from tiercache.kernels import cuda
 
-            return cuda.gather(self.spec, self.caches, ids, stream=stream)
+            return cuda.gather(self.spec, self.caches, ids, stream=stream, prepared=self._prepared)
         return reference.gather(self.spec, self.caches, ids)
 
     def _scatter(
@@ -168,7 +170,9 @@ class EngineKV:
         if self.cuda:
             from tiercache.kernels import cuda
 
-            cuda.scatter(self.spec, blocks, self.caches, ids, stream=stream)
+            cuda.scatter(
+                self.spec, blocks, self.caches, ids, stream=stream, prepared=self._prepared
+            )
         else:
             reference.scatter(self.spec, blocks, self.caches, ids)
 

@@ -311,6 +311,24 @@ def test_llama_3_8b_block_shape_equals_the_reference() -> None:
     assert torch.equal(raw(reference.gather(spec, back, ids)), raw(gathered))
 
 
+def test_prepared_caches_move_the_same_bytes_and_refuse_another_spec() -> None:
+    spec = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+    dev = on(DEV, make_caches(spec, num_blocks=64))
+    prepared = cuda.prepare(spec, dev)
+    ids = [9, 1, 33]
+
+    got = cuda.gather(spec, dev, ids, prepared=prepared)
+    back = on(DEV, make_caches(spec, num_blocks=64, seed=3))
+    cuda.scatter(spec, got, back, ids, prepared=cuda.prepare(spec, back))
+    torch.cuda.synchronize()
+
+    assert torch.equal(raw(got), raw(reference.gather(spec, dev, ids)))
+    assert torch.equal(raw(reference.gather(spec, back, ids)), raw(got))
+    other = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16", block_size=16)
+    with pytest.raises(LayoutError, match="prepared= was made for another spec"):
+        cuda.gather(other, dev, ids, prepared=prepared)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_blocks_is_no_launch_and_an_empty_result(layout: Layout) -> None:
     spec = spec_of(layout, "bfloat16", *SHAPES["real"])
