@@ -268,3 +268,36 @@ def test_a_killed_engine_s_mappings_are_released_and_the_daemon_serves_on(
         with pytest.raises(RemoteError) as err:
             client.load_kv(cache, tokens(2, seed=9), [NUM_BLOCKS])
         assert err.value.code == "bad_request" and "out of range" in err.value.message
+
+
+def test_the_connector_s_attachment_follows_a_daemon_restart(daemon: DaemonProcess) -> None:
+    """``AttachedKV`` (how TierCacheConnector moves blocks on GPU engines): a save ordered
+    behind the engine's queued writes, a load whose scatter is complete when it returns
+    (``wait``, as for a background load), and a daemon restart: the new connection attaches
+    the caches again and serves the blocks from disk."""
+    from tiercache.integrations.attached import AttachedKV
+    from tiercache.keys import KeyChain
+
+    ns = Namespace("ipc-test", SPEC)
+    src = random_caches(SPEC, 7)
+    dst = random_caches(SPEC, 8)
+    for c in dst:
+        c.zero_()
+    a_src, a_dst = AttachedKV(ns, src), AttachedKV(ns, dst)
+    prompt = KeyChain(ns.block_keys(tokens(4, seed=11)))
+
+    with Client(daemon.socket) as client:
+        slow_fill(src[:1], 5.0)
+        saved = a_src.save(client, prompt, [4, 5, 6, 7], 0, "s")
+        assert saved is not None and saved.stored == 4
+        assert a_dst.load(client, prompt, [10, 11], 2, wait=True) == ["host", "host"]
+    daemon.stop()
+    daemon.start()
+    with Client(daemon.socket) as client:
+        tiers = a_dst.load(client, prompt, [20, 21, 22, 23], 0, wait=True)
+
+    assert a_dst.enabled and tiers is not None and len(tiers) == 4
+    want = reference.gather(SPEC, src, [4, 5, 6, 7])
+    assert bool(torch.all(want[:, 0] == 5.0))
+    assert torch.equal(reference.gather(SPEC, dst, [20, 21, 22, 23]), want)
+    assert torch.equal(reference.gather(SPEC, dst, [10, 11]), want[2:])

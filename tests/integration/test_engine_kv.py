@@ -6,12 +6,16 @@ host arena or the device tier into the engine's blocks) that CUDA IPC drives on 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import NBYTES, SPEC, OpenCache, make_ns, make_tokens
+from tests.conftest import NBYTES, SPEC, OpenCache, make_blocks, make_ns, make_tokens
+from tiercache.client import Client
+from tiercache.daemon.process import DaemonProcess
 from tiercache.engine_kv import EngineKV
+from tiercache.integrations.attached import AttachedKV
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache, LayoutError
 from tiercache.keys import KeyChain, Namespace
@@ -138,3 +142,27 @@ async def test_bad_block_ids_and_a_foreign_namespace_are_refused_and_lose_nothin
     assert (await m.lookup(NS, tokens)).blocks == 2
     assert (await m.lookup(NS, make_tokens(2, seed=7))).blocks == 0
     assert m.host is not None and m.host.free_slots == 6  # the refused save's slots came back
+
+
+def test_the_connector_s_attachment_turns_itself_off_where_it_cannot_attach(
+    tmp_path: Path,
+) -> None:
+    """CPU caches (or a daemon without a GPU) cannot be attached: the connector's AttachedKV
+    says so once and hands the transfer back (None), and the connection stays usable for
+    the host-memory copies that replace it."""
+    env = {
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_TIERS_HOST__SHARED": "true",
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_DISK__BYTES": str(64 * NBYTES),
+    }
+    with DaemonProcess(tmp_path, env=env) as daemon, Client(daemon.socket) as client:
+        attached = AttachedKV(NS, vllm_caches(1))  # type: ignore[arg-type]
+        tokens = make_tokens(2)
+
+        assert attached.save(client, keys(tokens), [0, 1], 0, None) is None
+        assert not attached.enabled
+        assert attached.load(client, keys(tokens), [0, 1], 0, wait=True) is None
+
+        assert client.save(NS, tokens, make_blocks(2)).stored == 2
+        assert client.lookup(NS, tokens).blocks == 2

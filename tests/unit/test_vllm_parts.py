@@ -27,6 +27,8 @@ def test_options_default_and_valid() -> None:
     assert (o.socket, o.salt, o.save, o.min_tokens) == ("/s", "t", "prompt", 256)
     assert Options().async_load == "auto"
     assert Options.parse({"async_load": "never"}).async_load == "never"
+    assert Options().attach == "auto"
+    assert Options.parse({"attach": "never"}).attach == "never"
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,7 @@ def test_options_default_and_valid() -> None:
         ({"min_tail_tokens": -1}, "min_tail_tokens"),
         ({"min_tail_tokens": True}, "min_tail_tokens"),
         ({"async_load": "sometimes"}, "async_load"),
+        ({"attach": "always"}, "attach"),
     ],
 )
 def test_bad_options_name_the_key(extra: dict[str, object], names: str) -> None:

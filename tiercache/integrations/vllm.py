@@ -23,7 +23,12 @@ How it works, per role:
   (``tiercache.kernels.reference``): loads in ``start_load_kv``, before the
   forward; saves in ``wait_for_save``, after it, for every layer at once (one
   arena transaction per step, not one per layer). Saves are synchronous, so a
-  block is in the daemon before the step that filled it returns.
+  block is in the daemon before the step that filled it returns. On a GPU
+  engine (``attach``, and a tiercache block of one engine block) the worker
+  instead attaches its caches to the daemon by CUDA IPC, and the daemon's
+  kernels gather and scatter the engine's blocks, ordered against the step's
+  stream by interprocess events (``tiercache.integrations.attached``); a
+  daemon that cannot attach them gets the host-memory copies.
 - **Asynchronous loads** (``async_load``): a load that waits on the daemon's
   disk or remote tier while other requests run goes on a thread of its own,
   and the engine keeps decoding them (vLLM holds the request in
@@ -58,7 +63,9 @@ the engine's block size, the default, or a whole multiple of it),
 ``model_fingerprint`` (what identifies the weights; default: a hash of the
 model directory's config and weight files), ``async_load`` (``"auto"``, the
 default: asynchronous when a block comes from the disk or remote tier while
-other requests run; ``"always"``; ``"never"``).
+other requests run; ``"always"``; ``"never"``), ``attach`` (``"auto"``, the
+default: GPU engines attach their caches to the daemon; ``"never"``: copy
+through host memory).
 
 Block sizes: a tiercache block is ``block_tokens`` tokens and covers
 ``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected.
@@ -86,6 +93,7 @@ import torch
 import xxhash
 
 from tiercache.client import Client, RemoteError
+from tiercache.integrations.attached import AttachedKV
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import BlockKey, KeyChain, Namespace, tail_key
 from tiercache.manager import SaveResult
@@ -117,6 +125,7 @@ logger = logging.getLogger("vllm.tiercache")
 
 SAVE_MODES = ("prompt_and_output", "prompt")
 ASYNC_MODES = ("auto", "always", "never")
+ATTACH_MODES = ("auto", "never")
 # Tiers a load waits on (disk reads, object-store gets): loaded asynchronously under "auto".
 _SLOW_TIERS = frozenset({"disk", "remote"})
 _HIT_SOURCES = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
@@ -137,6 +146,7 @@ class Options:
     retry_seconds: float = 5.0
     min_tail_tokens: int | None = None
     async_load: str = "auto"
+    attach: str = "auto"
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Options:
@@ -155,7 +165,11 @@ class Options:
                 raise ConnectorConfigError(
                     f"kv_connector_extra_config.{name} must be a string, got {value!r}"
                 )
-        for name, modes in (("save", SAVE_MODES), ("async_load", ASYNC_MODES)):
+        for name, modes in (
+            ("save", SAVE_MODES),
+            ("async_load", ASYNC_MODES),
+            ("attach", ATTACH_MODES),
+        ):
             if getattr(opts, name) not in modes:
                 raise ConnectorConfigError(
                     f"kv_connector_extra_config.{name} must be one of {', '.join(modes)}, "
@@ -536,6 +550,7 @@ class TierCacheConnector(KVConnectorBase_V1):
         # worker state
         self._caches: list[torch.Tensor] = []
         self._engine_spec: KVSpec | None = None
+        self._attached: AttachedKV | None = None  # GPU engines: the daemon moves the blocks
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
         self._finishing: list[Transfer] = []  # scheduler: tail saves of finished requests
@@ -863,6 +878,8 @@ class TierCacheConnector(KVConnectorBase_V1):
         # Checks every layer's shape against the spec now, with a message naming the layer,
         # rather than at the first transfer.
         gather(self._engine_spec, self._caches, [])
+        if self.options.attach == "auto" and self._caches[0].is_cuda and self.per_block == 1:
+            self._attached = AttachedKV(self.ns, self._caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -910,6 +927,19 @@ class TierCacheConnector(KVConnectorBase_V1):
         spec, engine_spec, per = self.ns.spec, self._engine_spec, self.per_block
         device = self._caches[0].device
 
+        attached = self._attached
+        if attached is not None and attached.enabled:
+            # The daemon scatters straight into the engine's blocks (a tiercache block is one
+            # engine block here); those computed locally (the first t.skip) are left alone.
+            # A background load completes before it is reported: its request runs later,
+            # on the step thread's stream, which did not wait for it.
+            ids, first = t.block_ids[t.skip :], t.first + t.skip
+            tiers = self._link.call(
+                "load", lambda c: attached.load(c, keys, ids, first, wait=t.background)
+            )
+            if tiers is not None or attached.enabled:
+                return self._report_load(t, 0 if tiers is None else t.skip + len(tiers))
+
         def into_engine(i: int, rows: torch.Tensor) -> None:
             # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
             # their engine blocks (those not computed locally, and not past the transfer's).
@@ -923,14 +953,17 @@ class TierCacheConnector(KVConnectorBase_V1):
             "load",
             lambda c: c.load_into(self.ns, keys, into_engine, first_block=t.first, max_blocks=n),
         )
-        got = 0 if tiers is None else len(tiers)
+        return self._report_load(t, 0 if tiers is None else len(tiers))
+
+    def _report_load(self, t: Transfer, got: int) -> list[int]:
+        """The engine blocks of ``t`` not loaded when ``got`` blocks from ``t.first`` were."""
         failed = t.block_ids[max(got * self.per_block, t.skip) :]
         if failed:
             logger.warning(
                 "tiercache load of request %s: %d of %d blocks missing; vLLM recomputes them",
                 t.req_id,
-                n - got,
-                n,
+                t.count - got,
+                t.count,
             )
         return failed
 
@@ -959,12 +992,17 @@ class TierCacheConnector(KVConnectorBase_V1):
 
     def _save_to(self, t: Transfer, client: Client) -> SaveResult:
         assert self._engine_spec is not None
+        keys = KeyChain.from_bytes(t.keys)
+        short = t.count * self.per_block - len(t.block_ids)
+        if self._attached is not None and not short:
+            # The daemon gathers from the engine's blocks once this step's forward is done.
+            saved = self._attached.save(client, keys, t.block_ids, t.first, t.session)
+            if saved is not None:
+                return saved
         rows = gather(self._engine_spec, self._caches, t.block_ids).cpu()
-        short = t.count * self.per_block - rows.shape[0]
         if short:  # a tail whose last engine blocks do not exist: they are stored as zeros
             rows = torch.cat([rows, rows.new_zeros((short, *rows.shape[1:]))])
         blocks = to_store_blocks(rows, self.ns.spec, self.per_block)
-        keys = KeyChain.from_bytes(t.keys)
         return client.save(self.ns, keys, blocks, first_block=t.first, session=t.session)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
