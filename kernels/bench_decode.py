@@ -28,7 +28,6 @@ Run with ``scripts/gpu_check.sh`` (``python -m tiercache.kernels.bench_decode --
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import statistics
@@ -40,8 +39,7 @@ from typing import Any
 
 import torch
 
-from tiercache.kernels import cuda
-from tiercache.kernels.bench_gpu import machine, timed_cuda
+from tiercache.kernels.bench_gpu import cli, machine, timed_cuda
 from tiercache.keys import Namespace
 from tiercache.spec import KVSpec
 
@@ -310,15 +308,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where decode.json/png go")
-    p.add_argument("--quick", action="store_true", help="few steps: a smoke run")
-    args = p.parse_args(argv)
-    if not cuda.available():
-        print("bench_decode: no CUDA device visible to CuPy and torch; nothing measured")
-        return 1
-    print(report(run(args.out, args.quick)))
-    return 0
+    return cli(argv, __doc__, "decode.json/png", run, report)
 
 
 if __name__ == "__main__":

@@ -278,16 +278,28 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where gpu.json/png go")
+def cli(
+    argv: Sequence[str] | None,
+    doc: str | None,
+    files: str,
+    run: Callable[[Path, bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> int:
+    """The command line of a GPU benchmark: ``--out DIR`` (where ``files`` go), ``--quick``;
+    on a machine without CUDA it says so and exits 1."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help=f"where {files} go")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)
     if not cuda.available():
-        print("bench_gpu: no CUDA device visible to CuPy and torch; nothing measured")
+        print(f"{p.prog}: no CUDA device visible to CuPy and torch; nothing measured")
         return 1
     print(report(run(args.out, args.quick)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(argv, __doc__, "gpu.json/png", run, report)
 
 
 if __name__ == "__main__":
