@@ -243,7 +243,7 @@ class EngineKV:
         while len(tiers) < len(ids):
             got, prefix = await self._load_round(manager, ns, keys, ids, first_block, len(tiers))
             tiers += got
-            if not got or len(tiers) >= prefix:
+            if not got or len(got) >= prefix:  # prefix: the cached run from this round's start
                 break
         return tiers
 

@@ -95,6 +95,22 @@ async def test_a_load_takes_blocks_from_disk_and_from_the_device_tier(
     )
 
 
+async def test_a_run_longer_than_the_host_tier_loads_in_rounds(open_cache: OpenCache) -> None:
+    # Two host slots, five blocks: three leases of at most two blocks each.
+    m = await open_cache(host_blocks=2)
+    src, dst = EngineKV(SPEC, vllm_caches(6)), EngineKV(SPEC, vllm_caches(None))
+    tokens = make_tokens(5, seed=8)
+    assert (await src.save(m, NS, keys(tokens), [1, 2, 3, 4, 5])).stored == 5
+
+    tiers = await dst.load(m, NS, keys(tokens), [7, 8, 9, 10, 11])
+
+    assert len(tiers) == 5
+    assert torch.equal(
+        reference.gather(SPEC, dst.caches, [7, 8, 9, 10, 11]),
+        reference.gather(SPEC, src.caches, [1, 2, 3, 4, 5]),
+    )
+
+
 async def test_transformers_caches_save_and_load_by_block_position(open_cache: OpenCache) -> None:
     spec = dataclasses.replace(SPEC, layout=Layout.HF)
     ns = make_ns(spec=spec)
