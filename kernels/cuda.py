@@ -43,7 +43,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tiercache.kernels.reference import LayerCache, LayoutError, _check, check_blocks
+from tiercache.kernels.reference import (
+    LayerCache,
+    LayoutError,
+    _check,
+    check_blocks,
+    layer_tensors,
+    num_blocks,
+    tensors,
+)
 from tiercache.kernels.reference_quant import (
     QDTYPE,
     Format,
@@ -148,10 +156,8 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
     es, bs = spec.element_bytes, spec.block_size
     ptrs: list[int] = []
     strides: set[tuple[int, int, int]] = set()
-    num_blocks = -1  # the fewest blocks of any layer: an id must be inside all of them
     for layer, c in enumerate(caches):
-        tensors = c if isinstance(c, tuple) else (c,)
-        for t in tensors:
+        for t in layer_tensors(c):
             if t.stride(-1) != 1 and spec.head_dim > 1:
                 raise LayoutError(
                     f"layer {layer}: the CUDA kernels need head_dim contiguous (stride 1), "
@@ -165,23 +171,22 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
             for t in (k, v):
                 ptrs.append(t.data_ptr() + batch * t.stride(0) * es)
                 strides.add((bs * t.stride(2) * es, t.stride(2) * es, t.stride(1) * es))
-            layer_blocks = k.shape[2] // bs
         else:
             assert isinstance(c, torch.Tensor)
             kv_dim, block_dim = (0, 1) if spec.layout is Layout.VLLM else (1, 0)
             for kv in range(2):
                 ptrs.append(c.data_ptr() + kv * c.stride(kv_dim) * es)
             strides.add((c.stride(block_dim) * es, c.stride(2) * es, c.stride(3) * es))
-            layer_blocks = c.shape[block_dim]
-        num_blocks = layer_blocks if num_blocks < 0 else min(num_blocks, layer_blocks)
         if len(strides) > 1:
             raise LayoutError(
                 f"layer {layer}: the CUDA kernels need every layer's cache (and K and V) with "
                 "the same strides; this one differs from layer 0's"
             )
     ((s_block, s_token, s_head),) = strides
+    # The fewest blocks of any layer: an id must be inside all of them.
+    blocks = num_blocks(spec, caches)
     return Addressing(
-        ptrs, s_block, s_token, s_head, spec.head_dim * es, num_blocks, bs, spec.num_kv_heads
+        ptrs, s_block, s_token, s_head, spec.head_dim * es, blocks, bs, spec.num_kv_heads
     )
 
 
@@ -204,7 +209,7 @@ def host_ids(block_ids: torch.Tensor | Sequence[int], num_blocks: int) -> torch.
 
 
 def _device(caches: Sequence[LayerCache]) -> torch.device:
-    devices = {t.device for c in caches for t in (c if isinstance(c, tuple) else (c,))}
+    devices = {t.device for t in tensors(caches)}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise LayoutError(
             f"the CUDA kernels need every layer on one CUDA device, got {sorted(map(str, devices))}"

@@ -45,6 +45,28 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
+def layer_tensors(c: LayerCache) -> tuple[torch.Tensor, ...]:
+    """A layer's tensors: its one tensor, or its K and V."""
+    return c if isinstance(c, tuple) else (c,)
+
+
+def tensors(caches: Sequence[LayerCache]) -> list[torch.Tensor]:
+    """Every tensor of every layer, in order."""
+    return [t for c in caches for t in layer_tensors(c)]
+
+
+def num_blocks(spec: KVSpec, caches: Sequence[LayerCache]) -> int:
+    """How many blocks the caches (already checked against ``spec``) hold: the fewest of any
+    layer, so that an id below it is inside all of them (for hf, block positions of a row)."""
+    counts = []
+    for c in caches:
+        if isinstance(c, tuple):
+            counts.append(c[0].shape[2] // spec.block_size)
+        else:
+            counts.append(c.shape[1 if spec.layout is Layout.VLLM else 0])
+    return min(counts)
+
+
 def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
     if len(caches) != spec.num_layers:
         raise LayoutError(f"expected {spec.num_layers} layers, got {len(caches)}")
@@ -57,7 +79,7 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                 raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
         elif not isinstance(c, torch.Tensor):
             raise LayoutError(f"layer {i}: the {spec.layout} layout needs one tensor per layer")
-        for t in c if isinstance(c, tuple) else (c,):
+        for t in layer_tensors(c):
             if t.dtype != spec.torch_dtype:
                 raise LayoutError(f"layer {i}: dtype {t.dtype}, spec says {spec.dtype}")
         if spec.layout is Layout.HF:

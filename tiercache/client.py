@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_frame
+from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
 from tiercache.keys import KeyChain, Namespace
 from tiercache.loop import LoopThread
@@ -292,14 +293,13 @@ class AsyncClient:
         from tiercache import ipc
 
         await self.register(ns)
-        tensors = [t for c in caches for t in (c if isinstance(c, tuple) else (c,))]
+        tensors = reference.tensors(caches)
         if not tensors or tensors[0].device.type != "cuda":
             raise ipc.IpcError("attach takes the engine's CUDA caches; CPU engines use save/load")
         device = tensors[0].device
         written = ipc.interprocess_event(device)
         layers = [
-            [ipc.export_tensor(t).to_wire() for t in (c if isinstance(c, tuple) else (c,))]
-            for c in caches
+            [ipc.export_tensor(t).to_wire() for t in reference.layer_tensors(c)] for c in caches
         ]
         res = await self.call("attach", ns=ns.hex, layers=layers, event=ipc.event_handle(written))
         done = ipc.open_event(res["event"], device, "the daemon's event")

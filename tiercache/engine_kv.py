@@ -34,17 +34,12 @@ from typing import Any
 import torch
 
 from tiercache import ipc
-from tiercache.kernels import reference
+from tiercache.kernels import cuda, reference
 from tiercache.kernels.reference import LayerCache, LayoutError
 from tiercache.keys import KeyChain, Namespace
 from tiercache.manager import SaveResult, TierManager
 from tiercache.spec import KVSpec, Layout
-from tiercache.tiers.host import _runs
 from tiercache.transfer import CopyStreams, Direction, completion
-
-
-def _tensors(caches: Sequence[LayerCache]) -> list[torch.Tensor]:
-    return [t for c in caches for t in (c if isinstance(c, tuple) else (c,))]
 
 
 class EngineKV:
@@ -59,7 +54,7 @@ class EngineKV:
         engine_event: torch.cuda.Event | None = None,
     ) -> None:
         reference._check(spec, caches)
-        devices = {t.device for t in _tensors(caches)}
+        devices = {t.device for t in reference.tensors(caches)}
         if len(devices) != 1:
             raise LayoutError(
                 f"an engine's caches must be on one device, got {sorted(map(str, devices))}"
@@ -68,18 +63,9 @@ class EngineKV:
         self.caches = list(caches)
         self.device = devices.pop()
         self.cuda = self.device.type == "cuda"
-        self._prepared = None
-        if self.cuda:
-            from tiercache.kernels import cuda
-
-            # The kernels' layout checks and pointer table, once: the caches never move.
-            self._prepared = cuda.prepare(spec, self.caches)
-        first = self.caches[0]
-        self.num_blocks = (
-            first[0].shape[2] // spec.block_size
-            if isinstance(first, tuple)
-            else first.shape[1 if spec.layout is Layout.VLLM else 0]
-        )
+        # The kernels' layout checks and pointer table, once: the caches never move.
+        self._prepared = cuda.prepare(spec, self.caches) if self.cuda else None
+        self.num_blocks = reference.num_blocks(spec, self.caches)
         self._opened = list(opened)
         self.streams = CopyStreams(self.device)
         self.engine_event = engine_event
@@ -117,7 +103,7 @@ class EngineKV:
                 if per_layer == 2
                 else list(tensors)
             )
-            device = _tensors(caches)[0].device
+            device = reference.tensors(caches)[0].device
             return cls(spec, caches, opened=opened, engine_event=ipc.open_event(event, device))
         except BaseException:
             for o in opened:
@@ -129,14 +115,12 @@ class EngineKV:
         return ipc.event_handle(self.done_event) if self.done_event is not None else None
 
     def _check_ids(self, block_ids: Sequence[int]) -> list[int]:
+        """``block_ids`` as a list, every id checked to be inside the cache (the kernels' own
+        check, made before anything is reserved or leased)."""
         ids = list(block_ids)
         if not all(isinstance(b, int) and not isinstance(b, bool) for b in ids):
             raise LayoutError("'block_ids' must be integers (the engine's block numbers)")
-        bad = [b for b in ids if not 0 <= b < self.num_blocks]
-        if bad:
-            raise LayoutError(
-                f"block id {bad[0]} is out of range for a cache of {self.num_blocks} blocks"
-            )
+        cuda.host_ids(ids, self.num_blocks)
         return ids
 
     async def _run(self, direction: Direction, copy: Callable[[], None]) -> torch.cuda.Event | None:
@@ -159,8 +143,6 @@ class EngineKV:
 
     def _gather(self, ids: list[int], stream: torch.cuda.Stream | None) -> torch.Tensor:
         if self.cuda:
-            from tiercache.kernels import cuda
-
             return cuda.gather(self.spec, self.caches, ids, stream=stream, prepared=self._prepared)
         return reference.gather(self.spec, self.caches, ids)
 
@@ -168,8 +150,6 @@ class EngineKV:
         self, blocks: torch.Tensor, ids: list[int], stream: torch.cuda.Stream | None
     ) -> None:
         if self.cuda:
-            from tiercache.kernels import cuda
-
             cuda.scatter(
                 self.spec, blocks, self.caches, ids, stream=stream, prepared=self._prepared
             )
@@ -204,10 +184,7 @@ class EngineKV:
 
                     def copy(todo: list[int] = todo, slots: list[int] = slots) -> None:
                         rows = self._gather(todo, stream).view(torch.uint8).view(len(todo), nbytes)
-                        for slot, row, n in _runs(slots, range(len(slots))):
-                            host.buffer[slot : slot + n, :nbytes].copy_(
-                                rows[row : row + n], non_blocking=True
-                            )
+                        host.write(slots, rows, non_blocking=True)
 
                     finished = await self._run("store", copy)
                     if finished is not None:
@@ -268,9 +245,10 @@ class EngineKV:
             dev = None
         on_dev = [i for i, e in enumerate(lease.entries) if dev is not None and e.key in dev]
         held = dev.hold([lease.entries[i].key for i in on_dev]) if dev is not None else []
+        from_dev = set(on_dev)
         try:
             if n:
-                on_host = [i for i in range(n) if i not in set(on_dev)]
+                on_host = [i for i in range(n) if i not in from_dev]
                 host_slots = [lease.entries[i].host_slot for i in on_host]
                 targets = ids[done : done + n]
                 nbytes, spec = self.spec.block_nbytes, self.spec
@@ -286,10 +264,7 @@ class EngineKV:
                             staging = rows.contiguous()
                         else:
                             staging.index_copy_(0, self._ids_on_device(on_dev), rows)
-                    for slot, row, k in _runs(host_slots, on_host):  # type: ignore[arg-type]
-                        staging[row : row + k].copy_(
-                            host.buffer[slot : slot + k, :nbytes], non_blocking=True
-                        )
+                    host.read(host_slots, staging, on_host, non_blocking=True)  # type: ignore[arg-type]
                     blocks = staging.view(spec.torch_dtype).view(n, *spec.block_shape)
                     self._scatter(blocks, targets, stream)
 
@@ -307,7 +282,7 @@ class EngineKV:
             task.add_done_callback(self._inflight.discard)
         # Where each block was read from: the device tier for those it held (the lease names
         # the best tier the index knew of, which does not count device copies).
-        tiers = ["device" if i in on_dev else t for i, t in enumerate(lease.tiers)]
+        tiers = ["device" if i in from_dev else t for i, t in enumerate(lease.tiers)]
         return tiers, lease.prefix
 
     @staticmethod

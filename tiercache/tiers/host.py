@@ -79,15 +79,23 @@ class Slots:
         return self.buffer[slot, : self.slot_bytes if nbytes is None else nbytes]
 
     def write(
-        self, slots: Sequence[int], src: torch.Tensor, rows: Sequence[int] | None = None
+        self,
+        slots: Sequence[int],
+        src: torch.Tensor,
+        rows: Sequence[int] | None = None,
+        *,
+        non_blocking: bool = False,
     ) -> None:
         """Copy ``src[rows[i]]`` (uint8 ``[*, nbytes]``; rows default to 0..n-1) into ``slots[i]``,
         one ``copy_`` per run of consecutive slots and rows: a run is a plain memcpy, where
         ``index_copy_`` measured at a sixth of memcpy speed and a copy per block pays a
-        torch dispatch each (as much as 64 KiB of memcpy)."""
+        torch dispatch each (as much as 64 KiB of memcpy). ``non_blocking``: from a GPU, queue
+        the copies on the current stream (DMA into the pinned arena) instead of waiting."""
         nbytes = src.shape[1]
         for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
-            self.buffer[slot : slot + n, :nbytes].copy_(src[row : row + n])
+            self.buffer[slot : slot + n, :nbytes].copy_(
+                src[row : row + n], non_blocking=non_blocking
+            )
 
     def runs(self, slots: Sequence[int], nbytes: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Each run of consecutive ``slots`` as ``(its index in slots, a view [n, nbytes] of
@@ -96,12 +104,20 @@ class Slots:
             yield row, self.buffer[slot : slot + n, :nbytes]
 
     def read(
-        self, slots: Sequence[int], out: torch.Tensor, rows: Sequence[int] | None = None
+        self,
+        slots: Sequence[int],
+        out: torch.Tensor,
+        rows: Sequence[int] | None = None,
+        *,
+        non_blocking: bool = False,
     ) -> None:
-        """Copy ``slots[i]`` into ``out[rows[i]]`` (rows default to 0..n-1), one ``copy_`` per run."""
+        """Copy ``slots[i]`` into ``out[rows[i]]`` (rows default to 0..n-1), one ``copy_`` per run;
+        ``non_blocking`` as for ``write``."""
         nbytes = out.shape[1]
         for slot, row, n in _runs(slots, rows if rows is not None else range(len(slots))):
-            out[row : row + n].copy_(self.buffer[slot : slot + n, :nbytes])
+            out[row : row + n].copy_(
+                self.buffer[slot : slot + n, :nbytes], non_blocking=non_blocking
+            )
 
 
 class HostArena(Slots):
