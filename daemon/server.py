@@ -299,16 +299,20 @@ class SocketServer:
         index, tier = await self.manager.lookup_tail(ns, KeyChain.from_bytes(raw))
         return {"index": index, "tier": tier}
 
-    async def _reserve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _session(args: dict[str, Any]) -> str | None:
         session = args.get("session")
         if session is not None and not isinstance(session, str):
             raise ProtocolError("bad_request", "'session' must be a string")
+        return session
+
+    async def _reserve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         r = await self.manager.reserve(
             self._ns(conn, args),
             _sequence(args),
             first_block=self._int(args, "first_block", 0) or 0,
             count=self._int(args, "count"),
-            session=session,
+            session=self._session(args),
         )
         txn = next(self._ids)
         conn.reservations[txn] = r
@@ -383,8 +387,9 @@ class SocketServer:
                  conn.id, ns.spec.num_layers, engine.device)  # fmt: skip
         return {"engine": eid, "event": engine.done_handle}
 
-    def _engine(self, conn: Connection, args: dict[str, Any]) -> EngineKV:
-        engine = conn.engines.get(self._int(args, "engine") or 0)
+    def _engine(self, conn: Connection, args: dict[str, Any], *, pop: bool = False) -> EngineKV:
+        eid = self._int(args, "engine") or 0
+        engine = conn.engines.pop(eid, None) if pop else conn.engines.get(eid)
         if engine is None:
             raise ProtocolError(
                 "unknown_engine", "'engine' must name a KV cache attached on this connection"
@@ -392,12 +397,11 @@ class SocketServer:
         return engine
 
     async def _detach(self, conn: Connection, args: dict[str, Any]) -> None:
-        engine = self._engine(conn, args)
-        del conn.engines[self._int(args, "engine") or 0]
-        await engine.close()
+        await self._engine(conn, args, pop=True).close()
 
     @staticmethod
     def _block_ids(args: dict[str, Any]) -> list[int]:
+        """The request's 'block_ids', a list of integers (the engine checks their range)."""
         ids = args.get("block_ids")
         if not isinstance(ids, list) or not all(
             isinstance(b, int) and not isinstance(b, bool) for b in ids
@@ -408,12 +412,9 @@ class SocketServer:
         return ids
 
     async def _save_kv(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        session = args.get("session")
-        if session is not None and not isinstance(session, str):
-            raise ProtocolError("bad_request", "'session' must be a string")
         res = await self._engine(conn, args).save(
             self.manager, self._ns(conn, args), _chain(args), self._block_ids(args),
-            first_block=self._int(args, "first_block", 0) or 0, session=session,
+            first_block=self._int(args, "first_block", 0) or 0, session=self._session(args),
         )  # fmt: skip
         return {"stored": res.stored, "present": res.present, "rejected": res.rejected}
 
@@ -458,14 +459,12 @@ def _sequence(args: dict[str, Any]) -> KeyChain | Any:
     """A request's sequence: ``keys`` (the client hashed its tokens: the normal case) or
     ``tokens`` (packed uint32, hashed here)."""
     if "keys" in args:
-        raw = args["keys"]
-        if not isinstance(raw, bytes):
-            raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")
-        return KeyChain.from_bytes(raw)
+        return _chain(args)
     return unpack_tokens(args.get("tokens"))
 
 
 def _chain(args: dict[str, Any]) -> KeyChain:
+    """A request's ``keys``: the block keys the client hashed."""
     raw = args.get("keys")
     if not isinstance(raw, bytes):
         raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")

@@ -156,7 +156,7 @@ def attached_loads(
     """``load_kv`` of one session into the engine's cache, from the device tier (session a, just
     prefetched) and from the host tier (session c, saved and never prefetched), against a D2D
     copy and a pinned H2D copy of the same bytes."""
-    from tiercache.bench.common import side_by_side
+    from tiercache.bench.common import side_by_side, timed
 
     nbytes = SESSION_BLOCKS * SPEC.block_nbytes
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -178,15 +178,9 @@ def attached_loads(
     # The fixed cost of a request: a one-block load_kv as the engine's host sees it and to the
     # scatter's completion, against a one-block lookup (the socket round trip and hashing).
     prompt = prompts["a"]
-
-    def wall(fn: Any) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    lookup = statistics.median(wall(lambda: client.lookup(ns, prompt[:16])) for _ in range(reps))
+    lookup = statistics.median(timed(lambda: client.lookup(ns, prompt[:16])) for _ in range(reps))
     one_host = statistics.median(
-        wall(lambda: client.load_kv(cached, prompt, targets[:1])) for _ in range(reps)
+        timed(lambda: client.load_kv(cached, prompt, targets[:1])) for _ in range(reps)
     )
     one = statistics.median(
         timed_cuda(lambda: client.load_kv(cached, prompt, targets[:1])) for _ in range(reps)
