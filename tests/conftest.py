@@ -65,7 +65,9 @@ async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
     """``await open_cache(host_blocks=4, disk_blocks=64, **kwargs)``; all are closed at teardown."""
     opened: list[TierManager] = []
 
-    async def factory(host_blocks: int = 4, disk_blocks: int | None = 64, **kwargs: Any) -> TierManager:
+    async def factory(
+        host_blocks: int = 4, disk_blocks: int | None = 64, **kwargs: Any
+    ) -> TierManager:
         kwargs.setdefault("disk_url", str(tmp_path / "disk") if disk_blocks else None)
         m = await TierManager.open(
             host_bytes=host_blocks * NBYTES, disk_bytes=(disk_blocks or 0) * NBYTES, **kwargs

@@ -299,7 +299,11 @@ class TierManager:
             remote = await RemoteTier.open(remote_url, remote_options) if remote_url else None
             device = DeviceTier(device_bytes, device_name) if device_bytes else None
             manager = cls(
-                host_bytes=host_bytes, disk=disk, remote=remote, device=device, **kwargs  # type: ignore[arg-type]
+                host_bytes=host_bytes,
+                disk=disk,
+                remote=remote,
+                device=device,
+                **kwargs,  # type: ignore[arg-type]
             )
         except BaseException:
             if disk is not None:

@@ -88,7 +88,9 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         passwd = d / "passwd"
         for i, (user, password) in enumerate(USERS.items()):
-            _run("mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", passwd, user, password, cwd=d)
+            _run(
+                "mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", passwd, user, password, cwd=d
+            )
             (d / f"{user}.password").write_text(password + "\n")
         conf = (OPS / "mosquitto.conf").read_text()
         for key, value in (
@@ -120,13 +122,17 @@ class Mosquitto:
         for port in (self.port, self.tls_port):
             while port is not None:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log()}")
+                    raise RuntimeError(
+                        f"mosquitto exited with {self.proc.returncode}: {self.log()}"
+                    )
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"mosquitto not listening on {port}: {self.log()}") from None
+                        raise RuntimeError(
+                            f"mosquitto not listening on {port}: {self.log()}"
+                        ) from None
                     time.sleep(0.02)
 
     def kill(self) -> None:

@@ -41,7 +41,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> It
     try:
         deadline = time.monotonic() + 60
         while not (root / "tc.sock").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "tiercache serve did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "tiercache serve did not start"
+            )
             time.sleep(0.05)
         with Client(root / "tc.sock") as c:
             c.save(NS, make_tokens(3), make_blocks(3), session="chat")
@@ -61,8 +63,13 @@ def via_socket(served: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def via_mqtt(served: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch) -> None:
     op = mosquitto.config("operator", node=NODE)
     monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", "/nonexistent/so-it-must-be-mqtt.sock")
-    for key, value in (("HOST", op.host), ("PORT", str(op.port)), ("NODE", NODE),
-                       ("USERNAME", op.username), ("PASSWORD_FILE", op.password_file)):
+    for key, value in (
+        ("HOST", op.host),
+        ("PORT", str(op.port)),
+        ("NODE", NODE),
+        ("USERNAME", op.username),
+        ("PASSWORD_FILE", op.password_file),
+    ):
         monkeypatch.setenv(f"TIERCACHE_MQTT__{key}", value)
 
 
@@ -129,8 +136,11 @@ def test_check_config_names_a_bad_key(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_ctl_arguments_are_json_when_they_parse_and_strings_otherwise() -> None:
-    assert parse_args(["session=chat-1", "value=3", "x=null", "keys=[\"ab\"]"]) == {
-        "session": "chat-1", "value": 3, "x": None, "keys": ["ab"],
+    assert parse_args(["session=chat-1", "value=3", "x=null", 'keys=["ab"]']) == {
+        "session": "chat-1",
+        "value": 3,
+        "x": None,
+        "keys": ["ab"],
     }
 
 

@@ -281,7 +281,9 @@ async def test_prefetch_counts_done_then_noop_and_the_promoted_bytes(
     assert value(m, "tiercache_prefetch_total", result="noop") == 1
     assert value(m, "tiercache_prefetch_total", result="partial") == 0
     assert value(m, "tiercache_transfer_bytes_total", src="disk", dst="host") == 3 * B
-    assert value(m, "tiercache_request_seconds_count", op="prefetch") == 2  # the no-op is a request too
+    assert (
+        value(m, "tiercache_request_seconds_count", op="prefetch") == 2
+    )  # the no-op is a request too
 
 
 def test_prefetch_timing_fills_the_lead_and_lateness_histograms() -> None:
@@ -783,7 +785,9 @@ class DaemonLoad:
             "TIERCACHE_METRICS__LISTEN": self.target,
             **mqtt_env(self.mqtt),
         }
-        self.proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env
+        )
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             assert self.proc.poll() is None, "tiercache serve exited at start"
@@ -837,7 +841,9 @@ class DaemonLoad:
             await asyncio.sleep(0.05)
             await a.load(NS, self._turn(r - 8))  # early: the prefetch finished first
         elif r >= 8:
-            await asyncio.gather(a.prefetch(session=f"s{r - 7}"), b.load(NS, self._turn(r - 7)))  # late
+            await asyncio.gather(
+                a.prefetch(session=f"s{r - 7}"), b.load(NS, self._turn(r - 7))
+            )  # late
         if r % 25 == 12:
             await self._corrupt_disk(a, r)
         if r % 25 == 20:

@@ -112,7 +112,12 @@ class Operator:
         self._unclaimed: list[aiomqtt.Message] = []
 
     async def send(
-        self, verb: str, payload: bytes = b"", *, reply_to: str | None = None, correlation: bytes | None = None
+        self,
+        verb: str,
+        payload: bytes = b"",
+        *,
+        reply_to: str | None = None,
+        correlation: bytes | None = None,
     ) -> None:
         await self.client.publish(
             f"{self.base}/cmd/{verb}", payload, qos=1, properties=properties(reply_to, correlation)
@@ -211,7 +216,9 @@ async def test_pin_pins_the_session_and_replies_with_its_block_count(
     assert manager.index.sessions["chat"].pinned
 
 
-async def test_unpin_unpins_the_session(daemon: Daemon, ctl: MqttConfig, manager: TierManager) -> None:
+async def test_unpin_unpins_the_session(
+    daemon: Daemon, ctl: MqttConfig, manager: TierManager
+) -> None:
     await manager.pin("chat")
     assert await request(ctl, "unpin", {"session": "chat"}, timeout=WAIT) == ok({"blocks": 2})
     assert not manager.index.sessions["chat"].pinned
@@ -247,14 +254,20 @@ async def test_stats_replies_with_the_managers_counters(daemon: Daemon, ctl: Mqt
     assert (reply["result"]["blocks"], reply["result"]["sessions"]) == (2, 1)
 
 
-async def test_set_changes_a_setting_at_run_time(daemon: Daemon, ctl: MqttConfig, manager: TierManager) -> None:
+async def test_set_changes_a_setting_at_run_time(
+    daemon: Daemon, ctl: MqttConfig, manager: TierManager
+) -> None:
     args = {"name": "policy.admission", "value": 3}
     assert await request(ctl, "set", args, timeout=WAIT) == ok(args)
     assert manager.admission.threshold == 3
 
 
-async def test_drain_flushes_and_stops_taking_saves(daemon: Daemon, ctl: MqttConfig, manager: TierManager) -> None:
-    assert await request(ctl, "drain", {}, timeout=WAIT) == ok({"flushed_bytes": 2 * NBYTES, "draining": True})
+async def test_drain_flushes_and_stops_taking_saves(
+    daemon: Daemon, ctl: MqttConfig, manager: TierManager
+) -> None:
+    assert await request(ctl, "drain", {}, timeout=WAIT) == ok(
+        {"flushed_bytes": 2 * NBYTES, "draining": True}
+    )
     assert manager.draining
 
 
@@ -264,7 +277,12 @@ async def test_drain_flushes_and_stops_taking_saves(daemon: Daemon, ctl: MqttCon
 async def test_reply_goes_to_the_response_topic_with_the_correlation_data_copied(
     daemon: Daemon, operator: Operator
 ) -> None:
-    await operator.send("pin", b'{"session": "chat"}', reply_to=f"{operator.base}/reply/mine", correlation=b"\x00id\xff")
+    await operator.send(
+        "pin",
+        b'{"session": "chat"}',
+        reply_to=f"{operator.base}/reply/mine",
+        correlation=b"\x00id\xff",
+    )
     message = await operator.next("reply/mine")
     assert getattr(message.properties, "CorrelationData", None) == b"\x00id\xff"
     assert json.loads(message.payload) == ok({"blocks": 2})
@@ -279,7 +297,9 @@ async def test_reply_without_a_response_topic_goes_to_the_nodes_reply_topic(
     assert json.loads(message.payload) == ok({"blocks": 2})
 
 
-async def test_concurrent_requests_each_get_their_own_reply(daemon: Daemon, ctl: MqttConfig) -> None:
+async def test_concurrent_requests_each_get_their_own_reply(
+    daemon: Daemon, ctl: MqttConfig
+) -> None:
     pin, unknown, bad = await asyncio.gather(
         request(ctl, "pin", {"session": "chat"}, timeout=WAIT),
         request(ctl, "pin", {"session": "nope"}, timeout=WAIT),
@@ -294,7 +314,9 @@ async def test_a_response_topic_outside_the_nodes_reply_topics_is_refused_and_no
     daemon: Daemon, operator: Operator, manager: TierManager
 ) -> None:
     # The daemon may write its status topic: a reply there would overwrite it.
-    await operator.send("pin", b'{"session": "chat"}', reply_to=f"{operator.base}/status", correlation=b"c")
+    await operator.send(
+        "pin", b'{"session": "chat"}', reply_to=f"{operator.base}/status", correlation=b"c"
+    )
     assert await operator.reply() == error(
         "bad_request",
         f"Response Topic {operator.base + '/status'!r} is not under {operator.base + '/reply'!r}",
@@ -313,7 +335,9 @@ async def test_invalid_json_is_a_bad_request(daemon: Daemon, operator: Operator)
     )
 
 
-async def test_a_payload_that_is_not_a_json_object_is_a_bad_request(daemon: Daemon, operator: Operator) -> None:
+async def test_a_payload_that_is_not_a_json_object_is_a_bad_request(
+    daemon: Daemon, operator: Operator
+) -> None:
     await operator.send("pin", b'["chat"]')
     assert await operator.reply() == error(
         "bad_request", "payload must be a JSON object of arguments, got a JSON array"
@@ -322,7 +346,9 @@ async def test_a_payload_that_is_not_a_json_object_is_a_bad_request(daemon: Daem
 
 async def test_an_empty_payload_means_no_arguments(daemon: Daemon, operator: Operator) -> None:
     await operator.send("pin", b"")
-    assert await operator.reply() == error("bad_request", "pin: 'session' must be a non-empty string")
+    assert await operator.reply() == error(
+        "bad_request", "pin: 'session' must be a non-empty string"
+    )
 
 
 async def test_an_unknown_verb_is_named_in_the_error(daemon: Daemon, ctl: MqttConfig) -> None:
@@ -405,7 +431,9 @@ async def test_the_last_will_marks_the_node_offline_when_its_connection_dies(
 ) -> None:
     proxy = TcpProxy(mosquitto.port)
     await proxy.start()
-    async with serving(mosquitto.config("tiercache", node=node, port=proxy.port), Control(manager)) as d:
+    async with serving(
+        mosquitto.config("tiercache", node=node, port=proxy.port), Control(manager)
+    ) as d:
         assert (await operator.next("status")).payload == b"online"
         await proxy.cut()  # no DISCONNECT reaches the broker: the Will fires
         assert (await operator.next("status")).payload == b"offline"
@@ -419,7 +447,9 @@ async def test_after_a_reconnect_the_node_announces_its_current_status_again(
 ) -> None:
     proxy = TcpProxy(mosquitto.port)
     await proxy.start()
-    async with serving(mosquitto.config("tiercache", node=node, port=proxy.port), Control(manager)) as d:
+    async with serving(
+        mosquitto.config("tiercache", node=node, port=proxy.port), Control(manager)
+    ) as d:
         await d.mqtt.set_status("draining")
         await proxy.cut()
         await until(lambda: not d.mqtt.connected, "the daemon to notice the cut")
@@ -443,7 +473,9 @@ async def test_the_daemon_reconnects_by_itself_after_the_broker_is_killed_and_re
         broker.start()
         await until(lambda: d.mqtt.connected, "the daemon to reconnect")
         assert d.transitions == [True, False, True]
-        reply = await request(broker.config("operator", node=node), "pin", {"session": "chat"}, timeout=WAIT)
+        reply = await request(
+            broker.config("operator", node=node), "pin", {"session": "chat"}, timeout=WAIT
+        )
         assert reply == ok({"blocks": 2})
         # The killed broker kept no retained messages: the status is the daemon's new announcement.
         assert await retained_status(broker, node) == "online"
@@ -475,14 +507,20 @@ async def test_a_refused_command_fails_at_once_with_the_brokers_reason(
     daemon: Daemon, mosquitto: Mosquitto, node: str
 ) -> None:
     started = time.monotonic()
-    with pytest.raises(BrokerUnavailable, match=r"refused the command on tiercache/.*/cmd/pin: Not authorized"):
-        await request(mosquitto.config("guest", node=node), "pin", {"session": "chat"}, timeout=WAIT)
+    with pytest.raises(
+        BrokerUnavailable, match=r"refused the command on tiercache/.*/cmd/pin: Not authorized"
+    ):
+        await request(
+            mosquitto.config("guest", node=node), "pin", {"session": "chat"}, timeout=WAIT
+        )
     assert time.monotonic() - started < WAIT / 2
 
 
 async def test_a_broker_that_is_not_there_is_reported_by_address(node: str) -> None:
     cfg = MqttConfig(host="127.0.0.1", port=free_port(), node=node)
-    with pytest.raises(BrokerUnavailable, match=rf"^MQTT broker 127.0.0.1:{cfg.port} \(user anonymous\): .*refused"):
+    with pytest.raises(
+        BrokerUnavailable, match=rf"^MQTT broker 127.0.0.1:{cfg.port} \(user anonymous\): .*refused"
+    ):
         await request(cfg, "stats", {}, timeout=WAIT)
 
 
@@ -499,7 +537,9 @@ async def test_daemon_and_ctl_work_over_tls_with_the_test_ca(
 ) -> None:
     assert mosquitto.tls_port is not None and mosquitto.ca is not None
     port, ca = mosquitto.tls_port, mosquitto.ca
-    async with serving(mosquitto.config("tiercache", node=node, port=port, tls_ca=ca), Control(manager)):
+    async with serving(
+        mosquitto.config("tiercache", node=node, port=port, tls_ca=ca), Control(manager)
+    ):
         ctl_tls = mosquitto.config("operator", node=node, port=port, tls_ca=ca)
         reply = await request(ctl_tls, "pin", {"session": "chat"}, timeout=WAIT)
     assert reply == ok({"blocks": 2})
@@ -510,13 +550,19 @@ async def test_tls_with_a_ca_that_did_not_sign_the_broker_fails_with_a_certifica
 ) -> None:
     other = make_ca(tmp_path, "other-ca")
     cfg = mosquitto.config("operator", node=node, port=mosquitto.tls_port, tls_ca=other)
-    with pytest.raises(BrokerUnavailable, match=r"TLS with CA .*other-ca.crt\): .*CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(
+        BrokerUnavailable, match=r"TLS with CA .*other-ca.crt\): .*CERTIFICATE_VERIFY_FAILED"
+    ):
         await request(cfg, "stats", {}, timeout=WAIT)
 
 
-async def test_a_plain_client_on_the_tls_port_times_out_with_a_hint(mosquitto: Mosquitto, node: str) -> None:
+async def test_a_plain_client_on_the_tls_port_times_out_with_a_hint(
+    mosquitto: Mosquitto, node: str
+) -> None:
     cfg = mosquitto.config("operator", node=node, port=mosquitto.tls_port)
-    with pytest.raises(TimeoutError, match=r"did not accept a connection within 0.5 s .*tls_ca is not set"):
+    with pytest.raises(
+        TimeoutError, match=r"did not accept a connection within 0.5 s .*tls_ca is not set"
+    ):
         await request(cfg, "stats", {}, timeout=0.5)
 
 
@@ -548,7 +594,10 @@ async def test_bad_settings_are_config_errors_naming_the_key(
 async def test_events_are_published_on_their_kind_topic(daemon: Daemon, operator: Operator) -> None:
     await daemon.mqtt.event("evicted", {"session": "chat", "blocks": 2})
     await daemon.mqtt.event("drained", {"flushed_bytes": 1024})
-    assert json.loads((await operator.next("events/evicted")).payload) == {"session": "chat", "blocks": 2}
+    assert json.loads((await operator.next("events/evicted")).payload) == {
+        "session": "chat",
+        "blocks": 2,
+    }
     assert json.loads((await operator.next("events/drained")).payload) == {"flushed_bytes": 1024}
 
 
@@ -616,17 +665,31 @@ async def test_commands_beyond_the_pending_bound_are_dropped_and_counted(
 
 # -- any input, one well-formed reply ----------------------------------------------------------------
 
-json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
 json_value = st.recursive(
     json_leaf | st.sampled_from(["chat", *SETTABLE, "write-through", "warning", "00ff"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=6,
 )
-json_args = st.dictionaries(st.sampled_from(["session", "name", "value", "keys"]) | st.text(max_size=6), json_value)
+json_args = st.dictionaries(
+    st.sampled_from(["session", "name", "value", "keys"]) | st.text(max_size=6), json_value
+)
 payloads = st.binary(max_size=64) | json_args.map(lambda a: json.dumps(a).encode()) | st.just(b"")
 
 
-@settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=fuzz_examples(300),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(verb=st.sampled_from(VERBS) | st.text(max_size=12), payload=payloads)
 async def test_any_verb_and_payload_get_exactly_one_well_formed_reply(
     manager: TierManager, verb: str, payload: bytes
@@ -644,6 +707,7 @@ async def test_any_verb_and_payload_get_exactly_one_well_formed_reply(
         assert set(reply) == {"ok", "error"}
         assert set(reply["error"]) == {"code", "message"}
         assert all(isinstance(v, str) and v for v in reply["error"].values())
+
     def no_constants(name: str) -> None:
         raise ValueError(name)
 

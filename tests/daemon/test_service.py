@@ -50,15 +50,22 @@ async def test_the_daemon_publishes_events_status_and_drain(
     op = mosquitto.config("operator", node=node)
     password = (await asyncio.to_thread(Path(op.password_file).read_text)).strip()
     daemon = Daemon(load_config(env=env))
-    async with aiomqtt.Client(op.host, op.port, username=op.username, password=password,
-                              protocol=aiomqtt.ProtocolVersion.V5) as watcher:
+    async with aiomqtt.Client(
+        op.host,
+        op.port,
+        username=op.username,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as watcher:
         await watcher.subscribe(f"tiercache/{node}/#", qos=1)
         messages = watcher.messages
         await daemon.start()
         try:
             assert await _next(messages, f"tiercache/{node}/status") == "online"
             client = await AsyncClient.connect(tmp_path / "tc.sock")
-            await client.save(NS, make_tokens(10), make_blocks(10))  # 6 evictions from a 4-block host
+            await client.save(
+                NS, make_tokens(10), make_blocks(10)
+            )  # 6 evictions from a 4-block host
             event = await _next(messages, f"tiercache/{node}/events/evictions")
             assert event == {"blocks": {"host": 6}, "interval_s": 0.2}
             drained = await client.ctl("drain")
@@ -75,7 +82,9 @@ async def test_the_daemon_publishes_events_status_and_drain(
         assert await _next(messages, f"tiercache/{node}/status") == "offline"
 
 
-async def test_the_daemon_expires_sessions_on_its_timer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_daemon_expires_sessions_on_its_timer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(service, "EXPIRE_INTERVAL", 0.05)
     env = {
         "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),

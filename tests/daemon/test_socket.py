@@ -61,7 +61,9 @@ async def raw(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
     return await asyncio.open_unix_connection(daemon.config.daemon.socket)
 
 
-async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes) -> dict | None:  # type: ignore[type-arg]
+async def roundtrip(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes
+) -> dict | None:  # type: ignore[type-arg]
     writer.write(frame)
     await writer.drain()
     try:
@@ -143,7 +145,9 @@ async def test_the_socket_is_owner_only(daemon: Daemon) -> None:
 
 async def test_a_wrong_protocol_version_is_refused_and_closed(daemon: Daemon) -> None:
     reader, writer = await raw(daemon)
-    reply = await roundtrip(reader, writer, encode({"id": 1, "op": "hello", "args": {"version": 99}}))
+    reply = await roundtrip(
+        reader, writer, encode({"id": 1, "op": "hello", "args": {"version": 99}})
+    )
     assert reply is not None and reply["error"]["code"] == "bad_version"
     assert "this daemon speaks 1" in reply["error"]["message"]
     assert await reader.read() == b""  # closed
@@ -153,7 +157,11 @@ async def test_a_wrong_protocol_version_is_refused_and_closed(daemon: Daemon) ->
 async def test_a_request_before_hello_is_refused(daemon: Daemon) -> None:
     reader, writer = await raw(daemon)
     reply = await roundtrip(reader, writer, encode({"id": 7, "op": "lookup", "args": {}}))
-    assert reply == {"id": 7, "ok": False, "error": {"code": "no_hello", "message": "the first request must be 'hello', got 'lookup'"}}
+    assert reply == {
+        "id": 7,
+        "ok": False,
+        "error": {"code": "no_hello", "message": "the first request must be 'hello', got 'lookup'"},
+    }
     writer.close()
 
 
@@ -164,23 +172,40 @@ async def test_a_request_before_hello_is_refused(daemon: Daemon) -> None:
         ({"id": 2, "op": 5}, "bad_request"),
         ({"id": 2, "op": "lookup", "args": []}, "bad_request"),
         ({"id": 2, "op": "lookup", "args": {"ns": "nope", "tokens": b""}}, "unknown_namespace"),
-        ({"id": 2, "op": "register", "args": {"model": "m", "spec": {"num_layers": -1}}}, "bad_spec"),
+        (
+            {"id": 2, "op": "register", "args": {"model": "m", "spec": {"num_layers": -1}}},
+            "bad_spec",
+        ),
         ({"id": 2, "op": "register", "args": {"model": "m", "spec": {"bogus": 1}}}, "bad_spec"),
         ({"id": 2, "op": "commit", "args": {"txn": 12345}}, "unknown_txn"),
         ({"id": 2, "op": "release", "args": {"lease": -3}}, "bad_request"),
         ({"id": 2, "op": "ctl", "args": {"verb": "explode"}}, "unknown_verb"),
-        ({"id": 2, "op": "ctl", "args": {"verb": "pin", "args": {"session": "nobody"}}}, "unknown_session"),
-        ({"id": 2, "op": "ctl", "args": {"verb": "set", "args": {"name": "policy.admission", "value": 0}}}, "bad_value"),
+        (
+            {"id": 2, "op": "ctl", "args": {"verb": "pin", "args": {"session": "nobody"}}},
+            "unknown_session",
+        ),
+        (
+            {
+                "id": 2,
+                "op": "ctl",
+                "args": {"verb": "set", "args": {"name": "policy.admission", "value": 0}},
+            },
+            "bad_value",
+        ),
     ],
 )
 async def test_bad_requests_get_typed_errors_and_the_connection_stays_usable(
-    daemon: Daemon, msg: dict, code: str  # type: ignore[type-arg]
+    daemon: Daemon,
+    msg: dict,
+    code: str,  # type: ignore[type-arg]
 ) -> None:
     reader, writer = await raw(daemon)
     assert (await roundtrip(reader, writer, HELLO))["ok"]  # type: ignore[index]
     reply = await roundtrip(reader, writer, encode(msg))
     assert reply is not None and reply["ok"] is False and reply["error"]["code"] == code, reply
-    again = await roundtrip(reader, writer, encode({"id": 3, "op": "ctl", "args": {"verb": "stats"}}))
+    again = await roundtrip(
+        reader, writer, encode({"id": 3, "op": "ctl", "args": {"verb": "stats"}})
+    )
     assert again is not None and again["ok"] is True
     writer.close()
 
@@ -211,7 +236,9 @@ async def test_an_oversized_frame_is_refused_and_the_connection_closed(daemon: D
     writer.close()
 
 
-async def test_a_truncated_frame_does_not_hurt_the_daemon(daemon: Daemon, client: AsyncClient) -> None:
+async def test_a_truncated_frame_does_not_hurt_the_daemon(
+    daemon: Daemon, client: AsyncClient
+) -> None:
     tokens = make_tokens(2)
     await client.save(NS, tokens, make_blocks(2))
     _, writer = await raw(daemon)
@@ -330,27 +357,53 @@ def test_the_frame_decoder_raises_only_protocol_errors(body: bytes) -> None:
 MESSAGES = st.dictionaries(
     st.sampled_from(["id", "op", "args", "x"]),
     st.one_of(
-        st.none(), st.integers(-(2**40), 2**40), st.text(max_size=8), st.binary(max_size=16),
-        st.sampled_from(["hello", "register", "lookup", "reserve", "commit", "abort", "acquire",
-                         "release", "prefetch", "ctl", "bye"]),
-        st.dictionaries(st.text(max_size=6), st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=6), st.binary(max_size=8)),
-                        max_size=4),
+        st.none(),
+        st.integers(-(2**40), 2**40),
+        st.text(max_size=8),
+        st.binary(max_size=16),
+        st.sampled_from(
+            [
+                "hello",
+                "register",
+                "lookup",
+                "reserve",
+                "commit",
+                "abort",
+                "acquire",
+                "release",
+                "prefetch",
+                "ctl",
+                "bye",
+            ]
+        ),
+        st.dictionaries(
+            st.text(max_size=6),
+            st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=6), st.binary(max_size=8)),
+            max_size=4,
+        ),
     ),
     max_size=4,
 )
 
 
-@settings(max_examples=fuzz_examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=fuzz_examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(msgs=st.lists(MESSAGES, max_size=6))
 async def test_fuzzed_messages_always_get_a_reply_and_never_hurt_the_daemon(
-    daemon: Daemon, msgs: list[dict]  # type: ignore[type-arg]
+    daemon: Daemon,
+    msgs: list[dict],  # type: ignore[type-arg]
 ) -> None:
     reader, writer = await raw(daemon)
     try:
         await roundtrip(reader, writer, HELLO)
         for msg in msgs:
             try:
-                reply = await roundtrip(reader, writer, struct.pack(">I", len(b := msgpack.packb(msg))) + b)
+                reply = await roundtrip(
+                    reader, writer, struct.pack(">I", len(b := msgpack.packb(msg))) + b
+                )
             except ConnectionError:
                 reply = None
             if reply is None:  # the daemon hung up (bye, a bad hello): it must still serve others
@@ -366,8 +419,12 @@ async def test_fuzzed_messages_always_get_a_reply_and_never_hurt_the_daemon(
 
 def test_sigterm_flushes_write_back_blocks_and_exits_0(tmp_path: Path) -> None:
     env = {**os.environ, **daemon_env(tmp_path), "TIERCACHE_POLICY__WRITE": "write-back"}
-    proc = subprocess.Popen([sys.executable, "-m", "tiercache.daemon.cli", "serve"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiercache.daemon.cli", "serve"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sock = tmp_path / "tc.sock"
     try:
         for _ in range(300):
@@ -391,7 +448,9 @@ def test_sigterm_flushes_write_back_blocks_and_exits_0(tmp_path: Path) -> None:
     async def reopen() -> None:
         from tiercache import TierManager
 
-        m = await TierManager.open(host_bytes=8 * NBYTES, disk_url=str(tmp_path / "disk"), disk_bytes=256 * NBYTES)
+        m = await TierManager.open(
+            host_bytes=8 * NBYTES, disk_url=str(tmp_path / "disk"), disk_bytes=256 * NBYTES
+        )
         got = await m.load(NS, tokens)
         assert got.tiers == ["disk"] * 3 and torch.equal(as_bytes(got.kv()), as_bytes(blocks))
         await m.close()
@@ -399,7 +458,9 @@ def test_sigterm_flushes_write_back_blocks_and_exits_0(tmp_path: Path) -> None:
     asyncio.run(reopen())
 
 
-async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path, daemon: Daemon) -> None:
+async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(
+    tmp_path: Path, daemon: Daemon
+) -> None:
     env = daemon_env(tmp_path)
     env["TIERCACHE_TIERS_DISK__URL"] = str(tmp_path / "disk2")
     second = Daemon(load_config(env=env))
@@ -412,7 +473,11 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path
     s = socket_mod.socket(socket_mod.AF_UNIX)
     s.bind(str(stale))
     s.close()  # a socket file nobody listens on: what a kill -9 leaves behind
-    env2 = {**env, "TIERCACHE_DAEMON__SOCKET": str(stale), "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk3")}
+    env2 = {
+        **env,
+        "TIERCACHE_DAEMON__SOCKET": str(stale),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk3"),
+    }
     third = Daemon(load_config(env=env2))
     await third.start()
     c = await AsyncClient.connect(stale)

@@ -18,7 +18,9 @@ def model_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_size_of_llama_3_70b_at_128k_tokens(model_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_size_of_llama_3_70b_at_128k_tokens(
+    model_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["size", "--model-config", str(model_config), "--tokens", "131072"]) == 0
     out = capsys.readouterr().out
     assert "bytes per token:  327,680" in out
@@ -30,8 +32,22 @@ def test_size_reports_what_each_configured_tier_holds(
 ) -> None:
     cfg = tmp_path / "tiercache.toml"
     cfg.write_text('[tiers.host]\nbytes = "32GiB"\n[tiers.disk]\nurl = "none"\n')
-    assert main(["size", "--model-config", str(model_config), "--tokens", "1", "--dtype", "fp8",
-                 "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "size",
+                "--model-config",
+                str(model_config),
+                "--tokens",
+                "1",
+                "--dtype",
+                "fp8",
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bytes per token:  163,840" in out
     # 32 GiB / (16 tokens x 163,840 B) = 13,107 whole blocks = 209,712 tokens
@@ -42,14 +58,27 @@ def test_size_reports_what_each_configured_tier_holds(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["size", "--model-config", "/nonexistent/config.json", "--tokens", "1"], "model config not found"),
+        (
+            ["size", "--model-config", "/nonexistent/config.json", "--tokens", "1"],
+            "model config not found",
+        ),
         (["size", "--model-config", "MODEL", "--tokens", "0"], "--tokens must be positive"),
-        (["size", "--model-config", "MODEL", "--tokens", "1", "--dtype", "fp4"], "unsupported KV dtype 'fp4'"),
-        (["size", "--model-config", "MODEL", "--tokens", "1", "--config", "BADCFG"], "tiers.host.bytes: bad size"),
+        (
+            ["size", "--model-config", "MODEL", "--tokens", "1", "--dtype", "fp4"],
+            "unsupported KV dtype 'fp4'",
+        ),
+        (
+            ["size", "--model-config", "MODEL", "--tokens", "1", "--config", "BADCFG"],
+            "tiers.host.bytes: bad size",
+        ),
     ],
 )
 def test_bad_input_exits_2_naming_what_was_wrong(
-    args: list[str], message: str, model_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    args: list[str],
+    message: str,
+    model_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[tiers.host]\nbytes = "lots"\n')
@@ -64,7 +93,9 @@ def test_demo_resumes_every_turn_with_the_same_reply_and_one_from_disk(
     monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", str(tmp_path / "disk"))
     monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "64MiB")
     assert main(["demo", "--turns", "3", "--context-tokens", "256", "--reply-tokens", "8"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
+    rows = [
+        line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()
+    ]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     assert [r[3] for r in rows] == ["-", "host", "disk"]  # turn 3 follows the restart
     assert all(r[-1] == "yes" for r in rows)

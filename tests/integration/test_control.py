@@ -15,10 +15,20 @@ async def test_stats_counts_dirty_pinned_and_reserved_blocks(open_cache: OpenCac
     await m.pin("a")
     r = await m.reserve(NS, make_tokens(2, seed=2))
     s = await control.run("stats")
-    assert (s["dirty_blocks"], s["pinned_blocks"], s["reserved_slots"], s["leased_blocks"]) == (3, 3, 2, 0)
+    assert (s["dirty_blocks"], s["pinned_blocks"], s["reserved_slots"], s["leased_blocks"]) == (
+        3,
+        3,
+        2,
+        0,
+    )
     await m.abort(r)
     await control.run("flush")
     lease = await m.acquire(NS, make_tokens(3, seed=1))
     s = await control.run("stats")
-    assert (s["dirty_blocks"], s["pinned_blocks"], s["reserved_slots"], s["leased_blocks"]) == (0, 3, 0, 3)
+    assert (s["dirty_blocks"], s["pinned_blocks"], s["reserved_slots"], s["leased_blocks"]) == (
+        0,
+        3,
+        0,
+        3,
+    )
     await m.release(lease)

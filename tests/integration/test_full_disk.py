@@ -42,8 +42,12 @@ def fill(path: Path) -> None:
 
 
 async def test_a_full_device_refuses_writes_but_keeps_serving(small_fs: Path) -> None:
-    m = await TierManager.open(host_bytes=64 * NBYTES, disk_url=str(small_fs / "disk"),
-                               disk_bytes=10_000 * NBYTES, write="write-through")
+    m = await TierManager.open(
+        host_bytes=64 * NBYTES,
+        disk_url=str(small_fs / "disk"),
+        disk_bytes=10_000 * NBYTES,
+        write="write-through",
+    )
     try:
         before, before_blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
         await m.save(NS, before, before_blocks)  # lands on disk while there is room
@@ -65,8 +69,9 @@ async def test_a_full_device_refuses_writes_but_keeps_serving(small_fs: Path) ->
     finally:
         await m.close()
 
-    again = await TierManager.open(host_bytes=64 * NBYTES, disk_url=str(small_fs / "disk"),
-                                   disk_bytes=10_000 * NBYTES)
+    again = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=str(small_fs / "disk"), disk_bytes=10_000 * NBYTES
+    )
     try:
         for tokens, blocks in ((before, before_blocks), (during, during_blocks)):
             got = await again.load(NS, tokens)

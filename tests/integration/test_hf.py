@@ -27,13 +27,19 @@ REPLY = 12
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request: pytest.FixtureRequest) -> Any:
-    return tiny_model(request.param, seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    return tiny_model(
+        request.param, seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256
+    )
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Iterator[SyncCache]:
-    cfg = load_config(env={"TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-                           "TIERCACHE_TIERS_HOST__BYTES": "32MiB"})
+    cfg = load_config(
+        env={
+            "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+            "TIERCACHE_TIERS_HOST__BYTES": "32MiB",
+        }
+    )
     c = SyncCache(cfg)
     yield c
     c.close()
@@ -42,10 +48,22 @@ def cache(tmp_path: Path) -> Iterator[SyncCache]:
 def generate(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy reply and the log-probs of each chosen token."""
     with torch.no_grad():
-        out = model.generate(ids[None], past_key_values=past, max_new_tokens=REPLY, do_sample=False,
-                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            ids[None],
+            past_key_values=past,
+            max_new_tokens=REPLY,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     seq = out.sequences[0]
-    logp = torch.stack([torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, seq[-REPLY:], strict=True)])
+    logp = torch.stack(
+        [
+            torch.log_softmax(s[0].float(), -1)[t]
+            for s, t in zip(out.scores, seq[-REPLY:], strict=True)
+        ]
+    )
     return seq, logp
 
 
@@ -58,7 +76,9 @@ def user_message(turn: int, n: int, vocab: int) -> torch.Tensor:
     return torch.randint(1, vocab, (n,), generator=g)
 
 
-def test_three_turn_chat_resumes_with_output_identical_to_recompute(model: Any, cache: SyncCache) -> None:
+def test_three_turn_chat_resumes_with_output_identical_to_recompute(
+    model: Any, cache: SyncCache
+) -> None:
     chat = HFChatCache(cache, model, block_size=16)
     vocab = model.config.vocab_size
     convo = torch.empty(0, dtype=torch.long)
@@ -69,7 +89,9 @@ def test_three_turn_chat_resumes_with_output_identical_to_recompute(model: Any, 
         reused_per_turn.append(reused)
         resumed, logp = generate(model, convo, past)
         expected, expected_logp = recompute(model, convo)
-        assert torch.equal(resumed, expected), f"turn {turn + 1}: resumed reply differs from recompute"
+        assert torch.equal(resumed, expected), (
+            f"turn {turn + 1}: resumed reply differs from recompute"
+        )
         torch.testing.assert_close(logp, expected_logp, atol=1e-3, rtol=0)
         chat.save("chat", resumed[:-1], past)
         convo = resumed

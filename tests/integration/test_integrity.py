@@ -38,7 +38,9 @@ def locate(m: TierManager, key: bytes) -> tuple[Path, int]:
     return m.disk.location(e.disk)
 
 
-async def saved_on_disk_only(open_cache: OpenCache, n: int) -> tuple[TierManager, list[int], torch.Tensor]:
+async def saved_on_disk_only(
+    open_cache: OpenCache, n: int
+) -> tuple[TierManager, list[int], torch.Tensor]:
     """A cache whose ``n`` blocks are on disk and not in host memory (so reads hit the files)."""
     m = await open_cache(write="write-through", host_blocks=64)
     tokens, blocks = make_tokens(n), make_blocks(n)
@@ -68,8 +70,12 @@ async def test_a_file_truncated_while_running_is_a_miss_from_the_cut(open_cache:
     assert m.stats.corrupt_blocks == 1
 
 
-@pytest.mark.parametrize(("damage", "kept"), [("truncated", SHARD_BLOCKS + 2), ("missing", SHARD_BLOCKS)])
-async def test_a_damaged_shard_file_loses_only_what_it_lost(open_cache: OpenCache, damage: str, kept: int) -> None:
+@pytest.mark.parametrize(
+    ("damage", "kept"), [("truncated", SHARD_BLOCKS + 2), ("missing", SHARD_BLOCKS)]
+)
+async def test_a_damaged_shard_file_loses_only_what_it_lost(
+    open_cache: OpenCache, damage: str, kept: int
+) -> None:
     n = SHARD_BLOCKS + 4  # two shard files: blocks 0-15 and 16-19
     m, tokens, blocks = await saved_on_disk_only(open_cache, n)
     path, offset = locate(m, NS.block_keys(tokens)[SHARD_BLOCKS + 2])
@@ -173,8 +179,11 @@ def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Path) -> 
 
 async def _check_recovered(root: Path, completed: list[int], start: int) -> None:
     ns = Namespace("crash-model", CRASH_SPEC)
-    m = await TierManager.open(host_bytes=4 * CRASH_SPEC.block_nbytes, disk_url=str(root),
-                               disk_bytes=4096 * CRASH_SPEC.block_nbytes)
+    m = await TierManager.open(
+        host_bytes=4 * CRASH_SPEC.block_nbytes,
+        disk_url=str(root),
+        disk_bytes=4096 * CRASH_SPEC.block_nbytes,
+    )
     try:
         for i in completed:
             got = await m.load(ns, [i] * CRASH_SPEC.block_size)
@@ -186,7 +195,11 @@ async def _check_recovered(root: Path, completed: list[int], start: int) -> None
             assert entry.disk is not None
             out = torch.empty((1, CRASH_SPEC.block_nbytes), dtype=torch.uint8)
             if await m.disk.get(entry.disk, out[0]):  # type: ignore[union-attr]
-                i = next(j for j in range(start + 100) if ns.block_keys([j] * CRASH_SPEC.block_size)[0] == entry.key)
+                i = next(
+                    j
+                    for j in range(start + 100)
+                    if ns.block_keys([j] * CRASH_SPEC.block_size)[0] == entry.key
+                )
                 assert torch.equal(out, as_bytes(_crash_block(i)))
         assert m.stats.corrupt_blocks == 0
     finally:

@@ -87,10 +87,14 @@ async def test_wrong_shapes_and_dtypes_are_rejected_by_name(
     assert len(m.index) == 0
 
 
-async def test_a_namespace_with_blocks_bigger_than_host_slots_is_rejected(open_cache: OpenCache) -> None:
+async def test_a_namespace_with_blocks_bigger_than_host_slots_is_rejected(
+    open_cache: OpenCache,
+) -> None:
     m = await open_cache()
     await m.register(NS)
-    big = make_ns(spec=KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4))
+    big = make_ns(
+        spec=KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
+    )
     with pytest.raises(BlockShapeError, match="slot_bytes"):
         await m.register(big)
 
@@ -173,7 +177,9 @@ async def test_no_room_when_every_host_slot_is_pinned(open_cache: OpenCache) -> 
         await m._host_slot()
 
 
-async def test_evicting_a_session_keeps_blocks_another_session_shares(open_cache: OpenCache) -> None:
+async def test_evicting_a_session_keeps_blocks_another_session_shares(
+    open_cache: OpenCache,
+) -> None:
     m = await open_cache(host_blocks=8)
     tokens = make_tokens(3)
     await m.save(NS, tokens[:8], make_blocks(2), session="short")
@@ -215,7 +221,9 @@ async def test_admission_threshold_stores_on_second_offer(open_cache: OpenCache)
     assert (await m.save(NS, tokens, make_blocks(2))).stored == 2
 
 
-async def test_disk_budget_evicts_the_least_recently_used_disk_blocks(open_cache: OpenCache) -> None:
+async def test_disk_budget_evicts_the_least_recently_used_disk_blocks(
+    open_cache: OpenCache,
+) -> None:
     m = await open_cache(host_blocks=1, disk_blocks=3, write="write-through")
     for seed in range(5):
         await m.save(NS, make_tokens(1, seed=seed), make_blocks(1, seed=seed))
@@ -240,7 +248,9 @@ async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
-async def test_close_without_flush_loses_only_unwritten_write_back_blocks(open_cache: OpenCache) -> None:
+async def test_close_without_flush_loses_only_unwritten_write_back_blocks(
+    open_cache: OpenCache,
+) -> None:
     m = await open_cache(host_blocks=2, write="write-back")
     tokens = make_tokens(4)
     await m.save(NS, tokens, make_blocks(4))  # blocks 0, 1 written back on eviction
@@ -266,7 +276,9 @@ async def test_memory_store_url_works_without_a_filesystem(open_cache: OpenCache
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
-async def test_stored_blocks_form_a_zarr_array_zarr_itself_can_read(open_cache: OpenCache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_stored_blocks_form_a_zarr_array_zarr_itself_can_read(
+    open_cache: OpenCache, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     import zarr
 
     m = await open_cache(write="write-through")
@@ -323,7 +335,9 @@ async def test_an_aborted_reservation_gives_its_slots_back(open_cache: OpenCache
     assert m.host.free_slots == 2 and len(m.index) == 0
 
 
-async def test_acquire_promotes_disk_blocks_and_holds_them_until_release(open_cache: OpenCache) -> None:
+async def test_acquire_promotes_disk_blocks_and_holds_them_until_release(
+    open_cache: OpenCache,
+) -> None:
     m = await open_cache(host_blocks=2)
     a, b = make_tokens(2, seed=1), make_tokens(2, seed=2)
     blocks_a = make_blocks(2, seed=1)
@@ -351,7 +365,9 @@ async def test_a_load_after_a_prefetch_records_its_lead(open_cache: OpenCache) -
     assert m.stats.prefetch["early"] == 1 and m.stats.prefetch["late"] == 0
 
 
-async def test_a_bad_policy_name_leaves_the_disk_tier_free_for_a_retry(open_cache: OpenCache) -> None:
+async def test_a_bad_policy_name_leaves_the_disk_tier_free_for_a_retry(
+    open_cache: OpenCache,
+) -> None:
     with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
         await open_cache(eviction="fifo")
     m = await open_cache()  # the failed attempt did not keep the directory locked
@@ -390,6 +406,7 @@ async def test_many_concurrent_first_registrations_of_one_model_all_succeed(
 
     monkeypatch.setattr(zarr.api.asynchronous, "open_array", slow_open)
     tier = await DiskTier.open(str(tmp_path / "disk"), 2**30)
+
     async def engine(i: int) -> str:
         await asyncio.sleep(i * 0.004)  # engines connect a few ms apart, as over sockets
         return await tier.register(NS)
@@ -399,7 +416,9 @@ async def test_many_concurrent_first_registrations_of_one_model_all_succeed(
     assert results == [f"ns/{NS.hex}"] * 16
 
 
-async def test_a_load_racing_a_prefetch_waits_for_it_and_counts_it_late(open_cache: OpenCache) -> None:
+async def test_a_load_racing_a_prefetch_waits_for_it_and_counts_it_late(
+    open_cache: OpenCache,
+) -> None:
     import asyncio
 
     m = await open_cache(host_blocks=2)

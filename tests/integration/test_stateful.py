@@ -57,7 +57,11 @@ class CacheMachine(RuleBasedStateMachine):
             )
         )
 
-    @rule(seq=st.integers(0, len(SEQS) - 1), blocks=st.integers(1, 6), session=st.sampled_from([None, "a", "b"]))
+    @rule(
+        seq=st.integers(0, len(SEQS) - 1),
+        blocks=st.integers(1, 6),
+        session=st.sampled_from([None, "a", "b"]),
+    )
     def save(self, seq: int, blocks: int, session: str | None) -> None:
         tokens = SEQS[seq][: blocks * SPEC.block_size]
         keys = NS.block_keys(tokens)
@@ -72,7 +76,9 @@ class CacheMachine(RuleBasedStateMachine):
         got = self.loop.run_until_complete(self.m.load(NS, tokens))
         for i in range(got.blocks):
             assert keys[i] in self.saved
-            assert torch.equal(got.data[i], content(keys[i])), f"block {i} of seq {seq} has wrong bytes"
+            assert torch.equal(got.data[i], content(keys[i])), (
+                f"block {i} of seq {seq} has wrong bytes"
+            )
 
     @rule(seq=st.integers(0, len(SEQS) - 1))
     def evict(self, seq: int) -> None:
@@ -98,12 +104,16 @@ class CacheMachine(RuleBasedStateMachine):
         self.write = write
         self.m = self._open()
 
-    @precondition(lambda self: any(e.disk is not None and e.host_slot is None for e in self.m.index))
+    @precondition(
+        lambda self: any(e.disk is not None and e.host_slot is None for e in self.m.index)
+    )
     @rule(data=st.data())
     def corrupt_a_chunk(self, data: st.DataObject) -> None:
         """Flip a byte of a block that only the disk holds, so the next read of it hits the chunk."""
-        on_disk = sorted((e for e in self.m.index if e.disk is not None and e.host_slot is None),
-                         key=lambda e: e.key)
+        on_disk = sorted(
+            (e for e in self.m.index if e.disk is not None and e.host_slot is None),
+            key=lambda e: e.key,
+        )
         e = data.draw(st.sampled_from(on_disk))
         assert e.disk is not None
         assert self.m.disk is not None
@@ -138,7 +148,10 @@ class ARCCacheMachine(CacheMachine):
 
 
 SETTINGS = settings(
-    max_examples=fuzz_examples(40), stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=fuzz_examples(40),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 CacheMachine.TestCase.settings = SETTINGS
 ARCCacheMachine.TestCase.settings = SETTINGS

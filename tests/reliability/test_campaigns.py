@@ -15,7 +15,9 @@ async def test_kill_9_of_the_daemon_loses_no_acknowledged_block(tmp_path: Path) 
     assert (r["lost"], r["wrong_bytes_served"]) == (0, 0)
 
 
-async def test_corrupted_and_truncated_blocks_are_counted_misses_and_the_rest_is_served(tmp_path: Path) -> None:
+async def test_corrupted_and_truncated_blocks_are_counted_misses_and_the_rest_is_served(
+    tmp_path: Path,
+) -> None:
     r = await reliability.corruption(tmp_path, blocks=48, flips=6)
     assert r["damaged_blocks"] >= 6
     assert r["misses"] == r["damaged_blocks"] == r["counted_corrupt"]
@@ -30,7 +32,9 @@ async def test_killed_clients_release_every_lease_and_reservation(tmp_path: Path
     assert (r["leased_blocks_after"], r["reserved_slots_after"], r["lost"]) == (0, 0, 0)
 
 
-async def test_sixteen_clients_under_eviction_pressure_get_no_error_and_exact_bytes(tmp_path: Path) -> None:
+async def test_sixteen_clients_under_eviction_pressure_get_no_error_and_exact_bytes(
+    tmp_path: Path,
+) -> None:
     r = await reliability.load(tmp_path, clients=16, seconds=4.0)
     assert r["errors"] == {}
     assert r["wrong_bytes_served"] == 0 and r["blocks_served"] > 0

@@ -35,10 +35,16 @@ def test_another_user_cannot_connect_to_the_socket(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("switching to another uid needs root (CI runs as root)")
     tmp_path.chmod(0o755)  # the directory is not what stops them: the socket's mode is
-    with DaemonProcess(tmp_path, {"TIERCACHE_TIERS_DISK__URL": "none",
-                                  "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES)}) as d:
-        out = subprocess.run([sys.executable, "-c", CONNECT_AS_NOBODY, str(d.socket)],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    with DaemonProcess(
+        tmp_path,
+        {"TIERCACHE_TIERS_DISK__URL": "none", "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES)},
+    ) as d:
+        out = subprocess.run(
+            [sys.executable, "-c", CONNECT_AS_NOBODY, str(d.socket)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert out == "refused"
         with Client(d.socket) as owner:  # the owner still gets in
             assert "tiers" in owner.stats()
@@ -72,8 +78,16 @@ def test_no_secret_reaches_the_logs_or_the_metrics(tmp_path: Path, mosquitto: Mo
 
 
 def test_tenants_with_identical_tokens_never_share_a_block(tmp_path: Path) -> None:
-    with DaemonProcess(tmp_path, {"TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-                                  "TIERCACHE_TIERS_HOST__BYTES": str(16 * NBYTES)}) as d, Client(d.socket) as c:
+    with (
+        DaemonProcess(
+            tmp_path,
+            {
+                "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+                "TIERCACHE_TIERS_HOST__BYTES": str(16 * NBYTES),
+            },
+        ) as d,
+        Client(d.socket) as c,
+    ):
         a, b = make_ns(salt="tenant-a"), make_ns(salt="tenant-b")
         tokens = make_tokens(3)
         c.save(a, tokens, make_blocks(3))

@@ -292,7 +292,9 @@ def test_mapped_arena_in_this_process_shares_bytes_both_ways(shared_arena: HostA
 def test_mapped_arena_with_the_wrong_geometry_is_refused(shared_arena: HostArena) -> None:
     path = SHM_DIR / shared_arena.name
 
-    with pytest.raises(ValueError, match=rf"^shared arena {path} is 256 B, smaller than 5 x {SLOT} B$"):
+    with pytest.raises(
+        ValueError, match=rf"^shared arena {path} is 256 B, smaller than 5 x {SLOT} B$"
+    ):
         MappedArena(shared_arena.name, SLOT, 5)
 
 
@@ -363,8 +365,12 @@ def test_a_shared_arena_larger_than_dev_shm_is_refused_by_name() -> None:
 def test_arenas_of_dead_owners_are_reaped_and_live_ones_kept(tmp_path: Path) -> None:
     from tiercache.tiers.host import reap_stale_arenas
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (tmp_path / f"tiercache-{dead}-0badf00d").write_bytes(b"x")
     (tmp_path / f"tiercache-{os.getpid()}-0badf00d").write_bytes(b"x")
     (tmp_path / "someone-else").write_bytes(b"x")

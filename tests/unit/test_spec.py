@@ -162,7 +162,8 @@ def test_layout_accepts_its_string_name(layout: str) -> None:
 
 def test_unknown_layout_is_rejected() -> None:
     with pytest.raises(
-        SpecError, match=r"^KVSpec\.layout must be one of vllm, flashinfer, hf, vllm-cpu, got 'sglang'$"
+        SpecError,
+        match=r"^KVSpec\.layout must be one of vllm, flashinfer, hf, vllm-cpu, got 'sglang'$",
     ):
         small_spec(layout="sglang")
 

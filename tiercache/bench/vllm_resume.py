@@ -238,9 +238,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                         work / "engines",
                         f"throughput-{name}-{k}",
                     )["results"][1:]  # the first batch of a size compiles kernels: untimed
-                    tps.append(
-                        statistics.median(r["generated_tokens"] / r["seconds"] for r in res)
-                    )
+                    tps.append(statistics.median(r["generated_tokens"] / r["seconds"] for r in res))
                 thru.append((tps[0], tps[1]))
         finally:
             daemon.stop()
@@ -360,7 +358,9 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
     ]
     _bars(ax2, rows, chat, "chat_prompt_tokens")
     ax2.set_title("a chat's next turn (prompt + reply + new message)")
-    fig.suptitle("vLLM (CPU): time to first token, TierCacheConnector vs recompute vs ExampleConnector")
+    fig.suptitle(
+        "vLLM (CPU): time to first token, TierCacheConnector vs recompute vs ExampleConnector"
+    )
     return fig
 
 

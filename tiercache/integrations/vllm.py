@@ -621,11 +621,7 @@ class TierCacheConnector(KVConnectorBase_V1):
         hit = st.hit * self.block
         # A tail right after the namespace (no full block before it) exists only when
         # prompts shorter than a block are saved (min_tokens below a block).
-        if (
-            self.min_tail
-            and limit - hit >= self.min_tail
-            and (hit or self.min_tokens < self.block)
-        ):
+        if self.min_tail and limit - hit >= self.min_tail and (hit or self.min_tokens < self.block):
             self._find_tail(st, hit, prompt)
         got = min(hit + (st.tail[0] if st.tail else 0), limit)
         n = max(got - num_computed_tokens, 0)
