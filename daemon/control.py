@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tiercache.manager import CacheError, SessionPinned, TierManager, UnknownSession
+from tiercache.errors import CacheError, SessionPinned, UnknownSession
+from tiercache.manager import TierManager
 from tiercache.policy.write import make_write_policy
 from tiercache.tiers.disk import DiskFull, StoreError
 
@@ -118,10 +119,10 @@ class Control:
         return {
             "tiers": m.usage(),
             "blocks": len(m.index),
-            "sessions": len(m.index.sessions),
+            "sessions": len(m.sessions),
             # Counted without walking every block: stats is polled during a flush (the
             # progress bar) and runs on the same event loop as the flush.
-            "pinned_blocks": sum(1 for k in m.index.pins if k in m.index),
+            "pinned_blocks": m.sessions.pinned_blocks(),
             # Host-only blocks a flush would write: every block is on disk, host, or both.
             "dirty_blocks": len(m.index) - m.disk.num_blocks if m.disk is not None else 0,
             # Blocks a reader holds (a dead client's are released with its connection).
@@ -129,12 +130,10 @@ class Control:
             # Host slots neither free nor holding a visible block (the host policy tracks
             # exactly the visible ones): open save reservations and promotions in flight.
             "reserved_slots": (
-                m.host.num_slots - m.host.free_slots - len(m.host_policy)
-                if m.host_policy is not None
+                m.host.num_slots - m.host.free_slots - len(m.host_room.policy)
+                if m.host_room.policy is not None
                 else 0
-            )
-            if m.host is not None
-            else 0,
+            ),
             "draining": self.draining,
             "remote": m.remote_state(),
             "policy": {

@@ -386,7 +386,8 @@ class _Collector:
         # getattr: a stand-in manager (tests) or one mid-construction has no shared-tier state.
         manager = self.m._manager
         remote = getattr(manager, "remote", None)
-        uploads = getattr(manager, "uploads", None)
+        shared = getattr(manager, "shared", None)
+        uploads = shared.uploads if shared is not None else None
         yield _gauge(
             "tiercache_remote_configured",
             "1 when a shared tier is configured ([tiers.remote] url), else 0.",
@@ -420,10 +421,9 @@ class _Collector:
         manager = self.m._manager
         if manager is None:
             return 0
-        index = manager.index
         # Walks the pin counts (keys of pinned sessions), not every entry: a scrape
         # stays cheap with millions of blocks and a few pinned sessions.
-        return sum(1 for key, n in list(index.pins.items()) if n > 0 and key in index)
+        return manager.sessions.pinned_blocks()
 
 
 def _gauge(name: str, doc: str, read: Callable[[], float | int | bool]) -> GaugeMetricFamily:

@@ -1,32 +1,47 @@
-"""The socket wire format: length-prefixed msgpack frames, one request -> one reply.
+"""The socket wire format: length-prefixed msgpack frames, one request -> one reply, and one
+dataclass per request and reply, encoded and decoded here only.
 
-A frame is a 4-byte big-endian length and that many bytes of msgpack. A
-request is ``{"id": int, "op": str, "args": {...}}``; its reply is
-``{"id": same, "ok": true, "result": ...}`` or ``{"id": same, "ok": false,
-"error": {"code": str, "message": str}}``. The first request of a connection
-must be ``hello`` with ``{"version": PROTOCOL_VERSION}``.
+A frame is a 4-byte big-endian length and that many bytes of msgpack. A request is
+``{"id": int, "op": str, "args": {...}}``; its reply is ``{"id": same, "ok": true,
+"result": ...}`` or ``{"id": same, "ok": false, "error": {"code": str, "message": str}}``.
+The first request of a connection must be ``hello`` with ``{"version": PROTOCOL_VERSION}``.
 
-Block bytes never travel here: a CPU client maps the daemon's host arena
-(``/dev/shm``) and copies into and out of the slots the replies name. Frames
-carry token ids (packed uint32), slot ids and metadata, so ``MAX_FRAME`` (4 MiB,
-about a million tokens) bounds what a peer can make the other side buffer.
+``args`` is a request dataclass's fields by name (``Request.to_wire``); ``result`` a reply
+dataclass's (``None`` for the replies that carry nothing, the operator verb's own JSON
+object for ``ctl``). ``decode_request`` checks every field's type against the dataclass and
+names the field that is wrong (a ``bad_request`` error); unknown fields are ignored, so a
+newer client's optional fields do not break an older daemon.
 
-JSON was rejected: token ids would travel as decimal text, several times the
-bytes and the parse time of packed uint32 in msgpack.
+Block bytes never travel here: a CPU client maps the daemon's host arena (``/dev/shm``)
+and copies into and out of the slots the replies name. Frames carry block keys (16 bytes a
+block), slot ids and metadata, so ``MAX_FRAME`` (4 MiB) bounds what a peer can make the
+other side buffer.
+
+JSON was rejected: token ids and keys would travel as text, several times the bytes and
+the parse time of msgpack's binary strings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
-from typing import Any
+import types
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 import msgpack
 import numpy as np
 
+from tiercache.keys import KeyChain
+
 PROTOCOL_VERSION = 1
 MAX_FRAME = 4 * 2**20
 _LEN = struct.Struct(">I")
+
+# What an operator verb answers (``ctl``): the same JSON object MQTT carries, shaped by
+# each verb (``daemon/control.py``), so it stays a plain map here.
+OperatorResult = dict[str, Any]
 
 
 class ProtocolError(Exception):
@@ -36,6 +51,9 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# -- frames -------------------------------------------------------------------------------
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -88,3 +106,423 @@ def unpack_tokens(raw: Any) -> np.ndarray:
     if not isinstance(raw, bytes) or len(raw) % 4:
         raise ProtocolError("bad_request", "'tokens' must be packed little-endian uint32 bytes")
     return np.frombuffer(raw, dtype="<u4")
+
+
+# -- typed messages -----------------------------------------------------------------------
+
+M = TypeVar("M", bound="Message")
+
+
+def _what(name: str, kind: object) -> str:
+    """How a field of type ``kind`` is described in an error naming it."""
+    if kind is int:
+        return f"'{name}' must be a non-negative integer"
+    if kind is str:
+        return f"'{name}' must be a string"
+    if kind is bytes:
+        return f"'{name}' must be bytes"
+    if kind is bool:
+        return f"'{name}' must be true or false"
+    if get_origin(kind) is dict:
+        return f"'{name}' must be a map"
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        return f"'{name}' must be a list" + (" of integers" if item is int else "")
+    return f"'{name}' is malformed"
+
+
+def _check(name: str, kind: object, value: Any, meta: Any) -> Any:
+    """``value`` as a ``kind`` (the field's type), or a bad_request naming the field."""
+    hint = meta.get("hint", "")
+    origin = get_origin(kind)
+    if kind is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (kind,) = (k for k in options if k is not type(None))
+        return _check(name, kind, value, meta)
+    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_request", hint or f"'{name}' must be a map")
+        return _from_wire(cast("type[Message]", kind), value, name)
+    ok = (
+        (
+            kind is int
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and (value >= 0 or meta.get("signed", False))
+        )
+        or (kind in (str, bytes, bool) and type(value) is kind)
+        or (origin is dict and isinstance(value, dict))
+        or (
+            origin is list
+            and isinstance(value, list)
+            and (
+                get_args(kind)[0] is not int
+                or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            )
+        )
+    )
+    if not ok:
+        raise ProtocolError("bad_request", hint or f"{_what(name, kind)}, got {value!r:.80}")
+    return value
+
+
+def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name not in args or args[f.name] is None:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                raise ProtocolError(
+                    "bad_request", f.metadata.get("hint") or f"{where} needs '{f.name}'"
+                )
+            if f.name not in args:
+                continue
+        values[f.name] = _check(f.name, hints[f.name], args[f.name], f.metadata)
+    return cls(**values)
+
+
+def _hint(text: str) -> Any:
+    """A field whose error message explains more than its type."""
+    return {"hint": text}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls: type[M], args: dict[str, Any]) -> M:
+        return _from_wire(cls, args, getattr(cls, "op", cls.__name__))
+
+
+def _to_wire(value: Any) -> Any:
+    return value.to_wire() if isinstance(value, Message) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    op: ClassVar[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Chain(Request):
+    """A request about a sequence: ``keys`` (the block keys the client hashed: the normal
+    case) or ``tokens`` (packed uint32, hashed by the daemon)."""
+
+    ns: str = field(metadata=_hint("'ns' must name a namespace registered on this connection"))
+    keys: bytes | None = field(
+        default=None, metadata=_hint("'keys' must be the concatenated 16-byte block keys")
+    )
+    tokens: bytes | None = None
+
+    def sequence(self) -> KeyChain | np.ndarray:
+        if self.keys is not None:
+            return self.chain()
+        return unpack_tokens(self.tokens)
+
+    def chain(self) -> KeyChain:
+        if self.keys is None:
+            raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")
+        return KeyChain.from_bytes(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Request):
+    op = "hello"
+    version: Any = None  # checked by the server, which answers bad_version
+    client: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Request):
+    op = "bye"
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Request):
+    op = "register"
+    _HINT: ClassVar[str] = "register needs 'model' (str), 'spec' (map), optional 'salt' (str)"
+    model: str = field(metadata=_hint(_HINT))
+    spec: dict[str, Any] = field(metadata=_hint(_HINT))
+    salt: str = field(default="", metadata=_hint(_HINT))
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup(Chain):
+    op = "lookup"
+
+
+@dataclass(frozen=True, slots=True)
+class LookupTail(Request):
+    op = "lookup_tail"
+    ns: str = field(metadata=_hint("'ns' must name a namespace registered on this connection"))
+    keys: bytes = field(metadata=_hint("'keys' must be the concatenated 16-byte tail keys"))
+
+
+@dataclass(frozen=True, slots=True)
+class Touch(Chain):
+    op = "touch"
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Chain):
+    op = "reserve"
+    first_block: int = 0
+    count: int | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Request):
+    op = "commit"
+    txn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Request):
+    op = "abort"
+    txn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire(Chain):
+    op = "acquire"
+    first_block: int = 0
+    max_blocks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Request):
+    op = "release"
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch(Request):
+    """By ``session``, or by the sequence (``ns`` with ``keys`` or ``tokens``)."""
+
+    op = "prefetch"
+    session: str | None = None
+    ns: str | None = None
+    keys: bytes | None = None
+    tokens: bytes | None = None
+
+    def by_chain(self) -> Chain:
+        if self.ns is None:
+            raise ProtocolError(
+                "bad_request", "prefetch needs 'session', or 'ns' with 'keys' or 'tokens'"
+            )
+        return Lookup(self.ns, self.keys, self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Request):
+    op = "attach"
+    ns: str = field(metadata=_hint("'ns' must name a namespace registered on this connection"))
+    layers: Any = None  # tensor handles, checked by tiercache.ipc (errors name the layer)
+    event: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(Request):
+    op = "detach"
+    engine: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveKV(Request):
+    op = "save_kv"
+    ns: str
+    engine: int
+    keys: bytes = field(metadata=_hint("'keys' must be the concatenated 16-byte block keys"))
+    block_ids: list[int] = field(
+        metadata=_hint("'block_ids' must be a list of the engine's block ids")
+    )
+    first_block: int = 0
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadKV(Request):
+    op = "load_kv"
+    ns: str
+    engine: int
+    keys: bytes = field(metadata=_hint("'keys' must be the concatenated 16-byte block keys"))
+    block_ids: list[int] = field(
+        metadata=_hint("'block_ids' must be a list of the engine's block ids")
+    )
+    first_block: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ctl(Request):
+    op = "ctl"
+    verb: str = field(metadata=_hint("ctl needs 'verb' (str) and optional 'args' (map)"))
+    args: dict[str, Any] | None = None
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.op: cls
+    for cls in (
+        Hello, Bye, Register, Lookup, LookupTail, Touch, Reserve, Commit, Abort, Acquire,
+        Release, Prefetch, Attach, Detach, SaveKV, LoadKV, Ctl,
+    )
+}  # fmt: skip
+
+
+def decode_envelope(msg: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """A request frame's ``(id, op, args)``, checked for shape only."""
+    rid = msg.get("id")
+    op, args = msg.get("op"), msg.get("args", {})
+    if not isinstance(op, str):
+        raise ProtocolError("bad_request", "'op' must be a string")
+    if not isinstance(args, dict):
+        raise ProtocolError("bad_request", f"{op}: 'args' must be a map")
+    return rid, op, args
+
+
+def decode_request(op: str, args: dict[str, Any]) -> Request:
+    """The typed request ``op`` with ``args``; a ProtocolError names what is wrong."""
+    cls = REQUESTS.get(op)
+    if cls is None:
+        raise ProtocolError(
+            "unknown_op", f"unknown operation {op!r}; operations: {', '.join(REQUESTS)}"
+        )
+    return cls.from_wire(args)
+
+
+def encode_request(rid: int, req: Request) -> bytes:
+    return encode({"id": rid, "op": req.op, "args": req.to_wire()})
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply(Message):
+    version: int
+    server: str
+
+
+@dataclass(frozen=True, slots=True)
+class Arena(Message):
+    """The daemon's shared host arena, which a CPU client maps by name."""
+
+    name: str
+    slot_bytes: int
+    num_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterReply(Message):
+    ns: str
+    arena: Arena | None = None  # None: not shared ([tiers.host] shared = false)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply(Message):
+    blocks: int
+    tokens: int
+    tiers: list[str]
+    full_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupTailReply(Message):
+    index: int = field(metadata={"signed": True})  # of the longest tail held; -1: none
+    tier: str = "miss"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored(Message):
+    """What a save did (commit, save_kv)."""
+
+    stored: int
+    present: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved(Message):
+    txn: int
+    slots: list[int]
+    rows: list[int]
+    walked: int
+    present: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leased(Message):
+    lease: int
+    slots: list[int]
+    tiers: list[str]
+    prefix: int
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks(Message):
+    """A count of blocks (prefetch, touch)."""
+
+    blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attached(Message):
+    engine: int
+    event: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded(Message):
+    """An attached load: the tiers of the blocks scattered, and whether the engine's stream
+    must wait on the daemon's event."""
+
+    tiers: list[str]
+    wait: bool
+
+
+Reply = Message | OperatorResult | None
+
+
+class RemoteError(RuntimeError):
+    """The daemon answered a request with an error; ``code`` is stable, ``message`` explains."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def reply_frame(rid: Any, result: Reply) -> bytes:
+    """The frame of a successful reply to request ``rid``."""
+    wire = result.to_wire() if isinstance(result, Message) else result
+    return encode({"id": rid, "ok": True, "result": wire})
+
+
+def error_frame(rid: Any, code: str, message: str) -> bytes:
+    """The frame of a failed request ``rid`` (``rid`` None: a frame that could not be read)."""
+    return encode({"id": rid, "ok": False, "error": {"code": code, "message": message}})
+
+
+def reply_result(body: bytes) -> Any:
+    """A reply frame's ``result``, or the RemoteError it carries."""
+    reply = decode(body)
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")))
+    return reply.get("result")
+
+
+def decode_reply(cls: type[M], result: Any) -> M:
+    if not isinstance(result, dict):
+        raise ProtocolError("bad_reply", f"a {cls.__name__} must be a map, got {result!r:.80}")
+    return cls.from_wire(result)

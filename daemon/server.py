@@ -20,7 +20,6 @@ import itertools
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,28 +28,15 @@ from typing import Any
 import torch
 
 import tiercache
+from tiercache.daemon import protocol as wire
 from tiercache.daemon.control import Control, ControlError
-from tiercache.daemon.protocol import (
-    PROTOCOL_VERSION,
-    ProtocolError,
-    decode,
-    encode,
-    read_frame,
-    unpack_tokens,
-)
+from tiercache.daemon.protocol import PROTOCOL_VERSION, ProtocolError, Reply, Request
 from tiercache.engine_kv import EngineKV
+from tiercache.errors import BlockShapeError, Draining, NoRoom, SessionPinned, UnknownSession
 from tiercache.ipc import IpcError
 from tiercache.keys import KeyChain, Namespace, TokenError
-from tiercache.manager import (
-    BlockShapeError,
-    Draining,
-    Lease,
-    NoRoom,
-    Reservation,
-    SessionPinned,
-    TierManager,
-    UnknownSession,
-)
+from tiercache.manager import TierManager
+from tiercache.results import Lease, Reservation
 from tiercache.spec import KVSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -69,7 +55,7 @@ class Connection:
     engines: dict[int, EngineKV] = field(default_factory=dict)  # attached KV caches (CUDA IPC)
 
 
-Handler = Callable[[Connection, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[Connection, Any], Awaitable[Reply]]
 
 
 class SocketServer:
@@ -84,22 +70,24 @@ class SocketServer:
         self._conns: dict[int, Connection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
-        self._handlers: dict[str, Handler] = {
-            "register": self._register,
-            "lookup": self._lookup,
-            "lookup_tail": self._lookup_tail,
-            "reserve": self._reserve,
-            "commit": self._commit,
-            "abort": self._abort,
-            "acquire": self._acquire,
-            "release": self._release,
-            "prefetch": self._prefetch,
-            "attach": self._attach,
-            "detach": self._detach,
-            "save_kv": self._save_kv,
-            "load_kv": self._load_kv,
-            "ctl": self._ctl,
-        }
+        handlers: list[tuple[type[Request], Handler]] = [
+            (wire.Register, self._register),
+            (wire.Lookup, self._lookup),
+            (wire.LookupTail, self._lookup_tail),
+            (wire.Touch, self._touch),
+            (wire.Reserve, self._reserve),
+            (wire.Commit, self._commit),
+            (wire.Abort, self._abort),
+            (wire.Acquire, self._acquire),
+            (wire.Release, self._release),
+            (wire.Prefetch, self._prefetch),
+            (wire.Attach, self._attach),
+            (wire.Detach, self._detach),
+            (wire.SaveKV, self._save_kv),
+            (wire.LoadKV, self._load_kv),
+            (wire.Ctl, self._ctl),
+        ]
+        self._handlers: dict[type[Request], Handler] = dict(handlers)
 
     @property
     def clients(self) -> int:
@@ -173,13 +161,10 @@ class SocketServer:
     ) -> None:
         while True:
             try:
-                body = await read_frame(reader)
+                body = await wire.read_frame(reader)
             except ProtocolError as e:
                 # The stream is no longer delimited: answer once, then hang up.
-                await self._send(
-                    writer,
-                    {"id": None, "ok": False, "error": {"code": e.code, "message": e.message}},
-                )
+                await self._send(writer, wire.error_frame(None, e.code, e.message))
                 return
             if body is None:
                 return
@@ -189,35 +174,26 @@ class SocketServer:
                 return
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        writer.write(encode(msg))
+    async def _send(writer: asyncio.StreamWriter, frame: bytes) -> None:
+        writer.write(frame)
         await writer.drain()
 
-    async def _handle(self, conn: Connection, body: bytes) -> tuple[dict[str, Any], bool]:
+    async def _handle(self, conn: Connection, body: bytes) -> tuple[bytes, bool]:
         """One request -> (reply, keep the connection open)."""
         rid: Any = None
         try:
-            msg = decode(body)
-            rid = msg.get("id")
-            op, args = msg.get("op"), msg.get("args", {})
-            if not isinstance(op, str):
-                raise ProtocolError("bad_request", "'op' must be a string")
-            if not isinstance(args, dict):
-                raise ProtocolError("bad_request", f"{op}: 'args' must be a map")
+            rid, op, args = wire.decode_envelope(wire.decode(body))
             if op == "hello":
-                return {"id": rid, "ok": True, "result": self._hello(conn, args)}, True
+                hello = wire.Hello.from_wire(args)
+                return wire.reply_frame(rid, self._hello(conn, hello)), True
             if not conn.greeted:
                 raise ProtocolError("no_hello", f"the first request must be 'hello', got {op!r}")
-            if op == "bye":
-                return {"id": rid, "ok": True, "result": None}, False
-            handler = self._handlers.get(op)
-            if handler is None:
-                known = ", ".join(["hello", "bye", *self._handlers])
-                raise ProtocolError("unknown_op", f"unknown operation {op!r}; operations: {known}")
-            t0 = time.perf_counter()
-            result = await handler(conn, args)
-            self.manager.stats.request(op, time.perf_counter() - t0)
-            return {"id": rid, "ok": True, "result": result}, True
+            req = wire.decode_request(op, args)
+            if isinstance(req, wire.Bye):
+                return wire.reply_frame(rid, None), False
+            with self.manager.stats.timing(op):
+                result = await self._handlers[type(req)](conn, req)
+            return wire.reply_frame(rid, result), True
         except ProtocolError as e:
             return self._error(rid, e.code, e.message), e.code not in ("bad_version", "no_hello")
         except ControlError as e:
@@ -228,167 +204,123 @@ class SocketServer:
                 log.exception("request failed")
             return self._error(rid, code, message), True
 
-    def _error(self, rid: Any, code: str, message: str) -> dict[str, Any]:
+    def _error(self, rid: Any, code: str, message: str) -> bytes:
         self.manager.stats.error(f"request_{code}")
-        return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+        return wire.error_frame(rid, code, message)
 
-    def _hello(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        version = args.get("version")
-        if version != PROTOCOL_VERSION:
+    def _hello(self, conn: Connection, req: wire.Hello) -> wire.HelloReply:
+        if req.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 "bad_version",
-                f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                f"protocol version {req.version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
             )
         conn.greeted = True
-        conn.peer = str(args.get("client", ""))
-        return {"version": PROTOCOL_VERSION, "server": f"tiercache {tiercache.__version__}"}
+        conn.peer = req.client
+        return wire.HelloReply(PROTOCOL_VERSION, f"tiercache {tiercache.__version__}")
 
     # -- operations -----------------------------------------------------------
 
-    def _ns(self, conn: Connection, args: dict[str, Any]) -> Namespace:
-        ns = conn.namespaces.get(args.get("ns"))  # type: ignore[arg-type]
+    @staticmethod
+    def _ns(conn: Connection, name: str) -> Namespace:
+        ns = conn.namespaces.get(name)
         if ns is None:
             raise ProtocolError(
                 "unknown_namespace", "'ns' must name a namespace registered on this connection"
             )
         return ns
 
-    @staticmethod
-    def _int(args: dict[str, Any], name: str, default: int | None = None) -> int | None:
-        value = args.get(name, default)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 0
-        ):
-            raise ProtocolError(
-                "bad_request", f"'{name}' must be a non-negative integer, got {value!r}"
-            )
-        return value
-
-    async def _register(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        model, spec, salt = args.get("model"), args.get("spec"), args.get("salt", "")
-        if not isinstance(model, str) or not isinstance(spec, dict) or not isinstance(salt, str):
-            raise ProtocolError(
-                "bad_request", "register needs 'model' (str), 'spec' (map), optional 'salt' (str)"
-            )
-        ns = Namespace(model, KVSpec.from_dict(spec), salt)
+    async def _register(self, conn: Connection, req: wire.Register) -> wire.RegisterReply:
+        ns = Namespace(req.model, KVSpec.from_dict(req.spec), req.salt)
         await self.manager.register(ns)
         conn.namespaces[ns.hex] = ns
         host = self.manager.host
-        assert host is not None
-        return {
-            "ns": ns.hex,
-            "arena": {"name": host.name, "slot_bytes": host.slot_bytes, "num_slots": host.num_slots}
-            if host.shared
-            else None,
-        }
+        arena = wire.Arena(host.name, host.slot_bytes, host.num_slots) if host.shared else None
+        return wire.RegisterReply(ns.hex, arena)
 
-    async def _lookup(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        hit = await self.manager.lookup(self._ns(conn, args), _sequence(args))
-        return {
-            "blocks": hit.blocks,
-            "tokens": hit.tokens,
-            "tiers": hit.tiers,
-            "full_blocks": len(hit.keys),
-        }
+    async def _lookup(self, conn: Connection, req: wire.Lookup) -> wire.LookupReply:
+        hit = await self.manager.lookup(self._ns(conn, req.ns), req.sequence())
+        return wire.LookupReply(hit.blocks, hit.tokens, hit.tiers, len(hit.keys))
 
-    async def _lookup_tail(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        ns = self._ns(conn, args)
-        raw = args.get("keys")
-        if not isinstance(raw, bytes):
-            raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte tail keys")
-        index, tier = await self.manager.lookup_tail(ns, KeyChain.from_bytes(raw))
-        return {"index": index, "tier": tier}
+    async def _lookup_tail(self, conn: Connection, req: wire.LookupTail) -> wire.LookupTailReply:
+        ns = self._ns(conn, req.ns)
+        index, tier = await self.manager.lookup_tail(ns, KeyChain.from_bytes(req.keys))
+        return wire.LookupTailReply(index, tier)
 
-    @staticmethod
-    def _session(args: dict[str, Any]) -> str | None:
-        session = args.get("session")
-        if session is not None and not isinstance(session, str):
-            raise ProtocolError("bad_request", "'session' must be a string")
-        return session
+    async def _touch(self, conn: Connection, req: wire.Touch) -> wire.Blocks:
+        return wire.Blocks(await self.manager.touch(self._ns(conn, req.ns), req.sequence()))
 
-    async def _reserve(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _reserve(self, conn: Connection, req: wire.Reserve) -> wire.Reserved:
         r = await self.manager.reserve(
-            self._ns(conn, args),
-            _sequence(args),
-            first_block=self._int(args, "first_block", 0) or 0,
-            count=self._int(args, "count"),
-            session=self._session(args),
+            self._ns(conn, req.ns),
+            req.sequence(),
+            first_block=req.first_block,
+            count=req.count,
+            session=req.session,
         )
         txn = next(self._ids)
         conn.reservations[txn] = r
-        return {
-            "txn": txn,
-            "slots": r.slots,
-            "rows": r.rows,
-            "walked": r.walked,
-            "present": r.present,
-            "rejected": r.rejected,
-        }
+        return wire.Reserved(txn, r.slots, r.rows, r.walked, r.present, r.rejected)
 
-    async def _commit(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        r = conn.reservations.pop(self._int(args, "txn") or 0, None)
+    @staticmethod
+    def _txn(conn: Connection, txn: int) -> Reservation:
+        r = conn.reservations.pop(txn, None)
         if r is None:
             raise ProtocolError(
                 "unknown_txn", "'txn' must name an open reservation of this connection"
             )
-        res = await self.manager.commit(r)
-        return {"stored": res.stored, "present": res.present, "rejected": res.rejected}
+        return r
 
-    async def _abort(self, conn: Connection, args: dict[str, Any]) -> None:
-        r = conn.reservations.pop(self._int(args, "txn") or 0, None)
-        if r is None:
-            raise ProtocolError(
-                "unknown_txn", "'txn' must name an open reservation of this connection"
-            )
-        await self.manager.abort(r)
+    async def _commit(self, conn: Connection, req: wire.Commit) -> wire.Stored:
+        res = await self.manager.commit(self._txn(conn, req.txn))
+        return wire.Stored(res.stored, res.present, res.rejected)
 
-    async def _acquire(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _abort(self, conn: Connection, req: wire.Abort) -> None:
+        await self.manager.abort(self._txn(conn, req.txn))
+
+    async def _acquire(self, conn: Connection, req: wire.Acquire) -> wire.Leased:
         lease = await self.manager.acquire(
-            self._ns(conn, args),
-            _sequence(args),
-            first_block=self._int(args, "first_block", 0) or 0,
-            max_blocks=self._int(args, "max_blocks"),
+            self._ns(conn, req.ns),
+            req.sequence(),
+            first_block=req.first_block,
+            max_blocks=req.max_blocks,
         )
         lid = next(self._ids)
         conn.leases[lid] = lease
-        return {"lease": lid, "slots": lease.slots, "tiers": lease.tiers, "prefix": lease.prefix}
+        return wire.Leased(lid, lease.slots, lease.tiers, lease.prefix)
 
-    async def _release(self, conn: Connection, args: dict[str, Any]) -> None:
-        lease = conn.leases.pop(self._int(args, "lease") or 0, None)
+    async def _release(self, conn: Connection, req: wire.Release) -> None:
+        lease = conn.leases.pop(req.lease, None)
         if lease is None:
             raise ProtocolError(
                 "unknown_lease", "'lease' must name an open lease of this connection"
             )
         await self.manager.release(lease)
 
-    async def _prefetch(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        if "session" in args:
-            session = args["session"]
-            if not isinstance(session, str):
-                raise ProtocolError("bad_request", "'session' must be a string")
-            return {"blocks": await self.manager.prefetch(session=session)}
-        ns = self._ns(conn, args)
-        return {"blocks": await self.manager.prefetch(ns, _sequence(args))}
+    async def _prefetch(self, conn: Connection, req: wire.Prefetch) -> wire.Blocks:
+        if req.session is not None:
+            return wire.Blocks(await self.manager.prefetch(session=req.session))
+        chain = req.by_chain()
+        return wire.Blocks(await self.manager.prefetch(self._ns(conn, chain.ns), chain.sequence()))
 
-    async def _attach(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    async def _attach(self, conn: Connection, req: wire.Attach) -> wire.Attached:
         """Map an engine's KV caches (CUDA IPC handles) so that ``save_kv`` / ``load_kv`` move
         its blocks with the daemon's kernels; the mappings go when the connection ends."""
-        ns = self._ns(conn, args)
+        ns = self._ns(conn, req.ns)
         if not torch.cuda.is_available():
             raise ProtocolError(
                 "no_cuda",
                 "attach maps an engine's GPU memory, but this daemon sees no CUDA device; "
                 "CPU engines copy through the shared host arena (save/load)",
             )
-        engine = EngineKV.attach(ns.spec, args.get("layers"), args.get("event"))
+        engine = EngineKV.attach(ns.spec, req.layers, req.event)
         eid = next(self._ids)
         conn.engines[eid] = engine
         log.info("connection %d attached an engine's %d-layer KV cache on %s",
                  conn.id, ns.spec.num_layers, engine.device)  # fmt: skip
-        return {"engine": eid, "event": engine.done_handle}
+        return wire.Attached(eid, engine.done_handle)
 
-    def _engine(self, conn: Connection, args: dict[str, Any], *, pop: bool = False) -> EngineKV:
-        eid = self._int(args, "engine") or 0
+    @staticmethod
+    def _engine(conn: Connection, eid: int, *, pop: bool = False) -> EngineKV:
         engine = conn.engines.pop(eid, None) if pop else conn.engines.get(eid)
         if engine is None:
             raise ProtocolError(
@@ -396,41 +328,26 @@ class SocketServer:
             )
         return engine
 
-    async def _detach(self, conn: Connection, args: dict[str, Any]) -> None:
-        await self._engine(conn, args, pop=True).close()
+    async def _detach(self, conn: Connection, req: wire.Detach) -> None:
+        await self._engine(conn, req.engine, pop=True).close()
 
-    @staticmethod
-    def _block_ids(args: dict[str, Any]) -> list[int]:
-        """The request's 'block_ids', a list of integers (the engine checks their range)."""
-        ids = args.get("block_ids")
-        if not isinstance(ids, list) or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in ids
-        ):
-            raise ProtocolError(
-                "bad_request", "'block_ids' must be a list of the engine's block ids"
-            )
-        return ids
-
-    async def _save_kv(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        res = await self._engine(conn, args).save(
-            self.manager, self._ns(conn, args), _chain(args), self._block_ids(args),
-            first_block=self._int(args, "first_block", 0) or 0, session=self._session(args),
+    async def _save_kv(self, conn: Connection, req: wire.SaveKV) -> wire.Stored:
+        res = await self._engine(conn, req.engine).save(
+            self.manager, self._ns(conn, req.ns), KeyChain.from_bytes(req.keys), req.block_ids,
+            first_block=req.first_block, session=req.session,
         )  # fmt: skip
-        return {"stored": res.stored, "present": res.present, "rejected": res.rejected}
+        return wire.Stored(res.stored, res.present, res.rejected)
 
-    async def _load_kv(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        engine = self._engine(conn, args)
+    async def _load_kv(self, conn: Connection, req: wire.LoadKV) -> wire.Loaded:
+        engine = self._engine(conn, req.engine)
         tiers = await engine.load(
-            self.manager, self._ns(conn, args), _chain(args), self._block_ids(args),
-            first_block=self._int(args, "first_block", 0) or 0,
+            self.manager, self._ns(conn, req.ns), KeyChain.from_bytes(req.keys), req.block_ids,
+            first_block=req.first_block,
         )  # fmt: skip
-        return {"tiers": tiers, "wait": engine.done_event is not None and bool(tiers)}
+        return wire.Loaded(tiers, engine.done_event is not None and bool(tiers))
 
-    async def _ctl(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-        verb = args.get("verb")
-        if not isinstance(verb, str):
-            raise ProtocolError("bad_request", "ctl needs 'verb' (str) and optional 'args' (map)")
-        return await self.control.run(verb, args.get("args") or {})
+    async def _ctl(self, conn: Connection, req: wire.Ctl) -> wire.OperatorResult:
+        return await self.control.run(req.verb, req.args or {})
 
     async def _release_all(self, conn: Connection) -> None:
         for engine in conn.engines.values():
@@ -453,22 +370,6 @@ class SocketServer:
             )
         conn.leases.clear()
         conn.reservations.clear()
-
-
-def _sequence(args: dict[str, Any]) -> KeyChain | Any:
-    """A request's sequence: ``keys`` (the client hashed its tokens: the normal case) or
-    ``tokens`` (packed uint32, hashed here)."""
-    if "keys" in args:
-        return _chain(args)
-    return unpack_tokens(args.get("tokens"))
-
-
-def _chain(args: dict[str, Any]) -> KeyChain:
-    """A request's ``keys``: the block keys the client hashed."""
-    raw = args.get("keys")
-    if not isinstance(raw, bytes):
-        raise ProtocolError("bad_request", "'keys' must be the concatenated 16-byte block keys")
-    return KeyChain.from_bytes(raw)
 
 
 def _classify(e: Exception) -> tuple[str, str]:

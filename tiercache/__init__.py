@@ -1,19 +1,17 @@
 """tiercache: a tiered KV-cache offload store for LLM inference (GPU, pinned host, zarr disk)."""
 
 from tiercache.embedded import SyncCache, open_cache
-from tiercache.keys import BlockKey, Namespace
-from tiercache.manager import (
+from tiercache.errors import (
     BlockShapeError,
     CacheError,
     Draining,
-    LoadResult,
-    LookupResult,
     NoRoom,
-    SaveResult,
     SessionPinned,
-    TierManager,
     UnknownSession,
 )
+from tiercache.keys import BlockKey, Namespace
+from tiercache.manager import TierManager
+from tiercache.results import LoadResult, LookupResult, SaveResult
 from tiercache.spec import KVSpec, Layout
 
 __version__ = "0.1.0"

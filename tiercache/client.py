@@ -21,26 +21,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from tiercache.daemon.protocol import PROTOCOL_VERSION, decode, encode, read_frame
+from tiercache.daemon import protocol as wire
+from tiercache.daemon.protocol import PROTOCOL_VERSION, RemoteError, read_frame
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
-from tiercache.keys import KeyChain, Namespace
+from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.loop import LoopThread
-from tiercache.manager import LoadResult, SaveResult, Tokens, _as_tokens, block_rows
+from tiercache.results import LoadResult, SaveResult
+from tiercache.spec import block_rows
 from tiercache.tiers.host import MappedArena
+from tiercache.transaction import lease_rounds, save_rounds
 
-
-class RemoteError(RuntimeError):
-    """The daemon answered a request with an error; ``code`` is stable, ``message`` explains."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+M = TypeVar("M", bound=wire.Message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +95,8 @@ class AsyncClient:
             ) from None
         client = cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
         protocol.on_lost = client._connection_lost
-        await client.call("hello", version=PROTOCOL_VERSION, client=name or f"pid-{os.getpid()}")
+        hello = wire.Hello(PROTOCOL_VERSION, name or f"pid-{os.getpid()}")
+        await client.request(hello, wire.HelloReply)
         return client
 
     def _connection_lost(self) -> None:
@@ -126,38 +123,47 @@ class AsyncClient:
             raise ConnectionError("the tiercache daemon closed the connection")
         return self._arena
 
-    async def call(self, op: str, **args: Any) -> Any:
+    async def _roundtrip(self, frame: bytes) -> Any:
+        """Send one request frame; the reply's ``result`` (a RemoteError when refused)."""
         async with self._lock:
-            rid = next(self._ids)
-            self._writer.write(encode({"id": rid, "op": op, "args": args}))
+            self._writer.write(frame)
             await self._writer.drain()
             body = await read_frame(self._reader)
         if body is None:
             raise ConnectionError("the tiercache daemon closed the connection")
-        reply = decode(body)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")))
-        return reply.get("result")
+        return wire.reply_result(body)
+
+    async def _send(self, req: wire.Request) -> Any:
+        return await self._roundtrip(wire.encode_request(next(self._ids), req))
+
+    async def request(self, req: wire.Request, reply: type[M]) -> M:
+        """Send ``req``; its reply, typed."""
+        return wire.decode_reply(reply, await self._send(req))
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """A raw request (for tests and tools that speak the protocol by hand)."""
+        return await self._roundtrip(wire.encode({"id": next(self._ids), "op": op, "args": args}))
 
     async def register(self, ns: Namespace) -> None:
         if ns.hex in self._ns:
             return
-        res = await self.call("register", model=ns.model, spec=ns.spec.to_dict(), salt=ns.salt)
-        arena = res["arena"]
+        res = await self.request(
+            wire.Register(ns.model, ns.spec.to_dict(), ns.salt), wire.RegisterReply
+        )
         if self._lost:
             raise ConnectionError("the tiercache daemon closed the connection")
         # No shared arena: this client can still attach GPU caches (save_kv / load_kv);
         # save and load say why they cannot run (``_mapped``).
-        self._unshared = arena is None
-        if self._arena is None and arena is not None:
-            self._arena = MappedArena(arena["name"], arena["slot_bytes"], arena["num_slots"])
-        self._ns[ns.hex] = res["ns"]
+        self._unshared = res.arena is None
+        if self._arena is None and res.arena is not None:
+            a = res.arena
+            self._arena = MappedArena(a.name, a.slot_bytes, a.num_slots)
+        self._ns[ns.hex] = res.ns
 
     async def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
         await self.register(ns)
-        res = await self.call("lookup", ns=ns.hex, keys=_chain(ns, tokens))
-        return RemoteLookup(res["blocks"], res["tokens"], res["tiers"])
+        res = await self.request(wire.Lookup(ns.hex, _chain(ns, tokens)), wire.LookupReply)
+        return RemoteLookup(res.blocks, res.tokens, res.tiers)
 
     async def lookup_tail(self, ns: Namespace, candidates: list[bytes]) -> tuple[int, str]:
         """The longest cached tail among ``candidates`` (``Namespace.tail_keys``, shortest
@@ -165,8 +171,16 @@ class AsyncClient:
         if not candidates:
             return -1, "miss"
         await self.register(ns)
-        res = await self.call("lookup_tail", ns=ns.hex, keys=b"".join(candidates))
-        return int(res["index"]), str(res["tier"])
+        res = await self.request(
+            wire.LookupTail(ns.hex, b"".join(candidates)), wire.LookupTailReply
+        )
+        return res.index, res.tier
+
+    async def touch(self, ns: Namespace, tokens: Tokens) -> int:
+        """Blocks an engine served from its own prefix cache: the daemon refreshes their
+        recency (``TierManager.touch``). Returns how many it holds."""
+        await self.register(ns)
+        return (await self.request(wire.Touch(ns.hex, _chain(ns, tokens)), wire.Blocks)).blocks
 
     async def save(
         self,
@@ -181,29 +195,24 @@ class AsyncClient:
         await self.register(ns)
         data = block_rows(ns.spec, blocks)
         packed = _chain(ns, tokens)
-        stored = present = rejected = done = 0
-        while done < data.shape[0]:
-            r = await self.call(
-                "reserve",
-                ns=ns.hex,
-                keys=packed,
-                first_block=first_block + done,
-                count=data.shape[0] - done,
-                session=session,
+
+        async def reserve(done: int, left: int) -> wire.Reserved:
+            req = wire.Reserve(
+                ns.hex, keys=packed, first_block=first_block + done, count=left, session=session
             )
-            try:
-                self._mapped().write(r["slots"], data, [done + row for row in r["rows"]])
-            except BaseException:
-                await self.call("abort", txn=r["txn"])
-                raise
-            c = await self.call("commit", txn=r["txn"])
-            stored, present, rejected = (
-                stored + c["stored"],
-                present + c["present"],
-                rejected + c["rejected"],
-            )
-            done += r["walked"]
-        return SaveResult(stored, present, rejected)
+            return await self.request(req, wire.Reserved)
+
+        async def fill(r: wire.Reserved, done: int) -> None:
+            self._mapped().write(r.slots, data, [done + row for row in r.rows])
+
+        async def commit(r: wire.Reserved) -> SaveResult:
+            c = await self.request(wire.Commit(r.txn), wire.Stored)
+            return SaveResult(c.stored, c.present, c.rejected)
+
+        async def abort(r: wire.Reserved) -> None:
+            await self._send(wire.Abort(r.txn))
+
+        return await save_rounds(data.shape[0], reserve, fill, commit, abort)
 
     async def load(
         self,
@@ -216,15 +225,16 @@ class AsyncClient:
         """The cached run of blocks ``first_block ..`` of ``tokens``, byte-exact (or shorter: a
         miss ends it). An engine that already holds the first blocks starts after them."""
         t0 = time.perf_counter()
-        parts: list[torch.Tensor] = []
+        nbytes = ns.spec.block_nbytes
+        parts = [torch.empty((0, nbytes), dtype=torch.uint8)]
 
         def copy_out(arena: MappedArena, slots: list[int], _: int) -> None:
-            part = torch.empty((len(slots), ns.spec.block_nbytes), dtype=torch.uint8)
+            part = torch.empty((len(slots), nbytes), dtype=torch.uint8)
             arena.read(slots, part)
             parts.append(part)
 
         tiers = await self._leased(ns, tokens, first_block, max_blocks, copy_out)
-        data = torch.cat(parts) if len(parts) > 1 else parts[0]
+        data = torch.cat(parts) if len(parts) > 2 else parts[-1]
         return LoadResult(
             data, tiers, ns, time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
         )
@@ -259,29 +269,23 @@ class AsyncClient:
         max_blocks: int | None,
         use: Callable[[MappedArena, list[int], int], None],
     ) -> list[str]:
-        """Lease the cached run of blocks ``first_block ..`` round by round (a lease covers at
-        most the host tier's slots), calling ``use(arena, slots, blocks before them)`` while
-        each round's slots are held; returns the tiers of the blocks served."""
+        """The read rounds (``transaction.lease_rounds``) of blocks ``first_block ..``, calling
+        ``use(arena, slots, blocks before them)`` while each round's slots are held."""
         await self.register(ns)
         packed = _chain(ns, tokens)
-        tiers: list[str] = []
-        while max_blocks is None or len(tiers) < max_blocks:
-            left = None if max_blocks is None else max_blocks - len(tiers)
-            res = await self.call(
-                "acquire",
-                ns=ns.hex,
-                keys=packed,
-                first_block=first_block + len(tiers),
-                max_blocks=left,
-            )
-            try:
-                use(self._mapped(), res["slots"], len(tiers))
-            finally:
-                await self.call("release", lease=res["lease"])
-            tiers += res["tiers"]
-            if not res["slots"] or len(res["slots"]) >= res["prefix"]:
-                break
-        return tiers
+
+        async def acquire(done: int, left: int | None) -> wire.Leased:
+            req = wire.Acquire(ns.hex, keys=packed, first_block=first_block + done, max_blocks=left)
+            return await self.request(req, wire.Leased)
+
+        async def used(lease: wire.Leased, done: int) -> list[str]:
+            use(self._mapped(), lease.slots, done)
+            return lease.tiers
+
+        async def release(lease: wire.Leased) -> None:
+            await self._send(wire.Release(lease.lease))
+
+        return await lease_rounds(max_blocks, acquire, used, release)
 
     # -- GPU engines: the daemon moves blocks in and out of the engine's own cache -------------
 
@@ -301,9 +305,11 @@ class AsyncClient:
         layers = [
             [ipc.export_tensor(t).to_wire() for t in reference.layer_tensors(c)] for c in caches
         ]
-        res = await self.call("attach", ns=ns.hex, layers=layers, event=ipc.event_handle(written))
-        done = ipc.open_event(res["event"], device, "the daemon's event")
-        return AttachedCache(int(res["engine"]), ns, device, written, done)
+        res = await self.request(
+            wire.Attach(ns.hex, layers, ipc.event_handle(written)), wire.Attached
+        )
+        done = ipc.open_event(res.event, device, "the daemon's event")
+        return AttachedCache(res.engine, ns, device, written, done)
 
     async def save_kv(
         self,
@@ -320,11 +326,12 @@ class AsyncClient:
         far; when this returns the blocks are copied and the engine may reuse them."""
         s = stream if stream is not None else torch.cuda.current_stream(cache.device)
         cache.written.record(s)
-        res = await self.call(
-            "save_kv", ns=cache.ns.hex, engine=cache.id, keys=_chain(cache.ns, tokens),
-            block_ids=[int(b) for b in block_ids], first_block=first_block, session=session,
+        req = wire.SaveKV(
+            cache.ns.hex, cache.id, _chain(cache.ns, tokens), [int(b) for b in block_ids],
+            first_block, session,
         )  # fmt: skip
-        return SaveResult(res["stored"], res["present"], res["rejected"])
+        res = await self.request(req, wire.Stored)
+        return SaveResult(res.stored, res.present, res.rejected)
 
     async def load_kv(
         self,
@@ -339,17 +346,18 @@ class AsyncClient:
         into the engine's blocks ``block_ids`` (as many as are cached, at most
         ``len(block_ids)``); returns their tiers. Work queued on ``stream`` (default: the current
         one) after this returns runs after the scatter."""
-        res = await self.call(
-            "load_kv", ns=cache.ns.hex, engine=cache.id, keys=_chain(cache.ns, tokens),
-            block_ids=[int(b) for b in block_ids], first_block=first_block,
+        req = wire.LoadKV(
+            cache.ns.hex, cache.id, _chain(cache.ns, tokens), [int(b) for b in block_ids],
+            first_block,
         )  # fmt: skip
-        if res["wait"]:
+        res = await self.request(req, wire.Loaded)
+        if res.wait:
             s = stream if stream is not None else torch.cuda.current_stream(cache.device)
             s.wait_event(cache.done)
-        return list(res["tiers"])
+        return res.tiers
 
     async def detach(self, cache: AttachedCache) -> None:
-        await self.call("detach", engine=cache.id)
+        await self._send(wire.Detach(cache.id))
 
     async def prefetch(
         self,
@@ -359,17 +367,17 @@ class AsyncClient:
         session: str | None = None,
     ) -> int:
         if session is not None:
-            res = await self.call("prefetch", session=session)
+            req = wire.Prefetch(session=session)
         elif ns is not None and tokens is not None:
             await self.register(ns)
-            res = await self.call("prefetch", ns=ns.hex, keys=_chain(ns, tokens))
+            req = wire.Prefetch(ns=ns.hex, keys=_chain(ns, tokens))
         else:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
-        return int(res["blocks"])
+        return (await self.request(req, wire.Blocks)).blocks
 
-    async def ctl(self, verb: str, **args: Any) -> dict[str, Any]:
+    async def ctl(self, verb: str, **args: Any) -> wire.OperatorResult:
         """An operator verb (pin, unpin, evict, flush, prefetch, stats, set, drain)."""
-        result: dict[str, Any] = await self.call("ctl", verb=verb, args=args)
+        result: wire.OperatorResult = await self._send(wire.Ctl(verb, args))
         return result
 
     async def pin(self, session: str) -> int:
@@ -384,12 +392,12 @@ class AsyncClient:
     async def flush(self) -> int:
         return int((await self.ctl("flush"))["bytes"])
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> wire.OperatorResult:
         return await self.ctl("stats")
 
     async def close(self) -> None:
         with contextlib.suppress(ConnectionError, RemoteError):
-            await self.call("bye")
+            await self._send(wire.Bye())
         self._writer.close()
         if self._arena is not None:
             self._arena.close()
@@ -398,8 +406,7 @@ class AsyncClient:
 
 def _chain(ns: Namespace, tokens: Tokens) -> bytes:
     """The block keys of ``tokens``, hashed here so the daemon does not have to."""
-    keys = tokens if isinstance(tokens, KeyChain) else KeyChain(ns.block_keys(_as_tokens(tokens)))
-    return keys.to_bytes()
+    return keys_of(ns, tokens).to_bytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +519,7 @@ class Client:
     ) -> int:
         return self._run(self._c.prefetch(ns, tokens, session=session))
 
-    def ctl(self, verb: str, **args: Any) -> dict[str, Any]:
+    def ctl(self, verb: str, **args: Any) -> wire.OperatorResult:
         return self._run(self._c.ctl(verb, **args))
 
     def pin(self, session: str) -> int:
@@ -527,8 +534,11 @@ class Client:
     def flush(self) -> int:
         return self._run(self._c.flush())
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> wire.OperatorResult:
         return self._run(self._c.stats())
+
+    def touch(self, ns: Namespace, tokens: Tokens) -> int:
+        return self._run(self._c.touch(ns, tokens))
 
     def close(self) -> None:
         try:

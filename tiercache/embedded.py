@@ -12,9 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from tiercache.daemon.config import Config, RemoteTierConfig, load_config
-from tiercache.keys import BlockKey, Namespace
+from tiercache.keys import BlockKey, Namespace, Tokens
 from tiercache.loop import LoopThread
-from tiercache.manager import LoadResult, LookupResult, SaveResult, Sharing, TierManager, Tokens
+from tiercache.manager import TierManager
+from tiercache.results import LoadResult, LookupResult, SaveResult
+from tiercache.sharing import Sharing
 from tiercache.stats import Stats
 from tiercache.tiers.remote import RemoteOptions, RemoteTier, RetentionReport, retention
 

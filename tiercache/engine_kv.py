@@ -37,8 +37,12 @@ from tiercache import ipc
 from tiercache.kernels import cuda, reference
 from tiercache.kernels.reference import LayerCache, LayoutError
 from tiercache.keys import KeyChain, Namespace
-from tiercache.manager import SaveResult, TierManager
+from tiercache.manager import TierManager
+from tiercache.results import Lease, Reservation, SaveResult
 from tiercache.spec import KVSpec, Layout
+from tiercache.tiers.device import DeviceTier
+from tiercache.tiers.host import HostArena
+from tiercache.transaction import lease_rounds, save_rounds
 from tiercache.transfer import CopyStreams, Direction, completion
 
 
@@ -170,36 +174,28 @@ class EngineKV:
         ids = self._check_ids(block_ids)
         self._check_ns(ns)
         host = manager.host
-        assert host is not None
         nbytes = self.spec.block_nbytes
-        stored = present = rejected = done = 0
         stream = self.streams.stream("store")
-        while done < len(ids):
-            r = await manager.reserve(
-                ns, keys, first_block=first_block + done, count=len(ids) - done, session=session
+
+        async def reserve(done: int, left: int) -> Reservation:
+            return await manager.reserve(
+                ns, keys, first_block=first_block + done, count=left, session=session
             )
-            try:
-                if r.entries:
-                    todo, slots = [ids[done + row] for row in r.rows], r.slots
 
-                    def copy(todo: list[int] = todo, slots: list[int] = slots) -> None:
-                        rows = self._gather(todo, stream).view(torch.uint8).view(len(todo), nbytes)
-                        host.write(slots, rows, non_blocking=True)
+        async def fill(r: Reservation, done: int) -> None:
+            if not r.entries:
+                return
+            todo, slots = [ids[done + row] for row in r.rows], r.slots
 
-                    finished = await self._run("store", copy)
-                    if finished is not None:
-                        await completion(finished)
-            except BaseException:
-                await manager.abort(r)
-                raise
-            c = await manager.commit(r)
-            stored, present, rejected = (
-                stored + c.stored, present + c.present, rejected + c.rejected
-            )  # fmt: skip
-            if not r.walked:
-                break
-            done += r.walked
-        return SaveResult(stored, present, rejected)
+            def copy() -> None:
+                rows = self._gather(todo, stream).view(torch.uint8).view(len(todo), nbytes)
+                host.write(slots, rows, non_blocking=True)
+
+            finished = await self._run("store", copy)
+            if finished is not None:
+                await completion(finished)
+
+        return await save_rounds(len(ids), reserve, fill, manager.commit, manager.abort)
 
     async def load(
         self,
@@ -213,77 +209,75 @@ class EngineKV:
         """Scatter the cached run of blocks ``first_block ..`` of ``keys`` into the engine's
         blocks ``block_ids`` (at most ``len(block_ids)`` blocks); returns the tiers they came
         from (a miss ends the run). On a GPU the scatter is queued, not done, when this
-        returns: the engine's stream waits on ``done_event``."""
+        returns: the engine's stream waits on ``done_event``; each round's lease is given
+        back once its copy has completed."""
         ids = self._check_ids(block_ids)
         self._check_ns(ns)
-        tiers: list[str] = []
-        while len(tiers) < len(ids):
-            got, prefix = await self._load_round(manager, ns, keys, ids, first_block, len(tiers))
-            tiers += got
-            if not got or len(got) >= prefix:  # prefix: the cached run from this round's start
-                break
-        return tiers
-
-    async def _load_round(
-        self,
-        manager: TierManager,
-        ns: Namespace,
-        keys: KeyChain,
-        ids: list[int],
-        first_block: int,
-        done: int,
-    ) -> tuple[list[str], int]:
-        """One lease's worth of ``load`` (a lease covers at most the host tier's slots)."""
-        host = manager.host
-        assert host is not None
-        lease = await manager.acquire(
-            ns, keys, first_block=first_block + done, max_blocks=len(ids) - done
-        )
-        n = len(lease.entries)
         dev = manager.device
         if dev is None or dev.device != self.device or not dev.formatted:
             dev = None
-        on_dev = [i for i, e in enumerate(lease.entries) if dev is not None and e.key in dev]
-        held = dev.hold([lease.entries[i].key for i in on_dev]) if dev is not None else []
-        from_dev = set(on_dev)
-        try:
-            if n:
-                on_host = [i for i in range(n) if i not in from_dev]
-                host_slots = [lease.entries[i].host_slot for i in on_host]
-                targets = ids[done : done + n]
-                nbytes, spec = self.spec.block_nbytes, self.spec
-                stream = self.streams.stream("load")
+        rounds: dict[int, tuple[list[int], torch.cuda.Event | None]] = {}  # id(lease) -> copy
 
-                def copy() -> None:
-                    staging = torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
-                    if dev is not None and on_dev:
-                        # One gather kernel for the device tier's rows, wherever its slots lie
-                        # (a copy per run of adjacent slots cost ~10 us each: 1.3 ms for 128).
-                        rows = dev.buffer.index_select(0, self._ids_on_device(held))[:, :nbytes]
-                        if len(on_dev) == n:
-                            staging = rows.contiguous()
-                        else:
-                            staging.index_copy_(0, self._ids_on_device(on_dev), rows)
-                    host.read(host_slots, staging, on_host, non_blocking=True)  # type: ignore[arg-type]
-                    blocks = staging.view(spec.torch_dtype).view(n, *spec.block_shape)
-                    self._scatter(blocks, targets, stream)
+        async def acquire(done: int, left: int | None) -> Lease:
+            return await manager.acquire(ns, keys, first_block=first_block + done, max_blocks=left)
 
-                finished = await self._run("load", copy)
+        async def use(lease: Lease, done: int) -> list[str]:
+            on_dev = [i for i, e in enumerate(lease.entries) if dev is not None and e.key in dev]
+            held = dev.hold([lease.entries[i].key for i in on_dev]) if dev is not None else []
+            rounds[id(lease)] = (held, None)
+            copy = self._load_copy(manager.host, lease, dev, on_dev, held, ids[done:])
+            finished = await self._run("load", copy)
+            rounds[id(lease)] = (held, finished)
+            # Where each block was read from: the device tier for those it held (the lease
+            # names the tier the blocks were leased in, host memory).
+            from_dev = set(on_dev)
+            return ["device" if i in from_dev else t for i, t in enumerate(lease.tiers)]
+
+        async def release(lease: Lease) -> None:
+            held, finished = rounds.pop(id(lease), ([], None))
+            if finished is None:
+                await self._give_back(manager, lease, dev, held, None)
             else:
-                finished = None
-        except BaseException:
-            await self._give_back(manager, lease, dev, held, None)
-            raise
-        if finished is None:
-            await self._give_back(manager, lease, dev, held, None)
-        else:
-            task = asyncio.create_task(self._give_back(manager, lease, dev, held, finished))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        # Where each block was read from: the device tier for those it held (the lease names
-        # the best tier the index knew of, which does not count device copies).
-        tiers = ["device" if i in from_dev else t for i, t in enumerate(lease.tiers)]
-        return tiers, lease.prefix
+                task = asyncio.create_task(self._give_back(manager, lease, dev, held, finished))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+        return await lease_rounds(len(ids), acquire, use, release)
+
+    def _load_copy(
+        self,
+        host: HostArena,
+        lease: Lease,
+        dev: DeviceTier | None,
+        on_dev: list[int],
+        held: list[int],
+        targets: list[int],
+    ) -> Callable[[], None]:
+        """The copy of one load round: the leased blocks (from the device tier's ``held`` slots
+        for the rows ``on_dev``, from the host arena for the rest) into a staging buffer,
+        scattered into the engine's blocks ``targets``."""
+        n = len(lease.entries)
+        from_dev = set(on_dev)
+        on_host = [i for i in range(n) if i not in from_dev]
+        host_slots = [s for i in on_host if (s := lease.entries[i].host_slot) is not None]
+        nbytes, spec = self.spec.block_nbytes, self.spec
+        stream = self.streams.stream("load")
+
+        def copy() -> None:
+            staging = torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
+            if dev is not None and on_dev:
+                # One gather kernel for the device tier's rows, wherever its slots lie (a copy
+                # per run of adjacent slots cost ~10 us each: 1.3 ms for 128).
+                rows = dev.buffer.index_select(0, self._ids_on_device(held))[:, :nbytes]
+                if len(on_dev) == n:
+                    staging = rows.contiguous()
+                else:
+                    staging.index_copy_(0, self._ids_on_device(on_dev), rows)
+            host.read(host_slots, staging, on_host, non_blocking=True)
+            blocks = staging.view(spec.torch_dtype).view(n, *spec.block_shape)
+            self._scatter(blocks, targets[:n], stream)
+
+        return copy
 
     @staticmethod
     async def _give_back(

@@ -1,23 +1,38 @@
-"""The index: block key -> where the block lives, its checksum, pins, leases and sessions.
+"""The index: block key -> where the block lives, its checksum, pins and leases.
 
-One dict, O(1) lookup, one small slotted record per block (about 200 bytes
-with its key). A block is in the index only while at least one tier holds a
-verified copy of it; an entry with no tier left is deleted at once.
+One dict, O(1) lookup, one small slotted record per block (about 250 bytes with its key).
+Where a block lives is one map on its entry, tier name -> location: the host slot (an
+int), the disk record (``DiskRecord``); the device tier and the shared tier as ``True`` (the
+device tier keeps its own slots, and a shared-tier object is named by the key). A block is in the index only while host or disk
+holds a verified copy of it (the device tier is a read cache over them and the shared tier
+belongs to every daemon): an entry with neither is deleted at once.
 
-Pins and leases are counts, so that several sessions (or clients) can protect
-the same block: a block is evictable only when both are zero. Leases are held
-by readers and writers in flight, on the entry (a connection's leases end with
-it); pins are held by pinned sessions, on the key.
+Pins and leases are counts, so that several sessions (or clients) can protect the same
+block: a block is evictable only when both are zero. Leases are held by readers and
+writers in flight, on the entry (a connection's leases end with it), and counted only here
+(``lease``/``unlease``, which refuses to go below zero); pins are held by pinned sessions,
+on the key (``tiercache.sessions``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
+from tiercache.errors import LeaseError
 from tiercache.keys import BlockKey
 from tiercache.tiers.disk import DiskRecord
+
+DEVICE: Final = "device"
+HOST: Final = "host"
+DISK: Final = "disk"
+REMOTE: Final = "remote"
+TIERS: Final = (DEVICE, HOST, DISK, REMOTE)  # fastest first
+LOCAL: Final = frozenset({HOST, DISK})  # the tiers whose copies keep an entry in the index
+
+Location = int | DiskRecord | bool
 
 
 @dataclass(slots=True)
@@ -26,43 +41,34 @@ class Entry:
     array: str  # namespace array the block belongs to (ns/<namespace hex>)
     nbytes: int
     checksum: bytes = b""  # xxh3-128, set when the block is first written below host memory
-    host_slot: int | None = None
-    disk: DiskRecord | None = None
+    at: dict[str, Location] = field(default_factory=dict)  # tier -> location (module doc)
     leases: int = 0
     last_use: float = 0.0
     prefetched_at: float = 0.0  # monotonic time a prefetch promoted it; 0 once read
-    remote: bool = False  # known to be in the shared tier (uploaded, or fetched from it)
+
+    @property
+    def host_slot(self) -> int | None:
+        slot = self.at.get(HOST)
+        return slot if isinstance(slot, int) and not isinstance(slot, bool) else None
+
+    @property
+    def disk(self) -> DiskRecord | None:
+        rec = self.at.get(DISK)
+        return rec if isinstance(rec, DiskRecord) else None
 
     @property
     def tiers(self) -> tuple[str, ...]:
-        return tuple(
-            t
-            for t, here in (("host", self.host_slot is not None), ("disk", self.disk is not None))
-            if here
-        )
+        return tuple(t for t in TIERS if t in self.at)
 
     @property
     def best_tier(self) -> str | None:
-        return "host" if self.host_slot is not None else ("disk" if self.disk is not None else None)
-
-
-@dataclass(slots=True)
-class Session:
-    """A named chat: the chain of keys it saved, and the protection it asked for."""
-
-    id: str
-    keys: list[BlockKey] = field(default_factory=list)
-    pinned: bool = False
-    pinned_keys: set[BlockKey] = field(
-        default_factory=set
-    )  # keys whose pin count this session holds
-    expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
+        """The fastest local tier that holds it (the device tier, a read cache, included)."""
+        return next((t for t in (DEVICE, HOST, DISK) if t in self.at), None)
 
 
 class Index:
     def __init__(self) -> None:
         self._entries: dict[BlockKey, Entry] = {}
-        self.sessions: dict[str, Session] = {}
         # Pin counts by key, held by pinned sessions (a key may be pinned before or after
         # its block is stored, and stays pinned if the block is dropped and saved again).
         self.pins: Counter[BlockKey] = Counter()
@@ -86,8 +92,8 @@ class Index:
         self._entries[entry.key] = entry
 
     def drop_if_empty(self, entry: Entry) -> bool:
-        """Remove ``entry`` if no tier holds it any more."""
-        if entry.host_slot is None and entry.disk is None:
+        """Remove ``entry`` if no local tier holds it any more."""
+        if LOCAL.isdisjoint(entry.at):
             self._entries.pop(entry.key, None)
             return True
         return False
@@ -101,3 +107,23 @@ class Index:
                 break
             out.append(e)
         return out
+
+    @staticmethod
+    def lease(entries: Iterable[Entry]) -> None:
+        """Protect ``entries`` from eviction until ``unlease`` (readers and writers in flight)."""
+        for e in entries:
+            e.leases += 1
+
+    @staticmethod
+    def unlease(entries: Iterable[Entry]) -> None:
+        """End one lease of each of ``entries``; a lease ended twice is a LeaseError."""
+        entries = list(entries)
+        times = Counter(id(e) for e in entries)
+        over = [e for e in entries if e.leases < times[id(e)]]
+        if over:
+            raise LeaseError(
+                f"{len(over)} block(s) released more often than leased "
+                f"(first {over[0].key.hex()[:16]}): a double release"
+            )
+        for e in entries:
+            e.leases -= 1

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from tiercache.spec import KVSpec
 
@@ -51,6 +52,24 @@ class KeyChain(list[BlockKey]):
 
     def to_bytes(self) -> bytes:
         return b"".join(self)
+
+
+# Token ids, or the chain of block keys a client already computed from them.
+Tokens = Sequence[int] | np.ndarray | torch.Tensor | KeyChain
+
+
+def as_tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Token ids as a flat numpy array (a tensor is copied off its device)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().reshape(-1).numpy()
+    return np.asarray(tokens)
+
+
+def keys_of(ns: Namespace, tokens: Tokens) -> KeyChain:
+    """The block keys of ``tokens`` in ``ns``: hashed here, or as a client sent them."""
+    if isinstance(tokens, KeyChain):
+        return KeyChain(tokens)  # a copy: a session keeps the list it is given
+    return KeyChain(ns.block_keys(as_tokens(tokens)))
 
 
 class TokenError(ValueError):

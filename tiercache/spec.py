@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tiercache.errors import BlockShapeError
+
 
 class Layout(StrEnum):
     """How an engine lays out one layer of its KV cache."""
@@ -198,6 +200,27 @@ class KVSpec:
             block_size=block_size,
             layout=Layout(layout),
         )
+
+
+def block_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks for ``spec`` (typed ``[n, *block_shape]`` or uint8 ``[n, block_nbytes]``) as uint8
+    rows; anything else is a BlockShapeError naming the expected shape."""
+    if blocks.device.type != "cpu":
+        raise BlockShapeError(f"blocks must be on the CPU here, got {blocks.device}")
+    if blocks.dtype == torch.uint8:
+        if blocks.dim() != 2 or blocks.shape[1] != spec.block_nbytes:
+            raise BlockShapeError(
+                f"uint8 blocks must be [n, {spec.block_nbytes}] for this namespace, got {list(blocks.shape)}"
+            )
+        return blocks.contiguous()
+    if blocks.dtype != spec.torch_dtype:
+        raise BlockShapeError(f"blocks have dtype {blocks.dtype}, namespace stores {spec.dtype}")
+    if tuple(blocks.shape[1:]) != spec.block_shape:
+        raise BlockShapeError(
+            f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] "
+            f"(layers, K/V, block_size, kv_heads, head_dim), got {list(blocks.shape)}"
+        )
+    return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
 
 
 def parse_size(value: str | int) -> int:

@@ -8,8 +8,18 @@ kinds: never a block key or a session id (unbounded cardinality).
 
 from __future__ import annotations
 
+import functools
+import time
 from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+# Set while a request is being timed: a request that runs another timed operation (a socket
+# request that runs a manager operation) is observed once, by the outermost.
+_IN_REQUEST: ContextVar[bool] = ContextVar("tiercache_in_request", default=False)
 
 
 @dataclass
@@ -51,6 +61,21 @@ class Stats:
     def request(self, op: str, seconds: float) -> None:
         """One API operation finished (the exporter keeps a latency histogram)."""
 
+    @contextmanager
+    def timing(self, op: str) -> Iterator[None]:
+        """Observe one request of ``op`` when it succeeds, unless an outer request is being
+        timed already (then that one is the observation)."""
+        if _IN_REQUEST.get():
+            yield
+            return
+        token = _IN_REQUEST.set(True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _IN_REQUEST.reset(token)
+        self.request(op, time.perf_counter() - t0)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "lookup_blocks": dict(self.lookups),
@@ -61,3 +86,33 @@ class Stats:
             "corrupt_blocks": self.corrupt_blocks,
             "dropped_blocks": self.dropped_blocks,
         }
+
+
+class _Observed(Protocol):
+    stats: Stats
+
+
+S = TypeVar("S", bound=_Observed)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def timed(
+    op: str,
+) -> Callable[
+    [Callable[Concatenate[S, P], Coroutine[Any, Any, T]]],
+    Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+]:
+    """Decorate a coroutine method of an object with ``stats``: one request of ``op`` each call."""
+
+    def deco(
+        fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+    ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+        @functools.wraps(fn)
+        async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            with self.stats.timing(op):
+                return await fn(self, *args, **kwargs)
+
+        return wrapper
+
+    return deco

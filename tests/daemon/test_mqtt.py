@@ -213,7 +213,7 @@ async def test_pin_pins_the_session_and_replies_with_its_block_count(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
     assert await request(ctl, "pin", {"session": "chat"}, timeout=WAIT) == ok({"blocks": 2})
-    assert manager.index.sessions["chat"].pinned
+    assert manager.sessions["chat"].pinned
 
 
 async def test_unpin_unpins_the_session(
@@ -221,14 +221,14 @@ async def test_unpin_unpins_the_session(
 ) -> None:
     await manager.pin("chat")
     assert await request(ctl, "unpin", {"session": "chat"}, timeout=WAIT) == ok({"blocks": 2})
-    assert not manager.index.sessions["chat"].pinned
+    assert not manager.sessions["chat"].pinned
 
 
 async def test_evict_forgets_the_session_and_its_blocks(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
     assert await request(ctl, "evict", {"session": "chat"}, timeout=WAIT) == ok({"blocks": 2})
-    assert "chat" not in manager.index.sessions
+    assert "chat" not in manager.sessions
     assert len(manager.index) == 0
 
 
@@ -321,7 +321,7 @@ async def test_a_response_topic_outside_the_nodes_reply_topics_is_refused_and_no
         "bad_request",
         f"Response Topic {operator.base + '/status'!r} is not under {operator.base + '/reply'!r}",
     )
-    assert not manager.index.sessions["chat"].pinned
+    assert not manager.sessions["chat"].pinned
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ async def test_a_user_outside_the_acl_cannot_command_a_node(
         await guest.publish(f"tiercache/{node}/cmd/pin", b'{"session": "chat"}', qos=1)
     # The broker acknowledged (and denied) the guest's command before this request: nothing is in flight.
     assert (await request(ctl, "stats", {}, timeout=WAIT))["result"]["pinned_blocks"] == 0
-    assert not manager.index.sessions["chat"].pinned
+    assert not manager.sessions["chat"].pinned
 
 
 async def test_the_daemons_own_user_cannot_publish_commands(
@@ -500,7 +500,7 @@ async def test_the_daemons_own_user_cannot_publish_commands(
     async with client_for(ctl, "tiercache") as itself:
         await itself.publish(f"tiercache/{node}/cmd/pin", b'{"session": "chat"}', qos=1)
     assert (await request(ctl, "stats", {}, timeout=WAIT))["result"]["pinned_blocks"] == 0
-    assert not manager.index.sessions["chat"].pinned
+    assert not manager.sessions["chat"].pinned
 
 
 async def test_a_refused_command_fails_at_once_with_the_brokers_reason(

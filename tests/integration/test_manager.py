@@ -173,8 +173,9 @@ async def test_no_room_when_every_host_slot_is_pinned(open_cache: OpenCache) -> 
     m = await open_cache(host_blocks=1, disk_blocks=None)
     await m.save(NS, make_tokens(1), make_blocks(1), session="s")
     await m.pin("s")
-    with pytest.raises(NoRoom, match="unpin a session or raise"):
-        await m._host_slot()
+    async with m._lock:
+        with pytest.raises(NoRoom, match="unpin a session or raise"):
+            await m.host_room.slot()
 
 
 async def test_evicting_a_session_keeps_blocks_another_session_shares(
@@ -205,12 +206,12 @@ async def test_a_session_past_its_ttl_is_forgotten_and_evicted(open_cache: OpenC
     await m.save(NS, tokens, make_blocks(2), session="s")
     await m.pin("s")
     await m.set_ttl("s", 60)
-    sess = m.index.sessions["s"]
+    sess = m.sessions["s"]
     assert sess.expires is not None
     assert await m.expire(now=sess.expires - 1) == []
     assert await m.expire(now=sess.expires) == ["s"]
     assert (await m.lookup(NS, tokens)).blocks == 0
-    assert "s" not in m.index.sessions
+    assert "s" not in m.sessions
 
 
 async def test_admission_threshold_stores_on_second_offer(open_cache: OpenCache) -> None:
@@ -242,7 +243,7 @@ async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache)
     await m.close()  # flushes write-back blocks
     m2 = await open_cache()
     assert (await m2.lookup(NS, tokens)).tiers == ["disk", "disk", "disk"]
-    assert m2.index.sessions["chat"].pinned
+    assert m2.sessions["chat"].pinned
     assert all(m2.index.pins[e.key] == 1 for e in m2.index)
     got = await m2.load(NS, tokens)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
@@ -301,7 +302,7 @@ async def test_a_save_after_the_deadline_expires_the_session(open_cache: OpenCac
     await m.set_ttl("short-lived", 0.05)
     await asyncio.sleep(0.06)
     await m.save(NS, make_tokens(1, seed=5), make_blocks(1, seed=5))
-    assert "short-lived" not in m.index.sessions
+    assert "short-lived" not in m.sessions
     assert (await m.lookup(NS, tokens)).blocks == 0
 
 
@@ -309,10 +310,10 @@ async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:
     m = await open_cache()
     await m.save(NS, make_tokens(2), make_blocks(2), session="s")
     await m.set_ttl("s", 3600)
-    deadline = m.index.sessions["s"].expires
+    deadline = m.sessions["s"].expires
     await m.close()
     m2 = await open_cache()
-    assert m2.index.sessions["s"].expires == deadline
+    assert m2.sessions["s"].expires == deadline
 
 
 async def test_a_reservation_is_invisible_until_committed(open_cache: OpenCache) -> None:

@@ -86,7 +86,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(session=st.sampled_from(["a", "b"]), pin=st.booleans())
     def pin(self, session: str, pin: bool) -> None:
-        if session in self.m.index.sessions:
+        if session in self.m.sessions:
             op = self.m.pin if pin else self.m.unpin
             self.loop.run_until_complete(op(session))
 
@@ -134,7 +134,7 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def pins_match_pinned_sessions(self) -> None:
         for e in self.m.index:
-            holders = sum(1 for s in self.m.index.sessions.values() if e.key in s.pinned_keys)
+            holders = sum(1 for s in self.m.sessions if e.key in s.pinned_keys)
             assert self.m.index.pins[e.key] == holders
 
     def teardown(self) -> None:

@@ -41,17 +41,17 @@ async def test_a_store_killed_mid_upload_stalls_nothing_serves_nothing_torn_and_
     await until(lambda: not a.remote.up)
 
     # Down: saves and loads are local and whole; offers beyond the queue's bound are counted.
-    dropped = a.uploads.dropped["queue_full"]
+    dropped = a.shared.uploads.dropped["queue_full"]
     await a.save(NS, tokens, blocks)
     got = await a.load(NS, tokens)
     assert got.blocks == 200 and torch.equal(got.data, as_bytes(blocks))
-    assert a.uploads.dropped["queue_full"] > dropped and len(a.uploads) <= 150
+    assert a.shared.uploads.dropped["queue_full"] > dropped and len(a.shared.uploads) <= 150
 
     await asyncio.to_thread(own_seaweedfs.start)  # the daemon finds it again by itself
-    assert await a.drain_uploads(120) == 0
+    assert await a.shared.drain(120) == 0
     assert a.remote.up and a.stats.errors["remote_write"] >= 1
     stored = await objects(a, f"ns/{NS.hex}/b/")
-    assert len(stored) >= a.uploads.uploaded >= 150
+    assert len(stored) >= a.shared.uploads.uploaded >= 150
 
     # Whatever a second node is served is exactly what was saved.
     b = await open_node("b", weed=own_seaweedfs, host_blocks=256)

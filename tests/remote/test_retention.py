@@ -49,7 +49,7 @@ async def test_retention_removes_old_blocks_of_a_namespace_and_nothing_else(
     one, two = make_ns(salt="one"), make_ns(salt="two")
     await a.save(one, make_tokens(3, seed=1), make_blocks(3, seed=1))
     await a.save(two, make_tokens(2, seed=2), make_blocks(2, seed=2))
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
     await obstore.put_async(a.remote.obj, "ns/notes.txt", b"an operator's note")
     await obstore.put_async(a.remote.obj, f"ns/{one.hex}/b/not-a-key", b"someone else's")
     before = await objects(a, "")
@@ -67,7 +67,7 @@ async def test_retention_by_size_keeps_what_fits_across_namespaces(open_node: An
     one, two = make_ns(salt="one"), make_ns(salt="two")
     await a.save(one, make_tokens(3, seed=1), make_blocks(3, seed=1))
     await a.save(two, make_tokens(2, seed=2), make_blocks(2, seed=2))
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
 
     report = await retention(a.remote, max_bytes=2 * (NBYTES + TRAILER_BYTES))
 

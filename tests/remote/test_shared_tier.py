@@ -24,7 +24,7 @@ async def test_a_block_saved_on_one_node_is_loaded_on_another_byte_exact(open_no
     a, b = await open_node("a"), await open_node("b")
     tokens, blocks = make_tokens(3), make_blocks(3)
     await a.save(NS, tokens, blocks)
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
 
     hit = await b.lookup(NS, tokens)
     got = await b.load(NS, tokens)
@@ -40,7 +40,7 @@ async def test_a_corrupted_object_is_a_counted_miss_never_data(open_node: Any) -
     a, b = await open_node("a"), await open_node("b")
     tokens, blocks = make_tokens(3), make_blocks(3)
     await a.save(NS, tokens, blocks)
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
     key = object_key(f"ns/{NS.hex}", NS.block_keys(tokens)[1])
     body = bytearray(await (await obstore.get_async(a.remote.obj, key)).bytes_async())
     body[7] ^= 0x40
@@ -57,7 +57,7 @@ async def test_a_truncated_object_is_a_counted_miss(open_node: Any) -> None:
     a, b = await open_node("a"), await open_node("b")
     tokens = make_tokens(2)
     await a.save(NS, tokens, make_blocks(2))
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
     key = object_key(f"ns/{NS.hex}", NS.block_keys(tokens)[0])
     body = await (await obstore.get_async(a.remote.obj, key)).bytes_async()
     await obstore.put_async(a.remote.obj, key, bytes(body)[: NBYTES + TRAILER_BYTES - 1])
@@ -70,7 +70,7 @@ async def test_an_object_stored_under_another_blocks_key_is_a_miss(open_node: An
     a, b = await open_node("a"), await open_node("b")
     tokens = make_tokens(2)
     await a.save(NS, tokens, make_blocks(2))
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
     first, second = (object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(tokens))
     body = await (await obstore.get_async(a.remote.obj, second)).bytes_async()
     await obstore.put_async(a.remote.obj, first, bytes(body))  # intact bytes, wrong block
@@ -85,7 +85,7 @@ async def test_two_nodes_writing_the_same_blocks_at_once_leave_one_intact_copy(
     a, b, c = await open_node("a"), await open_node("b"), await open_node("c")
     tokens, blocks = make_tokens(8), make_blocks(8)
     await asyncio.gather(a.save(NS, tokens, blocks), b.save(NS, tokens, blocks))
-    assert await asyncio.gather(a.drain_uploads(30), b.drain_uploads(30)) == [0, 0]
+    assert await asyncio.gather(a.shared.drain(30), b.shared.drain(30)) == [0, 0]
 
     got = await c.load(NS, tokens)
 
@@ -99,10 +99,10 @@ async def test_with_admission_two_only_blocks_seen_twice_are_shared(open_node: A
     reused, once = make_tokens(2, seed=1), make_tokens(2, seed=2)
     await a.save(NS, reused, make_blocks(2, seed=1))
     await a.save(NS, once, make_blocks(2, seed=2))
-    assert await a.drain_uploads(30) == 0 and await objects(a) == []
+    assert await a.shared.drain(30) == 0 and await objects(a) == []
 
     await a.load(NS, reused)  # the second sighting
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
 
     assert await objects(a, f"ns/{NS.hex}/b/") == sorted(
         object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(reused)
@@ -117,7 +117,7 @@ async def test_with_admission_zero_only_pinned_sessions_are_shared(open_node: An
     await a.load(NS, other)
 
     await a.pin("kept")
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
 
     assert await objects(a, f"ns/{NS.hex}/b/") == sorted(
         object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(kept)
@@ -131,7 +131,7 @@ async def test_namespaces_are_apart_in_the_bucket_and_never_hit_each_other(
     tenant_a, tenant_b = make_ns(salt="tenant-a"), make_ns(salt="tenant-b")
     tokens = make_tokens(2)
     await a.save(tenant_a, tokens, make_blocks(2))
-    assert await a.drain_uploads(30) == 0
+    assert await a.shared.drain(30) == 0
 
     assert (await b.lookup(tenant_b, tokens)).tiers == []
     assert {p.split("/")[1] for p in await objects(a)} == {tenant_a.hex}

@@ -368,7 +368,7 @@ async def block_location(disk: Path, session: str, index: int) -> tuple[Path, in
     """The shard file and offset of block ``index`` of ``session`` on a (stopped) daemon's disk."""
     m = await TierManager.open(host_bytes=8 << 20, disk_bytes=256 << 20, disk_url=str(disk))
     try:
-        key = m.index.sessions[session].keys[index]
+        key = m.sessions[session].keys[index]
         e = m.index.get(key)
         assert e is not None and e.disk is not None and m.disk is not None
         return m.disk.location(e.disk)

@@ -166,7 +166,7 @@ def resume(weed: SeaweedFS, secret: Path, workdir: Path, prefix: int, reps: int)
         past = DynamicCache(config=model.config)
         model(ids[None, :prefix], past_key_values=past)
     HFChatCache(a, model, model_id="bench-llama").save("chat", ids[:prefix], past)
-    a._run(a.manager.drain_uploads(60))
+    a._run(a.manager.shared.drain(60))  # type: ignore[union-attr]
     a.close()
 
     recompute: list[float] = []

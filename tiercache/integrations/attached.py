@@ -23,7 +23,7 @@ import torch
 from tiercache.client import AttachedCache, Client, RemoteError
 from tiercache.ipc import IpcError
 from tiercache.keys import KeyChain, Namespace
-from tiercache.manager import SaveResult
+from tiercache.results import SaveResult
 
 logger = logging.getLogger("vllm.tiercache")
 

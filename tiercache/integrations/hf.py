@@ -24,8 +24,8 @@ import torch
 import xxhash
 
 from tiercache.kernels.reference import gather
-from tiercache.keys import Namespace
-from tiercache.manager import SaveResult, Tokens
+from tiercache.keys import Namespace, Tokens
+from tiercache.results import SaveResult
 from tiercache.spec import KVSpec, Layout
 
 

@@ -96,7 +96,7 @@ from tiercache.client import Client, RemoteError
 from tiercache.integrations.attached import AttachedKV
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import BlockKey, KeyChain, Namespace, tail_key
-from tiercache.manager import SaveResult
+from tiercache.results import SaveResult
 from tiercache.spec import KVSpec, Layout, dtype_name
 
 try:

@@ -24,7 +24,7 @@ pinning.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,9 @@ class DeviceTier:
         self._pending: dict[BlockKey, int] = {}  # being filled by a put
         self._readers: Counter[int] = Counter()  # slot -> reads in flight
         self._orphans: set[int] = set()  # discarded while busy: freed when the copy is done
+        # Told, at once, of every block this tier evicts on its own to make room (the index
+        # keeps where each block lives: it must never name a copy that is gone).
+        self.on_evict: Callable[[BlockKey], None] | None = None
 
     @property
     def formatted(self) -> bool:
@@ -104,6 +107,8 @@ class DeviceTier:
         for key, slot in self._slots.items():
             if not self._readers[slot]:
                 del self._slots[key]
+                if self.on_evict is not None:
+                    self.on_evict(key)
                 return slot, True
         return None
 

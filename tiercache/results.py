@@ -1,0 +1,102 @@
+"""What the cache's operations return: save, lookup and load results, and the two halves of a
+transaction that a caller holds between its steps (a save's ``Reservation``, a read's
+``Lease``).
+
+A ``Reservation`` and a ``Lease`` are handles on entries the index holds for the caller: the
+reservation's host slots are invisible to everyone else until its commit, the lease's blocks
+cannot be evicted until its release. The socket server keeps them per connection and gives
+them back when the connection ends (``daemon/server.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tiercache.index import Entry
+from tiercache.keys import BlockKey, Namespace
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    stored: int  # new blocks written
+    present: int  # blocks the cache already had
+    rejected: int  # blocks not admitted (admission threshold) or without room
+
+    def __add__(self, other: SaveResult) -> SaveResult:
+        return SaveResult(
+            self.stored + other.stored,
+            self.present + other.present,
+            self.rejected + other.rejected,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    keys: list[BlockKey]  # keys of every full block of the tokens
+    tiers: list[str]  # best tier of each block of the cached prefix
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tiers) * self.block_size
+
+
+@dataclass(slots=True)
+class LoadResult:
+    data: torch.Tensor  # uint8 [blocks, block_nbytes], page-first
+    tiers: list[str]
+    namespace: Namespace
+    seconds: float = 0.0
+    per_tier: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.namespace.spec.block_size
+
+    def kv(self) -> torch.Tensor:
+        """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype."""
+        spec = self.namespace.spec
+        return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Host slots reserved for a save, invisible until ``commit``."""
+
+    ns: Namespace
+    array: str
+    keys: list[BlockKey]
+    session: str | None
+    first_block: int
+    entries: list[Entry] = field(default_factory=list)  # pending, each with its host slot
+    rows: list[int] = field(default_factory=list)  # row (from first_block) of each entry
+    present: int = 0
+    rejected: int = 0
+    walked: int = 0  # blocks from first_block this reservation covered
+
+    @property
+    def slots(self) -> list[int]:
+        return [s for e in self.entries if (s := e.host_slot) is not None]
+
+
+@dataclass(slots=True)
+class Lease:
+    """Host-resident blocks a reader may copy out of until ``release``."""
+
+    entries: list[Entry]
+    tiers: list[str]  # where each block was found (before any promotion)
+    prefix: int = 0  # how many blocks the cached run had from the lease's first block
+
+    @property
+    def slots(self) -> list[int]:
+        return [s for e in self.entries if (s := e.host_slot) is not None]

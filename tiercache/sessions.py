@@ -1,0 +1,181 @@
+"""Sessions: a chat's name, the chain of block keys it saved, its pin and its TTL.
+
+A session is what operators steer by name (``pin``, ``unpin``, ``evict``, ``prefetch``, TTLs
+over the socket and MQTT): the blocks themselves are keyed by content, the session only
+names a chain of them. Pins belong to keys, not entries (``Index.pins``): a block of a
+pinned session stays protected even if its copy is dropped (a corrupt disk copy) and saved
+again. Records are persisted to the disk tier on every change of chain, pin or TTL, so
+pins and TTLs survive a restart.
+
+Everything here runs under the manager's lock (``TierManager``), which it does not take
+itself; persisting a record is a small write to the disk tier's session store, made under
+the lock so that a record never lags the state another request already saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from tiercache.errors import SessionPinned, UnknownSession
+from tiercache.index import Index
+from tiercache.keys import BlockKey
+from tiercache.stats import Stats
+from tiercache.tiers.disk import DiskTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Session:
+    """A named chat: the chain of keys it saved, and the protection it asked for."""
+
+    id: str
+    keys: list[BlockKey] = field(default_factory=list)
+    pinned: bool = False
+    pinned_keys: set[BlockKey] = field(default_factory=set)  # keys whose pin this session holds
+    expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
+
+
+class Sessions:
+    """The sessions of one cache, by id; pins are counted on the index."""
+
+    def __init__(self, index: Index, disk: DiskTier | None, stats: Stats) -> None:
+        self._index = index
+        self._disk = disk
+        self._stats = stats
+        self._by_id: dict[str, Session] = {}
+        self.next_expiry = math.inf  # earliest TTL deadline (time.time())
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._by_id
+
+    def __getitem__(self, sid: str) -> Session:
+        return self._by_id[sid]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_id.values()))
+
+    def get(self, sid: str) -> Session:
+        sess = self._by_id.get(sid)
+        if sess is None:
+            raise UnknownSession(f"unknown session {sid!r}")
+        return sess
+
+    async def restore(self) -> None:
+        """Read the sessions persisted on the disk tier (at start)."""
+        if self._disk is None:
+            return
+        for rec in await self._disk.load_sessions():
+            sess = Session(
+                rec["id"], list(rec["keys"]), pinned=rec["pinned"], expires=rec["expires"]
+            )
+            self._by_id[sess.id] = sess
+            if sess.pinned:
+                self.pin_keys(sess)
+            if sess.expires is not None:
+                self.next_expiry = min(self.next_expiry, sess.expires)
+
+    async def extend(self, sid: str, keys: list[BlockKey]) -> Session:
+        """The session ``sid``, its chain extended to ``keys`` (a longer or new chain replaces
+        it; the record is persisted when it changed)."""
+        sess = self._by_id.get(sid)
+        if sess is None:
+            sess = self._by_id[sid] = Session(sid)
+        if len(keys) >= len(sess.keys) and keys != sess.keys:
+            sess.keys = keys
+            await self.persist(sess)
+        return sess
+
+    async def persist(self, sess: Session) -> None:
+        """Write a session's record to the disk tier, so pins and TTLs survive a restart."""
+        if self._disk is None:
+            return
+        try:
+            await self._disk.put_session(sess.id, sess.keys, sess.pinned, sess.expires)
+        except OSError as e:
+            self._stats.error("session_write")
+            log.warning("could not persist session record: %s", e)
+
+    async def pin(self, sid: str) -> int | None:
+        """Pin ``sid``; returns how many of its stored blocks it pins (None: it already was)."""
+        sess = self.get(sid)
+        if sess.pinned:
+            return None
+        sess.pinned = True
+        n = self.pin_keys(sess)
+        await self.persist(sess)
+        return n
+
+    async def unpin(self, sid: str) -> int:
+        """Unpin ``sid``; returns how many of its stored blocks lost the pin (0: it was not pinned)."""
+        sess = self.get(sid)
+        if not sess.pinned:
+            return 0
+        sess.pinned = False
+        n = self._unpin_keys(sess)
+        await self.persist(sess)
+        return n
+
+    def pin_keys(self, sess: Session) -> int:
+        """Pin every key of ``sess`` not yet pinned by it; returns how many of them are stored."""
+        n = 0
+        for k in sess.keys:
+            if k not in sess.pinned_keys:
+                self._index.pins[k] += 1
+                sess.pinned_keys.add(k)
+                n += k in self._index
+        return n
+
+    def _unpin_keys(self, sess: Session) -> int:
+        n = 0
+        for k in sess.pinned_keys:
+            self._index.pins[k] -= 1
+            if self._index.pins[k] <= 0:
+                del self._index.pins[k]
+            n += k in self._index
+        sess.pinned_keys.clear()
+        return n
+
+    async def set_ttl(self, sid: str, seconds: float | None) -> None:
+        """After ``seconds`` the session is forgotten and its blocks evicted (None clears it)."""
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"ttl must be positive seconds, got {seconds}")
+        sess = self.get(sid)
+        sess.expires = None if seconds is None else time.time() + seconds
+        if sess.expires is not None:
+            self.next_expiry = min(self.next_expiry, sess.expires)
+        await self.persist(sess)
+
+    def due(self, now: float) -> list[str]:
+        """The sessions whose TTL has passed at ``now``; moves ``next_expiry`` past them."""
+        deadlines = [s.expires for s in self._by_id.values() if s.expires is not None]
+        self.next_expiry = min((d for d in deadlines if d > now), default=math.inf)
+        return [s.id for s in self._by_id.values() if s.expires is not None and s.expires <= now]
+
+    async def forget(self, sid: str, *, force: bool = False) -> list[BlockKey]:
+        """Forget ``sid`` (a pinned one needs ``force``: TTL expiry); returns its keys that no
+        other session names (the blocks to evict with it)."""
+        sess = self.get(sid)
+        if sess.pinned and not force:
+            raise SessionPinned(f"session {sid!r} is pinned; unpin it first")
+        self._unpin_keys(sess)
+        del self._by_id[sid]
+        if self._disk is not None:
+            try:
+                await self._disk.delete_session(sid)
+            except OSError as err:
+                self._stats.error("session_write")
+                log.warning("could not delete the session record: %s", err)
+        shared = {k for s in self._by_id.values() for k in s.keys}
+        return [k for k in sess.keys if k not in shared]
+
+    def pinned_blocks(self) -> int:
+        """Stored blocks some pinned session protects."""
+        return sum(1 for k, n in list(self._index.pins.items()) if n > 0 and k in self._index)

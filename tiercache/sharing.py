@@ -1,0 +1,349 @@
+"""The shared tier's two background jobs: uploads (write-behind) and fills (read-through).
+
+Network I/O is never awaited under the cache lock nor without a deadline.
+
+- **Uploads.** A block worth sharing (its N-th sighting: a save, then each save or read
+  that meets it; or any block of a pinned session) is queued on a bounded queue; one
+  background task takes batches, copies their bytes out of host memory under the lock (or
+  reads and verifies them from disk under a lease), and PUTs them outside it. A failure
+  marks the store down and puts the blocks back in the queue; while it is down the next
+  upload is the health probe.
+- **Fills.** ``lookup``, ``load`` and ``acquire`` that miss locally start a fill: a
+  background task that fetches the missing blocks in chain order (the first alone, then
+  windows in parallel; it stops at the first absent block) and adopts each verified one
+  into host memory. The caller waits for the fill at most the tier's ``timeout``, then
+  answers with what has arrived; the fill goes on, so a later request finds the rest
+  locally. After a fill outlives the deadline, callers stop waiting (they still start
+  fills) until one finishes in time; while the store is down they do not ask it at all.
+  So a slow store costs one lookup one deadline, and a dead one costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tiercache.index import DISK, HOST, REMOTE, Entry, Index
+from tiercache.keys import BlockKey, Namespace
+from tiercache.lock import CacheLock
+from tiercache.policy.write import Admission
+from tiercache.room import DiskRoom, HostRoom
+from tiercache.stats import Stats
+from tiercache.tiers.disk import DiskRecord
+from tiercache.tiers.remote import CorruptObject, RemoteTier, UploadQueue
+
+log = logging.getLogger(__name__)
+
+UPLOAD_BATCH = 16  # blocks in flight to the shared tier at once
+FETCH_WINDOW = 32  # blocks a fill asks the shared tier for at once
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """Which blocks go to the shared tier, and how many may wait for it.
+
+    ``admission``: a block goes out on its N-th sighting (its save, then each save or read
+    that finds it); 0 shares only pinned sessions' blocks. ``pinned``: a pinned session's
+    blocks go out whatever their count.
+    """
+
+    queue_blocks: int = 4096
+    admission: int = 1
+    pinned: bool = True
+    drain_seconds: float = 10.0  # how long close() keeps uploading what is queued
+
+
+class SharedTier:
+    def __init__(
+        self,
+        remote: RemoteTier,
+        sharing: Sharing,
+        index: Index,
+        lock: CacheLock,
+        host: HostRoom,
+        disk: DiskRoom | None,
+        stats: Stats,
+        namespaces: dict[str, Namespace],
+        ensure_format: Callable[[int], None],
+    ) -> None:
+        self.remote = remote
+        self.sharing = sharing
+        self._index = index
+        self._lock = lock
+        self._host = host
+        self._disk = disk
+        self._stats = stats
+        self._namespaces = namespaces  # array path -> namespace registered here
+        self._ensure_format = ensure_format
+        self.uploads = UploadQueue(sharing.queue_blocks)
+        self._admission = Admission(max(1, sharing.admission))
+        self._uploader: asyncio.Task[None] | None = None
+        self._in_flight = 0  # blocks the uploader has taken from the queue and not finished
+        self._upload_done = asyncio.Event()  # set after every upload batch (drain waits on it)
+        # Fills in flight, by the first key they fetch -> (task, keys adopted so far).
+        self._fills: dict[BlockKey, tuple[asyncio.Task[None], set[BlockKey]]] = {}
+        self._slow = False  # a fill outlived the deadline: callers do not wait
+        self._closed = False
+
+    # -- uploads --------------------------------------------------------------
+
+    def sighted(self, e: Entry) -> None:
+        """A save or a read met ``e``: queue it once it is worth sharing."""
+        if REMOTE in e.at or e.key in self.uploads or not self.sharing.admission:
+            return
+        if self._admission.admit(e.key):
+            self._share(e)
+
+    def share_pinned(self, keys: Iterable[BlockKey]) -> None:
+        """A pinned session's blocks go out whatever their count."""
+        if not self.sharing.pinned:
+            return
+        for k in keys:
+            e = self._index.get(k)
+            if e is not None and REMOTE not in e.at:
+                self._share(e)
+
+    def _share(self, e: Entry) -> None:
+        if self._closed:
+            return
+        self.uploads.offer(e.key, e.array)
+        if self._uploader is None or self._uploader.done():
+            self._uploader = asyncio.create_task(self._upload_loop(), name="tiercache-upload")
+
+    async def _upload_loop(self) -> None:
+        remote = self.remote
+        while True:
+            await self.uploads.ready.wait()
+            pause = remote.down_until - time.monotonic()
+            if not remote.up and pause > 0:
+                await asyncio.sleep(pause)  # the next upload is the health probe
+            batch = self.uploads.take(UPLOAD_BATCH)
+            self._in_flight = len(batch)
+            try:
+                await self._upload(batch)
+            finally:
+                self._in_flight = 0
+                self._upload_done.set()
+
+    async def _upload(self, batch: list[tuple[BlockKey, str]]) -> None:
+        """PUT a batch of queued blocks; failures go back to the queue and mark the store down."""
+        remote = self.remote
+        t0 = time.perf_counter()
+        sources = await self._sources(batch)
+
+        async def one(e: Entry, data: torch.Tensor) -> None:
+            ns = self._namespaces.get(e.array)
+            if ns is not None:
+                await remote.ensure_namespace(ns)
+            await remote.put(e.array, e.key, data)
+
+        results = await asyncio.gather(
+            *(one(e, data) for e, _, data in sources), return_exceptions=True
+        )
+        retry: list[tuple[BlockKey, str]] = []
+        moved: dict[str, int] = {}
+        for (e, src, _), res in zip(sources, results, strict=True):
+            if isinstance(res, BaseException):
+                retry.append((e.key, e.array))
+                if not isinstance(res, asyncio.CancelledError):
+                    remote.failed(res)
+                    self._stats.error("remote_write")
+            else:
+                e.at[REMOTE] = True
+                self.uploads.uploaded += 1
+                moved[src] = moved.get(src, 0) + e.nbytes
+        for src, nbytes in moved.items():
+            self._stats.transfer(src, REMOTE, nbytes, time.perf_counter() - t0)
+        if retry:
+            log.warning(
+                "shared tier: %d uploads failed, will retry: %s", len(retry), remote.last_error
+            )
+            self.uploads.put_back(retry)
+
+    async def _sources(
+        self, batch: list[tuple[BlockKey, str]]
+    ) -> list[tuple[Entry, str, torch.Tensor]]:
+        """The bytes of queued blocks: copied out of host memory under the lock, or read (and
+        verified) from disk under a lease. A block no longer cached is dropped and counted."""
+        out: list[tuple[Entry, str, torch.Tensor]] = []
+        from_disk: list[tuple[Entry, DiskRecord]] = []
+        async with self._lock:
+            for key, _ in batch:
+                e = self._index.get(key)
+                if e is None:
+                    self.uploads.dropped["evicted"] += 1
+                elif REMOTE in e.at:
+                    continue
+                elif (slot := e.host_slot) is not None:
+                    out.append((e, HOST, self._host.arena.view(slot, e.nbytes).clone()))
+                elif (rec := e.disk) is not None:
+                    from_disk.append((e, rec))
+            self._index.lease(e for e, _ in from_disk)
+        if from_disk:
+            disk = self._disk
+            assert disk is not None
+            bufs = [torch.empty(e.nbytes, dtype=torch.uint8) for e, _ in from_disk]
+            oks = [False] * len(from_disk)
+            try:
+                oks = await disk.disk.get_many([rec for _, rec in from_disk], bufs)
+            finally:
+                async with self._lock:
+                    self._index.unlease(e for e, _ in from_disk)
+                    disk.forget_corrupt([j for j, ok in zip(from_disk, oks, strict=True) if not ok])
+            out += [(e, DISK, b) for (e, _), b, ok in zip(from_disk, bufs, oks, strict=True) if ok]
+            if not all(oks):
+                self.uploads.dropped["corrupt"] += oks.count(False)
+        return out
+
+    async def drain(self, seconds: float) -> int:
+        """Wait until the write-behind queue is empty (or ``seconds``); returns what is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while len(self.uploads) or self._in_flight:
+                    self._upload_done.clear()
+                    await self._upload_done.wait()
+        return len(self.uploads) + self._in_flight
+
+    # -- fills ----------------------------------------------------------------
+
+    async def fill(
+        self, array: str, nbytes: int, keys: list[BlockKey], start: int
+    ) -> set[BlockKey]:
+        """Fetch ``keys[start:]`` into host memory (see the module doc): waits for the fill at
+        most the tier's timeout; returns the keys it adopted so far."""
+        remote = self.remote
+        if start >= len(keys) or not remote.available():
+            return set()
+        first = keys[start]
+        fill = self._fills.get(first)
+        if fill is None:
+            got: set[BlockKey] = set()
+            task = asyncio.create_task(
+                self._fetch(array, nbytes, keys[start:], got), name="tiercache-fill"
+            )
+            fill = self._fills[first] = (task, got)
+            task.add_done_callback(lambda t: self._fill_done(first, t))
+        task, got = fill
+        if not self._slow:
+            done, _ = await asyncio.wait({task}, timeout=remote.timeout)
+            if not done:
+                self._slow = True
+                self._stats.error("remote_timeout")
+        return set(got)
+
+    def _fill_done(self, first: BlockKey, task: asyncio.Task[None]) -> None:
+        if self._fills.get(first, (None,))[0] is task:
+            del self._fills[first]
+        if not task.cancelled() and task.exception() is None and self.remote.up:
+            self._slow = False  # the store answered a whole fill: wait for it again
+        elif not task.cancelled():
+            log.warning("shared tier fill failed: %s", task.exception())
+
+    async def _fetch(
+        self, array: str, nbytes: int, keys: list[BlockKey], got: set[BlockKey]
+    ) -> None:
+        """The fill task: fetch blocks in chain order, adopt the verified ones, stop at the
+        first block that is absent, corrupt, unreadable or finds no host room."""
+        remote = self.remote
+        i, window = 0, 1
+        while i < len(keys) and not self._closed:
+            chunk = keys[i : i + window]
+            t0 = time.perf_counter()
+            results = await asyncio.gather(
+                *(self._fetch_one(array, k, nbytes) for k in chunk), return_exceptions=True
+            )
+            good: list[tuple[BlockKey, tuple[np.ndarray, bytes] | None]] = []
+            for k, res in zip(chunk, results, strict=True):
+                if isinstance(res, CorruptObject):
+                    log.warning("%s; treated as a miss", res)
+                    self._stats.corrupt()
+                elif isinstance(res, BaseException):
+                    remote.failed(res)
+                    self._stats.error("remote_read")
+                elif not isinstance(res, str):
+                    good.append((k, res))
+                    continue
+                elif res == "local":
+                    good.append((k, None))
+                    continue
+                break
+            adopted, complete = await self._adopt(array, nbytes, good, got)
+            if adopted:
+                self._stats.transfer(REMOTE, HOST, adopted * nbytes, time.perf_counter() - t0)
+            if len(good) < len(chunk) or not complete:
+                return
+            i += len(chunk)
+            window = min(window * 4, FETCH_WINDOW)
+
+    async def _fetch_one(
+        self, array: str, key: BlockKey, nbytes: int
+    ) -> tuple[np.ndarray, bytes] | str:
+        """A block's verified bytes and checksum, or "local" (already here) or "absent"."""
+        if key in self._index:
+            return "local"
+        got = await self.remote.get(array, key, nbytes)
+        return "absent" if got is None else got
+
+    async def _adopt(
+        self,
+        array: str,
+        nbytes: int,
+        blocks: list[tuple[BlockKey, tuple[np.ndarray, bytes] | None]],
+        got: set[BlockKey],
+    ) -> tuple[int, bool]:
+        """Put fetched blocks into host slots and the index (visible from now). Returns how
+        many were adopted, and whether all of ``blocks`` are now local."""
+        adopted = 0
+        async with self._lock:
+            if self._closed or not blocks:
+                return 0, not blocks
+            self._ensure_format(nbytes)
+            await self._host.make_room(sum(1 for k, _ in blocks if k not in self._index))
+            now = time.monotonic()
+            for key, fetched in blocks:
+                if key in self._index or fetched is None:
+                    continue
+                slot = await self._host.slot_or_none()
+                if slot is None:
+                    return adopted, False
+                data, csum = fetched
+                np.copyto(self._host.arena.view(slot, nbytes).numpy(), data)
+                e = Entry(key, array, nbytes, csum, at={REMOTE: True}, last_use=now)
+                self._index.add(e)
+                self._host.place(e, slot)
+                got.add(key)
+                adopted += 1
+        return adopted, True
+
+    def state(self) -> dict[str, object]:
+        """The shared tier's state for ``stats``: health, queue, uploads, losses."""
+        return {
+            **self.remote.state(),
+            "queue_blocks": len(self.uploads),
+            "queue_bound": self.uploads.bound,
+            "uploaded_blocks": self.uploads.uploaded,
+            "dropped_blocks": dict(self.uploads.dropped),
+            "admission": self.sharing.admission,
+        }
+
+    async def close(self, drain: bool) -> None:
+        """Upload what is queued (at most ``drain_seconds``, when ``drain``), then stop."""
+        if drain and self.remote.available():
+            await self.drain(self.sharing.drain_seconds)
+        self._closed = True
+        tasks = [t for t, _ in self._fills.values()]
+        if self._uploader is not None:
+            tasks.append(self._uploader)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if len(self.uploads):
+            self.uploads.dropped["shutdown"] += len(self.uploads)
+            log.warning("shared tier: %d queued blocks not uploaded at close", len(self.uploads))
