@@ -111,6 +111,23 @@ def test_lru_victims_survive_removal_while_iterating() -> None:
     assert len(policy) == 0
 
 
+def test_lru_victims_are_a_live_walk_not_a_copy() -> None:
+    policy = filled(LRUPolicy(), "a", "b", "c")
+    walk = policy.victims()
+
+    assert next(walk) == k("a")
+    policy.remove(k("b"))  # not yet given: a copy of the order would still hold it
+    assert names(walk) == ["c"]
+
+
+def test_lru_takes_a_parent_and_position_and_ignores_them() -> None:
+    policy = LRUPolicy()
+    policy.insert(k("a"))
+    policy.insert(k("b"), parent=k("a"), position=16)
+
+    assert names(policy.victims()) == ["a", "b"]
+
+
 def test_lru_replay_evicts_least_recently_used() -> None:
     evicted, resident = replay(LRUPolicy(), 3, ["a", "b", "c", "a", "d", "e", "a", "f"])
 
@@ -305,6 +322,28 @@ def test_arc_victims_come_from_t2_first_once_t1_is_within_target() -> None:
 
     assert policy.target_t1 == 1.0
     assert names(policy.victims()) == ["a", "x", "y"]
+
+
+def test_arc_victims_survive_removal_while_iterating() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    policy.touch(k("b"))  # t1 = [a, c], t2 = [b]
+    walked = []
+
+    for key in policy.victims():
+        policy.remove(key)
+        walked.append(key)
+
+    assert names(walked) == ["a", "c", "b"]
+    assert len(policy) == 0
+
+
+def test_arc_victims_are_a_live_walk_not_a_copy() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    walk = policy.victims()
+
+    assert next(walk) == k("a")
+    policy.remove(k("b"))
+    assert names(walk) == ["c"]
 
 
 def test_lru_flushes_frequently_used_keys_during_a_scan() -> None:
