@@ -19,7 +19,7 @@ from typing import Protocol
 
 from tiercache.keys import BlockKey
 
-POLICIES = ("lru", "arc")
+POLICIES = ("lru", "arc", "prefix")
 
 
 class EvictionPolicy(Protocol):
@@ -43,12 +43,25 @@ class EvictionPolicy(Protocol):
     def __len__(self) -> int: ...
 
 
+class RetainingPolicy(EvictionPolicy, Protocol):
+    """A policy that holds session blocks the way hosted prompt caching does."""
+
+    def retain(self, key: BlockKey, seconds: float | None) -> None:
+        """Keep ``key`` out of the victims until ``seconds`` after its last use (``math.inf``:
+        a pin; ``None``: back to normal); every touch starts the window again."""
+
+
 def make_policy(name: str, capacity_blocks: int) -> EvictionPolicy:
     from tiercache.policy.arc import ARCPolicy
     from tiercache.policy.lru import LRUPolicy
+    from tiercache.policy.prefix import PrefixPolicy
 
     if name == "lru":
         return LRUPolicy()
     if name == "arc":
         return ARCPolicy(capacity_blocks)
-    raise ValueError(f"unknown eviction policy {name!r}; choose 'lru' or 'arc' ([policy] eviction)")
+    if name == "prefix":
+        return PrefixPolicy(capacity_blocks)
+    raise ValueError(
+        f"unknown eviction policy {name!r}; choose 'lru', 'arc' or 'prefix' ([policy] eviction)"
+    )
