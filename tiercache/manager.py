@@ -469,10 +469,12 @@ class TierManager:
         async with self._lock:
             assert self.host_policy is not None
             now = time.monotonic()
-            for e in r.entries:
+            for e, row in zip(r.entries, r.rows, strict=True):
                 e.last_use = now
                 self.index.add(e)
-                self.host_policy.insert(e.key)
+                i = r.first_block + row  # the block's place in its sequence: its parent, position
+                parent = r.keys[i - 1] if i else None
+                self.host_policy.insert(e.key, parent, i * r.ns.spec.block_size)
             sess = self.index.sessions.get(r.session) if r.session else None
             if sess is not None and sess.pinned:
                 self._pin_keys(sess)
@@ -542,8 +544,23 @@ class TierManager:
                 self.stats.lookup(t, n)
         if len(keys) > len(hit):
             self.stats.lookup("miss", len(keys) - len(hit))
+        for e in hit:
+            self._refresh(e)  # a prefix found again is in use, even if the engine keeps it
         self.stats.request("lookup", time.perf_counter() - t0)
         return LookupResult(keys, tiers, ns.spec.block_size)
+
+    async def touch(self, ns: Namespace, tokens: Tokens) -> int:
+        """Refresh the recency of the cached blocks of ``tokens``: an engine served them from its
+        own prefix cache, so no lookup or load saw them; returns how many are cached here."""
+        t0 = time.perf_counter()
+        n = 0
+        for key in _keys(ns, tokens):
+            e = self.index.get(key)
+            if e is not None:
+                self._refresh(e)
+                n += 1
+        self.stats.request("touch", time.perf_counter() - t0)
+        return n
 
     async def lookup_tail(self, ns: Namespace, candidates: list[BlockKey]) -> tuple[int, str]:
         """The longest cached tail among ``candidates`` (``Namespace.tail_keys``, shortest
@@ -718,12 +735,16 @@ class TierManager:
         return e.best_tier or "miss"
 
     def _touch(self, e: Entry) -> None:
+        self._refresh(e)
+        self._sighted(e)
+
+    def _refresh(self, e: Entry) -> None:
+        """``e`` is in use: its recency in every tier's policy (no sighting for the shared tier)."""
         e.last_use = time.monotonic()
         if e.host_slot is not None and self.host_policy is not None:
             self.host_policy.touch(e.key)
         if e.disk is not None and self.disk_policy is not None:
             self.disk_policy.touch(e.key)
-        self._sighted(e)
 
     # -- prefetch ---------------------------------------------------------
 
@@ -1262,7 +1283,9 @@ class TierManager:
                 self._format_host(nbytes)
             await self._make_host_room(sum(1 for k, _ in blocks if k not in self.index))
             now = time.monotonic()
+            parent: BlockKey | None = None  # the blocks come in chain order
             for key, fetched in blocks:
+                parent, up = key, parent
                 if key in self.index or fetched is None:
                     continue
                 try:
@@ -1274,7 +1297,7 @@ class TierManager:
                 e = Entry(key, array, nbytes, csum, host_slot=slot, last_use=now, remote=True)
                 self.index.add(e)
                 assert self.host_policy is not None
-                self.host_policy.insert(key)
+                self.host_policy.insert(key, up)
                 got.add(key)
                 adopted += 1
         return adopted, True
