@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import pytest
 
 from tiercache.policy.arc import ARCPolicy
-from tiercache.policy.base import EvictionPolicy, make_policy
+from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
 from tiercache.policy.lru import LRUPolicy
 from tiercache.policy.prefix import ATTENTION_TOKENS, GHOSTS, PrefixPolicy
 from tiercache.policy.write import (
@@ -548,6 +548,11 @@ def test_prefix_a_released_block_is_a_candidate_again() -> None:
     policy.retain(k("a"), None)
 
     assert names(policy.victims()) == ["b", "a"]
+
+
+@pytest.mark.parametrize(("name", "retains"), [("lru", False), ("arc", False), ("prefix", True)])
+def test_only_the_prefix_policy_can_hold_session_blocks(name: str, retains: bool) -> None:
+    assert isinstance(make_policy(name, 8), RetainingPolicy) is retains
 
 
 @pytest.mark.parametrize("seconds", [0.0, -5.0])

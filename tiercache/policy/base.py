@@ -15,7 +15,7 @@ ignore them. ``None``/0 when unknown (blocks found on disk at start).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tiercache.keys import BlockKey
 
@@ -43,8 +43,10 @@ class EvictionPolicy(Protocol):
     def __len__(self) -> int: ...
 
 
+@runtime_checkable
 class RetainingPolicy(EvictionPolicy, Protocol):
-    """A policy that holds session blocks the way hosted prompt caching does."""
+    """A policy that holds session blocks the way hosted prompt caching does (``prefix``). The
+    manager asks ``isinstance(policy, RetainingPolicy)``, a capability, never a name."""
 
     def retain(self, key: BlockKey, seconds: float | None) -> None:
         """Keep ``key`` out of the victims until ``seconds`` after its last use (``math.inf``:
