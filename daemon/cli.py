@@ -126,7 +126,17 @@ def cmd_retention(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tiercache.bench import run
 
-    return run(args.name, args.out, quick=args.quick)
+    options = [
+        arg
+        for flag in ("trace", "capacities", "policies")
+        if getattr(args, flag) is not None
+        for arg in (f"--{flag}", getattr(args, flag))
+    ]
+    if options and args.name != "trace":
+        raise ConfigError(
+            f"--trace, --capacities and --policies are for `bench trace`, not {args.name}"
+        )
+    return run(args.name, args.out, quick=args.quick, options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=list(BENCHMARKS))
     b.add_argument("--out", default="bench-out")
     b.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    b.add_argument("--trace", help="trace: a trace in Mooncake's JSONL format (default: shipped)")
+    b.add_argument("--capacities", help="trace: fractions of the working set, e.g. 0.01,0.05")
+    b.add_argument("--policies", help="trace: eviction policies, e.g. lru,arc,prefix")
     b.set_defaults(func=cmd_bench)
     return p
 

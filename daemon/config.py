@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tiercache.policy.base import POLICIES
 from tiercache.spec import parse_size
 
 ENV_PREFIX = "TIERCACHE_"
@@ -111,8 +112,10 @@ class PolicyConfig:
     admission: int = 1  # store a block on its N-th offer
 
     def __post_init__(self) -> None:
-        if self.eviction not in ("lru", "arc"):
-            raise ConfigError(f"policy.eviction: {self.eviction!r} is not one of lru, arc")
+        if self.eviction not in POLICIES:
+            raise ConfigError(
+                f"policy.eviction: {self.eviction!r} is not one of {', '.join(POLICIES)}"
+            )
         if self.write not in ("write-through", "write-back"):
             raise ConfigError(
                 f"policy.write: {self.write!r} is not one of write-through, write-back"

@@ -179,11 +179,16 @@ class TierManager:
         if e is not None:
             e.at.pop(DEVICE, None)
 
-    def _touch(self, e: Entry) -> None:
+    def _refresh(self, e: Entry) -> None:
+        """``e`` is in use: its recency in every tier's policy."""
         e.last_use = time.monotonic()
         self.host_room.touch(e)
         if self.disk_room is not None:
             self.disk_room.touch(e)
+
+    def _touch(self, e: Entry) -> None:
+        """``e`` was served: refreshed, and sighted for the shared tier."""
+        self._refresh(e)
         if self.shared is not None:
             self.shared.sighted(e)
 
@@ -308,10 +313,12 @@ class TierManager:
         t0 = time.perf_counter()
         async with self._lock:
             now = time.monotonic()
-            for e in r.entries:
+            for e, row in zip(r.entries, r.rows, strict=True):
                 e.last_use = now
                 self.index.add(e)
-                self.host_room.place(e)
+                i = r.first_block + row  # the block's place in its chain: its parent, position
+                parent = r.keys[i - 1] if i else None
+                self.host_room.place(e, None, parent, i * r.ns.spec.block_size)
             sess = self.sessions[r.session] if r.session and r.session in self.sessions else None
             if sess is not None and sess.pinned:
                 self.sessions.pin_keys(sess)
@@ -360,6 +367,9 @@ class TierManager:
                 self.stats.lookup(t, n)
         if len(keys) > len(hit):
             self.stats.lookup("miss", len(keys) - len(hit))
+        async with self._lock:
+            for e in hit:
+                self._refresh(e)  # a prefix found again is in use, even if the engine keeps it
         return LookupResult(keys, tiers, ns.spec.block_size)
 
     @timed("lookup_tail")
@@ -536,7 +546,7 @@ class TierManager:
         async with self._lock:
             hit = self.index.prefix(keys)
             for e in hit:
-                self._touch(e)
+                self._refresh(e)
         return len(hit)
 
     # -- prefetch ---------------------------------------------------------

@@ -175,12 +175,20 @@ class HostRoom:
         assert self.policy is not None, "the host arena is formatted before any block moves"
         return self.policy
 
-    def place(self, e: Entry, slot: int | None = None) -> None:
-        """Under the lock: ``e``'s bytes are in ``slot`` now (default: the slot it reserved)."""
+    def place(
+        self,
+        e: Entry,
+        slot: int | None = None,
+        parent: BlockKey | None = None,
+        position: int = 0,
+    ) -> None:
+        """Under the lock: ``e``'s bytes are in ``slot`` now (default: the slot it reserved).
+        ``parent`` (the block before it in its chain) and ``position`` (its first token's place
+        in the prompt) are for policies that trim chains from their end and weigh prefill cost."""
         if slot is not None:
             e.at[HOST] = slot
         assert e.host_slot is not None
-        self._order.insert(e.key)
+        self._order.insert(e.key, parent, position)
 
     def touch(self, e: Entry) -> None:
         if HOST in e.at:

@@ -307,7 +307,9 @@ class SharedTier:
             self._ensure_format(nbytes)
             await self._host.make_room(sum(1 for k, _ in blocks if k not in self._index))
             now = time.monotonic()
+            parent: BlockKey | None = None  # the blocks come in chain order
             for key, fetched in blocks:
+                parent, up = key, parent
                 if key in self._index or fetched is None:
                     continue
                 slot = await self._host.slot_or_none()
@@ -317,7 +319,7 @@ class SharedTier:
                 np.copyto(self._host.arena.view(slot, nbytes).numpy(), data)
                 e = Entry(key, array, nbytes, csum, at={REMOTE: True}, last_use=now)
                 self._index.add(e)
-                self._host.place(e, slot)
+                self._host.place(e, slot, up)
                 got.add(key)
                 adopted += 1
         return adopted, True

@@ -433,3 +433,44 @@ async def test_a_load_racing_a_prefetch_waits_for_it_and_counts_it_late(
     assert got.tiers == ["host", "host"]  # served from what the prefetch brought up, not read twice
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks_a))
     assert m.stats.prefetch["late"] == 1
+
+
+async def test_a_lookup_refreshes_the_recency_of_the_blocks_it_finds(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=2, disk_blocks=None)
+    a, b, c = (make_tokens(1, seed=s) for s in (1, 2, 3))
+    await m.save(NS, a, make_blocks(1))
+    await m.save(NS, b, make_blocks(1))
+    assert (await m.lookup(NS, a)).blocks == 1  # a is in use: b is now the least recent
+
+    await m.save(NS, c, make_blocks(1))
+
+    assert [(await m.lookup(NS, t)).blocks for t in (a, b, c)] == [1, 0, 1]
+
+
+async def test_touch_refreshes_blocks_an_engine_served_from_its_own_cache(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=2, disk_blocks=None)
+    a, b, c = (make_tokens(1, seed=s) for s in (1, 2, 3))
+    await m.save(NS, a, make_blocks(1))
+    await m.save(NS, b, make_blocks(1))
+
+    assert await m.touch(NS, [*a, *make_tokens(1, seed=9)]) == 1  # a's block; the next is absent
+    await m.save(NS, c, make_blocks(1))
+
+    assert [(await m.lookup(NS, t)).blocks for t in (a, b, c)] == [1, 0, 1]
+
+
+@pytest.mark.parametrize(("eviction", "kept"), [("lru", 0), ("prefix", 2)])
+async def test_the_prefix_policy_trims_a_chain_from_its_end(
+    open_cache: OpenCache, eviction: str, kept: int
+) -> None:
+    m = await open_cache(host_blocks=4, disk_blocks=None, eviction=eviction)
+    chain = make_tokens(3, seed=1)
+    await m.save(NS, chain, make_blocks(3))
+
+    await m.save(NS, make_tokens(2, seed=2), make_blocks(2))  # room for one more: one goes
+
+    # LRU drops the chain's first block, which leaves none of it reachable; the prefix policy
+    # (it learns each block's parent from the save) drops the last and keeps a 2-block prefix.
+    assert (await m.lookup(NS, chain)).blocks == kept

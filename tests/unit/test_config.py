@@ -251,6 +251,14 @@ def test_config_path_may_be_a_string(tmp_path: Path) -> None:
     assert load_config(str(path), env={}).policy.eviction == "arc"
 
 
+@pytest.mark.parametrize("name", ["lru", "arc", "prefix"])
+def test_every_eviction_policy_is_accepted(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "tiercache.toml"
+    path.write_text(f'[policy]\neviction = "{name}"\n')
+
+    assert load_config(path, env={}).policy.eviction == name
+
+
 # --- environment overrides ------------------------------------------------------------------
 
 
@@ -381,7 +389,7 @@ def test_variables_that_are_not_overrides_are_ignored(name: str) -> None:
         ),
         pytest.param(
             "[policy]\neviction = 'fifo'\n",
-            "policy.eviction: 'fifo' is not one of lru, arc",
+            "policy.eviction: 'fifo' is not one of lru, arc, prefix",
             id="bad-eviction",
         ),
         pytest.param(
@@ -439,7 +447,7 @@ def test_bad_file_is_a_config_error_naming_the_key(tmp_path: Path, toml: str, me
         ),
         pytest.param(
             {"TIERCACHE_POLICY__EVICTION": "LRU"},
-            "policy.eviction: 'LRU' is not one of lru, arc",
+            "policy.eviction: 'LRU' is not one of lru, arc, prefix",
             id="bad-eviction",
         ),
     ],

@@ -4,7 +4,8 @@
 ``storage`` (tiers vs memcpy and plain file I/O), ``resume`` (resume vs
 recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
 ``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
-``trace`` (a real conversation trace replayed: hit ratio against capacity per policy),
+``trace`` (a conversation trace, Mooncake's or any in its format, replayed: hit ratio against
+capacity per eviction policy),
 ``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
 ``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector).
 """
@@ -12,6 +13,7 @@ recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 MODULES = {
     "storage": "storage",
@@ -25,7 +27,9 @@ MODULES = {
 }
 
 
-def run(name: str, out: str, quick: bool = False) -> int:
+def run(name: str, out: str, quick: bool = False, options: Sequence[str] = ()) -> int:
+    """Run benchmark ``name``; ``options`` are its own flags (``trace``: ``--trace``,
+    ``--capacities``, ``--policies``)."""
     module = importlib.import_module(f"tiercache.bench.{MODULES[name]}")
-    code: int = module.main(["--out", out, *(["--quick"] if quick else [])])
+    code: int = module.main(["--out", out, *(["--quick"] if quick else []), *options])
     return code

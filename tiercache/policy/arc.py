@@ -6,14 +6,17 @@ means T1 was too small, so the target size of T1 grows; a B2 ghost shrinks
 it. Victims come from T1 while it is above its target, else from T2. Scans of
 one-time blocks (a long prompt nobody resumes) pass through T1 without flushing
 the frequently resumed prefixes in T2, which is why it is offered beside LRU.
+
+The four lists are intrusive (``links.py``): every step, victims included, is
+O(1). A block's parent and position are taken and ignored (ARC is a baseline).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 
 from tiercache.keys import BlockKey
+from tiercache.policy.links import Link, Links
 
 
 class ARCPolicy:
@@ -24,51 +27,66 @@ class ARCPolicy:
             raise ValueError("ARC needs a positive capacity in blocks")
         self.capacity = capacity_blocks
         self.target_t1 = 0.0
-        self.t1: OrderedDict[BlockKey, None] = OrderedDict()
-        self.t2: OrderedDict[BlockKey, None] = OrderedDict()
-        self.b1: OrderedDict[BlockKey, None] = OrderedDict()
-        self.b2: OrderedDict[BlockKey, None] = OrderedDict()
+        self.t1: Links[Link] = Links()
+        self.t2: Links[Link] = Links()
+        self.b1: Links[Link] = Links()
+        self.b2: Links[Link] = Links()
+        self._links: dict[BlockKey, Link] = {}  # every key in any of the four lists
 
-    def insert(self, key: BlockKey) -> None:
-        if key in self.t1 or key in self.t2:
+    def _move(self, link: Link, to: Links[Link]) -> None:
+        if link.owner is not None:
+            link.owner.unlink(link)
+        to.push(link)
+
+    def insert(self, key: BlockKey, parent: BlockKey | None = None, position: int = 0) -> None:
+        link = self._links.get(key)
+        if link is None:
+            self._links[key] = link = Link(key)
+            self.t1.push(link)
+        elif link.owner is self.t1 or link.owner is self.t2:
             self.touch(key)
-            return
-        if key in self.b1:
+        elif link.owner is self.b1:
             self.target_t1 = min(
                 self.capacity, self.target_t1 + max(1.0, len(self.b2) / len(self.b1))
             )
-            del self.b1[key]
-            self.t2[key] = None
-        elif key in self.b2:
-            self.target_t1 = max(0.0, self.target_t1 - max(1.0, len(self.b1) / len(self.b2)))
-            del self.b2[key]
-            self.t2[key] = None
+            self._move(link, self.t2)
         else:
-            self.t1[key] = None
+            self.target_t1 = max(0.0, self.target_t1 - max(1.0, len(self.b1) / len(self.b2)))
+            self._move(link, self.t2)
 
     def touch(self, key: BlockKey) -> None:
-        if key in self.t1:
-            del self.t1[key]
-            self.t2[key] = None
-        elif key in self.t2:
-            self.t2.move_to_end(key)
+        link = self._links.get(key)
+        if link is not None and (link.owner is self.t1 or link.owner is self.t2):
+            self._move(link, self.t2)
 
     def remove(self, key: BlockKey) -> None:
-        if key in self.t1:
-            del self.t1[key]
-            self._ghost(self.b1, key)
-        elif key in self.t2:
-            del self.t2[key]
-            self._ghost(self.b2, key)
+        link = self._links.get(key)
+        if link is None:
+            return
+        if link.owner is self.t1:
+            self._ghost(link, self.b1)
+        elif link.owner is self.t2:
+            self._ghost(link, self.b2)
 
-    def _ghost(self, ghosts: OrderedDict[BlockKey, None], key: BlockKey) -> None:
-        ghosts[key] = None
+    def _ghost(self, link: Link, ghosts: Links[Link]) -> None:
+        assert link.owner is not None
+        link.owner.unlink(link)  # a fresh link for the ghost: a walk standing on this one walks on
+        self._links[link.key] = ghost = Link(link.key)
+        ghosts.push(ghost)
         while len(self.b1) + len(self.b2) > self.capacity:
-            (self.b1 if len(self.b1) >= len(self.b2) and self.b1 else self.b2).popitem(last=False)
+            oldest = (self.b1 if len(self.b1) >= len(self.b2) and len(self.b1) else self.b2).first()
+            assert oldest is not None and oldest.owner is not None
+            oldest.owner.unlink(oldest)
+            del self._links[oldest.key]
 
     def victims(self) -> Iterator[BlockKey]:
         first, second = (self.t1, self.t2) if len(self.t1) > self.target_t1 else (self.t2, self.t1)
-        return iter([*first, *second])
+        return self._walk(first, second)
+
+    @staticmethod
+    def _walk(first: Links[Link], second: Links[Link]) -> Iterator[BlockKey]:
+        yield from first
+        yield from second
 
     def __len__(self) -> int:
         return len(self.t1) + len(self.t2)

@@ -3,42 +3,67 @@
 A policy only orders keys; it never frees anything. The manager walks
 ``victims()`` and skips what it may not evict (pinned or leased blocks), so the
 policies stay free of those rules and the manager never branches on a policy's
-name.
+name. Every step is O(1): policies keep intrusive lists (``links.py``) and
+``victims()`` is a lazy walk, never a copy of the order.
+
+A block's ``parent`` (the key before it in its prompt) and ``position`` (the
+offset of its first token in the prompt) are what the manager knows when it
+stores a block; a policy that reasons about prefixes uses them, the others
+ignore them. ``None``/0 when unknown (blocks found on disk at start).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tiercache.keys import BlockKey
+
+POLICIES = ("lru", "arc", "prefix")
 
 
 class EvictionPolicy(Protocol):
     name: str
 
-    def insert(self, key: BlockKey) -> None:
-        """``key`` entered the tier."""
+    def insert(self, key: BlockKey, parent: BlockKey | None = None, position: int = 0) -> None:
+        """``key`` entered the tier (re-inserting a present key is a ``touch``)."""
 
     def touch(self, key: BlockKey) -> None:
-        """``key`` was read or written again."""
+        """``key`` was read or written again (a lookup hit, a load, an engine-side hit)."""
 
     def remove(self, key: BlockKey) -> None:
         """``key`` left the tier (evicted, demoted or deleted)."""
 
     def victims(self) -> Iterator[BlockKey]:
-        """Keys in the order they should go; stable while the caller only calls ``remove``."""
+        """Keys in the order they should go, lazily, O(1) per step. Stable while the caller
+        only calls ``remove`` on keys it was given; keys that become candidates during the walk
+        (new orphans) may wait for the next walk."""
         ...
 
     def __len__(self) -> int: ...
 
 
+@runtime_checkable
+class RetainingPolicy(EvictionPolicy, Protocol):
+    """A policy that holds session blocks the way hosted prompt caching does (``prefix``). The
+    manager asks ``isinstance(policy, RetainingPolicy)``, a capability, never a name."""
+
+    def retain(self, key: BlockKey, seconds: float | None) -> None:
+        """Keep ``key`` out of the victims until ``seconds`` after its last use (``math.inf``:
+        a pin; ``None``: back to normal); every touch starts the window again."""
+
+
 def make_policy(name: str, capacity_blocks: int) -> EvictionPolicy:
     from tiercache.policy.arc import ARCPolicy
     from tiercache.policy.lru import LRUPolicy
+    from tiercache.policy.prefix import PrefixPolicy
 
     if name == "lru":
         return LRUPolicy()
     if name == "arc":
         return ARCPolicy(capacity_blocks)
-    raise ValueError(f"unknown eviction policy {name!r}; choose 'lru' or 'arc' ([policy] eviction)")
+    if name == "prefix":
+        return PrefixPolicy(capacity_blocks)
+    raise ValueError(
+        f"unknown eviction policy {name!r}; choose 'lru', 'arc' or 'prefix' ([policy] eviction)"
+    )
