@@ -3,8 +3,9 @@
 Topics (MQTT v5, QoS 1; ``P`` = ``[mqtt] prefix``, ``N`` = ``[mqtt] node``):
 
 - ``P/N/cmd/<verb>`` in: a JSON object of arguments (an empty payload is ``{}``).
-  The reply goes to the request's Response Topic with its Correlation Data
-  copied, or to ``P/N/reply`` when the request names none, as
+  The reply goes to the request's Response Topic (any topic but this node's own
+  ``cmd``, ``status`` and ``events`` ones) with its Correlation Data copied, or
+  to ``P/N/reply`` when the request names none, as
   ``{"ok": true, "result": …}`` or ``{"ok": false, "error": {"code", "message"}}``.
 - ``P/N/status`` out, retained: ``online`` / ``draining`` while connected,
   ``offline`` after ``stop()`` and, as the Last Will, when the connection dies.
@@ -402,12 +403,9 @@ class MqttControl:
         correlation = getattr(props, "CorrelationData", None)
         reply_to = getattr(props, "ResponseTopic", None) or self.topics.reply
         refusal = None
-        if not self._may_reply_to(reply_to):
-            # The daemon may also write its status and events topics: a requester
-            # must not be able to point a reply there. Refused before the verb runs.
-            refusal = ControlError(
-                "bad_request", f"Response Topic {reply_to!r} is not under {self.topics.reply!r}"
-            )
+        if (why := self._refuse_reply_to(reply_to)) is not None:
+            # Refused before the verb runs; the refusal goes to this node's reply topic.
+            refusal = ControlError("bad_request", f"Response Topic {reply_to!r} {why}")
             reply_to = self.topics.reply
         if len(self._commands) >= self.max_pending:
             self.dropped_commands += 1
@@ -421,10 +419,19 @@ class MqttControl:
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
 
-    def _may_reply_to(self, topic: str) -> bool:
-        """This node's reply topic or one below it (where the ACL lets operators read)."""
-        mine = topic == self.topics.reply or topic.startswith(self.topics.reply + "/")
-        return mine and not any(c in topic for c in "+#\0")
+    def _refuse_reply_to(self, topic: str) -> str | None:
+        """Why a reply may not go to ``topic``, or None: any requester's Response Topic is
+        honoured (MQTTX, Node-RED and paho pick their own), except one with a wildcard or this
+        node's own command, status and event topics, which a reply would forge or overwrite.
+        Where else the daemon may publish is the broker ACL's call (``ops/mosquitto/acl``)."""
+        if any(c in topic for c in "+#\0"):
+            return "contains a wildcard or NUL (a reply needs one topic)"
+        t = self.topics
+        if topic == t.status or any(
+            topic == b or topic.startswith(b + "/") for b in (f"{t.base}/cmd", f"{t.base}/events")
+        ):
+            return f"is this node's own command, status or event topic (under {t.base!r})"
+        return None
 
     async def _serve_command(
         self,

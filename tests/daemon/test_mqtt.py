@@ -310,18 +310,52 @@ async def test_concurrent_requests_each_get_their_own_reply(
     assert bad["error"]["code"] == "bad_value"
 
 
-async def test_a_response_topic_outside_the_nodes_reply_topics_is_refused_and_nothing_runs(
-    daemon: Daemon, operator: Operator, manager: TierManager
+async def test_any_requesters_response_topic_gets_the_reply_with_its_correlation_data(
+    daemon: Daemon, mosquitto: Mosquitto, node: str
 ) -> None:
-    # The daemon may write its status topic: a reply there would overwrite it.
-    await operator.send(
-        "pin", b'{"session": "chat"}', reply_to=f"{operator.base}/status", correlation=b"c"
-    )
+    # What MQTTX, Node-RED or paho do: subscribe to a reply topic of their own choosing.
+    reply_to = f"app/replies/{uuid.uuid4().hex}"
+    async with client_for(mosquitto.config("operator", node=node), "operator") as client:
+        await client.subscribe(reply_to, qos=1)
+        await client.publish(
+            f"tiercache/{node}/cmd/stats",
+            b"{}",
+            qos=1,
+            properties=properties(reply_to, b"ticket-7"),
+        )
+        async with asyncio.timeout(WAIT):
+            message = await anext(aiter(client.messages))
+    assert message.topic.value == reply_to
+    assert getattr(message.properties, "CorrelationData", None) == b"ticket-7"
+    assert json.loads(message.payload) == ok(await daemon.control.run("stats", {}))
+
+
+@pytest.mark.parametrize(
+    ("topic", "why"),
+    [
+        ("status", "is this node's own command, status or event topic (under {base!r})"),
+        ("events/drain_done", "is this node's own command, status or event topic (under {base!r})"),
+        ("cmd/flush", "is this node's own command, status or event topic (under {base!r})"),
+        ("reply/+", "contains a wildcard or NUL (a reply needs one topic)"),
+    ],
+)
+async def test_a_response_topic_on_the_nodes_own_topics_is_refused_and_nothing_runs(
+    daemon: Daemon,
+    operator: Operator,
+    manager: TierManager,
+    mosquitto: Mosquitto,
+    node: str,
+    topic: str,
+    why: str,
+) -> None:
+    # A reply on the status topic would overwrite it; on cmd/ it would be a forged command.
+    reply_to = f"{operator.base}/{topic}"
+    await operator.send("pin", b'{"session": "chat"}', reply_to=reply_to, correlation=b"c")
     assert await operator.reply() == error(
-        "bad_request",
-        f"Response Topic {operator.base + '/status'!r} is not under {operator.base + '/reply'!r}",
+        "bad_request", f"Response Topic {reply_to!r} {why.format(base=operator.base)}"
     )
     assert not manager.sessions["chat"].pinned
+    assert await retained_status(mosquitto, node) == "online"  # status intact
 
 
 # -- errors ------------------------------------------------------------------------------------
