@@ -510,3 +510,48 @@ async def test_attaching_gpu_caches_to_a_daemon_without_cuda_is_refused_by_name(
     tokens, blocks = make_tokens(2), make_blocks(2)
     assert (await client.save(NS, tokens, blocks)).stored == 2
     assert torch.equal(as_bytes((await client.load(NS, tokens)).kv()), as_bytes(blocks))
+
+
+async def test_each_socket_request_is_one_latency_observation_within_the_clients_wall_time(
+    tmp_path: Path,
+) -> None:
+    # The manager's own timing nests inside the server's: before the fix, lookup, lookup_tail,
+    # prefetch and acquire (a load) were observed twice per socket request.
+    from tests.daemon.test_metrics import http_get, scrape
+
+    env = {**daemon_env(tmp_path), "TIERCACHE_METRICS__LISTEN": "127.0.0.1:0"}
+    d = Daemon(load_config(env=env))
+    await d.start()
+    try:
+        assert d.http is not None
+        url = f"http://127.0.0.1:{d.http.port}/metrics"
+        c = await AsyncClient.connect(d.config.daemon.socket)
+        tokens = make_tokens(4)
+        await c.save(NS, tokens, make_blocks(4))
+
+        def observed(op: str) -> tuple[float, float]:
+            got = scrape(http_get(url))
+            key = frozenset({("op", op)})
+            # An op outside the exported set appears at its first observation.
+            count = got.get(("tiercache_request_seconds_count", key), 0.0)
+            return count, got.get(("tiercache_request_seconds_sum", key), 0.0)
+
+        n = 5
+        calls = {
+            "lookup": lambda: c.lookup(NS, tokens),
+            "lookup_tail": lambda: c.lookup_tail(NS, NS.tail_keys(tokens)),
+            "prefetch": lambda: c.prefetch(NS, tokens),
+            "acquire": lambda: c.load(NS, tokens),
+        }
+        for op, call in calls.items():
+            count0, sum0 = await asyncio.to_thread(observed, op)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await call()
+            wall = time.perf_counter() - t0
+            count, total = await asyncio.to_thread(observed, op)
+            assert count - count0 == n, op
+            assert 0 < (total - sum0) / n <= wall / n, op
+        await c.close()
+    finally:
+        await d.shutdown()
