@@ -135,7 +135,7 @@ class Control:
                 else 0
             ),
             "draining": self.draining,
-            "remote": m.remote_state(),
+            "remote": m.shared.state() if m.shared is not None else None,
             "policy": {
                 "eviction": m.eviction,
                 "write": m.write.name,

@@ -88,6 +88,11 @@ class Index:
     def get(self, key: BlockKey) -> Entry | None:
         return self._entries.get(key)
 
+    def drop_tier(self, key: BlockKey, tier: str) -> None:
+        """``key``'s copy in ``tier`` is gone (a no-op for a key or copy not here)."""
+        if (e := self._entries.get(key)) is not None:
+            e.at.pop(tier, None)
+
     def add(self, entry: Entry) -> None:
         self._entries[entry.key] = entry
 

@@ -11,7 +11,7 @@ and composes the rest, one concept a module:
 - ``promotion.py``: disk -> host -> device, prefetch and its lead time;
 - ``sharing.py``: the shared tier's uploads and fills;
 - ``sessions.py``: session names, pins, TTLs, their persistence;
-- ``transaction.py``: the save and read rounds every caller runs.
+- ``transaction.py``: the save and read rounds every caller runs; ``reads.py``: one read.
 
 Data flows host -> disk (write-through on save, write-back on host eviction or flush) and
 disk -> host (promotion on load or prefetch); with a device tier, a prefetch also copies
@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import torch
 
 from tiercache.errors import BlockShapeError, CacheError, Draining
-from tiercache.index import DEVICE, DISK, HOST, REMOTE, TIERS, Entry, Index
-from tiercache.keys import BlockKey, KeyChain, Namespace, Tokens, keys_of
+from tiercache.index import DEVICE, DISK, HOST, REMOTE, Entry, Index
+from tiercache.keys import BlockKey, Namespace, Tokens, keys_of
 from tiercache.lock import CacheLock
 from tiercache.policy.base import make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.promotion import Promoter
+from tiercache.reads import output_rows, read_entries, usage
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.sessions import Sessions
@@ -43,7 +46,7 @@ from tiercache.sharing import SharedTier, Sharing
 from tiercache.spec import block_rows
 from tiercache.stats import Stats, timed
 from tiercache.tiers.device import DeviceTier
-from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
+from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
 from tiercache.tiers.remote import RemoteOptions, RemoteTier
 from tiercache.transaction import save_rounds
@@ -80,7 +83,7 @@ class TierManager:
         self.disk = disk
         self.device = device  # a read cache with its own LRU; formatted with the host
         if device is not None:
-            device.on_evict = self._left_device
+            device.on_evict = lambda key: self.index.drop_tier(key, DEVICE)
         self.disk_room = (
             DiskRoom(disk, eviction, self.index, self._lock, self.stats, self._gone)
             if disk is not None
@@ -173,11 +176,6 @@ class TierManager:
             if self.device is not None:
                 e.at.pop(DEVICE, None)
                 self.device.discard(e.key)  # a copy being stored too
-
-    def _left_device(self, key: BlockKey) -> None:
-        e = self.index.get(key)
-        if e is not None:
-            e.at.pop(DEVICE, None)
 
     def _refresh(self, e: Entry) -> None:
         """``e`` is in use: its recency in every tier's policy."""
@@ -323,10 +321,7 @@ class TierManager:
             if sess is not None and sess.pinned:
                 self.sessions.pin_keys(sess)
             if self.shared is not None:
-                for e in r.entries:
-                    self.shared.sighted(e)
-                if sess is not None and sess.pinned:
-                    self.shared.share_pinned(sess.keys)
+                self.shared.saved(r.entries, sess.keys if sess is not None and sess.pinned else [])
             nbytes = len(r.entries) * r.ns.spec.block_nbytes
             self.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
             if self.write.write_on_save and self.disk_room is not None and r.entries:
@@ -340,9 +335,8 @@ class TierManager:
     async def abort(self, r: Reservation) -> None:
         """Give back a reservation's slots unfilled (a client that died or gave up)."""
         async with self._lock:
-            for e in r.entries:
-                if (slot := e.host_slot) is not None:
-                    self.host.free(slot)
+            for slot in r.slots:
+                self.host.free(slot)
             r.entries = []
 
     # -- lookup / load ----------------------------------------------------
@@ -362,11 +356,8 @@ class TierManager:
             more = self.index.prefix(keys[len(hit) :])
             tiers += [REMOTE if e.key in fetched else (e.best_tier or "miss") for e in more]
             hit += more
-        for t in TIERS:
-            if n := tiers.count(t):
-                self.stats.lookup(t, n)
-        if len(keys) > len(hit):
-            self.stats.lookup("miss", len(keys) - len(hit))
+        for t, n in (Counter(tiers) + Counter({"miss": len(keys) - len(hit)})).items():
+            self.stats.lookup(t, n)  # a Counter sum keeps positive counts only
         async with self._lock:
             for e in hit:
                 self._refresh(e)  # a prefix found again is in use, even if the engine keeps it
@@ -384,6 +375,29 @@ class TierManager:
                 self.stats.lookup(tier, 1)
                 return i, tier
         return -1, "miss"
+
+    @asynccontextmanager
+    async def _leased(self, keys: list[BlockKey]) -> AsyncIterator[Lease]:
+        """The cached prefix of ``keys``, leased (not evictable) until the ``with`` block ends
+        or ``Lease.end`` is called under the lock."""
+        async with self._lock:
+            self._check_open()
+            lease = Lease(self.index.prefix(keys), [])
+            self.index.lease(lease.entries)
+        try:
+            yield lease
+        finally:
+            await self.release(lease)
+
+    async def _ready(
+        self, ns: Namespace, keys: list[BlockKey]
+    ) -> tuple[list[BlockKey], set[BlockKey]]:
+        """Before a read of ``keys``: TTLs applied, ``ns`` known, a prefetch of them finished
+        and, with a shared tier, what lies past the local prefix fetched (returned)."""
+        await self._expire_due()
+        await self.register(ns)
+        await self.promoter.wait(keys)
+        return keys, await self._fill(ns, keys, len(self.index.prefix(keys)))
 
     async def _fill(self, ns: Namespace, keys: list[BlockKey], start: int) -> set[BlockKey]:
         """Blocks ``keys[start:]`` fetched from the shared tier in time (``sharing.py``)."""
@@ -407,90 +421,25 @@ class TierManager:
         always a contiguous prefix of verified blocks.
         """
         t0 = time.perf_counter()
-        await self._expire_due()
-        await self.register(ns)
-        keys = keys_of(ns, tokens)[:max_blocks]
-        await self.promoter.wait(keys)
-        fetched = await self._fill(ns, keys, len(self.index.prefix(keys)))
-        nbytes = ns.spec.block_nbytes
-        async with self._lock:
-            self._check_open()
-            entries = self.index.prefix(keys)
-            self.index.lease(entries)
-        try:
-            if out is None:
-                # Pinned when a device tier serves it: device -> host is then an async DMA.
-                pin = self.device is not None and self.device.device.type == "cuda"
-                out = torch.empty((len(entries), nbytes), dtype=torch.uint8, pin_memory=pin)
-            elif (
-                out.dtype != torch.uint8
-                or out.dim() != 2
-                or out.shape[0] < len(entries)
-                or out.shape[1] != nbytes
-            ):
-                raise BlockShapeError(
-                    f"out must be uint8 [>= {len(entries)}, {nbytes}], got {out.dtype} {list(out.shape)}"
-                )
-            tiers, ok, from_disk, failed = await self._read(entries, out)
-        except BaseException:
+        keys, fetched = await self._ready(ns, keys_of(ns, tokens)[:max_blocks])
+        async with self._leased(keys) as lease:
+            entries = lease.entries
+            # Pinned when a device tier serves it: device -> host is then an async DMA.
+            pin = self.device is not None and self.device.device.type == "cuda"
+            out = output_rows(out, len(entries), ns.spec.block_nbytes, pin)
+            self._lock.free()
+            tiers, ok, from_disk, failed = await read_entries(
+                entries, out, self.device, self.host, self.disk, self.stats
+            )
             async with self._lock:
-                self.index.unlease(entries)
-            raise
-        async with self._lock:
-            self.index.unlease(entries)
-            if self.disk_room is not None:
-                self.disk_room.forget_corrupt(failed)
-            self.promoter.served(entries[:ok])
-            await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
+                lease.end(self.index)  # first: room for the disk-read blocks to stay in host
+                if self.disk_room is not None:
+                    self.disk_room.forget_corrupt(failed)
+                self.promoter.served(entries[:ok])
+                await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
         tiers = [REMOTE if e.key in fetched else t for e, t in zip(entries, tiers, strict=True)]
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
         return LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier)
-
-    async def _read(
-        self, entries: list[Entry], out: torch.Tensor
-    ) -> tuple[list[str], int, list[tuple[int, Entry]], list[tuple[Entry, DiskRecord]]]:
-        """Copy the leased ``entries`` into ``out`` from their fastest tier: the tiers read,
-        how many leading blocks are verified, the rows read from disk, the disk copies that
-        failed verification."""
-        self._lock.free()
-        rows: dict[str, list[int]] = {DEVICE: [], HOST: [], DISK: []}
-        tiers: list[str] = []
-        for i, e in enumerate(entries):
-            tier = e.best_tier
-            assert tier is not None
-            rows[tier].append(i)
-            tiers.append(tier)
-        width = out.shape[1]
-        if rows[DEVICE]:
-            assert self.device is not None
-            t0 = time.perf_counter()
-            await self.device.read([entries[i].key for i in rows[DEVICE]], out, rows[DEVICE])
-            self.stats.transfer(
-                DEVICE, "client", len(rows[DEVICE]) * width, time.perf_counter() - t0
-            )
-        if rows[HOST]:
-            t0 = time.perf_counter()
-            slots = [s for i in rows[HOST] if (s := entries[i].host_slot) is not None]
-            self.host.read(slots, out, rows[HOST])
-            self.stats.transfer(HOST, "client", len(rows[HOST]) * width, time.perf_counter() - t0)
-        from_disk: list[tuple[int, Entry]] = []
-        failed: list[tuple[Entry, DiskRecord]] = []
-        if not rows[DISK]:
-            return tiers, len(entries), from_disk, failed
-        assert self.disk is not None
-        t0 = time.perf_counter()
-        recs = [(i, entries[i], rec) for i in rows[DISK] if (rec := entries[i].disk) is not None]
-        oks = await self.disk.get_many([rec for _, _, rec in recs], [out[i] for i, _, _ in recs])
-        good = len(entries)
-        for (i, e, rec), ok in zip(recs, oks, strict=True):
-            if ok:
-                from_disk.append((i, e))
-            else:
-                failed.append((e, rec))
-                good = min(good, i)
-        served = sum(e.nbytes for i, e in from_disk if i < good)
-        self.stats.transfer(DISK, "client", served, time.perf_counter() - t0)
-        return tiers, good, from_disk, failed
 
     # -- leases (the socket data plane) ---------------------------------------
 
@@ -498,8 +447,7 @@ class TierManager:
     async def acquire(
         self, ns: Namespace, tokens: Tokens, *, first_block: int = 0, max_blocks: int | None = None
     ) -> Lease:
-        """Lease cached blocks ``first_block ..`` of ``tokens`` in host memory, promoting disk
-        blocks first.
+        """Lease cached blocks ``first_block ..`` of ``tokens`` in host memory (disk promoted).
 
         The leased blocks cannot be evicted until ``release``; a reader copies them out of
         their host slots (a CPU engine maps the shared arena). The lease stops at the first
@@ -507,11 +455,7 @@ class TierManager:
         more blocks than the host tier has slots: ``Lease.prefix`` says how far the cached
         run goes, so a reader takes a longer prefix in rounds (``transaction.lease_rounds``).
         """
-        await self._expire_due()
-        await self.register(ns)
-        keys = keys_of(ns, tokens)[first_block:]
-        await self.promoter.wait(keys)
-        fetched = await self._fill(ns, keys, len(self.index.prefix(keys)))
+        keys, fetched = await self._ready(ns, keys_of(ns, tokens)[first_block:])
         async with self._lock:
             self._check_open()
             run = self.index.prefix(keys)
@@ -535,8 +479,7 @@ class TierManager:
 
     async def release(self, lease: Lease) -> None:
         async with self._lock:
-            self.index.unlease(lease.entries)
-            lease.entries = []
+            lease.end(self.index)
 
     @timed("touch")
     async def touch(self, ns: Namespace, tokens: Tokens) -> int:
@@ -569,15 +512,8 @@ class TierManager:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
         if self.disk is None and self.device is None:
             return 0
-        async with self._lock:
-            self._check_open()
-            entries = self.index.prefix(keys)
-            self.index.lease(entries)
-        try:
-            return await self.promoter.prefetch(entries)
-        finally:
-            async with self._lock:
-                self.index.unlease(entries)
+        async with self._leased(keys) as lease:
+            return await self.promoter.prefetch(lease.entries)
 
     # -- sessions, pins, eviction -------------------------------------------
 
@@ -625,41 +561,22 @@ class TierManager:
                 targets = await self.sessions.forget(session, force=force)
             else:
                 targets = list(keys or [])
-            n = 0
-            for k in targets:
-                e = self.index.get(k)
-                if e is None or not self.index.evictable(e):
-                    continue
+            gone = [e for k in targets if (e := self.index.get(k)) and self.index.evictable(e)]
+            for e in gone:
                 if HOST in e.at:
                     self.host_room.drop(e)
-                if self.disk_room is not None and DISK in e.at:
-                    self.disk_room.drop(e)
-                n += 1
-            if self.disk is not None:
-                try:
-                    await self.disk.sync_journal()
-                except (DiskFull, StoreError) as err:
-                    # The blocks are gone from the index; their slots stay unused until the
-                    # del records can be written.
-                    self.stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
-                    log.warning("evict: %s", err)
-            return n
+            if self.disk_room is not None:
+                await self.disk_room.drop_all([e for e in gone if DISK in e.at])
+            return len(gone)
 
     # -- flush / close ------------------------------------------------------
 
     async def flush(self) -> int:
         """Write every host-only block to disk and sync the journal; returns bytes written."""
-        if self.disk is None or self.disk_room is None:
+        if self.disk_room is None:
             return 0
         async with self._lock:
-            dirty = [e for e in self.index if HOST in e.at and DISK not in e.at]
-            self.index.lease(dirty)
-            try:
-                written = await self.disk_room.write(dirty, self.host) if dirty else 0
-            finally:
-                self.index.unlease(dirty)
-            await self.disk.sync_journal()
-            return written
+            return await self.disk_room.flush(self.host)
 
     async def close(self, flush: bool = True) -> None:
         if self._closed:
@@ -676,29 +593,7 @@ class TierManager:
             self.device.close()
 
     def usage(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        if self.device is not None:
-            out[DEVICE] = {
-                "capacity_bytes": self.device.capacity_bytes,
-                "used_bytes": self.device.used_bytes,
-                "blocks": len(self.device),
-            }
-        out[HOST] = {
-            "capacity_bytes": self.host.capacity_bytes,
-            "used_bytes": self.host.used_bytes,
-            "blocks": self.host.num_slots - self.host.free_slots,
-        }
-        if self.disk is not None:
-            out[DISK] = {
-                "capacity_bytes": self.disk.capacity_bytes,
-                "used_bytes": self.disk.used_bytes,
-                "blocks": self.disk.num_blocks,
-            }
-        return out
-
-    def remote_state(self) -> dict[str, object] | None:
-        """The shared tier's state for ``stats``, or None without one."""
-        return self.shared.state() if self.shared is not None else None
+        return usage(self.device, self.host, self.disk)
 
 
-__all__ = ["KeyChain", "TierManager"]
+__all__ = ["Sharing", "TierManager"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiercache.index import Entry
+from tiercache.index import Entry, Index
 from tiercache.keys import BlockKey, Namespace
 
 
@@ -96,6 +96,11 @@ class Lease:
     entries: list[Entry]
     tiers: list[str]  # where each block was found (before any promotion)
     prefix: int = 0  # how many blocks the cached run had from the lease's first block
+
+    def end(self, index: Index) -> None:
+        """Under the lock: the blocks are evictable again (once: a second end is a no-op)."""
+        index.unlease(self.entries)
+        self.entries = []
 
     @property
     def slots(self) -> list[int]:

@@ -26,7 +26,7 @@ from tiercache.keys import BlockKey
 from tiercache.lock import CacheLock
 from tiercache.policy.base import EvictionPolicy, make_policy
 from tiercache.stats import Stats
-from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier
+from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,30 @@ class DiskRoom:
             if self.disk.has_room(nbytes):
                 return True
         return False
+
+    async def drop_all(self, entries: list[Entry]) -> None:
+        """Under the lock: remove ``entries`` from disk and make it durable. On a full or
+        failing disk the blocks are still gone from the index; their slots stay unused until
+        the del records can be written."""
+        for e in entries:
+            self.drop(e)
+        try:
+            await self.disk.sync_journal()
+        except (DiskFull, StoreError) as err:
+            self._stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
+            log.warning("evict: %s", err)
+
+    async def flush(self, host: HostArena) -> int:
+        """Under the lock: write every host-only block here and sync the journal; returns
+        the bytes written."""
+        dirty = [e for e in self._index if HOST in e.at and DISK not in e.at]
+        self._index.lease(dirty)
+        try:
+            written = await self.write(dirty, host) if dirty else 0
+        finally:
+            self._index.unlease(dirty)
+        await self.disk.sync_journal()
+        return written
 
     async def write(self, entries: list[Entry], host: HostArena) -> int:
         """Under the lock: copy host-resident ``entries`` to disk, evicting disk blocks for

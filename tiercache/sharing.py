@@ -101,6 +101,12 @@ class SharedTier:
         if self._admission.admit(e.key):
             self._share(e)
 
+    def saved(self, entries: list[Entry], pinned: Iterable[BlockKey]) -> None:
+        """A save committed ``entries``; ``pinned``: the keys of its session when pinned."""
+        for e in entries:
+            self.sighted(e)
+        self.share_pinned(pinned)
+
     def share_pinned(self, keys: Iterable[BlockKey]) -> None:
         """A pinned session's blocks go out whatever their count."""
         if not self.sharing.pinned:

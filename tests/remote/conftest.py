@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import NBYTES
 from tiercache import TierManager
 from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, weed_binary
-from tiercache.manager import Sharing
+from tiercache.sharing import Sharing
 from tiercache.tiers.remote import RemoteOptions
 
 BUCKET = "tiercache-test"

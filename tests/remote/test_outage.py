@@ -17,7 +17,7 @@ from tests.remote.conftest import BUCKET, options
 from tests.remote.test_shared_tier import objects
 from tiercache import TierManager
 from tiercache.bench.seaweedfs import SeaweedFS
-from tiercache.manager import Sharing
+from tiercache.sharing import Sharing
 from tiercache.tiers.disk import StoreError
 from tiercache.tiers.remote import RemoteOptions
 

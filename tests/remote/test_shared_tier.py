@@ -9,7 +9,7 @@ import obstore
 import torch
 
 from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
-from tiercache.manager import Sharing
+from tiercache.sharing import Sharing
 from tiercache.tiers.remote import TRAILER_BYTES, object_key
 
 NS = make_ns()
