@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from tiercache.spec import parse_size
+from tiercache.storage_format import FormatError, check_chain, parse_format
 
 ENV_PREFIX = "TIERCACHE_"
 
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
+
+
+def _check_format(where: str, value: str) -> None:
+    try:
+        parse_format(value, f"{where}.store_dtype")
+    except FormatError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _runtime_dir() -> Path:
@@ -56,12 +64,20 @@ class HostTierConfig:
     bytes: int = 2**30
     slot_bytes: int = 0  # 0: the block size of the first namespace registered
     shared: bool = False  # a /dev/shm arena that CPU engines in other processes map
+    store_dtype: str = "exact"  # exact | int8 | fp8_e4m3 (tiercache/storage_format.py)
+
+    def __post_init__(self) -> None:
+        _check_format("tiers.host", self.store_dtype)
 
 
 @dataclass(slots=True)
 class DiskTierConfig:
     url: str = field(default_factory=lambda: "file://" + str(_data_dir() / "disk"))
     bytes: int = 64 * 2**30
+    store_dtype: str = "exact"  # exact | int8 | fp8_e4m3, no finer than the host's
+
+    def __post_init__(self) -> None:
+        _check_format("tiers.disk", self.store_dtype)
 
 
 @dataclass(slots=True)
@@ -80,8 +96,10 @@ class RemoteTierConfig:
     max_age: int = 0  # retention: seconds since written; 0: no age limit
     max_bytes: int = 0  # retention: total block bytes; 0: no size limit
     retention_interval: int = 0  # seconds between the daemon's retention runs; 0: never
+    store_dtype: str = "exact"  # exact | int8 | fp8_e4m3, no finer than the disk's
 
     def __post_init__(self) -> None:
+        _check_format("tiers.remote", self.store_dtype)
         if self.url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]*(/.*)?", self.url):
             raise ConfigError(
                 f"tiers.remote.url: {self.url!r} is not s3://bucket/prefix (a valid bucket name)"
@@ -308,6 +326,15 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         tiers.disk = None
     if tiers.remote is not None and not tiers.remote.url:
         tiers.remote = None
+    formats = {"host": tiers.host.store_dtype}
+    if tiers.disk is not None:
+        formats["disk"] = tiers.disk.store_dtype
+    if tiers.remote is not None:
+        formats["remote"] = tiers.remote.store_dtype
+    try:
+        check_chain(formats)
+    except FormatError as e:
+        raise ConfigError(str(e)) from None
     return Config(
         daemon=built.get("daemon", DaemonConfig()),
         tiers=tiers,

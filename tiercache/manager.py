@@ -42,6 +42,7 @@ from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
 from tiercache.spec import block_rows
 from tiercache.stats import Stats, timed
+from tiercache.storage_format import check_registrable
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import HostArena
@@ -202,6 +203,7 @@ class TierManager:
         path = f"ns/{ns.hex}"
         if path in self.namespaces:
             return path
+        check_registrable(ns.model, ns.store_dtype)
         nbytes = ns.spec.block_nbytes
         self._ensure_format(nbytes)
         if nbytes > self.host.slot_bytes:

@@ -104,8 +104,12 @@ def test_defaults_without_file_or_environment() -> None:
             "log_level": "info",
         },
         "tiers": {
-            "host": {"bytes": 1 * GiB, "slot_bytes": 0, "shared": False},
-            "disk": {"url": f"file://{DATA_HOME}/tiercache/disk", "bytes": 64 * GiB},
+            "host": {"bytes": 1 * GiB, "slot_bytes": 0, "shared": False, "store_dtype": "exact"},
+            "disk": {
+                "url": f"file://{DATA_HOME}/tiercache/disk",
+                "bytes": 64 * GiB,
+                "store_dtype": "exact",
+            },
         },
         "policy": {"eviction": "lru", "write": "write-back", "admission": 1},
         "metrics": {"listen": "127.0.0.1:9464"},

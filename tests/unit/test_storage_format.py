@@ -1,0 +1,240 @@
+"""Storage formats (``tiercache/storage_format.py``): records, identity, config, zarr attrs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tiercache.daemon.config import ConfigError, load_config
+from tiercache.kernels import reference_quant as rq
+from tiercache.keys import Namespace
+from tiercache.manager import TierManager
+from tiercache.spec import KVSpec
+from tiercache.storage_format import (
+    FormatError,
+    blocks_per_gib,
+    check_chain,
+    convert,
+    decode,
+    encode,
+    stored_nbytes,
+    zarr_attrs,
+)
+from tiercache.tiers.disk import DiskTier
+
+SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype="bfloat16", block_size=8)
+QUANT = ("int8", "fp8_e4m3")
+REF = {"int8": "int8", "fp8_e4m3": "fp8"}
+
+
+def blocks(spec: KVSpec, n: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *spec.block_shape), generator=g) * 3
+    x[0, 1, 0] = 0  # one all-zero (layer, K) fragment: scale 0, stored zeros
+    return x.to(spec.torch_dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_exact_records_are_the_engine_bytes(dtype: str) -> None:
+    spec = KVSpec(3, 2, 16, dtype=dtype, block_size=8)
+    x = blocks(spec)
+    rec = encode(spec, x, "exact")
+    assert rec.shape == (5, spec.block_nbytes)
+    assert rec.numpy().tobytes() == x.contiguous().view(torch.uint8).numpy().tobytes()
+    assert decode(spec, rec, "exact").view(torch.uint8).equal(x.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_quantized_round_trip_within_the_reference_bound(dtype: str, fmt: str) -> None:
+    spec = KVSpec(3, 2, 16, dtype=dtype, block_size=8)
+    x = blocks(spec)
+    rec = encode(spec, x, fmt)  # type: ignore[arg-type]
+    assert rec.dtype == torch.uint8 and rec.shape == (5, stored_nbytes(spec, fmt))  # type: ignore[arg-type]
+    back = decode(spec, rec, fmt)  # type: ignore[arg-type]
+    assert back.dtype == spec.torch_dtype and back.shape == x.shape
+    q = rq.quantize(x, REF[fmt])  # type: ignore[arg-type]
+    bound = rq.error_bound(q, spec.torch_dtype)
+    err = (back.float() - x.float()).abs()
+    assert bool((err <= bound).all())
+    assert bool((back[0, 1, 0] == 0).all())
+    # the record is exactly the reference's data followed by its scales
+    n_data = 3 * 2 * 8 * 2 * 16
+    assert rec[:, :n_data].equal(q.data.view(torch.uint8).reshape(5, -1))
+    assert rec[:, n_data:].equal(q.scales.view(torch.uint8).reshape(5, -1))
+    # and it is not the exact bytes: a quantized block is a different record
+    assert not torch.equal(back, x)
+
+
+def test_sizes_and_blocks_per_gib() -> None:
+    # bf16: 2 bytes per element -> 1, plus 4 bytes per (layer, K/V, head)
+    assert stored_nbytes(SPEC, "exact") == SPEC.block_nbytes == 3 * 2 * 8 * 2 * 16 * 2
+    assert stored_nbytes(SPEC, "int8") == 3 * 2 * 8 * 2 * 16 + 4 * 3 * 2 * 2
+    assert stored_nbytes(SPEC, "fp8_e4m3") == stored_nbytes(SPEC, "int8")
+    ratio = blocks_per_gib(SPEC, "int8") / blocks_per_gib(SPEC, "exact")
+    assert 1.9 < ratio < 2.0
+
+
+def test_decode_refuses_records_of_another_size() -> None:
+    rec = encode(SPEC, blocks(SPEC), "int8")
+    with pytest.raises(
+        FormatError, match=r"must be uint8 \[n, 1584\], got torch.uint8 \[5, 1583\]"
+    ):
+        decode(SPEC, rec[:, :-1], "int8")
+
+
+def test_convert_only_gets_coarser() -> None:
+    x = blocks(SPEC)
+    i8 = encode(SPEC, x, "int8")
+    assert convert(SPEC, encode(SPEC, x, "exact"), "exact", "int8").equal(i8)
+    f8 = convert(SPEC, i8, "int8", "fp8_e4m3")
+    assert f8.equal(encode(SPEC, decode(SPEC, i8, "int8"), "fp8_e4m3"))
+    with pytest.raises(FormatError, match="cannot store a fp8_e4m3 block as int8"):
+        convert(SPEC, f8, "fp8_e4m3", "int8")
+
+
+def test_format_is_part_of_block_identity() -> None:
+    tokens = np.arange(40)
+    exact = Namespace("m", SPEC)
+    # the exact id is the one keys had before formats existed (computed on main, 3798209)
+    assert Namespace("m", KVSpec(2, 2, 8)).hex == "51bf81a2bbdb293fbc68620c8d977639"
+    keys = {fmt: Namespace("m", SPEC, store_dtype=fmt).block_keys(tokens) for fmt in QUANT}
+    assert exact.block_keys(tokens) == Namespace("m", SPEC, store_dtype="exact").block_keys(tokens)
+    for fmt in QUANT:
+        assert not set(keys[fmt]) & set(exact.block_keys(tokens))
+    assert not set(keys["int8"]) & set(keys["fp8_e4m3"])
+
+
+def test_namespace_refuses_unknown_or_unquantizable_formats() -> None:
+    with pytest.raises(FormatError, match=r"^Namespace.store_dtype: 'int4' is not one of exact"):
+        Namespace("m", SPEC, store_dtype="int4")
+    narrow = KVSpec(3, 2, 16, dtype="float8_e4m3fn")
+    with pytest.raises(FormatError, match="store_dtype 'int8': quantized storage needs"):
+        Namespace("m", narrow, store_dtype="int8")
+    Namespace("m", narrow)  # exact storage of a narrow cache is fine
+
+
+def test_a_quantized_namespace_is_refused_by_the_manager(tmp_path: Path) -> None:
+    """No tier stores quantized records yet, so a namespace asking for one fails closed
+    instead of being served exact bytes under a quantized identity."""
+
+    async def main() -> None:
+        m = TierManager(host_bytes=1 << 20)
+        try:
+            await m.register(Namespace("m", SPEC))
+            with pytest.raises(FormatError, match="asks for store_dtype 'int8'"):
+                await m.register(Namespace("m", SPEC, store_dtype="int8"))
+        finally:
+            await m.close()
+
+    asyncio.run(main())
+
+
+def _toml(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(body)
+    return p
+
+
+def test_config_store_dtype_defaults_and_chain(tmp_path: Path) -> None:
+    cfg = load_config(env={})
+    assert cfg.tiers.host.store_dtype == "exact"
+    assert cfg.tiers.disk is not None and cfg.tiers.disk.store_dtype == "exact"
+    p = _toml(
+        tmp_path,
+        '[tiers.host]\nstore_dtype = "int8"\n[tiers.disk]\nstore_dtype = "fp8_e4m3"\n'
+        '[tiers.remote]\nurl = "s3://b/p"\nstore_dtype = "fp8_e4m3"\n',
+    )
+    cfg = load_config(p, env={})
+    assert cfg.tiers.host.store_dtype == "int8"
+    assert cfg.tiers.remote is not None and cfg.tiers.remote.store_dtype == "fp8_e4m3"
+    env = {"TIERCACHE_TIERS_DISK__STORE_DTYPE": "int8"}
+    assert load_config(env=env).tiers.disk.store_dtype == "int8"  # type: ignore[union-attr]
+
+
+def test_config_refuses_a_finer_tier_below_a_coarser_one(tmp_path: Path) -> None:
+    p = _toml(tmp_path, '[tiers.host]\nstore_dtype = "int8"\n[tiers.disk]\nstore_dtype = "exact"\n')
+    msg = (
+        "tiers.disk.store_dtype = 'exact' is finer than tiers.host.store_dtype = 'int8': "
+        "a format can only get coarser going down the tiers"
+    )
+    with pytest.raises(ConfigError, match="^" + re.escape(msg)):
+        load_config(p, env={})
+    p = _toml(tmp_path, '[tiers.disk]\nstore_dtype = "fp8_e4m3"\n[tiers.remote]\nurl = "s3://b"\n')
+    with pytest.raises(ConfigError, match=r"tiers.remote.store_dtype = 'exact' is finer than "):
+        load_config(p, env={})
+    # a tier that is off does not take part: no disk, exact remote under an exact host
+    check_chain({"host": "int8", "remote": "int8"})
+    with pytest.raises(
+        FormatError, match=r"tiers\.remote\.store_dtype = 'int8' is finer than tiers"
+    ):
+        check_chain({"host": "fp8_e4m3", "remote": "int8"})
+
+
+def test_config_refuses_unknown_format(tmp_path: Path) -> None:
+    p = _toml(tmp_path, '[tiers.host]\nstore_dtype = "fp4"\n')
+    with pytest.raises(ConfigError, match=r"^tiers.host.store_dtype: 'fp4' is not one of exact"):
+        load_config(p, env={})
+    with pytest.raises(ConfigError, match=r"^tiers.disk.store_dtype: 'INT8' is not one of"):
+        load_config(env={"TIERCACHE_TIERS_DISK__STORE_DTYPE": "INT8"})
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+def test_zarr_attrs_let_a_plain_reader_dequantize(tmp_path: Path, fmt: str) -> None:
+    """Write records into a zarr v3 array with ``zarr_attrs``, reopen it with zarr alone and
+    rebuild the blocks from the attributes only (numpy for int8, a byte table for e4m3)."""
+    x = blocks(SPEC)
+    rec = encode(SPEC, x, fmt)  # type: ignore[arg-type]
+    attrs = zarr_attrs(SPEC, fmt)  # type: ignore[arg-type]
+    za = zarr.create_array(
+        store=str(tmp_path / "z"),
+        shape=tuple(rec.shape),
+        chunks=(1, rec.shape[1]),
+        dtype="uint8",
+        attributes={"tiercache": {"format": attrs}},
+        zarr_format=3,
+    )
+    za[:] = rec.numpy()
+    got = zarr.open_array(str(tmp_path / "z"), mode="r")
+    a = got.attrs["tiercache"]["format"]
+    assert a["store_dtype"] == fmt and a["block_nbytes"] == rec.shape[1]
+    raw = np.asarray(got[:])
+    d, s = a["data"], a["scales"]
+    n_data = int(np.prod(d["shape"]))
+    body = raw[:, d["offset"] : d["offset"] + n_data]
+    if d["dtype"] == "int8":
+        vals = body.view(np.int8).astype(np.float32)
+    else:
+        assert d["dtype"] == "float8_e4m3fn"
+        table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+        vals = table[body]
+    vals = vals.reshape(-1, *d["shape"])
+    assert s["dtype"] == "float32" and s["endian"] == "little"
+    n_sc = int(np.prod(s["shape"]))
+    scales = (
+        raw[:, s["offset"] : s["offset"] + 4 * n_sc].copy().view("<f4").reshape(-1, *s["shape"])
+    )
+    rebuilt = torch.from_numpy(vals * scales[:, :, :, None, :, None]).to(SPEC.torch_dtype)
+    assert rebuilt.equal(decode(SPEC, rec, fmt))  # type: ignore[arg-type]
+
+
+def test_disk_tier_records_the_format_in_the_zarr_attributes(tmp_path: Path) -> None:
+    async def main() -> None:
+        disk = await DiskTier.open(f"file://{tmp_path}/d", 1 << 20)
+        try:
+            path = await disk.register(Namespace("m", SPEC))
+        finally:
+            await disk.close()
+        got = zarr.open_array(str(tmp_path / "d"), path=path, mode="r")
+        fmt = got.attrs["tiercache"]["format"]
+        assert fmt == zarr_attrs(SPEC, "exact")
+        assert fmt["store_dtype"] == "exact" and fmt["block_nbytes"] == got.shape[1]
+        assert fmt["data"] == {"dtype": "bfloat16", "shape": list(SPEC.block_shape), "offset": 0}
+
+    asyncio.run(main())
