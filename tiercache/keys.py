@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tiercache.spec import KVSpec
-from tiercache.storage_format import check_spec, parse_format
+from tiercache.storage_format import check_spec, parse_format, stored_nbytes
 
 KEY_BYTES = 16
 # Bumped whenever the key derivation changes, so old stored blocks become misses.
@@ -118,6 +118,11 @@ class Namespace:
             separators=(",", ":"),
         ).encode()
         object.__setattr__(self, "id", hashlib.blake2b(canon, digest_size=KEY_BYTES).digest())
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block of this namespace takes in the tiers (its stored record)."""
+        return stored_nbytes(self.spec, parse_format(self.store_dtype))
 
     @property
     def hex(self) -> str:

@@ -40,9 +40,8 @@ from tiercache.results import Lease, LoadResult, LookupResult, Reservation, Save
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
-from tiercache.spec import block_rows
 from tiercache.stats import Stats, timed
-from tiercache.storage_format import check_registrable
+from tiercache.storage_format import store_rows
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import HostArena
@@ -203,8 +202,7 @@ class TierManager:
         path = f"ns/{ns.hex}"
         if path in self.namespaces:
             return path
-        check_registrable(ns.model, ns.store_dtype)
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         self._ensure_format(nbytes)
         if nbytes > self.host.slot_bytes:
             raise BlockShapeError(
@@ -235,7 +233,7 @@ class TierManager:
         chain becomes these keys; a pinned session pins them. These are the save rounds a
         socket client runs through the shared arena (``tiercache.transaction``).
         """
-        data = block_rows(ns.spec, blocks)
+        data = store_rows(ns, blocks)
         keys = keys_of(ns, tokens)
 
         async def reserve(done: int, left: int) -> Reservation:
@@ -300,7 +298,7 @@ class TierManager:
                             r.walked = n
                             self.stats.error("host_full")
                         return r
-                    r.entries.append(Entry(key, array, ns.spec.block_nbytes, at={HOST: slot}))
+                    r.entries.append(Entry(key, array, ns.block_nbytes, at={HOST: slot}))
                     r.rows.append(i)
                 r.walked = i + 1
         return r
@@ -322,7 +320,7 @@ class TierManager:
                     self.shared.sighted(e)
                 if sess is not None and sess.pinned:
                     self.shared.share_pinned(sess.keys)
-            nbytes = len(r.entries) * r.ns.spec.block_nbytes
+            nbytes = len(r.entries) * r.ns.block_nbytes
             self.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
             if self.write.write_on_save and self.disk_room is not None and r.entries:
                 # A disk write under the lock (tiercache.lock): write-through means the save's
@@ -382,7 +380,7 @@ class TierManager:
         if self.shared is None or start >= len(keys) or not self.shared.remote.available():
             return set()
         array = await self.register(ns)
-        return await self.shared.fill(array, ns.spec.block_nbytes, keys, start)
+        return await self.shared.fill(array, ns.block_nbytes, keys, start)
 
     @timed("load")
     async def load(
@@ -404,7 +402,7 @@ class TierManager:
         keys = keys_of(ns, tokens)[:max_blocks]
         await self.promoter.wait(keys)
         fetched = await self._fill(ns, keys, len(self.index.prefix(keys)))
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         async with self._lock:
             self._check_open()
             entries = self.index.prefix(keys)

@@ -9,20 +9,24 @@ its error bound). The scales travel inside the record, so one block is still one
 slot, one disk chunk and one object, and the checksum, computed over the stored
 record, covers data and scales alike.
 
-Where blocks are quantized: when they are written to a tier whose format is
-coarser than the one above it (``encode`` on the way down, ``decode`` into the
-engine dtype on the way up). Argued against the alternative, quantizing where
-the block leaves the engine:
+Where blocks are quantized: where they leave the engine (``store_rows``, on
+every save) and dequantized where they go back into it (``decode``, in
+``LoadResult.kv``). Every tier below the engine then holds the same record, so
+host slots, disk chunks and shared-tier objects are all sized by
+``stored_nbytes``, checksums are computed over the stored record (data and
+scales) by the unchanged tier code, a block is quantized exactly once, and a
+socket client sends and receives half the bytes. Rejected: quantizing at the
+host->disk boundary (a hot exact host over a narrow disk). It saves host bytes
+for nothing on the read path (a disk hit would come back dequantized into an
+exact-sized host slot), it needs two slot sizes and two checksums per block,
+and a block would change bytes, and so checksum, as it moves down, which the
+fail-closed rule (a block is its verified bytes) does not allow.
 
-- the device tier and the engine's own cache stay exact, so a hit in the
-  fastest tier costs no dequantize and adds no error;
-- a namespace whose host is exact and whose disk is int8 keeps its hot working
-  set exact and only its cold set narrow, which is the tier whose bytes are the
-  scarce ones (disk resume and S3 upload are bound by bytes read);
-- a format only gets coarser going down (``check_chain``), so a block is
-  quantized at most once per format change and never widened: promoting a disk
-  block to an exact host would store dequantized bytes as if they were exact,
-  so an exact tier above a quantized one is refused in the config.
+The tier keys ``[tiers.host|disk|remote] store_dtype`` say what each tier
+stores; they are validated (``check_chain``: a format only gets coarser going
+down, so an exact tier under a quantized one, which could only hold bytes read
+back from a quantized block as if they were exact, is refused). A namespace
+asks for its format at registration (``Namespace.store_dtype``).
 
 The format is part of what a block is: ``format_salt`` joins the namespace
 seed of the block keys, so a block stored under ``int8`` has other keys than
@@ -35,13 +39,17 @@ into data and scales and dequantize it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from tiercache.errors import BlockShapeError
 from tiercache.kernels import reference_quant as rq
 from tiercache.kernels.reference import LayoutError
-from tiercache.spec import KVSpec
+from tiercache.spec import KVSpec, block_rows
+
+if TYPE_CHECKING:
+    from tiercache.keys import Namespace
 
 StoreFormat = Literal["exact", "int8", "fp8_e4m3"]
 FORMATS: tuple[StoreFormat, ...] = ("exact", "int8", "fp8_e4m3")
@@ -190,13 +198,23 @@ def blocks_per_gib(spec: KVSpec, fmt: StoreFormat) -> float:
     return 2**30 / stored_nbytes(spec, fmt)
 
 
-def check_registrable(ns_model: str, fmt: str) -> None:
-    """Refuse a namespace whose format the tiers cannot store yet: the host, disk and shared
-    tiers keep engine bytes only (the encode/decode above is not on their write and read
-    paths), so a namespace that asked for a quantized format would be handed exact bytes
-    under a quantized identity. Fail closed with a message that says so."""
-    if fmt != "exact":
-        raise FormatError(
-            f"namespace {ns_model!r} asks for store_dtype {fmt!r}, but this build stores "
-            f"blocks exact only; register it with store_dtype 'exact'"
+def store_rows(ns: Namespace, blocks: torch.Tensor) -> torch.Tensor:
+    """What a save of ``ns`` stores: uint8 records ``[n, ns.block_nbytes]``. Engine-dtype
+    blocks ``[n, *block_shape]`` are encoded in the namespace's format here, where they leave
+    the engine; uint8 rows are taken as records already encoded (a socket client encodes
+    on its side)."""
+    fmt = parse_format(ns.store_dtype)
+    if fmt == "exact" or blocks.dtype != torch.uint8:
+        rows = block_rows(ns.spec, blocks)
+        return (
+            rows
+            if fmt == "exact"
+            else encode(ns.spec, blocks.reshape(-1, *ns.spec.block_shape), fmt)
         )
+    want = stored_nbytes(ns.spec, fmt)
+    if blocks.device.type != "cpu" or blocks.dim() != 2 or blocks.shape[1] != want:
+        raise BlockShapeError(
+            f"{fmt} records must be CPU uint8 [n, {want}] for this namespace, "
+            f"got {blocks.device} {list(blocks.shape)}"
+        )
+    return blocks.contiguous()

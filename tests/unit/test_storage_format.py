@@ -120,18 +120,45 @@ def test_namespace_refuses_unknown_or_unquantizable_formats() -> None:
     Namespace("m", narrow)  # exact storage of a narrow cache is fine
 
 
-def test_a_quantized_namespace_is_refused_by_the_manager(tmp_path: Path) -> None:
-    """No tier stores quantized records yet, so a namespace asking for one fails closed
-    instead of being served exact bytes under a quantized identity."""
+@pytest.mark.parametrize("fmt", QUANT)
+def test_manager_round_trip_through_disk_and_never_across_formats(tmp_path: Path, fmt: str) -> None:
+    """Save quantized through a real TierManager, evict the host copy, load from the zarr
+    disk tier: within the bound, stored at the record size, and invisible to the exact
+    namespace of the same model and tokens (and the exact one stays byte-identical)."""
+    tokens = np.arange(SPEC.block_size * 4)
+    x = blocks(SPEC, n=4, seed=1)
+    qns = Namespace("m", SPEC, store_dtype=fmt)
+    ens = Namespace("m", SPEC)
 
     async def main() -> None:
-        m = TierManager(host_bytes=1 << 20)
+        disk = await DiskTier.open(f"file://{tmp_path}/d", 1 << 20)
+        m = TierManager(host_bytes=1 << 20, disk=disk, slot_bytes=SPEC.block_nbytes)
         try:
-            await m.register(Namespace("m", SPEC))
-            with pytest.raises(FormatError, match="asks for store_dtype 'int8'"):
-                await m.register(Namespace("m", SPEC, store_dtype="int8"))
+            await m.save(qns, tokens, x)
+            assert (await m.lookup(ens, tokens)).blocks == 0
+            assert (await m.load(ens, tokens)).blocks == 0
+        finally:
+            await m.close()  # flushes to disk
+        disk = await DiskTier.open(f"file://{tmp_path}/d", 1 << 20)
+        m = TierManager(host_bytes=1 << 20, disk=disk, slot_bytes=SPEC.block_nbytes)
+        try:
+            assert (await m.lookup(ens, tokens)).blocks == 0
+            got = await m.load(qns, tokens)
+            assert got.tiers == ["disk"] * 4
+            assert got.data.shape[1] == stored_nbytes(SPEC, fmt) < SPEC.block_nbytes  # type: ignore[arg-type]
+            assert got.data.equal(encode(SPEC, x, fmt))  # type: ignore[arg-type]
+            back = got.kv()
+            q = rq.quantize(x, REF[fmt])  # type: ignore[arg-type]
+            bound = rq.error_bound(q, SPEC.torch_dtype)
+            assert bool(((back.float() - x.float()).abs() <= bound).all())
+            # the exact namespace stores and returns the engine's bytes
+            await m.save(ens, tokens, x)
+            exact = await m.load(ens, tokens)
+            assert exact.kv().view(torch.uint8).equal(x.view(torch.uint8))
         finally:
             await m.close()
+        attrs = zarr.open_array(str(tmp_path / "d"), path=f"ns/{qns.hex}", mode="r").attrs
+        assert attrs["tiercache"]["format"] == zarr_attrs(SPEC, fmt)  # type: ignore[arg-type]
 
     asyncio.run(main())
 

@@ -251,7 +251,7 @@ class DiskTier:
         return path
 
     async def _create_or_open(self, ns: Namespace, path: str) -> None:
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         slots = max(1, self.capacity_bytes // nbytes)
         try:
             za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
