@@ -6,7 +6,9 @@ recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
 ``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
 ``trace`` (a real conversation trace replayed: hit ratio against capacity per policy),
 ``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
-``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector).
+``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector),
+``quant`` (quantized storage formats against exact: blocks per GiB, trace hit ratio at equal
+bytes, host throughput, disk resume).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ MODULES = {
     "trace": "trace",
     "remote": "remote",
     "vllm": "vllm_resume",
+    "quant": "quant",
 }
 
 
