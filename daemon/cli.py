@@ -19,6 +19,7 @@ from tiercache.bench import MODULES as BENCHMARKS
 from tiercache.daemon.config import Config, ConfigError, load_config
 from tiercache.daemon.ctl import CtlError
 from tiercache.spec import KVSpec, SpecError, format_size, parse_size
+from tiercache.storage_format import FORMATS, FormatError, check_spec, parse_format, stored_nbytes
 from tiercache.tiers.disk import StoreError
 
 
@@ -40,15 +41,27 @@ def cmd_size(args: argparse.Namespace) -> int:
         f"for {args.tokens:,} tokens x batch {args.batch}"
     )
     cfg = _config(args.config)
-    tiers: list[tuple[str, int]] = []
+    tiers: list[tuple[str, int, str]] = []
     if cfg.tiers.device is not None:
-        tiers.append(("device", cfg.tiers.device.bytes))
-    tiers.append(("host", cfg.tiers.host.bytes))
+        tiers.append(("device", cfg.tiers.device.bytes, "exact"))  # the engine's own dtype
+    tiers.append(("host", cfg.tiers.host.bytes, args.store_dtype))
     if cfg.tiers.disk is not None:
-        tiers.append(("disk", cfg.tiers.disk.bytes))
-    for name, nbytes in tiers:
-        print(f"{name + ' tier:':<18}{format_size(nbytes)} holds {spec.tokens_in(nbytes):,} tokens")
+        tiers.append(("disk", cfg.tiers.disk.bytes, args.store_dtype))
+    for name, nbytes, fmt in tiers:
+        print(f"{name + ' tier:':<18}{format_size(nbytes)} holds {size_line(spec, nbytes, fmt)}")
     return 0
+
+
+def size_line(spec: KVSpec, nbytes: int, fmt: str) -> str:
+    """How many tokens and blocks ``nbytes`` of a tier holds under its storage format."""
+    f = parse_format(fmt)
+    try:
+        check_spec(spec, f)
+    except FormatError:
+        return f"{spec.tokens_in(nbytes):,} tokens ({fmt}: a {spec.dtype} cache is stored exact)"
+    per = stored_nbytes(spec, f)
+    blocks = nbytes // per
+    return f"{blocks * spec.block_size:,} tokens ({fmt}: {blocks:,} blocks of {per:,} bytes)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--config", default=None, help="tiercache TOML config (for the tier sizes)")
+    s.add_argument(
+        "--store-dtype",
+        default="exact",
+        choices=FORMATS,
+        help="storage format the client registers (Namespace.store_dtype): host and disk "
+        "tiers hold blocks of this size",
+    )
     s.set_defaults(func=cmd_size)
 
     v = sub.add_parser(

@@ -249,10 +249,14 @@ class Bye(Request):
 @dataclass(frozen=True, slots=True)
 class Register(Request):
     op = "register"
-    _HINT: ClassVar[str] = "register needs 'model' (str), 'spec' (map), optional 'salt' (str)"
+    _HINT: ClassVar[str] = (
+        "register needs 'model' (str), 'spec' (map), optional 'salt' (str), "
+        "optional 'store_dtype' (exact | int8 | fp8_e4m3)"
+    )
     model: str = field(metadata=_hint(_HINT))
     spec: dict[str, Any] = field(metadata=_hint(_HINT))
     salt: str = field(default="", metadata=_hint(_HINT))
+    store_dtype: str = field(default="exact", metadata=_hint(_HINT))
 
 
 @dataclass(frozen=True, slots=True)

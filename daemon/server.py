@@ -230,7 +230,7 @@ class SocketServer:
         return ns
 
     async def _register(self, conn: Connection, req: wire.Register) -> wire.RegisterReply:
-        ns = Namespace(req.model, KVSpec.from_dict(req.spec), req.salt)
+        ns = Namespace(req.model, KVSpec.from_dict(req.spec), req.salt, req.store_dtype)
         await self.manager.register(ns)
         conn.namespaces[ns.hex] = ns
         host = self.manager.host

@@ -32,7 +32,7 @@ from tiercache.kernels.reference import LayerCache
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult
-from tiercache.spec import block_rows
+from tiercache.storage_format import store_rows
 from tiercache.tiers.host import MappedArena
 from tiercache.transaction import lease_rounds, save_rounds
 
@@ -148,7 +148,7 @@ class AsyncClient:
         if ns.hex in self._ns:
             return
         res = await self.request(
-            wire.Register(ns.model, ns.spec.to_dict(), ns.salt), wire.RegisterReply
+            wire.Register(ns.model, ns.spec.to_dict(), ns.salt, ns.store_dtype), wire.RegisterReply
         )
         if self._lost:
             raise ConnectionError("the tiercache daemon closed the connection")
@@ -193,7 +193,7 @@ class AsyncClient:
     ) -> SaveResult:
         """Store blocks ``first_block ..`` of ``tokens`` (page-first rows, typed or uint8)."""
         await self.register(ns)
-        data = block_rows(ns.spec, blocks)
+        data = store_rows(ns, blocks)
         packed = _chain(ns, tokens)
 
         async def reserve(done: int, left: int) -> wire.Reserved:
@@ -225,7 +225,7 @@ class AsyncClient:
         """The cached run of blocks ``first_block ..`` of ``tokens``, byte-exact (or shorter: a
         miss ends it). An engine that already holds the first blocks starts after them."""
         t0 = time.perf_counter()
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         parts = [torch.empty((0, nbytes), dtype=torch.uint8)]
 
         def copy_out(arena: MappedArena, slots: list[int], _: int) -> None:
@@ -253,7 +253,7 @@ class AsyncClient:
         them leased: ``rows`` is uint8 ``[n, block_nbytes]`` (a view, valid only during the
         call) of blocks ``first_block + i ..``. An engine copies them straight into its KV
         cache. Returns the tiers of the blocks served (a miss ends them, as in ``load``)."""
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
 
         def hand_over(arena: MappedArena, slots: list[int], done: int) -> None:
             for row, view in arena.runs(slots, nbytes):

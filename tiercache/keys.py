@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from tiercache.spec import KVSpec
+from tiercache.storage_format import check_spec, parse_format, stored_nbytes
 
 KEY_BYTES = 16
 # Bumped whenever the key derivation changes, so old stored blocks become misses.
@@ -86,28 +87,42 @@ class Namespace:
 
     ``model`` is a fingerprint of the weights (a name plus revision, or a hash
     of the weight files); ``salt`` separates tenants: two tenants with the same
-    tokens and model never share a block.
+    tokens and model never share a block. ``store_dtype`` is the storage format the
+    namespace asks for below the engine (``tiercache/storage_format.py``): part of the
+    namespace id, so a block stored quantized is never found under keys that asked for
+    exact bytes (``"exact"`` leaves the id as it was before formats existed).
     """
 
     model: str
     spec: KVSpec
     salt: str = ""
+    store_dtype: str = "exact"
     id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("Namespace.model must name the model (a fingerprint of its weights)")
+        fmt = parse_format(self.store_dtype, "Namespace.store_dtype")
+        check_spec(self.spec, fmt)
+        body: dict[str, object] = {
+            "scheme": KEY_SCHEME,
+            "model": self.model,
+            "spec": self.spec.to_dict(),
+            "salt": self.salt,
+        }
+        if fmt != "exact":
+            body["store_dtype"] = fmt
         canon = json.dumps(
-            {
-                "scheme": KEY_SCHEME,
-                "model": self.model,
-                "spec": self.spec.to_dict(),
-                "salt": self.salt,
-            },
+            body,
             sort_keys=True,
             separators=(",", ":"),
         ).encode()
         object.__setattr__(self, "id", hashlib.blake2b(canon, digest_size=KEY_BYTES).digest())
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block of this namespace takes in the tiers (its stored record)."""
+        return stored_nbytes(self.spec, parse_format(self.store_dtype))
 
     @property
     def hex(self) -> str:

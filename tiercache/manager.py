@@ -43,8 +43,8 @@ from tiercache.results import Lease, LoadResult, LookupResult, Reservation, Save
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
-from tiercache.spec import block_rows
 from tiercache.stats import Stats, timed
+from tiercache.storage_format import store_rows
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
@@ -205,7 +205,7 @@ class TierManager:
         path = f"ns/{ns.hex}"
         if path in self.namespaces:
             return path
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         self._ensure_format(nbytes)
         if nbytes > self.host.slot_bytes:
             raise BlockShapeError(
@@ -236,7 +236,7 @@ class TierManager:
         chain becomes these keys; a pinned session pins them. These are the save rounds a
         socket client runs through the shared arena (``tiercache.transaction``).
         """
-        data = block_rows(ns.spec, blocks)
+        data = store_rows(ns, blocks)
         keys = keys_of(ns, tokens)
 
         async def reserve(done: int, left: int) -> Reservation:
@@ -301,7 +301,7 @@ class TierManager:
                             r.walked = n
                             self.stats.error("host_full")
                         return r
-                    r.entries.append(Entry(key, array, ns.spec.block_nbytes, at={HOST: slot}))
+                    r.entries.append(Entry(key, array, ns.block_nbytes, at={HOST: slot}))
                     r.rows.append(i)
                 r.walked = i + 1
         return r
@@ -322,7 +322,7 @@ class TierManager:
                 self.sessions.pin_keys(sess)
             if self.shared is not None:
                 self.shared.saved(r.entries, sess.keys if sess is not None and sess.pinned else [])
-            nbytes = len(r.entries) * r.ns.spec.block_nbytes
+            nbytes = len(r.entries) * r.ns.block_nbytes
             self.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
             if self.write.write_on_save and self.disk_room is not None and r.entries:
                 # A disk write under the lock (tiercache.lock): write-through means the save's
@@ -404,7 +404,7 @@ class TierManager:
         if self.shared is None or start >= len(keys) or not self.shared.remote.available():
             return set()
         array = await self.register(ns)
-        return await self.shared.fill(array, ns.spec.block_nbytes, keys, start)
+        return await self.shared.fill(array, ns.block_nbytes, keys, start)
 
     @timed("load")
     async def load(
@@ -426,7 +426,7 @@ class TierManager:
             entries = lease.entries
             # Pinned when a device tier serves it: device -> host is then an async DMA.
             pin = self.device is not None and self.device.device.type == "cuda"
-            out = output_rows(out, len(entries), ns.spec.block_nbytes, pin)
+            out = output_rows(out, len(entries), ns.block_nbytes, pin)
             self._lock.free()
             tiers, ok, from_disk, failed = await read_entries(
                 entries, out, self.device, self.host, self.disk, self.stats

@@ -16,6 +16,7 @@ import torch
 
 from tiercache.index import Entry, Index
 from tiercache.keys import BlockKey, Namespace
+from tiercache.storage_format import decode, parse_format
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,8 @@ class LoadResult:
 
     def kv(self) -> torch.Tensor:
         """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype."""
-        spec = self.namespace.spec
-        return self.data.view(spec.torch_dtype).view(self.blocks, *spec.block_shape)
+        ns = self.namespace
+        return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype))
 
 
 @dataclass(slots=True)

@@ -27,7 +27,9 @@ from tiercache.daemon.config import load_config
 from tiercache.daemon.process import DaemonProcess
 from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode
 from tiercache.daemon.service import Daemon
-from tiercache.keys import KeyChain
+from tiercache.kernels import reference_quant as rq
+from tiercache.keys import KeyChain, Namespace
+from tiercache.storage_format import encode as encode_records
 
 NS = make_ns()
 
@@ -555,3 +557,23 @@ async def test_each_socket_request_is_one_latency_observation_within_the_clients
         await c.close()
     finally:
         await d.shutdown()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+async def test_a_quantized_namespace_round_trips_over_the_socket_and_stays_apart(
+    client: AsyncClient, fmt: str
+) -> None:
+    qns = Namespace(NS.model, SPEC, store_dtype=fmt)
+    await client.register(NS)  # the first namespace sizes the host slots: the exact one's
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    assert (await client.save(qns, tokens, blocks)).stored == 3
+    assert (await client.lookup(NS, tokens)).blocks == 0  # never served as exact
+    got = await client.load(qns, tokens)
+    assert got.data.shape == (3, qns.block_nbytes) and qns.block_nbytes < NBYTES
+    assert torch.equal(got.data, encode_records(SPEC, blocks, fmt))  # type: ignore[arg-type]
+    q = rq.quantize(blocks, "int8" if fmt == "int8" else "fp8")
+    err = (got.kv().float() - blocks.float()).abs()
+    assert bool((err <= rq.error_bound(q, SPEC.torch_dtype)).all())
+    with pytest.raises(RemoteError) as bad:
+        await client.call("register", model="m", spec=SPEC.to_dict(), store_dtype="int4")
+    assert bad.value.code == "bad_request" and "'int4' is not one of exact" in bad.value.message

@@ -56,6 +56,27 @@ def test_size_reports_what_each_configured_tier_holds(
 
 
 @pytest.mark.parametrize(
+    ("fmt", "line"),
+    [
+        # bf16: 16 x 327,680 B = 5,242,880 B a block; 1 GiB holds 204 of them
+        ("exact", "host tier:        1.0 GiB holds 3,264 tokens (exact: 204 blocks of 5,242,880"),
+        # int8: 2,621,440 B of data + 4 B x 80 layers x 2 x 8 heads of scales = 2,626,560 B
+        ("int8", "host tier:        1.0 GiB holds 6,528 tokens (int8: 408 blocks of 2,626,560"),
+        ("fp8_e4m3", "holds 6,528 tokens (fp8_e4m3: 408 blocks of 2,626,560 bytes)"),
+    ],
+)
+def test_size_reports_blocks_per_tier_under_its_storage_format(
+    model_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, line: str
+) -> None:
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text('[tiers.host]\nbytes = "1GiB"\n[tiers.disk]\nurl = "none"\n')
+    args = ["size", "--model-config", str(model_config), "--tokens", "1", "--config", str(cfg)]
+    args += ["--store-dtype", fmt]
+    assert main(args) == 0
+    assert line in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (

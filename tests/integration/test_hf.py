@@ -133,3 +133,77 @@ def test_models_with_different_weights_do_not_share_blocks(cache: SyncCache) -> 
     chat_a.save("s", ids, past)
     assert chat_a.restore("s", ids)[1] == 48
     assert chat_b.restore("s", ids)[1] == 0
+
+
+# --- quantized storage (store_dtype): error against exact recompute, measured -------------
+
+QUANT_REPLY = 64
+# Measured on these tiny seeded (random-weight) models: greedy-token agreement with exact
+# recompute over 4 turns of 64 tokens (position by position), and the largest log-prob
+# difference before a turn's first disagreement. Asserted with slack (agreement >= 0.8x,
+# |dlogp| <= 1.5x + 1e-3). Random weights give flat next-token distributions, so one flipped
+# argmax sends the rest of a turn elsewhere: these are far below what a trained model shows.
+QUANT_MEASURED = {
+    ("llama", "int8"): (0.4922, 0.9879),
+    ("llama", "fp8_e4m3"): (0.3008, 0.9682),
+    ("qwen2", "int8"): (0.3398, 0.1743),
+    ("qwen2", "fp8_e4m3"): (0.2539, 0.0007851),
+}
+
+
+def reply_of(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.generate(
+            ids[None],
+            past_key_values=past,
+            max_new_tokens=QUANT_REPLY,
+            min_new_tokens=QUANT_REPLY,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    toks = out.sequences[0, ids.numel() :]
+    logp = torch.stack(
+        [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, toks, strict=True)]
+    )
+    return toks, logp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_quantized_chat_stays_within_the_measured_bound(
+    model: Any, cache: SyncCache, fmt: str
+) -> None:
+    chat = HFChatCache(cache, model, block_size=16, store_dtype=fmt)
+    vocab = model.config.vocab_size
+    convo = torch.empty(0, dtype=torch.long)
+    agree = total = 0
+    worst = 0.0
+    reused = []
+    for turn, n in enumerate((150, 40, 40, 40)):
+        convo = torch.cat([convo, user_message(turn, n, vocab)])
+        past, r = chat.restore("chat", convo)
+        reused.append(r)
+        got, got_logp = reply_of(model, convo, past)
+        want, want_logp = reply_of(model, convo, DynamicCache(config=model.config))
+        same = got == want
+        agree += int(same.sum())
+        total += QUANT_REPLY
+        first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else QUANT_REPLY
+        if first_diff:
+            worst = max(worst, float((got_logp - want_logp)[:first_diff].abs().max()))
+        # the chat goes on with the exact reply; its exact KV is what gets stored (quantized)
+        convo = torch.cat([convo, want])
+        with torch.no_grad():
+            exact_past = DynamicCache(config=model.config)
+            model(convo[:-1][None], past_key_values=exact_past)
+        chat.save("chat", convo[:-1], exact_past)
+    assert reused[0] == 0 and all(r > 0 for r in reused[1:])
+    agreement = agree / total
+    print(f"{model.config.model_type} {fmt}: agreement {agreement:.4f}, max |dlogp| {worst:.4g}")
+    measured_agree, measured_dlogp = QUANT_MEASURED[(model.config.model_type, fmt)]
+    assert agreement >= 0.8 * measured_agree
+    assert worst <= 1.5 * measured_dlogp + 1e-3
+    # the restored KV really is the quantized one: the replies are not those of exact KV
+    assert agreement < 1.0 and worst > 0.0

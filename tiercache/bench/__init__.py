@@ -7,7 +7,9 @@ recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
 ``trace`` (a conversation trace, Mooncake's or any in its format, replayed: hit ratio against
 capacity per eviction policy),
 ``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
-``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector).
+``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector),
+``quant`` (quantized storage formats against exact: blocks per GiB, trace hit ratio at equal
+bytes, host throughput, disk resume).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ MODULES = {
     "trace": "trace",
     "remote": "remote",
     "vllm": "vllm_resume",
+    "quant": "quant",
 }
 
 

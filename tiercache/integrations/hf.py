@@ -75,13 +75,16 @@ class HFChatCache:
         block_size: int = 16,
         salt: str = "",
         model_id: str | None = None,
+        store_dtype: str = "exact",
     ) -> None:
         self.cache = cache
         self.model = model
         spec = KVSpec.from_hf_config(
             model.config, dtype=model.dtype, block_size=block_size, layout=Layout.HF
         )
-        self.namespace = Namespace(model_id or model_fingerprint(model), spec, salt)
+        self.namespace = Namespace(
+            model_id or model_fingerprint(model), spec, salt, store_dtype=store_dtype
+        )
         self.last_load: Any = None  # the last load's result (blocks, tiers, seconds)
 
     @property
@@ -105,7 +108,7 @@ class HFChatCache:
             self.cache.save(
                 self.namespace,
                 ids,
-                torch.empty((0, self.spec.block_nbytes), dtype=torch.uint8),
+                torch.empty((0, self.namespace.block_nbytes), dtype=torch.uint8),
                 session=session,
             )
             return SaveResult(0, n_blocks, 0)

@@ -49,6 +49,7 @@ from zarr.core.buffer.cpu import Buffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from tiercache.keys import BlockKey, Namespace
+from tiercache.storage_format import parse_format, zarr_attrs
 from tiercache.tiers.blockio import BlockIO, SlabIO, block_io_for
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class DiskTier:
         return path
 
     async def _create_or_open(self, ns: Namespace, path: str) -> None:
-        nbytes = ns.spec.block_nbytes
+        nbytes = ns.block_nbytes
         slots = max(1, self.capacity_bytes // nbytes)
         try:
             za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
@@ -270,6 +271,7 @@ class DiskTier:
                         "spec": ns.spec.to_dict(),
                         "logical_dtype": ns.spec.dtype,
                         "block_shape": list(ns.spec.block_shape),
+                        "format": zarr_attrs(ns.spec, parse_format(ns.store_dtype)),
                     }
                 },
             )

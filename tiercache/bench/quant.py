@@ -1,0 +1,240 @@
+"""Quantized storage formats (``store_dtype``) against exact storage, side by side.
+
+- blocks per GiB of each format for a Llama-3-8B-shaped cache (32 layers, 8 KV heads x 128,
+  bf16, 16-token blocks) and the tiny demo model's (fp32);
+- the conversation trace (``bench trace``'s replay, LRU, host tier only) at equal bytes:
+  a host of B bytes holds ``B / stored_nbytes`` blocks of each format;
+- host save / load through a real ``TierManager`` of an 8B-layer-shaped block (quantize
+  on save, dequantize in ``LoadResult.kv``) against the same calls on an exact namespace
+  and against the raw operation (``copy_`` of the exact bytes);
+- disk resume: blocks of a conversation saved, the manager closed and reopened on the same
+  zarr disk tier, then loaded and decoded; quantized against exact. The reads go through
+  the page cache (warm), so this measures bytes moved and decode cost, not a cold disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiercache.bench import trace
+from tiercache.bench.common import cli, side_by_side, timed, write
+from tiercache.keys import Namespace
+from tiercache.manager import TierManager
+from tiercache.spec import KVSpec
+from tiercache.storage_format import FORMATS, blocks_per_gib, stored_nbytes
+from tiercache.tiers.disk import DiskTier
+
+LLAMA8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+TINY = KVSpec(num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_size=16)
+# One block of 4 layers of the 8B shape: 256 KiB exact.
+BENCH_SPEC = KVSpec(num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+
+
+def _blocks(n: int, spec: KVSpec) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn((n, *spec.block_shape), generator=g).to(spec.torch_dtype)
+
+
+def _tokens(n_blocks: int, rep: int, block_size: int) -> list[int]:
+    return [rep * 1_000_003 + i for i in range(n_blocks * block_size)]
+
+
+def trace_at_equal_bytes(requests: int, fractions: Sequence[float]) -> dict[str, Any]:
+    prompts = trace.load_trace(limit=requests)
+    ws = trace.working_set(prompts)
+    out: dict[str, Any] = {"requests": requests, "working_set_blocks": ws, "points": []}
+    for f in fractions:
+        budget = f * ws * LLAMA8B.block_nbytes  # bytes: f of the working set stored exact
+        point: dict[str, Any] = {"fraction_of_exact_working_set": f}
+        for fmt in FORMATS:
+            blocks = max(1, int(budget // stored_nbytes(LLAMA8B, fmt)))
+            r = asyncio.run(trace.replay(prompts, blocks, eviction="lru"))
+            point[fmt] = {"host_blocks": blocks, "hit_ratio": r.ratio}
+        out["points"].append(point)
+    return out
+
+
+def host_throughput(n: int, reps: int) -> dict[str, Any]:
+    spec = BENCH_SPEC
+    src = _blocks(n, spec)
+    raw_dst = torch.empty_like(src)
+    loop = asyncio.new_event_loop()
+    m = loop.run_until_complete(
+        TierManager.open(host_bytes=4 * n * spec.block_nbytes, slot_bytes=spec.block_nbytes)
+    )
+    rep = [0]
+    out: dict[str, Any] = {"block_bytes": spec.block_nbytes, "blocks": n}
+
+    def saver(ns: Namespace) -> Any:
+        def go() -> float:
+            rep[0] += 1
+            tokens = _tokens(n, rep[0], spec.block_size)
+            t = timed(lambda: loop.run_until_complete(m.save(ns, tokens, src)))
+            loop.run_until_complete(m.evict(keys=ns.block_keys(tokens)))
+            return t
+
+        return go
+
+    def loader(ns: Namespace) -> Any:
+        tokens = _tokens(n, 0, spec.block_size)
+        loop.run_until_complete(m.save(ns, tokens, src))
+
+        def go() -> float:
+            return timed(lambda: loop.run_until_complete(m.load(ns, tokens)).kv())
+
+        return go
+
+    def raw() -> float:
+        return timed(lambda: raw_dst.copy_(src))
+
+    exact = Namespace("bench-quant", spec)
+    for fmt in FORMATS:
+        ns = Namespace("bench-quant", spec, store_dtype=fmt)
+        out[fmt] = {
+            "save_vs_raw": side_by_side(saver(ns), raw, reps),
+            "load_vs_raw": side_by_side(loader(ns), raw, reps),
+            "save_vs_exact": side_by_side(saver(ns), saver(exact), reps),
+            "load_vs_exact": side_by_side(loader(ns), loader(exact), reps),
+        }
+    loop.run_until_complete(m.close(flush=False))
+    loop.close()
+    return out
+
+
+def disk_resume(tokens: int, reps: int, workdir: Path) -> dict[str, Any]:
+    spec = BENCH_SPEC
+    n = tokens // spec.block_size
+    src = _blocks(n, spec)
+    ids = _tokens(n, 7, spec.block_size)
+    capacity = 4 * n * spec.block_nbytes
+    loop = asyncio.new_event_loop()
+
+    async def open_manager() -> TierManager:
+        disk = await DiskTier.open(f"file://{workdir}/disk", capacity)
+        return TierManager(host_bytes=capacity, disk=disk, slot_bytes=spec.block_nbytes)
+
+    async def fill(ns: Namespace) -> None:
+        m = await open_manager()
+        await m.save(ns, ids, src)
+        await m.close()
+
+    for fmt in FORMATS:
+        loop.run_until_complete(fill(Namespace("bench-quant", spec, store_dtype=fmt)))
+
+    def resume(ns: Namespace) -> Any:
+        def go() -> float:
+            m = loop.run_until_complete(open_manager())  # a restart: host empty, disk warm
+            try:
+
+                async def load() -> None:
+                    got = await m.load(ns, ids)
+                    assert got.tiers == ["disk"] * n
+                    got.kv()
+
+                return timed(lambda: loop.run_until_complete(load()))
+            finally:
+                loop.run_until_complete(m.close(flush=False))
+
+        return go
+
+    exact = Namespace("bench-quant", spec)
+    out: dict[str, Any] = {"tokens": tokens, "blocks": n, "block_bytes": spec.block_nbytes}
+    for fmt in FORMATS:
+        if fmt != "exact":
+            ns = Namespace("bench-quant", spec, store_dtype=fmt)
+            out[fmt] = side_by_side(resume(ns), resume(exact), reps)
+    loop.close()
+    return out
+
+
+def plot(result: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    pts = result["trace"]["points"]
+    for fmt in FORMATS:
+        a.plot(
+            [p["fraction_of_exact_working_set"] for p in pts],
+            [p[fmt]["hit_ratio"] for p in pts],
+            marker="o",
+            label=fmt,
+        )
+    a.set_xlabel("host bytes (fraction of the working set stored exact)")
+    a.set_ylabel("block hit ratio (LRU)")
+    a.set_title("trace at equal bytes")
+    a.legend()
+    host = result["host"]
+    names = ["save_vs_raw", "load_vs_raw", "save_vs_exact", "load_vs_exact"]
+    width = 0.25
+    for i, fmt in enumerate(FORMATS):
+        b.bar(
+            [j + i * width for j in range(len(names))],
+            [host[fmt][k]["ratio"] for k in names],
+            width,
+            label=fmt,
+        )
+    b.set_xticks([j + width for j in range(len(names))], names, rotation=15)
+    b.set_ylabel("throughput ratio (1: as fast as the baseline)")
+    b.set_title(f"host tier, {host['block_bytes'] // 1024} KiB blocks")
+    b.legend()
+    return fig
+
+
+def run(out: Path, quick: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "blocks_per_gib": {
+            name: {fmt: blocks_per_gib(spec, fmt) for fmt in FORMATS}
+            for name, spec in (("llama3-8b-bf16", LLAMA8B), ("tiny-fp32", TINY))
+        },
+        "trace": trace_at_equal_bytes(300 if quick else 1000, (0.02, 0.05, 0.1)),
+        "host": host_throughput(16 if quick else 64, 3 if quick else 7),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        result["disk_resume"] = disk_resume(2048 if quick else 8192, 3 if quick else 5, Path(d))
+    write(out, "quant", result, plot(result))
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = ["blocks per GiB:"]
+    for name, per in result["blocks_per_gib"].items():
+        lines.append(f"  {name}: " + ", ".join(f"{f} {v:,.0f}" for f, v in per.items()))
+    lines.append(f"trace ({result['trace']['requests']} requests), LRU hit ratio at equal bytes:")
+    for p in result["trace"]["points"]:
+        cells = ", ".join(f"{f} {p[f]['hit_ratio']:.3f}" for f in FORMATS)
+        lines.append(f"  {p['fraction_of_exact_working_set']:.0%} of exact: {cells}")
+    host = result["host"]
+    lines.append(f"host tier, {host['blocks']} blocks of {host['block_bytes']:,} B (ratios):")
+    for fmt in FORMATS:
+        r = host[fmt]
+        lines.append(
+            f"  {fmt}: save/raw {r['save_vs_raw']['ratio']:.3f}, load/raw "
+            f"{r['load_vs_raw']['ratio']:.3f}, save/exact {r['save_vs_exact']['ratio']:.2f}, "
+            f"load/exact {r['load_vs_exact']['ratio']:.2f}"
+        )
+    dr = result["disk_resume"]
+    lines.append(f"disk resume of {dr['tokens']} tokens (exact time / quantized time):")
+    for fmt in FORMATS:
+        if fmt in dr:
+            lines.append(
+                f"  {fmt}: {dr[fmt]['ratio']:.2f}x "
+                f"({dr[fmt]['ours_s'] * 1e3:.1f} ms vs exact {dr[fmt]['base_s'] * 1e3:.1f} ms)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(__doc__, run, report, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Storage formats of the tiers below the engine: ``exact``, ``int8``, ``fp8_e4m3``.
+
+A block stored ``exact`` is the engine's bytes. A quantized block is one stored
+record of ``stored_nbytes(spec, fmt)`` bytes: the page-first data
+``[layers, 2, block_size, kv_heads, head_dim]`` in one byte per element (int8 or
+float8 e4m3), followed by the float32 scales ``[layers, 2, kv_heads]`` (one per
+block, layer, K/V and head; ``kernels/reference_quant.py`` is the arithmetic and
+its error bound). The scales travel inside the record, so one block is still one
+slot, one disk chunk and one object, and the checksum, computed over the stored
+record, covers data and scales alike.
+
+Where blocks are quantized: where they leave the engine (``store_rows``, on
+every save) and dequantized where they go back into it (``decode``, in
+``LoadResult.kv``). Every tier below the engine then holds the same record, so
+host slots, disk chunks and shared-tier objects are all sized by
+``stored_nbytes``, checksums are computed over the stored record (data and
+scales) by the unchanged tier code, a block is quantized exactly once, and a
+socket client sends and receives half the bytes. Rejected: quantizing at the
+host->disk boundary (a hot exact host over a narrow disk). It saves host bytes
+for nothing on the read path (a disk hit would come back dequantized into an
+exact-sized host slot), it needs two slot sizes and two checksums per block,
+and a block would change bytes, and so checksum, as it moves down, which the
+fail-closed rule (a block is its verified bytes) does not allow.
+
+The format is chosen per namespace, by the client, at registration
+(``Namespace.store_dtype``): the application decides what error it accepts,
+and every tier holds that namespace's blocks in that one format. There is no
+per-tier format in the daemon's config (a tier converting blocks as they move
+down is the rejected design above).
+
+The format is part of what a block is: ``format_salt`` joins the namespace
+seed of the block keys, so a block stored under ``int8`` has other keys than
+the same tokens stored exact, and a namespace that asked for exact bytes
+(``store_dtype = "exact"`` at registration, the default) can never look one
+up. The zarr attributes of a namespace array carry ``zarr_attrs`` (format,
+data dtype, scale layout, byte offsets), so a zarr v3 reader can split a chunk
+into data and scales and dequantize it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from tiercache.errors import BlockShapeError
+from tiercache.kernels import reference_quant as rq
+from tiercache.kernels.reference import LayoutError
+from tiercache.spec import KVSpec, block_rows
+
+if TYPE_CHECKING:
+    from tiercache.keys import Namespace
+
+StoreFormat = Literal["exact", "int8", "fp8_e4m3"]
+FORMATS: tuple[StoreFormat, ...] = ("exact", "int8", "fp8_e4m3")
+# int8 and e4m3 take the same bytes; e4m3's relative error (2.6 %) is above int8's (0.8 %).
+# The reference's names for the quantized formats.
+_REF: dict[str, rq.Format] = {"int8": "int8", "fp8_e4m3": "fp8"}
+
+
+class FormatError(ValueError):
+    """A storage format that is unknown, or that cannot be used where it was asked for."""
+
+
+def parse_format(value: str, where: str = "store_dtype") -> StoreFormat:
+    for f in FORMATS:
+        if value == f:
+            return f
+    raise FormatError(f"{where}: {value!r} is not one of {', '.join(FORMATS)}")
+
+
+def format_salt(fmt: StoreFormat) -> bytes:
+    """What the format adds to a namespace's key seed: nothing for exact (its keys are the
+    ones every earlier release computed), the format's name otherwise."""
+    return b"" if fmt == "exact" else b"store_dtype=" + fmt.encode()
+
+
+def check_spec(spec: KVSpec, fmt: StoreFormat) -> None:
+    if fmt != "exact":
+        try:
+            rq.check_engine_dtype(spec)
+        except LayoutError as e:
+            raise FormatError(f"store_dtype {fmt!r}: {e}") from None
+
+
+def _data_nbytes(spec: KVSpec) -> int:
+    layers, two, bs, heads, hd = spec.block_shape
+    return layers * two * bs * heads * hd
+
+
+def _scales_count(spec: KVSpec) -> int:
+    return spec.num_layers * 2 * spec.num_kv_heads
+
+
+def stored_nbytes(spec: KVSpec, fmt: StoreFormat) -> int:
+    """Bytes one block takes in a tier of format ``fmt``."""
+    if fmt == "exact":
+        return spec.block_nbytes
+    return _data_nbytes(spec) + 4 * _scales_count(spec)
+
+
+def encode(spec: KVSpec, blocks: torch.Tensor, fmt: StoreFormat) -> torch.Tensor:
+    """Engine-dtype page-first ``blocks`` ``[n, *block_shape]`` -> stored records, uint8
+    ``[n, stored_nbytes]``. ``exact`` is the same bytes, unchanged."""
+    n = blocks.shape[0]
+    if fmt == "exact":
+        return blocks.contiguous().view(torch.uint8).reshape(n, spec.block_nbytes)
+    check_spec(spec, fmt)
+    q = rq.quantize(blocks, _REF[fmt])
+    data = q.data.contiguous().view(torch.uint8).reshape(n, -1)
+    scales = q.scales.contiguous().view(torch.uint8).reshape(n, -1)
+    return torch.cat([data, scales], dim=1)
+
+
+def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tensor:
+    """Stored records uint8 ``[n, stored_nbytes]`` -> engine-dtype blocks ``[n, *block_shape]``."""
+    n = records.shape[0]
+    want = stored_nbytes(spec, fmt)
+    if records.dtype != torch.uint8 or tuple(records.shape) != (n, want):
+        raise FormatError(
+            f"stored {fmt} records of this spec must be uint8 [n, {want}], "
+            f"got {records.dtype} {list(records.shape)}"
+        )
+    records = records.contiguous()
+    if fmt == "exact":
+        return records.view(spec.torch_dtype).reshape(n, *spec.block_shape)
+    split = _data_nbytes(spec)
+    data = records[:, :split].contiguous().view(rq.QDTYPE[_REF[fmt]]).reshape(n, *spec.block_shape)
+    scales = (
+        records[:, split:]
+        .contiguous()
+        .view(torch.float32)
+        .reshape(n, spec.num_layers, 2, spec.num_kv_heads)
+    )
+    return rq.dequantize(rq.QuantBlocks(data, scales), spec.torch_dtype)
+
+
+def zarr_attrs(spec: KVSpec, fmt: StoreFormat) -> dict[str, Any]:
+    """The attributes a namespace array carries so that a zarr v3 reader can interpret its
+    uint8 chunks (one block each)."""
+    out: dict[str, Any] = {"store_dtype": fmt, "block_nbytes": stored_nbytes(spec, fmt)}
+    if fmt == "exact":
+        out["data"] = {"dtype": spec.dtype, "shape": list(spec.block_shape), "offset": 0}
+        return out
+    out["data"] = {
+        "dtype": "int8" if fmt == "int8" else "float8_e4m3fn",
+        "shape": list(spec.block_shape),
+        "dims": ["layer", "kv", "token", "head", "head_dim"],
+        "offset": 0,
+    }
+    out["scales"] = {
+        "dtype": "float32",
+        "endian": "little",
+        "shape": [spec.num_layers, 2, spec.num_kv_heads],
+        "dims": ["layer", "kv", "head"],
+        "offset": _data_nbytes(spec),
+        "per": "block, layer, K/V, head (symmetric absmax / QMAX)",
+        "qmax": rq.QMAX[_REF[fmt]],
+    }
+    out["dequantize"] = f"x = data.astype(float32) * scales[..., None, :, None] -> {spec.dtype}"
+    return out
+
+
+def blocks_per_gib(spec: KVSpec, fmt: StoreFormat) -> float:
+    return 2**30 / stored_nbytes(spec, fmt)
+
+
+def store_rows(ns: Namespace, blocks: torch.Tensor) -> torch.Tensor:
+    """What a save of ``ns`` stores: uint8 records ``[n, ns.block_nbytes]``. Engine-dtype
+    blocks ``[n, *block_shape]`` are encoded in the namespace's format here, where they leave
+    the engine; uint8 rows are taken as records already encoded (a socket client encodes
+    on its side)."""
+    fmt = parse_format(ns.store_dtype)
+    if fmt == "exact" or blocks.dtype != torch.uint8:
+        rows = block_rows(ns.spec, blocks)
+        return (
+            rows
+            if fmt == "exact"
+            else encode(ns.spec, blocks.reshape(-1, *ns.spec.block_shape), fmt)
+        )
+    want = stored_nbytes(ns.spec, fmt)
+    if blocks.device.type != "cpu" or blocks.dim() != 2 or blocks.shape[1] != want:
+        raise BlockShapeError(
+            f"{fmt} records must be CPU uint8 [n, {want}] for this namespace, "
+            f"got {blocks.device} {list(blocks.shape)}"
+        )
+    return blocks.contiguous()
