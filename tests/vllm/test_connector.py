@@ -160,6 +160,14 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert diff <= LOGPROB_TOL, f"log-probs differ by {diff}"
 
 
+def _seen(daemon: Daemon) -> bool:
+    try:
+        daemon.metric("tiercache_request_seconds_count", op="touch")
+    except KeyError:  # an op appears at its first observation
+        return False
+    return True
+
+
 def found(r: dict[str, Any]) -> int:
     return int(r["kv_transfer_params"]["tiercache"]["found_blocks"])
 
@@ -246,14 +254,23 @@ def test_with_vllms_own_prefix_cache_on_the_connector_loads_only_beyond_it(
     # vLLM's default: its own prefix cache on. A fresh engine finds turn 2 in the daemon (5
     # blocks and its prompt's 68-token tail: all but the last token). The same prompt again
     # finds the 5 full blocks in vLLM's cache, and the connector adds only the tail beyond them.
-    first, again = engine(
+    # A prompt of those 5 blocks and one token is all in vLLM's cache: no lookup is needed,
+    # and the connector touches the 5 blocks so that the daemon's eviction sees them in use.
+    touches = daemon.metric("tiercache_request_seconds_count", op="touch") if _seen(daemon) else 0
+    first, again, local = engine(
         model,
         workdir,
         "H-prefix-caching",
-        [{"tokens": prompts["p2"]}, {"tokens": prompts["p2"]}],
+        [
+            {"tokens": prompts["p2"]},
+            {"tokens": prompts["p2"]},
+            {"tokens": prompts["p2"][: 5 * BLOCK + 1]},
+        ],
         {"socket": daemon.socket},
         prefix_caching=True,
     )
+    assert local["num_cached_tokens"] == 5 * BLOCK
+    assert daemon.metric("tiercache_request_seconds_count", op="touch") == touches + 1
     n = len(prompts["p2"])
     assert (first["num_cached_tokens"], found(first)) == (n - 1, 5)
     same(first, plain["p2"])

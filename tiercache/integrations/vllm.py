@@ -608,9 +608,17 @@ class TierCacheConnector(KVConnectorBase_V1):
         # At least one prompt token is left to compute: the engine needs its logits. The
         # last block may still be loaded whole (its last token is computed over it).
         limit = prompt - 1
-        if prompt < self.min_tokens or limit <= num_computed_tokens:
-            return 0, False
         full = prompt // self.block
+        if prompt < self.min_tokens:
+            return 0, False
+        if limit <= num_computed_tokens:
+            # vLLM serves all of it from its own prefix cache. Tell the daemon those blocks
+            # are in use, so its eviction keeps them like a hit (the lookup below does the
+            # same for every block it finds, local ones included).
+            if full:
+                chain = KeyChain(self._keys(st, full * self.block))
+                self._link.call("touch", lambda c: c.touch(self.ns, chain))
+            return 0, False
         if full:
             chain = KeyChain(self._keys(st, full * self.block))
             found = self._link.call("lookup", lambda c: c.lookup(self.ns, chain))
