@@ -1,1 +1,3 @@
-"""The tiercache service: config, CLI (and, later, socket server, MQTT control, metrics)."""
+"""The tiercache service, imported as ``tiercache.daemon``: config and CLI, the socket server
+and its wire protocol, the operator verbs (control), the Prometheus exporter, the MQTT
+channel, the process supervisor and the demo."""

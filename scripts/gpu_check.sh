@@ -46,8 +46,8 @@ echo "== CPU tests of the kernels' reference (the oracle the GPU tests trust)"
   tests/unit/test_kernels_compile.py -q -p no:cacheprovider || status=1
 
 echo "== GPU benchmark"
-"$PY" -m tiercache.kernels.bench_gpu --out "$OUT" || status=1
+"$PY" -m tiercache.bench.gpu --out "$OUT" || status=1
 echo "== decode while prefetching, and an attached engine's loads"
-"$PY" -m tiercache.kernels.bench_decode --out "$OUT" || status=1
+"$PY" -m tiercache.bench.decode --out "$OUT" || status=1
 echo "== exit $status"
 exit $status

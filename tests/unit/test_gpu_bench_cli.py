@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tiercache.kernels import bench_decode, bench_gpu, cuda
+from tiercache.bench import decode as bench_decode
+from tiercache.bench import gpu as bench_gpu
+from tiercache.kernels import cuda
 
 
 @pytest.mark.skipif(cuda.available(), reason="this machine has CUDA: the benchmarks would run")

@@ -2,14 +2,18 @@
 
 ``tiercache bench NAME --out DIR`` (or ``python -m tiercache.bench.NAME``) runs one:
 ``storage`` (tiers vs memcpy and plain file I/O), ``resume`` (resume vs
-recompute TTFT), ``disk-layout`` (the study behind the disk tier's layout),
-``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
+recompute TTFT), ``control`` (control-plane latency), ``reliability`` (fault and load campaigns),
 ``trace`` (a conversation trace, Mooncake's or any in its format, replayed: hit ratio against
 capacity per eviction policy),
 ``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
 ``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector),
 ``quant`` (quantized storage formats against exact: blocks per GiB, trace hit ratio at equal
-bytes, host throughput, disk resume).
+bytes, host throughput, disk resume), and on a GPU machine (``scripts/gpu_check.sh`` runs
+both) ``gpu`` (the CuPy kernels against D2D copies and per-block memcpy) and ``decode`` (a
+decode step's slowdown while the daemon prefetches).
+
+The finished study behind the disk tier's layout is not part of the package:
+``scripts/disk_layout_study.py`` (``docs/disk-layout.md`` is its record).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from collections.abc import Sequence
 MODULES = {
     "storage": "storage",
     "resume": "resume",
-    "disk-layout": "disk_layout",
     "control": "control",
     "reliability": "reliability",
     "trace": "trace",
     "remote": "remote",
     "vllm": "vllm_resume",
     "quant": "quant",
+    "gpu": "gpu",
+    "decode": "decode",
 }
 
 

@@ -23,7 +23,7 @@ the device tier and from the host tier, against a device-to-device copy of the s
 a pinned host-to-device ``cudaMemcpy`` of them: the whole request as the engine sees it (the
 socket round trip, the lease, the scatter), timed to the scatter's completion.
 
-Run with ``scripts/gpu_check.sh`` (``python -m tiercache.kernels.bench_decode --out DIR``).
+Run with ``scripts/gpu_check.sh`` (``python -m tiercache.bench.decode --out DIR``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from tiercache.kernels.bench_gpu import cli, machine, timed_cuda
+from tiercache.bench.gpu import cli, machine, timed_cuda
 from tiercache.keys import Namespace
 from tiercache.spec import KVSpec
 

@@ -47,7 +47,7 @@ Why: the disk tier must reach >= 70% of plain sequential file throughput at
 calls) and the default codec are chosen from these numbers
 (``docs/disk-layout.md``).
 
-Run: ``python -m tiercache.bench.disk_layout --out DIR [--workdir SCRATCH]``
+Run: ``python scripts/disk_layout_study.py --out DIR [--workdir SCRATCH]``
 (``--quick``: a few-second smoke run). Writes ``DIR/disk_layout.json`` and
 ``DIR/disk_layout.png``. The scratch directory decides the filesystem measured.
 """
@@ -1300,7 +1300,7 @@ def _sync_api_check(workdir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tiercache.bench.disk_layout",
+        prog="python scripts/disk_layout_study.py",
         description="Measure zarr v3 disk-tier layouts against plain file I/O; write JSON + PNG.",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")

@@ -26,7 +26,7 @@ and a small-head model's (Qwen2.5-0.5B: 24 layers, 2 KV heads x 64: 96 KiB a blo
 blocks moved out of a cache of 1024, ids shuffled. Targets (issue 4): gather/scatter >= 0.8 of
 the D2D copy and >= 2x the per-fragment loop; H2D/D2H >= 0.9 of pinned memcpy.
 
-Run on a GPU machine with ``scripts/gpu_check.sh`` (or ``python -m tiercache.kernels.bench_gpu
+Run on a GPU machine with ``scripts/gpu_check.sh`` (or ``python -m tiercache.bench.gpu
 --out DIR``); on a machine without CUDA it says so and exits 1. Importable anywhere.
 """
 
