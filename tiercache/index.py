@@ -49,7 +49,7 @@ class Entry:
     @property
     def host_slot(self) -> int | None:
         slot = self.at.get(HOST)
-        return slot if isinstance(slot, int) and not isinstance(slot, bool) else None
+        return slot if type(slot) is int else None  # never a bool (a flag of another tier)
 
     @property
     def disk(self) -> DiskRecord | None:
@@ -63,7 +63,10 @@ class Entry:
     @property
     def best_tier(self) -> str | None:
         """The fastest local tier that holds it (the device tier, a read cache, included)."""
-        return next((t for t in (DEVICE, HOST, DISK) if t in self.at), None)
+        for t in (DEVICE, HOST, DISK):
+            if t in self.at:
+                return t
+        return None
 
 
 class Index:
@@ -123,12 +126,13 @@ class Index:
     def unlease(entries: Iterable[Entry]) -> None:
         """End one lease of each of ``entries``; a lease ended twice is a LeaseError."""
         entries = list(entries)
-        times = Counter(id(e) for e in entries)
-        over = [e for e in entries if e.leases < times[id(e)]]
-        if over:
-            raise LeaseError(
-                f"{len(over)} block(s) released more often than leased "
-                f"(first {over[0].key.hex()[:16]}): a double release"
-            )
         for e in entries:
             e.leases -= 1
+        over = [e for e in entries if e.leases < 0]
+        if over:
+            for e in entries:  # undone: the counts stay as they were
+                e.leases += 1
+            raise LeaseError(
+                f"{len(set(map(id, over)))} block(s) released more often than leased "
+                f"(first {over[0].key.hex()[:16]}): a double release"
+            )

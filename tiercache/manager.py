@@ -276,7 +276,7 @@ class TierManager:
                 f"{n} blocks from block {first_block} do not fit the "
                 f"{len(keys)} full blocks of the sequence"
             )
-        r = Reservation(ns, array, keys, session, first_block)
+        r, nbytes = Reservation(ns, array, keys, session, first_block), ns.block_nbytes
         async with self._lock:
             self._check_open()
             if self.admission.threshold == 1:  # else only admitted blocks make room, one by one
@@ -301,7 +301,7 @@ class TierManager:
                             r.walked = n
                             self.stats.error("host_full")
                         return r
-                    r.entries.append(Entry(key, array, ns.block_nbytes, at={HOST: slot}))
+                    r.entries.append(Entry(key, array, nbytes, at={HOST: slot}))
                     r.rows.append(i)
                 r.walked = i + 1
         return r

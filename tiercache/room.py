@@ -264,6 +264,10 @@ class HostRoom:
     async def slot_or_none(self) -> int | None:
         """``slot``, or None when every slot holds a pinned or in-use block."""
         try:
+            return self.arena.allocate()  # the common case, without a second coroutine
+        except ArenaFull:
+            pass
+        try:
             return await self.slot()
         except NoRoom:
             return None
