@@ -124,7 +124,7 @@ class Index:
         """End one lease of each of ``entries``; a lease ended twice is a LeaseError."""
         entries = list(entries)
         times = Counter(id(e) for e in entries)
-        over = [e for e in entries if e.leases < times[id(e)]]
+        over = [e for e in {id(e): e for e in entries}.values() if e.leases < times[id(e)]]
         if over:
             raise LeaseError(
                 f"{len(over)} block(s) released more often than leased "
