@@ -58,6 +58,7 @@ class BrokenDisk(DiskTier):
 @pytest.fixture
 async def disk(tmp_path: Path) -> AsyncIterator[RecordingDisk]:
     d = await RecordingDisk.open(str(tmp_path / "disk"), 16 * NBYTES)
+    assert isinstance(d, RecordingDisk)
     d.writes = []
     yield d
     await d.close()
