@@ -21,6 +21,7 @@ that the checks can tell "held by me" from "held by someone else".
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import TracebackType
 
 
@@ -48,8 +49,13 @@ class CacheLock:
 
     def held(self) -> None:
         """Assert that the calling task holds the lock."""
-        assert self.mine(), "this must run under the cache lock"
+        assert self.mine(), f"{_caller()} must run under the cache lock"
 
     def free(self) -> None:
         """Assert that the calling task does not hold the lock (before I/O that may block)."""
-        assert not self.mine(), "block I/O must not run under the cache lock"
+        assert not self.mine(), f"{_caller()}: block I/O must not run under the cache lock"
+
+
+def _caller() -> str:
+    """The function that called ``held`` or ``free``: the one that broke the rule."""
+    return sys._getframe(2).f_code.co_qualname
