@@ -72,6 +72,13 @@ def keys_of(ns: Namespace, tokens: Tokens) -> KeyChain:
     return KeyChain(ns.block_keys(as_tokens(tokens)))
 
 
+def check_first_block(first_block: int) -> int:
+    """``first_block`` if it can start a run of blocks (>= 0), else a ValueError naming it."""
+    if first_block < 0:
+        raise ValueError(f"first_block must be >= 0, got {first_block}")
+    return first_block
+
+
 class TokenError(ValueError):
     """Token ids that cannot be hashed (negative, too large, not integers)."""
 
@@ -86,27 +93,25 @@ class Namespace:
 
     ``model`` is a fingerprint of the weights (a name plus revision, or a hash
     of the weight files); ``salt`` separates tenants: two tenants with the same
-    tokens and model never share a block.
+    tokens and model never share a block. ``group`` names the KV cache group of a model
+    with several (``tiercache.modelkv``): two groups of one model may have the same spec
+    (vLLM splits Gemma 3's sliding layers into groups of equal shape) and must still never
+    share a block. It is left out of the id when empty, so a one-group model keeps the
+    namespace it had before groups existed.
     """
 
     model: str
     spec: KVSpec
     salt: str = ""
+    group: str = ""
     id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("Namespace.model must name the model (a fingerprint of its weights)")
-        canon = json.dumps(
-            {
-                "scheme": KEY_SCHEME,
-                "model": self.model,
-                "spec": self.spec.to_dict(),
-                "salt": self.salt,
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
+        what = {"scheme": KEY_SCHEME, "model": self.model, "spec": self.spec.to_dict()}
+        what |= {"salt": self.salt} | ({"group": self.group} if self.group else {})
+        canon = json.dumps(what, sort_keys=True, separators=(",", ":")).encode()
         object.__setattr__(self, "id", hashlib.blake2b(canon, digest_size=KEY_BYTES).digest())
 
     @property
