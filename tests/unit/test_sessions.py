@@ -91,7 +91,7 @@ async def test_an_unknown_session_is_named_in_the_error() -> None:
 async def test_extend_makes_a_session_with_its_chain() -> None:
     s = Sessions(Index(), None, Stats())
     sess = await s.extend("chat-1", keys(1, 2))
-    assert sess == Session("chat-1", keys(1, 2))
+    assert sess == Session("chat-1", {"": keys(1, 2)})  # one chain, of the default namespace
     assert s.get("chat-1") is sess is s["chat-1"]
     assert "chat-1" in s and "chat-2" not in s
     assert len(s) == 1

@@ -44,6 +44,10 @@ def _free_ports(n: int) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class SeaweedFS:
     """One ``weed server -s3`` in ``workdir``; ``endpoint`` is its S3 URL."""
 
@@ -76,7 +80,23 @@ class SeaweedFS:
         self.s3_config = workdir / "s3.json"
         self.s3_config.write_text(json.dumps(identities))
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start it and wait until it serves. Its ports are chosen free but released before
+        weed binds them, so another process can take one meanwhile: weed then exits with
+        "address already in use", and it is started again on new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise RuntimeError(
+                        f"weed found a port taken {attempts} times: {self.log()}"
+                    ) from None
+                self.proc = None
+                self.ports = dict(zip(self.PORTS, _free_ports(len(self.PORTS)), strict=True))
+                self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def _start(self, timeout: float) -> None:
         assert self.proc is None, "already running"
         args = [
             self.binary, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -85,11 +105,15 @@ class SeaweedFS:
             "-master.telemetry=false", "-volume.max=100", "-master.volumeSizeLimitMB=16",
             "-volume.preStopSeconds=0",
         ]  # fmt: skip
-        with open(self.dir / "weed.log", "ab") as log:
+        logfile = self.dir / "weed.log"
+        since = logfile.stat().st_size if logfile.exists() else 0  # this start's part of the log
+        with open(logfile, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=self.dir)
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self.proc.poll() is not None:
+                if b"address already in use" in logfile.read_bytes()[since:]:
+                    raise _PortTaken
                 raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log()}")
             if time.monotonic() > deadline:
                 self.kill()
