@@ -198,6 +198,9 @@ class GroupedCache:
     def __init__(self, cache: BlockCache, model: str, kv: ModelKV, *, salt: str = "") -> None:
         self.cache = cache
         self.kv = kv
+        # Largest blocks first, in every operation: the first namespace a cache (or a restarted
+        # daemon) sees sizes its host slots, and then every group's blocks fit.
+        self.groups = tuple(sorted(kv.groups, key=lambda g: -g.spec.block_nbytes))
         several = len(kv.groups) > 1
         self.namespaces = {
             g.name: Namespace(model, g.spec, salt, g.name if several else "") for g in kv.groups
@@ -214,10 +217,8 @@ class GroupedCache:
         return {name: KeyChain(ns.block_keys(ids)) for name, ns in self.namespaces.items()}
 
     def _runs(self, chains: dict[str, KeyChain]) -> _Runs:
-        groups = self.kv.groups
-
         def ask(g: int, start: int) -> int:
-            name = groups[g].name
+            name = self.groups[g].name
             return int(
                 self.cache.lookup(self.namespaces[name], chains[name], first_block=start).blocks
             )
@@ -227,8 +228,8 @@ class GroupedCache:
     def lookup(self, tokens: TokenIds, *, max_blocks: int | None = None) -> int:
         """How many blocks of ``tokens`` (at most ``max_blocks``) every group can resume at."""
         chains = self._chains(tokens, max_blocks)
-        limit = len(chains[self.kv.groups[0].name])
-        return usable_prefix([g.spec for g in self.kv.groups], self._runs(chains), limit)
+        limit = len(chains[self.groups[0].name])
+        return usable_prefix([g.spec for g in self.groups], self._runs(chains), limit)
 
     def load(self, tokens: TokenIds, *, max_blocks: int | None = None) -> GroupedLoad:
         """The needed blocks of every group at the longest usable prefix of ``tokens`` (at most
@@ -244,12 +245,12 @@ class GroupedCache:
         """
         t0 = time.perf_counter()
         chains = self._chains(tokens, max_blocks)
-        p = len(chains[self.kv.groups[0].name])
+        p = len(chains[self.groups[0].name])
         runs = self._runs(chains)
         loads: dict[int, list[tuple[range, LoadResult]]] = {}
         while True:
             out, bound = GroupedLoad(p, self.kv.block_size), p
-            for i, g in enumerate(self.kv.groups):
+            for i, g in enumerate(self.groups):
                 parts = out.groups[g.name] = []
                 for r in needed_blocks(g.spec, p):
                     got = _cut(loads.setdefault(i, []), r)
@@ -265,7 +266,7 @@ class GroupedCache:
             if bound >= p:
                 out.seconds = time.perf_counter() - t0
                 return out
-            p = usable_prefix([g.spec for g in self.kv.groups], runs, bound)
+            p = usable_prefix([g.spec for g in self.groups], runs, bound)
 
     def save(
         self,
@@ -286,10 +287,9 @@ class GroupedCache:
         stored are not gathered again.
         """
         chains = self._chains(tokens, None)
-        end = len(chains[self.kv.groups[0].name])
+        end = len(chains[self.groups[0].name])
         results: dict[str, SaveResult] = {}
-        for g in sorted(self.kv.groups, key=lambda g: -g.spec.block_nbytes):
-            # Largest blocks first: the first namespace registered sizes the host slots.
+        for g in self.groups:
             ns, chain = self.namespaces[g.name], chains[g.name]
             can = held.get(g.name, range(end)) if held is not None else range(end)
             total = SaveResult(0, 0, 0)

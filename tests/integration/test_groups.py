@@ -124,6 +124,21 @@ def test_a_one_group_model_keeps_the_namespace_it_had_without_groups(cache: Sync
     assert gc.namespaces["full"] == Namespace("model@1", spec(1), "t")
 
 
+def test_the_group_with_the_largest_blocks_sizes_the_host_slots_whatever_comes_first(
+    cache: SyncCache,
+) -> None:
+    # The full group (one layer) is listed first, but the first namespace the cache meets,
+    # here in a load, must be the sliding one (two layers): else its blocks would not fit.
+    small_first = ModelKV((KVGroup("full", (0,), spec(1)), KVGroup("sliding", (1, 2), SLIDING)))
+    gc = GroupedCache(cache, "model@1", small_first)
+
+    assert gc.load([*TOKENS, 5]).blocks == 0
+    gc.save(TOKENS, gather)
+
+    assert cache.manager.host.slot_bytes == SLIDING.block_nbytes == 2 * spec(1).block_nbytes
+    assert gc.lookup([*TOKENS, 5]) == 20
+
+
 def test_a_session_keeps_the_full_groups_whole_and_the_sliding_groups_last_window(
     cache: SyncCache,
 ) -> None:
@@ -213,7 +228,8 @@ def test_a_resume_whose_blocks_are_all_there_is_one_load_per_group_and_no_lookup
 
     assert gc.load([*TOKENS, 5]).blocks == 20
 
-    assert spy.calls == [("load", "sliding-0", 17), ("load", "full", 0), ("load", "sliding-1", 17)]
+    # largest blocks first (the first namespace a cache sees sizes its host slots)
+    assert spy.calls == [("load", "sliding-0", 17), ("load", "sliding-1", 17), ("load", "full", 0)]
 
 
 def test_a_prompt_longer_than_what_is_stored_reads_the_full_groups_once(cache: SyncCache) -> None:

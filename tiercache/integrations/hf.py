@@ -84,21 +84,21 @@ class HFChatCache:
                 )
         text = model.config.get_text_config(decoder=True)
         self._lora = int(getattr(text, "kv_lora_rank", 0) or 0)  # MLA: where keys end
-        self.groups = GroupedCache(cache, model_id or model_fingerprint(model), self.kv, salt=salt)
+        self.grouped = GroupedCache(cache, model_id or model_fingerprint(model), self.kv, salt=salt)
         self.last_load: GroupedLoad | None = None  # the last restore's load (tiers, seconds)
 
     @property
     def cache(self) -> BlockCache:
-        return self.groups.cache
+        return self.grouped.cache
 
     @cache.setter
     def cache(self, cache: BlockCache) -> None:
-        self.groups.cache = cache
+        self.grouped.cache = cache
 
     @property
     def namespaces(self) -> dict[str, Namespace]:
         """The namespace of each KV cache group, by group name."""
-        return self.groups.namespaces
+        return self.grouped.namespaces
 
     def new_cache(self) -> Any:
         """An empty ``DynamicCache`` for the model whose sliding layers keep what a save needs."""
@@ -111,11 +111,11 @@ class HFChatCache:
                 layer.activate_past_recording()  # type: ignore[no-untyped-call]
         return past
 
-    def _planes(self, group: KVGroup, layer: Any) -> tuple[torch.Tensor, ...]:
-        """A layer's cache as the group's planes: (K, V), or the MLA latent (keys ‖ values)."""
-        if group.spec.kind is AttentionKind.MLA:
-            return (torch.cat([layer.keys, layer.values], dim=-1),)
-        return layer.keys, layer.values
+    def _planes(self, group: KVGroup, layer: Any, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Positions ``a:b`` of a layer's cache as the group's planes: (K, V), or the MLA latent
+        (keys ‖ values)."""
+        k, v = layer.keys[:, :, a:b], layer.values[:, :, a:b]
+        return (torch.cat([k, v], dim=-1),) if group.spec.kind is AttentionKind.MLA else (k, v)
 
     def save(self, session: str, tokens: Any, past: Any) -> SaveResult:
         """Store the KV of ``tokens`` held in ``past`` (a DynamicCache, batch row 0).
@@ -140,13 +140,16 @@ class HFChatCache:
             offsets[g.name] = first * bs - (seen - layer.keys.shape[-2])
 
         def gather_group(g: KVGroup, block_ids: list[int]) -> torch.Tensor:
-            first, skip = held[g.name].start, offsets[g.name]
+            # Positions of the blocks asked for, in the layers' tensors (which may not start
+            # at position 0: a sliding layer holds the last tokens only).
+            lo, hi = min(block_ids), max(block_ids) + 1
+            a = offsets[g.name] + (lo - held[g.name].start) * bs
             caches: list[LayerCache] = [
-                tuple(t[:, :, skip:] for t in self._planes(g, past.layers[i])) for i in g.layers
+                self._planes(g, past.layers[i], a, a + (hi - lo) * bs) for i in g.layers
             ]
-            return gather(g.spec, caches, [b - first for b in block_ids]).cpu()
+            return gather(g.spec, caches, [b - lo for b in block_ids]).cpu()
 
-        results = self.groups.save(ids, gather_group, held=held, session=session)
+        results = self.grouped.save(ids, gather_group, held=held, session=session)
         return sum(results.values(), SaveResult(0, 0, 0))
 
     def restore(self, session: str, tokens: Any) -> tuple[Any, int]:
@@ -157,7 +160,7 @@ class HFChatCache:
         pin/evict/prefetch.
         """
         ids = torch.as_tensor(tokens).reshape(-1)
-        got = self.groups.load(ids, max_blocks=max(0, (ids.numel() - 1) // self.kv.block_size))
+        got = self.grouped.load(ids, max_blocks=max(0, (ids.numel() - 1) // self.kv.block_size))
         self.last_load = got
         past = self.new_cache()
         if got.blocks == 0:
