@@ -100,7 +100,7 @@ def run_demo(
             disk = config.tiers.disk.url if config.tiers.disk else "(none)"
             print(
                 f"tiercache demo: {type(model).__name__} with random weights, "
-                f"{format_size(chat.spec.bytes_per_token)} of KV per token",
+                f"{format_size(chat.kv.bytes_per_token)} of KV per token",
                 file=out,
             )
             print(

@@ -153,6 +153,11 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
             "the vllm-cpu layout belongs to vLLM's CPU backend: use the torch reference "
             "(tiercache.kernels.reference), not the CUDA kernels"
         )
+    if spec.planes != 2:
+        raise LayoutError(
+            "the CUDA kernels move K and V planes; an MLA latent (one plane) goes through the "
+            "torch reference (tiercache.kernels.reference) for now"
+        )
     es, bs = spec.element_bytes, spec.block_size
     ptrs: list[int] = []
     strides: set[tuple[int, int, int]] = set()

@@ -4,13 +4,14 @@ This is the CPU path (CPU engines and embedded mode copy with it) *and* the
 oracle the CUDA kernels are checked against bit for bit, so it is written for
 clarity with ``index_select`` / ``index_copy_``, never clever.
 
-A stored block is ``[layers, 2 (K, V), block_size, kv_heads, head_dim]``.
-Engine layouts, per layer:
+A stored block is ``[layers, planes, block_size, kv_heads, head_dim]``: planes K and V, or
+one MLA latent (``KVSpec.planes``). Engine layouts, per layer:
 
 - ``vllm`` (flash-attn): one tensor ``[2, num_blocks, block_size, heads, head_dim]``
 - ``flashinfer``: one tensor ``[num_blocks, 2, block_size, heads, head_dim]``
-- ``hf`` (transformers): a ``(K, V)`` pair, each ``[batch, heads, seq, head_dim]``;
-  "block ids" are block positions along the sequence of one batch row.
+- ``hf`` (transformers): a ``(K, V)`` pair, each ``[batch, heads, seq, head_dim]`` (an MLA
+  group: a ``(latent,)`` 1-tuple, ``[batch, 1, seq, latent]``); "block ids" are block
+  positions along the sequence of one batch row.
 - ``vllm-cpu`` (vLLM's CPU backend): one tensor ``[num_blocks, heads, block_size,
   2 * head_dim]``, K tiled in an ISA-dependent order. A layer's block is copied
   as it is, as opaque bytes filling the ``[2, block_size, heads, head_dim]`` of
@@ -26,8 +27,9 @@ import torch
 
 from tiercache.spec import KVSpec, Layout
 
-# One layer of an engine's cache: a tensor (vllm, flashinfer) or a (K, V) pair (hf).
-LayerCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+# One layer of an engine's cache: a tensor (vllm, flashinfer) or a (K, V) pair (hf; for MLA
+# a (latent,) 1-tuple).
+LayerCache = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class LayoutError(ValueError):
@@ -74,9 +76,12 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
     for i, c in enumerate(caches):
         if spec.layout is Layout.HF:
             if not (
-                isinstance(c, tuple) and len(c) == 2 and all(isinstance(t, torch.Tensor) for t in c)
+                isinstance(c, tuple)
+                and len(c) == spec.planes
+                and all(isinstance(t, torch.Tensor) for t in c)
             ):
-                raise LayoutError(f"layer {i}: the hf layout needs a (K, V) pair")
+                what = "a (K, V) pair" if spec.planes == 2 else "a (latent,) 1-tuple"
+                raise LayoutError(f"layer {i}: the hf layout of this spec needs {what}")
         elif not isinstance(c, torch.Tensor):
             raise LayoutError(f"layer {i}: the {spec.layout} layout needs one tensor per layer")
         for t in layer_tensors(c):
@@ -84,11 +89,15 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                 raise LayoutError(f"layer {i}: dtype {t.dtype}, spec says {spec.dtype}")
         if spec.layout is Layout.HF:
             assert isinstance(c, tuple)
-            k, v = c
-            if k.dim() != 4 or k.shape[1] != h or k.shape[3] != d or k.shape != v.shape:
-                raise LayoutError(
-                    f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {list(k.shape)}/{list(v.shape)}"
-                )
+            k = c[0]
+            if (
+                k.dim() != 4
+                or k.shape[1] != h
+                or k.shape[3] != d
+                or any(t.shape != k.shape for t in c)
+            ):
+                got = "/".join(str(list(t.shape)) for t in c)
+                raise LayoutError(f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {got}")
         elif spec.layout is Layout.VLLM_CPU:
             assert isinstance(c, torch.Tensor)
             if tuple(c.shape[1:]) != (h, bs, 2 * d) or c.dim() != 4:
@@ -172,7 +181,7 @@ def scatter(
     # one-byte dtype viewed as uint8 keeps its shape.
     blocks = _bytes(blocks.to(first.device))
     for layer, c in enumerate(caches):
-        c = (_bytes(c[0]), _bytes(c[1])) if isinstance(c, tuple) else _bytes(c)
+        c = tuple(_bytes(t) for t in c) if isinstance(c, tuple) else _bytes(c)
         if spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
             c.index_copy_(1, ids, blocks[:, layer].transpose(0, 1))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tiercache import KVSpec, Namespace, TierManager
+from tiercache.daemon.config import Config, load_config
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
 NBYTES = SPEC.block_nbytes  # 512 bytes
@@ -42,6 +43,17 @@ def llama3_70b_config(**overrides: Any) -> dict[str, Any]:
     }
     cfg.update(overrides)
     return cfg
+
+
+def embedded_config(tmp_path: Path, write: str = "write-back", host: str = "32MiB") -> Config:
+    """An embedded cache's config: ``host`` of host tier, a disk tier under ``tmp_path``."""
+    return load_config(
+        env={
+            "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+            "TIERCACHE_TIERS_HOST__BYTES": host,
+            "TIERCACHE_POLICY__WRITE": write,
+        }
+    )
 
 
 def flip_byte(path: Path, at: int) -> None:

@@ -1,10 +1,11 @@
 """Small real transformers models with seeded random weights, for the demo, tests and benchmarks.
 
 No model hub is needed: a config is built here and the weights are drawn from
-a seeded generator. ``initializer_range`` is raised above the usual 0.02 so
-that the next-token distribution is sharp and depends on the whole prompt:
-near-uniform logits (like vLLM's ``load_format="dummy"``) would make any
-output-equality test pass even with garbage KV.
+a seeded generator. ``initializer_range`` is raised above the usual 0.02 (0.2, or
+0.4 for the families that need more) so that the next-token distribution is sharp
+and depends on the whole prompt: near-uniform logits (like vLLM's
+``load_format="dummy"``) would make any output-equality test pass even with
+garbage KV.
 """
 
 from __future__ import annotations
@@ -14,11 +15,53 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "qwen2")
+# The families transformers caches differently (tiercache.modelkv): dense GQA (llama,
+# qwen2), sliding windows with full layers (gemma3: five to one; gpt_oss: alternating, with
+# learned attention sinks), sliding everywhere (mistral), MLA latents (deepseek_v2/v3). Each
+# entry: the config class and what it needs beyond the common fields. The initializer ranges
+# are ones for which a token changed early in a 100-token prompt changes the greedy reply
+# (or, for mistral, whose reach is layers x window, one changed 40 tokens back): the
+# integration tests assert it, since near-uniform logits would let any KV pass for right.
+WINDOW = 32  # tokens, for the sliding families
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"num_hidden_layers": 6, "head_dim": 32, "sliding_window": WINDOW,
+         "query_pre_attn_scalar": 32, "initializer_range": 0.4},
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        # max_position_embeddings: the 32x of its YaRN scaling over 4,096 (else transformers warns)
+        {"head_dim": 32, "sliding_window": WINDOW, "num_local_experts": 4,
+         "num_experts_per_tok": 2, "max_position_embeddings": 131072},
+    ),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW, "initializer_range": 0.4}),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {"num_key_value_heads": 8, "kv_lora_rank": 32, "q_lora_rank": None,
+         "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+         "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+         "n_group": 1, "topk_group": 1, "moe_intermediate_size": 64, "initializer_range": 0.4},
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {"num_key_value_heads": 8, "kv_lora_rank": 32, "q_lora_rank": 64,
+         "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+         "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+         "n_group": 1, "topk_group": 1, "moe_intermediate_size": 64, "initializer_range": 0.4},
+    ),
+}  # fmt: skip
+ARCHS = tuple(FAMILIES)
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
-    """A small decoder config with GQA (8 query heads, 2 KV heads by default)."""
+    """A small decoder config of family ``arch`` (8 query heads, 2 KV heads by default)."""
+    import transformers
+
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     common: dict[str, Any] = dict(
         vocab_size=2048,
         hidden_size=256,
@@ -30,16 +73,8 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
         initializer_range=0.2,
         tie_word_embeddings=False,
     )
-    common.update(overrides)
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        from transformers import Qwen2Config
-
-        return Qwen2Config(**common, use_sliding_window=False)
-    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    name, family = FAMILIES[arch]
+    return getattr(transformers, name)(**{**common, **family, **overrides})
 
 
 def tiny_model(

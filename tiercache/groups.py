@@ -41,6 +41,7 @@ is read), goes back to the rule with what it learned.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -131,14 +132,11 @@ class GroupedLoad:
     blocks: int
     block_size: int
     groups: dict[str, list[LoadResult]] = field(default_factory=dict)
+    seconds: float = 0.0  # the whole load, its lookups and reads of every group
 
     @property
     def tokens(self) -> int:
         return self.blocks * self.block_size
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for parts in self.groups.values() for r in parts)
 
     @property
     def per_tier(self) -> dict[str, int]:
@@ -168,8 +166,25 @@ class _Runs:
             if a <= start <= end:
                 return end - start
         got = self._ask(g, start)
-        self._known.setdefault(g, []).append((start, start + got))
+        self.learn(g, start, got)
         return got
+
+    def learn(self, g: int, start: int, got: int) -> None:
+        """Group ``g`` holds ``got`` blocks from ``start`` (a load said so), up to what was asked."""
+        self._known.setdefault(g, []).append((start, start + got))
+
+
+def _cut(loads: list[tuple[range, LoadResult]], want: range) -> LoadResult | None:
+    """The blocks ``want`` from a load already made whose asked range covers it (a load stops
+    at the first block missing or failing its checksum, so what it lacks is not there)."""
+    for asked, got in loads:
+        end = asked.start + got.blocks
+        if asked.start <= want.start <= end and want.stop <= asked.stop:
+            a, b = want.start - asked.start, min(want.stop, end) - asked.start
+            tiers = got.tiers[a:b]
+            per_tier = {t: tiers.count(t) for t in set(tiers)}
+            return LoadResult(got.data[a:b], tiers, got.namespace, 0.0, per_tier, want.start)
+    return None
 
 
 class GroupedCache:
@@ -191,6 +206,9 @@ class GroupedCache:
     ) -> None:
         self.cache = cache
         self.kv = kv
+        # Largest blocks first, in every operation: the first namespace a cache (or a restarted
+        # daemon) sees sizes its host slots, and then every group's blocks fit.
+        self.groups = tuple(sorted(kv.groups, key=lambda g: -g.spec.block_nbytes))
         several = len(kv.groups) > 1
         self.namespaces = {
             g.name: Namespace(
@@ -210,10 +228,8 @@ class GroupedCache:
         return {name: KeyChain(ns.block_keys(ids)) for name, ns in self.namespaces.items()}
 
     def _runs(self, chains: dict[str, KeyChain]) -> _Runs:
-        groups = self.kv.groups
-
         def ask(g: int, start: int) -> int:
-            name = groups[g].name
+            name = self.groups[g].name
             return int(
                 self.cache.lookup(self.namespaces[name], chains[name], first_block=start).blocks
             )
@@ -223,31 +239,45 @@ class GroupedCache:
     def lookup(self, tokens: TokenIds, *, max_blocks: int | None = None) -> int:
         """How many blocks of ``tokens`` (at most ``max_blocks``) every group can resume at."""
         chains = self._chains(tokens, max_blocks)
-        limit = len(chains[self.kv.groups[0].name])
-        return usable_prefix([g.spec for g in self.kv.groups], self._runs(chains), limit)
+        limit = len(chains[self.groups[0].name])
+        return usable_prefix([g.spec for g in self.groups], self._runs(chains), limit)
 
     def load(self, tokens: TokenIds, *, max_blocks: int | None = None) -> GroupedLoad:
         """The needed blocks of every group at the longest usable prefix of ``tokens`` (at most
-        ``max_blocks`` blocks), byte-exact. A run that comes back short (a block evicted since
-        the lookup, or a copy that failed its checksum and was dropped) rules out every prefix
-        that needs it, and the rule runs again on fresh lookups."""
+        ``max_blocks`` blocks), byte-exact.
+
+        It reads first and asks after: the needed runs at the longest candidate are loaded at
+        once (a load stops at the first block missing or failing its checksum, so it answers
+        the rule's question as well as a lookup). Only when a run comes back short does the
+        rule run, on what the loads said and lookups for the rest; a run it then needs is cut
+        from what was read, or loaded. A resume whose blocks are all there is one load per
+        group and range; a copy that failed its checksum is dropped as it is read, so the
+        next candidate does not count on it.
+        """
+        t0 = time.perf_counter()
         chains = self._chains(tokens, max_blocks)
-        limit = len(chains[self.kv.groups[0].name])
-        specs = [g.spec for g in self.kv.groups]
+        p = len(chains[self.groups[0].name])
+        runs = self._runs(chains)
+        loads: dict[int, list[tuple[range, LoadResult]]] = {}
         while True:
-            p = usable_prefix(specs, self._runs(chains), limit)
-            out = GroupedLoad(p, self.kv.block_size)
-            for g in self.kv.groups:
-                ns, parts = self.namespaces[g.name], out.groups.setdefault(g.name, [])
+            out, bound = GroupedLoad(p, self.kv.block_size), p
+            for i, g in enumerate(self.groups):
+                parts = out.groups[g.name] = []
                 for r in needed_blocks(g.spec, p):
-                    got = self.cache.load(
-                        ns, chains[g.name], first_block=r.start, max_blocks=len(r)
-                    )
+                    got = _cut(loads.setdefault(i, []), r)
+                    if got is None:
+                        ns = self.namespaces[g.name]
+                        got = self.cache.load(
+                            ns, chains[g.name], first_block=r.start, max_blocks=len(r)
+                        )
+                        loads[i].append((r, got))
+                        runs.learn(i, r.start, got.blocks)
                     parts.append(got)
-                    if got.blocks < len(r):
-                        limit = min(limit, r.start + got.blocks)
-            if limit >= p:
+                    bound = min(bound, r.start + got.blocks)
+            if bound >= p:
+                out.seconds = time.perf_counter() - t0
                 return out
+            p = usable_prefix([g.spec for g in self.groups], runs, bound)
 
     def save(
         self,
@@ -268,10 +298,9 @@ class GroupedCache:
         stored are not gathered again.
         """
         chains = self._chains(tokens, None)
-        end = len(chains[self.kv.groups[0].name])
+        end = len(chains[self.groups[0].name])
         results: dict[str, SaveResult] = {}
-        for g in sorted(self.kv.groups, key=lambda g: -g.spec.block_nbytes):
-            # Largest blocks first: the first namespace registered sizes the host slots.
+        for g in self.groups:
             ns, chain = self.namespaces[g.name], chains[g.name]
             can = held.get(g.name, range(end)) if held is not None else range(end)
             total = SaveResult(0, 0, 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -13,10 +14,10 @@ import torch
 import xxhash
 from zarr.core.buffer.cpu import Buffer
 
-from tests.conftest import flip_byte
+from tests.conftest import embedded_config, flip_byte
 from tiercache import SyncCache
 from tiercache.client import Client
-from tiercache.daemon.config import Config, load_config
+from tiercache.daemon.config import Config
 from tiercache.daemon.process import DaemonProcess
 from tiercache.groups import GroupedCache, needed_blocks
 from tiercache.keys import Namespace
@@ -55,20 +56,13 @@ def gather(group: KVGroup, ids: list[int]) -> torch.Tensor:
 
 
 def config(tmp_path: Path, write: str = "write-back") -> Config:
-    return load_config(
-        env={
-            "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-            "TIERCACHE_TIERS_HOST__BYTES": "1MiB",
-            "TIERCACHE_POLICY__WRITE": write,
-        }
-    )
+    return embedded_config(tmp_path, write, host="1MiB")
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Iterator[SyncCache]:
-    c = SyncCache(config(tmp_path))
-    yield c
-    c.close()
+    with SyncCache(config(tmp_path)) as c:
+        yield c
 
 
 def stored(cache: SyncCache, ns: Namespace) -> list[int]:
@@ -130,6 +124,21 @@ def test_a_one_group_model_keeps_the_namespace_it_had_without_groups(cache: Sync
     assert gc.namespaces["full"] == Namespace("model@1", spec(1), "t")
 
 
+def test_the_group_with_the_largest_blocks_sizes_the_host_slots_whatever_comes_first(
+    cache: SyncCache,
+) -> None:
+    # The full group (one layer) is listed first, but the first namespace the cache meets,
+    # here in a load, must be the sliding one (two layers): else its blocks would not fit.
+    small_first = ModelKV((KVGroup("full", (0,), spec(1)), KVGroup("sliding", (1, 2), SLIDING)))
+    gc = GroupedCache(cache, "model@1", small_first)
+
+    assert gc.load([*TOKENS, 5]).blocks == 0
+    gc.save(TOKENS, gather)
+
+    assert cache.manager.host.slot_bytes == SLIDING.block_nbytes == 2 * spec(1).block_nbytes
+    assert gc.lookup([*TOKENS, 5]) == 20
+
+
 def test_a_session_keeps_the_full_groups_whole_and_the_sliding_groups_last_window(
     cache: SyncCache,
 ) -> None:
@@ -185,6 +194,56 @@ def test_what_the_caller_cannot_gather_is_not_saved_and_the_hit_is_shorter(
 
     assert stored(cache, gc.namespaces["sliding-0"]) == [8, 9]
     assert gc.lookup([*TOKENS[: 10 * BS], 5]) == 0  # block 7 is needed at 10, 7-8 at 9...
+
+
+class Spy:
+    """A BlockCache that counts the round trips a GroupedCache makes, by operation and group."""
+
+    def __init__(self, cache: SyncCache, gc: GroupedCache) -> None:
+        self.cache = cache
+        self.group = {ns.hex: name for name, ns in gc.namespaces.items()}
+        self.calls: list[tuple[str, str, int]] = []
+
+    def lookup(self, ns: Namespace, tokens: Any, *, first_block: int = 0) -> Any:
+        self.calls.append(("lookup", self.group[ns.hex], first_block))
+        return self.cache.lookup(ns, tokens, first_block=first_block)
+
+    def load(self, ns: Namespace, tokens: Any, **kw: Any) -> Any:
+        self.calls.append(("load", self.group[ns.hex], kw["first_block"]))
+        return self.cache.load(ns, tokens, **kw)
+
+    def save(self, *args: Any, **kw: Any) -> Any:
+        return self.cache.save(*args, **kw)
+
+    def evict(self, **kw: Any) -> int:
+        return self.cache.evict(**kw)
+
+
+def test_a_resume_whose_blocks_are_all_there_is_one_load_per_group_and_no_lookup(
+    cache: SyncCache,
+) -> None:
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS, gather)
+    gc.cache = spy = Spy(cache, gc)
+
+    assert gc.load([*TOKENS, 5]).blocks == 20
+
+    # largest blocks first (the first namespace a cache sees sizes its host slots)
+    assert spy.calls == [("load", "sliding-0", 17), ("load", "sliding-1", 17), ("load", "full", 0)]
+
+
+def test_a_prompt_longer_than_what_is_stored_reads_the_full_groups_once(cache: SyncCache) -> None:
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS[: 10 * BS], gather)
+    gc.cache = spy = Spy(cache, gc)
+
+    got = gc.load([*TOKENS, 5])
+
+    assert got.blocks == 10
+    assert loaded_values(got)["full"] == [(0, [2000.0 + i for i in range(10)])]
+    # tried at 20, the full group's run (10 blocks) is kept; the sliding windows at 10 are read
+    assert [c for c in spy.calls if c[1] == "full"] == [("load", "full", 0)]
+    assert ("lookup", "sliding-0", 7) in spy.calls and ("load", "sliding-0", 7) in spy.calls
 
 
 # --- corruption ---------------------------------------------------------------------------

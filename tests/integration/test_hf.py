@@ -17,12 +17,11 @@ import torch
 pytest.importorskip("transformers")
 from transformers import DynamicCache
 
+from tests.conftest import embedded_config
+from tests.integration.chat import REPLY, generate, recompute, user_message
 from tiercache import SyncCache
-from tiercache.daemon.config import load_config
 from tiercache.demo_models import tiny_model
 from tiercache.integrations.hf import HFChatCache
-
-REPLY = 12
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -34,46 +33,8 @@ def model(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Iterator[SyncCache]:
-    cfg = load_config(
-        env={
-            "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-            "TIERCACHE_TIERS_HOST__BYTES": "32MiB",
-        }
-    )
-    c = SyncCache(cfg)
-    yield c
-    c.close()
-
-
-def generate(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy reply and the log-probs of each chosen token."""
-    with torch.no_grad():
-        out = model.generate(
-            ids[None],
-            past_key_values=past,
-            max_new_tokens=REPLY,
-            do_sample=False,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    seq = out.sequences[0]
-    logp = torch.stack(
-        [
-            torch.log_softmax(s[0].float(), -1)[t]
-            for s, t in zip(out.scores, seq[-REPLY:], strict=True)
-        ]
-    )
-    return seq, logp
-
-
-def recompute(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return generate(model, ids, DynamicCache(config=model.config))
-
-
-def user_message(turn: int, n: int, vocab: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + turn)
-    return torch.randint(1, vocab, (n,), generator=g)
+    with SyncCache(embedded_config(tmp_path)) as c:
+        yield c
 
 
 def test_three_turn_chat_resumes_with_output_identical_to_recompute(

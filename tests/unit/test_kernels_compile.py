@@ -334,3 +334,11 @@ def test_older_cupy_gets_an_external_stream() -> None:
     cuda._cupy_stream(SimpleNamespace(cuda=old), TorchStream(), 3)  # type: ignore[arg-type]
 
     assert made == [(0x5EED, 3)]
+
+
+def test_an_mla_latent_is_refused_by_the_kernels_naming_the_reference() -> None:
+    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=576, kind="mla", layout=Layout.HF)
+    latent = torch.zeros((1, 1, 8, 576), dtype=spec.torch_dtype)
+
+    with pytest.raises(LayoutError, match=r"an MLA latent \(one plane\) goes through the torch"):
+        addressing(spec, [(latent,)])

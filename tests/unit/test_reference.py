@@ -402,7 +402,7 @@ def test_hf_layer_that_is_not_a_kv_pair_is_a_layout_error(not_a_pair: Any) -> No
     k, v = caches[0]  # type: ignore[misc]
     caches[0] = not_a_pair(k, v)
 
-    with raises_layout_error("layer 0: the hf layout needs a (K, V) pair"):
+    with raises_layout_error("layer 0: the hf layout of this spec needs a (K, V) pair"):
         gather(spec, caches, IDS)
 
 
@@ -514,7 +514,7 @@ def test_hf_layer_given_as_a_list_is_a_layout_error() -> None:
     caches: list[Any] = make_caches(spec)
     caches[0] = list(caches[0])
 
-    with raises_layout_error("layer 0: the hf layout needs a (K, V) pair"):
+    with raises_layout_error("layer 0: the hf layout of this spec needs a (K, V) pair"):
         gather(spec, caches, IDS)
 
 
@@ -523,3 +523,23 @@ def run(op: str, spec: KVSpec, caches: Sequence[LayerCache], ids: Any = IDS) -> 
         gather(spec, caches, ids)
     else:
         scatter(spec, make_blocks(spec, len(IDS)), caches, ids)
+
+
+def test_an_mla_latent_in_the_hf_layout_round_trips_as_one_plane() -> None:
+    spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=12, dtype="float32", block_size=4,
+                  layout=Layout.HF, kind="mla")  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    caches: list[LayerCache] = [(torch.rand((1, 1, 16, 12), generator=g),) for _ in range(2)]
+
+    blocks = gather(spec, caches, [3, 1])
+
+    assert blocks.shape == (2, 2, 1, 4, 1, 12)
+    assert torch.equal(blocks[0, 1, 0, :, 0], caches[1][0][0, 0, 12:16])
+    empty: list[LayerCache] = [(torch.zeros((1, 1, 16, 12)),) for _ in range(2)]
+    scatter(spec, blocks, empty, [3, 1])
+    assert torch.equal(empty[1][0][0, 0, 4:8], caches[1][0][0, 0, 4:8])
+    assert torch.equal(empty[1][0][0, 0, :4], torch.zeros(1, 4, 12)[0])
+    with pytest.raises(
+        LayoutError, match=r"^layer 0: the hf layout of this spec needs a \(latent,\) 1-tuple$"
+    ):
+        gather(spec, [(caches[0][0], caches[0][0]), caches[1]], [0])

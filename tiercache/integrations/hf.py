@@ -1,15 +1,33 @@
 """Hugging Face transformers: save a conversation's KV after a turn, restore it before the next.
 
     chat = HFChatCache(cache, model)
-    out = model.generate(ids, past_key_values=DynamicCache(config=model.config), ...)
-    chat.save("chat-42", out[0, :-1], past_key_values)          # after the turn
-    past, reused = chat.restore("chat-42", next_prompt_ids)     # before the next one
-    model.generate(next_prompt_ids, past_key_values=past, ...)  # prefills only the new tokens
+    past, reused = chat.restore("chat-42", prompt_ids)          # before a turn (empty: a miss)
+    out = model.generate(prompt_ids[None], past_key_values=past, ...)  # prefills the rest only
+    chat.save("chat-42", out[0, :-1], past)                    # after it
 
 ``restore`` always leaves at least one token of the prompt uncached, because
 ``generate`` needs one position to compute the next-token logits from. The
 partial tail block of a turn is not stored (see ``tiercache.keys``): up to
 ``block_size - 1`` tokens are recomputed on resume.
+
+Every attention layout transformers caches per token is stored, one KV cache group each
+(``tiercache.modelkv``, ``tiercache.groups``): full attention (``DynamicLayer``), sliding
+windows (``DynamicSlidingWindowLayer``: Gemma 2/3 and gpt-oss alternate them with full
+layers, Mistral-style models slide everywhere) and DeepSeek-V2/V3's MLA, which
+transformers caches as the compressed latent (its ``keys`` are the normalized
+``kv_lora_rank`` part, its ``values`` the rotated ``qk_rope_head_dim`` part): tiercache
+stores the two side by side as one plane of ``kv_lora_rank + qk_rope_head_dim`` values
+per token and layer, the same latent vLLM's MLA cache holds, not K and V per head.
+
+A sliding layer of transformers keeps only the last ``window - 1`` tokens, so the whole
+blocks of the window a resume needs are not all in a plain ``DynamicCache`` any more
+after a turn. The caches ``restore`` returns (and ``new_cache``) record their sliding
+layers' past (``activate_past_recording``): attention still sees only the window, but the
+layer keeps the tokens since the restored window began, and ``save`` stores whole blocks
+of the window. A plain ``DynamicCache`` may be saved too: its sliding groups get the
+whole blocks it still holds, so the next resume is shorter or a miss, never wrong.
+Restoring rebuilds each sliding layer with the tokens of its window and the full
+sequence length, as if it had seen the whole conversation.
 
 The namespace fingerprints the model by hashing its weights (xxh3, fast) unless
 a ``model_id`` is given: two models with one config but different weights must
@@ -23,11 +41,12 @@ from typing import Any
 import torch
 import xxhash
 
-from tiercache.groups import BlockCache
-from tiercache.kernels.reference import gather
-from tiercache.keys import Namespace, Tokens
+from tiercache.groups import BlockCache, GroupedCache, GroupedLoad
+from tiercache.kernels.reference import LayerCache, gather
+from tiercache.keys import Namespace
+from tiercache.modelkv import KVGroup, ModelKV
 from tiercache.results import SaveResult
-from tiercache.spec import KVSpec, Layout
+from tiercache.spec import AttentionKind, Layout, SpecError
 
 
 def model_fingerprint(model: Any) -> str:
@@ -39,12 +58,6 @@ def model_fingerprint(model: Any) -> str:
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().data)
     name = getattr(model.config, "_name_or_path", "") or model.config.model_type
     return f"{name}@{h.hexdigest()}"
-
-
-def _layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(past, "layers"):
-        return [(layer.keys, layer.values) for layer in past.layers]
-    return [(k, v) for k, v in zip(past.key_cache, past.value_cache, strict=True)]
 
 
 class HFChatCache:
@@ -60,72 +73,122 @@ class HFChatCache:
         model_id: str | None = None,
         store_dtype: str = "exact",
     ) -> None:
-        self.cache = cache
         self.model = model
-        spec = KVSpec.from_hf_config(
+        self.kv = ModelKV.from_hf_config(
             model.config, dtype=model.dtype, block_size=block_size, layout=Layout.HF
         )
-        self.namespace = Namespace(
-            model_id or model_fingerprint(model), spec, salt, store_dtype=store_dtype
+        for g in self.kv.groups:
+            if g.spec.kind is AttentionKind.CHUNKED or g.spec.sinks:
+                raise SpecError(
+                    f"KV cache group {g.name!r} ({g.describe()}): transformers' chunked and "
+                    "sink-token caches are not supported by HFChatCache"
+                )
+        text = model.config.get_text_config(decoder=True)
+        self._lora = int(getattr(text, "kv_lora_rank", 0) or 0)  # MLA: where keys end
+        self.grouped = GroupedCache(
+            cache,
+            model_id or model_fingerprint(model),
+            self.kv,
+            salt=salt,
+            store_dtype=store_dtype,
         )
-        self.last_load: Any = None  # the last load's result (blocks, tiers, seconds)
+        self.last_load: GroupedLoad | None = None  # the last restore's load (tiers, seconds)
 
     @property
-    def spec(self) -> KVSpec:
-        return self.namespace.spec
+    def cache(self) -> BlockCache:
+        return self.grouped.cache
 
-    def save(self, session: str, tokens: Tokens, past: Any) -> SaveResult:
+    @cache.setter
+    def cache(self, cache: BlockCache) -> None:
+        self.grouped.cache = cache
+
+    @property
+    def namespaces(self) -> dict[str, Namespace]:
+        """The namespace of each KV cache group, by group name."""
+        return self.grouped.namespaces
+
+    def new_cache(self) -> Any:
+        """An empty ``DynamicCache`` for the model whose sliding layers keep what a save needs."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        past = DynamicCache(config=self.model.config)
+        for layer in past.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.activate_past_recording()  # type: ignore[no-untyped-call]
+        return past
+
+    def _planes(self, group: KVGroup, layer: Any, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Positions ``a:b`` of a layer's cache as the group's planes: (K, V), or the MLA latent
+        (keys ‖ values)."""
+        k, v = layer.keys[:, :, a:b], layer.values[:, :, a:b]
+        return (torch.cat([k, v], dim=-1),) if group.spec.kind is AttentionKind.MLA else (k, v)
+
+    def save(self, session: str, tokens: Any, past: Any) -> SaveResult:
         """Store the KV of ``tokens`` held in ``past`` (a DynamicCache, batch row 0).
 
-        ``tokens`` are the ids whose KV is in ``past``, in order; only full
-        blocks not already cached are gathered and written.
+        ``tokens`` are the ids whose KV is in ``past``, in order. Of every group only the
+        blocks a resume needs and the cache lacks are gathered and written; the result counts
+        blocks of all groups together.
         """
         ids = torch.as_tensor(tokens).reshape(-1)
-        layers = _layers(past)
-        seq = layers[0][0].shape[2]
-        if ids.numel() > seq:
-            raise ValueError(f"{ids.numel()} tokens given but the cache holds only {seq} positions")
-        n_blocks = ids.numel() // self.spec.block_size
-        have = self.cache.lookup(self.namespace, ids).blocks
-        if have >= n_blocks:
-            self.cache.save(
-                self.namespace,
-                ids,
-                torch.empty((0, self.namespace.block_nbytes), dtype=torch.uint8),
-                session=session,
-            )
-            return SaveResult(0, n_blocks, 0)
-        blocks = gather(self.spec, layers, list(range(have, n_blocks)))
-        result = self.cache.save(self.namespace, ids, blocks, first_block=have, session=session)
-        return SaveResult(result.stored, result.present + have, result.rejected)
+        bs = self.kv.block_size
+        held: dict[str, range] = {}
+        offsets: dict[str, int] = {}
+        for g in self.kv.groups:
+            layer = past.layers[g.layers[0]]
+            seen = layer.get_seq_length()
+            if ids.numel() > seen:
+                raise ValueError(
+                    f"{ids.numel()} tokens given but the cache holds only {seen} positions"
+                )
+            first = -(-(seen - layer.keys.shape[-2]) // bs)  # the first whole block it holds
+            held[g.name] = range(first, ids.numel() // bs)
+            offsets[g.name] = first * bs - (seen - layer.keys.shape[-2])
 
-    def restore(self, session: str, tokens: Tokens) -> tuple[Any, int]:
-        """A DynamicCache holding the longest cached prefix of ``tokens``, and its length.
+        def gather_group(g: KVGroup, block_ids: list[int]) -> torch.Tensor:
+            # Positions of the blocks asked for, in the layers' tensors (which may not start
+            # at position 0: a sliding layer holds the last tokens only).
+            lo, hi = min(block_ids), max(block_ids) + 1
+            a = offsets[g.name] + (lo - held[g.name].start) * bs
+            caches: list[LayerCache] = [
+                self._planes(g, past.layers[i], a, a + (hi - lo) * bs) for i in g.layers
+            ]
+            return gather(g.spec, caches, [b - lo for b in block_ids]).cpu()
 
-        At most ``len(tokens) - 1`` tokens are restored. Returns an empty cache
-        and 0 on a miss. ``session`` names the chat for pin/evict/prefetch.
+        results = self.grouped.save(ids, gather_group, held=held, session=session)
+        return sum(results.values(), SaveResult(0, 0, 0))
+
+    def restore(self, session: str, tokens: Any) -> tuple[Any, int]:
+        """A DynamicCache holding the longest prefix of ``tokens`` every group can resume at,
+        and its length in tokens (an empty cache and 0 on a miss).
+
+        At most ``len(tokens) - 1`` tokens are restored. ``session`` names the chat for
+        pin/evict/prefetch.
         """
-        from transformers import DynamicCache
-
         ids = torch.as_tensor(tokens).reshape(-1)
-        spec = self.spec
-        max_blocks = max(0, (ids.numel() - 1) // spec.block_size)
-        result = self.cache.load(self.namespace, ids, max_blocks=max_blocks)
-        self.last_load = result
-        past = DynamicCache(config=self.model.config)
-        if result.blocks == 0:
+        got = self.grouped.load(ids, max_blocks=max(0, (ids.numel() - 1) // self.kv.block_size))
+        self.last_load = got
+        past = self.new_cache()
+        if got.blocks == 0:
             return past, 0
-        kv = result.kv()  # [n, layers, 2, bs, heads, d]
-        n, seq = result.blocks, result.tokens
         device = next(self.model.parameters()).device
-        for layer in range(spec.num_layers):
-            k, v = (
-                kv[:, layer, i]
-                .reshape(seq, spec.num_kv_heads, spec.head_dim)
-                .permute(1, 0, 2)
-                .unsqueeze(0)
-                for i in (0, 1)
-            )
-            past.update(k.contiguous().to(device), v.contiguous().to(device), layer)
-        assert past.get_seq_length() == n * spec.block_size
-        return past, seq
+        for g in self.kv.groups:
+            (part,) = got.groups[g.name]  # one run: chunked and sink groups are refused above
+            kv = part.kv()  # [n, layers, planes, bs, heads, head_dim]
+            n, spec = part.blocks, g.spec
+            for j, i in enumerate(g.layers):
+                planes = [
+                    kv[:, j, p].reshape(n * spec.block_size, spec.num_kv_heads, spec.head_dim)
+                    .permute(1, 0, 2).unsqueeze(0).contiguous().to(device)
+                    for p in range(spec.planes)
+                ]  # fmt: skip
+                if spec.kind is AttentionKind.MLA:
+                    latent = planes[0]
+                    planes = [latent[..., : self._lora].contiguous(), latent[..., self._lora :]]
+                layer = past.layers[i]
+                layer.update(*planes)
+                if spec.kind is AttentionKind.SLIDING:
+                    layer.cumulative_length = got.tokens  # it holds the window of that many
+        assert past.get_seq_length() == got.tokens
+        return past, got.tokens
