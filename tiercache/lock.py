@@ -11,7 +11,7 @@ The rules, stated once here and checked where they can be:
   under the read cannot be reused); ``free()`` checks this where such I/O starts.
 - Writes to disk under the lock, in exactly two places, each saying why: the write-back of
   dirty host victims before their slots are reused (``tiercache.room``), and a
-  write-through commit (``TierManager.commit``); ``flush`` holds it to write a consistent
+  write-through commit (``tiercache.saves``); ``flush`` holds it to write a consistent
   snapshot. Write-back (the default) keeps the common save path off the disk.
 
 asyncio's own Lock does not know its owner; this one records the task that holds it, so

@@ -11,7 +11,8 @@ and composes the rest, one concept a module:
 - ``promotion.py``: disk -> host -> device, prefetch and its lead time;
 - ``sharing.py``: the shared tier's uploads and fills;
 - ``sessions.py``: session names, pins, TTLs, their persistence;
-- ``transaction.py``: the save and read rounds every caller runs; ``reads.py``: one read.
+- ``transaction.py``: the save and read rounds every caller runs; ``saves.py``: the host side
+  of a save (reserve, commit, abort); ``reads.py``: one read.
 
 Data flows host -> disk (write-through on save, write-back on host eviction or flush) and
 disk -> host (promotion on load or prefetch); with a device tier, a prefetch also copies
@@ -31,7 +32,7 @@ from contextlib import asynccontextmanager
 
 import torch
 
-from tiercache.errors import BlockShapeError, CacheError, Draining
+from tiercache.errors import BlockShapeError, CacheError
 from tiercache.index import DEVICE, DISK, HOST, REMOTE, Entry, Index
 from tiercache.keys import BlockKey, Namespace, Tokens, check_first_block, keys_of
 from tiercache.lock import CacheLock
@@ -41,6 +42,7 @@ from tiercache.promotion import Promoter
 from tiercache.reads import output_rows, read_entries, usage
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
 from tiercache.room import DiskRoom, HostRoom
+from tiercache.saves import HostSaves
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
 from tiercache.stats import Stats, timed
@@ -120,6 +122,7 @@ class TierManager:
             self._touch,
             self._ensure_format,
         )
+        self.saves = HostSaves(self)
         if slot_bytes is not None:
             self._ensure_format(slot_bytes)
 
@@ -258,86 +261,16 @@ class TierManager:
         count: int | None = None,
         session: str | None = None,
     ) -> Reservation:
-        """Host slots for the blocks ``first_block .. first_block+count`` the cache lacks.
-
-        The slots are the caller's to fill until ``commit`` makes them visible (or ``abort``
-        frees them); nothing else can see or evict them. When the host tier runs out of
-        evictable room the reservation stops early: ``walked`` says how many blocks it
-        covered, and the caller commits and asks again for the rest.
-        """
-        if self.draining:
-            raise Draining("the cache is draining: saves are not taken (reads are served)")
-        await self._expire_due()
-        array = await self.register(ns)
-        keys = keys_of(ns, tokens)
-        n = len(keys) - first_block if count is None else count
-        if first_block < 0 or n < 0 or first_block + n > len(keys):
-            raise BlockShapeError(
-                f"{n} blocks from block {first_block} do not fit the "
-                f"{len(keys)} full blocks of the sequence"
-            )
-        r, nbytes = Reservation(ns, array, keys, session, first_block), ns.block_nbytes
-        async with self._lock:
-            self._check_open()
-            if self.admission.threshold == 1:  # else only admitted blocks make room, one by one
-                await self.host_room.make_room(
-                    sum(1 for k in keys[first_block : first_block + n] if k not in self.index)
-                )
-            if session:
-                await self.sessions.extend(session, keys, ns.hex)
-            for i in range(n):
-                key = keys[first_block + i]
-                entry = self.index.get(key)
-                if entry is not None:
-                    r.present += 1
-                    self._touch(entry)
-                elif not self.admission.admit(key):
-                    r.rejected += 1
-                else:
-                    slot = await self.host_room.slot_or_none()
-                    if slot is None:
-                        if not r.entries:
-                            r.rejected += n - i
-                            r.walked = n
-                            self.stats.error("host_full")
-                        return r
-                    r.entries.append(Entry(key, array, nbytes, at={HOST: slot}))
-                    r.rows.append(i)
-                r.walked = i + 1
-        return r
+        """Host slots for the blocks the cache lacks (``tiercache.saves``)."""
+        return await self.saves.reserve(ns, tokens, first_block, count, session)
 
     async def commit(self, r: Reservation) -> SaveResult:
-        """Make a filled reservation's blocks visible (and write them through to disk)."""
-        t0 = time.perf_counter()
-        async with self._lock:
-            now = time.monotonic()
-            for e, row in zip(r.entries, r.rows, strict=True):
-                e.last_use = now
-                self.index.add(e)
-                i = r.first_block + row  # the block's place in its chain: its parent, position
-                parent = r.keys[i - 1] if i else None
-                self.host_room.place(e, None, parent, i * r.ns.spec.block_size)
-            sess = self.sessions[r.session] if r.session and r.session in self.sessions else None
-            if sess is not None and sess.pinned:
-                self.sessions.pin_keys(sess)
-            if self.shared is not None:
-                self.shared.saved(r.entries, sess.keys if sess is not None and sess.pinned else [])
-            nbytes = len(r.entries) * r.ns.block_nbytes
-            self.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
-            if self.write.write_on_save and self.disk_room is not None and r.entries:
-                # A disk write under the lock (tiercache.lock): write-through means the save's
-                # reply says the blocks are on disk. Write-back (the default) avoids it.
-                await self.disk_room.write(r.entries, self.host)
-        result = SaveResult(len(r.entries), r.present, r.rejected)
-        r.entries = []
-        return result
+        """Make a filled reservation's blocks visible (``tiercache.saves``)."""
+        return await self.saves.commit(r)
 
     async def abort(self, r: Reservation) -> None:
-        """Give back a reservation's slots unfilled (a client that died or gave up)."""
-        async with self._lock:
-            for slot in r.slots:
-                self.host.free(slot)
-            r.entries = []
+        """Give back a reservation's slots unfilled (``tiercache.saves``)."""
+        await self.saves.abort(r)
 
     # -- lookup / load ----------------------------------------------------
 

@@ -1,0 +1,60 @@
+"""The host side of a save (``tiercache/saves.py``): reserve, fill, commit or abort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
+from tiercache.errors import BlockShapeError, Draining
+from tiercache.manager import TierManager
+
+
+async def manager(slots: int) -> TierManager:
+    return await TierManager.open(host_bytes=slots * NBYTES, slot_bytes=NBYTES)
+
+
+async def test_reserved_slots_are_invisible_until_commit_then_served_byte_exact() -> None:
+    m = await manager(8)
+    ns, tokens, blocks = make_ns(), make_tokens(3), make_blocks(3)
+    r = await m.saves.reserve(ns, tokens, 0, None, "chat")
+    assert (len(r.slots), r.walked, r.present) == (3, 3, 0)
+    assert (await m.lookup(ns, tokens)).blocks == 0  # not visible yet
+    rows = blocks.contiguous().view(torch.uint8).view(3, NBYTES)
+    m.host.write(r.slots, rows, list(r.rows))
+    assert (await m.saves.commit(r)).stored == 3
+    got = await m.load(ns, tokens)
+    assert got.data.equal(rows)
+    again = await m.saves.reserve(ns, tokens, 0, None, None)
+    assert (again.slots, again.present) == ([], 3)  # held blocks are not written twice
+    await m.close(flush=False)
+
+
+async def test_abort_gives_the_slots_back_and_nothing_becomes_visible() -> None:
+    m = await manager(2)
+    ns, tokens = make_ns(), make_tokens(2)
+    r = await m.saves.reserve(ns, tokens)
+    assert len(r.slots) == 2 and m.host.free_slots == 0
+    await m.saves.abort(r)
+    assert m.host.free_slots == 2 and (await m.lookup(ns, tokens)).blocks == 0
+    await m.close(flush=False)
+
+
+async def test_a_full_host_stops_the_reservation_early_and_says_how_far_it_walked() -> None:
+    m = await manager(2)
+    ns, tokens = make_ns(), make_tokens(5)
+    first = await m.saves.reserve(ns, tokens)
+    assert (len(first.slots), first.walked) == (2, 2)  # leased slots cannot be evicted
+    await m.saves.abort(first)
+    await m.close(flush=False)
+
+
+async def test_bad_ranges_and_a_draining_cache_are_refused_by_name() -> None:
+    m = await manager(2)
+    ns, tokens = make_ns(), make_tokens(2)
+    with pytest.raises(BlockShapeError, match="3 blocks from block 0 do not fit the 2 full blocks"):
+        await m.saves.reserve(ns, tokens, 0, 3)
+    m.draining = True
+    with pytest.raises(Draining, match="saves are not taken"):
+        await m.saves.reserve(ns, tokens)
+    await m.close(flush=False)

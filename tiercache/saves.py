@@ -1,0 +1,118 @@
+"""The host side of a save: reserve host slots for the blocks a cache lacks, commit them
+visible once filled, or abort them unfilled.
+
+One save transaction (``tiercache.transaction.save_rounds``) is these three steps, whoever
+fills the slots: the embedded cache (a copy), a socket client (through the shared arena) or
+the daemon's kernels (an attached engine). It is part of the ``TierManager`` (it works on
+the manager's index, rooms and sessions under the manager's lock, ``tiercache.lock``), kept
+in a module of its own as the write path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from tiercache.errors import BlockShapeError, Draining
+from tiercache.index import HOST, Entry
+from tiercache.keys import Namespace, Tokens, keys_of
+from tiercache.results import Reservation, SaveResult
+
+if TYPE_CHECKING:
+    from tiercache.manager import TierManager
+
+
+class HostSaves:
+    def __init__(self, manager: TierManager) -> None:
+        self._m = manager
+
+    async def reserve(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        first_block: int = 0,
+        count: int | None = None,
+        session: str | None = None,
+    ) -> Reservation:
+        """Host slots for the blocks ``first_block .. first_block+count`` the cache lacks.
+
+        The slots are the caller's to fill until ``commit`` makes them visible (or ``abort``
+        frees them); nothing else can see or evict them. When the host tier runs out of
+        evictable room the reservation stops early: ``walked`` says how many blocks it
+        covered, and the caller commits and asks again for the rest.
+        """
+        m = self._m
+        if m.draining:
+            raise Draining("the cache is draining: saves are not taken (reads are served)")
+        await m._expire_due()
+        array = await m.register(ns)
+        keys = keys_of(ns, tokens)
+        n = len(keys) - first_block if count is None else count
+        if first_block < 0 or n < 0 or first_block + n > len(keys):
+            raise BlockShapeError(
+                f"{n} blocks from block {first_block} do not fit the "
+                f"{len(keys)} full blocks of the sequence"
+            )
+        r, nbytes = Reservation(ns, array, keys, session, first_block), ns.block_nbytes
+        async with m._lock:
+            m._check_open()
+            if m.admission.threshold == 1:  # else only admitted blocks make room, one by one
+                await m.host_room.make_room(
+                    sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
+                )
+            if session:
+                await m.sessions.extend(session, keys, ns.hex)
+            for i in range(n):
+                key = keys[first_block + i]
+                entry = m.index.get(key)
+                if entry is not None:
+                    r.present += 1
+                    m._touch(entry)
+                elif not m.admission.admit(key):
+                    r.rejected += 1
+                else:
+                    slot = await m.host_room.slot_or_none()
+                    if slot is None:
+                        if not r.entries:
+                            r.rejected += n - i
+                            r.walked = n
+                            m.stats.error("host_full")
+                        return r
+                    r.entries.append(Entry(key, array, nbytes, at={HOST: slot}))
+                    r.rows.append(i)
+                r.walked = i + 1
+        return r
+
+    async def commit(self, r: Reservation) -> SaveResult:
+        """Make a filled reservation's blocks visible (and write them through to disk)."""
+        m, t0 = self._m, time.perf_counter()
+        async with m._lock:
+            now = time.monotonic()
+            for e, row in zip(r.entries, r.rows, strict=True):
+                e.last_use = now
+                m.index.add(e)
+                i = r.first_block + row  # the block's place in its chain: its parent, position
+                parent = r.keys[i - 1] if i else None
+                m.host_room.place(e, None, parent, i * r.ns.spec.block_size)
+            sess = m.sessions[r.session] if r.session and r.session in m.sessions else None
+            if sess is not None and sess.pinned:
+                m.sessions.pin_keys(sess)
+            if m.shared is not None:
+                m.shared.saved(r.entries, sess.keys if sess is not None and sess.pinned else [])
+            nbytes = len(r.entries) * r.ns.block_nbytes
+            m.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
+            if m.write.write_on_save and m.disk_room is not None and r.entries:
+                # A disk write under the lock (tiercache.lock): write-through means the save's
+                # reply says the blocks are on disk. Write-back (the default) avoids it.
+                await m.disk_room.write(r.entries, m.host)
+        result = SaveResult(len(r.entries), r.present, r.rejected)
+        r.entries = []
+        return result
+
+    async def abort(self, r: Reservation) -> None:
+        """Give back a reservation's slots unfilled (a client that died or gave up)."""
+        m = self._m
+        async with m._lock:
+            for slot in r.slots:
+                m.host.free(slot)
+            r.entries = []
