@@ -104,12 +104,14 @@ def engine(
     prompts: list[dict[str, Any]],
     extra: dict[str, Any] | None,
     prefix_caching: bool = False,
+    engine_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     job = {
         "model": model,
         "connector": None if extra is None else {"name": "TierCacheConnector", "extra": extra},
         "prompts": prompts,
         "prefix_caching": prefix_caching,
+        "engine_args": engine_args or {},
     }
     return list(launch(job, workdir / "engines", name)["results"])
 

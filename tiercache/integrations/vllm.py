@@ -143,6 +143,7 @@ class _Req:
     load: tuple[int, int] | None = None  # tokens [start, end) to load this step
     load_async: bool = False  # the last lookup's load runs in the background
     loaded_async: bool = False  # a load of this request ran in the background
+    windows: dict[int, tuple[int, int]] = field(default_factory=dict)  # sliding: saved blocks
 
 
 def _session(request: Request) -> str | None:
@@ -330,6 +331,14 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
         from: the chain's block before it, or the namespace for a first block."""
         return self._keys(st, g, start)[-1] if start else g.ns.id
 
+    def _sid(self, st: _Req, g: Group) -> str | None:
+        """The session a save of group ``g`` names: a session is one chain of keys, so it
+        names the blocks of one group, the first full or MLA one (of an all-sliding model,
+        its sliding group): a pin or an eviction by name acts on those. (Interim, until
+        sessions hold a chain per group.)"""
+        named = next((h for h in self.groups if h.window is None), self.groups[0])
+        return st.session if g is named else None
+
     def _engine_ids(self, st: _Req, g: Group, first: int, end: int) -> list[int]:
         """The engine blocks of group ``g`` that hold tiercache blocks ``first ..`` up to
         token ``end`` (the last one partly, when ``end`` is inside an engine block)."""
@@ -470,7 +479,9 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 return []  # not all of its blocks are allocated (cannot happen when computed)
             chain = KeyChain(keys).to_bytes()
             saves.append(
-                Transfer(req_id, chain, st.stored, full - st.stored, ids, st.session, group=g.index)
+                Transfer(
+                    req_id, chain, st.stored, full - st.stored, ids, self._sid(st, g), group=g.index
+                )
             )
         st.stored = full
         return saves
@@ -497,9 +508,11 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
             if first < full:
                 chain = KeyChain(self._keys(st, g, full * self.block)).to_bytes()
                 ids = ids[first * self.per_block :]
+                n, sid = full - first, self._sid(st, g)
                 saves.append(
-                    Transfer(req_id, chain, first, full - first, ids, finish=finish, group=g.index)
+                    Transfer(req_id, chain, first, n, ids, sid, finish=finish, group=g.index)
                 )
+                st.windows[g.index] = (first, full)
         if (
             not self.min_tail
             or r < self.min_tail
@@ -563,6 +576,15 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 "found_tokens": found,
                 "stored_tail_tokens": st.saved_tail[1] if st.saved_tail else 0,
                 "loaded_async": st.loaded_async,
+                # Per group, the blocks [first, end) this request stored (or found).
+                "groups": [
+                    {
+                        "kind": g.kind,
+                        "window": g.window,
+                        "blocks": st.windows.get(g.index, (0, 0)) if g.window else (0, st.stored),
+                    }
+                    for g in self.groups
+                ],
             }
         }
 
