@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from tiercache.bench import MODULES as BENCHMARKS
 from tiercache.daemon.config import Config, ConfigError, load_config
 from tiercache.daemon.ctl import CtlError
-from tiercache.spec import KVSpec, SpecError, format_size, parse_size
+from tiercache.modelkv import ModelKV
+from tiercache.spec import AttentionKind, KVSpec, SpecError, format_size, parse_size
 from tiercache.storage_format import FORMATS, FormatError, check_spec, parse_format, stored_nbytes
 from tiercache.tiers.disk import StoreError
 
@@ -28,14 +29,40 @@ def _config(path: str | None) -> Config:
 
 
 def cmd_size(args: argparse.Namespace) -> int:
-    spec = KVSpec.from_hf_config(args.model_config, dtype=args.dtype, block_size=args.block_size)
-    total = spec.bytes_for(args.tokens, args.batch)
-    print(
-        f"model:            {spec.num_layers} layers, {spec.num_kv_heads} KV heads, head dim "
-        f"{spec.head_dim}, {spec.dtype}"
-    )
-    print(f"bytes per token:  {spec.bytes_per_token:,}")
-    print(f"block:            {spec.block_size} tokens = {spec.block_nbytes:,} bytes")
+    model = ModelKV.from_hf_config(args.model_config, dtype=args.dtype, block_size=args.block_size)
+    first = model.groups[0].spec
+    total = model.bytes_for(args.tokens, args.batch)
+    if len(model.groups) == 1 and first.kind is AttentionKind.FULL:
+        print(
+            f"model:            {first.num_layers} layers, {first.num_kv_heads} KV heads, head dim "
+            f"{first.head_dim}, {first.dtype}"
+        )
+        print(f"bytes per token:  {first.bytes_per_token:,}")
+    else:
+        n = len(model.groups)
+        print(
+            f"model:            {model.num_layers} layers in {n} KV cache group{'s' * (n > 1)}, "
+            f"{first.dtype}"
+        )
+        for g in model.groups:
+            spec = g.spec
+            shape = (
+                "" if spec.kind is AttentionKind.MLA
+                else f", {spec.num_kv_heads} KV heads x head dim {spec.head_dim}"
+            )  # fmt: skip
+            held = spec.tokens_held(args.tokens)
+            of = f" of {args.tokens:,}" if held < args.tokens else ""
+            print(
+                f"{'group ' + g.name + ':':<18}{g.describe()}{shape}: "
+                f"{spec.bytes_per_token:,} bytes per token, holds {held:,}{of} tokens = "
+                f"{spec.bytes_for(args.tokens, args.batch):,} bytes"
+            )
+        growing = sum(g.spec.bytes_per_token for g in model.groups if g.spec.max_tokens is None)
+        past = f" ({growing:,} once past every window)" if growing < model.bytes_per_token else ""
+        print(f"bytes per token:  {model.bytes_per_token:,}{past}")
+    block = sum(g.spec.block_nbytes for g in model.groups)
+    per_group = " (one block of each group)" if len(model.groups) > 1 else ""
+    print(f"block:            {model.block_size} tokens = {block:,} bytes{per_group}")
     print(
         f"total:            {total:,} bytes ({format_size(total)}; {total / 1e9:.1f} GB) "
         f"for {args.tokens:,} tokens x batch {args.batch}"
@@ -48,7 +75,12 @@ def cmd_size(args: argparse.Namespace) -> int:
     if cfg.tiers.disk is not None:
         tiers.append(("disk", cfg.tiers.disk.bytes, args.store_dtype))
     for name, nbytes, fmt in tiers:
-        print(f"{name + ' tier:':<18}{format_size(nbytes)} holds {size_line(spec, nbytes, fmt)}")
+        if len(model.groups) == 1 and first.kind is AttentionKind.FULL:
+            holds = size_line(first, nbytes, fmt)
+        else:  # storage formats are per namespace; the groups' sizes here are exact
+            fits = model.tokens_in(nbytes)
+            holds = "a sequence of any length" if fits is None else f"{fits:,} tokens"
+        print(f"{name + ' tier:':<18}{format_size(nbytes)} holds {holds}")
     return 0
 
 

@@ -250,18 +250,23 @@ class Bye(Request):
 class Register(Request):
     op = "register"
     _HINT: ClassVar[str] = (
-        "register needs 'model' (str), 'spec' (map), optional 'salt' (str), "
+        "register needs 'model' (str), 'spec' (map), optional 'salt' and 'group' (str), "
         "optional 'store_dtype' (exact | int8 | fp8_e4m3)"
     )
     model: str = field(metadata=_hint(_HINT))
     spec: dict[str, Any] = field(metadata=_hint(_HINT))
     salt: str = field(default="", metadata=_hint(_HINT))
     store_dtype: str = field(default="exact", metadata=_hint(_HINT))
+    group: str = field(default="", metadata=_hint(_HINT))  # a KV cache group (Namespace.group)
 
 
 @dataclass(frozen=True, slots=True)
 class Lookup(Chain):
+    """The cached run of blocks from ``first_block`` on (absent, as from a protocol-1 client
+    of before it existed: 0, the prefix)."""
+
     op = "lookup"
+    first_block: int = 0
 
 
 @dataclass(frozen=True, slots=True)

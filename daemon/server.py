@@ -230,7 +230,9 @@ class SocketServer:
         return ns
 
     async def _register(self, conn: Connection, req: wire.Register) -> wire.RegisterReply:
-        ns = Namespace(req.model, KVSpec.from_dict(req.spec), req.salt, req.store_dtype)
+        ns = Namespace(
+            req.model, KVSpec.from_dict(req.spec), req.salt, req.store_dtype, group=req.group
+        )
         await self.manager.register(ns)
         conn.namespaces[ns.hex] = ns
         host = self.manager.host
@@ -238,7 +240,9 @@ class SocketServer:
         return wire.RegisterReply(ns.hex, arena)
 
     async def _lookup(self, conn: Connection, req: wire.Lookup) -> wire.LookupReply:
-        hit = await self.manager.lookup(self._ns(conn, req.ns), req.sequence())
+        hit = await self.manager.lookup(
+            self._ns(conn, req.ns), req.sequence(), first_block=req.first_block
+        )
         return wire.LookupReply(hit.blocks, hit.tokens, hit.tiers, len(hit.keys))
 
     async def _lookup_tail(self, conn: Connection, req: wire.LookupTail) -> wire.LookupTailReply:

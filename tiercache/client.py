@@ -29,7 +29,7 @@ from tiercache.daemon import protocol as wire
 from tiercache.daemon.protocol import PROTOCOL_VERSION, RemoteError, read_frame
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
-from tiercache.keys import Namespace, Tokens, keys_of
+from tiercache.keys import Namespace, Tokens, check_first_block, keys_of
 from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult
 from tiercache.storage_format import store_rows
@@ -148,10 +148,17 @@ class AsyncClient:
         if ns.hex in self._ns:
             return
         res = await self.request(
-            wire.Register(ns.model, ns.spec.to_dict(), ns.salt, ns.store_dtype), wire.RegisterReply
+            wire.Register(ns.model, ns.spec.to_dict(), ns.salt, ns.store_dtype, ns.group),
+            wire.RegisterReply,
         )
         if self._lost:
             raise ConnectionError("the tiercache daemon closed the connection")
+        if res.ns != ns.hex:  # a daemon older than the spec's kind or the namespace's group
+            raise RemoteError(
+                "bad_namespace",
+                f"the daemon registered namespace {res.ns} for {ns.hex}: it does not know "
+                "KV cache kinds or groups; upgrade the daemon",
+            )
         # No shared arena: this client can still attach GPU caches (save_kv / load_kv);
         # save and load say why they cannot run (``_mapped``).
         self._unshared = res.arena is None
@@ -160,9 +167,12 @@ class AsyncClient:
             self._arena = MappedArena(a.name, a.slot_bytes, a.num_slots)
         self._ns[ns.hex] = res.ns
 
-    async def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
+    async def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> RemoteLookup:
+        """How many blocks of ``tokens`` from ``first_block`` on the daemon holds without a gap
+        (``blocks``, ``tokens`` they cover) and their tiers."""
         await self.register(ns)
-        res = await self.request(wire.Lookup(ns.hex, _chain(ns, tokens)), wire.LookupReply)
+        req = wire.Lookup(ns.hex, _chain(ns, tokens), first_block=check_first_block(first_block))
+        res = await self.request(req, wire.LookupReply)
         return RemoteLookup(res.blocks, res.tokens, res.tiers)
 
     async def lookup_tail(self, ns: Namespace, candidates: list[bytes]) -> tuple[int, str]:
@@ -235,9 +245,8 @@ class AsyncClient:
 
         tiers = await self._leased(ns, tokens, first_block, max_blocks, copy_out)
         data = torch.cat(parts) if len(parts) > 2 else parts[-1]
-        return LoadResult(
-            data, tiers, ns, time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
-        )
+        seconds, per_tier = time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
+        return LoadResult(data, tiers, ns, seconds, per_tier, first_block)
 
     async def load_into(
         self,
@@ -386,7 +395,15 @@ class AsyncClient:
     async def unpin(self, session: str) -> int:
         return int((await self.ctl("unpin", session=session))["blocks"])
 
-    async def evict(self, *, session: str) -> int:
+    async def evict(
+        self, *, session: str | None = None, keys: Sequence[bytes] | None = None
+    ) -> int:
+        """Evict a session's blocks (and forget it), or the blocks of ``keys``; returns how many
+        went (pinned and leased blocks stay)."""
+        if (session is None) == (keys is None):
+            raise ValueError("evict needs a session or keys, not both")
+        if keys is not None:
+            return int((await self.ctl("evict", keys=[k.hex() for k in keys]))["blocks"])
         return int((await self.ctl("evict", session=session))["blocks"])
 
     async def flush(self) -> int:
@@ -432,8 +449,8 @@ class Client:
             self._thread.stop()
             raise
 
-    def lookup(self, ns: Namespace, tokens: Tokens) -> RemoteLookup:
-        return self._run(self._c.lookup(ns, tokens))
+    def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> RemoteLookup:
+        return self._run(self._c.lookup(ns, tokens, first_block=first_block))
 
     def lookup_tail(self, ns: Namespace, candidates: list[bytes]) -> tuple[int, str]:
         return self._run(self._c.lookup_tail(ns, candidates))
@@ -528,8 +545,8 @@ class Client:
     def unpin(self, session: str) -> int:
         return self._run(self._c.unpin(session))
 
-    def evict(self, *, session: str) -> int:
-        return self._run(self._c.evict(session=session))
+    def evict(self, *, session: str | None = None, keys: Sequence[bytes] | None = None) -> int:
+        return self._run(self._c.evict(session=session, keys=keys))
 
     def flush(self) -> int:
         return self._run(self._c.flush())

@@ -111,11 +111,20 @@ class SyncCache:
             self.manager.save(ns, tokens, blocks, first_block=first_block, session=session)
         )
 
-    def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
-        return self._run(self.manager.lookup(ns, tokens))
+    def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> LookupResult:
+        return self._run(self.manager.lookup(ns, tokens, first_block=first_block))
 
-    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> LoadResult:
-        return self._run(self.manager.load(ns, tokens, max_blocks=max_blocks))
+    def load(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
+    ) -> LoadResult:
+        return self._run(
+            self.manager.load(ns, tokens, first_block=first_block, max_blocks=max_blocks)
+        )
 
     def prefetch(
         self,

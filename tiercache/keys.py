@@ -73,6 +73,13 @@ def keys_of(ns: Namespace, tokens: Tokens) -> KeyChain:
     return KeyChain(ns.block_keys(as_tokens(tokens)))
 
 
+def check_first_block(first_block: int) -> int:
+    """``first_block`` if it can start a run of blocks (>= 0), else a ValueError naming it."""
+    if first_block < 0:
+        raise ValueError(f"first_block must be >= 0, got {first_block}")
+    return first_block
+
+
 class TokenError(ValueError):
     """Token ids that cannot be hashed (negative, too large, not integers)."""
 
@@ -91,12 +98,18 @@ class Namespace:
     namespace asks for below the engine (``tiercache/storage_format.py``): part of the
     namespace id, so a block stored quantized is never found under keys that asked for
     exact bytes (``"exact"`` leaves the id as it was before formats existed).
+    ``group`` names the KV cache group of a model
+    with several (``tiercache.modelkv``): two groups of one model may have the same spec
+    (vLLM splits Gemma 3's sliding layers into groups of equal shape) and must still never
+    share a block. It is left out of the id when empty, so a one-group model keeps the
+    namespace it had before groups existed.
     """
 
     model: str
     spec: KVSpec
     salt: str = ""
     store_dtype: str = "exact"
+    group: str = ""
     id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +125,8 @@ class Namespace:
         }
         if fmt != "exact":
             body["store_dtype"] = fmt
+        if self.group:
+            body["group"] = self.group
         canon = json.dumps(
             body,
             sort_keys=True,

@@ -33,7 +33,7 @@ import torch
 
 from tiercache.errors import BlockShapeError, CacheError, Draining
 from tiercache.index import DEVICE, DISK, HOST, REMOTE, Entry, Index
-from tiercache.keys import BlockKey, Namespace, Tokens, keys_of
+from tiercache.keys import BlockKey, Namespace, Tokens, check_first_block, keys_of
 from tiercache.lock import CacheLock
 from tiercache.policy.base import make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
@@ -284,7 +284,7 @@ class TierManager:
                     sum(1 for k in keys[first_block : first_block + n] if k not in self.index)
                 )
             if session:
-                await self.sessions.extend(session, keys)
+                await self.sessions.extend(session, keys, ns.hex)
             for i in range(n):
                 key = keys[first_block + i]
                 entry = self.index.get(key)
@@ -342,26 +342,26 @@ class TierManager:
     # -- lookup / load ----------------------------------------------------
 
     @timed("lookup")
-    async def lookup(self, ns: Namespace, tokens: Tokens) -> LookupResult:
-        """How much of ``tokens``' prefix is cached, and in which tier each block is.
-
-        With a shared tier, blocks past the local prefix are fetched from it (waiting at
-        most its deadline) and promoted to host; they are reported as ``remote``.
+    async def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> LookupResult:
+        """How many blocks of ``tokens`` from ``first_block`` on are cached without a gap, and in
+        which tier each is. With a shared tier, blocks past the local run are fetched from it
+        (waiting at most its deadline) and promoted to host; they are reported as ``remote``.
         """
         keys = keys_of(ns, tokens)
-        hit = self.index.prefix(keys)
+        run = keys[check_first_block(first_block) :]
+        hit = self.index.prefix(run)
         tiers = [e.best_tier or "miss" for e in hit]
-        if self.shared is not None and len(hit) < len(keys):
-            fetched = await self._fill(ns, keys, len(hit))
-            more = self.index.prefix(keys[len(hit) :])
+        if self.shared is not None and len(hit) < len(run):
+            fetched = await self._fill(ns, run, len(hit))
+            more = self.index.prefix(run[len(hit) :])
             tiers += [REMOTE if e.key in fetched else (e.best_tier or "miss") for e in more]
             hit += more
-        for t, n in (Counter(tiers) + Counter({"miss": len(keys) - len(hit)})).items():
+        for t, n in (Counter(tiers) + Counter({"miss": len(run) - len(hit)})).items():
             self.stats.lookup(t, n)  # a Counter sum keeps positive counts only
         async with self._lock:
             for e in hit:
                 self._refresh(e)  # a prefix found again is in use, even if the engine keeps it
-        return LookupResult(keys, tiers, ns.spec.block_size)
+        return LookupResult(keys, tiers, ns.spec.block_size, first_block)
 
     @timed("lookup_tail")
     async def lookup_tail(self, ns: Namespace, candidates: list[BlockKey]) -> tuple[int, str]:
@@ -412,16 +412,16 @@ class TierManager:
         ns: Namespace,
         tokens: Tokens,
         *,
+        first_block: int = 0,
         max_blocks: int | None = None,
         out: torch.Tensor | None = None,
     ) -> LoadResult:
-        """Read the cached prefix of ``tokens`` (up to ``max_blocks`` blocks), byte-exact.
-
-        The result stops at the first block that is missing or fails its checksum: a load is
-        always a contiguous prefix of verified blocks.
-        """
+        """Read the cached run of ``tokens``' blocks from ``first_block`` (at most ``max_blocks``),
+        byte-exact; it stops at the first block missing or failing its checksum: a load is
+        always a contiguous run of verified blocks."""
         t0 = time.perf_counter()
-        keys, fetched = await self._ready(ns, keys_of(ns, tokens)[:max_blocks])
+        run = keys_of(ns, tokens)[check_first_block(first_block) :][:max_blocks]
+        keys, fetched = await self._ready(ns, run)
         async with self._leased(keys) as lease:
             entries = lease.entries
             # Pinned when a device tier serves it: device -> host is then an async DMA.
@@ -439,7 +439,7 @@ class TierManager:
                 await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
         tiers = [REMOTE if e.key in fetched else t for e, t in zip(entries, tiers, strict=True)]
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
-        return LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier)
+        return LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier, first_block)
 
     # -- leases (the socket data plane) ---------------------------------------
 
@@ -505,7 +505,7 @@ class TierManager:
         """Promote the blocks of ``tokens`` (or of a session) from disk to host, and with a device
         tier on to the device; returns how many blocks moved up (each counted once)."""
         if session is not None:
-            keys = self.sessions.get(session).keys
+            keys = self.sessions.get(session).stored_runs(self.index)
         elif ns is not None and tokens is not None:
             keys = keys_of(ns, tokens)
         else:

@@ -36,15 +36,18 @@ class SaveResult:
 @dataclass(frozen=True, slots=True)
 class LookupResult:
     keys: list[BlockKey]  # keys of every full block of the tokens
-    tiers: list[str]  # best tier of each block of the cached prefix
+    tiers: list[str]  # best tier of each block of the cached run from first_block
     block_size: int
+    first_block: int = 0  # where the run was looked for (0: the prefix)
 
     @property
     def blocks(self) -> int:
+        """Blocks of the cached run (from ``first_block``)."""
         return len(self.tiers)
 
     @property
     def tokens(self) -> int:
+        """Tokens the cached run covers (from ``first_block``)."""
         return len(self.tiers) * self.block_size
 
 
@@ -55,6 +58,7 @@ class LoadResult:
     namespace: Namespace
     seconds: float = 0.0
     per_tier: dict[str, int] = field(default_factory=dict)
+    first_block: int = 0  # the block of the sequence the data starts at
 
     @property
     def blocks(self) -> int:

@@ -1,8 +1,10 @@
-"""Sessions: a chat's name, the chain of block keys it saved, its pin and its TTL.
+"""Sessions: a chat's name, the chains of block keys it saved, its pin and its TTL.
 
 A session is what operators steer by name (``pin``, ``unpin``, ``evict``, ``prefetch``, TTLs
 over the socket and MQTT): the blocks themselves are keyed by content, the session only
-names a chain of them. Pins belong to keys, not entries (``Index.pins``): a block of a
+names a chain of them, one per namespace it saved in (a model with several KV cache groups
+saves each group in a namespace of its own, so pin, evict, TTL and prefetch by session
+reach every group). Pins belong to keys, not entries (``Index.pins``): a block of a
 pinned session stays protected even if its copy is dropped (a corrupt disk copy) and saved
 again. Records are persisted to the disk tier on every change of chain, pin or TTL, so
 pins and TTLs survive a restart.
@@ -31,13 +33,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Session:
-    """A named chat: the chain of keys it saved, and the protection it asked for."""
+    """A named chat: the chain of keys it saved in each namespace, and the protection it asked
+    for."""
 
     id: str
-    keys: list[BlockKey] = field(default_factory=list)
+    chains: dict[str, list[BlockKey]] = field(default_factory=dict)  # namespace hex -> chain
     pinned: bool = False
     pinned_keys: set[BlockKey] = field(default_factory=set)  # keys whose pin this session holds
     expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
+
+    @property
+    def keys(self) -> list[BlockKey]:
+        """Every key the session names, chain after chain."""
+        return [k for chain in self.chains.values() for k in chain]
+
+    def stored_runs(self, index: Index) -> list[BlockKey]:
+        """What a prefetch of the session reads: of each chain, the run of stored blocks from
+        its first stored one (a windowed group keeps only its chain's last blocks)."""
+        out: list[BlockKey] = []
+        for chain in self.chains.values():
+            start = next((i for i, k in enumerate(chain) if k in index), len(chain))
+            out += [e.key for e in index.prefix(chain[start:])]
+        return out
 
 
 class Sessions:
@@ -73,23 +90,25 @@ class Sessions:
         if self._disk is None:
             return
         for rec in await self._disk.load_sessions():
-            sess = Session(
-                rec["id"], list(rec["keys"]), pinned=rec["pinned"], expires=rec["expires"]
-            )
+            keys, chains = list(rec["keys"]), {}
+            for name, n in rec.get("chains", [["", len(keys)]]):
+                chains[name], keys = keys[:n], keys[n:]
+            sess = Session(rec["id"], chains, pinned=rec["pinned"], expires=rec["expires"])
             self._by_id[sess.id] = sess
             if sess.pinned:
                 self.pin_keys(sess)
             if sess.expires is not None:
                 self.next_expiry = min(self.next_expiry, sess.expires)
 
-    async def extend(self, sid: str, keys: list[BlockKey]) -> Session:
-        """The session ``sid``, its chain extended to ``keys`` (a longer or new chain replaces
-        it; the record is persisted when it changed)."""
+    async def extend(self, sid: str, keys: list[BlockKey], chain: str = "") -> Session:
+        """The session ``sid``, its chain in namespace ``chain`` (a hex id) extended to ``keys``
+        (a longer or new chain replaces it; the record is persisted when it changed)."""
         sess = self._by_id.get(sid)
         if sess is None:
             sess = self._by_id[sid] = Session(sid)
-        if len(keys) >= len(sess.keys) and keys != sess.keys:
-            sess.keys = keys
+        old = sess.chains.get(chain, [])
+        if len(keys) >= len(old) and keys != old:
+            sess.chains[chain] = keys
             await self.persist(sess)
         return sess
 
@@ -98,7 +117,7 @@ class Sessions:
         if self._disk is None:
             return
         try:
-            await self._disk.put_session(sess.id, sess.keys, sess.pinned, sess.expires)
+            await self._disk.put_session(sess.id, sess.chains, sess.pinned, sess.expires)
         except OSError as e:
             self._stats.error("session_write")
             log.warning("could not persist session record: %s", e)

@@ -1,10 +1,21 @@
-"""KVSpec: the shape of one model's KV cache, and the sizing arithmetic.
+"""KVSpec: the shape of one KV cache group (the layers of a model that share one attention kind
+and layout), and the sizing arithmetic.
 
-Every sizing question reduces to one formula: bytes per token =
-2 (K and V) x layers x kv_heads x head_dim x bytes per element. A *block* is
-``block_size`` tokens across all layers, K and V, stored page-first as
-``[layers, 2, block_size, kv_heads, head_dim]`` so that one block is one
-contiguous buffer: one DMA, one disk chunk, one object.
+Every sizing question reduces to one formula: bytes per token = planes (2 for K and V, 1
+for an MLA latent) x layers x kv_heads x head_dim x bytes per element. A *block* is
+``block_size`` tokens across all layers of the group, stored page-first as ``[layers,
+planes, block_size, kv_heads, head_dim]`` so that one block is one contiguous buffer: one
+DMA, one disk chunk, one object.
+
+The ``kind`` says which earlier tokens a layer attends to, and so which blocks a resumed
+conversation needs (``tiercache.groups``): all of them (full attention, MLA), the last
+``window`` tokens and the first ``sinks`` (sliding window), or the tokens of the current
+``window``-token chunk (chunked local attention). An MLA layer caches one latent vector
+per token instead of K and V per head: one plane, one "head" of ``kv_lora_rank +
+qk_rope_head_dim`` values (576 for DeepSeek-V3). A model with several kinds of layers is a
+``tiercache.modelkv.ModelKV`` of several groups; a plain dense model is one full group,
+and its spec serializes exactly as it did before kinds existed (``to_dict`` leaves the
+new fields out at their defaults), so its namespaces and stored block keys are unchanged.
 
 The spec also names the engine's layout of its paged KV cache, which is what
 the gather/scatter code (``tiercache.kernels``) needs to find a block's bytes.
@@ -12,7 +23,6 @@ the gather/scatter code (``tiercache.kernels``) needs to find a block's bytes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -58,6 +68,15 @@ _DTYPE_ALIASES = {
 }
 
 
+class AttentionKind(StrEnum):
+    """Which earlier tokens the layers of a group attend to."""
+
+    FULL = "full"  # every earlier token
+    SLIDING = "sliding"  # the last ``window`` tokens, and the first ``sinks``
+    CHUNKED = "chunked"  # the tokens of the current ``window``-token chunk (Llama 4's local layers)
+    MLA = "mla"  # every earlier token, cached as one latent vector each (DeepSeek-V2/V3, Kimi K2)
+
+
 class SpecError(ValueError):
     """A KV spec or model config that cannot describe a KV cache."""
 
@@ -86,6 +105,12 @@ class KVSpec:
     dtype: str = "bfloat16"
     block_size: int = 16
     layout: Layout = Layout.VLLM
+    kind: AttentionKind = AttentionKind.FULL
+    # Sliding: the window in tokens. Chunked: the chunk in tokens. 0 for full and MLA.
+    window: int = 0
+    # Sink tokens a sliding layer always keeps at the start (StreamingLLM-style). Not
+    # gpt-oss's "attention sinks": those are learned per-head logits, no tokens, so sinks=0.
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -93,12 +118,39 @@ class KVSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SpecError(f"KVSpec.{name} must be a positive integer, got {value!r}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        try:
-            object.__setattr__(self, "layout", Layout(self.layout))
-        except ValueError:
+        for name, kinds in (("layout", Layout), ("kind", AttentionKind)):
+            try:
+                object.__setattr__(self, name, kinds(getattr(self, name)))
+            except ValueError:
+                raise SpecError(
+                    f"KVSpec.{name} must be one of {', '.join(kinds)}, got {getattr(self, name)!r}"
+                ) from None
+        for name in ("window", "sinks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"KVSpec.{name} must be a non-negative integer, got {value!r}")
+        self._check_kind()
+
+    def _check_kind(self) -> None:
+        kind = self.kind
+        windowed = kind in (AttentionKind.SLIDING, AttentionKind.CHUNKED)
+        if windowed and self.window == 0:
+            what = "window" if kind is AttentionKind.SLIDING else "chunk"
+            raise SpecError(f"KVSpec.window must be > 0 for kind {kind!s} (the {what} in tokens)")
+        if not windowed and self.window:
             raise SpecError(
-                f"KVSpec.layout must be one of {', '.join(Layout)}, got {self.layout!r}"
-            ) from None
+                f"KVSpec.window is for sliding and chunked groups; kind {kind!s} needs window=0, "
+                f"got {self.window}"
+            )
+        if self.sinks and kind is not AttentionKind.SLIDING:
+            raise SpecError(
+                f"KVSpec.sinks (sink tokens kept at the start) needs kind sliding, got kind {kind!s}"
+            )
+        if kind is AttentionKind.MLA and self.num_kv_heads != 1:
+            raise SpecError(
+                "KVSpec.num_kv_heads must be 1 for kind mla (one latent vector per token: "
+                f"head_dim = kv_lora_rank + qk_rope_head_dim), got {self.num_kv_heads}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -109,8 +161,28 @@ class KVSpec:
         return DTYPES[self.dtype][1]
 
     @property
+    def planes(self) -> int:
+        """Vectors cached per token, layer and head: K and V (2), or an MLA latent (1)."""
+        return 1 if self.kind is AttentionKind.MLA else 2
+
+    @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.element_bytes
+        return (
+            self.planes * self.num_layers * self.num_kv_heads * self.head_dim * self.element_bytes
+        )
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The most tokens a layer of this group attends to (and an engine keeps): None for
+        full and MLA, window + sinks for sliding, the chunk for chunked."""
+        if self.kind in (AttentionKind.FULL, AttentionKind.MLA):
+            return None
+        return self.window + self.sinks
+
+    def tokens_held(self, tokens: int) -> int:
+        """Tokens of a ``tokens``-token sequence whose KV a layer of this group holds."""
+        cap = self.max_tokens
+        return tokens if cap is None else min(tokens, cap)
 
     @property
     def block_nbytes(self) -> int:
@@ -119,18 +191,26 @@ class KVSpec:
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
         """Page-first shape of one stored block."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        return (self.num_layers, self.planes, self.block_size, self.num_kv_heads, self.head_dim)
 
     def bytes_for(self, tokens: int, batch: int = 1) -> int:
-        return self.bytes_per_token * tokens * batch
+        """KV bytes of ``batch`` sequences of ``tokens`` tokens (a windowed group holds at most
+        its window of each)."""
+        return self.bytes_per_token * self.tokens_held(tokens) * batch
 
     def tokens_in(self, nbytes: int) -> int:
         """Tokens whose KV fits in ``nbytes``, counted in whole blocks."""
         return (nbytes // self.block_nbytes) * self.block_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain fields; ``kind``, ``window`` and ``sinks`` only where they are not the default,
+        so a full-attention spec (and every namespace id derived from it) reads as before."""
         d = asdict(self)
         d["layout"] = str(self.layout)
+        d["kind"] = str(self.kind)
+        for name, default in (("kind", str(AttentionKind.FULL)), ("window", 0), ("sinks", 0)):
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -153,53 +233,20 @@ class KVSpec:
         block_size: int = 16,
         layout: Layout | str = Layout.VLLM,
     ) -> KVSpec:
-        """Spec of a Hugging Face model from its ``config.json`` (path, dict or PretrainedConfig).
+        """Spec of a Hugging Face model whose layers all cache alike (one KV cache group), from
+        its ``config.json`` (path, dict or PretrainedConfig); see
+        ``tiercache.modelkv.ModelKV.from_hf_config``, which reads every family. A model with
+        several groups (Gemma 3, gpt-oss, Llama 4) is a SpecError that names them."""
+        from tiercache.modelkv import ModelKV
 
-        GQA and MQA come from ``num_key_value_heads`` (absent: one KV head per
-        attention head); an explicit ``head_dim`` wins over hidden/heads;
-        multimodal configs are read through their ``text_config``. ``dtype``
-        overrides the config's own dtype (the KV cache may be stored narrower
-        than the weights).
-        """
-        if isinstance(config, str | Path):
-            path = Path(config)
-            if path.is_dir():
-                path = path / "config.json"
-            try:
-                cfg: dict[str, Any] = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise SpecError(f"model config not found: {path}") from None
-            except json.JSONDecodeError as e:
-                raise SpecError(f"model config {path} is not valid JSON: {e}") from None
-        elif isinstance(config, dict):
-            cfg = dict(config)
-        else:
-            cfg = config.to_dict()
-        if isinstance(cfg.get("text_config"), dict):
-            cfg = {**cfg, **cfg["text_config"]}
-
-        def need(key: str) -> int:
-            if key not in cfg:
-                raise SpecError(f"model config has no {key!r}; is it a decoder LLM config?")
-            return int(cfg[key])
-
-        layers = need("num_hidden_layers")
-        heads = need("num_attention_heads")
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = cfg.get("head_dim")
-        if not head_dim:
-            head_dim = need("hidden_size") // heads
-        if dtype is None:
-            dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-        assert dtype is not None
-        return cls(
-            num_layers=layers,
-            num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            dtype=dtype_name(dtype),
-            block_size=block_size,
-            layout=Layout(layout),
-        )
+        model = ModelKV.from_hf_config(config, dtype=dtype, block_size=block_size, layout=layout)
+        if len(model.groups) > 1:
+            raise SpecError(
+                f"this model's KV is {len(model.groups)} KV cache groups "
+                f"({'; '.join(f'{g.name}: {g.describe()}' for g in model.groups)}), not one KVSpec: "
+                "use tiercache.modelkv.ModelKV.from_hf_config"
+            )
+        return model.groups[0].spec
 
 
 def block_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
@@ -218,7 +265,8 @@ def block_rows(spec: KVSpec, blocks: torch.Tensor) -> torch.Tensor:
     if tuple(blocks.shape[1:]) != spec.block_shape:
         raise BlockShapeError(
             f"blocks must be [n, {', '.join(map(str, spec.block_shape))}] "
-            f"(layers, K/V, block_size, kv_heads, head_dim), got {list(blocks.shape)}"
+            f"(layers, {'latent' if spec.planes == 1 else 'K/V'}, block_size, kv_heads, head_dim), "
+            f"got {list(blocks.shape)}"
         )
     return blocks.contiguous().view(torch.uint8).view(blocks.shape[0], spec.block_nbytes)
 

@@ -87,6 +87,36 @@ async def test_save_and_load_through_the_shared_arena_are_byte_exact(client: Asy
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+async def test_lookup_and_load_from_a_first_block_and_evict_by_keys(client: AsyncClient) -> None:
+    tokens, blocks = make_tokens(6), make_blocks(6)
+    await client.save(NS, tokens, blocks)
+    assert await client.evict(keys=[NS.block_keys(tokens)[2]]) == 1
+
+    assert (await client.lookup(NS, tokens)).blocks == 2
+    assert (await client.lookup(NS, tokens, first_block=3)).blocks == 3
+    got = await client.load(NS, tokens, first_block=3)
+    assert got.first_block == 3 and torch.equal(as_bytes(got.kv()), as_bytes(blocks[3:]))
+    # A protocol-1 client sends no first_block: its lookup is of the prefix, as before.
+    old = await client.call("lookup", ns=NS.hex, keys=KeyChain(NS.block_keys(tokens)).to_bytes())
+    assert (old["blocks"], old["full_blocks"]) == (2, 6)
+    with pytest.raises(RemoteError) as err:
+        await client.call("lookup", ns=NS.hex, keys=b"", first_block=-1)
+    assert err.value.code == "bad_request" and "'first_block'" in err.value.message
+
+
+async def test_groups_of_one_spec_register_as_namespaces_of_their_own(client: AsyncClient) -> None:
+    a, b = (Namespace(NS.model, SPEC, group=g) for g in ("sliding-0", "sliding-1"))
+    tokens = make_tokens(2)
+    await client.save(a, tokens, make_blocks(2, seed=1))
+    await client.save(b, tokens, make_blocks(2, seed=2))
+
+    got_a, got_b = await client.load(a, tokens), await client.load(b, tokens)
+
+    assert torch.equal(as_bytes(got_a.kv()), as_bytes(make_blocks(2, seed=1)))
+    assert torch.equal(as_bytes(got_b.kv()), as_bytes(make_blocks(2, seed=2)))
+    assert (await client.lookup(NS, tokens)).blocks == 0  # nor does the group-less namespace
+
+
 async def test_a_tail_is_stored_found_by_its_longest_candidate_and_loaded_byte_exact(
     client: AsyncClient,
 ) -> None:

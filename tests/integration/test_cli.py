@@ -27,6 +27,35 @@ def test_size_of_llama_3_70b_at_128k_tokens(
     assert "42,949,672,960 bytes" in out and "42.9 GB" in out
 
 
+CONFIGS = Path(__file__).parents[1] / "fixtures" / "model_configs"
+
+
+def test_size_of_gemma_3_27b_prints_each_kv_cache_group_and_the_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["size", "--model-config", str(CONFIGS / "gemma-3-27b-it.json"), "--tokens", "8192"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:6] == [
+        "model:            62 layers in 2 KV cache groups, bfloat16",
+        "group sliding:    52 layers, window 1,024 tokens, 16 KV heads x head dim 128: "
+        "425,984 bytes per token, holds 1,024 of 8,192 tokens = 436,207,616 bytes",
+        "group full:       10 layers, full attention, 16 KV heads x head dim 128: "
+        "81,920 bytes per token, holds 8,192 tokens = 671,088,640 bytes",
+        "bytes per token:  507,904 (81,920 once past every window)",
+        "block:            16 tokens = 8,126,464 bytes (one block of each group)",
+        "total:            1,107,296,256 bytes (1.0 GiB; 1.1 GB) for 8,192 tokens x batch 1",
+    ]
+
+
+def test_size_of_deepseek_v3_counts_the_mla_latent(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["size", "--model-config", str(CONFIGS / "deepseek-v3.json"), "--tokens", "8192"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "group mla:        61 layers, MLA latent of 576 values: 70,272 bytes per token" in out
+    assert "total:            575,668,224 bytes" in out
+
+
 def test_size_reports_what_each_configured_tier_holds(
     model_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

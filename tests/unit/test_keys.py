@@ -77,6 +77,32 @@ def test_namespace_id_is_pinned() -> None:
     assert make_ns().hex == "07ec8b8b9f7f4e0d161ac500c0f74400"
 
 
+def test_namespaces_and_keys_of_full_attention_specs_are_those_of_before_kv_cache_groups() -> None:
+    # Computed before KVSpec had kind/window/sinks and Namespace had group (the README's
+    # example namespace): a full-attention spec must keep every stored block reachable.
+    spec = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+    ns = Namespace("llama-3-8b@main", spec, salt="tenant-a")
+
+    assert ns.hex == "6b35479121eba65fbe0a21366ac2a0aa"
+    assert ns.block_keys(list(range(32)))[1].hex() == "f48fd1f0ed926419faa624331c5fc126"
+    assert Namespace("llama-3-8b@main", spec, "tenant-a", group="").id == ns.id
+
+
+def test_kv_cache_groups_of_one_shape_get_namespaces_and_keys_of_their_own() -> None:
+    a, b = (
+        Namespace("gemma-3@main", make_spec(), "t", group=g) for g in ("sliding-0", "sliding-1")
+    )
+
+    assert a.spec == b.spec
+    assert len({a.id, b.id, make_ns(model="gemma-3@main", salt="t").id}) == 3
+    assert set(a.block_keys(tokens(8))).isdisjoint(b.block_keys(tokens(8)))
+
+
+def test_attention_kind_is_part_of_the_namespace() -> None:
+    assert make_ns(kind="sliding", window=4096).id != make_ns().id
+    assert make_ns(kind="sliding", window=4096).id != make_ns(kind="sliding", window=2048).id
+
+
 def test_same_inputs_give_the_same_namespace_id() -> None:
     assert make_ns().id == make_ns().id
 

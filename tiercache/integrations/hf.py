@@ -18,11 +18,12 @@ never share blocks.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import xxhash
 
+from tiercache.groups import BlockCache
 from tiercache.kernels.reference import gather
 from tiercache.keys import Namespace, Tokens
 from tiercache.results import SaveResult
@@ -44,24 +45,6 @@ def _layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(past, "layers"):
         return [(layer.keys, layer.values) for layer in past.layers]
     return [(k, v) for k, v in zip(past.key_cache, past.value_cache, strict=True)]
-
-
-class BlockCache(Protocol):
-    """What the integration needs: the embedded ``SyncCache`` or a daemon ``Client``."""
-
-    def lookup(self, ns: Namespace, tokens: Tokens) -> Any: ...
-
-    def save(
-        self,
-        ns: Namespace,
-        tokens: Tokens,
-        blocks: torch.Tensor,
-        *,
-        first_block: int = 0,
-        session: str | None = None,
-    ) -> SaveResult: ...
-
-    def load(self, ns: Namespace, tokens: Tokens, *, max_blocks: int | None = None) -> Any: ...
 
 
 class HFChatCache:

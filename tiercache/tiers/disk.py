@@ -6,7 +6,7 @@ Layout in the store (any zarr store URL; ``file://`` by default)::
                                      no compressor; attributes: model, KVSpec, logical dtype
     ns/<namespace-hex>/c/<slot>/0    one block's raw bytes (a valid zarr chunk)
     journal/<seq>                    msgpack records + xxh64 trailer: put / del of slots
-    sessions/<blake2b(id)>           one session: id, key chain, pinned, TTL deadline (+ xxh64)
+    sessions/<blake2b(id)>           one session: id, key chains, pinned, TTL deadline (+ xxh64)
 
 Blocks are read and written at the *store* level (``store.set`` / ``store.get``
 on the chunk key), many at a time with ``asyncio.gather``. The data stays a
@@ -268,6 +268,7 @@ class DiskTier:
                 attributes={
                     "tiercache": {
                         "model": ns.model,
+                        "group": ns.group,
                         "spec": ns.spec.to_dict(),
                         "logical_dtype": ns.spec.dtype,
                         "block_shape": list(ns.spec.block_shape),
@@ -412,9 +413,15 @@ class DiskTier:
         return SESSIONS + hashlib.blake2b(sid.encode(), digest_size=16).hexdigest()
 
     async def put_session(
-        self, sid: str, keys: list[BlockKey], pinned: bool, expires: float | None
+        self, sid: str, chains: dict[str, list[BlockKey]], pinned: bool, expires: float | None
     ) -> None:
-        body = msgpack.packb({"id": sid, "keys": keys, "pinned": pinned, "expires": expires})
+        """One record per session: its keys, chain after chain, and each chain's namespace and
+        length (``chains``; a record without it, from before namespaces had several chains
+        per session, is one chain)."""
+        keys = [k for chain in chains.values() for k in chain]
+        split = [[name, len(chain)] for name, chain in chains.items()]
+        record = {"id": sid, "keys": keys, "chains": split, "pinned": pinned, "expires": expires}
+        body = msgpack.packb(record)
         await self.store.set(
             self._session_key(sid), Buffer.from_bytes(body + xxhash.xxh64_digest(body))
         )

@@ -249,7 +249,9 @@ class RemoteTier:
         meta = {
             "zarr_format": 3,
             "node_type": "group",
-            "attributes": {"tiercache": {"model": ns.model, "spec": ns.spec.to_dict()}},
+            "attributes": {
+                "tiercache": {"model": ns.model, "spec": ns.spec.to_dict(), "group": ns.group}
+            },
         }
         await self._call(self._put(f"{path}/zarr.json", json.dumps(meta).encode()))
         self._groups.add(path)

@@ -1,0 +1,294 @@
+"""What a hit means for a model of several KV cache groups, and a cache that saves, looks up and
+loads all of a model's groups with that rule.
+
+Each group (``tiercache.modelkv.KVGroup``) is stored in a namespace of its own
+(``Namespace.group``), its block keys chained over the tokens as for any model, so block
+``i`` of every group covers the same tokens. A resumed conversation needs, of each group,
+the blocks its layers attend to from the resume point on (``needed_blocks``); a prefix of
+P blocks is usable only when every group holds its needed blocks:
+
+- full attention and MLA: every block below P;
+- sliding window W (with ``sinks`` sink tokens): the blocks covering tokens [P·bs - W,
+  P·bs) and the blocks of the sink tokens. Layers in transformers and vLLM attend to the
+  W - 1 tokens before a query and itself; asking for W tokens before the resume point is
+  one more, so the rule holds under either convention, at the cost of one block at most;
+- chunked local attention with chunk C: the blocks covering the current chunk,
+  [⌊P·bs / C⌋·C, P·bs) (none when P·bs is a chunk boundary).
+
+``usable_prefix`` finds the longest such P from what each group holds, asking only for the
+runs it needs; a block that is missing, evicted or fails its checksum in any group makes
+every prefix that needs it unusable, so the answer is a shorter prefix or 0, never KV
+that does not belong together.
+
+Retention: ``GroupedCache.save`` stores of a windowed group only the blocks a resume at
+the saved end E needs (``needed_blocks(spec, E)``: the last window before E and the sink
+blocks), and when the same session saves again it evicts (by key) the blocks its previous
+save kept there that the new save does not keep. A long Gemma 3 chat so keeps the global
+layers' KV for every block and the local layers' for its last window only. The price: a
+resume at an earlier point than the session's last save (regenerating an earlier reply,
+branching from an older turn) finds no sliding blocks there, so it is a shorter hit or a
+miss and the model recomputes those tokens; it never gets wrong KV. The previous save is
+remembered by the ``GroupedCache`` object (a new process remembers none: blocks left over
+by a save it did not see age out under the eviction policy). Evicting by key removes a
+block that another session saved too; that session's resume is then a shorter hit, also
+never wrong. Pinned and leased blocks are not evicted.
+
+Round trips: a lookup asks each group once for its needed run (``lookup`` with
+``first_block``), and again only for groups whose run was cut short; a load reads each
+group's needed runs and, if one of them comes back short (a corrupt copy is dropped as it
+is read), goes back to the rule with what it learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tiercache.keys import BlockKey, KeyChain, Namespace, Tokens, as_tokens
+from tiercache.modelkv import KVGroup, ModelKV
+from tiercache.results import LoadResult, SaveResult
+from tiercache.spec import AttentionKind, KVSpec
+
+
+def needed_blocks(spec: KVSpec, end: int) -> list[range]:
+    """The blocks of a group with ``spec`` that a resume after ``end`` blocks needs, as ranges
+    in order (see the module doc); also what a save ending there keeps of a windowed group."""
+    bs = spec.block_size
+    if spec.kind is AttentionKind.SLIDING:
+        start = max(0, end * bs - spec.window) // bs
+        sinks = min(-(-spec.sinks // bs), end)
+        if sinks >= start:
+            return [range(0, end)] if end else []
+        return [r for r in (range(0, sinks), range(start, end)) if r]
+    if spec.kind is AttentionKind.CHUNKED:
+        start = end * bs // spec.window * spec.window // bs
+        return [range(start, end)] if start < end else []
+    return [range(0, end)] if end else []
+
+
+def usable_prefix(specs: Sequence[KVSpec], run: Callable[[int, int], int], limit: int) -> int:
+    """The longest prefix, in blocks and at most ``limit``, at which every group can resume.
+
+    ``run(g, start)`` says how many blocks group ``g`` (``specs[g]``) holds without a gap
+    from block ``start`` (a lookup with ``first_block``; any answer beyond what is asked for
+    may be cut at ``limit``). A block missing at ``m`` rules out every prefix longer than
+    ``m`` that needs it, and since the needed ranges only move forward as the prefix grows,
+    no prefix between ``m`` and the candidate can avoid it: the next candidate is ``m``.
+    """
+    p = limit
+    while p > 0:
+        bound = p
+        for g, spec in enumerate(specs):
+            for r in needed_blocks(spec, p):
+                got = run(g, r.start)
+                if got < len(r):
+                    bound = min(bound, r.start + got)
+        if bound == p:
+            return p
+        p = bound
+    return 0
+
+
+class BlockCache(Protocol):
+    """What a GroupedCache (and the transformers integration) stores through: the embedded
+    ``SyncCache`` or a daemon ``Client``."""
+
+    def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> Any: ...
+
+    def save(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        blocks: torch.Tensor,
+        *,
+        first_block: int = 0,
+        session: str | None = None,
+    ) -> SaveResult: ...
+
+    def load(
+        self,
+        ns: Namespace,
+        tokens: Tokens,
+        *,
+        first_block: int = 0,
+        max_blocks: int | None = None,
+    ) -> LoadResult: ...
+
+    def evict(
+        self, *, session: str | None = None, keys: Sequence[BlockKey] | None = None
+    ) -> int: ...
+
+
+@dataclass(slots=True)
+class GroupedLoad:
+    """A load of every group at one prefix: ``blocks`` blocks (0: a miss) and, by group name,
+    one ``LoadResult`` per needed range (its ``first_block`` says where it starts)."""
+
+    blocks: int
+    block_size: int
+    groups: dict[str, list[LoadResult]] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for parts in self.groups.values() for r in parts)
+
+    @property
+    def per_tier(self) -> dict[str, int]:
+        """Blocks read from each tier, all groups together."""
+        out: dict[str, int] = {}
+        for parts in self.groups.values():
+            for r in parts:
+                for tier, n in r.per_tier.items():
+                    out[tier] = out.get(tier, 0) + n
+        return out
+
+
+# Token ids (a GroupedCache hashes them once per group and call).
+TokenIds = Sequence[int] | np.ndarray | torch.Tensor
+
+
+class _Runs:
+    """The runs a rule evaluation learned, per group: a run found from ``start`` to ``end``
+    answers every start inside it without another round trip."""
+
+    def __init__(self, ask: Callable[[int, int], int]) -> None:
+        self._ask = ask
+        self._known: dict[int, list[tuple[int, int]]] = {}
+
+    def __call__(self, g: int, start: int) -> int:
+        for a, end in self._known.get(g, []):
+            if a <= start <= end:
+                return end - start
+        got = self._ask(g, start)
+        self._known.setdefault(g, []).append((start, start + got))
+        return got
+
+
+class GroupedCache:
+    """Every KV cache group of one model (``ModelKV``) through one ``BlockCache``: each group in
+    its own namespace, a hit as ``usable_prefix`` says, windowed groups kept to their window.
+
+    A model of one group keeps the namespace it had without groups (``Namespace.group`` is
+    empty), so its stored blocks stay reachable.
+    """
+
+    def __init__(self, cache: BlockCache, model: str, kv: ModelKV, *, salt: str = "") -> None:
+        self.cache = cache
+        self.kv = kv
+        several = len(kv.groups) > 1
+        self.namespaces = {
+            g.name: Namespace(model, g.spec, salt, group=g.name if several else "")
+            for g in kv.groups
+        }
+        # (session, group) -> keys the session's last save kept of a windowed group
+        self._kept: dict[tuple[str, str], list[BlockKey]] = {}
+
+    def _chains(self, tokens: TokenIds, max_blocks: int | None) -> dict[str, KeyChain]:
+        """Each group's keys of the full blocks of ``tokens`` (at most ``max_blocks``)."""
+        ids = as_tokens(tokens)
+        n = ids.size // self.kv.block_size
+        n = n if max_blocks is None else max(0, min(n, max_blocks))
+        ids = ids[: n * self.kv.block_size]
+        return {name: KeyChain(ns.block_keys(ids)) for name, ns in self.namespaces.items()}
+
+    def _runs(self, chains: dict[str, KeyChain]) -> _Runs:
+        groups = self.kv.groups
+
+        def ask(g: int, start: int) -> int:
+            name = groups[g].name
+            return int(
+                self.cache.lookup(self.namespaces[name], chains[name], first_block=start).blocks
+            )
+
+        return _Runs(ask)
+
+    def lookup(self, tokens: TokenIds, *, max_blocks: int | None = None) -> int:
+        """How many blocks of ``tokens`` (at most ``max_blocks``) every group can resume at."""
+        chains = self._chains(tokens, max_blocks)
+        limit = len(chains[self.kv.groups[0].name])
+        return usable_prefix([g.spec for g in self.kv.groups], self._runs(chains), limit)
+
+    def load(self, tokens: TokenIds, *, max_blocks: int | None = None) -> GroupedLoad:
+        """The needed blocks of every group at the longest usable prefix of ``tokens`` (at most
+        ``max_blocks`` blocks), byte-exact. A run that comes back short (a block evicted since
+        the lookup, or a copy that failed its checksum and was dropped) rules out every prefix
+        that needs it, and the rule runs again on fresh lookups."""
+        chains = self._chains(tokens, max_blocks)
+        limit = len(chains[self.kv.groups[0].name])
+        specs = [g.spec for g in self.kv.groups]
+        while True:
+            p = usable_prefix(specs, self._runs(chains), limit)
+            out = GroupedLoad(p, self.kv.block_size)
+            for g in self.kv.groups:
+                ns, parts = self.namespaces[g.name], out.groups.setdefault(g.name, [])
+                for r in needed_blocks(g.spec, p):
+                    got = self.cache.load(
+                        ns, chains[g.name], first_block=r.start, max_blocks=len(r)
+                    )
+                    parts.append(got)
+                    if got.blocks < len(r):
+                        limit = min(limit, r.start + got.blocks)
+            if limit >= p:
+                return out
+
+    def save(
+        self,
+        tokens: TokenIds,
+        gather: Callable[[KVGroup, list[int]], torch.Tensor],
+        *,
+        held: Mapping[str, range] | None = None,
+        session: str | None = None,
+    ) -> dict[str, SaveResult]:
+        """Store what a resume after ``tokens``' full blocks needs, group by group.
+
+        ``gather(group, block_ids)`` returns those blocks of the group (``[n,
+        *group.spec.block_shape]``); ``held`` names, per group, the blocks the caller can
+        gather (default: all of them; an engine whose sliding layers dropped old tokens holds
+        only the last ones). Of a full or MLA group every block is kept, of a windowed group
+        the blocks ``needed_blocks`` names at the end, and with a ``session`` the blocks the
+        session's previous save kept there and this one does not are evicted. Blocks already
+        stored are not gathered again.
+        """
+        chains = self._chains(tokens, None)
+        end = len(chains[self.kv.groups[0].name])
+        results: dict[str, SaveResult] = {}
+        for g in sorted(self.kv.groups, key=lambda g: -g.spec.block_nbytes):
+            # Largest blocks first: the first namespace registered sizes the host slots.
+            ns, chain = self.namespaces[g.name], chains[g.name]
+            can = held.get(g.name, range(end)) if held is not None else range(end)
+            total = SaveResult(0, 0, 0)
+            for r in needed_blocks(g.spec, end):
+                lo, hi = max(r.start, can.start), min(r.stop, can.stop)
+                if lo >= hi:
+                    continue
+                have = int(self.cache.lookup(ns, KeyChain(chain[:hi]), first_block=lo).blocks)
+                # The last block is saved even when stored, so the session names the chain.
+                first = min(lo + have, hi - 1) if session else lo + have
+                if first < hi:
+                    ids = list(range(first, hi))
+                    total += self.cache.save(
+                        ns, chain, gather(g, ids), first_block=first, session=session
+                    )
+                total += SaveResult(0, first - lo, 0)
+            results[g.name] = total
+            if session and g.spec.max_tokens is not None:
+                kept = [chain[i] for r in needed_blocks(g.spec, end) for i in r]
+                self._retire(session, g.name, kept)
+        return results
+
+    def _retire(self, session: str, group: str, kept: list[BlockKey]) -> None:
+        """Evict what ``session``'s previous save kept of a windowed group and this one does not."""
+        before = self._kept.get((session, group), [])
+        keep = set(kept)
+        gone = [k for k in before if k not in keep]
+        if gone:
+            self.cache.evict(keys=gone)
+        self._kept[(session, group)] = kept

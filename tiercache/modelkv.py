@@ -1,0 +1,276 @@
+"""ModelKV: a model's KV cache as a list of KV cache groups, and how to read it from a Hugging
+Face config.
+
+A *KV cache group* is the layers of a model that cache alike: one attention kind (full,
+sliding window, chunked local, MLA latent), one shape, one layout, so one ``KVSpec`` and one
+stored block per ``block_size`` tokens. Gemma 3 is a sliding group of five layers in six and
+a full group of the rest; gpt-oss alternates sliding and full layers; a Mistral-style model
+is one sliding group; Llama 4 is chunked layers and full (NoPE) layers; DeepSeek-V2/V3 and
+Kimi K2 are one MLA group; a plain dense model is one full group. Each group is stored under
+a namespace of its own (``tiercache.groups``), so groups never share blocks.
+
+The sizing follows from the kinds: a full or MLA layer holds every token, a sliding layer at
+most its window (and sink tokens), a chunked layer at most its chunk. So a long Gemma 3 chat
+costs the full layers' bytes per token times its length plus the sliding layers' bytes per
+token times the window, not all layers times its length.
+
+``from_hf_config`` recognises the ways configs say which layer is which: an explicit
+``layer_types`` list (Gemma 2/3, gpt-oss and newer configs of most families),
+``use_sliding_window`` with ``max_window_layers`` (Qwen2), ``sliding_window_pattern`` (older
+Gemma configs, with transformers' defaults where a Gemma or gpt-oss config leaves it out),
+``attention_chunk_size`` with ``no_rope_layers`` (Llama 4), ``sliding_window`` alone (every
+layer slides: Mistral 7B v0.1, Phi-3), ``kv_lora_rank`` with ``qk_rope_head_dim`` (MLA). A
+layer type that keeps no per-token KV (linear attention, state-space layers) is a SpecError
+naming it: there is nothing for tiercache to store for it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiercache.spec import AttentionKind, KVSpec, Layout, SpecError, dtype_name
+
+FULL, SLIDING, CHUNKED, MLA = (
+    AttentionKind.FULL,
+    AttentionKind.SLIDING,
+    AttentionKind.CHUNKED,
+    AttentionKind.MLA,
+)
+
+# transformers' own defaults for configs that leave the sliding pattern out (a layer i is full
+# when (i + 1) % pattern == 0): Gemma 2 and gpt-oss alternate, Gemma 3 has five local to one.
+_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
+_QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
+_LLAMA4_NO_ROPE_INTERVAL = 4  # transformers' Llama4TextConfig default
+
+
+@dataclass(frozen=True, slots=True)
+class KVGroup:
+    """Layers of one model that cache alike: ``layers`` are the model's layer indices, in the
+    order their K/V (or latent) appear in the group's blocks."""
+
+    name: str
+    layers: tuple[int, ...]
+    spec: KVSpec
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"KVGroup.name must be a non-empty string, got {self.name!r}")
+        layers = tuple(self.layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise SpecError(f"KVGroup {self.name!r}: layers must be layer indices >= 0")
+        if len(set(layers)) != len(layers):
+            raise SpecError(f"KVGroup {self.name!r}: a layer is listed twice in {list(layers)}")
+        if len(layers) != self.spec.num_layers:
+            raise SpecError(
+                f"KVGroup {self.name!r} lists {len(layers)} layers but its spec has "
+                f"num_layers={self.spec.num_layers}"
+            )
+        object.__setattr__(self, "layers", layers)
+
+    def describe(self) -> str:
+        """``52 layers, window 1,024 tokens`` and the like."""
+        spec = self.spec
+        what = {
+            FULL: "full attention",
+            SLIDING: f"window {spec.window:,} tokens"
+            + (f" + {spec.sinks:,} sinks" if spec.sinks else ""),
+            CHUNKED: f"chunks of {spec.window:,} tokens",
+            MLA: f"MLA latent of {spec.head_dim} values",
+        }[spec.kind]
+        return f"{spec.num_layers} layers, {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKV:
+    """A model's KV cache groups. Every group has the same ``block_size``: block ``i`` of each
+    group covers the same tokens, which is what lets the hit rule line groups up."""
+
+    groups: tuple[KVGroup, ...]
+
+    def __post_init__(self) -> None:
+        groups = tuple(self.groups)
+        if not groups:
+            raise SpecError("a ModelKV needs at least one KV cache group")
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise SpecError(f"KV cache group names must be unique, got {names}")
+        layers = [i for g in groups for i in g.layers]
+        if len(set(layers)) != len(layers):
+            raise SpecError("a layer belongs to two KV cache groups")
+        sizes = {g.spec.block_size for g in groups}
+        if len(sizes) > 1:
+            raise SpecError(
+                f"every KV cache group needs the same block_size, got {sorted(sizes)}: a block "
+                "of each group must cover the same tokens"
+            )
+        object.__setattr__(self, "groups", groups)
+
+    @property
+    def block_size(self) -> int:
+        return self.groups[0].spec.block_size
+
+    @property
+    def num_layers(self) -> int:
+        return sum(g.spec.num_layers for g in self.groups)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes each token adds while it is inside every window."""
+        return sum(g.spec.bytes_per_token for g in self.groups)
+
+    def bytes_for(self, tokens: int, batch: int = 1) -> int:
+        """KV bytes of ``batch`` sequences of ``tokens`` tokens, each group holding what it keeps."""
+        return sum(g.spec.bytes_for(tokens, batch) for g in self.groups)
+
+    def tokens_in(self, nbytes: int) -> int | None:
+        """The longest sequence (whole blocks) whose KV fits in ``nbytes``; None when any
+        length fits (every group is windowed and the windows fit)."""
+        bs = self.block_size
+        if all(g.spec.max_tokens is not None for g in self.groups):
+            longest = max(g.spec.max_tokens or 0 for g in self.groups) + bs
+            if self.bytes_for(longest) <= nbytes:
+                return None
+        lo, hi = 0, nbytes // (min(g.spec.bytes_per_token for g in self.groups) * bs) + 1
+        while lo < hi:  # the most blocks that fit: bytes_for only grows with the length
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.bytes_for(mid * bs) <= nbytes else (lo, mid - 1)
+        return lo * bs
+
+    def group(self, name: str) -> KVGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise SpecError(
+            f"no KV cache group {name!r}; groups: {', '.join(g.name for g in self.groups)}"
+        )
+
+    @classmethod
+    def from_hf_config(
+        cls,
+        config: str | Path | dict[str, Any] | Any,
+        *,
+        dtype: str | torch.dtype | None = None,
+        block_size: int = 16,
+        layout: Layout | str = Layout.VLLM,
+    ) -> ModelKV:
+        """The KV cache groups of a Hugging Face model, from its ``config.json`` (a path, a
+        model directory, a dict or a PretrainedConfig); multimodal configs are read through
+        their ``text_config``.
+
+        GQA and MQA come from ``num_key_value_heads`` (absent: one KV head per attention
+        head); an explicit ``head_dim`` wins over hidden/heads. Groups are named by kind
+        (``full``, ``sliding``, ``chunked``, ``mla``; ``sliding-<window>`` where windows
+        differ) in the order their first layer appears. ``dtype`` overrides the config's own
+        (the KV cache may be stored narrower than the weights).
+        """
+        cfg = read_hf_config(config)
+
+        def need(key: str) -> int:
+            if cfg.get(key) is None:
+                raise SpecError(f"model config has no {key!r}; is it a decoder LLM config?")
+            return int(cfg[key])
+
+        n = need("num_hidden_layers")
+        if dtype is None:
+            dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+        assert dtype is not None
+        common: dict[str, Any] = dict(
+            dtype=dtype_name(dtype), block_size=block_size, layout=Layout(layout)
+        )
+        if cfg.get("kv_lora_rank"):
+            latent = need("kv_lora_rank") + need("qk_rope_head_dim")
+            spec = KVSpec(num_layers=n, num_kv_heads=1, head_dim=latent, kind=MLA, **common)
+            return cls((KVGroup("mla", tuple(range(n)), spec),))
+        heads = need("num_attention_heads")
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or need("hidden_size") // heads)
+        by_kind: dict[tuple[AttentionKind, int], list[int]] = {}
+        for i, kind_window in enumerate(layer_kinds(cfg, n)):
+            by_kind.setdefault(kind_window, []).append(i)
+        kinds = [kind for kind, _ in by_kind]
+        groups = []
+        for (kind, window), layers in by_kind.items():
+            name = str(kind) if kinds.count(kind) == 1 else f"{kind}-{window}"
+            spec = KVSpec(
+                num_layers=len(layers), num_kv_heads=kv_heads, head_dim=head_dim,
+                kind=kind, window=window, **common,
+            )  # fmt: skip
+            groups.append(KVGroup(name, tuple(layers), spec))
+        return cls(tuple(groups))
+
+
+def read_hf_config(config: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
+    """A Hugging Face config as a dict (a copy), its ``text_config`` merged over the top level."""
+    if isinstance(config, str | Path):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            cfg: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"model config not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise SpecError(f"model config {path} is not valid JSON: {e}") from None
+    elif isinstance(config, dict):
+        cfg = dict(config)
+    else:
+        cfg = config.to_dict()
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    return cfg
+
+
+def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
+    """``(kind, window)`` of each of the ``n`` layers a config describes (see the module doc)."""
+
+    def window_of(kind: AttentionKind) -> tuple[AttentionKind, int]:
+        key = "sliding_window" if kind is SLIDING else "attention_chunk_size"
+        if not cfg.get(key):
+            raise SpecError(f"model config has {kind} attention layers but no {key!r}")
+        return kind, int(cfg[key])
+
+    full = (FULL, 0)
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != n:
+            raise SpecError(
+                f"model config's layer_types lists {len(types)} layers, "
+                f"but num_hidden_layers is {n}"
+            )
+        named = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
+        out = []
+        for i, t in enumerate(types):
+            if t not in named:
+                raise SpecError(
+                    f"layer {i} of the model is a {t!r} layer: tiercache stores the per-token KV "
+                    f"of attention layers ({', '.join(named)}), and a {t!r} layer has none"
+                )
+            out.append(full if named[t] is FULL else window_of(named[t]))
+        return out
+    if "use_sliding_window" in cfg:  # Qwen2: the layers from max_window_layers on slide
+        if not cfg["use_sliding_window"] or not cfg.get("sliding_window"):
+            return [full] * n
+        first = int(cfg.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS))
+        return [window_of(SLIDING) if i >= first else full for i in range(n)]
+    pattern = cfg.get("sliding_window_pattern") or _PATTERNS.get(cfg.get("model_type", ""))
+    if pattern and cfg.get("sliding_window"):
+        return [full if (i + 1) % int(pattern) == 0 else window_of(SLIDING) for i in range(n)]
+    if cfg.get("attention_chunk_size"):  # Llama 4: chunked RoPE layers, full NoPE layers
+        uses_rope = cfg.get("no_rope_layers") or [
+            int((i + 1) % _LLAMA4_NO_ROPE_INTERVAL != 0) for i in range(n)
+        ]
+        if len(uses_rope) != n:
+            raise SpecError(
+                f"model config's no_rope_layers lists {len(uses_rope)} layers, "
+                f"but num_hidden_layers is {n}"
+            )
+        return [window_of(CHUNKED) if r else full for r in uses_rope]
+    if cfg.get("sliding_window"):
+        return [window_of(SLIDING)] * n
+    return [full] * n
