@@ -8,8 +8,9 @@ Per family (a tiny model with seeded random weights, ``tiercache.demo_models``):
 - turn 2 (turn 1's prompt, its reply and a new message) in a fresh engine C, which loads
   turn 1's blocks of every group and must equal recompute; the prompt with one early token
   changed must change the output (the control) and miss;
-- after a daemon restart with one block of one group corrupted on disk, turn 2 again in a
-  fresh engine: the load fails its checksum, vLLM recomputes, the output is still equal.
+- after a daemon restart with one block of one group of turn 2 corrupted on disk, turn 3 in
+  a fresh engine: the load fails its checksum, vLLM recomputes, the output is still equal;
+  then a branch from turn 1, whose sliding windows turn 2 evicted: a miss, still equal.
 
 Families: all-sliding (Mistral), 5 sliding : 1 global (Gemma 3) with the hybrid manager and
 without it (vLLM then keeps every layer's blocks as full attention), alternating sliding and
@@ -54,14 +55,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, list[tuple[str, int | None]]
     ),
     "gpt_oss": ("gpt_oss", {}, 128, [("sliding", WINDOW), ("full", None)]),
 }
-# The block of turn 1 corrupted per family: (group, block) of the chat's session.
+# The block corrupted per family: (group, block) of turn 2's, which turn 3 resumes from
+# (turn 2 ends at 715 tokens: full and MLA groups hold blocks 0-4, sliding ones 3 and 4).
 CORRUPT = {
-    "mistral": (0, 2),  # its sliding group's window: blocks 2 and 3
-    "gemma3": (2, 3),  # a sliding group's
+    "mistral": (0, 3),  # its sliding group's
+    "gemma3": (2, 4),  # a sliding group's
     "gemma3-hma-off": (0, 1),
     "gpt_oss": (1, 1),  # the full group's
 }
-NEW2 = tokens(100, seed=3)  # another turn 2 after turn 1, which resumes from turn 1 only
+NEW2 = tokens(100, seed=3)  # the next message of turn 3, or of a branch from turn 1
 # The token the control changes: early, before every window (what only global layers see),
 # or of an all-sliding model, one the resumed window holds (earlier ones barely reach the
 # output there: measured 0.056 of log-prob at token 5, 4 layers of 256-token windows).
@@ -124,18 +126,19 @@ def family(request: pytest.FixtureRequest, gworkdir: Path, gdaemon: Daemon) -> d
     changed = list(p2)
     at = CONTROL_AT.get(f.name, 5)
     changed[at] = (changed[at] + 1) % 2000 + 3  # one token of difference, in the loaded prefix
-    p3 = P1 + turn1["tokens"] + NEW2
-    names = ["p1", "p2", "changed", "p3"]
-    runs = f.run("plain", [{"tokens": p} for p in (P1, p2, changed, p3)], False)
-    plain = dict(zip(names, runs, strict=True))
+    p3 = P1 + turn1["tokens"] + NEW2  # a branch from turn 1
+    names = ["p1", "p2", "changed", "p3", "p4"]
+    steps = [{"tokens": p} for p in (P1, p2, changed, p3)] + [{"after": 1, "tokens": NEW2}]
+    plain = dict(zip(names, f.run("plain", steps, False), strict=True))
+    p4 = p2 + plain["p2"]["tokens"] + NEW2  # turn 3 (turn 2's reply equals recompute's)
     runs = f.run("C-turn2", [{"tokens": p2, "session": f.name}, {"tokens": changed}], True)
     resumed = dict(zip(["p2", "changed"], runs, strict=True))
-    # One block of turn 1 corrupted on disk (a restart resets the daemon's counters), then
-    # the other turn 2, which needs it.
+    # One block of turn 2 corrupted on disk (a restart resets the daemon's counters), then
+    # turn 3, which needs it, and the branch from turn 1.
     group, block = CORRUPT[f.name]
     ns = turn1["kv_transfer_params"]["tiercache"]["groups"][group]["ns"]
     corrupt_and_restart(gdaemon, f.name, block, ns)
-    (corrupted,) = f.run("F-corrupt", [{"tokens": p3}], connector=True)
+    corrupted, branch = f.run("F-corrupt", [{"tokens": p4}, {"tokens": p3}], connector=True)
     return {
         "f": f,
         "turn1": turn1,
@@ -143,6 +146,7 @@ def family(request: pytest.FixtureRequest, gworkdir: Path, gdaemon: Daemon) -> d
         "plain": plain,
         "resumed": resumed,
         "corrupted": corrupted,
+        "branch": branch,
         "corrupt": gdaemon.metric("tiercache_corrupt_blocks_total"),
         "p2": p2,
     }
@@ -186,6 +190,24 @@ def test_turn_two_in_a_fresh_engine_loads_every_group_and_equals_recompute(
     assert found(r) == 607 // f.block
     assert r["kv_transfer_params"]["tiercache"]["found_tokens"] == 607
     assert r["num_cached_tokens"] == 607
+    # Turn 2 saved its own window (blocks 3, 4 of 715 tokens): each sliding group's block 2,
+    # kept for turn 1's window, is evicted.
+    params = r["kv_transfer_params"]["tiercache"]
+    sliding = [g for g in params["groups"] if g["window"]]
+    assert [list(g["blocks"]) for g in sliding] == [[3, 5]] * len(sliding)
+    assert params["dropped_window_blocks"] == len(sliding)
+
+
+def test_a_branch_from_an_older_turn_recomputes_what_its_windows_lost_and_equals_recompute(
+    family: dict[str, Any],
+) -> None:
+    # A resume from turn 1 after turn 2 (regenerating turn 2's reply): the global layers'
+    # blocks are all kept, the sliding layers' window of turn 1 is not, so a model with a
+    # sliding group misses (and recomputes); one without finds turn 1.
+    f, r = family["f"], family["branch"]
+    same(r, family["plain"]["p3"])
+    has_sliding = any(window for _, window in f.groups)
+    assert found(r) == (0 if has_sliding else 607 // f.block)
 
 
 def test_a_changed_token_of_the_prefix_changes_the_output_and_misses(
@@ -206,7 +228,7 @@ def test_a_corrupted_block_of_one_group_is_recomputed_and_output_still_equal(
     family: dict[str, Any],
 ) -> None:
     f, r = family["f"], family["corrupted"]
-    same(r, family["plain"]["p3"])
+    same(r, family["plain"]["p4"])
     assert family["corrupt"] == 1, CORRUPT[f.name]
     log = f.log("F-corrupt")
     assert "blocks missing; vLLM recomputes" in log

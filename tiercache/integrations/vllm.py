@@ -560,6 +560,7 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
             # until the worker reports the load.)
             saves = self._checkpoint(st, computed, finish=True)
         self._finishing += saves
+        dropped = self._drop_old_windows(st)
         found = st.hit * self.block + (st.tail[0] if st.tail else 0)
         return bool(saves), {
             "tiercache": {
@@ -568,6 +569,7 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 "found_tokens": found,
                 "stored_tail_tokens": st.saved_tail[1] if st.saved_tail else 0,
                 "loaded_async": st.loaded_async,
+                "dropped_window_blocks": dropped,
                 # Per group, the blocks [first, end) this request stored (or found).
                 "groups": [
                     {
@@ -580,6 +582,22 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 ],
             }
         }
+
+    def _drop_old_windows(self, st: _Req) -> int:
+        """A chat's turn that resumed at ``st.hit`` blocks and saved its own window: each
+        sliding group's blocks of the window it resumed from that its new window does not
+        keep are evicted (by key), so a long chat keeps its sliding layers' last window only
+        (``tiercache.groups``: a resume from an older turn then recomputes more, never
+        wrongly). Only for requests that name a session (a chat); returns the blocks evicted."""
+        keys: list[BlockKey] = []
+        for g in self.groups if st.session and st.hit else ():
+            if g.window is not None and g.index in st.windows:
+                old = needed_blocks(g.ns.spec, st.hit)[0].start
+                new = st.windows[g.index][0]
+                keys += self._keys(st, g, st.hit * self.block)[old : min(new, st.hit)]
+        if not keys:
+            return 0
+        return self._link.call("evict", functools.partial(Client.evict, keys=keys)) or 0
 
     # -- worker side -----------------------------------------------------------
 
