@@ -156,10 +156,10 @@ def resumed(
     return {"p2": out[0], "changed": out[1]}
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+def same(a: dict[str, Any], b: dict[str, Any], tol: float = LOGPROB_TOL) -> None:
     assert a["tokens"] == b["tokens"]
     diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True))
-    assert diff <= LOGPROB_TOL, f"log-probs differ by {diff}"
+    assert diff <= tol, f"log-probs differ by {diff}"
 
 
 def _seen(daemon: Daemon) -> bool:

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from tests.vllm.test_connector import (
+    LOGPROB_TOL,
     NEW,
     P1,
     Daemon,
@@ -68,6 +69,7 @@ NEW2 = tokens(100, seed=3)  # the next message of turn 3, or of a branch from tu
 # or of an all-sliding model, one the resumed window holds (earlier ones barely reach the
 # output there: measured 0.056 of log-prob at token 5, 4 layers of 256-token windows).
 CONTROL_AT = {"mistral": 500}
+PARTIAL_RECOMPUTE_TOL = 0.1
 # A changed token moves every family's output (tokens, or log-probs far past bf16 noise).
 CONTROL_MIN_LOGPROB_DELTA = 0.1
 
@@ -228,7 +230,12 @@ def test_a_corrupted_block_of_one_group_is_recomputed_and_output_still_equal(
     family: dict[str, Any],
 ) -> None:
     f, r = family["f"], family["corrupted"]
-    same(r, family["plain"]["p4"])
+    # One full group: vLLM recomputes from the failed block, a prefill over the blocks before
+    # it, whose bf16 numerics differ from a whole prefill's. vLLM's own prefix cache gives the
+    # same: measured 0.0558 for gemma3-hma-off here, from the connector and from a hit of that
+    # block in vLLM's cache alike. Otherwise the request is recomputed whole.
+    block_level = f.groups == [("full", None)]
+    same(r, family["plain"]["p4"], PARTIAL_RECOMPUTE_TOL if block_level else LOGPROB_TOL)
     assert family["corrupt"] == 1, CORRUPT[f.name]
     log = f.log("F-corrupt")
     assert "blocks missing; vLLM recomputes" in log

