@@ -13,7 +13,8 @@ one MLA latent (``KVSpec.planes``). Engine layouts, per layer:
   group: a ``(latent,)`` 1-tuple, ``[batch, 1, seq, latent]``); "block ids" are block
   positions along the sequence of one batch row.
 - ``vllm-cpu`` (vLLM's CPU backend): one tensor ``[num_blocks, heads, block_size,
-  2 * head_dim]``, K tiled in an ISA-dependent order. A layer's block is copied
+  2 * head_dim]``, K tiled in an ISA-dependent order (MLA: ``[num_blocks, 1, block_size,
+  latent]``, one plane). A layer's block is copied
   as it is, as opaque bytes filling the ``[2, block_size, heads, head_dim]`` of
   its page-first slot: it round-trips exactly, but only the same engine on the
   same ISA can read it (the connector puts the ISA in the namespace).
@@ -100,10 +101,10 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                 raise LayoutError(f"layer {i}: K/V must be [batch, {h}, seq, {d}], got {got}")
         elif spec.layout is Layout.VLLM_CPU:
             assert isinstance(c, torch.Tensor)
-            if tuple(c.shape[1:]) != (h, bs, 2 * d) or c.dim() != 4:
+            if tuple(c.shape[1:]) != (h, bs, spec.planes * d) or c.dim() != 4:
                 raise LayoutError(
                     f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of "
-                    f"{spec} ([num_blocks, {h}, {bs}, {2 * d}])"
+                    f"{spec} ([num_blocks, {h}, {bs}, {spec.planes * d}])"
                 )
         else:
             assert isinstance(c, torch.Tensor)

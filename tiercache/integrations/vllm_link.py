@@ -1,0 +1,120 @@
+"""The vLLM connector's link to the daemon: one ``Client``, reconnected after failures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from tiercache.client import Client, RemoteError
+
+logger = logging.getLogger("vllm.tiercache")
+
+# -- the daemon link -----------------------------------------------------------
+
+
+class Link:
+    """A ``Client`` connected on first use and dropped on a connection error; reconnects
+    at most every ``retry`` seconds, so a dead daemon costs a failed connect per retry
+    period, not per request."""
+
+    def __init__(self, socket: str | None, name: str, retry: float) -> None:
+        self._socket = socket
+        self._name = name
+        self._retry = retry
+        self._client: Client | None = None
+        self._next_try = 0.0
+        self._down_logged = False
+        self._errors_logged: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def _path(self) -> str:
+        if self._socket is not None:
+            return self._socket
+        from tiercache.daemon.config import DaemonConfig
+
+        return str(DaemonConfig().socket)
+
+    def get(self) -> Client | None:
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            if time.monotonic() < self._next_try:
+                return None
+            try:
+                self._client = Client(self._path(), name=self._name)
+            except (OSError, RemoteError) as e:
+                self._next_try = time.monotonic() + self._retry
+                if not self._down_logged:
+                    logger.warning(
+                        "tiercache daemon unavailable (%s); caching is off until it is back", e
+                    )
+                    self._down_logged = True
+                return None
+            if self._down_logged:
+                logger.info("tiercache daemon connected at %s", self._path())
+                self._down_logged = False
+            return self._client
+
+    def call(self, what: str, fn: Callable[[Client], _T]) -> _T | None:
+        """``fn(client)``, or None when the daemon cannot be reached or answers an error. A
+        lost connection (the daemon restarted) is retried once on a new one at once."""
+        for attempt in range(2):
+            client = self.get()
+            if client is None:
+                return None
+            try:
+                return fn(client)
+            except LINK_ERRORS as e:
+                self.failed(what, e, retry_after=0.0 if attempt == 0 else None)
+                if isinstance(e, RemoteError):
+                    return None
+        return None
+
+    def failed(self, what: str, exc: BaseException, retry_after: float | None = None) -> None:
+        """A call failed: a lost connection drops the client (reconnect later); a daemon
+        error (it answered) keeps it."""
+        if isinstance(exc, RemoteError):
+            # The daemon answered: the same error (a misconfiguration, usually) would repeat
+            # on every request, so each kind is logged once.
+            if (what, exc.code) not in self._errors_logged:
+                self._errors_logged.add((what, exc.code))
+                logger.warning("tiercache %s failed: %s", what, exc)
+            return
+        logger.warning("tiercache %s failed, reconnecting: %s", what, exc)
+        self.close(retry_after=self._retry if retry_after is None else retry_after, wait=False)
+
+    def close(self, retry_after: float = 0.0, wait: bool = True) -> None:
+        """Drop the client. ``wait=False`` closes it on a thread of its own, so the request
+        that found the daemon gone does not wait for it: the client unmapped that daemon's
+        arena when the connection ended, but one that raced the daemon's exit may still hold
+        its last mapping, and unmapping that frees every page (measured: 0.35 s for 2 GiB)."""
+        with self._lock:
+            client, self._client = self._client, None
+            self._next_try = time.monotonic() + retry_after
+        if client is None:
+            return
+        if wait:
+            _close_quietly(client)
+        else:
+            threading.Thread(
+                target=_close_quietly, args=(client, True), name="tiercache-close", daemon=True
+            ).start()
+
+
+def _close_quietly(client: Client, background: bool = False) -> None:
+    if background:
+        # The unmapping is kernel time charged to this thread: at the lowest priority it
+        # takes the engine's spare cycles, not its compute threads' (Linux: per thread).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    with contextlib.suppress(Exception):  # the connection may already be gone
+        client.close()
+
+
+LINK_ERRORS = (OSError, RemoteError, EOFError)  # ConnectionError is an OSError
+_T = TypeVar("_T")
