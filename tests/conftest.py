@@ -98,3 +98,13 @@ def fuzz_examples(n: int) -> int:
     import os
 
     return n * max(1, int(os.environ.get("TIERCACHE_FUZZ_SCALE", "1")))
+
+
+def key(i: int) -> bytes:
+    """A block key made from ``i`` (the rooms' unit tests address blocks by number)."""
+    return i.to_bytes(16, "little")
+
+
+def row(i: int) -> torch.Tensor:
+    """Block ``i``'s bytes: ``i + 1`` everywhere (never zero, so an unwritten row shows)."""
+    return torch.full((NBYTES,), i + 1, dtype=torch.uint8)

@@ -7,16 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import key
 from tiercache.errors import LeaseError
 from tiercache.index import DEVICE, DISK, HOST, LOCAL, REMOTE, TIERS, Entry, Index, Location
-from tiercache.keys import BlockKey
 from tiercache.tiers.disk import DiskRecord
 
 ARRAY = "ns/test"
-
-
-def key(i: int) -> BlockKey:
-    return i.to_bytes(16, "little")  # distinct leading bytes: errors show the first 16 hex digits
 
 
 def record(i: int) -> DiskRecord:

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import NBYTES, flip_byte, make_ns
+from tests.conftest import NBYTES, flip_byte, key, make_ns, row
 from tiercache.errors import BlockShapeError
 from tiercache.index import DEVICE, DISK, HOST, Entry
-from tiercache.keys import BlockKey
 from tiercache.reads import output_rows, read_entries, usage
 from tiercache.stats import Stats
 from tiercache.tiers.device import DeviceTier
@@ -22,15 +21,6 @@ from tiercache.tiers.disk import DiskRecord, DiskTier
 from tiercache.tiers.host import HostArena
 
 NS = make_ns()
-
-
-def key(i: int) -> BlockKey:
-    return i.to_bytes(16, "little")
-
-
-def row(i: int) -> torch.Tensor:
-    """Block ``i``'s bytes: ``i + 1`` everywhere (never zero, so an unwritten row shows)."""
-    return torch.full((NBYTES,), i + 1, dtype=torch.uint8)
 
 
 @dataclass

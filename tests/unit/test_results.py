@@ -8,20 +8,16 @@ import dataclasses
 import pytest
 import torch
 
-from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns
+from tests.conftest import NBYTES, SPEC, as_bytes, key, make_blocks, make_ns
 from tiercache.errors import LeaseError
 from tiercache.index import DISK, HOST, Entry, Index
-from tiercache.keys import BlockKey, Namespace
+from tiercache.keys import Namespace
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
 from tiercache.storage_format import store_rows
 from tiercache.tiers.disk import DiskRecord
 
 NS = make_ns()
 KV_SHAPE = (SPEC.num_layers, 2, SPEC.block_size, SPEC.num_kv_heads, SPEC.head_dim)
-
-
-def key(i: int) -> BlockKey:
-    return i.to_bytes(16, "little")
 
 
 def host_entry(i: int, slot: int) -> Entry:

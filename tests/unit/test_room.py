@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import NBYTES, flip_byte, make_ns
+from tests.conftest import NBYTES, flip_byte, key, make_ns, row
 from tiercache.errors import NoRoom
 from tiercache.index import DISK, HOST, Entry, Index
-from tiercache.keys import BlockKey
 from tiercache.lock import CacheLock
 from tiercache.policy.base import POLICIES, EvictionPolicy
 from tiercache.room import DiskRoom, HostRoom
@@ -23,14 +22,6 @@ from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
 
 NS = make_ns()
-
-
-def key(i: int) -> BlockKey:
-    return i.to_bytes(16, "little")
-
-
-def row(i: int) -> torch.Tensor:
-    return torch.full((NBYTES,), i + 1, dtype=torch.uint8)
 
 
 @dataclass

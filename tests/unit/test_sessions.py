@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NBYTES
+from tests.conftest import NBYTES, key
 from tiercache.errors import SessionPinned, UnknownSession
 from tiercache.index import HOST, Entry, Index
 from tiercache.keys import BlockKey
 from tiercache.sessions import Session, Sessions
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskTier
-
-
-def key(i: int) -> BlockKey:
-    return i.to_bytes(16, "little")
 
 
 def keys(*ids: int) -> list[BlockKey]:
