@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import struct
 import types
 from dataclasses import dataclass, field
@@ -170,12 +171,17 @@ def _check(name: str, kind: object, value: Any, meta: Any) -> Any:
     return value
 
 
-def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
+@functools.cache
+def _fields(cls: Any) -> tuple[tuple[dataclasses.Field[Any], object], ...]:
+    """A message class's init fields with their resolved types, worked out once per class
+    (resolving string annotations per message cost ~0.1 ms of daemon CPU a request)."""
     hints = get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
+
+
+def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
+    for f, kind in _fields(cast("Any", cls)):
         if f.name not in args or args[f.name] is None:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if required:
@@ -184,7 +190,7 @@ def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
                 )
             if f.name not in args:
                 continue
-        values[f.name] = _check(f.name, hints[f.name], args[f.name], f.metadata)
+        values[f.name] = _check(f.name, kind, args[f.name], f.metadata)
     return cls(**values)
 
 
