@@ -20,6 +20,7 @@ def generate(
             ids[None],
             past_key_values=past,
             max_new_tokens=reply,
+            min_new_tokens=reply,  # scores and tokens line up even past an end-of-text token
             do_sample=False,
             pad_token_id=0,
             output_scores=True,

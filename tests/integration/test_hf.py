@@ -113,22 +113,8 @@ QUANT_MEASURED = {
 
 
 def reply_of(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = model.generate(
-            ids[None],
-            past_key_values=past,
-            max_new_tokens=QUANT_REPLY,
-            min_new_tokens=QUANT_REPLY,
-            do_sample=False,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    toks = out.sequences[0, ids.numel() :]
-    logp = torch.stack(
-        [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, toks, strict=True)]
-    )
-    return toks, logp
+    seq, logp = generate(model, ids, past, QUANT_REPLY)
+    return seq[ids.numel() :], logp
 
 
 @pytest.mark.slow
