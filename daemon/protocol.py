@@ -528,9 +528,10 @@ def error_frame(rid: Any, code: str, message: str) -> bytes:
     return encode({"id": rid, "ok": False, "error": {"code": code, "message": message}})
 
 
-def reply_result(body: bytes) -> Any:
-    """A reply frame's ``result``, or the RemoteError it carries."""
-    reply = decode(body)
+def reply_result(reply: Any) -> Any:
+    """A decoded reply's ``result``, or the RemoteError it carries."""
+    if not isinstance(reply, dict):
+        raise ProtocolError("bad_reply", f"a reply must be a map, got {reply!r:.80}")
     if not reply.get("ok"):
         err = reply.get("error") or {}
         raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")))

@@ -123,18 +123,26 @@ class AsyncClient:
             raise ConnectionError("the tiercache daemon closed the connection")
         return self._arena
 
-    async def _roundtrip(self, frame: bytes) -> Any:
-        """Send one request frame; the reply's ``result`` (a RemoteError when refused)."""
+    async def _roundtrip(self, rid: int, frame: bytes) -> Any:
+        """Send request ``rid``'s frame; its reply's ``result`` (a RemoteError when refused).
+
+        Replies come in request order. One whose caller was cancelled while it waited (a
+        timeout, a client shutting down) still arrives: it is read and dropped here, so the
+        next request never takes an earlier request's reply for its own."""
         async with self._lock:
             self._writer.write(frame)
             await self._writer.drain()
-            body = await read_frame(self._reader)
-        if body is None:
-            raise ConnectionError("the tiercache daemon closed the connection")
-        return wire.reply_result(body)
+            while True:
+                body = await read_frame(self._reader)
+                if body is None:
+                    raise ConnectionError("the tiercache daemon closed the connection")
+                reply = wire.decode(body)
+                if not isinstance(reply, dict) or reply.get("id") in (rid, None):
+                    return wire.reply_result(reply)
 
     async def _send(self, req: wire.Request) -> Any:
-        return await self._roundtrip(wire.encode_request(next(self._ids), req))
+        rid = next(self._ids)
+        return await self._roundtrip(rid, wire.encode_request(rid, req))
 
     async def request(self, req: wire.Request, reply: type[M]) -> M:
         """Send ``req``; its reply, typed."""
@@ -142,7 +150,8 @@ class AsyncClient:
 
     async def call(self, op: str, **args: Any) -> Any:
         """A raw request (for tests and tools that speak the protocol by hand)."""
-        return await self._roundtrip(wire.encode({"id": next(self._ids), "op": op, "args": args}))
+        rid = next(self._ids)
+        return await self._roundtrip(rid, wire.encode({"id": rid, "op": op, "args": args}))
 
     async def register(self, ns: Namespace) -> None:
         if ns.hex in self._ns:
@@ -220,7 +229,11 @@ class AsyncClient:
             return SaveResult(c.stored, c.present, c.rejected)
 
         async def abort(r: wire.Reserved) -> None:
-            await self._send(wire.Abort(r.txn))
+            try:
+                await self._send(wire.Abort(r.txn))
+            except RemoteError as e:  # a commit the daemon took before this caller gave up
+                if e.code != "unknown_txn":
+                    raise
 
         return await save_rounds(data.shape[0], reserve, fill, commit, abort)
 

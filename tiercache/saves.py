@@ -17,6 +17,7 @@ from tiercache.errors import BlockShapeError, Draining
 from tiercache.index import HOST, Entry
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.results import Reservation, SaveResult
+from tiercache.transaction import abort_later
 
 if TYPE_CHECKING:
     from tiercache.manager import TierManager
@@ -53,42 +54,63 @@ class HostSaves:
                 f"{n} blocks from block {first_block} do not fit the "
                 f"{len(keys)} full blocks of the sequence"
             )
-        r, nbytes = Reservation(ns, array, keys, session, first_block), ns.block_nbytes
+        r = Reservation(ns, array, keys, session, first_block)
         async with m._lock:
-            m._check_open()
-            if m.admission.threshold == 1:  # else only admitted blocks make room, one by one
-                await m.host_room.make_room(
-                    sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
-                )
-            if session:
-                await m.sessions.extend(session, keys, ns.hex)
-            for i in range(n):
-                key = keys[first_block + i]
-                entry = m.index.get(key)
-                if entry is not None:
-                    r.present += 1
-                    m._touch(entry)
-                elif not m.admission.admit(key):
-                    r.rejected += 1
-                else:
-                    slot = await m.host_room.slot_or_none()
-                    if slot is None:
-                        if not r.entries:
-                            r.rejected += n - i
-                            r.walked = n
-                            m.stats.error("host_full")
-                        return r
-                    r.entries.append(Entry(key, array, nbytes, at={HOST: slot}))
-                    r.rows.append(i)
-                r.walked = i + 1
+            try:
+                return await self._reserve_locked(r, n)
+            except BaseException:  # cancelled or failed mid-walk: no slot may stay taken
+                self._free(r)
+                raise
+
+    async def _reserve_locked(self, r: Reservation, n: int) -> Reservation:
+        m, keys, first_block, nbytes = self._m, r.keys, r.first_block, r.ns.block_nbytes
+        m._check_open()
+        if m.admission.threshold == 1:  # else only admitted blocks make room, one by one
+            await m.host_room.make_room(
+                sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
+            )
+        if r.session:
+            await m.sessions.extend(r.session, keys, r.ns.hex)
+        for i in range(n):
+            key = keys[first_block + i]
+            entry = m.index.get(key)
+            if entry is not None:
+                r.present += 1
+                m._touch(entry)
+            elif not m.admission.admit(key):
+                r.rejected += 1
+            else:
+                slot = await m.host_room.slot_or_none()
+                if slot is None:
+                    if not r.entries:
+                        r.rejected += n - i
+                        r.walked = n
+                        m.stats.error("host_full")
+                    return r
+                r.entries.append(Entry(key, r.array, nbytes, at={HOST: slot}))
+                r.rows.append(i)
+            r.walked = i + 1
         return r
 
     async def commit(self, r: Reservation) -> SaveResult:
-        """Make a filled reservation's blocks visible (and write them through to disk)."""
+        """Make a filled reservation's blocks visible (and write them through to disk). A
+        commit cancelled before it took the blocks (waiting for the lock: a client that went
+        away, a caller that gave up) gives their slots back instead."""
+        try:
+            return await self._commit(r)
+        except BaseException:
+            if r.entries:
+                abort_later(self.abort(r))
+            raise
+
+    async def _commit(self, r: Reservation) -> SaveResult:
         m, t0 = self._m, time.perf_counter()
         async with m._lock:
+            # From here the entries are the index's: an abort (after a cancel or a failed
+            # write-through below) must not free their slots, so the reservation lets go now.
+            entries, r.entries = r.entries, []
             now = time.monotonic()
-            for e, row in zip(r.entries, r.rows, strict=True):
+            for e, row in zip(entries, r.rows, strict=True):
                 e.last_use = now
                 m.index.add(e)
                 i = r.first_block + row  # the block's place in its chain: its parent, position
@@ -98,21 +120,22 @@ class HostSaves:
             if sess is not None and sess.pinned:
                 m.sessions.pin_keys(sess)
             if m.shared is not None:
-                m.shared.saved(r.entries, sess.keys if sess is not None and sess.pinned else [])
-            nbytes = len(r.entries) * r.ns.block_nbytes
+                m.shared.saved(entries, sess.keys if sess is not None and sess.pinned else [])
+            nbytes = len(entries) * r.ns.block_nbytes
             m.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
-            if m.write.write_on_save and m.disk_room is not None and r.entries:
+            if m.write.write_on_save and m.disk_room is not None and entries:
                 # A disk write under the lock (tiercache.lock): write-through means the save's
                 # reply says the blocks are on disk. Write-back (the default) avoids it.
-                await m.disk_room.write(r.entries, m.host)
-        result = SaveResult(len(r.entries), r.present, r.rejected)
-        r.entries = []
-        return result
+                await m.disk_room.write(entries, m.host)
+        return SaveResult(len(entries), r.present, r.rejected)
 
     async def abort(self, r: Reservation) -> None:
         """Give back a reservation's slots unfilled (a client that died or gave up)."""
-        m = self._m
-        async with m._lock:
-            for slot in r.slots:
-                m.host.free(slot)
-            r.entries = []
+        async with self._m._lock:
+            self._free(r)
+
+    def _free(self, r: Reservation) -> None:
+        """Under the lock: the reservation's slots back to the arena (once: then it is empty)."""
+        for slot in r.slots:
+            self._m.host.free(slot)
+        r.entries = []

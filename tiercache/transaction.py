@@ -15,6 +15,8 @@ is here, so a fix to it reaches every caller.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -38,6 +40,17 @@ R = TypeVar("R", bound=Reserved)
 L = TypeVar("L", bound=Leased)
 
 
+_aborts: set[asyncio.Future[None]] = set()  # aborts running after their caller left
+
+
+def abort_later(abort: Awaitable[None]) -> None:
+    """Run ``abort`` to its end although whoever started the save was cancelled (a cancel
+    must not wait on the cache's lock, nor leave the reserved slots taken)."""
+    task = asyncio.ensure_future(abort)
+    _aborts.add(task)
+    task.add_done_callback(_aborts.discard)
+
+
 async def save_rounds(
     count: int,
     reserve: Callable[[int, int], Awaitable[R]],
@@ -46,17 +59,31 @@ async def save_rounds(
     abort: Callable[[R], Awaitable[None]],
 ) -> SaveResult:
     """Save ``count`` blocks: ``reserve(done, left)`` the next round, ``fill(r, done)`` its
-    slots, ``commit(r)`` (``abort(r)`` when the fill raised)."""
+    slots, ``commit(r)``; ``abort(r)`` when the fill or the commit raised (``commit`` must
+    leave nothing to abort once it made the blocks visible).
+
+    A caller cancelled while its reservation is on the way (a request on the wire, a walk
+    waiting for the lock) does not wait for it: the reservation is aborted when it lands."""
     total = SaveResult(0, 0, 0)
     done = 0
     while done < count:
-        r = await reserve(done, count - done)
+        reserving = asyncio.ensure_future(reserve(done, count - done))
+        try:
+            r = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or abort_later(abort(f.result()))
+            )
+            raise
         try:
             await fill(r, done)
+            total += await commit(r)
+        except asyncio.CancelledError:
+            abort_later(abort(r))
+            raise
         except BaseException:
             await abort(r)
             raise
-        total += await commit(r)
         if not r.walked:
             break
         done += r.walked
