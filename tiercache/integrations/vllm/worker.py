@@ -27,15 +27,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from tiercache.client import Client
 from tiercache.integrations.attached import AttachedKV
-from tiercache.integrations.vllm_groups import (
+from tiercache.integrations.vllm.groups import (
     FULL,
     NULL_BLOCK,
     Group,
     to_engine_blocks,
     to_store_blocks,
 )
-from tiercache.integrations.vllm_link import Link
-from tiercache.integrations.vllm_options import ConnectorConfigError
+from tiercache.integrations.vllm.link import Link
+from tiercache.integrations.vllm.options import ConnectorConfigError
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import KeyChain
 from tiercache.results import SaveResult

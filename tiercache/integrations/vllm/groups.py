@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xxhash
 
-from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
+from tiercache.integrations.vllm.options import ConnectorConfigError, Options, model_fingerprint
 from tiercache.keys import Namespace
 from tiercache.spec import AttentionKind, KVSpec, Layout, dtype_name
 
