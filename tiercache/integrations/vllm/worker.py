@@ -1,6 +1,6 @@
 """The vLLM connector's worker side: copies between the engine's paged KV cache and the daemon.
 
-The scheduler side (``TierCacheConnector``) decides, once per step, which tiercache blocks
+The scheduler side (``scheduler.py``) decides, once per step, which tiercache blocks
 each request loads and saves, one ``Transfer`` per KV cache group; this side carries them
 out with the torch reference gather/scatter (``tiercache.kernels.reference``) through the
 daemon's shared host arena, or, on a GPU engine with one full-attention group, lets the
@@ -20,10 +20,8 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from tiercache.client import Client
 from tiercache.integrations.attached import AttachedKV
@@ -31,10 +29,12 @@ from tiercache.integrations.vllm.groups import (
     FULL,
     NULL_BLOCK,
     Group,
+    by_request,
     to_engine_blocks,
     to_store_blocks,
 )
 from tiercache.integrations.vllm.link import Link
+from tiercache.integrations.vllm.metadata import TierCacheMetadata, Transfer
 from tiercache.integrations.vllm.options import ConnectorConfigError
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import KeyChain
@@ -47,37 +47,13 @@ logger = logging.getLogger("vllm.tiercache")
 _IDLE_WAIT_S = 0.02
 
 
-@dataclass
-class Transfer:
-    """Blocks ``first .. first + count`` of one group's key chain, and the vLLM blocks they
-    map to (``per_block`` engine blocks per tiercache block; fewer for a tail, whose last
-    engine blocks may not exist)."""
-
-    req_id: str
-    keys: bytes  # packed KeyChain up to the last block of this transfer (a tail key last)
-    first: int
-    count: int
-    block_ids: list[int]
-    session: str | None = None
-    skip: int = 0  # load only: leading engine blocks already computed locally (not written)
-    background: bool = False  # load only: asynchronous, reported by get_finished
-    finish: bool = False  # save only: the request finished; its blocks wait for this save
-    group: int = 0  # the KV cache group
-
-
-@dataclass
-class TierCacheMetadata(KVConnectorMetadata):
-    loads: list[Transfer] = field(default_factory=list)
-    saves: list[Transfer] = field(default_factory=list)
-
-
 class Worker:
     """The engine's caches per group, and the loads and saves of each step."""
 
     def __init__(self, groups: Sequence[Group], per_block: int, link: Link, attach: bool) -> None:
         self.groups = list(groups)
         self.per_block = per_block
-        self.by_request = len(groups) > 1 or any(g.window is not None for g in groups)
+        self.by_request = by_request(groups)
         self._link = link
         self._attach = attach
         self._caches: list[list[torch.Tensor]] = []  # per group, in its layer order
