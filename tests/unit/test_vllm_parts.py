@@ -12,12 +12,12 @@ from tiercache.demo_models import save_tiny
 from tiercache.integrations.vllm import (
     ConnectorConfigError,
     Options,
-    _session,
     model_fingerprint,
     to_engine_blocks,
     to_store_blocks,
 )
-from tiercache.integrations.vllm_groups import FULL, SLIDING, Group
+from tiercache.integrations.vllm.groups import FULL, SLIDING, Group
+from tiercache.integrations.vllm.scheduler import _session
 from tiercache.kernels.reference import LayoutError, gather, scatter
 from tiercache.keys import Namespace
 from tiercache.spec import AttentionKind, KVSpec, Layout

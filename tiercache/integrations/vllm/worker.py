@@ -1,10 +1,10 @@
 """The vLLM connector's worker side: copies between the engine's paged KV cache and the daemon.
 
-The scheduler side (``TierCacheConnector``) decides, once per step, which tiercache blocks
+The scheduler side (``scheduler.py``) decides, once per step, which tiercache blocks
 each request loads and saves, one ``Transfer`` per KV cache group; this side carries them
-out with the torch reference gather/scatter (``tiercache.kernels.reference``) through the
-daemon's shared host arena, or, on a GPU engine with one full-attention group, lets the
-daemon's kernels move them (``AttachedKV``).
+out through a ``Transport`` (``transport.py``), chosen once when the engine registers its
+caches: copies through the daemon's shared host arena, or, on a GPU engine with one
+full-attention group, the daemon's kernels on the engine's attached caches.
 
 A load that fails (a block evicted, a checksum that does not verify, the daemon gone) is
 reported so that vLLM recomputes it: as engine blocks (``load_errors``) for a model with
@@ -20,25 +20,15 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from tiercache.client import Client
-from tiercache.integrations.attached import AttachedKV
-from tiercache.integrations.vllm_groups import (
-    FULL,
-    NULL_BLOCK,
-    Group,
-    to_engine_blocks,
-    to_store_blocks,
-)
-from tiercache.integrations.vllm_link import Link
-from tiercache.integrations.vllm_options import ConnectorConfigError
-from tiercache.kernels.reference import gather, scatter
-from tiercache.keys import KeyChain
-from tiercache.results import SaveResult
+from tiercache.integrations.vllm.groups import Group, by_request
+from tiercache.integrations.vllm.link import Link
+from tiercache.integrations.vllm.metadata import TierCacheMetadata, Transfer
+from tiercache.integrations.vllm.options import ConnectorConfigError
+from tiercache.integrations.vllm.transport import Transport, pick
+from tiercache.kernels.reference import gather
 
 logger = logging.getLogger("vllm.tiercache")
 
@@ -47,41 +37,16 @@ logger = logging.getLogger("vllm.tiercache")
 _IDLE_WAIT_S = 0.02
 
 
-@dataclass
-class Transfer:
-    """Blocks ``first .. first + count`` of one group's key chain, and the vLLM blocks they
-    map to (``per_block`` engine blocks per tiercache block; fewer for a tail, whose last
-    engine blocks may not exist)."""
-
-    req_id: str
-    keys: bytes  # packed KeyChain up to the last block of this transfer (a tail key last)
-    first: int
-    count: int
-    block_ids: list[int]
-    session: str | None = None
-    skip: int = 0  # load only: leading engine blocks already computed locally (not written)
-    background: bool = False  # load only: asynchronous, reported by get_finished
-    finish: bool = False  # save only: the request finished; its blocks wait for this save
-    group: int = 0  # the KV cache group
-
-
-@dataclass
-class TierCacheMetadata(KVConnectorMetadata):
-    loads: list[Transfer] = field(default_factory=list)
-    saves: list[Transfer] = field(default_factory=list)
-
-
 class Worker:
-    """The engine's caches per group, and the loads and saves of each step."""
+    """The loads and saves of each step, through the engine's transport, and their reports."""
 
     def __init__(self, groups: Sequence[Group], per_block: int, link: Link, attach: bool) -> None:
         self.groups = list(groups)
         self.per_block = per_block
-        self.by_request = len(groups) > 1 or any(g.window is not None for g in groups)
+        self.by_request = by_request(groups)
         self._link = link
         self._attach = attach
-        self._caches: list[list[torch.Tensor]] = []  # per group, in its layer order
-        self._attached: AttachedKV | None = None  # GPU engines: the daemon moves the blocks
+        self._transport: Transport | None = None  # chosen when the engine registers its caches
         self._failed_reqs: set[str] = set()  # this step's requests whose load failed
         # background loads (one request at a time, in order) and what they have finished;
         # _done guards the sets below and _loading
@@ -95,19 +60,21 @@ class Worker:
         self._sent: set[str] = set()  # finished requests whose tail save is done
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._caches = []
+        caches = []  # per group, in its layer order
         for g in self.groups:
             missing = [name for name in g.layer_names if name not in kv_caches]
             if missing:
                 raise ConnectorConfigError(f"the engine registered no KV cache for {missing[0]}")
-            self._caches.append([kv_caches[name] for name in g.layer_names])
+            caches.append([kv_caches[name] for name in g.layer_names])
             # Checks every layer's shape against the spec now, with a message naming the
             # layer, rather than at the first transfer.
-            gather(g.engine, self._caches[-1], [])
-        first = self._caches[0][0]
-        one_full = len(self.groups) == 1 and self.groups[0].kind == FULL
-        if self._attach and first.is_cuda and self.per_block == 1 and one_full:
-            self._attached = AttachedKV(self.groups[0].ns, self._caches[0])
+            gather(g.engine, caches[-1], [])
+        self._transport = pick(self.groups, caches, self.per_block, self._attach)
+
+    @property
+    def transport(self) -> Transport:
+        assert self._transport is not None, "vLLM registers the KV caches before any transfer"
+        return self._transport
 
     # -- loads -----------------------------------------------------------------
 
@@ -159,40 +126,9 @@ class Worker:
 
     def _load_one(self, t: Transfer) -> list[int]:
         """Load ``t`` into the engine's blocks; returns the engine blocks not loaded."""
-        g, caches = self.groups[t.group], self._caches[t.group]
-        keys = KeyChain.from_bytes(t.keys)
-        spec, per, device = g.ns.spec, self.per_block, caches[0].device
-
-        attached = self._attached
-        if attached is not None and attached.enabled:
-            # The daemon scatters straight into the engine's blocks (a tiercache block is one
-            # engine block here); those computed locally (the first t.skip) are left alone.
-            # A background load completes before it is reported: its request runs later,
-            # on the step thread's stream, which did not wait for it.
-            ids, first = t.block_ids[t.skip :], t.first + t.skip
-            tiers = self._link.call(
-                "load", lambda c: attached.load(c, keys, ids, first, wait=t.background)
-            )
-            if tiers is not None or attached.enabled:
-                return self._report_load(t, 0 if tiers is None else t.skip + len(tiers))
-
-        def into_engine(i: int, rows: torch.Tensor) -> None:
-            # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
-            # their engine blocks (those not computed locally, not past the transfer's, and
-            # not vLLM's null block: a sliding group's freed slot).
-            typed = rows.view(spec.torch_dtype).view(rows.shape[0], *spec.block_shape)
-            lo, hi = max(t.skip, i * per), min(len(t.block_ids), (i + rows.shape[0]) * per)
-            if lo < hi:
-                eng = to_engine_blocks(typed, spec, per)[lo - i * per : hi - i * per]
-                keep = [j for j, b in enumerate(t.block_ids[lo:hi]) if b != NULL_BLOCK]
-                ids = [t.block_ids[lo + j] for j in keep]
-                scatter(g.engine, eng[keep].to(device), caches, ids)
-
-        tiers = self._link.call(
-            "load",
-            lambda c: c.load_into(g.ns, keys, into_engine, first_block=t.first, max_blocks=t.count),
-        )
-        return self._report_load(t, 0 if tiers is None else len(tiers))
+        transport = self.transport
+        got = self._link.call("load", functools.partial(transport.load, t=t))
+        return self._report_load(t, got or 0)
 
     def _report_load(self, t: Transfer, got: int) -> list[int]:
         """The engine blocks of ``t`` not loaded when ``got`` blocks from ``t.first`` were."""
@@ -212,28 +148,16 @@ class Worker:
     # -- saves -----------------------------------------------------------------
 
     def save(self, meta: TierCacheMetadata) -> None:
+        transport = self.transport
         reachable = True
         for t in meta.saves:
             if reachable and t.req_id not in self._failed_reqs:
                 # An unreachable daemon: no point trying the other saves this step.
-                reachable = self._link.call("save", functools.partial(self._save_to, t)) is not None
+                reachable = (
+                    self._link.call("save", functools.partial(transport.save, t=t)) is not None
+                )
             if t.finish:
                 self._sent.add(t.req_id)  # saved or not, vLLM may free its blocks now
-
-    def _save_to(self, t: Transfer, client: Client) -> SaveResult:
-        g = self.groups[t.group]
-        keys = KeyChain.from_bytes(t.keys)
-        short = t.count * self.per_block - len(t.block_ids)
-        if self._attached is not None and not short:
-            # The daemon gathers from the engine's blocks once this step's forward is done.
-            saved = self._attached.save(client, keys, t.block_ids, t.first, t.session)
-            if saved is not None:
-                return saved
-        rows = gather(g.engine, self._caches[t.group], t.block_ids).cpu()
-        if short:  # a tail whose last engine blocks do not exist: they are stored as zeros
-            rows = torch.cat([rows, rows.new_zeros((short, *rows.shape[1:]))])
-        blocks = to_store_blocks(rows, g.ns.spec, self.per_block)
-        return client.save(g.ns, keys, blocks, first_block=t.first, session=t.session)
 
     # -- reports ---------------------------------------------------------------
 

