@@ -8,7 +8,10 @@ import asyncio
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.conftest import fuzz_examples
 from tiercache.daemon.protocol import (
     MAX_FRAME,
     Hello,
@@ -46,6 +49,17 @@ def test_a_message_bigger_than_a_frame_is_refused_when_encoded() -> None:
     with pytest.raises(ProtocolError) as e:
         encode({"blob": b"x" * (MAX_FRAME + 1)})
     assert e.value.code == "frame_too_large"
+
+
+@settings(max_examples=fuzz_examples(300), deadline=None)
+@given(st.binary(max_size=200))
+def test_the_frame_decoder_raises_only_protocol_errors(body: bytes) -> None:
+    try:
+        msg = decode(body)
+    except ProtocolError as e:
+        assert e.code == "bad_frame"
+    else:
+        assert isinstance(msg, dict)
 
 
 @pytest.mark.parametrize("body", [b"\xc1", msgpack.packb([1, 2]), msgpack.packb(3)])
