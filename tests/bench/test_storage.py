@@ -18,6 +18,7 @@ def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]
     writes_json_and_png(tmp_path, name, keys)
 
 
+@pytest.mark.slow
 def test_the_disk_layout_study_still_runs_from_scripts(tmp_path: Path) -> None:
     # The finished study lives outside the package; it must keep reproducing its record.
     script = Path(__file__).resolve().parents[2] / "scripts" / "disk_layout_study.py"

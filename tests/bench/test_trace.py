@@ -152,6 +152,7 @@ def test_bench_trace_rejects_bad_flags_by_name(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "keys"), [("trace", {"sweeps", "machine"})])
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:
     writes_json_and_png(tmp_path, name, keys)

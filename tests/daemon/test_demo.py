@@ -10,6 +10,7 @@ import pytest
 from tiercache.daemon.cli import main
 
 
+@pytest.mark.slow
 def test_demo_resumes_every_turn_with_the_same_reply_and_one_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -880,6 +880,7 @@ def live(
         yield prom, load
 
 
+@pytest.mark.slow
 @pytest.mark.service
 def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, DaemonLoad]) -> None:
     prom, load = live

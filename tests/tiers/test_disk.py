@@ -155,6 +155,7 @@ def _crash_block(i: int) -> torch.Tensor:
     return (torch.rand((1, *CRASH_SPEC.block_shape), generator=g) + 0.5).to(torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     completed: list[int] = []

@@ -109,6 +109,7 @@ async def until(cond: Callable[[], bool], limit: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.service
 async def test_a_store_killed_mid_upload_stalls_nothing_serves_nothing_torn_and_recovers(
     open_node: Any, own_seaweedfs: SeaweedFS
