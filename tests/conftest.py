@@ -3,9 +3,9 @@ the real services' fixtures (tests/services), and the cost markers' bookkeeping.
 
 The tests mirror the package: the tests of ``tiercache/x/y.py`` are ``tests/x/test_y.py``
 (tests/test_layout.py checks that every module has one). Cost is a marker, not a folder:
-``gpu`` (needs CUDA), ``slow``, ``service`` (starts Mosquitto, Prometheus or SeaweedFS) and
-``vllm`` (runs real vLLM engines), so ``pytest -m "not service and not vllm"`` is the quick
-run."""
+``gpu`` (needs CUDA), ``slow`` (5 s or more), ``service`` (starts Mosquitto, Prometheus or
+SeaweedFS) and ``vllm`` (runs real vLLM engines), so
+``pytest -m "not slow and not service and not vllm"`` is the quick run."""
 
 from __future__ import annotations
 

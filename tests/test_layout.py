@@ -17,7 +17,7 @@ TESTS = ROOT / "tests"
 # Folders of tests/ that mirror no package folder.
 NOT_MIRRORS = {
     "fixtures": "data files the tests read",
-    "scenarios": "the whole product across modules: fault campaigns, security, fuzzing, full disk",
+    "scenarios": "the whole product across modules: security, fuzzing, a full disk, two daemons",
     "services": "the real services (Mosquitto, Prometheus, SeaweedFS) the tests start",
     "vllm": "the vLLM connector's tests, until the connector is a package (see PENDING)",
 }
