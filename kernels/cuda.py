@@ -5,7 +5,7 @@ The same functions, signatures and results as the torch reference
 quantized pair), plus ``stream``: every layer of every block moves in one
 kernel launch instead of one ``index_select`` per layer, K and V, which is what
 makes a prefix of a few hundred blocks cheap to move. The tests on a GPU
-(``tests/gpu``) hold them to the reference byte for byte.
+(``tests/kernels/test_cuda_gpu.py``) hold them to the reference byte for byte.
 
 Launching: the layout is resolved here into a table of per-(layer, K/V) base
 addresses and three byte strides (``addressing``: see ``gather_scatter.cu``

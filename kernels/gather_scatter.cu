@@ -64,7 +64,7 @@
 // defaults stay. What the benchmark had lost (0.79x for 4 KiB slabs) was the table's upload
 // in line on the stream, which kernels/cuda.py now queues on a side stream.
 //
-// Compiled by CuPy's NVRTC at run time and by nvcc in CI (tests/unit/test_kernels_compile.py):
+// Compiled by CuPy's NVRTC at run time and by nvcc in CI (tests/kernels/test_cuda.py):
 // no headers, so that both compile it unchanged.
 
 // The flat kernels' sizes may be overridden with -D (the tuning runs do; kernels/cuda.py

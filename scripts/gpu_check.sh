@@ -40,10 +40,11 @@ fi
 
 status=0
 echo "== GPU tests"
-"$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider || status=1
+"$PY" -m pytest -m gpu tests/kernels/test_cuda_gpu.py tests/tiers/test_device_gpu.py \
+  tests/test_ipc_gpu.py -q -rs -p no:cacheprovider || status=1
 echo "== CPU tests of the kernels' reference (the oracle the GPU tests trust)"
-"$PY" -m pytest tests/unit/test_reference.py tests/unit/test_quant.py tests/unit/test_ipc.py \
-  tests/unit/test_kernels_compile.py -q -p no:cacheprovider || status=1
+"$PY" -m pytest tests/kernels/test_reference.py tests/kernels/test_reference_quant.py \
+  tests/test_ipc.py tests/kernels/test_cuda.py -q -p no:cacheprovider || status=1
 
 echo "== GPU benchmark"
 "$PY" -m tiercache.bench.gpu --out "$OUT" || status=1

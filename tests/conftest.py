@@ -1,4 +1,11 @@
-"""Shared factories: a small KV spec, namespaces, deterministic random blocks, caches on tmp dirs."""
+"""Shared factories: a small KV spec, namespaces, deterministic random blocks, caches on tmp dirs;
+the real services' fixtures (tests/services), and the cost markers' bookkeeping.
+
+The tests mirror the package: the tests of ``tiercache/x/y.py`` are ``tests/x/test_y.py``
+(tests/test_layout.py checks that every module has one). Cost is a marker, not a folder:
+``gpu`` (needs CUDA), ``slow`` (5 s or more), ``service`` (starts Mosquitto, Prometheus or
+SeaweedFS) and ``vllm`` (runs real vLLM engines), so
+``pytest -m "not slow and not service and not vllm"`` is the quick run."""
 
 from __future__ import annotations
 
@@ -9,8 +16,38 @@ from typing import Any
 import pytest
 import torch
 
+from tests.services.mosquitto import mosquitto_fixture, own_mosquitto_fixture
+from tests.services.seaweedfs import open_node, own_seaweedfs, remote_url, seaweedfs
 from tiercache import KVSpec, Namespace, TierManager
 from tiercache.daemon.config import Config, load_config
+
+# The services' fixtures, for every test folder; each starts only when a test asks for it.
+__all__ = [
+    "mosquitto_fixture",
+    "open_node",
+    "own_mosquitto_fixture",
+    "own_seaweedfs",
+    "remote_url",
+    "seaweedfs",
+]
+
+# Fixtures that start a real service: a test that asks for one must be marked ``service``.
+SERVICE_FIXTURES = frozenset({"mosquitto", "own_mosquitto", "seaweedfs", "own_seaweedfs"})
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        # tests/vllm stays where it is until the vLLM connector's package lands (its files are
+        # being changed there); its tests run real vLLM engines.
+        if Path(str(item.path)).is_relative_to(TESTS / "vllm"):
+            item.add_marker(pytest.mark.vllm)
+        starts = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if starts and item.get_closest_marker("service") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} starts {', '.join(sorted(starts))}: mark it `service`"
+            )
+
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
 NBYTES = SPEC.block_nbytes  # 512 bytes
@@ -94,7 +131,7 @@ async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
 
 def fuzz_examples(n: int) -> int:
     """``n`` hypothesis examples, times ``TIERCACHE_FUZZ_SCALE`` (default 1): the long fuzz run is
-    ``TIERCACHE_FUZZ_SCALE=100 pytest tests/daemon tests/integration/test_stateful.py tests/unit/test_config.py``."""
+    ``TIERCACHE_FUZZ_SCALE=100 pytest tests/daemon tests/scenarios/test_stateful.py tests/daemon/test_config.py``."""
     import os
 
     return n * max(1, int(os.environ.get("TIERCACHE_FUZZ_SCALE", "1")))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto, mqtt_env
+from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.cli import main
 from tiercache.daemon.ctl import _progress_line, parse_args
@@ -103,6 +103,7 @@ def test_a_refused_command_exits_1_with_the_daemons_reason(
     assert "unknown_session: unknown session 'nobody'" in capsys.readouterr().err
 
 
+@pytest.mark.service
 def test_a_malformed_argument_exits_2(via_socket: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ctl", "pin", "chat"]) == 2
     assert "argument 'chat' is not key=value" in capsys.readouterr().err

@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tiercache
 from tests.conftest import NBYTES, OpenCache, flip_byte, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto, mqtt_env
-from tests.daemon.prometheus import PrometheusServer, promtool, running_prometheus
+from tests.services.mosquitto import Mosquitto, mqtt_env
+from tests.services.prometheus import PrometheusServer, promtool, running_prometheus
 from tiercache import TierManager
 from tiercache.client import AsyncClient
 from tiercache.daemon.config import SECTIONS, ConfigError, MqttConfig, load_config
@@ -880,6 +880,8 @@ def live(
         yield prom, load
 
 
+@pytest.mark.slow
+@pytest.mark.service
 def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, DaemonLoad]) -> None:
     prom, load = live
     up = prom.wait_for_data('up{job="tiercache"} == 1', timeout=15)
@@ -887,6 +889,7 @@ def test_prometheus_scrapes_the_exporter(live: tuple[PrometheusServer, DaemonLoa
     assert [s.labels["instance"] for s in up] == [load.target]
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(
     ("where", "expr"), dashboard_targets(), ids=[w for w, _ in dashboard_targets()]
 )
@@ -908,6 +911,7 @@ def _rule_id(rule: dict[str, Any]) -> str:
     return str(rule.get("record") or rule.get("alert"))
 
 
+@pytest.mark.service
 def test_every_rule_expression_evaluates_without_error(
     live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
@@ -916,6 +920,7 @@ def test_every_rule_expression_evaluates_without_error(
         prom.query(rule["expr"])  # raises PromQLError with Prometheus' reason
 
 
+@pytest.mark.service
 def test_prometheus_loaded_every_rule_and_evaluates_them_healthily(
     live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
@@ -925,6 +930,7 @@ def test_prometheus_loaded_every_rule_and_evaluates_them_healthily(
     assert {r["name"]: r.get("lastError", "") for r in loaded} == {r["name"]: "" for r in loaded}
 
 
+@pytest.mark.service
 def test_every_recording_rule_records_series_under_load(
     live: tuple[PrometheusServer, DaemonLoad],
 ) -> None:
@@ -933,6 +939,7 @@ def test_every_recording_rule_records_series_under_load(
     assert empty == []
 
 
+@pytest.mark.service
 def test_the_exporter_reports_the_load_it_saw(live: tuple[PrometheusServer, DaemonLoad]) -> None:
     prom, load = live
     # Every kind of event the load produces shows up as an increase.

@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.conftest import NBYTES, OpenCache, fuzz_examples, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import (
+from tests.services.mosquitto import (
     USERS,
     Mosquitto,
     TcpProxy,
@@ -209,6 +209,7 @@ async def operator(mosquitto: Mosquitto, node: str) -> AsyncIterator[Operator]:
 # -- every verb, round trip through request() (Response Topic + Correlation Data) --------------
 
 
+@pytest.mark.service
 async def test_pin_pins_the_session_and_replies_with_its_block_count(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -216,6 +217,7 @@ async def test_pin_pins_the_session_and_replies_with_its_block_count(
     assert manager.sessions["chat"].pinned
 
 
+@pytest.mark.service
 async def test_unpin_unpins_the_session(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -224,6 +226,7 @@ async def test_unpin_unpins_the_session(
     assert not manager.sessions["chat"].pinned
 
 
+@pytest.mark.service
 async def test_evict_forgets_the_session_and_its_blocks(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -232,11 +235,13 @@ async def test_evict_forgets_the_session_and_its_blocks(
     assert len(manager.index) == 0
 
 
+@pytest.mark.service
 async def test_flush_writes_host_only_blocks_to_disk_once(daemon: Daemon, ctl: MqttConfig) -> None:
     assert await request(ctl, "flush", {}, timeout=WAIT) == ok({"bytes": 2 * NBYTES})
     assert await request(ctl, "flush", {}, timeout=WAIT) == ok({"bytes": 0})
 
 
+@pytest.mark.service
 async def test_prefetch_promotes_a_sessions_disk_blocks_to_host(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -248,12 +253,14 @@ async def test_prefetch_promotes_a_sessions_disk_blocks_to_host(
     assert (await manager.lookup(ns, chat)).tiers == ["host", "host"]
 
 
+@pytest.mark.service
 async def test_stats_replies_with_the_managers_counters(daemon: Daemon, ctl: MqttConfig) -> None:
     reply = await request(ctl, "stats", {}, timeout=WAIT)
     assert reply == ok(await daemon.control.run("stats", {}))
     assert (reply["result"]["blocks"], reply["result"]["sessions"]) == (2, 1)
 
 
+@pytest.mark.service
 async def test_set_changes_a_setting_at_run_time(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -262,6 +269,7 @@ async def test_set_changes_a_setting_at_run_time(
     assert manager.admission.threshold == 3
 
 
+@pytest.mark.service
 async def test_drain_flushes_and_stops_taking_saves(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -274,6 +282,7 @@ async def test_drain_flushes_and_stops_taking_saves(
 # -- reply routing -----------------------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_reply_goes_to_the_response_topic_with_the_correlation_data_copied(
     daemon: Daemon, operator: Operator
 ) -> None:
@@ -288,6 +297,7 @@ async def test_reply_goes_to_the_response_topic_with_the_correlation_data_copied
     assert json.loads(message.payload) == ok({"blocks": 2})
 
 
+@pytest.mark.service
 async def test_reply_without_a_response_topic_goes_to_the_nodes_reply_topic(
     daemon: Daemon, operator: Operator
 ) -> None:
@@ -297,6 +307,7 @@ async def test_reply_without_a_response_topic_goes_to_the_nodes_reply_topic(
     assert json.loads(message.payload) == ok({"blocks": 2})
 
 
+@pytest.mark.service
 async def test_concurrent_requests_each_get_their_own_reply(
     daemon: Daemon, ctl: MqttConfig
 ) -> None:
@@ -310,6 +321,7 @@ async def test_concurrent_requests_each_get_their_own_reply(
     assert bad["error"]["code"] == "bad_value"
 
 
+@pytest.mark.service
 async def test_any_requesters_response_topic_gets_the_reply_with_its_correlation_data(
     daemon: Daemon, mosquitto: Mosquitto, node: str
 ) -> None:
@@ -330,6 +342,7 @@ async def test_any_requesters_response_topic_gets_the_reply_with_its_correlation
     assert json.loads(message.payload) == ok(await daemon.control.run("stats", {}))
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(
     ("topic", "why"),
     [
@@ -361,6 +374,7 @@ async def test_a_response_topic_on_the_nodes_own_topics_is_refused_and_nothing_r
 # -- errors ------------------------------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_invalid_json_is_a_bad_request(daemon: Daemon, operator: Operator) -> None:
     await operator.send("pin", b"{session: chat}")
     assert await operator.reply() == error(
@@ -369,6 +383,7 @@ async def test_invalid_json_is_a_bad_request(daemon: Daemon, operator: Operator)
     )
 
 
+@pytest.mark.service
 async def test_a_payload_that_is_not_a_json_object_is_a_bad_request(
     daemon: Daemon, operator: Operator
 ) -> None:
@@ -378,6 +393,7 @@ async def test_a_payload_that_is_not_a_json_object_is_a_bad_request(
     )
 
 
+@pytest.mark.service
 async def test_an_empty_payload_means_no_arguments(daemon: Daemon, operator: Operator) -> None:
     await operator.send("pin", b"")
     assert await operator.reply() == error(
@@ -385,12 +401,14 @@ async def test_an_empty_payload_means_no_arguments(daemon: Daemon, operator: Ope
     )
 
 
+@pytest.mark.service
 async def test_an_unknown_verb_is_named_in_the_error(daemon: Daemon, ctl: MqttConfig) -> None:
     assert await request(ctl, "explode", {}, timeout=WAIT) == error(
         "unknown_verb", f"unknown verb 'explode'; verbs: {', '.join(VERBS)}"
     )
 
 
+@pytest.mark.service
 async def test_an_out_of_range_setting_is_a_bad_value_and_changes_nothing(
     daemon: Daemon, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -399,12 +417,14 @@ async def test_an_out_of_range_setting_is_a_bad_value_and_changes_nothing(
     assert manager.admission.threshold == 1
 
 
+@pytest.mark.service
 async def test_an_unknown_session_is_named_in_the_error(daemon: Daemon, ctl: MqttConfig) -> None:
     assert await request(ctl, "pin", {"session": "nope"}, timeout=WAIT) == error(
         "unknown_session", "unknown session 'nope'"
     )
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(
     ("verb", "payload", "code"),
     [
@@ -426,6 +446,7 @@ async def test_malformed_commands_through_the_broker_get_an_error_reply(
     assert (reply["ok"], reply["error"]["code"]) == (False, code)
 
 
+@pytest.mark.service
 async def test_a_request_nobody_answers_times_out_naming_the_broker_and_node(
     mosquitto: Mosquitto, ctl: MqttConfig
 ) -> None:
@@ -441,6 +462,7 @@ async def test_a_request_nobody_answers_times_out_naming_the_broker_and_node(
 # -- status, Last Will, reconnect ----------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_status_is_online_while_serving_and_offline_after_stop(
     mosquitto: Mosquitto, manager: TierManager, node: str
 ) -> None:
@@ -451,6 +473,7 @@ async def test_status_is_online_while_serving_and_offline_after_stop(
     assert await retained_status(mosquitto, node) == "offline"
 
 
+@pytest.mark.service
 async def test_a_request_to_a_stopped_node_times_out_saying_it_is_offline(
     mosquitto: Mosquitto, manager: TierManager, node: str, ctl: MqttConfig
 ) -> None:
@@ -460,6 +483,7 @@ async def test_a_request_to_a_stopped_node_times_out_saying_it_is_offline(
         await request(ctl, "stats", {}, timeout=1)
 
 
+@pytest.mark.service
 async def test_the_last_will_marks_the_node_offline_when_its_connection_dies(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:
@@ -476,6 +500,7 @@ async def test_the_last_will_marks_the_node_offline_when_its_connection_dies(
         assert await retained_status(mosquitto, node) == "offline"
 
 
+@pytest.mark.service
 async def test_after_a_reconnect_the_node_announces_its_current_status_again(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:
@@ -495,6 +520,7 @@ async def test_after_a_reconnect_the_node_announces_its_current_status_again(
         await proxy.cut()
 
 
+@pytest.mark.service
 async def test_the_daemon_reconnects_by_itself_after_the_broker_is_killed_and_restarted(
     own_mosquitto: Mosquitto, manager: TierManager, node: str
 ) -> None:
@@ -518,6 +544,7 @@ async def test_the_daemon_reconnects_by_itself_after_the_broker_is_killed_and_re
 # -- the broker's ACL (ops/mosquitto/acl) --------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_a_user_outside_the_acl_cannot_command_a_node(
     daemon: Daemon, mosquitto: Mosquitto, node: str, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -528,6 +555,7 @@ async def test_a_user_outside_the_acl_cannot_command_a_node(
     assert not manager.sessions["chat"].pinned
 
 
+@pytest.mark.service
 async def test_the_daemons_own_user_cannot_publish_commands(
     daemon: Daemon, mosquitto: Mosquitto, node: str, ctl: MqttConfig, manager: TierManager
 ) -> None:
@@ -537,6 +565,7 @@ async def test_the_daemons_own_user_cannot_publish_commands(
     assert not manager.sessions["chat"].pinned
 
 
+@pytest.mark.service
 async def test_a_refused_command_fails_at_once_with_the_brokers_reason(
     daemon: Daemon, mosquitto: Mosquitto, node: str
 ) -> None:
@@ -558,6 +587,7 @@ async def test_a_broker_that_is_not_there_is_reported_by_address(node: str) -> N
         await request(cfg, "stats", {}, timeout=WAIT)
 
 
+@pytest.mark.service
 async def test_anonymous_clients_are_refused(mosquitto: Mosquitto, node: str) -> None:
     with pytest.raises(BrokerUnavailable, match=r"user anonymous\): .*Not authorized"):
         await request(mosquitto.config(None, node=node), "stats", {}, timeout=WAIT)
@@ -566,6 +596,7 @@ async def test_anonymous_clients_are_refused(mosquitto: Mosquitto, node: str) ->
 # -- TLS -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_daemon_and_ctl_work_over_tls_with_the_test_ca(
     mosquitto: Mosquitto, manager: TierManager, node: str
 ) -> None:
@@ -579,6 +610,7 @@ async def test_daemon_and_ctl_work_over_tls_with_the_test_ca(
     assert reply == ok({"blocks": 2})
 
 
+@pytest.mark.service
 async def test_tls_with_a_ca_that_did_not_sign_the_broker_fails_with_a_certificate_error(
     mosquitto: Mosquitto, node: str, tmp_path: Path
 ) -> None:
@@ -590,6 +622,7 @@ async def test_tls_with_a_ca_that_did_not_sign_the_broker_fails_with_a_certifica
         await request(cfg, "stats", {}, timeout=WAIT)
 
 
+@pytest.mark.service
 async def test_a_plain_client_on_the_tls_port_times_out_with_a_hint(
     mosquitto: Mosquitto, node: str
 ) -> None:
@@ -600,6 +633,7 @@ async def test_a_plain_client_on_the_tls_port_times_out_with_a_hint(
         await request(cfg, "stats", {}, timeout=0.5)
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -625,6 +659,7 @@ async def test_bad_settings_are_config_errors_naming_the_key(
 # -- events ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_events_are_published_on_their_kind_topic(daemon: Daemon, operator: Operator) -> None:
     await daemon.mqtt.event("evicted", {"session": "chat", "blocks": 2})
     await daemon.mqtt.event("drained", {"flushed_bytes": 1024})
@@ -635,6 +670,7 @@ async def test_events_are_published_on_their_kind_topic(daemon: Daemon, operator
     assert json.loads((await operator.next("events/drained")).payload) == {"flushed_bytes": 1024}
 
 
+@pytest.mark.service
 async def test_events_during_an_outage_never_block_drop_the_oldest_and_are_sent_after_reconnect(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:
@@ -658,6 +694,7 @@ async def test_events_during_an_outage_never_block_drop_the_oldest_and_are_sent_
 # -- concurrency -------------------------------------------------------------------------------------
 
 
+@pytest.mark.service
 async def test_a_slow_verb_does_not_hold_up_other_commands(
     mosquitto: Mosquitto, manager: TierManager, node: str, ctl: MqttConfig
 ) -> None:
@@ -677,6 +714,7 @@ async def test_a_slow_verb_does_not_hold_up_other_commands(
         assert await drain == ok({"flushed_bytes": 2 * NBYTES, "draining": True})
 
 
+@pytest.mark.service
 async def test_commands_beyond_the_pending_bound_are_dropped_and_counted(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:

@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
-from tests.daemon.mosquitto import Mosquitto, mqtt_env
+from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import AsyncClient
 from tiercache.daemon import service
 from tiercache.daemon.config import load_config
@@ -34,6 +34,7 @@ async def _next(messages: AsyncIterator[aiomqtt.Message], topic: str, within: fl
     return await asyncio.wait_for(find(), within)
 
 
+@pytest.mark.service
 async def test_the_daemon_publishes_events_status_and_drain(
     tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,7 +2,7 @@
 
 Each campaign returns a dict with its counts; "lost" and "wrong_bytes_served"
 must be 0. The test suite runs every campaign with small counts
-(tests/reliability/); ``tiercache bench reliability --out docs/results`` runs
+(tests/bench/test_reliability.py); ``tiercache bench reliability --out docs/results`` runs
 them bigger and writes ``reliability.json``, ``reliability.png`` and
 ``reliability.md`` (the report kept in the repo). Everything runs on this
 machine, on loopback and in temporary directories, bounded in count and time.
@@ -463,7 +463,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Fault tests that need a service or root live in the test suite and run on "
         "every CI run: a disk that fills up (a 1 MiB tmpfs), a Mosquitto broker killed and "
-        "restarted, Prometheus scraping a daemon under load (tests/integration, tests/daemon).",
+        "restarted, Prometheus scraping a daemon under load (tests/scenarios, tests/daemon).",
         "",
     ]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ once, with a warning, and the connector copies through host memory as it does fo
 engines.
 
 No vLLM import here, so that the GPU tests run it against a real daemon on a machine
-without vLLM (``tests/gpu/test_ipc_gpu.py``).
+without vLLM (``tests/test_ipc_gpu.py``).
 """
 
 from __future__ import annotations

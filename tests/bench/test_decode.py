@@ -1,0 +1,23 @@
+"""The decode benchmark (a decode step's slowdown while the daemon prefetches) is a GPU benchmark:
+it imports anywhere and says plainly that a machine without CUDA measures nothing (exit 1),
+rather than failing somewhere inside; on a GPU scripts/gpu_check.sh runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiercache.bench import decode as bench_decode
+from tiercache.kernels import cuda
+
+
+@pytest.mark.skipif(cuda.available(), reason="this machine has CUDA: the benchmarks would run")
+@pytest.mark.parametrize("bench", [bench_decode], ids=["decode"])
+def test_without_cuda_a_gpu_benchmark_measures_nothing_and_says_so(
+    bench: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 1  # type: ignore[attr-defined]
+
+    assert "no CUDA device visible to CuPy and torch; nothing measured" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,59 @@
+"""``tiercache bench quant``: quantized storage formats against exact, at tiny sizes. No timings
+are asserted; what is asserted is what the comparison rests on (more blocks in the same bytes,
+never a lower LRU hit ratio for it, a resume served from disk in every format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiercache.bench.quant import (
+    FORMATS,
+    disk_resume,
+    host_throughput,
+    report,
+    trace_at_equal_bytes,
+)
+
+QUANTIZED = [f for f in FORMATS if f != "exact"]
+
+
+def test_formats_are_exact_and_the_quantized_ones() -> None:
+    assert FORMATS[0] == "exact"
+    assert QUANTIZED
+
+
+def test_at_equal_bytes_a_quantized_format_holds_more_blocks_and_hits_at_least_as_often() -> None:
+    got = trace_at_equal_bytes(200, (0.05, 0.2))
+    assert got["requests"] == 200 and got["working_set_blocks"] > 0
+    small, large = got["points"]
+    for point in got["points"]:
+        exact = point["exact"]
+        for fmt in QUANTIZED:
+            assert point[fmt]["host_blocks"] > exact["host_blocks"]
+            assert point[fmt]["hit_ratio"] >= exact["hit_ratio"]  # LRU's inclusion property
+    for fmt in FORMATS:
+        assert large[fmt]["hit_ratio"] >= small[fmt]["hit_ratio"]
+
+
+def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
+    host = host_throughput(2, 1)
+    assert host["blocks"] == 2
+    for fmt in FORMATS:
+        assert set(host[fmt]) == {"save_vs_raw", "load_vs_raw", "save_vs_exact", "load_vs_exact"}
+        assert all(r["ratio"] > 0 for r in host[fmt].values())
+    disk = disk_resume(64, 1, tmp_path)  # asserts inside that every resume is served from disk
+    assert disk["blocks"] == 4
+    assert set(disk) >= set(QUANTIZED) and "exact" not in disk
+
+    text = report(
+        {
+            "blocks_per_gib": {"tiny": {f: 1000.0 for f in FORMATS}},
+            "trace": trace_at_equal_bytes(50, (0.1,)),
+            "host": host,
+            "disk_resume": disk,
+        }
+    )
+    assert "blocks per GiB:" in text
+    assert "trace (50 requests)" in text
+    assert all(f"  {fmt}: " in text for fmt in QUANTIZED)
+    assert "disk resume of 64 tokens" in text

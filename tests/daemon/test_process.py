@@ -1,0 +1,54 @@
+"""``tiercache serve`` as a child process: started, stopped with SIGTERM, killed, restarted, and
+a start that fails says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiercache.client import Client
+from tiercache.daemon.process import DaemonProcess
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"TIERCACHE_TIERS_HOST__BYTES": "1MiB"}
+
+
+def test_start_waits_for_the_socket_and_stop_terminates_cleanly(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path, env(tmp_path))
+    assert d.socket == tmp_path / "tiercache.sock"
+    d.start()
+    try:
+        assert d.socket.exists()
+        with Client(d.socket) as c:
+            assert c.stats() is not None
+    finally:
+        assert d.stop() == 0
+    assert d.proc is None
+    assert d.stop() == 0  # stopping a stopped daemon is a no-op
+
+
+def test_a_killed_daemon_can_be_started_again_over_its_stale_socket(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, env(tmp_path)) as d:
+        first = d.pid
+        d.kill()
+        assert d.proc is None
+        assert d.socket.exists()  # kill -9 leaves the socket file behind
+        d.start()
+        assert d.pid != first
+        with Client(d.socket) as c:
+            assert c.stats() is not None
+
+
+def test_a_daemon_that_cannot_start_raises_with_the_tail_of_its_log(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path, {"TIERCACHE_TIERS_HOST__BYTES": "lots"})
+    with pytest.raises(RuntimeError, match="did not start") as e:
+        d.start()
+    assert "TIERCACHE_TIERS_HOST__BYTES" in str(e.value) or "bytes" in str(e.value)
+    assert d.log.exists()
+
+
+def test_the_pid_of_a_daemon_not_running_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="not running"):
+        _ = DaemonProcess(tmp_path).pid

@@ -1,0 +1,156 @@
+"""A real transformers model resumes a 3-turn chat from tiercache with output identical to recompute.
+
+Two architectures (Llama-style and Qwen2-style, both GQA). The controls show
+the equality check can fail: a changed prefix changes the reply, and so does
+restoring tampered KV, so the restored cache is really what the model attends to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache
+
+from tests.conftest import embedded_config
+from tests.integrations.chat import REPLY, generate, recompute, user_message
+from tiercache import SyncCache
+from tiercache.demo_models import tiny_model
+from tiercache.integrations.hf import HFChatCache
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request: pytest.FixtureRequest) -> Any:
+    return tiny_model(
+        request.param, seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256
+    )
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[SyncCache]:
+    with SyncCache(embedded_config(tmp_path)) as c:
+        yield c
+
+
+def test_three_turn_chat_resumes_with_output_identical_to_recompute(
+    model: Any, cache: SyncCache
+) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    vocab = model.config.vocab_size
+    convo = torch.empty(0, dtype=torch.long)
+    reused_per_turn = []
+    for turn, n in enumerate((150, 40, 40)):
+        convo = torch.cat([convo, user_message(turn, n, vocab)])
+        past, reused = chat.restore("chat", convo)
+        reused_per_turn.append(reused)
+        resumed, logp = generate(model, convo, past)
+        expected, expected_logp = recompute(model, convo)
+        assert torch.equal(resumed, expected), (
+            f"turn {turn + 1}: resumed reply differs from recompute"
+        )
+        torch.testing.assert_close(logp, expected_logp, atol=1e-3, rtol=0)
+        chat.save("chat", resumed[:-1], past)
+        convo = resumed
+    # Turn 1 is cold; turns 2 and 3 reuse every full block of the previous conversation.
+    assert reused_per_turn == [0, 160, 208]
+
+
+def test_a_changed_prefix_changes_the_reply(model: Any) -> None:
+    ids = user_message(0, 150, model.config.vocab_size)
+    changed = ids.clone()
+    changed[3] = (changed[3] + 1) % model.config.vocab_size
+    assert not torch.equal(recompute(model, ids)[0][-REPLY:], recompute(model, changed)[0][-REPLY:])
+
+
+def test_restoring_tampered_kv_changes_the_reply(model: Any, cache: SyncCache) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    ids = user_message(0, 150, model.config.vocab_size)
+    expected, _ = recompute(model, ids)
+    with torch.no_grad():
+        past = DynamicCache(config=model.config)
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    restored, reused = chat.restore("chat", ids)
+    assert reused == 144
+    assert torch.equal(generate(model, ids, restored)[0], expected)
+    tampered, _ = chat.restore("chat", ids)
+    tampered.layers[0].keys.mul_(-1.0)
+    assert not torch.equal(generate(model, ids, tampered)[0], expected)
+
+
+def test_models_with_different_weights_do_not_share_blocks(cache: SyncCache) -> None:
+    a = tiny_model("llama", seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    b = tiny_model("llama", seed=1, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    chat_a, chat_b = HFChatCache(cache, a), HFChatCache(cache, b)
+    ids = user_message(0, 64, a.config.vocab_size)
+    with torch.no_grad():
+        past = DynamicCache(config=a.config)
+        a(ids[None], past_key_values=past)
+    chat_a.save("s", ids, past)
+    assert chat_a.restore("s", ids)[1] == 48
+    assert chat_b.restore("s", ids)[1] == 0
+
+
+# --- quantized storage (store_dtype): error against exact recompute, measured -------------
+
+QUANT_REPLY = 64
+# Measured on these tiny seeded (random-weight) models: greedy-token agreement with exact
+# recompute over 4 turns of 64 tokens (position by position), and the largest log-prob
+# difference before a turn's first disagreement. Asserted with slack (agreement >= 0.8x,
+# |dlogp| <= 1.5x + 1e-3). Random weights give flat next-token distributions, so one flipped
+# argmax sends the rest of a turn elsewhere: these are far below what a trained model shows.
+QUANT_MEASURED = {
+    ("llama", "int8"): (0.4922, 0.9879),
+    ("llama", "fp8_e4m3"): (0.3008, 0.9682),
+    ("qwen2", "int8"): (0.3398, 0.1743),
+    ("qwen2", "fp8_e4m3"): (0.2539, 0.0007851),
+}
+
+
+def reply_of(model: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    seq, logp = generate(model, ids, past, QUANT_REPLY)
+    return seq[ids.numel() :], logp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_quantized_chat_stays_within_the_measured_bound(
+    model: Any, cache: SyncCache, fmt: str
+) -> None:
+    chat = HFChatCache(cache, model, block_size=16, store_dtype=fmt)
+    vocab = model.config.vocab_size
+    convo = torch.empty(0, dtype=torch.long)
+    agree = total = 0
+    worst = 0.0
+    reused = []
+    for turn, n in enumerate((150, 40, 40, 40)):
+        convo = torch.cat([convo, user_message(turn, n, vocab)])
+        past, r = chat.restore("chat", convo)
+        reused.append(r)
+        got, got_logp = reply_of(model, convo, past)
+        want, want_logp = reply_of(model, convo, DynamicCache(config=model.config))
+        same = got == want
+        agree += int(same.sum())
+        total += QUANT_REPLY
+        first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else QUANT_REPLY
+        if first_diff:
+            worst = max(worst, float((got_logp - want_logp)[:first_diff].abs().max()))
+        # the chat goes on with the exact reply; its exact KV is what gets stored (quantized)
+        convo = torch.cat([convo, want])
+        with torch.no_grad():
+            exact_past = DynamicCache(config=model.config)
+            model(convo[:-1][None], past_key_values=exact_past)
+        chat.save("chat", convo[:-1], exact_past)
+    assert reused[0] == 0 and all(r > 0 for r in reused[1:])
+    agreement = agree / total
+    print(f"{model.config.model_type} {fmt}: agreement {agreement:.4f}, max |dlogp| {worst:.4g}")
+    measured_agree, measured_dlogp = QUANT_MEASURED[(model.config.model_type, fmt)]
+    assert agreement >= 0.8 * measured_agree
+    assert worst <= 1.5 * measured_dlogp + 1e-3
+    # the restored KV really is the quantized one: the replies are not those of exact KV
+    assert agreement < 1.0 and worst > 0.0

@@ -1,0 +1,218 @@
+"""Every attention layout transformers caches, resumed from tiercache with output identical to
+recompute: Gemma-3-style (five sliding layers to one full), gpt-oss-style (alternating, learned
+sinks), Mistral-style (sliding everywhere) and DeepSeek-V2/V3 (MLA latents). Tiny models with
+seeded random weights; float32, so the resumed log-probs match recompute to float noise.
+
+Controls: a changed token the resumed KV carries changes the reply, and tampering with the
+restored KV of one group changes it too, so the equality is not vacuous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache
+
+from tests.conftest import embedded_config, flip_byte
+from tests.integrations.chat import generate, recompute, user_message
+from tiercache import SyncCache
+from tiercache.daemon.config import Config
+from tiercache.demo_models import WINDOW, tiny_model
+from tiercache.groups import needed_blocks
+from tiercache.integrations.hf import HFChatCache
+from tiercache.keys import Namespace
+from tiercache.spec import AttentionKind
+
+BS = 8
+FAMILIES = ["gemma3", "gpt_oss", "mistral", "deepseek_v2", "deepseek_v3"]
+SIZE = {"hidden_size": 128, "intermediate_size": 256}
+REPLY = 8
+
+
+def make(family: str) -> Any:
+    return tiny_model(family, seed=0, **SIZE)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def model(family: str) -> Any:
+    return make(family)
+
+
+def config(tmp_path: Path, write: str = "write-back") -> Config:
+    return embedded_config(tmp_path, write, host="32MiB")
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[SyncCache]:
+    with SyncCache(config(tmp_path)) as c:
+        yield c
+
+
+def turn(chat: HFChatCache, convo: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One resumed turn checked against recompute: the reply (and the conversation with it)."""
+    model = chat.model
+    past, reused = chat.restore("chat", convo)
+    resumed, logp = generate(model, convo, past, REPLY)
+    expected, expected_logp = recompute(model, convo, REPLY)
+    assert torch.equal(resumed, expected), f"resumed reply differs from recompute ({reused=})"
+    torch.testing.assert_close(logp, expected_logp, atol=1e-4, rtol=0)
+    chat.save("chat", resumed[:-1], past)
+    return resumed, reused
+
+
+def stored_blocks(cache: SyncCache, ns: Namespace) -> int:
+    return sum(1 for e in cache.manager.index if e.array == f"ns/{ns.hex}")
+
+
+def test_the_model_kv_has_the_groups_of_its_family(
+    model: Any, family: str, cache: SyncCache
+) -> None:
+    chat = HFChatCache(cache, model, block_size=BS)
+    kinds = {g.name: (str(g.spec.kind), len(g.layers)) for g in chat.kv.groups}
+    assert (
+        kinds
+        == {
+            "gemma3": {"sliding": ("sliding", 5), "full": ("full", 1)},
+            "gpt_oss": {"sliding": ("sliding", 2), "full": ("full", 2)},
+            "mistral": {"sliding": ("sliding", 4)},
+            "deepseek_v2": {"mla": ("mla", 4)},
+            "deepseek_v3": {"mla": ("mla", 4)},
+        }[family]
+    )
+    # MLA: transformers caches the latent (kv_lora_rank 32 + rope 16), stored as one plane
+    if family.startswith("deepseek"):
+        assert chat.kv.groups[0].spec.head_dim == 48 and chat.kv.groups[0].spec.planes == 1
+
+
+def test_turn_2_in_a_fresh_model_resumes_from_tiercache_also_from_disk_after_a_reopen(
+    model: Any, family: str, tmp_path: Path
+) -> None:
+    vocab = model.config.vocab_size
+    with SyncCache(config(tmp_path)) as cache:
+        convo, reused = turn(HFChatCache(cache, model, block_size=BS), user_message(0, 100, vocab))
+        assert reused == 0
+        convo = torch.cat([convo, user_message(1, 20, vocab)])
+        fresh = make(family)  # another instance, the same seeded weights
+        chat = HFChatCache(cache, fresh, block_size=BS)
+        _, reused = turn(chat, convo)
+        assert reused == 104  # every full block of turn 1's 108 tokens
+        assert chat.last_load is not None and set(chat.last_load.per_tier) == {"host"}
+    with SyncCache(config(tmp_path)) as cache:  # reopened: the blocks come from disk
+        chat = HFChatCache(cache, make(family), block_size=BS)
+        _, reused = turn(chat, convo)
+        assert reused == 120  # turn 2 again: its save holds the prompt (all but the last block)
+        assert chat.last_load is not None and set(chat.last_load.per_tier) == {"disk"}
+
+
+def test_a_changed_token_the_resumed_kv_carries_changes_the_reply(model: Any, family: str) -> None:
+    ids = user_message(0, 100, model.config.vocab_size)
+    # An early token; with sliding layers only, one within their reach (layers x window).
+    at = 60 if family == "mistral" else 3
+    changed = ids.clone()
+    changed[at] = (changed[at] + 1) % model.config.vocab_size
+    assert not torch.equal(recompute(model, ids, REPLY)[0], recompute(model, changed, REPLY)[0])
+
+
+def test_tampering_with_one_groups_restored_kv_changes_the_reply(
+    model: Any, cache: SyncCache
+) -> None:
+    chat = HFChatCache(cache, model, block_size=BS)
+    ids = user_message(0, 100, model.config.vocab_size)
+    past = chat.new_cache()
+    with torch.no_grad():
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    expected, _ = recompute(model, ids, REPLY)
+    restored, reused = chat.restore("chat", ids)
+    assert reused == 96 and torch.equal(generate(model, ids, restored, REPLY)[0], expected)
+    # The group that is not full attention (sliding or MLA): its first layer's keys.
+    group = next(g for g in chat.kv.groups if g.spec.kind is not AttentionKind.FULL)
+    tampered, _ = chat.restore("chat", ids)
+    tampered.layers[group.layers[0]].keys.mul_(-1.0)
+    assert not torch.equal(generate(model, ids, tampered, REPLY)[0], expected)
+
+
+def test_a_chat_longer_than_the_window_resumes_past_it_keeping_only_the_window(
+    model: Any, cache: SyncCache
+) -> None:
+    chat = HFChatCache(cache, model, block_size=BS)
+    vocab = model.config.vocab_size
+    convo = torch.empty(0, dtype=torch.long)
+    for i, n in enumerate((100, 30, 45)):
+        convo, reused = turn(chat, torch.cat([convo, user_message(i, n, vocab)]))
+        end = (
+            convo.numel() - 1
+        ) // BS  # the full blocks saved: the conversation but its last token
+        assert reused == (0, 104, 144)[i]
+        for g in chat.kv.groups:
+            kept = sum(len(r) for r in needed_blocks(g.spec, end))
+            assert stored_blocks(cache, chat.namespaces[g.name]) == kept
+            if g.spec.kind is AttentionKind.SLIDING:
+                assert kept == WINDOW // BS < end  # the window only, however long the chat
+    assert convo.numel() > 5 * WINDOW
+
+
+def test_a_corrupt_block_of_one_group_is_recomputed_with_the_same_reply(
+    model: Any, tmp_path: Path
+) -> None:
+    vocab = model.config.vocab_size
+    ids = user_message(0, 100, vocab)
+    with SyncCache(config(tmp_path, "write-through")) as cache:
+        chat = HFChatCache(cache, model, block_size=BS)
+        past = chat.new_cache()
+        with torch.no_grad():
+            model(ids[None], past_key_values=past)
+        chat.save("chat", ids, past)
+    prompt = torch.cat([ids, user_message(1, 10, vocab)])
+    with SyncCache(config(tmp_path)) as cache:  # reopened: every block on disk only
+        chat = HFChatCache(cache, model, block_size=BS)
+        # The last block of the group that is not full attention: every prefix needs it
+        # (a sliding window ends there) or it cuts an MLA prefix there.
+        group = next(g for g in chat.kv.groups if g.spec.kind is not AttentionKind.FULL)
+        key = chat.namespaces[group.name].block_keys(ids)[11]
+        entry, disk = cache.manager.index.get(key), cache.manager.disk
+        assert entry is not None and entry.disk is not None and disk is not None
+        path, offset = disk.location(entry.disk)
+        flip_byte(path, offset + 7)
+
+        past, reused = chat.restore("chat", prompt)
+
+        assert reused == (88 if group.spec.kind is AttentionKind.MLA else 0)
+        assert cache.manager.stats.corrupt_blocks == 1
+        resumed, logp = generate(model, prompt, past, REPLY)
+        expected, expected_logp = recompute(model, prompt, REPLY)
+        assert torch.equal(resumed, expected)
+        torch.testing.assert_close(logp, expected_logp, atol=1e-4, rtol=0)
+
+
+def test_a_plain_dynamic_cache_is_saved_as_far_as_it_holds_whole_blocks(
+    model: Any, cache: SyncCache
+) -> None:
+    # transformers' own sliding layers keep the last window - 1 = 31 tokens: of tokens 69-99,
+    # whole blocks 9-11, but a resume after block 12 needs blocks 8-11 of a sliding group.
+    chat = HFChatCache(cache, model, block_size=BS)
+    ids = user_message(0, 100, model.config.vocab_size)
+    past = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    prompt = torch.cat([ids, user_message(1, 10, model.config.vocab_size)])
+
+    restored, reused = chat.restore("chat", prompt)
+
+    sliding = any(g.spec.kind is AttentionKind.SLIDING for g in chat.kv.groups)
+    assert reused == (0 if sliding else 96)
+    assert torch.equal(
+        generate(model, prompt, restored, REPLY)[0], recompute(model, prompt, REPLY)[0]
+    )

@@ -1,0 +1,234 @@
+"""The ARC eviction policy (Megiddo and Modha): its lists, ghosts and adaptive target, and
+that it keeps frequently used keys through a scan that LRU flushes them for."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.policy.traces import HOT, SCAN, filled, k, names, replay
+from tiercache.policy.arc import ARCPolicy
+from tiercache.policy.lru import LRUPolicy
+
+# --- ARC ------------------------------------------------------------------------------------
+
+
+def arc_state(policy: ARCPolicy) -> dict[str, list[str]]:
+    return {
+        "t1": names(policy.t1),
+        "t2": names(policy.t2),
+        "b1": names(policy.b1),
+        "b2": names(policy.b2),
+    }
+
+
+def test_arc_needs_positive_capacity() -> None:
+    with pytest.raises(ValueError, match=r"^ARC needs a positive capacity in blocks$"):
+        ARCPolicy(0)
+
+
+def test_arc_new_keys_enter_t1_and_a_second_sight_promotes_to_t2() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    assert isinstance(policy, ARCPolicy)
+
+    policy.touch(k("b"))
+    policy.insert(k("c"))  # re-insert of a resident key counts as a touch
+
+    assert arc_state(policy) == {"t1": ["a"], "t2": ["b", "c"], "b1": [], "b2": []}
+    assert len(policy) == 3
+
+
+def test_arc_touch_in_t2_moves_to_most_recent() -> None:
+    policy = ARCPolicy(4)
+    for key in ("a", "b"):
+        policy.insert(k(key))
+        policy.touch(k(key))
+
+    policy.touch(k("a"))
+
+    assert names(policy.t2) == ["b", "a"]
+
+
+def test_arc_removed_keys_become_ghosts_of_their_list() -> None:
+    policy = filled(ARCPolicy(4), "a", "b")
+    assert isinstance(policy, ARCPolicy)
+    policy.touch(k("b"))
+
+    policy.remove(k("a"))
+    policy.remove(k("b"))
+
+    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["a"], "b2": ["b"]}
+    assert len(policy) == 0
+
+
+def test_arc_remove_of_an_absent_key_does_nothing() -> None:
+    policy = filled(ARCPolicy(4), "a")
+    assert isinstance(policy, ARCPolicy)
+
+    policy.remove(k("zz"))
+
+    assert arc_state(policy) == {"t1": ["a"], "t2": [], "b1": [], "b2": []}
+
+
+def arc_with_ghosts(
+    capacity: int, b1: list[str], b2: list[str], resident: dict[str, int]
+) -> ARCPolicy:
+    """An ARC whose ghost lists are ``b1`` and ``b2``; ``resident`` maps a key to 1 (t1) or 2 (t2)."""
+    policy = ARCPolicy(capacity)
+    for key in (*b1, *b2, *resident):
+        policy.insert(k(key))
+    for key in (*b2, *(key for key, seen in resident.items() if seen == 2)):
+        policy.touch(k(key))
+    for key in (*b1, *b2):
+        policy.remove(k(key))
+    assert arc_state(policy)["b1"] == b1 and arc_state(policy)["b2"] == b2
+    return policy
+
+
+def test_arc_ghost_overflow_drops_the_oldest_ghost_of_the_longer_list() -> None:
+    policy = arc_with_ghosts(3, b1=["a"], b2=["x", "y"], resident={"z": 2})
+
+    policy.remove(k("z"))
+
+    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["a"], "b2": ["y", "z"]}
+
+
+def test_arc_ghost_overflow_on_equal_lists_drops_from_b1() -> None:
+    policy = arc_with_ghosts(3, b1=["a"], b2=["x", "y"], resident={"b": 1})
+
+    policy.remove(k("b"))
+
+    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["b"], "b2": ["x", "y"]}
+
+
+def test_arc_ghosts_never_outnumber_capacity() -> None:
+    policy = filled(ARCPolicy(3), *"abcdefgh")
+    assert isinstance(policy, ARCPolicy)
+    for key in "abcd":
+        policy.touch(k(key))
+
+    for key in "abcdefgh":
+        policy.remove(k(key))
+
+    assert len(policy.b1) + len(policy.b2) == 3
+
+
+def test_arc_victims_come_from_t1_first_while_t1_is_above_target() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    policy.touch(k("b"))
+
+    assert names(policy.victims()) == ["a", "c", "b"]
+
+
+def test_arc_b1_ghost_hit_grows_target_t1_by_one_and_enters_t2() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    assert isinstance(policy, ARCPolicy)
+    policy.remove(k("a"))
+    policy.remove(k("b"))  # b1 = [a, b], b2 = []
+
+    policy.insert(k("a"))
+
+    assert policy.target_t1 == 1.0
+    assert arc_state(policy) == {"t1": ["c"], "t2": ["a"], "b1": ["b"], "b2": []}
+
+
+def test_arc_b1_ghost_hit_grows_target_t1_by_b2_over_b1_when_larger() -> None:
+    policy = filled(ARCPolicy(4), "x", "y", "z", "w")
+    assert isinstance(policy, ARCPolicy)
+    for key in ("x", "y", "z"):
+        policy.touch(k(key))
+        policy.remove(k(key))  # b2 = [x, y, z]
+    policy.remove(k("w"))  # b1 = [w]
+
+    policy.insert(k("w"))
+
+    assert policy.target_t1 == 3.0
+
+
+def test_arc_target_t1_never_exceeds_capacity() -> None:
+    policy = ARCPolicy(2)
+    for round_ in range(4):
+        key = k(f"g{round_}")
+        policy.insert(key)
+        policy.remove(key)  # into b1
+        policy.insert(key)  # b1 hit: +1
+        policy.remove(key)  # into b2
+
+    assert policy.target_t1 == 2.0
+
+
+def test_arc_b2_ghost_hit_shrinks_target_t1_by_b1_over_b2() -> None:
+    policy = ARCPolicy(4)
+    policy.target_t1 = 3.5
+    for key in ("a", "b", "c", "d"):
+        policy.insert(k(key))
+    policy.touch(k("d"))
+    for key in ("a", "b", "c", "d"):
+        policy.remove(k(key))  # b1 = [a, b, c], b2 = [d]
+
+    policy.insert(k("d"))
+
+    assert policy.target_t1 == 0.5
+    assert arc_state(policy) == {"t1": [], "t2": ["d"], "b1": ["a", "b", "c"], "b2": []}
+
+
+def test_arc_b2_ghost_hit_shrinks_target_t1_by_at_least_one_and_not_below_zero() -> None:
+    policy = ARCPolicy(4)
+    policy.target_t1 = 1.5
+    policy.insert(k("a"))
+    policy.touch(k("a"))
+    policy.remove(k("a"))  # b2 = [a]
+
+    policy.insert(k("a"))
+    assert policy.target_t1 == 0.5
+
+    policy.remove(k("a"))
+    policy.insert(k("a"))
+    assert policy.target_t1 == 0.0
+
+
+def test_arc_victims_come_from_t2_first_once_t1_is_within_target() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "x", "y")
+    assert isinstance(policy, ARCPolicy)
+    policy.remove(k("a"))
+    policy.insert(k("a"))  # b1 hit: target_t1 = 1, a in t2
+    policy.touch(k("x"))  # t1 = [b, y], t2 = [a, x]
+    policy.remove(k("b"))  # t1 = [y]: no longer above target
+
+    assert policy.target_t1 == 1.0
+    assert names(policy.victims()) == ["a", "x", "y"]
+
+
+def test_arc_victims_survive_removal_while_iterating() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    policy.touch(k("b"))  # t1 = [a, c], t2 = [b]
+    walked = []
+
+    for key in policy.victims():
+        policy.remove(key)
+        walked.append(key)
+
+    assert names(walked) == ["a", "c", "b"]
+    assert len(policy) == 0
+
+
+def test_arc_victims_are_a_live_walk_not_a_copy() -> None:
+    policy = filled(ARCPolicy(4), "a", "b", "c")
+    walk = policy.victims()
+
+    assert next(walk) == k("a")
+    policy.remove(k("b"))
+    assert names(walk) == ["c"]
+
+
+def test_lru_flushes_frequently_used_keys_during_a_scan() -> None:
+    evicted, resident = replay(LRUPolicy(), 4, HOT + SCAN)
+
+    assert evicted == ["h1", "h2", "s0", "s1", "s2", "s3", "s4", "s5"]
+    assert resident == {"s6", "s7", "s8", "s9"}
+
+
+def test_arc_keeps_frequently_used_keys_through_a_scan() -> None:
+    evicted, resident = replay(ARCPolicy(4), 4, HOT + SCAN)
+
+    assert evicted == ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]
+    assert resident == {"h1", "h2", "s8", "s9"}

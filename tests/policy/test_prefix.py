@@ -1,0 +1,235 @@
+"""The prefix eviction policy: leaf-first chains, learned odds of reuse, retention windows and
+held session blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.policy.traces import filled, k, names, replay
+from tiercache.policy.arc import ARCPolicy
+from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
+from tiercache.policy.lru import LRUPolicy
+from tiercache.policy.prefix import ATTENTION_TOKENS, GHOSTS, PrefixPolicy
+
+# --- prefix ---------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def chain(policy: PrefixPolicy, *keys: str) -> PrefixPolicy:
+    """Insert ``keys`` as one prompt: each the parent of the next, at its block's position."""
+    parent = None
+    for i, key in enumerate(keys):
+        policy.insert(k(key), parent=parent, position=16 * i)
+        parent = k(key)
+    return policy
+
+
+def test_prefix_needs_positive_capacity() -> None:
+    with pytest.raises(
+        ValueError, match=r"^the prefix policy needs a positive capacity in blocks$"
+    ):
+        PrefixPolicy(0)
+
+
+def test_prefix_without_history_is_lru() -> None:
+    policy = filled(PrefixPolicy(8), "a", "b", "c")
+    policy.touch(k("a"))
+
+    assert names(policy.victims()) == ["b", "c", "a"]
+
+
+def test_prefix_evicts_a_chain_from_its_leaf() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b", "c")
+
+    assert names(policy.victims()) == ["c", "b", "a"]
+
+
+def test_prefix_a_chain_touched_root_to_leaf_stays_leaf_first() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b", "c")
+    policy.insert(k("x"))
+    for key in "abc":
+        policy.touch(k(key))
+
+    assert names(policy.victims()) == ["x", "c", "b", "a"]
+
+
+def test_prefix_gives_a_parent_only_after_its_subtree() -> None:
+    policy = PrefixPolicy(8)
+    policy.insert(k("r"))
+    policy.insert(k("c"), parent=k("r"), position=16)
+    policy.insert(k("z"))
+    policy.touch(k("c"))  # c: used again (class 1); r, its parent, is now the stalest front
+
+    assert names(policy.victims()) == ["c", "r", "z"]
+
+
+def test_prefix_orphans_go_first() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b", "c")
+    policy.insert(k("x"))
+
+    policy.remove(k("a"))  # an explicit evict: b, then c, can no longer be hit
+
+    assert names(policy.victims()) == ["b", "c", "x"]
+
+
+def test_prefix_victims_survive_removal_while_iterating() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b", "c")
+    policy.insert(k("x"))
+    walked = []
+
+    for key in policy.victims():
+        policy.remove(key)
+        walked.append(key)
+
+    assert names(walked) == ["c", "b", "a", "x"]
+    assert len(policy) == 0
+
+
+def test_prefix_counts_a_use_once_until_something_new_is_stored() -> None:
+    policy = filled(PrefixPolicy(8), "a", "b")
+
+    for _ in range(3):  # a lookup, a load and a save of the same request
+        policy.touch(k("a"))
+
+    assert policy.reuse_odds(0, 1) == 1.0  # one reuse, at age 1, and nothing else yet
+    assert policy.reuse_odds(0, 2) == 0.5  # nothing seen that old: a coin flip
+    policy.insert(k("c"))
+    policy.touch(k("a"))
+    assert policy.reuse_odds(1, 1) == 1.0
+
+
+def test_prefix_learns_the_odds_of_reuse_from_ghosts() -> None:
+    policy = PrefixPolicy(1)  # room for GHOSTS ghosts
+    for key in ("a", "b", "c"):
+        policy.insert(k(key))
+        policy.remove(k(key))  # c's ghost pushes a's out: a never came back
+    policy.insert(k("b"))  # b's ghost comes back, two inserts after its use
+
+    assert GHOSTS == 2
+    assert policy.reuse_odds(0, 2) == 0.5  # one back at age 2, one never
+    assert policy.reuse_odds(0, 3) == 0.0  # nothing came back that late
+    policy.touch(k("b"))  # a touch with no insert since the ghost's return: the same use
+    assert policy.reuse_odds(0, 2) == 0.5
+
+
+def test_prefix_a_returning_ghost_resumes_its_use_count() -> None:
+    policy = PrefixPolicy(1)
+    for key in ("p", "q", "r", "a"):
+        policy.insert(k(key))
+        policy.remove(k(key))  # p and q fall off the ghost list: two that never came back
+    policy.insert(k("a"))  # a comes back at age 1: used again once
+
+    assert policy.reuse_odds(0, 1) == 1 / 3
+    policy.insert(k("b"))
+    policy.touch(k("a"))  # its next use counts for class 1, not class 0
+    assert (policy.reuse_odds(0, 1), policy.reuse_odds(1, 1)) == (1 / 3, 1.0)
+
+
+def test_prefix_blocks_used_more_are_never_worth_less() -> None:
+    policy = filled(PrefixPolicy(8), "a", "b", "c")
+    policy.touch(k("a"))  # class 0 came back at age 2
+
+    assert policy.reuse_odds(4, 2) == policy.reuse_odds(0, 2) == 1.0
+
+
+def test_prefix_value_is_the_odds_times_the_position_cost() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b")
+
+    assert policy.value(k("b")) == 0.5 * (1 + 16 / ATTENTION_TOKENS)
+    assert policy.value(k("a")) == 0.5
+
+
+def test_prefix_position_cost_never_breaks_a_tie_of_odds() -> None:
+    policy = PrefixPolicy(8)
+    policy.insert(k("deep"), position=ATTENTION_TOKENS)
+    policy.insert(k("shallow"))
+
+    assert names(policy.victims()) == ["deep", "shallow"]  # equal odds: the stalest first
+
+
+def test_prefix_retained_blocks_go_last_until_their_window_passes() -> None:
+    clock = FakeClock()
+    policy = filled(PrefixPolicy(8, clock=clock), "a", "b", "c")
+    assert isinstance(policy, PrefixPolicy)
+    policy.retain(k("a"), 300.0)
+
+    assert names(policy.victims()) == ["b", "c", "a"]
+    clock.now += 300.0
+    assert names(policy.victims()) == ["a", "b", "c"]  # expired: the stalest again
+
+
+def test_prefix_a_use_starts_the_retention_window_again() -> None:
+    clock = FakeClock()
+    policy = filled(PrefixPolicy(8, clock=clock), "a", "b", "c")
+    assert isinstance(policy, PrefixPolicy)
+    policy.retain(k("a"), 300.0)
+
+    clock.now += 299.0
+    policy.touch(k("a"))
+    clock.now += 299.0
+
+    assert names(policy.victims()) == ["b", "c", "a"]
+
+
+def test_prefix_held_blocks_go_by_deadline() -> None:
+    clock = FakeClock()
+    policy = filled(PrefixPolicy(8, clock=clock), "a", "b", "c")
+    assert isinstance(policy, PrefixPolicy)
+    policy.retain(k("a"), 600.0)
+    policy.retain(k("b"), 60.0)
+    policy.retain(k("c"), math.inf)
+
+    assert names(policy.victims()) == ["b", "a", "c"]
+
+
+def test_prefix_a_released_block_is_a_candidate_again() -> None:
+    policy = filled(PrefixPolicy(8), "a", "b")
+    assert isinstance(policy, PrefixPolicy)
+    policy.retain(k("a"), math.inf)
+
+    policy.retain(k("a"), None)
+
+    assert names(policy.victims()) == ["b", "a"]
+
+
+@pytest.mark.parametrize(("name", "retains"), [("lru", False), ("arc", False), ("prefix", True)])
+def test_only_the_prefix_policy_can_hold_session_blocks(name: str, retains: bool) -> None:
+    assert isinstance(make_policy(name, 8), RetainingPolicy) is retains
+
+
+@pytest.mark.parametrize("seconds", [0.0, -5.0])
+def test_prefix_retention_window_must_be_positive(seconds: float) -> None:
+    with pytest.raises(ValueError, match=r"^a retention window must be positive seconds"):
+        PrefixPolicy(8).retain(k("a"), seconds)
+
+
+# A block used again every fourth insert, between one-off blocks, in a 2-block tier.
+RECURRING = [key for r in range(6) for key in ("h", f"o{r}0", f"o{r}1", f"o{r}2")] + ["h"]
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy(), ARCPolicy(2)], ids=["lru", "arc"])
+def test_lru_and_arc_evict_a_recurring_block_before_it_recurs(policy: EvictionPolicy) -> None:
+    evicted, _ = replay(policy, 2, RECURRING)
+
+    assert evicted.count("h") == 6  # every return is a miss
+
+
+def test_prefix_learns_to_keep_a_recurring_block_over_one_offs() -> None:
+    evicted, resident = replay(PrefixPolicy(2), 2, RECURRING)
+
+    # h comes back from its ghost twice while one-offs fall off the ghost list never seen
+    # again; from then on class 0 is worth less than h, and its returns are hits.
+    assert evicted == [
+        "h", "o00", "o01", "o02", "h", "o10", "o11", "o12", "o20", "o21", "o22",
+        "o30", "o31", "o32", "o40", "o41", "o42", "o50", "o51",
+    ]  # fmt: skip
+    assert resident == {"h", "o52"}

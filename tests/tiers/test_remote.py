@@ -1,0 +1,205 @@
+"""Retention: which blocks go (by age, then oldest beyond a size), and that nothing else does."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import obstore
+import pytest
+import torch
+
+from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tests.services.seaweedfs import BUCKET, objects, options
+from tiercache import TierManager
+from tiercache.bench.seaweedfs import SeaweedFS
+from tiercache.sharing import Sharing
+from tiercache.tiers.disk import StoreError
+from tiercache.tiers.remote import (
+    TRAILER_BYTES,
+    RemoteOptions,
+    StoredBlock,
+    plan_retention,
+    retention,
+)
+
+
+def block(path: str, written: float, size: int = 10) -> StoredBlock:
+    return StoredBlock(path, "ab", size, written)
+
+
+def test_age_removes_exactly_the_blocks_written_before_the_cutoff() -> None:
+    blocks = [block("a", 100), block("b", 150), block("c", 200)]
+    assert plan_retention(blocks, now=260, max_age=100) == [block("a", 100), block("b", 150)]
+
+
+def test_size_removes_the_oldest_until_the_rest_fit() -> None:
+    blocks = [block("c", 300), block("a", 100), block("b", 200, size=25), block("d", 400)]
+    # 55 bytes: without a (45) and b (20) the rest fits in 25; c and d stay.
+    assert plan_retention(blocks, now=400, max_bytes=25) == [
+        block("a", 100),
+        block("b", 200, size=25),
+    ]
+
+
+def test_age_then_size_and_ties_broken_by_path() -> None:
+    blocks = [block("y", 200), block("x", 200), block("old", 10), block("z", 300)]
+    assert plan_retention(blocks, now=300, max_age=100, max_bytes=20) == [
+        block("old", 10),
+        block("x", 200),
+    ]
+
+
+def test_no_limits_remove_nothing() -> None:
+    assert plan_retention([block("a", 0)], now=1e9) == []
+
+
+@pytest.mark.service
+async def test_retention_removes_old_blocks_of_a_namespace_and_nothing_else(
+    open_node: Any,
+) -> None:
+    a = await open_node("a")
+    one, two = make_ns(salt="one"), make_ns(salt="two")
+    await a.save(one, make_tokens(3, seed=1), make_blocks(3, seed=1))
+    await a.save(two, make_tokens(2, seed=2), make_blocks(2, seed=2))
+    assert await a.shared.drain(30) == 0
+    await obstore.put_async(a.remote.obj, "ns/notes.txt", b"an operator's note")
+    await obstore.put_async(a.remote.obj, f"ns/{one.hex}/b/not-a-key", b"someone else's")
+    before = await objects(a, "")
+
+    report = await retention(a.remote, max_age=60, now=time.time() + 3600, namespace=one.hex)
+
+    gone = {p for p in before if p.startswith(f"ns/{one.hex}/b/") and not p.endswith("not-a-key")}
+    assert len(gone) == 3 and set(report.removed_paths) == gone
+    assert await objects(a, "") == sorted(set(before) - gone)
+    assert (report.removed, report.removed_bytes) == (3, 3 * (NBYTES + TRAILER_BYTES))
+
+
+@pytest.mark.service
+async def test_retention_by_size_keeps_what_fits_across_namespaces(open_node: Any) -> None:
+    a = await open_node("a")
+    one, two = make_ns(salt="one"), make_ns(salt="two")
+    await a.save(one, make_tokens(3, seed=1), make_blocks(3, seed=1))
+    await a.save(two, make_tokens(2, seed=2), make_blocks(2, seed=2))
+    assert await a.shared.drain(30) == 0
+
+    report = await retention(a.remote, max_bytes=2 * (NBYTES + TRAILER_BYTES))
+
+    assert (report.scanned, report.removed, report.kept) == (5, 3, 2)
+    assert len(await objects(a, "ns/")) == 2 + 2  # two blocks and the two namespace groups
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared tier failing: down, killed mid-write, restarted, refusing, missing, black-holed.
+# ------------------------------------------------------------------------------------------------
+
+
+NS = make_ns()
+
+
+async def until(cond: Callable[[], bool], limit: float = 30.0) -> None:
+    async with asyncio.timeout(limit):
+        # Polled: the conditions are plain counters, with no event to wait on.
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.service
+async def test_a_store_killed_mid_upload_stalls_nothing_serves_nothing_torn_and_recovers(
+    open_node: Any, own_seaweedfs: SeaweedFS
+) -> None:
+    a = await open_node("a", weed=own_seaweedfs, host_blocks=16, sharing=Sharing(queue_blocks=150))
+    tokens, blocks = make_tokens(200), make_blocks(200)
+    await a.save(NS, tokens[: 100 * 4], blocks[:100])  # most go to disk; uploads read them back
+    own_seaweedfs.kill()  # with uploads in flight
+    await until(lambda: not a.remote.up)
+
+    # Down: saves and loads are local and whole; offers beyond the queue's bound are counted.
+    dropped = a.shared.uploads.dropped["queue_full"]
+    await a.save(NS, tokens, blocks)
+    got = await a.load(NS, tokens)
+    assert got.blocks == 200 and torch.equal(got.data, as_bytes(blocks))
+    assert a.shared.uploads.dropped["queue_full"] > dropped and len(a.shared.uploads) <= 150
+
+    await asyncio.to_thread(own_seaweedfs.start)  # the daemon finds it again by itself
+    assert await a.shared.drain(120) == 0
+    assert a.remote.up and a.stats.errors["remote_write"] >= 1
+    stored = await objects(a, f"ns/{NS.hex}/b/")
+    assert len(stored) >= a.shared.uploads.uploaded >= 150
+
+    # Whatever a second node is served is exactly what was saved.
+    b = await open_node("b", weed=own_seaweedfs, host_blocks=256)
+    got = await b.load(NS, tokens)
+    assert got.blocks >= 100 and torch.equal(got.data, as_bytes(blocks[: got.blocks]))
+    assert b.stats.corrupt_blocks == 0
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers: a store that hangs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_a_hung_store_costs_a_lookup_at_most_one_deadline_and_local_hits_are_served(
+    tmp_path: Path, black_hole: str
+) -> None:
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
+    m = await TierManager.open(
+        host_bytes=16 * NBYTES,
+        remote_url=f"s3://{BUCKET}/hung",
+        remote_options=dataclasses.replace(opts, timeout=0.3),
+    )
+    try:
+        assert m.remote is not None and not m.remote.up  # started without it
+        tokens = make_tokens(4)
+        await m.save(NS, tokens[:8], make_blocks(2))
+        for _ in range(5):
+            assert (await m.lookup(NS, tokens)).tiers == ["host", "host"]
+        assert m.stats.errors["remote_timeout"] <= 1
+    finally:
+        await m.close(flush=False)
+
+
+@pytest.mark.service
+async def test_bad_credentials_are_a_clear_error_at_open(
+    tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    (tmp_path / "secret").write_text("not-the-secret")
+    opts = RemoteOptions(
+        endpoint=seaweedfs.endpoint, key_id="nobody", secret_file=str(tmp_path / "secret")
+    )
+    with pytest.raises(StoreError, match=r"refused the credentials .*key_id and secret_file"):
+        await TierManager.open(
+            host_bytes=4 * NBYTES,
+            disk_url=str(tmp_path / "disk"),
+            disk_bytes=64 * NBYTES,
+            remote_url=f"s3://{BUCKET}/x",
+            remote_options=opts,
+        )
+    # The disk tier was released: the operator can fix the config and start again.
+    m = await TierManager.open(
+        host_bytes=4 * NBYTES, disk_url=str(tmp_path / "disk"), disk_bytes=64 * NBYTES
+    )
+    await m.close()
+
+
+@pytest.mark.service
+async def test_a_missing_bucket_is_a_clear_error_at_open(
+    tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist at http://127"):
+        await TierManager.open(
+            host_bytes=4 * NBYTES,
+            remote_url="s3://no-such-bucket/x",
+            remote_options=options(seaweedfs, tmp_path),
+        )
