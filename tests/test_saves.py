@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -57,4 +59,54 @@ async def test_bad_ranges_and_a_draining_cache_are_refused_by_name() -> None:
     m.draining = True
     with pytest.raises(Draining, match="saves are not taken"):
         await m.saves.reserve(ns, tokens)
+    await m.close(flush=False)
+
+
+async def _blocked(task: asyncio.Task[object]) -> None:
+    for _ in range(50):  # let it reach the lock (or the socket) and block there
+        await asyncio.sleep(0.01)
+    assert not task.done()
+
+
+async def test_a_commit_cancelled_while_it_waits_gives_its_slots_back() -> None:
+    m = await TierManager.open(host_bytes=4 * NBYTES, slot_bytes=NBYTES)
+    tokens = make_tokens(3)
+    r = await m.reserve(make_ns(), tokens)
+    assert m.host.free_slots == 1
+    async with m._lock:
+        commit = asyncio.create_task(m.commit(r))
+        await _blocked(commit)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+    for _ in range(5):  # the shielded abort takes the lock once it is free
+        await asyncio.sleep(0)
+    assert m.host.free_slots == 4 and (await m.lookup(make_ns(), tokens)).blocks == 0
+    await m.close(flush=False)
+
+
+async def test_a_reservation_cancelled_mid_walk_gives_its_slots_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = await TierManager.open(host_bytes=4 * NBYTES, slot_bytes=NBYTES)
+    real = m.host_room.slot_or_none
+    calls = 0
+    stalled = asyncio.Event()
+
+    async def slow_second_slot() -> int | None:  # as a write-back of a victim to disk would
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            stalled.set()
+            await asyncio.sleep(3600)
+        return await real()
+
+    monkeypatch.setattr(m.host_room, "slot_or_none", slow_second_slot)
+    task = asyncio.create_task(m.reserve(make_ns(), make_tokens(3)))
+    await stalled.wait()
+    assert m.host.free_slots == 3  # the first block's slot is taken
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert m.host.free_slots == 4
     await m.close(flush=False)

@@ -1,0 +1,75 @@
+"""Callers that give up halfway: a cancelled request or save leaves the cache and the
+connection as if it had never been made (no slot kept, no reply handed to the next request)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tiercache.client import AsyncClient
+from tiercache.daemon.config import load_config
+from tiercache.daemon.service import Daemon
+
+NS = make_ns()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    env = {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_METRICS__LISTEN": "",
+    }
+    d = Daemon(load_config(env=env))
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+async def _waiting(task: asyncio.Task[object]) -> None:
+    for _ in range(50):  # let it reach the lock (or the socket) and block there
+        await asyncio.sleep(0.01)
+    assert not task.done()
+
+
+async def test_a_cancelled_request_does_not_hand_its_reply_to_the_next(daemon: Daemon) -> None:
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    tokens, other = make_tokens(2), make_tokens(3, seed=7)
+    await c.save(NS, tokens, make_blocks(2))
+    manager = daemon.manager
+    assert manager is not None
+    async with manager._lock:  # the daemon is busy: the lookup's reply comes late
+        slow = asyncio.create_task(c.lookup(NS, tokens))
+        await _waiting(slow)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+    # The late reply (2 blocks found) is on the wire before this one's: it must be dropped.
+    assert (await c.lookup(NS, other)).blocks == 0
+    got = await c.load(NS, tokens)
+    assert got.blocks == 2 and got.data.equal(as_bytes(make_blocks(2)))
+    await c.close()
+
+
+async def test_a_save_whose_commit_is_cancelled_leaves_nothing_reserved_in_the_daemon(
+    daemon: Daemon,
+) -> None:
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    manager = daemon.manager
+    assert manager is not None
+    async with manager._lock:  # reserve waits too: cancel the save while it waits somewhere
+        save = asyncio.create_task(c.save(NS, make_tokens(2), make_blocks(2)))
+        await _waiting(save)
+        save.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await save
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    assert manager.host.free_slots == manager.host.num_slots == 8
+    assert (await c.lookup(NS, make_tokens(3, seed=9))).blocks == 0  # the connection is in step
+    await c.close()
