@@ -16,7 +16,6 @@ is here, so a fix to it reaches every caller.
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -71,9 +70,12 @@ async def save_rounds(
         try:
             r = await asyncio.shield(reserving)
         except asyncio.CancelledError:
-            reserving.add_done_callback(
-                lambda f: f.cancelled() or f.exception() or abort_later(abort(f.result()))
-            )
+
+            def landed(f: asyncio.Future[R]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    abort_later(abort(f.result()))
+
+            reserving.add_done_callback(landed)
             raise
         try:
             await fill(r, done)
