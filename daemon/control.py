@@ -119,6 +119,7 @@ class Control:
         return {
             "tiers": m.usage(),
             "blocks": len(m.index),
+            "formats": m.blocks_by_format(),  # store_dtype -> tier -> blocks
             "sessions": len(m.sessions),
             # Counted without walking every block: stats is polled during a flush (the
             # progress bar) and runs on the same event loop as the flush.

@@ -113,6 +113,13 @@ def render_status(stats: dict[str, Any]) -> str:
             f"{tier:<5} {format_size(u['used_bytes']):>10} of {format_size(u['capacity_bytes']):>10} "
             f"({100 * u['used_bytes'] / cap:5.1f}%)  {u['blocks']} blocks"
         )
+    formats = stats.get("formats") or {}
+    if len(formats) > 1 or any(f != "exact" for f in formats):  # all exact: nothing to say
+        per = "; ".join(
+            f"{fmt} " + ", ".join(f"{t} {n}" for t, n in sorted(tiers.items()))
+            for fmt, tiers in sorted(formats.items())
+        )
+        lines.append(f"formats: {per}")
     lookups = stats.get("lookup_blocks", {})
     total = sum(lookups.values()) or 1
     hits = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(lookups.items()))

@@ -528,5 +528,23 @@ class TierManager:
     def usage(self) -> dict[str, dict[str, int]]:
         return usage(self.device, self.host, self.disk)
 
+    def blocks_by_format(self) -> dict[str, dict[str, int]]:
+        """Blocks per storage format per tier (one walk of the index). A namespace not
+        registered since the start is named by its disk array's attributes."""
+        fmt_of: dict[str, str] = {}
+        out: dict[str, dict[str, int]] = {}
+        for e in self.index:
+            fmt = fmt_of.get(e.array)
+            if fmt is None:
+                ns = self.namespaces.get(e.array)
+                known = ns.store_dtype if ns is not None else None
+                if known is None and self.disk is not None:
+                    known = self.disk.store_dtype(e.array)
+                fmt = fmt_of[e.array] = known or "unknown"
+            tiers = out.setdefault(fmt, {})
+            for tier in e.at:
+                tiers[tier] = tiers.get(tier, 0) + 1
+        return out
+
 
 __all__ = ["Sharing", "TierManager"]

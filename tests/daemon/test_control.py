@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from tests.conftest import OpenCache, make_blocks, make_ns, make_tokens
+from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
 from tiercache.daemon.control import Control
+from tiercache.daemon.ctl import render_status
+from tiercache.keys import Namespace
 
 NS = make_ns()
 
@@ -32,3 +34,22 @@ async def test_stats_counts_dirty_pinned_and_reserved_blocks(open_cache: OpenCac
         3,
     )
     await m.release(lease)
+
+
+async def test_stats_counts_blocks_per_storage_format_and_tier_also_after_a_restart(
+    open_cache: OpenCache,
+) -> None:
+    exact, int8 = make_ns(), Namespace("test-model", SPEC, store_dtype="int8")
+    m = await open_cache(host_blocks=8, write="write-back")
+    await m.save(exact, make_tokens(3, seed=1), make_blocks(3, seed=1))
+    await m.save(int8, make_tokens(2, seed=2), make_blocks(2, seed=2))
+    s = await Control(m).run("stats")
+    assert s["formats"] == {"exact": {"host": 3}, "int8": {"host": 2}}
+    await Control(m).run("flush")
+    s = await Control(m).run("stats")
+    assert s["formats"] == {"exact": {"host": 3, "disk": 3}, "int8": {"host": 2, "disk": 2}}
+    await m.close()
+    again = await open_cache(host_blocks=8)  # nothing registered yet: the arrays say
+    s = await Control(again).run("stats")
+    assert s["formats"] == {"exact": {"disk": 3}, "int8": {"disk": 2}}
+    assert "formats: exact disk 3; int8 disk 2" in render_status(s)

@@ -287,6 +287,16 @@ class DiskTier:
             raise StoreError(str(e)) from e
         self._arrays[path] = _Array(path, nbytes, za.metadata, [], 0, [])
 
+    def store_dtype(self, path: str) -> str | None:
+        """The storage format a namespace array on this tier was created with (its zarr
+        attributes), or None for an array this tier does not have open."""
+        arr = self._arrays.get(path)
+        if arr is None:
+            return None
+        attrs = getattr(arr.meta, "attributes", {}) or {}
+        fmt = attrs.get("tiercache", {}).get("format", {}).get("store_dtype")
+        return str(fmt) if fmt else None
+
     def location(self, rec: DiskRecord) -> tuple[Path, int]:
         """The file and byte offset of a block on a local disk tier (for scrubbing and tests)."""
         if not isinstance(self.io, SlabIO):
