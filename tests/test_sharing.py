@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import obstore
 import pytest
 import torch
 
-from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
 from tests.services.seaweedfs import objects
+from tiercache.keys import Namespace
 from tiercache.sharing import Sharing
+from tiercache.storage_format import stored_nbytes, zarr_attrs
 from tiercache.tiers.remote import TRAILER_BYTES, object_key
 
 pytestmark = pytest.mark.service
@@ -134,3 +137,23 @@ async def test_namespaces_are_apart_in_the_bucket_and_never_hit_each_other(
 
     assert (await b.lookup(tenant_b, tokens)).tiers == []
     assert {p.split("/")[1] for p in await objects(a)} == {tenant_a.hex}
+
+
+async def test_a_quantized_namespace_is_shared_as_its_records_and_says_its_format(
+    open_node: Any,
+) -> None:
+    int8 = Namespace("test-model", SPEC, store_dtype="int8")
+    a, b = await open_node("a"), await open_node("b")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await a.save(int8, tokens, blocks)
+    assert await a.shared.drain(30) == 0
+    stored = await a.load(int8, tokens)
+
+    got = await b.load(int8, tokens)
+
+    assert got.tiers == ["remote"] * 3 and got.data.shape[1] == stored_nbytes(SPEC, "int8")
+    assert torch.equal(got.data, stored.data)  # the records travel, quantized once
+    assert (got.kv() - blocks).abs().max() <= blocks.abs().max() / 127  # int8's step
+    group = await obstore.get_async(a.remote.obj, f"ns/{int8.hex}/zarr.json")
+    attrs = json.loads(bytes(await group.bytes_async()))["attributes"]["tiercache"]
+    assert attrs["format"] == zarr_attrs(SPEC, "int8")

@@ -4,7 +4,8 @@ Layout under ``s3://bucket/prefix``::
 
     tiercache.json                  marker: format version (written at open: proves the
                                     bucket exists and the credentials may write)
-    ns/<namespace-hex>/zarr.json    a zarr v3 group; attributes: model, KVSpec (never the salt)
+    ns/<namespace-hex>/zarr.json    a zarr v3 group; attributes: model, KVSpec, storage
+                                    format (``storage_format.zarr_attrs``; never the salt)
     ns/<namespace-hex>/b/<key-hex>  one block: its raw bytes + a 44-byte trailer
 
 Blocks are immutable and content-addressed by their key (the chained hash of
@@ -54,6 +55,7 @@ import torch
 import xxhash
 
 from tiercache.keys import KEY_BYTES, BlockKey, Namespace
+from tiercache.storage_format import parse_format, zarr_attrs
 from tiercache.tiers.disk import StoreError
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,8 @@ class RemoteTier:
     # -- blocks -------------------------------------------------------------
 
     async def ensure_namespace(self, ns: Namespace) -> None:
-        """Write the namespace's zarr group (model and spec, for people browsing the bucket)."""
+        """Write the namespace's zarr group (model, spec and storage format, for people and
+        tools browsing the bucket: ``format`` says how to split and dequantize a block)."""
         path = f"ns/{ns.hex}"
         if path in self._groups:
             return
@@ -250,7 +253,12 @@ class RemoteTier:
             "zarr_format": 3,
             "node_type": "group",
             "attributes": {
-                "tiercache": {"model": ns.model, "spec": ns.spec.to_dict(), "group": ns.group}
+                "tiercache": {
+                    "model": ns.model,
+                    "spec": ns.spec.to_dict(),
+                    "group": ns.group,
+                    "format": zarr_attrs(ns.spec, parse_format(ns.store_dtype)),
+                }
             },
         }
         await self._call(self._put(f"{path}/zarr.json", json.dumps(meta).encode()))
