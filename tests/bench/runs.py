@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tiercache.daemon.cli import main
 
@@ -17,3 +20,12 @@ def writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:
     assert keys <= set(result)
     png = (tmp_path / f"{stem}.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def measures_nothing_without_cuda(
+    bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GPU benchmark on a machine without CUDA exits 1, says so and writes nothing."""
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "no CUDA device visible to CuPy and torch; nothing measured" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
