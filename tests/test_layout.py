@@ -19,20 +19,17 @@ NOT_MIRRORS = {
     "fixtures": "data files the tests read",
     "scenarios": "the whole product across modules: security, fuzzing, a full disk, two daemons",
     "services": "the real services (Mosquitto, Prometheus, SeaweedFS) the tests start",
-    "vllm": "the vLLM connector's tests, until the connector is a package (see PENDING)",
 }
 
-# The vLLM connector's modules keep their tests where they are while the connector becomes a
-# package; they move next to it then. Each names where its tests are today.
+# The vLLM connector's modules whose tests are in another module's file for now. Each names
+# where its tests are today.
 PENDING = {
-    "bench/vllm_engine.py": "tests/vllm/test_connector.py",
-    "bench/vllm_resume.py": "tests/vllm/test_bench_vllm.py",
-    "integrations/vllm/connector.py": "tests/vllm/test_connector.py",
-    "integrations/vllm/groups.py": "tests/vllm/test_groups.py",
-    "integrations/vllm/link.py": "tests/vllm/test_connector.py",
+    "bench/vllm_engine.py": "tests/integrations/vllm/test_connector.py",
+    "integrations/vllm/groups.py": "tests/integrations/vllm/test_groups_engines.py",
+    "integrations/vllm/link.py": "tests/integrations/vllm/test_connector.py",
     "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
-    "integrations/vllm/scheduler.py": "tests/vllm/test_connector.py",
-    "integrations/vllm/worker.py": "tests/vllm/test_connector.py",
+    "integrations/vllm/scheduler.py": "tests/integrations/vllm/test_connector.py",
+    "integrations/vllm/worker.py": "tests/integrations/vllm/test_connector.py",
 }
 
 

@@ -1,5 +1,5 @@
 """The vLLM connector's engine-free parts: options, the block mapping, the CPU layout, fingerprints.
-(The connector in real engines: tests/vllm.)"""
+(The connector in real engines: test_connector.py, test_groups_engines.py.)"""
 
 from __future__ import annotations
 
