@@ -25,10 +25,8 @@ NOT_MIRRORS = {
 # where its tests are today.
 PENDING = {
     "bench/vllm_engine.py": "tests/integrations/vllm/test_connector.py",
-    "integrations/vllm/groups.py": "tests/integrations/vllm/test_groups_engines.py",
     "integrations/vllm/link.py": "tests/integrations/vllm/test_connector.py",
     "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
-    "integrations/vllm/scheduler.py": "tests/integrations/vllm/test_connector.py",
     "integrations/vllm/worker.py": "tests/integrations/vllm/test_connector.py",
 }
 
