@@ -25,7 +25,6 @@ NOT_MIRRORS = {
 # where its tests are today.
 PENDING = {
     "bench/vllm_engine.py": "tests/integrations/vllm/test_connector.py",
-    "integrations/vllm/link.py": "tests/integrations/vllm/test_connector.py",
     "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
     "integrations/vllm/worker.py": "tests/integrations/vllm/test_connector.py",
 }
