@@ -26,7 +26,6 @@ NOT_MIRRORS = {
 PENDING = {
     "bench/vllm_engine.py": "tests/integrations/vllm/test_connector.py",
     "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
-    "integrations/vllm/worker.py": "tests/integrations/vllm/test_connector.py",
 }
 
 
