@@ -21,13 +21,6 @@ NOT_MIRRORS = {
     "services": "the real services (Mosquitto, Prometheus, SeaweedFS) the tests start",
 }
 
-# The vLLM connector's modules whose tests are in another module's file for now. Each names
-# where its tests are today.
-PENDING = {
-    "bench/vllm_engine.py": "tests/integrations/vllm/test_connector.py",
-    "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
-}
-
 
 def modules() -> list[str]:
     """Every module of the package, relative to it (``daemon/`` and ``kernels/`` are reached
@@ -53,19 +46,10 @@ def test_the_package_is_found_with_its_linked_folders() -> None:
     assert "tiers/disk.py" in found
 
 
-@pytest.mark.parametrize("module", [m for m in modules() if m not in PENDING])
+@pytest.mark.parametrize("module", modules())
 def test_every_module_has_a_test_file_named_after_it(module: str) -> None:
     want = expected_test_file(module)
     assert want.is_file(), f"tiercache/{module} has no tests: write {want.relative_to(ROOT)}"
-
-
-@pytest.mark.parametrize("module", sorted(PENDING))
-def test_a_pending_module_is_still_tested_where_it_says(module: str) -> None:
-    assert module in modules(), f"tiercache/{module} is gone: drop it from PENDING"
-    assert not expected_test_file(module).is_file(), (
-        f"tiercache/{module} has its test file: unlist it"
-    )
-    assert (ROOT / PENDING[module]).is_file()
 
 
 def test_every_test_file_is_named_after_a_module_of_its_folder() -> None:
