@@ -16,7 +16,6 @@ is here, so a fix to it reaches every caller.
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
