@@ -33,15 +33,10 @@ __all__ = [
 
 # Fixtures that start a real service: a test that asks for one must be marked ``service``.
 SERVICE_FIXTURES = frozenset({"mosquitto", "own_mosquitto", "seaweedfs", "own_seaweedfs"})
-TESTS = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        # tests/vllm stays where it is until the vLLM connector's package lands (its files are
-        # being changed there); its tests run real vLLM engines.
-        if Path(str(item.path)).is_relative_to(TESTS / "vllm"):
-            item.add_marker(pytest.mark.vllm)
         starts = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
         if starts and item.get_closest_marker("service") is None:
             raise pytest.UsageError(

@@ -19,20 +19,6 @@ NOT_MIRRORS = {
     "fixtures": "data files the tests read",
     "scenarios": "the whole product across modules: security, fuzzing, a full disk, two daemons",
     "services": "the real services (Mosquitto, Prometheus, SeaweedFS) the tests start",
-    "vllm": "the vLLM connector's tests, until the connector is a package (see PENDING)",
-}
-
-# The vLLM connector's modules keep their tests where they are while the connector becomes a
-# package; they move next to it then. Each names where its tests are today.
-PENDING = {
-    "bench/vllm_engine.py": "tests/vllm/test_connector.py",
-    "bench/vllm_resume.py": "tests/vllm/test_bench_vllm.py",
-    "integrations/vllm/connector.py": "tests/vllm/test_connector.py",
-    "integrations/vllm/groups.py": "tests/vllm/test_groups.py",
-    "integrations/vllm/link.py": "tests/vllm/test_connector.py",
-    "integrations/vllm/metadata.py": "tests/integrations/vllm/test_transport.py",
-    "integrations/vllm/scheduler.py": "tests/vllm/test_connector.py",
-    "integrations/vllm/worker.py": "tests/vllm/test_connector.py",
 }
 
 
@@ -60,19 +46,10 @@ def test_the_package_is_found_with_its_linked_folders() -> None:
     assert "tiers/disk.py" in found
 
 
-@pytest.mark.parametrize("module", [m for m in modules() if m not in PENDING])
+@pytest.mark.parametrize("module", modules())
 def test_every_module_has_a_test_file_named_after_it(module: str) -> None:
     want = expected_test_file(module)
     assert want.is_file(), f"tiercache/{module} has no tests: write {want.relative_to(ROOT)}"
-
-
-@pytest.mark.parametrize("module", sorted(PENDING))
-def test_a_pending_module_is_still_tested_where_it_says(module: str) -> None:
-    assert module in modules(), f"tiercache/{module} is gone: drop it from PENDING"
-    assert not expected_test_file(module).is_file(), (
-        f"tiercache/{module} has its test file: unlist it"
-    )
-    assert (ROOT / PENDING[module]).is_file()
 
 
 def test_every_test_file_is_named_after_a_module_of_its_folder() -> None:

@@ -24,13 +24,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import flip_byte
-from tests.daemon.mosquitto import free_port
+from tests.services.mosquitto import free_port
 from tiercache.bench.vllm_engine import launch
 from tiercache.daemon.process import DaemonProcess
 from tiercache.demo_models import save_tiny
 from tiercache.manager import TierManager
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 BLOCK = 128  # vLLM's CPU block size: the connector's default tiercache block
 LOGPROB_TOL = 0.02  # bf16 noise; measured here: 0.0 (loads are byte-exact)

