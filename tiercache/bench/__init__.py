@@ -6,7 +6,8 @@ recompute TTFT), ``control`` (control-plane latency), ``reliability`` (fault and
 ``trace`` (a conversation trace, Mooncake's or any in its format, replayed: hit ratio against
 capacity per eviction policy),
 ``remote`` (the shared tier against s3fs on a real SeaweedFS, and resume from it),
-``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector),
+``vllm`` (a resumed vLLM turn: TierCacheConnector vs recompute vs ExampleConnector, and per
+attention family vs vLLM's own prefix-cache hit),
 ``quant`` (quantized storage formats against exact: blocks per GiB, trace hit ratio at equal
 bytes, host throughput, disk resume), and on a GPU machine (``scripts/gpu_check.sh`` runs
 both) ``gpu`` (the CuPy kernels against D2D copies and per-block memcpy) and ``decode`` (a

@@ -14,7 +14,8 @@ vLLM tests and the vLLM benchmark start, one per engine.
                                                                  # adds each one's result)
                  {"stagger": {"first": [...], "first_max_tokens": 48, "second": [...],
                               "after": 8}},  # second arrives while first decodes
-                 {"wait": "/tmp/x"}, ...],                       # barrier: x.ready, then x.go
+                 {"wait": "/tmp/x"},                             # barrier: x.ready, then x.go
+                 {"reset_prefix_cache": true}, ...],  # empty vLLM's own prefix cache
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false,
      "reserved_cpus": 1, "engine_args": {"disable_hybrid_kv_cache_manager": true}}
 
@@ -168,6 +169,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         prompt: list[int] = []
         if "wait" in p:
             results.append(wait(p["wait"]))
+        elif "reset_prefix_cache" in p:
+            # Only between requests, so vLLM frees every block: False would be a bug here.
+            if not llm.reset_prefix_cache():
+                raise RuntimeError("vLLM did not reset its prefix cache")
+            results.append({"reset": True})
         elif "stagger" in p:
             g = p["stagger"]
             results.append(stagger(g["first"], g["first_max_tokens"], g["second"], g["after"]))

@@ -40,6 +40,10 @@ the step that schedules it, and the decoding request waits for it; with
 request's longest gap between tokens against its median gap, and the
 arriving request's TTFT, for both.
 
+A row per attention family (``tiercache.bench.vllm_families``, the ``families`` key): a
+resumed prompt against recompute and against vLLM's own prefix-cache hit, and the bytes a
+chat stores against an all-full-attention layout.
+
 Throughput: an engine without a connector and one with it, alternately
 (``THROUGHPUT_PAIRS`` pairs, fresh engines), each running batches of new
 prompts (0% hits) with a generated tail, its saves included; the first batch
@@ -48,7 +52,6 @@ of each engine is untimed; the ratio is the median over pairs.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import statistics
@@ -57,7 +60,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tiercache.bench.common import cli, write
+from tiercache.bench import vllm_families
+from tiercache.bench.common import cli, drop_page_cache, write
 from tiercache.bench.vllm_engine import launch
 from tiercache.daemon.process import DaemonProcess
 from tiercache.demo_models import save_tiny
@@ -83,21 +87,6 @@ DECODE_PROMPT, DECODE_TOKENS, DECODE_AFTER = 1000, 48, 8
 def _tokens(n: int, seed: int) -> list[int]:
     r = random.Random(seed)
     return [r.randrange(3, 2000) for _ in range(n)]
-
-
-def drop_page_cache(root: Path) -> int:
-    """Evict ``root``'s files from the page cache (no root needed); returns the files touched."""
-    n = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                n += 1
-            finally:
-                os.close(fd)
-    return n
 
 
 def _one(tokens: list[int], label: str = "") -> dict[str, Any]:
@@ -242,6 +231,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                 thru.append((tps[0], tps[1]))
         finally:
             daemon.stop()
+        families = vllm_families.run(work / "families", quick, overrides)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -330,18 +320,20 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             "disk_vs_example_cold>=1.0": all(r["disk_vs_example_cold"] >= 1.0 for r in rows),
             "throughput_ratio>=0.97": ratio >= 0.97,
         },
+        "families": families,
     }
-    write(out, "vllm", result, _plot(rows))
+    write(out, "vllm", result, _plot(rows, families))
     return result
 
 
-def _plot(rows: list[dict[str, Any]]) -> Any:
+def _plot(rows: list[dict[str, Any]], families: dict[str, Any]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, ((ax, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(13, 9.6))
+    vllm_families.plot((ax3, ax4), families)
     series = [
         ("recompute_s", "recompute"),
         ("example_warm_s", "ExampleConnector (page cache)"),
@@ -360,6 +352,7 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
     ax2.set_title("a chat's next turn (prompt + reply + new message)")
     fig.suptitle(
         "vLLM (CPU): time to first token, TierCacheConnector vs recompute vs ExampleConnector"
+        "\n(top), and against vLLM's own prefix-cache hit per attention family (bottom)"
     )
     return fig
 
@@ -418,6 +411,7 @@ def report(result: dict[str, Any]) -> str:
         f"throughput at 0% hits, with/without the connector (tokens/s, per engine pair): {per}"
         f"; median ratio {t['ratio']:.1%}"
     )
+    lines.append(vllm_families.report(result["families"]))
     return "\n".join(lines)
 
 

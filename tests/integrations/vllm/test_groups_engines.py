@@ -39,26 +39,13 @@ from tests.integrations.vllm.test_connector import (
     same,
     tokens,
 )
-from tiercache.demo_models import save_tiny
+from tiercache.demo_models import VLLM_CPU, VLLM_CPU_WINDOW, save_tiny
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-WINDOW = 256  # the sliding families' window here: two of vllm-cpu's 128-token blocks
-# What each family's tiny model takes over tiercache.demo_models' defaults for vllm-cpu: a
-# window of whole engine blocks, and MLA's latent of kv_lora_rank 512 + rope 64 = 576 values
-# (what vllm-cpu's MLA kernels take) in dense layers (no expert routing).
-_MLA = {
-    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32,
-    "q_lora_rank": None, "num_key_value_heads": 8, "first_k_dense_replace": 4,
-}  # fmt: skip
-VLLM_TINY: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {"sliding_window": WINDOW},
-    "gemma3": {"sliding_window": WINDOW, "head_dim": 64, "query_pre_attn_scalar": 64},
-    "gpt_oss": {"sliding_window": WINDOW},
-    "deepseek_v2": _MLA,
-    "deepseek_v3": {**_MLA, "q_lora_rank": 128},
-}
+# Each family's tiny model with its vllm-cpu settings (a window of two 128-token blocks).
+WINDOW = VLLM_CPU_WINDOW
+VLLM_TINY = VLLM_CPU
 
 
 def save_family(path: Path, arch: str) -> Path:
