@@ -187,3 +187,16 @@ def test_the_vllm_cpu_mla_layout_round_trips_exactly_and_only_its_blocks() -> No
     big = KVSpec(2, 1, 576, "bfloat16", 128, Layout.VLLM_CPU, kind=AttentionKind.MLA)
     rows = gather(spec, caches, [0, 1, 2, 3, 4, 5, 0, 1])
     assert torch.equal(to_engine_blocks(to_store_blocks(rows, big, 8), big, 8), rows)
+
+
+def test_store_dtype_defaults_to_exact_and_takes_the_quantized_formats() -> None:
+    assert Options().store_dtype == "exact"
+    assert Options.parse({"store_dtype": "int8"}).store_dtype == "int8"
+    assert Options.parse({"store_dtype": "fp8_e4m3"}).store_dtype == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("value", ["int4", "fp8", "", 8, None])
+def test_a_bad_store_dtype_names_the_key_and_the_formats(value: object) -> None:
+    want = r"kv_connector_extra_config\.store_dtype must be one of exact, int8, fp8_e4m3"
+    with pytest.raises(ConnectorConfigError, match=want):
+        Options.parse({"store_dtype": value})
