@@ -47,8 +47,10 @@ try:  # the connector's engine tests are moving from tests/vllm to tests/integra
         found,
         tokens,
     )
+    from tests.integrations.vllm.test_groups import WINDOW, save_family  # type: ignore[import-not-found]
 except ImportError:
     from tests.vllm.test_connector import Daemon, engine, found, tokens
+    from tests.vllm.test_groups import WINDOW, save_family
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -250,3 +252,26 @@ def test_the_daemon_holds_the_engine_s_kv_within_the_quantizer_s_bound(
     err = (y.float() - x.float()).abs()
     assert bool((err <= rq.error_bound(q, x.dtype)).all())
     assert float(err.norm() / x.float().norm()) < (0.01 if fmt == "int8" else 0.03)
+
+
+def test_sliding_and_full_groups_store_quantized_and_resume(workdir: Path, daemon: Daemon) -> None:
+    # gpt-oss style (a sliding group and a full one, attention sinks): turn 1 saves both
+    # groups in int8 (a sliding group only its window), turn 2 in a fresh engine loads them
+    # all (in the background: several groups) and computes only what is new.
+    model = str(save_family(workdir / "model-gpt_oss", "gpt_oss"))
+    extra = {"socket": daemon.socket, "store_dtype": "int8"}
+    first = [{"tokens": FIRST, "max_tokens": REPLY, "session": "sliding"}]
+    (turn1,) = engine(model, workdir, "gpt_oss-int8-turn1", first, extra)
+    p2 = FIRST + turn1["tokens"] + NEWS[0]
+    (plain,) = engine(model, workdir, "gpt_oss-plain", [{"tokens": p2, "max_tokens": REPLY}], None)
+    (turn2,) = engine(
+        model, workdir, "gpt_oss-int8-turn2", [{"tokens": p2, "max_tokens": REPLY}], extra
+    )
+    groups = turn2["kv_transfer_params"]["tiercache"]["groups"]
+    assert [(g["kind"], g["window"]) for g in groups] == [("sliding", WINDOW), ("full", None)]
+    computed = len(FIRST) + REPLY - 1  # 363: 2 whole blocks and a 107-token tail
+    assert found(turn2) == computed // BLOCK
+    assert turn2["num_cached_tokens"] == computed
+    assert "blocks missing" not in (workdir / "engines" / "gpt_oss-int8-turn2.log").read_text()
+    agree, diff, first_off = compare([turn2], [plain])
+    print(f"\ngpt-oss int8 turn 2: {agree}/{REPLY} agree (first off {first_off}), {diff:.4f}")

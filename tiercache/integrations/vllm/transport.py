@@ -85,11 +85,13 @@ class HostCopies:
             # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
             # their engine blocks (those not computed locally, not past the transfer's, and
             # not vLLM's null block: a sliding group's freed slot). Exact rows are viewed in
-            # place; quantized records are dequantized into the engine's dtype.
-            typed = decode(spec, rows, fmt)
+            # place; quantized records are dequantized into the engine's dtype, only those
+            # that hold such engine blocks.
             lo, hi = max(t.skip, i * per), min(len(t.block_ids), (i + rows.shape[0]) * per)
             if lo < hi:
-                eng = to_engine_blocks(typed, spec, per)[lo - i * per : hi - i * per]
+                first, end = lo // per, -(-hi // per)  # the transfer's blocks holding them
+                typed = decode(spec, rows[first - i : end - i], fmt)
+                eng = to_engine_blocks(typed, spec, per)[lo - first * per : hi - first * per]
                 keep = [j for j, b in enumerate(t.block_ids[lo:hi]) if b != NULL_BLOCK]
                 ids = [t.block_ids[lo + j] for j in keep]
                 eng = cpu_engine_order(eng[keep], g.engine) if regroup else eng[keep]
