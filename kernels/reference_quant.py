@@ -95,7 +95,7 @@ def check_engine_dtype(spec: KVSpec) -> None:
 
 def check_quantized(spec: KVSpec, q: QuantBlocks, n: int) -> None:
     """``q`` holds ``n`` blocks of ``spec``: data and scales of the right shapes and dtypes."""
-    want_scales = (n, spec.num_layers, 2, spec.num_kv_heads)
+    want_scales = (n, spec.num_layers, spec.planes, spec.num_kv_heads)
     if tuple(q.data.shape) != (n, *spec.block_shape) or tuple(q.scales.shape) != want_scales:
         raise LayoutError(
             f"quantized blocks must be {[n, *spec.block_shape]} with scales {list(want_scales)}, "

@@ -13,7 +13,7 @@ import zarr
 from tiercache.kernels import reference_quant as rq
 from tiercache.keys import Namespace
 from tiercache.manager import TierManager
-from tiercache.spec import KVSpec
+from tiercache.spec import AttentionKind, KVSpec
 from tiercache.storage_format import (
     FormatError,
     blocks_per_gib,
@@ -66,6 +66,21 @@ def test_quantized_round_trip_within_the_reference_bound(dtype: str, fmt: str) -
     assert rec[:, n_data:].equal(q.scales.view(torch.uint8).reshape(5, -1))
     # and it is not the exact bytes: a quantized block is a different record
     assert not torch.equal(back, x)
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+def test_mla_records_have_one_scale_per_layer_latent_plane_and_head(fmt: str) -> None:
+    # An MLA group caches one latent plane per token: its scales are [layers, 1, heads].
+    spec = KVSpec(3, 1, 24, dtype="bfloat16", block_size=8, kind=AttentionKind.MLA)
+    x = blocks(spec)
+    rec = encode(spec, x, fmt)  # type: ignore[arg-type]
+    assert stored_nbytes(spec, fmt) == 3 * 1 * 8 * 1 * 24 + 4 * 3 * 1 * 1  # type: ignore[arg-type]
+    assert rec.shape == (5, stored_nbytes(spec, fmt))  # type: ignore[arg-type]
+    back = decode(spec, rec, fmt)  # type: ignore[arg-type]
+    q = rq.quantize(x, REF[fmt])  # type: ignore[arg-type]
+    assert q.scales.shape == (5, 3, 1, 1)
+    assert bool(((back.float() - x.float()).abs() <= rq.error_bound(q, spec.torch_dtype)).all())
+    assert zarr_attrs(spec, fmt)["scales"]["shape"] == [3, 1, 1]  # type: ignore[arg-type]
 
 
 def test_sizes_and_blocks_per_gib() -> None:

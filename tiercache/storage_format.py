@@ -2,9 +2,9 @@
 
 A block stored ``exact`` is the engine's bytes. A quantized block is one stored
 record of ``stored_nbytes(spec, fmt)`` bytes: the page-first data
-``[layers, 2, block_size, kv_heads, head_dim]`` in one byte per element (int8 or
-float8 e4m3), followed by the float32 scales ``[layers, 2, kv_heads]`` (one per
-block, layer, K/V and head; ``kernels/reference_quant.py`` is the arithmetic and
+``[layers, planes, block_size, kv_heads, head_dim]`` in one byte per element (int8 or
+float8 e4m3), followed by the float32 scales ``[layers, planes, kv_heads]`` (one per
+block, layer, K/V (or MLA latent) and head; ``kernels/reference_quant.py`` is the arithmetic and
 its error bound). The scales travel inside the record, so one block is still one
 slot, one disk chunk and one object, and the checksum, computed over the stored
 record, covers data and scales alike.
@@ -89,7 +89,7 @@ def _data_nbytes(spec: KVSpec) -> int:
 
 
 def _scales_count(spec: KVSpec) -> int:
-    return spec.num_layers * 2 * spec.num_kv_heads
+    return spec.num_layers * spec.planes * spec.num_kv_heads
 
 
 def stored_nbytes(spec: KVSpec, fmt: StoreFormat) -> int:
@@ -130,7 +130,7 @@ def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tenso
         records[:, split:]
         .contiguous()
         .view(torch.float32)
-        .reshape(n, spec.num_layers, 2, spec.num_kv_heads)
+        .reshape(n, spec.num_layers, spec.planes, spec.num_kv_heads)
     )
     return rq.dequantize(rq.QuantBlocks(data, scales), spec.torch_dtype)
 
@@ -151,7 +151,7 @@ def zarr_attrs(spec: KVSpec, fmt: StoreFormat) -> dict[str, Any]:
     out["scales"] = {
         "dtype": "float32",
         "endian": "little",
-        "shape": [spec.num_layers, 2, spec.num_kv_heads],
+        "shape": [spec.num_layers, spec.planes, spec.num_kv_heads],
         "dims": ["layer", "kv", "head"],
         "offset": _data_nbytes(spec),
         "per": "block, layer, K/V, head (symmetric absmax / QMAX)",

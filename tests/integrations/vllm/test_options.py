@@ -80,3 +80,16 @@ def test_a_hub_id_is_fingerprinted_by_its_revision_and_an_empty_dir_is_refused(
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConnectorConfigError, match="model_fingerprint"):
         model_fingerprint(str(tmp_path))
+
+
+def test_store_dtype_defaults_to_exact_and_takes_the_quantized_formats() -> None:
+    assert Options().store_dtype == "exact"
+    assert Options.parse({"store_dtype": "int8"}).store_dtype == "int8"
+    assert Options.parse({"store_dtype": "fp8_e4m3"}).store_dtype == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("value", ["int4", "fp8", "", 8, None])
+def test_a_bad_store_dtype_names_the_key_and_the_formats(value: object) -> None:
+    want = r"kv_connector_extra_config\.store_dtype must be one of exact, int8, fp8_e4m3"
+    with pytest.raises(ConnectorConfigError, match=want):
+        Options.parse({"store_dtype": value})

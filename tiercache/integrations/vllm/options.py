@@ -13,6 +13,8 @@ from typing import Any
 
 import xxhash
 
+from tiercache.storage_format import FORMATS
+
 logger = logging.getLogger("vllm.tiercache")
 
 SAVE_MODES = ("prompt_and_output", "prompt")
@@ -36,6 +38,7 @@ class Options:
     min_tail_tokens: int | None = None
     async_load: str = "auto"
     attach: str = "auto"
+    store_dtype: str = "exact"  # the namespaces' storage format (tiercache.storage_format)
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Options:
@@ -58,6 +61,7 @@ class Options:
             ("save", SAVE_MODES),
             ("async_load", ASYNC_MODES),
             ("attach", ATTACH_MODES),
+            ("store_dtype", FORMATS),
         ):
             if getattr(opts, name) not in modes:
                 raise ConnectorConfigError(

