@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +50,9 @@ class DaemonProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, env=self.env, stderr=log)
         deadline = time.monotonic() + timeout
-        while not self.socket.exists():
+        # The socket file appears when the daemon binds it, a moment before it listens: a
+        # client in that moment is refused. Started means a connection is accepted.
+        while not self._accepts():
             if self.proc.poll() is not None:
                 tail = self.log.read_text(errors="replace")[-4000:]
                 raise RuntimeError(f"the tiercache daemon did not start:\n{tail}")
@@ -59,6 +62,16 @@ class DaemonProcess:
                     f"the tiercache daemon did not open {self.socket} in {timeout:.0f} s"
                 )
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        if not self.socket.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except (ConnectionRefusedError, FileNotFoundError):
+                return False
+        return True
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (drain and flush) and wait; returns the exit status."""

@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from tests.integrations.vllm.test_connector import Daemon, engine, found, tokens
+from tests.integrations.vllm.test_groups_engines import WINDOW, save_family
 from tiercache.client import Client
 from tiercache.demo_models import save_tiny
 from tiercache.integrations.vllm.groups import cpu_page_first
@@ -40,18 +42,6 @@ from tiercache.integrations.vllm.options import model_fingerprint
 from tiercache.kernels import reference_quant as rq
 from tiercache.keys import Namespace
 from tiercache.spec import KVSpec, Layout
-
-try:  # the connector's engine tests are moving from tests/vllm to tests/integrations/vllm
-    from tests.integrations.vllm.test_connector import (  # type: ignore[import-not-found]
-        Daemon,
-        engine,
-        found,
-        tokens,
-    )
-    from tests.integrations.vllm.test_groups import WINDOW, save_family  # type: ignore[import-not-found]
-except ImportError:
-    from tests.vllm.test_connector import Daemon, engine, found, tokens
-    from tests.vllm.test_groups import WINDOW, save_family
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """The vLLM worker's transports (``tiercache.integrations.vllm.transport``) against a real
 daemon, on CPU: host copies move an engine's blocks byte for byte, and attached caches that
 the daemon cannot attach (CPU tensors here; a daemon without a GPU alike) hand every
-transfer to host copies, with the same outcome. (Attached caches on a GPU: tests/gpu.)"""
+transfer to host copies, with the same outcome. (Attached caches on a GPU: tests/test_ipc_gpu.py.)"""
 
 from __future__ import annotations
 
