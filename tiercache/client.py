@@ -34,7 +34,7 @@ from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult
 from tiercache.storage_format import store_rows
 from tiercache.tiers.host import MappedArena
-from tiercache.transaction import lease_rounds, save_rounds
+from tiercache.transaction import lease_rounds, save_rounds, undone_if_cancelled
 
 M = TypeVar("M", bound=wire.Message)
 
@@ -219,7 +219,8 @@ class AsyncClient:
             req = wire.Reserve(
                 ns.hex, keys=packed, first_block=first_block + done, count=left, session=session
             )
-            return await self.request(req, wire.Reserved)
+            # A caller that gives up while the reply is on its way leaves no reservation.
+            return await undone_if_cancelled(self.request(req, wire.Reserved), abort)
 
         async def fill(r: wire.Reserved, done: int) -> None:
             self._mapped().write(r.slots, data, [done + row for row in r.rows])

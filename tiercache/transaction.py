@@ -50,6 +50,23 @@ def abort_later(abort: Awaitable[None]) -> None:
     task.add_done_callback(_aborts.discard)
 
 
+async def undone_if_cancelled(start: Awaitable[R], undo: Callable[[R], Awaitable[None]]) -> R:
+    """``await start``; if the caller is cancelled first, ``start`` goes on (a request on the
+    wire cannot be called back) and what it returns is undone when it lands. Costs a task per
+    call (~30 us): for a socket round trip, not for an in-process reservation."""
+    started = asyncio.ensure_future(start)
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+
+        def landed(f: asyncio.Future[R]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                abort_later(undo(f.result()))
+
+        started.add_done_callback(landed)
+        raise
+
+
 async def save_rounds(
     count: int,
     reserve: Callable[[int, int], Awaitable[R]],
@@ -61,22 +78,12 @@ async def save_rounds(
     slots, ``commit(r)``; ``abort(r)`` when the fill or the commit raised (``commit`` must
     leave nothing to abort once it made the blocks visible).
 
-    A caller cancelled while its reservation is on the way (a request on the wire, a walk
-    waiting for the lock) does not wait for it: the reservation is aborted when it lands."""
+    A ``reserve`` that is cancelled must leave nothing reserved: the manager's frees what
+    it took; a request on a wire runs through ``undone_if_cancelled``."""
     total = SaveResult(0, 0, 0)
     done = 0
     while done < count:
-        reserving = asyncio.ensure_future(reserve(done, count - done))
-        try:
-            r = await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-
-            def landed(f: asyncio.Future[R]) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    abort_later(abort(f.result()))
-
-            reserving.add_done_callback(landed)
-            raise
+        r = await reserve(done, count - done)
         try:
             await fill(r, done)
             total += await commit(r)
