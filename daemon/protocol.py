@@ -207,8 +207,17 @@ def _fields(cls: Any) -> tuple[_Field, ...]:
 
 
 @functools.cache
-def _names(cls: Any) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def _names(cls: Any) -> tuple[tuple[str, ...], bool]:
+    """A message class's field names, and whether any field may hold a message."""
+    hints = get_type_hints(cls)
+
+    def holds_message(kind: object) -> bool:
+        if isinstance(kind, type):
+            return issubclass(kind, Message)
+        return any(holds_message(k) for k in get_args(kind)) or kind is Any
+
+    fields = dataclasses.fields(cls)
+    return tuple(f.name for f in fields), any(holds_message(hints[f.name]) for f in fields)
 
 
 def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
@@ -232,7 +241,10 @@ def _hint(text: str) -> Any:
 @dataclass(frozen=True, slots=True)
 class Message:
     def to_wire(self) -> dict[str, Any]:
-        return {name: _to_wire(getattr(self, name)) for name in _names(cast("Any", type(self)))}
+        names, nested = _names(cast("Any", type(self)))
+        if not nested:  # the common case: plain values (ints, bytes, lists of ints)
+            return {name: getattr(self, name) for name in names}
+        return {name: _to_wire(getattr(self, name)) for name in names}
 
     @classmethod
     def from_wire(cls: type[M], args: dict[str, Any]) -> M:

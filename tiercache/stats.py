@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -61,20 +60,11 @@ class Stats:
     def request(self, op: str, seconds: float) -> None:
         """One API operation finished (the exporter keeps a latency histogram)."""
 
-    @contextmanager
-    def timing(self, op: str) -> Iterator[None]:
+    def timing(self, op: str) -> _Timing:
         """Observe one request of ``op`` when it succeeds, unless an outer request is being
-        timed already (then that one is the observation)."""
-        if _IN_REQUEST.get():
-            yield
-            return
-        token = _IN_REQUEST.set(True)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            _IN_REQUEST.reset(token)
-        self.request(op, time.perf_counter() - t0)
+        timed already (then that one is the observation). A class, not a generator context
+        manager: it runs on every request (a generator's costs ~3 us more)."""
+        return _Timing(self, op)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -90,6 +80,27 @@ class Stats:
 
 class _Observed(Protocol):
     stats: Stats
+
+
+class _Timing:
+    __slots__ = ("_op", "_stats", "_t0", "_token")
+
+    def __init__(self, stats: Stats, op: str) -> None:
+        self._stats, self._op = stats, op
+        self._token: Token[bool] | None = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        if not _IN_REQUEST.get():
+            self._token = _IN_REQUEST.set(True)
+            self._t0 = time.perf_counter()
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if self._token is None:
+            return
+        _IN_REQUEST.reset(self._token)
+        if kind is None:
+            self._stats.request(self._op, time.perf_counter() - self._t0)
 
 
 S = TypeVar("S", bound=_Observed)
