@@ -6,7 +6,6 @@ outputs are stand-ins with the fields the scheduler side reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import NBYTES, SPEC, make_blocks, make_ns, make_tokens
+from tests.conftest import SPEC, make_blocks, make_ns, make_tokens
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
 from tiercache.integrations.vllm.groups import FULL, Group
@@ -68,19 +67,6 @@ def step(req_id: str, block_ids: list[int], computed: int, scheduled: int) -> An
         scheduled_new_reqs=[new],
         scheduled_cached_reqs=cached,
     )
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = tmp_path_factory.mktemp("vllm-scheduler-daemon")
-    env = {
-        "TIERCACHE_TIERS_HOST__BYTES": str(64 * NBYTES),
-        "TIERCACHE_TIERS_HOST__SHARED": "true",
-        "TIERCACHE_TIERS_DISK__URL": str(d / "disk"),
-        "TIERCACHE_TIERS_DISK__BYTES": str(256 * NBYTES),
-    }
-    with DaemonProcess(d, env) as daemon:
-        yield daemon
 
 
 def scheduler(socket: str | Path, min_tail: int = 0, **options: Any) -> Scheduler:

@@ -7,13 +7,12 @@ groups, a daemon that is down as every block of the load."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import NBYTES, SPEC, make_ns, make_tokens
+from tests.conftest import SPEC, make_ns, make_tokens
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
 from tiercache.integrations.vllm.groups import FULL, Group
@@ -34,19 +33,6 @@ TWO = [
     Group(i, FULL, None, (f"l{i}",), Namespace("vllm-worker", ONE_LAYER, group=f"g{i}"), ONE_LAYER)
     for i in range(2)
 ]
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = tmp_path_factory.mktemp("vllm-worker-daemon")
-    env = {
-        "TIERCACHE_TIERS_HOST__BYTES": str(64 * NBYTES),
-        "TIERCACHE_TIERS_HOST__SHARED": "true",
-        "TIERCACHE_TIERS_DISK__URL": str(d / "disk"),
-        "TIERCACHE_TIERS_DISK__BYTES": str(256 * NBYTES),
-    }
-    with DaemonProcess(d, env) as daemon:
-        yield daemon
 
 
 def caches(seed: int | None, layers: tuple[str, ...] = ("l0", "l1")) -> dict[str, torch.Tensor]:
