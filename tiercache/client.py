@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from tiercache.daemon import protocol as wire
-from tiercache.daemon.protocol import PROTOCOL_VERSION, RemoteError, read_frame
+from tiercache.daemon.protocol import PROTOCOL_VERSION, ProtocolError, RemoteError, read_frame
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
 from tiercache.keys import Namespace, Tokens, check_first_block, keys_of
@@ -34,7 +34,7 @@ from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult
 from tiercache.storage_format import store_rows
 from tiercache.tiers.host import MappedArena
-from tiercache.transaction import lease_rounds, save_rounds, undone_if_cancelled
+from tiercache.transaction import abort_later, lease_rounds, save_rounds
 
 M = TypeVar("M", bound=wire.Message)
 
@@ -79,6 +79,8 @@ class AsyncClient:
         self._arena: MappedArena | None = None
         self._unshared = False  # the daemon offered no shared arena
         self._lost = False
+        # Requests whose callers were cancelled after sending them: id -> undo of the reply.
+        self._late: dict[int, Callable[[Any], Awaitable[None]]] = {}
 
     @classmethod
     async def connect(cls, path: str | Path, *, name: str = "") -> AsyncClient:
@@ -107,6 +109,7 @@ class AsyncClient:
         it). Callbacks run between the client's own steps, never inside a copy; a request
         that resumes after this finds no arena and fails as a lost connection."""
         self._lost = True
+        self._late.clear()  # the daemon gives back what a closed connection held
         if self._arena is not None:
             arena, self._arena = self._arena, None
             arena.close()
@@ -123,30 +126,85 @@ class AsyncClient:
             raise ConnectionError("the tiercache daemon closed the connection")
         return self._arena
 
-    async def _roundtrip(self, rid: int, frame: bytes) -> Any:
+    async def _roundtrip(
+        self, rid: int, frame: bytes, undo: Callable[[Any], Awaitable[None]] | None = None
+    ) -> Any:
         """Send request ``rid``'s frame; its reply's ``result`` (a RemoteError when refused).
 
         Replies come in request order. One whose caller was cancelled while it waited (a
-        timeout, a client shutting down) still arrives: it is read and dropped here, so the
-        next request never takes an earlier request's reply for its own."""
+        timeout, a client shutting down) still arrives: it is read and dropped, so the next
+        request never takes an earlier request's reply for its own. With ``undo``, what the
+        request did is undone when its reply lands (a reservation given back): by the next
+        request that reads it, or by a reader started for it (only then: a task per call
+        would cost every save ~30 us)."""
         async with self._lock:
             self._writer.write(frame)
-            await self._writer.drain()
-            while True:
-                body = await read_frame(self._reader)
-                if body is None:
-                    raise ConnectionError("the tiercache daemon closed the connection")
-                reply = wire.decode(body)
-                if not isinstance(reply, dict) or reply.get("id") in (rid, None):
-                    return wire.reply_result(reply)
+            try:
+                await self._writer.drain()
+                while True:
+                    reply = await self._next_reply()
+                    if reply.get("id") in (rid, None):
+                        break
+                    self._landed(reply)
+            except asyncio.CancelledError:
+                if undo is not None:  # the frame is on its way: the daemon will run it
+                    self._late[rid] = undo
+                    abort_later(self._collect(rid))
+                raise
+        return wire.reply_result(reply)
+
+    async def _next_reply(self) -> dict[str, Any]:
+        body = await read_frame(self._reader)
+        if body is None:
+            raise ConnectionError("the tiercache daemon closed the connection")
+        return wire.decode(body)
+
+    def _landed(self, reply: dict[str, Any]) -> None:
+        """The reply of a request whose caller was cancelled: dropped, or undone."""
+        undo = self._late.pop(reply["id"], None)
+        if undo is None:
+            return
+        try:
+            result = wire.reply_result(reply)
+        except RemoteError:
+            return  # refused: it did nothing to undo
+        abort_later(undo(result))
+
+    async def _collect(self, rid: int) -> None:
+        """Read the late reply of request ``rid`` if no request after it did."""
+        async with self._lock:
+            while rid in self._late:
+                try:
+                    reply = await self._next_reply()
+                except (ConnectionError, ProtocolError):
+                    # The connection is gone: the daemon gave back all it held.
+                    self._late.clear()
+                    return
+                if reply.get("id") is not None:
+                    self._landed(reply)
 
     async def _send(self, req: wire.Request) -> Any:
+        """Send ``req``; its reply's raw ``result`` (for replies without a message type)."""
         rid = next(self._ids)
         return await self._roundtrip(rid, wire.encode_request(rid, req))
 
-    async def request(self, req: wire.Request, reply: type[M]) -> M:
-        """Send ``req``; its reply, typed."""
-        return wire.decode_reply(reply, await self._send(req))
+    async def request(
+        self,
+        req: wire.Request,
+        reply: type[M],
+        undo: Callable[[M], Awaitable[None]] | None = None,
+    ) -> M:
+        """Send ``req``; its reply, typed. ``undo(reply)`` runs if the caller is cancelled
+        after the request left (the daemon still runs it)."""
+        rid = next(self._ids)
+        frame = wire.encode_request(rid, req)
+        if undo is None:
+            return wire.decode_reply(reply, await self._roundtrip(rid, frame))
+
+        def undo_raw(result: Any) -> Awaitable[None]:
+            return undo(wire.decode_reply(reply, result))
+
+        return wire.decode_reply(reply, await self._roundtrip(rid, frame, undo_raw))
 
     async def call(self, op: str, **args: Any) -> Any:
         """A raw request (for tests and tools that speak the protocol by hand)."""
@@ -220,7 +278,7 @@ class AsyncClient:
                 ns.hex, keys=packed, first_block=first_block + done, count=left, session=session
             )
             # A caller that gives up while the reply is on its way leaves no reservation.
-            return await undone_if_cancelled(self.request(req, wire.Reserved), abort)
+            return await self.request(req, wire.Reserved, undo=abort)
 
         async def fill(r: wire.Reserved, done: int) -> None:
             self._mapped().write(r.slots, data, [done + row for row in r.rows])
@@ -250,7 +308,7 @@ class AsyncClient:
         miss ends it). An engine that already holds the first blocks starts after them."""
         t0 = time.perf_counter()
         nbytes = ns.block_nbytes
-        parts = [torch.empty((0, nbytes), dtype=torch.uint8)]
+        parts: list[torch.Tensor] = []
 
         def copy_out(arena: MappedArena, slots: list[int], _: int) -> None:
             part = torch.empty((len(slots), nbytes), dtype=torch.uint8)
@@ -258,7 +316,10 @@ class AsyncClient:
             parts.append(part)
 
         tiers = await self._leased(ns, tokens, first_block, max_blocks, copy_out)
-        data = torch.cat(parts) if len(parts) > 2 else parts[-1]
+        if len(parts) == 1:
+            data = parts[0]
+        else:  # several rounds, or none: a miss is a [0, nbytes] tensor
+            data = torch.cat(parts) if parts else torch.empty((0, nbytes), dtype=torch.uint8)
         seconds, per_tier = time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
         return LoadResult(data, tiers, ns, seconds, per_tier, first_block)
 

@@ -50,23 +50,6 @@ def abort_later(abort: Awaitable[None]) -> None:
     task.add_done_callback(_aborts.discard)
 
 
-async def undone_if_cancelled(start: Awaitable[R], undo: Callable[[R], Awaitable[None]]) -> R:
-    """``await start``; if the caller is cancelled first, ``start`` goes on (a request on the
-    wire cannot be called back) and what it returns is undone when it lands. Costs a task per
-    call (~30 us): for a socket round trip, not for an in-process reservation."""
-    started = asyncio.ensure_future(start)
-    try:
-        return await asyncio.shield(started)
-    except asyncio.CancelledError:
-
-        def landed(f: asyncio.Future[R]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                abort_later(undo(f.result()))
-
-        started.add_done_callback(landed)
-        raise
-
-
 async def save_rounds(
     count: int,
     reserve: Callable[[int, int], Awaitable[R]],
@@ -79,7 +62,8 @@ async def save_rounds(
     leave nothing to abort once it made the blocks visible).
 
     A ``reserve`` that is cancelled must leave nothing reserved: the manager's frees what
-    it took; a request on a wire runs through ``undone_if_cancelled``."""
+    it took; the socket client gives back a reservation that lands after its caller left
+    (``AsyncClient.request``'s ``undo``)."""
     total = SaveResult(0, 0, 0)
     done = 0
     while done < count:
