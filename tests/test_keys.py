@@ -281,6 +281,7 @@ def test_changing_a_token_in_the_partial_tail_changes_no_key() -> None:
     [
         pytest.param(list, id="list"),
         pytest.param(tuple, id="tuple"),
+        pytest.param(lambda t: [np.int64(v) for v in t], id="list-of-numpy-ints"),
         pytest.param(lambda t: np.array(t, dtype=np.int64), id="int64"),
         pytest.param(lambda t: np.array(t, dtype=np.uint32), id="uint32"),
         pytest.param(lambda t: np.array(t, dtype=">i8"), id="big-endian-int64"),

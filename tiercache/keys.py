@@ -22,10 +22,13 @@ never continues from a tail.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -70,6 +73,8 @@ def keys_of(ns: Namespace, tokens: Tokens) -> KeyChain:
     """The block keys of ``tokens`` in ``ns``: hashed here, or as a client sent them."""
     if isinstance(tokens, KeyChain):
         return KeyChain(tokens)  # a copy: a session keeps the list it is given
+    if isinstance(tokens, list):  # hashed as it is (``token_bytes`` packs it without numpy)
+        return KeyChain(ns.block_keys(cast("list[int]", tokens)))
     return KeyChain(ns.block_keys(as_tokens(tokens)))
 
 
@@ -111,6 +116,10 @@ class Namespace:
     store_dtype: str = "exact"
     group: str = ""
     id: bytes = field(init=False, repr=False, compare=False)
+    # Derived once (a namespace is immutable): asked for on every save and load.
+    hex: str = field(init=False, repr=False, compare=False)
+    array: str = field(init=False, repr=False, compare=False)  # its blocks' path in every tier
+    block_nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -123,15 +132,10 @@ class Namespace:
             what["store_dtype"] = fmt
         canon = json.dumps(what, sort_keys=True, separators=(",", ":")).encode()
         object.__setattr__(self, "id", hashlib.blake2b(canon, digest_size=KEY_BYTES).digest())
-
-    @property
-    def block_nbytes(self) -> int:
-        """Bytes one block of this namespace takes in the tiers (its stored record)."""
-        return stored_nbytes(self.spec, parse_format(self.store_dtype))
-
-    @property
-    def hex(self) -> str:
-        return self.id.hex()
+        object.__setattr__(self, "hex", self.id.hex())
+        object.__setattr__(self, "array", f"ns/{self.hex}")
+        # Bytes one block of this namespace takes in the tiers (its stored record).
+        object.__setattr__(self, "block_nbytes", stored_nbytes(self.spec, fmt))
 
     def block_keys(
         self, tokens: Sequence[int] | np.ndarray, start: BlockKey | None = None
@@ -151,7 +155,22 @@ class Namespace:
         return tail_keys(self.id if parent is None else parent, toks)
 
 
+_U32 = array.array("I").itemsize == 4  # the fast path for lists packs C unsigned ints
+
+
 def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian uint32 (what keys hash), or a TokenError naming the fault."""
+    if _U32 and type(tokens) is list and bool not in set(map(type, tokens)):
+        # A list of ints in range packs without numpy (a quarter of the time for a block);
+        # anything else (negative, too large, not integers) takes the checked path below.
+        try:
+            packed = array.array("I", tokens)
+        except (OverflowError, TypeError):
+            pass
+        else:
+            if sys.byteorder == "big":
+                packed.byteswap()
+            return packed.tobytes()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise TokenError(f"token ids must be a flat sequence, got shape {arr.shape}")

@@ -240,7 +240,7 @@ class DiskTier:
 
     async def register(self, ns: Namespace) -> str:
         """Create (or open) the array that holds ``ns``'s blocks; returns its path."""
-        path = f"ns/{ns.hex}"
+        path = ns.array
         if path in self._arrays:
             return path
         # Many clients register the same model at once: without the lock two of them

@@ -246,7 +246,7 @@ class RemoteTier:
     async def ensure_namespace(self, ns: Namespace) -> None:
         """Write the namespace's zarr group (model, spec and storage format, for people and
         tools browsing the bucket: ``format`` says how to split and dequantize a block)."""
-        path = f"ns/{ns.hex}"
+        path = ns.array
         if path in self._groups:
             return
         meta = {
