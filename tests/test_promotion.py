@@ -108,7 +108,7 @@ async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
             disk,
             device,
             stats,
-            lambda e: touched.append(int.from_bytes(e.key, "little")),
+            lambda es: touched.extend(int.from_bytes(e.key, "little") for e in es),
             formats.append,
         )
         c = Cache(

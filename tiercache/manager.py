@@ -27,8 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -180,18 +179,22 @@ class TierManager:
                 e.at.pop(DEVICE, None)
                 self.device.discard(e.key)  # a copy being stored too
 
-    def _refresh(self, e: Entry) -> None:
-        """``e`` is in use: its recency in every tier's policy."""
-        e.last_use = time.monotonic()
-        self.host_room.touch(e)
-        if self.disk_room is not None:
-            self.disk_room.touch(e)
+    def _refresh(self, entries: list[Entry]) -> None:
+        """``entries`` are in use: their recency in every tier's policy (a lookup of a long
+        prefix refreshes thousands: one clock read, no call per entry it can spare)."""
+        now, host, disk = time.monotonic(), self.host_room, self.disk_room
+        for e in entries:
+            e.last_use = now
+            host.touch(e)
+            if disk is not None:
+                disk.touch(e)
 
-    def _touch(self, e: Entry) -> None:
-        """``e`` was served: refreshed, and sighted for the shared tier."""
-        self._refresh(e)
+    def _touch(self, entries: list[Entry]) -> None:
+        """``entries`` were served: refreshed, and sighted for the shared tier."""
+        self._refresh(entries)
         if self.shared is not None:
-            self.shared.sighted(e)
+            for e in entries:
+                self.shared.sighted(e)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -205,7 +208,7 @@ class TierManager:
 
     async def register(self, ns: Namespace) -> str:
         """Make ``ns`` known here; the first one sets the host slot size (unless configured)."""
-        path = f"ns/{ns.hex}"
+        path = ns.array
         if path in self.namespaces:
             return path
         nbytes = ns.block_nbytes
@@ -292,8 +295,7 @@ class TierManager:
         for t, n in (Counter(tiers) + Counter({"miss": len(run) - len(hit)})).items():
             self.stats.lookup(t, n)  # a Counter sum keeps positive counts only
         async with self._lock:
-            for e in hit:
-                self._refresh(e)  # a prefix found again is in use, even if the engine keeps it
+            self._refresh(hit)  # a prefix found again is in use, even if the engine keeps it
         return LookupResult(keys, tiers, ns.spec.block_size, first_block)
 
     @timed("lookup_tail")
@@ -309,18 +311,14 @@ class TierManager:
                 return i, tier
         return -1, "miss"
 
-    @asynccontextmanager
-    async def _leased(self, keys: list[BlockKey]) -> AsyncIterator[Lease]:
-        """The cached prefix of ``keys``, leased (not evictable) until the ``with`` block ends
-        or ``Lease.end`` is called under the lock."""
+    async def _lease(self, keys: list[BlockKey]) -> Lease:
+        """The cached prefix of ``keys``, leased (not evictable) until ``release`` (or
+        ``Lease.end`` under the lock)."""
         async with self._lock:
             self._check_open()
             lease = Lease(self.index.prefix(keys), [])
             self.index.lease(lease.entries)
-        try:
-            yield lease
-        finally:
-            await self.release(lease)
+        return lease
 
     async def _ready(
         self, ns: Namespace, keys: list[BlockKey]
@@ -328,8 +326,11 @@ class TierManager:
         """Before a read of ``keys``: TTLs applied, ``ns`` known, a prefetch of them finished
         and, with a shared tier, what lies past the local prefix fetched (returned)."""
         await self._expire_due()
-        await self.register(ns)
+        if ns.array not in self.namespaces:  # checked here first: no coroutine on the hot path
+            await self.register(ns)
         await self.promoter.wait(keys)
+        if self.shared is None:
+            return keys, set()
         return keys, await self._fill(ns, keys, len(self.index.prefix(keys)))
 
     async def _fill(self, ns: Namespace, keys: list[BlockKey], start: int) -> set[BlockKey]:
@@ -355,8 +356,9 @@ class TierManager:
         t0 = time.perf_counter()
         run = keys_of(ns, tokens)[check_first_block(first_block) :][:max_blocks]
         keys, fetched = await self._ready(ns, run)
-        async with self._leased(keys) as lease:
-            entries = lease.entries
+        lease = await self._lease(keys)
+        entries = lease.entries
+        try:
             # Pinned when a device tier serves it: device -> host is then an async DMA.
             pin = self.device is not None and self.device.device.type == "cuda"
             out = output_rows(out, len(entries), ns.block_nbytes, pin)
@@ -366,11 +368,16 @@ class TierManager:
             )
             async with self._lock:
                 lease.end(self.index)  # first: room for the disk-read blocks to stay in host
-                if self.disk_room is not None:
+                if failed and self.disk_room is not None:
                     self.disk_room.forget_corrupt(failed)
                 self.promoter.served(entries[:ok])
-                await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
-        tiers = [REMOTE if e.key in fetched else t for e, t in zip(entries, tiers, strict=True)]
+                if from_disk:
+                    await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
+        finally:
+            if lease.entries:  # not ended above (an error or a cancel on the way)
+                await self.release(lease)
+        if fetched:
+            tiers = [REMOTE if e.key in fetched else t for e, t in zip(entries, tiers, strict=True)]
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
         return LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier, first_block)
 
@@ -421,8 +428,7 @@ class TierManager:
         keys = keys_of(ns, tokens)
         async with self._lock:
             hit = self.index.prefix(keys)
-            for e in hit:
-                self._refresh(e)
+            self._refresh(hit)
         return len(hit)
 
     # -- prefetch ---------------------------------------------------------
@@ -445,8 +451,11 @@ class TierManager:
             raise ValueError("prefetch needs a session, or a namespace and tokens")
         if self.disk is None and self.device is None:
             return 0
-        async with self._leased(keys) as lease:
+        lease = await self._lease(keys)
+        try:
             return await self.promoter.prefetch(lease.entries)
+        finally:
+            await self.release(lease)
 
     # -- sessions, pins, eviction -------------------------------------------
 

@@ -39,7 +39,7 @@ class Promoter:
         disk: DiskRoom | None,
         device: DeviceTier | None,
         stats: Stats,
-        touch: Callable[[Entry], None],
+        touch: Callable[[list[Entry]], None],
         ensure_format: Callable[[int], None],
     ) -> None:
         self._index = index
@@ -165,6 +165,8 @@ class Promoter:
     async def wait(self, keys: list[BlockKey]) -> None:
         """A read that arrives while a prefetch of its blocks is in flight waits for it (rather
         than reading the same blocks twice) and records how late the prefetch was."""
+        if not self._prefetching:
+            return
         pending = {ev for k in keys if (ev := self._prefetching.get(k)) is not None}
         if not pending:
             return
@@ -175,14 +177,14 @@ class Promoter:
     def served(self, entries: list[Entry]) -> None:
         """Under the lock: ``entries`` were read; touch them and record how early a prefetch
         served this read (once per read)."""
+        self._touch(entries)
+        first = 0.0  # monotonic time of the earliest prefetch among them
         for e in entries:
-            self._touch(e)
-        now = time.monotonic()
-        leads = [now - e.prefetched_at for e in entries if e.prefetched_at]
-        for e in entries:
-            e.prefetched_at = 0.0
-        if leads:
-            self._stats.prefetched("early", min(leads))
+            if e.prefetched_at:
+                first = e.prefetched_at if not first else min(first, e.prefetched_at)
+                e.prefetched_at = 0.0
+        if first:
+            self._stats.prefetched("early", time.monotonic() - first)
 
     async def keep(self, read: list[tuple[int, Entry]], rows: torch.Tensor) -> None:
         """Under the lock: blocks a load read (and verified) from disk into ``rows[i]`` get a

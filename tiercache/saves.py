@@ -46,7 +46,7 @@ class HostSaves:
         if m.draining:
             raise Draining("the cache is draining: saves are not taken (reads are served)")
         await m._expire_due()
-        array = await m.register(ns)
+        array = ns.array if ns.array in m.namespaces else await m.register(ns)
         keys = keys_of(ns, tokens)
         n = len(keys) - first_block if count is None else count
         if first_block < 0 or n < 0 or first_block + n > len(keys):
@@ -65,7 +65,9 @@ class HostSaves:
     async def _reserve_locked(self, r: Reservation, n: int) -> Reservation:
         m, keys, first_block, nbytes = self._m, r.keys, r.first_block, r.ns.block_nbytes
         m._check_open()
-        if m.admission.threshold == 1:  # else only admitted blocks make room, one by one
+        # Room for the blocks it lacks in one go (when the free slots may not do); with an
+        # admission threshold only admitted blocks make room, one by one.
+        if m.admission.threshold == 1 and n > m.host.free_slots:
             await m.host_room.make_room(
                 sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
             )
@@ -76,7 +78,7 @@ class HostSaves:
             entry = m.index.get(key)
             if entry is not None:
                 r.present += 1
-                m._touch(entry)
+                m._touch([entry])
             elif not m.admission.admit(key):
                 r.rejected += 1
             else:
