@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import struct
 import types
 from collections.abc import Callable
@@ -135,7 +134,7 @@ def _what(name: str, kind: object) -> str:
 
 def _checker(name: str, kind: object, meta: Any) -> Callable[[Any], Any]:
     """The check of a field of type ``kind``: its value as it is, or a bad_request naming
-    the field. Worked out once per message class (``_fields``), so that a request costs one
+    the field. Worked out once per message class (``_Codec``), so that a request costs one
     call per field and no type introspection (it was a fifth of the daemon's time per
     request under 16 clients)."""
     hint = meta.get("hint", "")
@@ -159,7 +158,7 @@ def _checker(name: str, kind: object, meta: Any) -> Callable[[Any], Any]:
         def nested(value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ProtocolError("bad_request", hint or f"'{name}' must be a map")
-            return _from_wire(cls, value, name)
+            return _codec(cls).from_wire(value, name)
 
         return nested
     if kind is int:
@@ -181,56 +180,74 @@ def _checker(name: str, kind: object, meta: Any) -> Callable[[Any], Any]:
     return bad
 
 
-@dataclass(frozen=True, slots=True)
-class _Field:
-    name: str
-    required: bool
-    hint: str
-    check: Callable[[Any], Any]
+class _Codec:
+    """How one message class goes to and from the wire, worked out once per class: its
+    fields' checks (resolving string annotations per message cost ~0.1 ms of daemon CPU a
+    request) and defaults. Decoding builds the message from positional values: the
+    per-message cost is one loop over the fields (every request and reply runs through
+    here, twice per round trip)."""
 
+    __slots__ = ("cls", "fields", "names", "nested")
 
-@functools.cache
-def _fields(cls: Any) -> tuple[_Field, ...]:
-    """A message class's init fields with their checks, worked out once per class
-    (resolving string annotations per message cost ~0.1 ms of daemon CPU a request)."""
-    hints = get_type_hints(cls)
-    return tuple(
-        _Field(
-            f.name,
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-            f.metadata.get("hint", ""),
-            _checker(f.name, hints[f.name], f.metadata),
+    def __init__(self, cls: Any) -> None:
+        hints = get_type_hints(cls)
+
+        def holds_message(kind: object) -> bool:
+            if isinstance(kind, type):
+                return issubclass(kind, Message)
+            return any(holds_message(k) for k in get_args(kind)) or kind is Any
+
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        self.cls = cls
+        # (name, required, hint, check, default): default is a factory, called when absent.
+        self.fields: tuple[tuple[str, bool, str, Callable[[Any], Any], Callable[[], Any]], ...]
+        self.fields = tuple(
+            (
+                f.name,
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                f.metadata.get("hint", ""),
+                _checker(f.name, hints[f.name], f.metadata),
+                _default(f),
+            )
+            for f in fields
         )
-        for f in dataclasses.fields(cls)
-        if f.init
-    )
+        self.names = tuple(f.name for f in dataclasses.fields(cls))
+        self.nested = any(holds_message(hints[f.name]) for f in dataclasses.fields(cls))
+
+    def to_wire(self, msg: Any) -> dict[str, Any]:
+        if self.nested:
+            return {name: _to_wire(getattr(msg, name)) for name in self.names}
+        return {name: getattr(msg, name) for name in self.names}  # plain values: the common case
+
+    def from_wire(self, args: dict[str, Any], where: str) -> Any:
+        values = []
+        for name, required, hint, check, default in self.fields:
+            value = args.get(name)
+            if value is None:
+                if required:
+                    raise ProtocolError("bad_request", hint or f"{where} needs '{name}'")
+                if name not in args:
+                    values.append(default())
+                    continue
+            values.append(check(value))
+        return self.cls(*values)
 
 
-@functools.cache
-def _names(cls: Any) -> tuple[tuple[str, ...], bool]:
-    """A message class's field names, and whether any field may hold a message."""
-    hints = get_type_hints(cls)
-
-    def holds_message(kind: object) -> bool:
-        if isinstance(kind, type):
-            return issubclass(kind, Message)
-        return any(holds_message(k) for k in get_args(kind)) or kind is Any
-
-    fields = dataclasses.fields(cls)
-    return tuple(f.name for f in fields), any(holds_message(hints[f.name]) for f in fields)
+def _default(f: dataclasses.Field[Any]) -> Callable[[], Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory
+    value = f.default
+    return lambda: value
 
 
-def _from_wire(cls: type[M], args: dict[str, Any], where: str) -> M:
-    values: dict[str, Any] = {}
-    for f in _fields(cast("Any", cls)):
-        value = args.get(f.name)
-        if value is None:
-            if f.required:
-                raise ProtocolError("bad_request", f.hint or f"{where} needs '{f.name}'")
-            if f.name not in args:
-                continue
-        values[f.name] = f.check(value)
-    return cls(**values)
+_CODECS: dict[type, _Codec] = {}
+
+
+def _codec(cls: type) -> _Codec:
+    codec = _CODECS.get(cls)
+    if codec is None:
+        codec = _CODECS[cls] = _Codec(cls)
+    return codec
 
 
 def _hint(text: str) -> Any:
@@ -241,14 +258,11 @@ def _hint(text: str) -> Any:
 @dataclass(frozen=True, slots=True)
 class Message:
     def to_wire(self) -> dict[str, Any]:
-        names, nested = _names(cast("Any", type(self)))
-        if not nested:  # the common case: plain values (ints, bytes, lists of ints)
-            return {name: getattr(self, name) for name in names}
-        return {name: _to_wire(getattr(self, name)) for name in names}
+        return _codec(type(self)).to_wire(self)
 
     @classmethod
     def from_wire(cls: type[M], args: dict[str, Any]) -> M:
-        return _from_wire(cls, args, getattr(cls, "op", cls.__name__))
+        return cast("M", _codec(cls).from_wire(args, getattr(cls, "op", cls.__name__)))
 
 
 def _to_wire(value: Any) -> Any:
