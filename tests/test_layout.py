@@ -5,6 +5,7 @@ folders that mirror nothing are the ones below."""
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -75,3 +76,26 @@ def test_every_folder_of_the_tests_mirrors_a_package_folder() -> None:
     for d in TESTS.iterdir():
         if d.is_dir() and d.name != "__pycache__" and d.name not in NOT_MIRRORS:
             assert (PACKAGE / d.name / "__init__.py").is_file(), f"tests/{d.name} mirrors nothing"
+
+
+# The size limits that keep each concept in a room of its own (issue 14): a class past them
+# has become a hub again.
+MAX_CLASS_LINES = 500
+MAX_MANAGER_LINES = 600
+
+
+def test_no_class_is_longer_than_the_limit() -> None:
+    long = []
+    for module in modules():
+        tree = ast.parse((PACKAGE / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    long.append(f"{module}: {node.name} ({lines} lines)")
+    assert not long, f"classes longer than {MAX_CLASS_LINES} lines: {long}"
+
+
+def test_the_manager_module_stays_a_facade() -> None:
+    lines = len((PACKAGE / "manager.py").read_text().splitlines())
+    assert lines < MAX_MANAGER_LINES, f"tiercache/manager.py has {lines} lines"
