@@ -7,7 +7,7 @@ repeat two operations:
 - ``lookup``: the cached prefix of the 32k-token conversation (the question a
   connector asks before every prefill; 128 KiB of packed token ids per request);
 - ``save+load``: one new block saved (reserve, copy into the shared arena,
-  commit) and loaded back (acquire, copy out, release): five round trips.
+  commit) and loaded back (acquire, copy out, release): four round trips.
 
 Reported: p50 and p99 per operation and concurrency; the daemon's CPU seconds
 (user + system, from /proc) per 1,000 operations; and the single-client p50
