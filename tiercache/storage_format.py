@@ -106,10 +106,15 @@ def encode(spec: KVSpec, blocks: torch.Tensor, fmt: StoreFormat) -> torch.Tensor
     if fmt == "exact":
         return blocks.contiguous().view(torch.uint8).reshape(n, spec.block_nbytes)
     check_spec(spec, fmt)
-    q = rq.quantize(blocks, _REF[fmt])
-    data = q.data.contiguous().view(torch.uint8).reshape(n, -1)
-    scales = q.scales.contiguous().view(torch.uint8).reshape(n, -1)
-    return torch.cat([data, scales], dim=1)
+    records = torch.empty((n, stored_nbytes(spec, fmt)), dtype=torch.uint8)
+    split = _data_nbytes(spec)
+    # The data is quantized straight into the records (a view of their first bytes); the
+    # scales (4 bytes per head and layer) are copied in after.
+    data = records[:, :split].view(rq.QDTYPE[_REF[fmt]]).view(n, *spec.block_shape)
+    scales = torch.empty((n, spec.num_layers, spec.planes, spec.num_kv_heads))
+    rq.quantize(blocks, _REF[fmt], out=rq.QuantBlocks(data, scales))
+    records[:, split:] = scales.view(torch.uint8).reshape(n, -1)
+    return records
 
 
 def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tensor:
@@ -121,11 +126,11 @@ def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tenso
             f"stored {fmt} records of this spec must be uint8 [n, {want}], "
             f"got {records.dtype} {list(records.shape)}"
         )
-    records = records.contiguous()
     if fmt == "exact":
-        return records.view(spec.torch_dtype).reshape(n, *spec.block_shape)
+        return records.contiguous().view(spec.torch_dtype).reshape(n, *spec.block_shape)
     split = _data_nbytes(spec)
-    data = records[:, :split].contiguous().view(rq.QDTYPE[_REF[fmt]]).reshape(n, *spec.block_shape)
+    # Read in place: the data is a view of the records' first bytes (rows strided by a record).
+    data = records[:, :split].view(rq.QDTYPE[_REF[fmt]]).view(n, *spec.block_shape)
     scales = (
         records[:, split:]
         .contiguous()

@@ -28,6 +28,7 @@ from tests.kernels.test_reference import (
     make_spec,
     raw,
 )
+from tiercache.kernels import reference_quant as rq
 from tiercache.kernels.reference import LayoutError, gather
 from tiercache.kernels.reference_quant import (
     QuantBlocks,
@@ -110,6 +111,34 @@ def test_quantize_equals_a_loop_over_heads_and_elements(fmt: str, dtype: str) ->
     assert q.scales.dtype == torch.float32
     assert np.array_equal(q.scales.numpy(), want_scales)
     assert np.array_equal(stored_ints(q), want_data)
+
+
+@pytest.mark.parametrize("dtype", ENGINE_DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_converting_a_few_blocks_at_a_time_gives_the_same_bytes_as_all_at_once(
+    fmt: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch_dtype = getattr(torch, dtype)
+    blocks = random_blocks(7, torch_dtype, seed=3)
+    blocks[2, 1, 0, :, 1] = 0  # an all-zero head inside a chunk
+    before = blocks.clone()
+    monkeypatch.setattr(rq, "_CHUNK_ELEMENTS", 2**40)  # everything in one chunk
+    whole = quantize(blocks, fmt)  # type: ignore[arg-type]
+    whole_back = dequantize(whole, torch_dtype)
+    monkeypatch.setattr(rq, "_CHUNK_ELEMENTS", blocks[0].numel() * 2)  # 2 blocks a chunk: 4
+
+    q = quantize(blocks, fmt)  # type: ignore[arg-type]
+    back = dequantize(q, torch_dtype)
+
+    assert torch.equal(raw(q.data), raw(whole.data)) and torch.equal(q.scales, whole.scales)
+    assert torch.equal(raw(back), raw(whole_back))
+    assert torch.equal(raw(blocks), raw(before))  # a float32 input is copied, never divided
+
+
+def test_the_e4m3_table_holds_torch_s_value_of_every_code() -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(rq._E4M3.view(torch.int32), want.view(torch.int32))  # NaNs bit for bit
 
 
 @pytest.mark.parametrize("dtype", ENGINE_DTYPES)
