@@ -111,7 +111,7 @@ def check_quantized(spec: KVSpec, q: QuantBlocks, n: int) -> None:
 # Blocks are converted a few at a time, so that the float32 temporaries (4 bytes per element)
 # stay in the CPU's cache instead of being allocated, faulted in and streamed through memory
 # whole: 4-6x faster than whole-tensor operations for 8k tokens of a 256 KiB block.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 19
 
 
 # The float32 value of every e4m3fn byte (NaN for the two NaN codes), as torch converts it.

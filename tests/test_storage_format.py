@@ -92,6 +92,26 @@ def test_sizes_and_blocks_per_gib() -> None:
     assert 1.9 < ratio < 2.0
 
 
+@pytest.mark.parametrize("fmt", ("exact", *QUANT))
+def test_decode_into_an_engine_buffer_writes_what_it_returns(fmt: str) -> None:
+    x = blocks(SPEC)
+    rec = encode(SPEC, x, fmt)  # type: ignore[arg-type]
+    engine = torch.full_like(x, 7.0)
+
+    got = decode(SPEC, rec, fmt, out=engine)  # type: ignore[arg-type]
+
+    assert got.data_ptr() == engine.data_ptr()
+    assert engine.view(torch.uint8).equal(decode(SPEC, rec, fmt).view(torch.uint8))  # type: ignore[arg-type]
+
+
+def test_decode_refuses_an_engine_buffer_of_another_shape_or_dtype() -> None:
+    rec = encode(SPEC, blocks(SPEC), "int8")
+    with pytest.raises(FormatError, match=r"out must be bfloat16 \[5, 3, 2, 8, 2, 16\], got"):
+        decode(SPEC, rec, "int8", out=torch.empty((4, *SPEC.block_shape), dtype=torch.bfloat16))
+    with pytest.raises(FormatError, match=r"got torch.float32 \[5, 3, 2, 8, 2, 16\]"):
+        decode(SPEC, rec, "int8", out=torch.empty((5, *SPEC.block_shape)))
+
+
 def test_decode_refuses_records_of_another_size() -> None:
     rec = encode(SPEC, blocks(SPEC), "int8")
     with pytest.raises(

@@ -68,10 +68,12 @@ class LoadResult:
     def tokens(self) -> int:
         return self.blocks * self.namespace.spec.block_size
 
-    def kv(self) -> torch.Tensor:
-        """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype."""
+    def kv(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype
+        (written into ``out``, an engine's buffer of that shape and dtype, when given: a
+        quantized block is dequantized straight into it)."""
         ns = self.namespace
-        return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype))
+        return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype), out)
 
 
 @dataclass(slots=True)

@@ -117,8 +117,11 @@ def encode(spec: KVSpec, blocks: torch.Tensor, fmt: StoreFormat) -> torch.Tensor
     return records
 
 
-def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tensor:
-    """Stored records uint8 ``[n, stored_nbytes]`` -> engine-dtype blocks ``[n, *block_shape]``."""
+def decode(
+    spec: KVSpec, records: torch.Tensor, fmt: StoreFormat, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stored records uint8 ``[n, stored_nbytes]`` -> engine-dtype blocks ``[n, *block_shape]``
+    (into ``out`` when given; else exact records come back as a view of themselves)."""
     n = records.shape[0]
     want = stored_nbytes(spec, fmt)
     if records.dtype != torch.uint8 or tuple(records.shape) != (n, want):
@@ -126,8 +129,15 @@ def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tenso
             f"stored {fmt} records of this spec must be uint8 [n, {want}], "
             f"got {records.dtype} {list(records.shape)}"
         )
+    if out is not None and (
+        out.dtype != spec.torch_dtype or tuple(out.shape) != (n, *spec.block_shape)
+    ):
+        raise FormatError(
+            f"out must be {spec.dtype} {[n, *spec.block_shape]}, got {out.dtype} {list(out.shape)}"
+        )
     if fmt == "exact":
-        return records.contiguous().view(spec.torch_dtype).reshape(n, *spec.block_shape)
+        blocks = records.contiguous().view(spec.torch_dtype).reshape(n, *spec.block_shape)
+        return blocks if out is None else out.copy_(blocks)
     split = _data_nbytes(spec)
     # Read in place: the data is a view of the records' first bytes (rows strided by a record).
     data = records[:, :split].view(rq.QDTYPE[_REF[fmt]]).view(n, *spec.block_shape)
@@ -137,7 +147,7 @@ def decode(spec: KVSpec, records: torch.Tensor, fmt: StoreFormat) -> torch.Tenso
         .view(torch.float32)
         .reshape(n, spec.num_layers, spec.planes, spec.num_kv_heads)
     )
-    return rq.dequantize(rq.QuantBlocks(data, scales), spec.torch_dtype)
+    return rq.dequantize(rq.QuantBlocks(data, scales), spec.torch_dtype, out)
 
 
 def zarr_attrs(spec: KVSpec, fmt: StoreFormat) -> dict[str, Any]:
