@@ -57,7 +57,12 @@ class ProtocolError(Exception):
 # -- frames -------------------------------------------------------------------------------
 
 
-def encode(msg: dict[str, Any]) -> bytes:
+# A decoded frame: the envelope around a message (``id`` with ``op`` and ``args``, or with
+# ``ok`` and ``result`` or ``error``). Only the framing reads it; messages are typed.
+Frame = dict[str, Any]
+
+
+def encode(msg: Frame) -> bytes:
     body: bytes = msgpack.packb(msg, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ProtocolError(
@@ -66,7 +71,7 @@ def encode(msg: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes) -> Frame:
     """One frame body -> a message dict; anything else is a ProtocolError, never another exception."""
     try:
         msg = msgpack.unpackb(body, raw=False, strict_map_key=True)

@@ -153,13 +153,13 @@ class AsyncClient:
                 raise
         return wire.reply_result(reply)
 
-    async def _next_reply(self) -> dict[str, Any]:
+    async def _next_reply(self) -> wire.Frame:
         body = await read_frame(self._reader)
         if body is None:
             raise ConnectionError("the tiercache daemon closed the connection")
         return wire.decode(body)
 
-    def _landed(self, reply: dict[str, Any]) -> None:
+    def _landed(self, reply: wire.Frame) -> None:
         """The reply of a request whose caller was cancelled: dropped, or undone."""
         undo = self._late.pop(reply["id"], None)
         if undo is None:
