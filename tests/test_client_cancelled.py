@@ -73,3 +73,30 @@ async def test_a_save_whose_commit_is_cancelled_leaves_nothing_reserved_in_the_d
     assert manager.host.free_slots == manager.host.num_slots == 8
     assert (await c.lookup(NS, make_tokens(3, seed=9))).blocks == 0  # the connection is in step
     await c.close()
+
+
+async def test_a_reservation_whose_reply_the_next_request_reads_is_given_back(
+    daemon: Daemon,
+) -> None:
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    await c.register(NS)
+    manager = daemon.manager
+    assert manager is not None
+    async with manager._lock:  # the reserve's reply comes late
+        save = asyncio.create_task(c.save(NS, make_tokens(2), make_blocks(2)))
+        await _waiting(save)
+        # Queued on the connection behind the reserve: when the save is cancelled, this
+        # request reads the reserve's late reply before its own, and must undo it.
+        lookup = asyncio.create_task(c.lookup(NS, make_tokens(3, seed=9)))
+        await _waiting(lookup)
+        save.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await save
+    assert (await lookup).blocks == 0  # its own reply, not the reservation's
+    for _ in range(50):
+        if manager.host.free_slots == manager.host.num_slots:
+            break
+        await asyncio.sleep(0.01)
+    assert manager.host.free_slots == manager.host.num_slots == 8
+    assert not c._late  # nothing left waiting for a reply
+    await c.close()
