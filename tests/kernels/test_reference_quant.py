@@ -8,6 +8,7 @@ non-negative e4m3 values, so they share no code with the vectorized torch they c
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -139,6 +140,46 @@ def test_the_e4m3_table_holds_torch_s_value_of_every_code() -> None:
     codes = torch.arange(256, dtype=torch.uint8)
     want = codes.view(torch.float8_e4m3fn).float()
     assert torch.equal(rq._E4M3.view(torch.int32), want.view(torch.int32))  # NaNs bit for bit
+
+
+@pytest.mark.parametrize("dtype", ENGINE_DTYPES)
+@pytest.mark.parametrize("nan_codes", [False, True], ids=["finite codes", "with NaN codes"])
+def test_every_e4m3_code_dequantizes_as_torch_s_value_times_the_scale(
+    dtype: str, nan_codes: bool
+) -> None:
+    """The bit-moving decode against torch's own e4m3 -> float32 conversion, for every code
+    under scales from subnormal to the largest quantize can give, zero, inf and NaN; a chunk
+    holding a NaN code (0x7f, 0xff) goes through the table, bit for bit as well."""
+    torch_dtype = getattr(torch, dtype)
+    codes = torch.arange(256, dtype=torch.uint8)
+    if not nan_codes:
+        codes = codes[(codes & 0x7F) != 0x7F]
+    big = torch.finfo(torch.float32).max / 448
+    scale_values = [1.0, 2.0**-140, 2.0**-126, 3e-5, 0.37, 1e20, big, 0.0, math.inf, math.nan]
+    layers, heads, head_dim = 1, len(scale_values), 2
+    per_head = BLOCK * head_dim  # every code once per (block, K/V, head), in a row
+    n = -(-len(codes) // per_head)
+    flat = codes.repeat(n * 2 * heads * per_head // len(codes) + 1)
+    data = torch.empty((n, layers, 2, BLOCK, heads, head_dim), dtype=torch.uint8)
+    data.view(-1).copy_(flat[: data.numel()])
+    scales = torch.tensor(scale_values).expand(n, layers, 2, heads).contiguous()
+    q = QuantBlocks(data.view(torch.float8_e4m3fn), scales)
+
+    restored = dequantize(q, torch_dtype)
+
+    want = data.view(torch.float8_e4m3fn).float() * scales[:, :, :, None, :, None]
+    assert torch.equal(raw(restored), raw(want.to(torch_dtype)))  # NaNs bit for bit too
+
+
+def test_the_bit_moving_decode_is_the_one_used_without_nan_codes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table is only the NaN path: a chunk without NaN codes never reads it."""
+    q = quantize(random_blocks(2, torch.bfloat16), "fp8")
+    want = dequantize(q, torch.bfloat16)
+    monkeypatch.setattr(rq, "_E4M3", torch.full((256,), math.nan))
+
+    assert torch.equal(raw(dequantize(q, torch.bfloat16)), raw(want))
 
 
 @pytest.mark.parametrize("dtype", ENGINE_DTYPES)
