@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from tests.services.seaweedfs import options
 from tiercache.bench.quant import (
     FORMATS,
-    disk_resume,
     host_throughput,
     report,
+    tier_resume,
     trace_at_equal_bytes,
 )
+from tiercache.bench.seaweedfs import SeaweedFS
 
 QUANTIZED = [f for f in FORMATS if f != "exact"]
 
@@ -41,8 +45,8 @@ def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
     for fmt in FORMATS:
         assert set(host[fmt]) == {"save_vs_raw", "load_vs_raw", "save_vs_exact", "load_vs_exact"}
         assert all(r["ratio"] > 0 for r in host[fmt].values())
-    disk = disk_resume(64, 1, tmp_path)  # asserts inside that every resume is served from disk
-    assert disk["blocks"] == 4
+    disk = tier_resume(64, 1, tmp_path)  # raises unless every resume is served from disk
+    assert disk["blocks"] == 4 and disk["tier"] == "disk" and disk["page_cache"] == "warm"
     assert set(disk) >= set(QUANTIZED) and "exact" not in disk
 
     text = report(
@@ -57,3 +61,30 @@ def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
     assert "trace (50 requests)" in text
     assert all(f"  {fmt}: " in text for fmt in QUANTIZED)
     assert "disk resume of 64 tokens" in text
+
+
+@pytest.mark.service
+def test_a_shared_tier_resume_is_served_from_the_store_in_every_format(
+    tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str
+) -> None:
+    """Each resume is a node that never saw the blocks (raises unless all come from remote)."""
+    shared = tier_resume(64, 1, tmp_path, remote=(remote_url, options(seaweedfs, tmp_path)))
+
+    assert shared["blocks"] == 4 and shared["tier"] == "remote" and "page_cache" not in shared
+    assert set(shared) >= set(QUANTIZED) and "exact" not in shared
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "s3.secret"]  # nodes removed
+    shared["store"] = "SeaweedFS"
+    text = report(
+        {
+            "blocks_per_gib": {},
+            "trace": {"requests": 0, "points": []},
+            "host": {"blocks": 0, "block_bytes": 0, **{f: _ratios() for f in FORMATS}},
+            "remote_resume": shared,
+        }
+    )
+    assert "remote resume of 64 tokens, SeaweedFS (exact time / quantized time):" in text
+
+
+def _ratios() -> dict[str, dict[str, float]]:
+    names = ("save_vs_raw", "load_vs_raw", "save_vs_exact", "load_vs_exact")
+    return {k: {"ratio": 1.0} for k in names}

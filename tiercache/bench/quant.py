@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +34,7 @@ from tiercache.manager import TierManager
 from tiercache.spec import KVSpec
 from tiercache.storage_format import FORMATS, blocks_per_gib, stored_nbytes
 from tiercache.tiers.disk import DiskTier
+from tiercache.tiers.remote import RemoteOptions, RemoteTier
 
 LLAMA8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
 TINY = KVSpec(num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_size=16)
@@ -121,11 +124,22 @@ def _drop_page_cache() -> bool:
     return True
 
 
-def disk_resume(tokens: int, reps: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
-    """Blocks of ``tokens`` saved to disk, the manager reopened (host empty), then loaded and
-    restored into a preallocated engine-shaped buffer (an engine's KV cache exists before a
-    resume: exact blocks are copied in, quantized ones dequantized in). ``cold``: the page
-    cache is dropped before each load (root only; the result says whether it was)."""
+def tier_resume(
+    tokens: int,
+    reps: int,
+    workdir: Path,
+    cold: bool = False,
+    remote: tuple[str, RemoteOptions] | None = None,
+) -> dict[str, Any]:
+    """Blocks of ``tokens`` saved, then loaded by a manager that has none of them in host
+    memory and restored into a preallocated engine-shaped buffer (an engine's KV cache exists
+    before a resume: exact blocks are copied in, quantized ones dequantized in).
+
+    Without ``remote``: from the disk tier, the manager reopened on it (a restart); ``cold``
+    drops the page cache before each load (root only; the result says whether it was).
+    With ``remote`` (a shared tier's url and options): the saving node uploads every block,
+    and each load is a node that never saw them (empty host and disk), so every block comes
+    from the shared tier."""
     spec = BENCH_SPEC
     n = tokens // spec.block_size
     src = _blocks(n, spec)
@@ -133,15 +147,22 @@ def disk_resume(tokens: int, reps: int, workdir: Path, cold: bool = False) -> di
     capacity = 4 * n * spec.block_nbytes
     engine = torch.zeros_like(src)  # touched once here, as an engine's cache is
     loop = asyncio.new_event_loop()
-    dropped = [cold]
+    dropped = [cold and remote is None]
+    tier = "disk" if remote is None else "remote"
+    nodes = itertools.count()
 
-    async def open_manager() -> TierManager:
-        disk = await DiskTier.open(f"file://{workdir}/disk", capacity)
-        return TierManager(host_bytes=capacity, disk=disk, slot_bytes=spec.block_nbytes)
+    async def open_manager(node: Path) -> TierManager:
+        disk = await DiskTier.open(f"file://{node}", capacity)
+        shared = await RemoteTier.open(*remote) if remote is not None else None
+        return TierManager(
+            host_bytes=capacity, disk=disk, slot_bytes=spec.block_nbytes, remote=shared
+        )
 
     async def fill(ns: Namespace) -> None:
-        m = await open_manager()
+        m = await open_manager(workdir / "disk")
         await m.save(ns, ids, src)
+        if m.shared is not None and await m.shared.drain(120):
+            raise RuntimeError("the shared tier did not take every block of the benchmark")
         await m.close()
 
     for fmt in FORMATS:
@@ -149,19 +170,24 @@ def disk_resume(tokens: int, reps: int, workdir: Path, cold: bool = False) -> di
 
     def resume(ns: Namespace) -> Any:
         def go() -> float:
-            m = loop.run_until_complete(open_manager())  # a restart: host empty
+            # A restart on the saving node's disk, or a node of its own (removed after).
+            node = workdir / "disk" if remote is None else workdir / f"node{next(nodes)}"
+            m = loop.run_until_complete(open_manager(node))
             if dropped[0]:
                 dropped[0] = _drop_page_cache()
             try:
 
                 async def load() -> None:
                     got = await m.load(ns, ids)
-                    assert got.tiers == ["disk"] * n
+                    if got.tiers != [tier] * n:
+                        raise RuntimeError(f"the resume was not served from {tier}: {got.tiers}")
                     got.kv(out=engine)
 
                 return timed(lambda: loop.run_until_complete(load()))
             finally:
                 loop.run_until_complete(m.close(flush=False))
+                if remote is not None:
+                    shutil.rmtree(node, ignore_errors=True)
 
         return go
 
@@ -171,9 +197,33 @@ def disk_resume(tokens: int, reps: int, workdir: Path, cold: bool = False) -> di
         if fmt != "exact":
             ns = Namespace("bench-quant", spec, store_dtype=fmt)
             out[fmt] = side_by_side(resume(ns), resume(exact), reps)
-    out["page_cache"] = "dropped before each load" if dropped[0] else "warm"
+    out["tier"] = tier
+    if remote is None:
+        out["page_cache"] = "dropped before each load" if dropped[0] else "warm"
     loop.close()
     return out
+
+
+def remote_resume(tokens: int, reps: int, workdir: Path) -> dict[str, Any] | None:
+    """``tier_resume`` from a real SeaweedFS started for it (None where weed is not installed)."""
+    from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, weed_binary
+
+    if weed_binary() is None:
+        return None
+    weed = SeaweedFS(workdir / "seaweedfs")
+    weed.start()
+    try:
+        weed.create_bucket("bench-quant")
+        secret = workdir / "secret"
+        secret.write_text(SECRET)
+        opts = RemoteOptions(
+            endpoint=weed.endpoint, key_id=KEY_ID, secret_file=str(secret), timeout=30
+        )
+        result = tier_resume(tokens, reps, workdir, remote=("s3://bench-quant/resume", opts))
+    finally:
+        weed.stop()
+    result["store"] = "SeaweedFS (weed server -s3) on loopback, same machine"
+    return result
 
 
 def plot(result: dict[str, Any]) -> Any:
@@ -223,12 +273,16 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
     }
     tokens, reps = (2048, 3) if quick else (8192, 5)
     with tempfile.TemporaryDirectory() as d:
-        result["disk_resume"] = disk_resume(tokens, reps, Path(d))
+        result["disk_resume"] = tier_resume(tokens, reps, Path(d))
     if not quick:  # from the device, where the halved bytes should show (root only)
         with tempfile.TemporaryDirectory(dir=Path.cwd()) as d:
-            cold = disk_resume(tokens, reps, Path(d), cold=True)
+            cold = tier_resume(tokens, reps, Path(d), cold=True)
         if cold["page_cache"] != "warm":
             result["disk_resume_cold"] = cold
+    with tempfile.TemporaryDirectory() as d:
+        shared = remote_resume(tokens, reps, Path(d))
+    if shared is not None:
+        result["remote_resume"] = shared
     write(out, "quant", result, plot(result))
     return result
 
@@ -250,12 +304,13 @@ def report(result: dict[str, Any]) -> str:
             f"{r['load_vs_raw']['ratio']:.3f}, save/exact {r['save_vs_exact']['ratio']:.2f}, "
             f"load/exact {r['load_vs_exact']['ratio']:.2f}"
         )
-    for key in ("disk_resume", "disk_resume_cold"):
+    for key in ("disk_resume", "disk_resume_cold", "remote_resume"):
         dr = result.get(key)
         if dr is None:
             continue
+        where = f"page cache {dr['page_cache']}" if "page_cache" in dr else dr["store"]
         lines.append(
-            f"disk resume of {dr['tokens']} tokens, page cache {dr['page_cache']} "
+            f"{dr.get('tier', 'disk')} resume of {dr['tokens']} tokens, {where} "
             "(exact time / quantized time):"
         )
         for fmt in FORMATS:
