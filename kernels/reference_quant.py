@@ -176,7 +176,8 @@ def dequantize(q: QuantBlocks, dtype: torch.dtype, out: torch.Tensor | None = No
         if not fp8:
             x = chunk.float().mul_(scales[i : i + step])
         elif int((chunk.view(torch.uint8) & 0x7F).max()) != 0x7F:  # no NaN code
-            # torch converts e4m3 one element at a time on a CPU, 20x slower than this
+            # torch converts e4m3 one element at a time on a CPU (20x slower than the table;
+            # this, 2x faster than the table)
             x = _e4m3_as_f16(chunk).float().mul_(scales[i : i + step] * _E4M3_TO_F16_SCALE)
         else:
             x = torch.take(_E4M3, chunk.view(torch.uint8).long()).mul_(scales[i : i + step])

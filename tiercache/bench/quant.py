@@ -310,8 +310,7 @@ def report(result: dict[str, Any]) -> str:
             continue
         where = f"page cache {dr['page_cache']}" if "page_cache" in dr else dr["store"]
         lines.append(
-            f"{dr.get('tier', 'disk')} resume of {dr['tokens']} tokens, {where} "
-            "(exact time / quantized time):"
+            f"{dr['tier']} resume of {dr['tokens']} tokens, {where} (exact time / quantized time):"
         )
         for fmt in FORMATS:
             if fmt in dr:
