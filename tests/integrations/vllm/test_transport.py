@@ -13,6 +13,7 @@ import torch
 from tests.conftest import NBYTES, SPEC, make_ns, make_tokens
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
+from tiercache.integrations.vllm import transport as transport_module
 from tiercache.integrations.vllm.groups import (
     FULL,
     Group,
@@ -76,6 +77,47 @@ def test_blocks_saved_from_one_engine_load_into_another_s_blocks_byte_for_byte(
     for s, d in zip(src, dst, strict=True):
         assert torch.equal(d[:, 2], s[:, 5])
         assert not d[:, 7].any()
+
+
+def test_exact_blocks_go_from_the_arena_into_the_engine_s_blocks_uncopied_around_null_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sliding group's freed slots (vLLM's null block, 0) are skipped; the blocks on either
+    # side are scattered straight from the daemon's arena: no copy of them on the way (it
+    # once cost 3/4 of a resume's load).
+    env = {
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_TIERS_HOST__SHARED": "true",
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+    }
+    src = engine_caches(1)
+    dst = [torch.zeros_like(c) for c in src]
+    chain = KeyChain(NS.block_keys(make_tokens(5))).to_bytes()
+    scattered: list[tuple[int, int]] = []  # per scatter: its blocks' bytes, their storage's
+    real = transport_module.scatter
+
+    def spy(spec: KVSpec, blocks: torch.Tensor, caches: list[torch.Tensor], ids: list[int]) -> None:
+        scattered.append(
+            (blocks.numel() * blocks.element_size(), blocks.untyped_storage().nbytes())
+        )
+        real(spec, blocks, caches, ids)
+
+    monkeypatch.setattr(transport_module, "scatter", spy)
+    with DaemonProcess(tmp_path, env=env) as daemon, Client(daemon.socket) as client:
+        saved = HostCopies([GROUP], [src], 1).save(
+            client, Transfer("r1", chain, 0, 5, [1, 2, 3, 4, 5])
+        )
+        assert saved.stored == 5
+        got = HostCopies([GROUP], [dst], 1).load(
+            client, Transfer("r2", chain, 0, 5, [6, 0, 0, 7, 3])
+        )
+
+    assert got == 5
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[:, [6, 7, 3]], s[:, [1, 4, 5]])
+        assert not d[:, [0, 1, 2, 4, 5]].any()  # the null block among them: never written
+    assert len(scattered) == 2  # [6] and [7, 3]
+    assert all(storage > own for own, storage in scattered)  # views of the arena
 
 
 def cpu_caches(spec: KVSpec, blocks: int, seed: int) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ flag in each of the worker's loads and saves, which is how it began).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -92,10 +93,11 @@ class HostCopies:
                 first, end = lo // per, -(-hi // per)  # the transfer's blocks holding them
                 typed = decode(spec, rows[first - i : end - i], fmt)
                 eng = to_engine_blocks(typed, spec, per)[lo - first * per : hi - first * per]
-                keep = [j for j, b in enumerate(t.block_ids[lo:hi]) if b != NULL_BLOCK]
-                ids = [t.block_ids[lo + j] for j in keep]
-                eng = cpu_engine_order(eng[keep], g.engine) if regroup else eng[keep]
-                scatter(g.engine, eng.to(device), caches, ids)
+                # Run by run of real engine blocks, each a slice: indexing the blocks kept
+                # would copy them all first (measured: 3/4 of a 63-block load's time).
+                for a, b in _runs(t.block_ids[lo:hi]):
+                    run = cpu_engine_order(eng[a:b], g.engine) if regroup else eng[a:b]
+                    scatter(g.engine, run.to(device), caches, t.block_ids[lo + a : lo + b])
 
         keys = KeyChain.from_bytes(t.keys)
         tiers = client.load_into(g.ns, keys, into_engine, first_block=t.first, max_blocks=t.count)
@@ -113,6 +115,17 @@ class HostCopies:
         keys = KeyChain.from_bytes(t.keys)
         # The client stores them in the namespace's format (storage_format.store_rows).
         return client.save(g.ns, keys, blocks, first_block=t.first, session=t.session)
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """The maximal ``[a, b)`` ranges of ``ids`` holding no ``NULL_BLOCK``, in order."""
+    runs, at = [], 0
+    for null, same in itertools.groupby(ids, key=lambda b: b == NULL_BLOCK):
+        n = len(list(same))
+        if not null:
+            runs.append((at, at + n))
+        at += n
+    return runs
 
 
 class AttachedCaches:
