@@ -156,3 +156,30 @@ def test_a_new_prompts_blocks_and_tail_are_saved_and_found_by_another_engine(
 
     b = scheduler(daemon.socket, min_tail=1)
     assert b.get_num_new_matched_tokens(Prompt("r2", tokens), 0) == (9, False)  # type: ignore[arg-type]
+
+
+def test_a_prompt_vllm_serves_itself_saves_only_what_the_daemon_lacks(
+    daemon: DaemonProcess,
+) -> None:
+    # vLLM's own prefix cache has all of a 13-token prompt but its last token. Blocks the
+    # daemon holds are not saved again (each save gathers every block it names); those it
+    # lacks are, as after a miss.
+    tokens = make_tokens(4, seed=5)[:13]
+    with Client(daemon.socket) as c:
+        c.save(NS, tokens[: 2 * B], make_blocks(2, seed=5))
+    s = scheduler(daemon.socket)
+    req = Prompt("r1", tokens)
+    assert s.get_num_new_matched_tokens(req, 12) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(req, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("r1", [4, 5, 6, 7], computed=12, scheduled=1))  # type: ignore[arg-type]
+    (save,) = meta.saves
+    assert (save.first, save.count, save.block_ids) == (2, 1, [6])
+
+    # A daemon that holds none of it: all three are saved.
+    other = [tokens[0] + 1, *tokens[1:]]
+    req = Prompt("r2", other)
+    assert s.get_num_new_matched_tokens(req, 12) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(req, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("r2", [8, 9, 10, 11], computed=12, scheduled=1))  # type: ignore[arg-type]
+    (save,) = meta.saves
+    assert (save.first, save.count, save.block_ids) == (0, 3, [8, 9, 10])

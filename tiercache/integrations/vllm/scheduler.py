@@ -127,10 +127,16 @@ class Scheduler:
         if limit <= num_computed_tokens:
             # vLLM serves all of it from its own prefix cache. Tell the daemon those blocks
             # are in use, so its eviction keeps them like a hit (the lookup below does the
-            # same for every block it finds, local ones included).
+            # same for every block it finds, local ones included). What it holds of the full
+            # groups' chains is not saved again (a gather of every block, for nothing).
+            held = full
             for g in self.groups if full else ():
                 chain = KeyChain(self._keys(st, g, full * self.block))
-                self._link.call("touch", functools.partial(Client.touch, ns=g.ns, tokens=chain))
+                touch = functools.partial(Client.touch, ns=g.ns, tokens=chain)
+                got = self._link.call("touch", touch) or 0
+                if g.window is None:
+                    held = min(held, got)
+            st.stored = max(st.stored, held if full else 0)
             return 0, False
         if full:
             st.hit = self._usable(st, full)
