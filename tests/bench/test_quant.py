@@ -68,11 +68,13 @@ def test_a_shared_tier_resume_is_served_from_the_store_in_every_format(
     tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str
 ) -> None:
     """Each resume is a node that never saw the blocks (raises unless all come from remote)."""
-    shared = tier_resume(64, 1, tmp_path, remote=(remote_url, options(seaweedfs, tmp_path)))
+    shared = tier_resume(64, 1, tmp_path, remote=(remote_url, options(seaweedfs)))
 
     assert shared["blocks"] == 4 and shared["tier"] == "remote" and "page_cache" not in shared
     assert set(shared) >= set(QUANTIZED) and "exact" not in shared
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "s3.secret"]  # nodes removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]  # nodes removed
+    with pytest.raises(ValueError, match="cold drops the disk tier's page cache"):
+        tier_resume(64, 1, tmp_path, cold=True, remote=(remote_url, options(seaweedfs)))
     shared["store"] = "SeaweedFS"
     text = report(
         {

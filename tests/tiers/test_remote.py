@@ -201,5 +201,5 @@ async def test_a_missing_bucket_is_a_clear_error_at_open(
         await TierManager.open(
             host_bytes=4 * NBYTES,
             remote_url="s3://no-such-bucket/x",
-            remote_options=options(seaweedfs, tmp_path),
+            remote_options=options(seaweedfs),
         )

@@ -140,6 +140,8 @@ def tier_resume(
     With ``remote`` (a shared tier's url and options): the saving node uploads every block,
     and each load is a node that never saw them (empty host and disk), so every block comes
     from the shared tier."""
+    if cold and remote is not None:
+        raise ValueError("cold drops the disk tier's page cache: a shared-tier resume reads none")
     spec = BENCH_SPEC
     n = tokens // spec.block_size
     src = _blocks(n, spec)
@@ -147,7 +149,7 @@ def tier_resume(
     capacity = 4 * n * spec.block_nbytes
     engine = torch.zeros_like(src)  # touched once here, as an engine's cache is
     loop = asyncio.new_event_loop()
-    dropped = [cold and remote is None]
+    dropped = [cold]
     tier = "disk" if remote is None else "remote"
     nodes = itertools.count()
 
@@ -206,22 +208,13 @@ def tier_resume(
 
 def remote_resume(tokens: int, reps: int, workdir: Path) -> dict[str, Any] | None:
     """``tier_resume`` from a real SeaweedFS started for it (None where weed is not installed)."""
-    from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, weed_binary
+    from tiercache.bench.seaweedfs import serving, weed_binary
 
     if weed_binary() is None:
         return None
-    weed = SeaweedFS(workdir / "seaweedfs")
-    weed.start()
-    try:
-        weed.create_bucket("bench-quant")
-        secret = workdir / "secret"
-        secret.write_text(SECRET)
-        opts = RemoteOptions(
-            endpoint=weed.endpoint, key_id=KEY_ID, secret_file=str(secret), timeout=30
-        )
+    with serving(workdir / "seaweedfs", "bench-quant") as weed:
+        opts = weed.options()
         result = tier_resume(tokens, reps, workdir, remote=("s3://bench-quant/resume", opts))
-    finally:
-        weed.stop()
     result["store"] = "SeaweedFS (weed server -s3) on loopback, same machine"
     return result
 

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from tiercache.bench.common import cli, size_label, timed, write
-from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS
-from tiercache.tiers.remote import RemoteOptions, RemoteTier
+from tiercache.bench.seaweedfs import KEY_ID, SECRET, SeaweedFS, serving
+from tiercache.tiers.remote import RemoteTier
 
 BUCKET = "tiercache-bench"
 IN_FLIGHT = 16
@@ -54,17 +54,14 @@ async def _bounded(fns: Sequence[Callable[[], Awaitable[Any]]]) -> float:
 
 
 async def throughput(
-    weed: SeaweedFS, secret: Path, sizes: list[int], total: int, reps: int
+    weed: SeaweedFS, sizes: list[int], total: int, reps: int
 ) -> list[dict[str, Any]]:
     import s3fs
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.buffer.cpu import Buffer
     from zarr.storage import FsspecStore
 
-    tier = await RemoteTier.open(
-        f"s3://{BUCKET}/tier",
-        RemoteOptions(endpoint=weed.endpoint, key_id=KEY_ID, secret_file=str(secret), timeout=30),
-    )
+    tier = await RemoteTier.open(f"s3://{BUCKET}/tier", weed.options())
     fs = s3fs.S3FileSystem(key=KEY_ID, secret=SECRET, endpoint_url=weed.endpoint, asynchronous=True)
     s3 = await fs.set_session()
     zstore = FsspecStore(fs, path=f"{BUCKET}/zarr-s3fs")
@@ -133,7 +130,7 @@ async def _must(got: Awaitable[Any]) -> None:
         raise RuntimeError("a block the benchmark wrote was not read back")
 
 
-def resume(weed: SeaweedFS, secret: Path, workdir: Path, prefix: int, reps: int) -> dict[str, Any]:
+def resume(weed: SeaweedFS, workdir: Path, prefix: int, reps: int) -> dict[str, Any]:
     from transformers import DynamicCache
 
     from tiercache.bench.resume import _first_token
@@ -155,7 +152,7 @@ def resume(weed: SeaweedFS, secret: Path, workdir: Path, prefix: int, reps: int)
                     "TIERCACHE_TIERS_REMOTE__URL": f"s3://{BUCKET}/resume",
                     "TIERCACHE_TIERS_REMOTE__ENDPOINT": weed.endpoint,
                     "TIERCACHE_TIERS_REMOTE__KEY_ID": KEY_ID,
-                    "TIERCACHE_TIERS_REMOTE__SECRET_FILE": str(secret),
+                    "TIERCACHE_TIERS_REMOTE__SECRET_FILE": str(weed.secret_file()),
                     "TIERCACHE_TIERS_REMOTE__TIMEOUT": "5",
                 }
             )
@@ -234,24 +231,19 @@ def plot(result: dict[str, Any]) -> Any:
 
 def run(out: Path, quick: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-remote-"))
-    weed = SeaweedFS(workdir / "seaweedfs")
-    weed.start()
+    sizes = [256 * 2**10] if quick else [256 * 2**10, 2**20, 4 * 2**20]
+    total = 2 * 2**20 if quick else 32 * 2**20
+    reps = 2 if quick else 5
     try:
-        weed.create_bucket(BUCKET)
-        secret = workdir / "secret"
-        secret.write_text(SECRET)
-        sizes = [256 * 2**10] if quick else [256 * 2**10, 2**20, 4 * 2**20]
-        total = 2 * 2**20 if quick else 32 * 2**20
-        reps = 2 if quick else 5
-        result = {
-            "store": "SeaweedFS (weed server -s3) on loopback, same machine",
-            "in_flight": IN_FLIGHT,
-            "reps": reps,
-            "throughput": asyncio.run(throughput(weed, secret, sizes, total, reps)),
-            "resume": resume(weed, secret, workdir, 256 if quick else 1024, 2 if quick else 3),
-        }
+        with serving(workdir / "seaweedfs", BUCKET) as weed:
+            result = {
+                "store": "SeaweedFS (weed server -s3) on loopback, same machine",
+                "in_flight": IN_FLIGHT,
+                "reps": reps,
+                "throughput": asyncio.run(throughput(weed, sizes, total, reps)),
+                "resume": resume(weed, workdir, 256 if quick else 1024, 2 if quick else 3),
+            }
     finally:
-        weed.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     write(out, "remote", result, plot(result))
     return result

@@ -21,7 +21,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from tiercache.tiers.remote import RemoteOptions
 
 KEY_ID = "tiercache-test"
 SECRET = "tiercache-test-secret"
@@ -42,6 +46,18 @@ def _free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [int(s.getsockname()[1]) for s in socks]
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, bucket: str) -> Iterator[SeaweedFS]:
+    """A SeaweedFS started in ``workdir`` with ``bucket`` created; killed on the way out."""
+    weed = SeaweedFS(workdir)
+    weed.start()
+    try:
+        weed.create_bucket(bucket)
+        yield weed
+    finally:
+        weed.stop()
 
 
 class _PortTaken(Exception):
@@ -185,6 +201,21 @@ class SeaweedFS:
     def log(self) -> str:
         f = self.dir / "weed.log"
         return f.read_text(errors="replace")[-3000:] if f.exists() else ""
+
+    def secret_file(self) -> Path:
+        """A file holding the identity's secret key, as tiercache's shared tier reads it."""
+        f = self.dir / "s3.secret"
+        f.write_text(SECRET + "\n")
+        return f
+
+    def options(self, **kw: Any) -> RemoteOptions:
+        """Shared-tier options for this store's identity (``kw`` overrides; timeout 30 s)."""
+        return RemoteOptions(
+            endpoint=self.endpoint,
+            key_id=KEY_ID,
+            secret_file=str(self.secret_file()),
+            **{"timeout": 30.0, **kw},
+        )
 
     def env(self) -> dict[str, str]:
         """``AWS_*`` variables for clients that take credentials from the environment."""
