@@ -106,7 +106,8 @@ def _function(source: str, name: str, device: int) -> Any:
 @dataclass(frozen=True, slots=True)
 class Addressing:
     """Where a block's rows are: row (layer, kv, block, token, head) starts at byte
-    ``ptrs[layer * 2 + kv] + block * s_block + token * s_token + head * s_head``."""
+    ``ptrs[layer * planes + kv] + block * s_block + token * s_token + head * s_head`` (``planes``
+    2, K and V, or 1, an MLA latent)."""
 
     ptrs: list[int]
     s_block: int
@@ -116,6 +117,7 @@ class Addressing:
     num_blocks: int
     block_size: int
     heads: int
+    planes: int = 2
 
     def aligned(self, *others: int) -> bool:
         """Whether every address, stride and row (and ``others``) is a multiple of 16 bytes."""
@@ -153,11 +155,6 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
             "the vllm-cpu layout belongs to vLLM's CPU backend: use the torch reference "
             "(tiercache.kernels.reference), not the CUDA kernels"
         )
-    if spec.planes != 2:
-        raise LayoutError(
-            "the CUDA kernels move K and V planes; an MLA latent (one plane) goes through the "
-            "torch reference (tiercache.kernels.reference) for now"
-        )
     es, bs = spec.element_bytes, spec.block_size
     ptrs: list[int] = []
     strides: set[tuple[int, int, int]] = set()
@@ -170,12 +167,15 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
                 )
         if spec.layout is Layout.HF:
             assert isinstance(c, tuple)
-            k, v = c
-            if not 0 <= batch < k.shape[0]:
-                raise LayoutError(f"batch {batch} is out of range for a batch of {k.shape[0]}")
-            for t in (k, v):
+            if not 0 <= batch < c[0].shape[0]:
+                raise LayoutError(f"batch {batch} is out of range for a batch of {c[0].shape[0]}")
+            for t in c:  # K and V, or the latent
                 ptrs.append(t.data_ptr() + batch * t.stride(0) * es)
                 strides.add((bs * t.stride(2) * es, t.stride(2) * es, t.stride(1) * es))
+        elif spec.planes == 1:  # vLLM's MLA latent [num_blocks, block_size, latent]: one head
+            assert isinstance(c, torch.Tensor)
+            ptrs.append(c.data_ptr())
+            strides.add((c.stride(0) * es, c.stride(1) * es, spec.head_dim * es))
         else:
             assert isinstance(c, torch.Tensor)
             kv_dim, block_dim = (0, 1) if spec.layout is Layout.VLLM else (1, 0)
@@ -191,7 +191,15 @@ def addressing(spec: KVSpec, caches: Sequence[LayerCache], batch: int = 0) -> Ad
     # The fewest blocks of any layer: an id must be inside all of them.
     blocks = num_blocks(spec, caches)
     return Addressing(
-        ptrs, s_block, s_token, s_head, spec.head_dim * es, blocks, bs, spec.num_kv_heads
+        ptrs,
+        s_block,
+        s_token,
+        s_head,
+        spec.head_dim * es,
+        blocks,
+        bs,
+        spec.num_kv_heads,
+        spec.planes,
     )
 
 
@@ -325,17 +333,17 @@ def _copy(
 ) -> None:
     """Launch the ``path`` kernel of ``op`` for ``ids`` (at least one) and ``buffer``."""
     n = ids.numel()
-    slabs = n * spec.num_layers * 2
+    slabs = n * spec.num_layers * spec.planes
     if path != "flat":
         _launch(
             "gather_scatter.cu", f"tc_{op}_{path}", device, slabs, addr, ids, [buffer],
             [np.int64(v) for v in _copy_scalars(spec, addr)], stream,
         )  # fmt: skip
         return
-    grid = flat_grid(n, spec.num_layers, addr.slab_bytes)
+    grid = flat_grid(n, spec.num_layers, addr.slab_bytes, spec.planes)
     scalars: list[np.integer[Any]] = [
-        np.uint32(grid.items), np.uint32(spec.num_layers), np.uint32(grid.vectors),
-        np.uint32(grid.chunks), np.int64(addr.s_block),
+        np.uint32(grid.items), np.uint32(spec.num_layers), np.uint32(spec.planes),
+        np.uint32(grid.vectors), np.uint32(grid.chunks), np.int64(addr.s_block),
     ]  # fmt: skip
     _launch(
         "gather_scatter.cu", f"tc_{op}_flat", device, grid.ctas, addr, ids, [buffer], scalars,
@@ -354,11 +362,12 @@ class FlatGrid:
     ctas: int
 
 
-def flat_grid(n: int, layers: int, slab_bytes: int) -> FlatGrid:
-    """The flat kernels' grid for ``n`` blocks of ``layers`` layers (K and V slabs)."""
+def flat_grid(n: int, layers: int, slab_bytes: int, planes: int = 2) -> FlatGrid:
+    """The flat kernels' grid for ``n`` blocks of ``layers`` layers (``planes`` slabs each: K
+    and V, or an MLA latent)."""
     vectors = slab_bytes // 16
     chunks = -(-vectors // FLAT_CHUNK)
-    items = n * layers * 2 * chunks
+    items = n * layers * planes * chunks
     if items > MAX_ITEMS:
         raise LayoutError(
             f"{n} blocks are {items} work items for the flat kernel, more than {MAX_ITEMS}: "
@@ -454,14 +463,14 @@ def scatter(
 
 def _copy_scalars(spec: KVSpec, addr: Addressing) -> list[int]:
     return [
-        spec.num_layers, spec.block_size, spec.num_kv_heads, addr.row_bytes,
+        spec.num_layers, spec.planes, spec.block_size, spec.num_kv_heads, addr.row_bytes,
         addr.s_block, addr.s_token, addr.s_head,
     ]  # fmt: skip
 
 
 def _quant_scalars(spec: KVSpec, addr: Addressing) -> list[int]:
     return [
-        spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
+        spec.num_layers, spec.planes, spec.block_size, spec.num_kv_heads, spec.head_dim,
         addr.s_block, addr.s_token, addr.s_head,
     ]  # fmt: skip
 
@@ -496,12 +505,12 @@ def gather_quantized(
     with torch.cuda.stream(stream):
         data = torch.empty((n, *spec.block_shape), dtype=QDTYPE[fmt], device=device)
         scales = torch.empty(
-            (n, spec.num_layers, 2, spec.num_kv_heads), dtype=torch.float32, device=device
+            (n, spec.num_layers, spec.planes, spec.num_kv_heads), dtype=torch.float32, device=device
         )
         if n:
             _launch(
                 "quant.cu", f"tc_quant_gather_{fmt}_{spec.dtype}", device,
-                n * spec.num_layers * 2, addr, ids, [data, scales],
+                n * spec.num_layers * spec.planes, addr, ids, [data, scales],
                 [np.int64(v) for v in _quant_scalars(spec, addr)], stream,
             )  # fmt: skip
     return QuantBlocks(data, scales)
@@ -532,6 +541,6 @@ def scatter_quantized(
         if n:
             _launch(
                 "quant.cu", f"tc_dequant_scatter_{q.fmt}_{spec.dtype}", device,
-                n * spec.num_layers * 2, addr, ids, [data, scales],
+                n * spec.num_layers * spec.planes, addr, ids, [data, scales],
                 [np.int64(v) for v in _quant_scalars(spec, addr)], stream,
             )  # fmt: skip

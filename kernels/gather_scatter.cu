@@ -1,19 +1,20 @@
 // Gather/scatter of KV blocks between an engine's paged cache and page-first blocks.
 //
 // What: `gather` copies blocks `block_ids` of every layer of an engine's KV cache into
-// contiguous page-first blocks [n, layers, 2, block_size, heads, head_dim]; `scatter` is the
-// reverse. All layers move in ONE launch: the layers' base addresses come from a device array.
+// contiguous page-first blocks [n, layers, planes, block_size, heads, head_dim]; `scatter` is
+// the reverse. `planes` is 2 (K and V) or 1 (an MLA latent: heads 1, head_dim the latent). All layers move in ONE launch: the layers' base addresses come from a device array.
 // The torch reference (kernels/reference.py) is the oracle; these kernels must equal it byte
 // for byte.
 //
 // One addressing for all three layouts. The host (kernels/cuda.py) resolves the layout into
-// a table ptrs[layer * 2 + kv] = byte address of (layer, K/V, block 0, token 0, head 0) and
-// three byte strides shared by all layers, so the (token, head) row of head_dim elements is at
-//     ptrs[layer * 2 + kv] + block * s_block + token * s_token + head * s_head
+// a table ptrs[layer * planes + kv] = byte address of (layer, K/V, block 0, token 0, head 0)
+// and three byte strides shared by all layers, so the (token, head) row of head_dim elements is
+//     ptrs[layer * planes + kv] + block * s_block + token * s_token + head * s_head
 //   vllm       [2, nb, bs, h, d]:  ptrs = base + kv * stride0,  s_block = stride1
 //   flashinfer [nb, 2, bs, h, d]:  ptrs = base + kv * stride1,  s_block = stride0
 //   hf         K, V [b, h, s, d]:  ptrs = K or V + batch * stride0, s_token = stride2,
 //                                  s_block = block_size * s_token (token = block * bs + t)
+//   vllm MLA   [nb, bs, latent]:   ptrs = base (one plane), s_block = stride0, s_token = stride1
 // Rejected: one kernel per layout. They would differ only in these three lines of address
 // arithmetic, and strided views (every other block, one batch row) would need a fourth.
 //
@@ -22,7 +23,7 @@
 // a time. The host chooses per launch (`..._v16` or `..._b1`): a kernel that checked alignment
 // per row would branch in the inner loop and could not be told apart in a profile.
 //
-// Grid: one CTA per (block, layer, K/V), blockIdx.x = (i * layers + layer) * 2 + kv. Its
+// Grid: one CTA per (block, layer, K/V), blockIdx.x = (i * layers + layer) * planes + kv. Its
 // slab of block_size * heads rows is contiguous on the page-first side, so consecutive
 // threads write consecutive 16-byte units, and on the engine side each row (256 bytes for
 // head_dim 128 in bf16) is read whole by 16 consecutive threads. Llama-3-8B (32 layers, 8
@@ -91,20 +92,19 @@ template <typename V, bool kGather>
 __device__ __forceinline__ void copy_slab(const unsigned long long* __restrict__ ptrs,
                                           const long long* __restrict__ block_ids,
                                           unsigned char* __restrict__ blocks, long long layers,
-                                          long long block_size, long long heads,
-                                          long long row_bytes, long long s_block,
+                                          long long planes, long long block_size,
+                                          long long heads, long long row_bytes, long long s_block,
                                           long long s_token, long long s_head) {
-  const long long slab = blockIdx.x;  // (i * layers + layer) * 2 + kv
-  const long long kv = slab % 2;
-  const long long layer = (slab / 2) % layers;
-  const long long i = slab / (2 * layers);
+  const long long slab = blockIdx.x;  // (i * layers + layer) * planes + kv
+  const long long layer_kv = slab % (layers * planes);  // layer * planes + kv
+  const long long i = slab / (layers * planes);
   // 32-bit index arithmetic inside a slab (a slab is far below 4 GiB); 64-bit byte offsets.
   const unsigned int h = (unsigned int)heads;
   const unsigned int units_per_row = (unsigned int)(row_bytes / sizeof(V));
   const unsigned int units = (unsigned int)block_size * h * units_per_row;
 
   unsigned char* paged =
-      (unsigned char*)ptrs[layer * 2 + kv] + block_ids[i] * s_block;  // this block's (0, 0)
+      (unsigned char*)ptrs[layer_kv] + block_ids[i] * s_block;  // this block's (0, 0)
   unsigned char* linear = blocks + slab * block_size * heads * row_bytes;
 
   for (unsigned int base = threadIdx.x; base < units; base += TC_UNROLL * TC_THREADS) {
@@ -142,10 +142,10 @@ __device__ __forceinline__ void copy_slab(const unsigned long long* __restrict__
   extern "C" __global__ void __launch_bounds__(TC_THREADS)                                  \
       NAME(const unsigned long long* __restrict__ ptrs,                                      \
            const long long* __restrict__ block_ids, unsigned char* __restrict__ blocks,      \
-           long long layers, long long block_size, long long heads, long long row_bytes,     \
-           long long s_block, long long s_token, long long s_head) {                         \
-    copy_slab<V, GATHER>(ptrs, block_ids, blocks, layers, block_size, heads, row_bytes,      \
-                         s_block, s_token, s_head);                                          \
+           long long layers, long long planes, long long block_size, long long heads,         \
+           long long row_bytes, long long s_block, long long s_token, long long s_head) {     \
+    copy_slab<V, GATHER>(ptrs, block_ids, blocks, layers, planes, block_size, heads,         \
+                         row_bytes, s_block, s_token, s_head);                               \
   }
 
 TC_COPY_KERNEL(tc_gather_v16, Vec16, true)
@@ -159,18 +159,18 @@ template <bool kGather>
 __device__ __forceinline__ void copy_flat(const unsigned long long* __restrict__ ptrs,
                                           const long long* __restrict__ block_ids,
                                           Vec16* __restrict__ blocks, unsigned int items,
-                                          unsigned int layers, unsigned int slab_units,
-                                          unsigned int chunks, long long s_block) {
+                                          unsigned int layers, unsigned int planes,
+                                          unsigned int slab_units, unsigned int chunks,
+                                          long long s_block) {
   const unsigned int item = blockIdx.x * TC_WARPS + threadIdx.x / 32;
   if (item >= items) {
     return;
   }
   const unsigned int lane = threadIdx.x % 32;
-  const unsigned int slab = item / chunks;  // (i * layers + layer) * 2 + kv
+  const unsigned int slab = item / chunks;  // (i * layers + layer) * planes + kv
   const unsigned int chunk = item - slab * chunks;
-  const unsigned int pair = slab / 2;  // i * layers + layer
-  const unsigned int i = pair / layers;
-  const unsigned int layer_kv = slab - i * layers * 2;  // layer * 2 + kv
+  const unsigned int i = slab / (layers * planes);
+  const unsigned int layer_kv = slab - i * layers * planes;  // layer * planes + kv
 
   Vec16* paged = (Vec16*)((unsigned char*)ptrs[layer_kv] + block_ids[i] * s_block);
   Vec16* linear = blocks + (unsigned long long)slab * slab_units;
@@ -199,9 +199,10 @@ __device__ __forceinline__ void copy_flat(const unsigned long long* __restrict__
   extern "C" __global__ void __launch_bounds__(TC_THREADS)                                  \
       NAME(const unsigned long long* __restrict__ ptrs,                                      \
            const long long* __restrict__ block_ids, Vec16* __restrict__ blocks,               \
-           unsigned int items, unsigned int layers, unsigned int slab_units,                 \
-           unsigned int chunks, long long s_block) {                                         \
-    copy_flat<GATHER>(ptrs, block_ids, blocks, items, layers, slab_units, chunks, s_block);  \
+           unsigned int items, unsigned int layers, unsigned int planes,                     \
+           unsigned int slab_units, unsigned int chunks, long long s_block) {                \
+    copy_flat<GATHER>(ptrs, block_ids, blocks, items, layers, planes, slab_units, chunks,    \
+                      s_block);                                                              \
   }
 
 TC_FLAT_KERNEL(tc_gather_flat, true)

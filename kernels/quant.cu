@@ -2,7 +2,7 @@
 //
 // What: `tc_quant_gather_<fmt>_<dtype>` reads blocks of an engine's paged KV cache (addressed
 // exactly as in gather_scatter.cu: a per-(layer, K/V) pointer table and three byte strides)
-// and writes page-first one-byte data [n, layers, 2, block_size, heads, head_dim] plus one
+// and writes page-first one-byte data [n, layers, planes, block_size, heads, head_dim] plus one
 // float32 scale per (block, layer, K/V, head) = absmax / QMAX; `tc_dequant_scatter_...` writes
 // q * scale back in the engine's dtype. The torch reference is kernels/reference_quant.py,
 // and the kernels reproduce its bytes exactly: every step is one correctly rounded float32
@@ -105,18 +105,18 @@ __device__ __forceinline__ void quant_slab(const unsigned long long* __restrict_
                                            const long long* __restrict__ block_ids,
                                            unsigned char* __restrict__ data,
                                            float* __restrict__ scales, long long layers,
-                                           long long block_size, long long heads,
-                                           long long head_dim, long long s_block,
-                                           long long s_token, long long s_head) {
-  const long long slab = blockIdx.x;  // (i * layers + layer) * 2 + kv
-  const long long kv = slab % 2;
-  const long long layer = (slab / 2) % layers;
-  const long long i = slab / (2 * layers);
+                                           long long planes, long long block_size,
+                                           long long heads, long long head_dim,
+                                           long long s_block, long long s_token,
+                                           long long s_head) {
+  const long long slab = blockIdx.x;  // (i * layers + layer) * planes + kv
+  const long long layer_kv = slab % (layers * planes);  // layer * planes + kv
+  const long long i = slab / (layers * planes);
   const unsigned int h = (unsigned int)heads, d = (unsigned int)head_dim;
   const unsigned int n = (unsigned int)block_size * d;  // values per head
   const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  unsigned char* paged = (unsigned char*)ptrs[layer * 2 + kv] + block_ids[i] * s_block;
+  unsigned char* paged = (unsigned char*)ptrs[layer_kv] + block_ids[i] * s_block;
   unsigned char* narrow = data + slab * block_size * heads * head_dim;
 
   for (unsigned int head = warp; head < h; head += TC_WARPS) {
@@ -155,11 +155,11 @@ __device__ __forceinline__ void quant_slab(const unsigned long long* __restrict_
   extern "C" __global__ void __launch_bounds__(TC_THREADS)                                   \
       NAME(const unsigned long long* __restrict__ ptrs,                                       \
            const long long* __restrict__ block_ids, unsigned char* __restrict__ data,         \
-           float* __restrict__ scales, long long layers, long long block_size,                \
-           long long heads, long long head_dim, long long s_block, long long s_token,         \
-           long long s_head) {                                                                \
-    quant_slab<E, Q, GATHER>(ptrs, block_ids, data, scales, layers, block_size, heads,        \
-                             head_dim, s_block, s_token, s_head);                             \
+           float* __restrict__ scales, long long layers, long long planes,                    \
+           long long block_size, long long heads, long long head_dim, long long s_block,      \
+           long long s_token, long long s_head) {                                             \
+    quant_slab<E, Q, GATHER>(ptrs, block_ids, data, scales, layers, planes, block_size,       \
+                             heads, head_dim, s_block, s_token, s_head);                      \
   }
 
 TC_QUANT_KERNEL(tc_quant_gather_int8_float32, F32, Int8, true)

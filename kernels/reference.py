@@ -7,7 +7,9 @@ clarity with ``index_select`` / ``index_copy_``, never clever.
 A stored block is ``[layers, planes, block_size, kv_heads, head_dim]``: planes K and V, or
 one MLA latent (``KVSpec.planes``). Engine layouts, per layer:
 
-- ``vllm`` (flash-attn): one tensor ``[2, num_blocks, block_size, heads, head_dim]``
+- ``vllm`` (flash-attn): one tensor ``[2, num_blocks, block_size, heads, head_dim]``; an MLA
+  group (every vLLM MLA backend): ``[num_blocks, block_size, latent]``, one latent row per
+  token, which is a stored block's ``[1, block_size, 1, latent]`` byte for byte
 - ``flashinfer``: one tensor ``[num_blocks, 2, block_size, heads, head_dim]``
 - ``hf`` (transformers): a ``(K, V)`` pair, each ``[batch, heads, seq, head_dim]`` (an MLA
   group: a ``(latent,)`` 1-tuple, ``[batch, 1, seq, latent]``); "block ids" are block
@@ -66,8 +68,14 @@ def num_blocks(spec: KVSpec, caches: Sequence[LayerCache]) -> int:
         if isinstance(c, tuple):
             counts.append(c[0].shape[2] // spec.block_size)
         else:
-            counts.append(c.shape[1 if spec.layout is Layout.VLLM else 0])
+            counts.append(c.shape[1 if spec.layout is Layout.VLLM and spec.planes == 2 else 0])
     return min(counts)
+
+
+def _as_slot(spec: KVSpec) -> bool:
+    """Whether a layer's engine block is its page-first slot's bytes as they are: vllm-cpu's
+    (opaque), and an MLA latent in the vllm layout (the same order)."""
+    return spec.layout is Layout.VLLM_CPU or (spec.layout is Layout.VLLM and spec.planes == 1)
 
 
 def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
@@ -106,6 +114,18 @@ def _check(spec: KVSpec, caches: Sequence[LayerCache]) -> None:
                     f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of "
                     f"{spec} ([num_blocks, {h}, {bs}, {spec.planes * d}])"
                 )
+        elif spec.planes == 1:
+            assert isinstance(c, torch.Tensor)
+            if spec.layout is not Layout.VLLM:
+                raise LayoutError(
+                    f"an MLA latent has no {spec.layout} layout of its own: vLLM lays it out as "
+                    "[num_blocks, block_size, latent] whatever its backend (layout vllm)"
+                )
+            if c.dim() != 3 or tuple(c.shape[1:]) != (bs, d):
+                raise LayoutError(
+                    f"layer {i}: shape {list(c.shape)} does not match the {spec.layout} layout of "
+                    f"{spec} ([num_blocks, {bs}, {d}])"
+                )
         else:
             assert isinstance(c, torch.Tensor)
             kv_dim = 0 if spec.layout is Layout.VLLM else 1
@@ -143,15 +163,15 @@ def gather(
     else:
         check_blocks(spec, out, n, "out")
     for layer, c in enumerate(caches):
-        if spec.layout is Layout.VLLM:
+        if _as_slot(spec):
+            assert isinstance(c, torch.Tensor)
+            out[:, layer] = c.index_select(0, ids).view(n, *out.shape[2:])
+        elif spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
             out[:, layer] = c.index_select(1, ids).transpose(0, 1)
         elif spec.layout is Layout.FLASHINFER:
             assert isinstance(c, torch.Tensor)
             out[:, layer] = c.index_select(0, ids)
-        elif spec.layout is Layout.VLLM_CPU:
-            assert isinstance(c, torch.Tensor)
-            out[:, layer] = c.index_select(0, ids).view(n, *out.shape[2:])
         else:
             assert isinstance(c, tuple)
             tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)
@@ -183,15 +203,15 @@ def scatter(
     blocks = _bytes(blocks.to(first.device))
     for layer, c in enumerate(caches):
         c = tuple(_bytes(t) for t in c) if isinstance(c, tuple) else _bytes(c)
-        if spec.layout is Layout.VLLM:
+        if _as_slot(spec):
+            assert isinstance(c, torch.Tensor)
+            c.index_copy_(0, ids, blocks[:, layer].reshape(n, *c.shape[1:]))
+        elif spec.layout is Layout.VLLM:
             assert isinstance(c, torch.Tensor)
             c.index_copy_(1, ids, blocks[:, layer].transpose(0, 1))
         elif spec.layout is Layout.FLASHINFER:
             assert isinstance(c, torch.Tensor)
             c.index_copy_(0, ids, blocks[:, layer])
-        elif spec.layout is Layout.VLLM_CPU:
-            assert isinstance(c, torch.Tensor)
-            c.index_copy_(0, ids, blocks[:, layer].reshape(n, *c.shape[1:]))
         else:
             assert isinstance(c, tuple)
             tok = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).reshape(-1)

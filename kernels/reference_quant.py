@@ -2,9 +2,9 @@
 
 Opt-in narrow storage halves (bf16/fp16 engines) or quarters (fp32) the bytes a
 block takes in the host and disk tiers. A stored quantized block is its
-page-first data ``[layers, 2, block_size, kv_heads, head_dim]`` in one byte per
+page-first data ``[layers, planes, block_size, kv_heads, head_dim]`` in one byte per
 element plus one float32 scale per ``(layer, K/V, head)``; for ``n`` blocks,
-``data`` is ``[n, *spec.block_shape]`` and ``scales`` is ``[n, layers, 2, heads]``.
+``data`` is ``[n, *spec.block_shape]`` and ``scales`` is ``[n, layers, planes, heads]``.
 
 Quantization is symmetric absmax over the ``block_size x head_dim`` values of
 one head: ``scale = absmax / QMAX`` (QMAX 127 for int8, 448 for e4m3), stored
@@ -67,7 +67,7 @@ ENGINE_DTYPES = ("float32", "float16", "bfloat16")
 @dataclass(frozen=True, slots=True)
 class QuantBlocks:
     """``n`` quantized blocks: ``data`` ``[n, *block_shape]`` int8 or float8_e4m3fn, ``scales``
-    ``[n, layers, 2, heads]`` float32 (one per block, layer, K/V, head)."""
+    ``[n, layers, planes, heads]`` float32 (one per block, layer, K/V, head)."""
 
     data: torch.Tensor
     scales: torch.Tensor
@@ -138,7 +138,7 @@ def _step(blocks: torch.Tensor) -> int:
 def quantize(
     blocks: torch.Tensor, fmt: Format = "int8", out: QuantBlocks | None = None
 ) -> QuantBlocks:
-    """Quantize page-first ``blocks`` ``[n, layers, 2, block_size, heads, head_dim]`` (into
+    """Quantize page-first ``blocks`` ``[n, layers, planes, block_size, heads, head_dim]`` (into
     ``out``'s tensors when given: views into a record buffer, say)."""
     fmt = _fmt(fmt)
     n = blocks.shape[0]

@@ -191,6 +191,31 @@ def test_the_daemon_saves_from_and_loads_into_an_attached_cache(
         assert torch.equal(reference.gather(ns.spec, dst_caches, [30, 31, 32, 33]), want[:4])
 
 
+def test_an_attached_mla_latent_saves_and_loads_byte_for_byte(daemon: DaemonProcess) -> None:
+    # vLLM's MLA cache: [num_blocks, block_size, latent] per layer (DeepSeek-V3's 576), one
+    # plane; the daemon's kernels move it as they move K and V.
+    spec = KVSpec(
+        num_layers=4, num_kv_heads=1, head_dim=576, dtype="bfloat16", block_size=16, kind="mla"
+    )
+    ns = Namespace("ipc-test-mla", spec)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    src = [
+        (torch.rand((NUM_BLOCKS, 16, 576), generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+        for _ in range(spec.num_layers)
+    ]
+    dst = [torch.zeros_like(c) for c in src]
+    with Client(daemon.socket) as client:
+        a, b = client.attach(ns, src), client.attach(ns, dst)
+        prompt = tokens(4, seed=6)
+        assert client.save_kv(a, prompt, [9, 3, 40, 7]).stored == 4
+        assert len(client.load_kv(b, prompt, [0, 1, 2, 10])) == 4
+        torch.cuda.synchronize()
+
+    want = reference.gather(spec, src, [9, 3, 40, 7])
+    assert torch.equal(reference.gather(spec, dst, [0, 1, 2, 10]), want)
+    assert not reference.gather(spec, dst, [3, 4, 5]).any()
+
+
 def test_concurrent_saves_and_loads_on_attached_caches_never_tear_a_block(
     daemon: DaemonProcess,
 ) -> None:

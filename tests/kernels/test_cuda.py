@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 import torch
 
-from tests.kernels.test_reference import IDS, LAYOUTS, NUM_BLOCKS, every_other_block, make_caches
+from tests.kernels.test_reference import (
+    IDS,
+    LAYOUTS,
+    MLA_LAYOUTS,
+    NUM_BLOCKS,
+    every_other_block,
+    make_caches,
+    make_mla_spec,
+)
 from tests.kernels.test_reference import make_spec as make_reference_spec
 from tiercache.kernels import cuda
 from tiercache.kernels.cuda import addressing, flat_grid, host_ids
@@ -70,10 +78,10 @@ def gather_through_addresses(
     rows = bytearray()
     for block in ids:
         for layer in range(spec.num_layers):
-            for kv in range(2):
+            for kv in range(a.planes):
                 for t in range(spec.block_size):
                     for h in range(spec.num_kv_heads):
-                        at = a.ptrs[layer * 2 + kv] + block * a.s_block + t * a.s_token
+                        at = a.ptrs[layer * a.planes + kv] + block * a.s_block + t * a.s_token
                         rows += ctypes.string_at(at + h * a.s_head, a.row_bytes)
     return torch.frombuffer(rows, dtype=torch.uint8).clone()
 
@@ -192,15 +200,15 @@ def gather_through_flat_kernel(
     """What tc_gather_flat reads and where it writes it, following its arithmetic; every output
     vector must be written exactly once."""
     a = addressing(spec, caches)
-    grid = flat_grid(len(ids), spec.num_layers, a.slab_bytes)
+    grid = flat_grid(len(ids), spec.num_layers, a.slab_bytes, a.planes)
     out = bytearray(len(ids) * spec.block_nbytes)
     writes = [0] * (len(out) // 16)
     for item in range(grid.ctas * cuda.WARPS):  # warp w of CTA c is item c * WARPS + w
         if item >= grid.items:
             continue
         slab, chunk = divmod(item, grid.chunks)
-        i = slab // 2 // spec.num_layers
-        layer_kv = slab - i * spec.num_layers * 2
+        i = slab // (spec.num_layers * a.planes)
+        layer_kv = slab - i * spec.num_layers * a.planes
         paged = a.ptrs[layer_kv] + ids[i] * a.s_block
         # lane l, step k < TC_FLAT_UNROLL: vector chunk * TC_CHUNK + k * 32 + l
         for u in range(chunk * cuda.FLAT_CHUNK, (chunk + 1) * cuda.FLAT_CHUNK):
@@ -336,9 +344,34 @@ def test_older_cupy_gets_an_external_stream() -> None:
     assert made == [(0x5EED, 3)]
 
 
-def test_an_mla_latent_is_refused_by_the_kernels_naming_the_reference() -> None:
-    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=576, kind="mla", layout=Layout.HF)
-    latent = torch.zeros((1, 1, 8, 576), dtype=spec.torch_dtype)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_addresses_of_an_mla_latent_find_the_bytes_the_reference_gathers(
+    layout: Layout, dtype: str
+) -> None:
+    # One plane: the table has one pointer per layer, and a slab is a block's latent rows.
+    spec = make_mla_spec(layout, dtype)
+    caches = make_caches(spec, batch=2)
 
-    with pytest.raises(LayoutError, match=r"an MLA latent \(one plane\) goes through the torch"):
-        addressing(spec, [(latent,)])
+    for batch in (0, 1) if layout is Layout.HF else (0,):
+        a = addressing(spec, caches, batch)
+        assert a.planes == 1 and len(a.ptrs) == spec.num_layers
+        got = gather_through_addresses(spec, caches, IDS, batch)
+        assert torch.equal(got, reference_bytes(spec, caches, IDS, batch))
+
+
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_a_deepseek_latent_takes_the_flat_path_and_its_arithmetic_finds_the_reference_bytes(
+    layout: Layout,
+) -> None:
+    # 576 bf16 values (kv_lora_rank 512 + rope 64) per token: 1152-byte rows, one head, so a
+    # slab is one contiguous run in both layouts.
+    spec = make_mla_spec(layout, latent=576)
+    caches = make_caches(spec, num_blocks=5)
+    a = addressing(spec, caches)
+
+    assert a.paths() == ("flat", "v16", "b1")
+    assert flat_grid(len(IDS), spec.num_layers, a.slab_bytes, 1).items == len(IDS) * 3 * 2
+    assert torch.equal(
+        gather_through_flat_kernel(spec, caches, IDS), reference_bytes(spec, caches, IDS)
+    )

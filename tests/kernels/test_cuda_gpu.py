@@ -20,10 +20,12 @@ import torch
 from tests.kernels.test_reference import (
     IDS,
     LAYOUTS,
+    MLA_LAYOUTS,
     NUM_BLOCKS,
     every_other_block,
     make_blocks,
     make_caches,
+    make_mla_spec,
     raw,
 )
 from tiercache.kernels import cuda, reference, reference_quant
@@ -55,7 +57,7 @@ SHAPES = {"odd": (3, 5), "odd-aligned": (3, 8), "real": (2, 128)}
 
 def on(device: torch.device, caches: Sequence[LayerCache]) -> list[LayerCache]:
     return [
-        (c[0].to(device), c[1].to(device)) if isinstance(c, tuple) else c.to(device) for c in caches
+        tuple(t.to(device) for t in c) if isinstance(c, tuple) else c.to(device) for c in caches
     ]
 
 
@@ -68,7 +70,7 @@ def shifted(caches: Sequence[LayerCache]) -> list[LayerCache]:
         view.copy_(t)
         return view
 
-    return [(shift(c[0]), shift(c[1])) if isinstance(c, tuple) else shift(c) for c in caches]
+    return [tuple(map(shift, c)) if isinstance(c, tuple) else shift(c) for c in caches]
 
 
 def cache_bytes(caches: Sequence[LayerCache]) -> list[torch.Tensor]:
@@ -143,7 +145,7 @@ def check_every_path(
     Returns the paths tried."""
     want = raw(reference.gather(spec, host, ids))
     blocks = make_blocks(spec, len(ids), seed=21)
-    host_after = [(c[0].clone(), c[1].clone()) if isinstance(c, tuple) else c.clone() for c in host]
+    host_after = [tuple(t.clone() for t in c) if isinstance(c, tuple) else c.clone() for c in host]
     reference.scatter(spec, blocks, host_after, ids)
     caches = device_caches()
     probe = poisoned((len(ids), *spec.block_shape), spec.torch_dtype, 0xFF)
@@ -210,6 +212,20 @@ def test_hf_caches_take_the_row_path_and_equal_the_reference() -> None:
     host = make_caches(spec)
 
     assert check_every_path(spec, host, lambda: on(DEV, host), IDS) == ["v16", "b1"]
+
+
+# An MLA latent (one plane, one head): an odd latent of byte rows, and DeepSeek-V3's 576.
+MLA_LATENTS = {"odd": 11, "deepseek": 576}
+
+
+@pytest.mark.parametrize("latent", MLA_LATENTS)
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_an_mla_latent_by_every_path_equals_the_reference(layout: Layout, latent: str) -> None:
+    spec = make_mla_spec(layout, "bfloat16", MLA_LATENTS[latent])
+    host = make_caches(spec)
+    want = ["flat", "v16", "b1"] if latent == "deepseek" else ["b1"]
+
+    assert check_every_path(spec, host, lambda: on(DEV, host), IDS) == want
 
 
 def test_forcing_the_flat_path_where_it_does_not_fit_is_refused() -> None:
@@ -391,6 +407,28 @@ def test_quantized_gather_and_scatter_equal_the_reference(
     original = reference.gather(spec, host, IDS).float()
     bound = reference_quant.error_bound(want, spec.torch_dtype)
     assert bool(((restored - original).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_a_quantized_mla_latent_equals_the_reference(layout: Layout, fmt: str) -> None:
+    if fmt == "fp8" and not fp8_capable():
+        pytest.skip("fp8 needs sm_89+ (test_fp8_before_sm89_is_refused covers this GPU)")
+    spec = make_mla_spec(layout, "bfloat16", 576)
+    host = make_caches(spec)
+
+    q = cuda.gather_quantized(spec, on(DEV, host), IDS, fmt=fmt)  # type: ignore[arg-type]
+    want = reference_quant.gather_quantized(spec, host, IDS, fmt=fmt)  # type: ignore[arg-type]
+    target_host = make_caches(spec, seed=9)
+    target = on(DEV, target_host)
+    cuda.scatter_quantized(spec, q, target, [5, 1, 3])
+    reference_quant.scatter_quantized(spec, want, target_host, [5, 1, 3])
+    torch.cuda.synchronize()
+
+    assert tuple(q.scales.shape) == (len(IDS), spec.num_layers, 1, 1)
+    assert torch.equal(raw(q.data).cpu(), raw(want.data))
+    assert torch.equal(q.scales.cpu(), want.scales)
+    assert all(map(torch.equal, cache_bytes(target), cache_bytes(target_host)))
 
 
 def test_quantized_gather_writes_every_byte_of_data_and_scales() -> None:

@@ -38,6 +38,17 @@ def make_spec(layout: Layout | str, dtype: str = "bfloat16") -> KVSpec:
     )
 
 
+MLA_LAYOUTS = [Layout.VLLM, Layout.HF]  # the layouts an MLA latent has
+
+
+def make_mla_spec(layout: Layout | str, dtype: str = "bfloat16", latent: int = 11) -> KVSpec:
+    """An MLA group: one latent row of ``latent`` values per token (576 in DeepSeek-V3)."""
+    return KVSpec(
+        num_layers=LAYERS, num_kv_heads=1, head_dim=latent, dtype=dtype, block_size=BLOCK,
+        layout=layout, kind="mla",
+    )  # fmt: skip
+
+
 def random_tensor(shape: Sequence[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Finite, almost never zero values of ``dtype``."""
     if dtype == torch.int8:
@@ -52,17 +63,16 @@ def make_caches(
     dt, h, bs, d = spec.torch_dtype, spec.num_kv_heads, spec.block_size, spec.head_dim
     caches: list[LayerCache] = []
     for _ in range(spec.num_layers):
-        if spec.layout is Layout.VLLM:
+        if spec.layout is Layout.VLLM and spec.planes == 1:  # vLLM's MLA latent
+            caches.append(random_tensor((num_blocks, bs, d), dt, gen))
+        elif spec.layout is Layout.VLLM:
             caches.append(random_tensor((2, num_blocks, bs, h, d), dt, gen))
         elif spec.layout is Layout.FLASHINFER:
             caches.append(random_tensor((num_blocks, 2, bs, h, d), dt, gen))
-        else:
+        else:  # hf: K and V, or the latent
             seq = num_blocks * bs + extra_tokens
             caches.append(
-                (
-                    random_tensor((batch, h, seq, d), dt, gen),
-                    random_tensor((batch, h, seq, d), dt, gen),
-                )
+                tuple(random_tensor((batch, h, seq, d), dt, gen) for _ in range(spec.planes))
             )
     return caches
 
@@ -543,3 +553,38 @@ def test_an_mla_latent_in_the_hf_layout_round_trips_as_one_plane() -> None:
         LayoutError, match=r"^layer 0: the hf layout of this spec needs a \(latent,\) 1-tuple$"
     ):
         gather(spec, [(caches[0][0], caches[0][0]), caches[1]], [0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_mla_latent_in_the_vllm_layout_is_its_slot_byte_for_byte(dtype: str) -> None:
+    # vLLM's MLA backends keep [num_blocks, block_size, latent] per layer: block b's rows are
+    # a stored block's [1, block_size, 1, latent], in the same order.
+    spec = make_mla_spec(Layout.VLLM, dtype)
+    caches = make_caches(spec)
+
+    blocks = gather(spec, caches, IDS)
+
+    assert blocks.shape == (len(IDS), LAYERS, 1, BLOCK, 1, 11)
+    for i, b in enumerate(IDS):
+        for layer, c in enumerate(caches):
+            assert isinstance(c, torch.Tensor)
+            assert torch.equal(raw(blocks[i, layer, 0, :, 0]), raw(c[b]))
+    empty = [torch.zeros_like(c) for c in caches if isinstance(c, torch.Tensor)]
+    scatter(spec, blocks, empty, IDS)
+    for e, c in zip(empty, caches, strict=True):
+        assert isinstance(c, torch.Tensor)
+        assert torch.equal(raw(e[IDS]), raw(c[IDS]))
+        assert not raw(e[[1, 3, 5]]).any()  # blocks not named are not written
+
+
+def test_an_mla_latent_of_the_wrong_shape_or_layout_is_refused() -> None:
+    spec = make_mla_spec(Layout.VLLM)
+    wrong: list[LayerCache] = [torch.zeros((NUM_BLOCKS, BLOCK, 12), dtype=torch.bfloat16)] * 3
+
+    with raises_layout_error(
+        f"layer 0: shape [{NUM_BLOCKS}, {BLOCK}, 12] does not match the vllm layout of"
+    ):
+        gather(spec, wrong, IDS)
+    flashinfer = make_mla_spec(Layout.FLASHINFER)
+    with raises_layout_error("an MLA latent has no flashinfer layout of its own"):
+        gather(flashinfer, make_caches(spec), IDS)

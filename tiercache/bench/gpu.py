@@ -21,9 +21,11 @@ result is the median per-rep ratio), in bytes read + written per second:
 - host <-> device of a block set: torch's copy from a pinned buffer against a raw
   ``cudaMemcpyAsync`` of the same pinned bytes, and against a pageable source.
 
-Shapes: Llama-3-8B's vLLM block (32 layers, 8 KV heads x 128, 16 tokens, bf16: 2 MiB a block)
-and a small-head model's (Qwen2.5-0.5B: 24 layers, 2 KV heads x 64: 96 KiB a block), 256
-blocks moved out of a cache of 1024, ids shuffled. Targets (issue 4): gather/scatter >= 0.8 of
+Shapes: Llama-3-8B's vLLM block (32 layers, 8 KV heads x 128, 16 tokens, bf16: 2 MiB a block),
+a small-head model's (Qwen2.5-0.5B: 24 layers, 2 KV heads x 64: 96 KiB a block) and
+DeepSeek-V3's MLA latent (61 layers, one 576-value plane: 1.07 MiB a block, vLLM's
+``[num_blocks, block_size, 576]`` per layer), 256 blocks moved out of a cache of 1024, ids
+shuffled. Targets (issue 4): gather/scatter >= 0.8 of
 the D2D copy and >= 2x the per-fragment loop; H2D/D2H >= 0.9 of pinned memcpy.
 
 Run on a GPU machine with ``scripts/gpu_check.sh`` (or ``python -m tiercache.bench.gpu
@@ -49,6 +51,10 @@ from tiercache.spec import KVSpec
 SHAPES = {
     "llama-3-8b": KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16"),
     "qwen2.5-0.5b": KVSpec(num_layers=24, num_kv_heads=2, head_dim=64, dtype="bfloat16"),
+    # One latent plane of kv_lora_rank 512 + rope 64 per token, [num_blocks, block, 576].
+    "deepseek-v3-mla": KVSpec(
+        num_layers=61, num_kv_heads=1, head_dim=576, dtype="bfloat16", kind="mla"
+    ),
 }
 TARGETS = {"vs_d2d": 0.8, "vs_memcpy_loop": 2.0, "vs_pinned_memcpy": 0.9}
 D2D, H2D, D2H = 3, 1, 2  # cudaMemcpyKind
@@ -107,7 +113,12 @@ def quantized_gather(
 def bench_shape(spec: KVSpec, n: int, num_blocks: int, reps: int) -> dict[str, Any]:
     dev = torch.device("cuda", 0)
     g = torch.Generator(device=dev).manual_seed(0)
-    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    planes = spec.planes
+    shape = (
+        (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        if planes == 2
+        else (num_blocks, spec.block_size, spec.head_dim)  # vLLM's MLA latent
+    )
     caches: list[reference.LayerCache] = [
         torch.randn(shape, generator=g, device=dev).to(spec.torch_dtype)
         for _ in range(spec.num_layers)
@@ -120,11 +131,11 @@ def bench_shape(spec: KVSpec, n: int, num_blocks: int, reps: int) -> dict[str, A
     frag = spec.block_size * spec.num_kv_heads * spec.head_dim * spec.element_bytes
     # A (layer, K/V, block) fragment of a vLLM cache is contiguous: one memcpy each.
     pairs = [
-        (out.data_ptr() + ((i * spec.num_layers + layer) * 2 + kv) * frag,
+        (out.data_ptr() + ((i * spec.num_layers + layer) * planes + kv) * frag,
          c.data_ptr() + (kv * num_blocks + block) * frag)
         for i, block in enumerate(ids)
         for layer, c in enumerate(caches) if isinstance(c, torch.Tensor)
-        for kv in range(2)
+        for kv in range(planes)
     ]  # fmt: skip
     back = [(src, dst) for dst, src in pairs]
 

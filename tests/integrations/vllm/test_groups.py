@@ -47,3 +47,20 @@ def test_a_sliding_group_reads_the_blocks_of_its_window_and_no_others() -> None:
     full = KVSpec(1, 1, 8, "bfloat16", 4, Layout.VLLM_CPU)
     f = Group(1, FULL, None, ("l1",), Namespace("m", full), full)
     assert f.first_needed(1000, 4) == 0
+
+
+def test_an_mla_group_on_a_gpu_engine_takes_the_vllm_layout_and_its_block_is_the_engine_s() -> None:
+    # vLLM's MLA backends keep [num_blocks, block_size, latent] per layer: the connector takes
+    # them (it refused them before the kernels moved one plane).
+    from types import SimpleNamespace
+
+    from tiercache.integrations.vllm.groups import MLA, _engine_id
+
+    config = SimpleNamespace(device_config=SimpleNamespace(device_type="cuda"))
+    layout, engine = _engine_id(config, None, MLA)  # type: ignore[arg-type]
+    assert (layout, engine) == (Layout.VLLM, "cuda")
+    spec = KVSpec(2, 1, 576, "bfloat16", 16, layout, kind=AttentionKind.MLA)
+    caches = [_filled((5, 16, 576), seed=i) for i in range(2)]
+    blocks = gather(spec, caches, [4, 1])
+    assert blocks.shape == (2, 2, 1, 16, 1, 576)
+    assert torch.equal(blocks[0, 1, 0, :, 0], caches[1][4])

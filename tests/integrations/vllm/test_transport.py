@@ -209,3 +209,14 @@ def test_a_quantized_namespace_on_a_gpu_engine_gets_host_copies() -> None:
     group = Group(0, FULL, None, ("l0", "l1"), ns, SPEC)
     caches = [[OnGpu(), OnGpu()]]
     assert isinstance(pick([group], caches, 1, attach=True), HostCopies)  # type: ignore[arg-type]
+
+
+def test_one_mla_group_on_a_gpu_engine_gets_attached_caches() -> None:
+    # The daemon's kernels move an MLA latent as they move K and V (one plane).
+    class OnGpu:
+        is_cuda = True
+
+    spec = KVSpec(2, 1, 576, "bfloat16", 16, Layout.VLLM, kind=AttentionKind.MLA)
+    group = Group(0, AttentionKind.MLA, None, ("l0", "l1"), Namespace("test-model", spec), spec)
+    caches = [[OnGpu(), OnGpu()]]
+    assert isinstance(pick([group], caches, 1, attach=True), AttachedCaches)  # type: ignore[arg-type]

@@ -112,12 +112,9 @@ def _engine_id(
     ISA: the K tiling differs between AMX, AVX-512 and vec16)."""
     device = str(vllm_config.device_config.device_type)
     if device != "cpu":
-        if kind == MLA:
-            raise ConnectorConfigError(
-                f"TierCacheConnector caches MLA KV on CPU engines only (this one runs on "
-                f"{device}): its GPU layout [num_blocks, block_size, latent] needs the MLA "
-                "gather/scatter kernels"
-            )
+        # Full attention: [2, num_blocks, block_size, heads, head_dim] per layer; MLA (every
+        # vLLM MLA backend): [num_blocks, block_size, latent], the same layout name (the
+        # spec's kind tells them apart, kernels.reference).
         return Layout.VLLM, device
     if kind == MLA:
         if not vllm_config.scheduler_config.enable_chunked_prefill:

@@ -29,6 +29,7 @@ from tiercache.client import Client
 from tiercache.integrations.attached import AttachedKV
 from tiercache.integrations.vllm.groups import (
     FULL,
+    MLA,
     NULL_BLOCK,
     Group,
     cpu_engine_order,
@@ -129,8 +130,8 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class AttachedCaches:
-    """One full-attention group's CUDA caches attached to the daemon, whose kernels move
-    the blocks (a tiercache block is one engine block); ``host`` does what they cannot."""
+    """One full-attention or MLA group's CUDA caches attached to the daemon, whose kernels
+    move the blocks (a tiercache block is one engine block); ``host`` does what they cannot."""
 
     def __init__(self, ns: Namespace, caches: Sequence[torch.Tensor], host: HostCopies) -> None:
         self._kv = AttachedKV(ns, caches)
@@ -166,10 +167,11 @@ def pick(
     attach: bool,
 ) -> Transport:
     """The engine's transport: attached caches for a GPU engine (with ``attach``) of one
-    full-attention group whose tiercache block is one engine block, stored exact; host copies
-    otherwise."""
+    full-attention or MLA group whose tiercache block is one engine block, stored exact; host
+    copies otherwise."""
     host = HostCopies(groups, caches, per_block)
-    one_full = len(groups) == 1 and groups[0].kind == FULL
+    # One full-attention or MLA group (the kernels move K and V or the latent alike).
+    one_full = len(groups) == 1 and groups[0].kind in (FULL, MLA)
     # A quantized namespace is exact-only on the attached path for now: the daemon's
     # gather/scatter kernels move the engine's bytes as they are, and the quantizing ones
     # (kernels/quant.cu) are not wired to attached caches, so its saves and loads would

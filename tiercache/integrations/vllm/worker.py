@@ -4,7 +4,7 @@ The scheduler side (``scheduler.py``) decides, once per step, which tiercache bl
 each request loads and saves, one ``Transfer`` per KV cache group; this side carries them
 out through a ``Transport`` (``transport.py``), chosen once when the engine registers its
 caches: copies through the daemon's shared host arena, or, on a GPU engine with one
-full-attention group, the daemon's kernels on the engine's attached caches.
+full-attention or MLA group, the daemon's kernels on the engine's attached caches.
 
 A load that fails (a block evicted, a checksum that does not verify, the daemon gone) is
 reported so that vLLM recomputes it: as engine blocks (``load_errors``) for a model with
