@@ -48,6 +48,8 @@ def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
     disk = tier_resume(64, 1, tmp_path)  # raises unless every resume is served from disk
     assert disk["blocks"] == 4 and disk["tier"] == "disk" and disk["page_cache"] == "warm"
     assert set(disk) >= set(QUANTIZED) and "exact" not in disk
+    assert set(disk["vs_raw"]) == set(FORMATS)
+    assert all(r[op]["ratio"] > 0 for r in disk["vs_raw"].values() for op in ("save", "resume"))
 
     text = report(
         {
@@ -61,6 +63,7 @@ def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
     assert "trace (50 requests)" in text
     assert all(f"  {fmt}: " in text for fmt in QUANTIZED)
     assert "disk resume of 64 tokens" in text
+    assert all(f"    {fmt}: save " in text for fmt in FORMATS)
 
 
 @pytest.mark.service
@@ -71,6 +74,7 @@ def test_a_shared_tier_resume_is_served_from_the_store_in_every_format(
     shared = tier_resume(64, 1, tmp_path, remote=(remote_url, options(seaweedfs)))
 
     assert shared["blocks"] == 4 and shared["tier"] == "remote" and "page_cache" not in shared
+    assert "vs_raw" not in shared
     assert set(shared) >= set(QUANTIZED) and "exact" not in shared
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]  # nodes removed
     with pytest.raises(ValueError, match="cold drops the disk tier's page cache"):

@@ -11,7 +11,10 @@
   zarr disk tier, then loaded and restored into a preallocated engine-shaped buffer (exact
   blocks copied in, quantized ones dequantized in); quantized against exact. Once through
   the page cache (warm: bytes moved and decode cost) and, run as root, once with the page
-  cache dropped before each load (cold: the reads come from the device).
+  cache dropped before each load (cold: the reads come from the device). Each format's
+  save to disk and resume also against a plain file write / read of the exact bytes;
+- the same resume from the shared tier (a real SeaweedFS), each load a node that never saw
+  the blocks (``bench remote`` compares the shared tier with plain s3fs).
 """
 
 from __future__ import annotations
@@ -136,7 +139,10 @@ def tier_resume(
     before a resume: exact blocks are copied in, quantized ones dequantized in).
 
     Without ``remote``: from the disk tier, the manager reopened on it (a restart); ``cold``
-    drops the page cache before each load (root only; the result says whether it was).
+    drops the page cache before each load (root only; the result says whether it was). Also
+    each format (exact too) against the raw operation on the exact bytes (``vs_raw``): its
+    resume against a plain file's read into the same buffer, and its save to disk (a manager
+    opened on an empty disk tier, the blocks saved, flushed on close) against a plain write.
     With ``remote`` (a shared tier's url and options): the saving node uploads every block,
     and each load is a node that never saw them (empty host and disk), so every block comes
     from the shared tier."""
@@ -160,15 +166,17 @@ def tier_resume(
             host_bytes=capacity, disk=disk, slot_bytes=spec.block_nbytes, remote=shared
         )
 
-    async def fill(ns: Namespace) -> None:
-        m = await open_manager(workdir / "disk")
+    async def fill(ns: Namespace, node: Path) -> None:
+        m = await open_manager(node)
         await m.save(ns, ids, src)
         if m.shared is not None and await m.shared.drain(120):
             raise RuntimeError("the shared tier did not take every block of the benchmark")
         await m.close()
 
     for fmt in FORMATS:
-        loop.run_until_complete(fill(Namespace("bench-quant", spec, store_dtype=fmt)))
+        loop.run_until_complete(
+            fill(Namespace("bench-quant", spec, store_dtype=fmt), workdir / "disk")
+        )
 
     def resume(ns: Namespace) -> Any:
         def go() -> float:
@@ -193,12 +201,55 @@ def tier_resume(
 
         return go
 
+    # The raw operation of the disk tier: the exact bytes written to one plain file, and read
+    # from it into the engine's buffer (the page cache treated as for the resumes).
+    raw_file, flat = workdir / "raw.bin", src.view(torch.uint8).reshape(-1).numpy()
+
+    def raw_write() -> float:
+        def go() -> None:
+            fd = os.open(raw_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                view, done = flat.data, 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+            finally:
+                os.close(fd)
+
+        return timed(go)
+
+    def raw_read() -> float:
+        if dropped[0]:
+            dropped[0] = _drop_page_cache()
+        into = engine.view(torch.uint8).reshape(-1).numpy().data
+        with open(raw_file, "rb", buffering=0) as f:
+            return timed(lambda: f.readinto(into))
+
+    def save(ns: Namespace) -> Any:
+        def go() -> float:  # a node of its own each time: every block is written
+            node = workdir / f"save{next(nodes)}"
+            try:
+                return timed(lambda: loop.run_until_complete(fill(ns, node)))
+            finally:
+                shutil.rmtree(node, ignore_errors=True)
+
+        return go
+
     exact = Namespace("bench-quant", spec)
     out: dict[str, Any] = {"tokens": tokens, "blocks": n, "block_bytes": spec.block_nbytes}
     for fmt in FORMATS:
         if fmt != "exact":
             ns = Namespace("bench-quant", spec, store_dtype=fmt)
             out[fmt] = side_by_side(resume(ns), resume(exact), reps)
+    if remote is None:
+        raw_write()  # the file the reads read
+        out["vs_raw"] = {
+            fmt: {
+                "save": side_by_side(save(ns), raw_write, reps),
+                "resume": side_by_side(resume(ns), raw_read, reps),
+            }
+            for fmt in FORMATS
+            for ns in [Namespace("bench-quant", spec, store_dtype=fmt)]
+        }
     out["tier"] = tier
     if remote is None:
         out["page_cache"] = "dropped before each load" if dropped[0] else "warm"
@@ -310,6 +361,14 @@ def report(result: dict[str, Any]) -> str:
                 lines.append(
                     f"  {fmt}: {dr[fmt]['ratio']:.2f}x "
                     f"({dr[fmt]['ours_s'] * 1e3:.1f} ms vs exact {dr[fmt]['base_s'] * 1e3:.1f} ms)"
+                )
+        if "vs_raw" in dr:
+            lines.append("  against a plain file of the exact bytes (throughput, % of raw):")
+            for fmt, r in dr["vs_raw"].items():
+                lines.append(
+                    f"    {fmt}: save {r['save']['ratio']:.0%} (write {r['save']['base_s'] * 1e3:.1f}"
+                    f" ms), resume {r['resume']['ratio']:.0%} (read "
+                    f"{r['resume']['base_s'] * 1e3:.1f} ms)"
                 )
     return "\n".join(lines)
 
