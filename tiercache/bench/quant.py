@@ -276,7 +276,7 @@ def plot(result: dict[str, Any]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     pts = result["trace"]["points"]
     for fmt in FORMATS:
         a.plot(
@@ -303,6 +303,34 @@ def plot(result: dict[str, Any]) -> Any:
     b.set_ylabel("throughput ratio (1: as fast as the baseline)")
     b.set_title(f"host tier, {host['block_bytes'] // 1024} KiB blocks")
     b.legend()
+    # Resume time per format from each lower tier (exact: the base of every comparison), and
+    # a plain file read of the exact bytes where the benchmark timed one.
+    kinds = [
+        (key, label)
+        for key, label in (
+            ("disk_resume", "disk, warm"),
+            ("disk_resume_cold", "disk, cold"),
+            ("remote_resume", "shared tier"),
+        )
+        if key in result
+    ]
+    for i, fmt in enumerate(FORMATS):
+        ms = []
+        for key, _ in kinds:
+            r = result[key]
+            quantized = next(r[f] for f in FORMATS if f != "exact" and f in r)
+            ms.append(1e3 * (quantized["base_s"] if fmt == "exact" else r[fmt]["ours_s"]))
+        c.bar([j + i * width for j in range(len(kinds))], ms, width, label=fmt)
+    for j, (key, _) in enumerate(kinds):
+        raw = result[key].get("vs_raw")
+        if raw is not None:
+            read = 1e3 * raw["exact"]["resume"]["base_s"]
+            c.plot([j - width / 2, j + 2.5 * width], [read, read], "k--", lw=1)
+    c.set_xticks([j + width for j in range(len(kinds))], [lbl for _, lbl in kinds])
+    c.set_ylabel("ms (dashed: a plain file read of the exact bytes)")
+    tokens = result[kinds[0][0]]["tokens"] if kinds else 0
+    c.set_title(f"resume of {tokens} tokens into an engine buffer")
+    c.legend()
     return fig
 
 
