@@ -46,14 +46,14 @@ import torch
 from tiercache.bench.common import side_by_side
 from tiercache.kernels import cuda, reference
 from tiercache.kernels.reference_quant import Format
-from tiercache.spec import KVSpec
+from tiercache.spec import AttentionKind, KVSpec
 
 SHAPES = {
     "llama-3-8b": KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16"),
     "qwen2.5-0.5b": KVSpec(num_layers=24, num_kv_heads=2, head_dim=64, dtype="bfloat16"),
     # One latent plane of kv_lora_rank 512 + rope 64 per token, [num_blocks, block, 576].
     "deepseek-v3-mla": KVSpec(
-        num_layers=61, num_kv_heads=1, head_dim=576, dtype="bfloat16", kind="mla"
+        num_layers=61, num_kv_heads=1, head_dim=576, dtype="bfloat16", kind=AttentionKind.MLA
     ),
 }
 TARGETS = {"vs_d2d": 0.8, "vs_memcpy_loop": 2.0, "vs_pinned_memcpy": 0.9}

@@ -50,6 +50,16 @@ def transport(kind: str, caches: list[torch.Tensor]) -> Transport:
     return host if kind == "host" else AttachedCaches(NS, caches, host)
 
 
+def arena_daemon(tmp_path: Path) -> DaemonProcess:
+    """A daemon with a shared host arena of 8 blocks and a disk tier (not started)."""
+    env = {
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_TIERS_HOST__SHARED": "true",
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+    }
+    return DaemonProcess(tmp_path, env=env)
+
+
 def test_an_engine_on_cpu_gets_host_copies_even_where_it_may_attach() -> None:
     assert isinstance(pick([GROUP], [engine_caches(1)], 1, attach=True), HostCopies)
 
@@ -58,15 +68,10 @@ def test_an_engine_on_cpu_gets_host_copies_even_where_it_may_attach() -> None:
 def test_blocks_saved_from_one_engine_load_into_another_s_blocks_byte_for_byte(
     tmp_path: Path, kind: str
 ) -> None:
-    env = {
-        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
-        "TIERCACHE_TIERS_HOST__SHARED": "true",
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-    }
     src = engine_caches(1)
     dst = [torch.zeros_like(c) for c in src]
     chain = KeyChain(NS.block_keys(make_tokens(2))).to_bytes()
-    with DaemonProcess(tmp_path, env=env) as daemon, Client(daemon.socket) as client:
+    with arena_daemon(tmp_path) as daemon, Client(daemon.socket) as client:
         saved = transport(kind, src).save(client, Transfer("r1", chain, 0, 2, [3, 5]))
         assert saved.stored == 2
 
@@ -85,11 +90,6 @@ def test_exact_blocks_go_from_the_arena_into_the_engine_s_blocks_uncopied_around
     # A sliding group's freed slots (vLLM's null block, 0) are skipped; the blocks on either
     # side are scattered straight from the daemon's arena: no copy of them on the way (it
     # once cost 3/4 of a resume's load).
-    env = {
-        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
-        "TIERCACHE_TIERS_HOST__SHARED": "true",
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-    }
     src = engine_caches(1)
     dst = [torch.zeros_like(c) for c in src]
     chain = KeyChain(NS.block_keys(make_tokens(5))).to_bytes()
@@ -103,7 +103,7 @@ def test_exact_blocks_go_from_the_arena_into_the_engine_s_blocks_uncopied_around
         real(spec, blocks, caches, ids)
 
     monkeypatch.setattr(transport_module, "scatter", spy)
-    with DaemonProcess(tmp_path, env=env) as daemon, Client(daemon.socket) as client:
+    with arena_daemon(tmp_path) as daemon, Client(daemon.socket) as client:
         saved = HostCopies([GROUP], [src], 1).save(
             client, Transfer("r1", chain, 0, 5, [1, 2, 3, 4, 5])
         )
