@@ -2,7 +2,8 @@
 //
 // What: `gather` copies blocks `block_ids` of every layer of an engine's KV cache into
 // contiguous page-first blocks [n, layers, planes, block_size, heads, head_dim]; `scatter` is
-// the reverse. `planes` is 2 (K and V) or 1 (an MLA latent: heads 1, head_dim the latent). All layers move in ONE launch: the layers' base addresses come from a device array.
+// the reverse. `planes` is 2 (K and V) or 1 (an MLA latent: heads 1, head_dim the latent).
+// All layers move in ONE launch: the layers' base addresses come from a device array.
 // The torch reference (kernels/reference.py) is the oracle; these kernels must equal it byte
 // for byte.
 //

@@ -173,10 +173,9 @@ def tier_resume(
             raise RuntimeError("the shared tier did not take every block of the benchmark")
         await m.close()
 
-    for fmt in FORMATS:
-        loop.run_until_complete(
-            fill(Namespace("bench-quant", spec, store_dtype=fmt), workdir / "disk")
-        )
+    namespaces = {fmt: Namespace("bench-quant", spec, store_dtype=fmt) for fmt in FORMATS}
+    for ns in namespaces.values():
+        loop.run_until_complete(fill(ns, workdir / "disk"))
 
     def resume(ns: Namespace) -> Any:
         def go() -> float:
@@ -234,12 +233,10 @@ def tier_resume(
 
         return go
 
-    exact = Namespace("bench-quant", spec)
     out: dict[str, Any] = {"tokens": tokens, "blocks": n, "block_bytes": spec.block_nbytes}
-    for fmt in FORMATS:
+    for fmt, ns in namespaces.items():
         if fmt != "exact":
-            ns = Namespace("bench-quant", spec, store_dtype=fmt)
-            out[fmt] = side_by_side(resume(ns), resume(exact), reps)
+            out[fmt] = side_by_side(resume(ns), resume(namespaces["exact"]), reps)
     if remote is None:
         raw_write()  # the file the reads read
         out["vs_raw"] = {
@@ -247,8 +244,7 @@ def tier_resume(
                 "save": side_by_side(save(ns), raw_write, reps),
                 "resume": side_by_side(resume(ns), raw_read, reps),
             }
-            for fmt in FORMATS
-            for ns in [Namespace("bench-quant", spec, store_dtype=fmt)]
+            for fmt, ns in namespaces.items()
         }
     out["tier"] = tier
     if remote is None:

@@ -152,7 +152,7 @@ def resume(weed: SeaweedFS, workdir: Path, prefix: int, reps: int) -> dict[str, 
                     "TIERCACHE_TIERS_REMOTE__URL": f"s3://{BUCKET}/resume",
                     "TIERCACHE_TIERS_REMOTE__ENDPOINT": weed.endpoint,
                     "TIERCACHE_TIERS_REMOTE__KEY_ID": KEY_ID,
-                    "TIERCACHE_TIERS_REMOTE__SECRET_FILE": str(weed.secret_file()),
+                    "TIERCACHE_TIERS_REMOTE__SECRET_FILE": str(weed.secret_file),
                     "TIERCACHE_TIERS_REMOTE__TIMEOUT": "5",
                 }
             )

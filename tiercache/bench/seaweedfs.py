@@ -95,6 +95,9 @@ class SeaweedFS:
         }
         self.s3_config = workdir / "s3.json"
         self.s3_config.write_text(json.dumps(identities))
+        # The identity's secret key, as tiercache's shared tier reads it (secret_file).
+        self.secret_file = workdir / "s3.secret"
+        self.secret_file.write_text(SECRET + "\n")
 
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
         """Start it and wait until it serves. Its ports are chosen free but released before
@@ -202,18 +205,12 @@ class SeaweedFS:
         f = self.dir / "weed.log"
         return f.read_text(errors="replace")[-3000:] if f.exists() else ""
 
-    def secret_file(self) -> Path:
-        """A file holding the identity's secret key, as tiercache's shared tier reads it."""
-        f = self.dir / "s3.secret"
-        f.write_text(SECRET + "\n")
-        return f
-
     def options(self, **kw: Any) -> RemoteOptions:
         """Shared-tier options for this store's identity (``kw`` overrides; timeout 30 s)."""
         return RemoteOptions(
             endpoint=self.endpoint,
             key_id=KEY_ID,
-            secret_file=str(self.secret_file()),
+            secret_file=str(self.secret_file),
             **{"timeout": 30.0, **kw},
         )
 

@@ -136,7 +136,7 @@ class Scheduler:
                 got = self._link.call("touch", touch) or 0
                 if g.window is None:
                     held = min(held, got)
-            st.stored = max(st.stored, held if full else 0)
+            st.stored = max(st.stored, held)
             return 0, False
         if full:
             st.hit = self._usable(st, full)
