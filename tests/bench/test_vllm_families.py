@@ -3,7 +3,15 @@ timings are run in tests/bench/test_vllm_resume.py)."""
 
 from __future__ import annotations
 
-from tiercache.bench.vllm_families import CONFIGS, GEMMA3_BYTES_TARGET, chat_bytes, refused
+from pathlib import Path
+
+from tiercache.bench.vllm_families import (
+    CONFIGS,
+    GEMMA3_BYTES_TARGET,
+    chat_bytes,
+    raw_bounds,
+    refused,
+)
 from tiercache.demo_models import VLLM_CPU, tiny_config
 
 T8K = 8192
@@ -51,3 +59,12 @@ def test_a_refusal_is_read_from_the_engines_log_without_what_vllm_appends() -> N
         "backend ... computes over a cached prefix"
     )
     assert refused("RuntimeError: Engine core initialization failed") is None
+
+
+def test_the_raw_bounds_time_a_plain_read_and_copy_of_the_bytes_and_leave_no_file(
+    tmp_path: Path,
+) -> None:
+    b = raw_bounds(3 << 20, 2, tmp_path / "raw")
+    assert b["bytes"] == 3 << 20
+    assert b["cold_read_s"] > 0 and b["copy_s"] > 0
+    assert list((tmp_path / "raw").iterdir()) == []

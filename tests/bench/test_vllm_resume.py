@@ -76,15 +76,32 @@ def test_each_family_resumes_its_prompt_from_host_and_disk_as_recompute_does(
         # Both hits: the prompt's 5 whole blocks, all of it but its last token.
         assert r["prefix_cache_cached_tokens"] == r["tiercache_loaded_tokens"] == 640, name
         assert r["same_first_token"], name
-        for key in ("recompute_s", "prefix_cache_hit_s", "tiercache_host_s", "tiercache_disk_s"):
+        for key in (
+            "recompute_s",
+            "prefix_cache_hit_s",
+            "tiercache_host_s",
+            "tiercache_disk_pushed_s",
+            "tiercache_disk_s",
+        ):
             assert r[key] > 0, (name, key)
+        # Pushed out of the host tier while the daemon ran: each such resume read the
+        # prompt's stored blocks from the disk tier (the daemon's disk->host bytes).
+        assert r["disk_pushed_bytes"] == [r["bytes_resumed"]], name
         assert r["host_vs_prefix_cache"] == r["tiercache_host_s"] / r["prefix_cache_hit_s"]
         assert r["host_target_met"] == (r["host_vs_prefix_cache"] <= 1.5)
         assert r["disk_target_met"] == (r["disk_vs_prefix_cache"] <= 2.0)
+        # Beside them: the floor plus a plain memcpy / cold read of the bytes the resume moved.
+        assert r["raw"]["bytes"] == r["bytes_resumed"] > 0, name
+        assert r["host_bound_s"] == r["prefix_cache_hit_s"] + r["raw"]["copy_s"]
+        assert r["disk_bound_s"] == r["prefix_cache_hit_s"] + r["raw"]["cold_read_s"]
     # The sliding groups stored only the blocks of the window before the prompt's last
     # whole block (blocks 3 and 4 of a 256-token window), the full ones every whole block.
     kinds = {(g["kind"], tuple(g["stored_blocks"])) for g in rows["gemma3"]["groups"]}
     assert kinds == {("sliding", (3, 5)), ("full", (0, 5))}
+    # The bytes those blocks hold, the raw bounds' size: per layer and token K and V x 2 KV
+    # heads x head dim (32 Llama, 64 Gemma 3) x bf16; Gemma 3's 5 sliding layers hold 2 blocks.
+    assert rows["llama"]["bytes_resumed"] == 4 * 640 * 2 * 2 * 32 * 2
+    assert rows["gemma3"]["bytes_resumed"] == (5 * 256 + 640) * 2 * 2 * 64 * 2
     assert result["families"]["targets"]["gemma3_bytes_vs_all_full<=0.35"]
 
 
