@@ -112,7 +112,7 @@ def raw_bounds(nbytes: int, reps: int, work: Path) -> dict[str, float]:
     dst = torch.zeros(nbytes, dtype=torch.uint8)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "kv.bin"
-    path.write_bytes(src.numpy().tobytes())
+    path.write_bytes(src.numpy().data)
     reads, copies = [], []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -138,11 +138,11 @@ FILLER = KVSpec(num_layers=1, num_kv_heads=1, head_dim=64, dtype="bfloat16", blo
 FILLER_BATCH = 64
 
 
-async def push_out(socket: Path, round_: int) -> int:
+async def push_out(socket: Path, round_: int) -> None:
     """Save filler blocks into the daemon at ``socket`` until its host tier has evicted as
     many blocks as it held: with LRU (the default policy) it evicts oldest first and every
     filler block is newer, so every block it held is gone from host memory (written back
-    to disk as it left). Returns the daemon's disk->host bytes so far."""
+    to disk as it left)."""
     ns = Namespace("bench-filler", FILLER)
     c = await AsyncClient.connect(socket)
     try:
@@ -152,11 +152,10 @@ async def push_out(socket: Path, round_: int) -> int:
         held, gone = first["tiers"]["host"]["blocks"], first["evictions"].get("host", 0)
         rows = torch.zeros((FILLER_BATCH, FILLER.block_nbytes), dtype=torch.uint8)
         batch = 0
-        while (now := await c.stats())["evictions"].get("host", 0) - gone < held:
+        while (await c.stats())["evictions"].get("host", 0) - gone < held:
             batch += 1
             tokens = [round_, batch] + [0] * (FILLER_BATCH * FILLER.block_size - 2)
             await c.save(ns, tokens, rows)
-        return int(now["transfer_bytes"].get("disk->host", 0))
     finally:
         await c.close()
 
@@ -249,20 +248,23 @@ def _family(
     (work / "daemon").mkdir()
 
     pushed_bytes: list[int] = []  # per pushed-out resume: what the daemon read from disk
-    since: list[int] = []  # the daemon's disk->host bytes when the last push ended
+    mark: int | None = None  # the daemon's disk->host bytes when the last push ended
 
     def between(step: str) -> None:
         """A barrier: the prompt's blocks pushed out of the host tier, or the daemon
         restarted; either way, the disk tier's files dropped from the page cache."""
-        if since:  # the resume after the last push is done: what did it read from disk?
-            pushed_bytes.append(asyncio.run(promoted(daemon.socket)) - since.pop())
-        push = Path(step).name.startswith("push")
-        if push:
-            since.append(asyncio.run(push_out(daemon.socket, len(pushed_bytes))))
+        nonlocal mark
+        if mark is not None:  # the resume after the last push is done: what did it read?
+            pushed_bytes.append(asyncio.run(promoted(daemon.socket)) - mark)
+            mark = None
+        disk = work / "daemon" / "disk"
+        if Path(step).name.startswith("push"):
+            asyncio.run(push_out(daemon.socket, len(pushed_bytes)))
+            mark = asyncio.run(promoted(daemon.socket))
+            drop_page_cache(disk)
         else:
             daemon.stop()
-        drop_page_cache(work / "daemon" / "disk")
-        if not push:
+            drop_page_cache(disk)
             daemon.start()
 
     steps = [_one(prompt, "miss")] + [_one(prompt, "hit") for _ in range(reps)]

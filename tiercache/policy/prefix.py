@@ -61,12 +61,12 @@ its small FIFO); per-class TTLs from a knapsack over the reuse-time
 distributions (20.6%); classes split further by position, prompt length or
 the last inter-turn gap (no gain: each class learns from fewer samples);
 LIRS-style admission on a second use (it loses every first reuse, 42% of this
-trace's hits); a new block taking its parent's use count (19.6%; capped at 2, 21.5%;
-as a flag, 21.65% against 21.63%: a chain's blocks come back together, but a
-prompt that continues a stored prefix beyond its first block has its new
-blocks come back less often, 12-19%, than one that shares only its first, 28%). With perfect knowledge of
-which blocks come back at all, LRU reaches the ceiling at 5%; nothing a block's
-history shows predicts that well. What there is to predict is a request's:
+trace's hits); a new block taking its parent's use count (19.6%; capped at 2,
+21.5%; as a flag, 21.65% against 21.63%: a chain's blocks come back together,
+but a prompt that continues a stored prefix beyond its first block has its new
+blocks come back less often, 12-19%, than one that shares only its first, 28%).
+With perfect knowledge of which blocks come back at all, LRU reaches the
+ceiling at 5%; nothing a block's history shows predicts that well. What there is to predict is a request's:
 its new blocks (the last one aside) all come back, or none do (3,324 requests
 all, 5,953 none, 342 in between), and a prompt's last block, partial in all
 but 22 requests, comes back 0.7% of the time (an engine saves whole blocks
