@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import NBYTES, SPEC, OpenCache, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import (
+    NBYTES,
+    SPEC,
+    OpenCache,
+    as_bytes,
+    flip_byte,
+    make_blocks,
+    make_ns,
+    make_tokens,
+)
 from tiercache import BlockShapeError, KVSpec, NoRoom, SessionPinned, UnknownSession
+from tiercache.keys import Namespace
 
 NS = make_ns()
 
@@ -474,3 +485,85 @@ async def test_the_prefix_policy_trims_a_chain_from_its_end(
     # LRU drops the chain's first block, which leaves none of it reachable; the prefix policy
     # (it learns each block's parent from the save) drops the last and keeps a 2-block prefix.
     assert (await m.lookup(NS, chain)).blocks == kept
+
+
+# --- load(into=): a resume straight into the engine's blocks ----------------------------------
+
+
+async def test_a_load_into_the_engines_blocks_reads_exact_blocks_into_their_own_bytes(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=2)
+    tokens, blocks = make_tokens(4), make_blocks(4)
+    await m.save(NS, tokens, blocks)  # blocks 0, 1 leave the host tier for disk
+    engine = torch.zeros((5, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+    got = await m.load(NS, tokens, into=engine)
+    assert got.tiers == ["disk", "disk", "host", "host"]
+    kv = got.kv()
+    assert kv.data_ptr() == engine.data_ptr() and kv.shape[0] == 4  # no staging rows, no copy
+    assert torch.equal(as_bytes(engine[:4]), as_bytes(blocks))
+    assert not engine[4].any()  # a row past the load is left alone
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+async def test_a_quantized_load_into_the_engines_blocks_is_what_kv_decodes(
+    open_cache: OpenCache, fmt: str
+) -> None:
+    m = await open_cache(host_blocks=2)
+    ns = Namespace("test-model", SPEC, store_dtype=fmt)
+    tokens, blocks = make_tokens(4), make_blocks(4)
+    await m.save(ns, tokens, blocks)
+    engine = torch.zeros((4, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+    got = await m.load(ns, tokens, into=engine)
+    assert got.blocks == 4 and got.tiers[0] == "disk"  # host slots hold more quantized blocks
+    assert got.kv().data_ptr() == engine.data_ptr()
+    again = (await m.load(ns, tokens)).kv()  # the records, decoded by kv()
+    assert torch.equal(as_bytes(engine), as_bytes(again))
+    assert not torch.equal(as_bytes(engine), as_bytes(blocks))  # quantized, so not the bytes
+
+
+async def test_a_load_into_stops_at_a_corrupted_disk_block(open_cache: OpenCache) -> None:
+    m = await open_cache(host_blocks=1)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await m.save(NS, tokens, blocks)  # blocks 0, 1 on disk only
+    key1 = (await m.lookup(NS, tokens)).keys[1]
+    bad = next(e for e in m.index if e.key == key1)
+    assert m.disk is not None and bad.disk is not None
+    path, offset = m.disk.location(bad.disk)
+    flip_byte(path, offset + 3)
+    engine = torch.zeros((3, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+    got = await m.load(NS, tokens, into=engine)
+    assert got.blocks == 1 and got.tiers == ["disk"]
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:1]))
+
+
+@pytest.mark.parametrize(
+    ("into", "message"),
+    [
+        (torch.zeros((2, *SPEC.block_shape), dtype=torch.float16), "into must be bfloat16"),
+        (torch.zeros((2, 2, 2, 4, 2, 4), dtype=torch.bfloat16), "[>= 2, 2, 2, 4, 2, 8]"),
+        (torch.zeros((1, *SPEC.block_shape), dtype=torch.bfloat16), "[>= 2, 2, 2, 4, 2, 8]"),
+        (
+            torch.zeros((*SPEC.block_shape, 2), dtype=torch.bfloat16).movedim(-1, 0),
+            "contiguous CPU tensor",
+        ),
+    ],
+)
+async def test_an_into_that_cannot_take_the_blocks_is_refused_by_name(
+    open_cache: OpenCache, into: torch.Tensor, message: str
+) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2))
+    with pytest.raises(BlockShapeError, match=re.escape(message)):
+        await m.load(NS, tokens, into=into)
+    got = await m.load(NS, tokens)  # nothing was lost or left leased
+    assert got.blocks == 2
+
+
+async def test_a_load_takes_out_or_into_not_both(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    out = torch.zeros((1, NBYTES), dtype=torch.uint8)
+    into = torch.zeros((1, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+    with pytest.raises(BlockShapeError, match=r"out .* or into .*, not both"):
+        await m.load(NS, make_tokens(1), out=out, into=into)

@@ -121,9 +121,10 @@ class SyncCache:
         *,
         first_block: int = 0,
         max_blocks: int | None = None,
+        into: torch.Tensor | None = None,
     ) -> LoadResult:
         return self._run(
-            self.manager.load(ns, tokens, first_block=first_block, max_blocks=max_blocks)
+            self.manager.load(ns, tokens, first_block=first_block, max_blocks=max_blocks, into=into)
         )
 
     def prefetch(

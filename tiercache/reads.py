@@ -14,7 +14,9 @@ import torch
 
 from tiercache.errors import BlockShapeError
 from tiercache.index import DEVICE, DISK, HOST, Entry
+from tiercache.keys import Namespace
 from tiercache.stats import Stats
+from tiercache.storage_format import parse_format
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskRecord, DiskTier
 from tiercache.tiers.host import HostArena
@@ -29,6 +31,28 @@ def output_rows(out: torch.Tensor | None, n: int, nbytes: int, pin: bool) -> tor
             f"out must be uint8 [>= {n}, {nbytes}], got {out.dtype} {list(out.shape)}"
         )
     return out
+
+
+def engine_rows(ns: Namespace, n: int, into: torch.Tensor) -> torch.Tensor:
+    """Where a load into ``into`` (the engine's blocks, ``[>= n, *block_shape]`` of the KV
+    dtype, a contiguous CPU tensor) reads its ``n`` stored records: ``into``'s own bytes for
+    an exact namespace (no staging rows, no copy after), new rows for a quantized one (then
+    decoded into ``into``)."""
+    want = f"{ns.spec.dtype} [>= {n}, {', '.join(map(str, ns.spec.block_shape))}]"
+    if (
+        into.dtype != ns.spec.torch_dtype
+        or tuple(into.shape[1:]) != tuple(ns.spec.block_shape)
+        or into.shape[0] < n
+    ):
+        raise BlockShapeError(f"into must be {want}, got {into.dtype} {list(into.shape)}")
+    if into.device.type != "cpu" or not into.is_contiguous():
+        raise BlockShapeError(
+            f"into must be a contiguous CPU tensor, got a "
+            f"{'' if into.is_contiguous() else 'non-contiguous '}{into.device.type} one"
+        )
+    if parse_format(ns.store_dtype) == "exact":
+        return into[:n].view(torch.uint8).view(n, ns.block_nbytes)
+    return output_rows(None, n, ns.block_nbytes, False)
 
 
 async def read_entries(

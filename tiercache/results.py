@@ -59,6 +59,7 @@ class LoadResult:
     seconds: float = 0.0
     per_tier: dict[str, int] = field(default_factory=dict)
     first_block: int = 0  # the block of the sequence the data starts at
+    into: torch.Tensor | None = None  # the engine's blocks ``load(into=)`` filled
 
     @property
     def blocks(self) -> int:
@@ -71,8 +72,11 @@ class LoadResult:
     def kv(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype
         (written into ``out``, an engine's buffer of that shape and dtype, when given: a
-        quantized block is dequantized straight into it)."""
+        quantized block is dequantized straight into it). After ``load(into=)``, the blocks
+        filled, decoded once."""
         ns = self.namespace
+        if self.into is not None and out is None:
+            return self.into
         return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype), out)
 
 

@@ -136,7 +136,8 @@ def tier_resume(
 ) -> dict[str, Any]:
     """Blocks of ``tokens`` saved, then loaded by a manager that has none of them in host
     memory and restored into a preallocated engine-shaped buffer (an engine's KV cache exists
-    before a resume: exact blocks are copied in, quantized ones dequantized in).
+    before a resume): ``load(into=)``, so exact blocks are read straight into it and quantized
+    ones dequantized into it batch by batch while the rest are read.
 
     Without ``remote``: from the disk tier, the manager reopened on it (a restart); ``cold``
     drops the page cache before each load (root only; the result says whether it was). Also
@@ -187,10 +188,9 @@ def tier_resume(
             try:
 
                 async def load() -> None:
-                    got = await m.load(ns, ids)
+                    got = await m.load(ns, ids, into=engine)
                     if got.tiers != [tier] * n:
                         raise RuntimeError(f"the resume was not served from {tier}: {got.tiers}")
-                    got.kv(out=engine)
 
                 return timed(lambda: loop.run_until_complete(load()))
             finally:
