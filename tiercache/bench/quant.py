@@ -8,10 +8,11 @@
   on save, dequantize in ``LoadResult.kv``) against the same calls on an exact namespace
   and against the raw operation (``copy_`` of the exact bytes);
 - disk resume: blocks of a conversation saved, the manager closed and reopened on the same
-  zarr disk tier, then loaded and restored into a preallocated engine-shaped buffer (exact
-  blocks copied in, quantized ones dequantized in); quantized against exact. Once through
-  the page cache (warm: bytes moved and decode cost) and, run as root, once with the page
-  cache dropped before each load (cold: the reads come from the device). Each format's
+  zarr disk tier, then loaded into a preallocated engine-shaped buffer (``load(into=)``:
+  exact blocks read straight into it, quantized ones dequantized into it); quantized
+  against exact. Once through the page cache (warm: bytes moved and decode cost) and once
+  with the disk tier's files evicted from the page cache before each load (cold: the reads
+  come from the device). Each format's
   save to disk and resume also against a plain file write / read of the exact bytes;
 - the same resume from the shared tier (a real SeaweedFS), each load a node that never saw
   the blocks (``bench remote`` compares the shared tier with plain s3fs).
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from tiercache.bench import trace
-from tiercache.bench.common import cli, side_by_side, timed, write
+from tiercache.bench.common import cli, drop_page_cache, side_by_side, timed, write
 from tiercache.keys import Namespace
 from tiercache.manager import TierManager
 from tiercache.spec import KVSpec
@@ -117,16 +118,6 @@ def host_throughput(n: int, reps: int) -> dict[str, Any]:
     return out
 
 
-def _drop_page_cache() -> bool:
-    """Empty the kernel's page cache (root only): the next read comes from the device."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 def tier_resume(
     tokens: int,
     reps: int,
@@ -137,10 +128,10 @@ def tier_resume(
     """Blocks of ``tokens`` saved, then loaded by a manager that has none of them in host
     memory and restored into a preallocated engine-shaped buffer (an engine's KV cache exists
     before a resume): ``load(into=)``, so exact blocks are read straight into it and quantized
-    ones dequantized into it batch by batch while the rest are read.
+    ones dequantized into it.
 
     Without ``remote``: from the disk tier, the manager reopened on it (a restart); ``cold``
-    drops the page cache before each load (root only; the result says whether it was). Also
+    evicts the work dir's files from the page cache before each load. Also
     each format (exact too) against the raw operation on the exact bytes (``vs_raw``): its
     resume against a plain file's read into the same buffer, and its save to disk (a manager
     opened on an empty disk tier, the blocks saved, flushed on close) against a plain write.
@@ -156,7 +147,6 @@ def tier_resume(
     capacity = 4 * n * spec.block_nbytes
     engine = torch.zeros_like(src)  # touched once here, as an engine's cache is
     loop = asyncio.new_event_loop()
-    dropped = [cold]
     tier = "disk" if remote is None else "remote"
     nodes = itertools.count()
 
@@ -183,8 +173,8 @@ def tier_resume(
             # A restart on the saving node's disk, or a node of its own (removed after).
             node = workdir / "disk" if remote is None else workdir / f"node{next(nodes)}"
             m = loop.run_until_complete(open_manager(node))
-            if dropped[0]:
-                dropped[0] = _drop_page_cache()
+            if cold:
+                drop_page_cache(workdir)
             try:
 
                 async def load() -> None:
@@ -217,8 +207,8 @@ def tier_resume(
         return timed(go)
 
     def raw_read() -> float:
-        if dropped[0]:
-            dropped[0] = _drop_page_cache()
+        if cold:
+            drop_page_cache(workdir)
         into = engine.view(torch.uint8).reshape(-1).numpy().data
         with open(raw_file, "rb", buffering=0) as f:
             return timed(lambda: f.readinto(into))
@@ -248,7 +238,7 @@ def tier_resume(
         }
     out["tier"] = tier
     if remote is None:
-        out["page_cache"] = "dropped before each load" if dropped[0] else "warm"
+        out["page_cache"] = "dropped before each load" if cold else "warm"
     loop.close()
     return out
 
@@ -342,11 +332,9 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
     tokens, reps = (2048, 3) if quick else (8192, 5)
     with tempfile.TemporaryDirectory() as d:
         result["disk_resume"] = tier_resume(tokens, reps, Path(d))
-    if not quick:  # from the device, where the halved bytes should show (root only)
+    if not quick:  # from the device, where the halved bytes should show
         with tempfile.TemporaryDirectory(dir=Path.cwd()) as d:
-            cold = tier_resume(tokens, reps, Path(d), cold=True)
-        if cold["page_cache"] != "warm":
-            result["disk_resume_cold"] = cold
+            result["disk_resume_cold"] = tier_resume(tokens, reps, Path(d), cold=True)
     with tempfile.TemporaryDirectory() as d:
         shared = remote_resume(tokens, reps, Path(d))
     if shared is not None:
