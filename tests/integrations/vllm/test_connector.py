@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,20 @@ class Daemon:
             },
         )
 
+    @classmethod
+    @contextmanager
+    def serving(cls, workdir: Path, **env: str) -> Iterator[Daemon]:
+        """A daemon in ``workdir`` (made here), with ``env`` over the settings above, for the
+        time of the block: a module fixture's whole body."""
+        d = cls(workdir)
+        d.proc.env.update(env)
+        d.workdir.mkdir()
+        d.proc.start()
+        try:
+            yield d
+        finally:
+            d.proc.stop()
+
     @property
     def socket(self) -> str:
         return str(self.proc.socket)
@@ -83,18 +98,20 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm")
 
 
-@pytest.fixture(scope="module")
-def model(workdir: Path) -> str:
+def tiny_llama(workdir: Path) -> str:
+    """The engine tests' llama: seeded random weights whose output depends on the prompt."""
     return str(save_tiny(workdir / "model", "llama", seed=0, max_position_embeddings=4096))
 
 
 @pytest.fixture(scope="module")
+def model(workdir: Path) -> str:
+    return tiny_llama(workdir)
+
+
+@pytest.fixture(scope="module")
 def daemon(workdir: Path) -> Iterator[Daemon]:
-    d = Daemon(workdir / "daemon")
-    d.workdir.mkdir()
-    d.proc.start()
-    yield d
-    d.proc.stop()
+    with Daemon.serving(workdir / "daemon") as d:
+        yield d
 
 
 def engine(

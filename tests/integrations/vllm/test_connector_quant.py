@@ -33,10 +33,9 @@ from typing import Any
 
 import pytest
 
-from tests.integrations.vllm.test_connector import Daemon, engine, found, tokens
+from tests.integrations.vllm.test_connector import Daemon, engine, found, tiny_llama, tokens
 from tests.integrations.vllm.test_groups_engines import WINDOW, save_family
 from tiercache.client import Client
-from tiercache.demo_models import save_tiny
 from tiercache.integrations.vllm.groups import cpu_page_first
 from tiercache.integrations.vllm.options import model_fingerprint
 from tiercache.kernels import reference_quant as rq
@@ -77,16 +76,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(workdir: Path) -> str:
-    return str(save_tiny(workdir / "model", "llama", seed=0, max_position_embeddings=4096))
+    return tiny_llama(workdir)
 
 
 @pytest.fixture(scope="module")
 def daemon(workdir: Path) -> Iterator[Daemon]:
-    d = Daemon(workdir / "daemon")
-    d.workdir.mkdir()
-    d.proc.start()
-    yield d
-    d.proc.stop()
+    with Daemon.serving(workdir / "daemon") as d:
+        yield d
 
 
 def chat(first: list[int], at: int = 0) -> list[dict[str, Any]]:

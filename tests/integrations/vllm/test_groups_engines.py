@@ -92,14 +92,10 @@ def gworkdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gdaemon(gworkdir: Path) -> Iterator[Daemon]:
-    d = Daemon(gworkdir / "daemon")
     # Gemma 3's sliding group: 5 layers of 64 KiB per 128-token block.
-    d.proc.env["TIERCACHE_TIERS_HOST__SLOT_BYTES"] = "512KiB"
-    d.proc.env["TIERCACHE_TIERS_HOST__BYTES"] = "256MiB"
-    d.workdir.mkdir()
-    d.proc.start()
-    yield d
-    d.proc.stop()
+    big = {"TIERCACHE_TIERS_HOST__SLOT_BYTES": "512KiB", "TIERCACHE_TIERS_HOST__BYTES": "256MiB"}
+    with Daemon.serving(gworkdir / "daemon", **big) as d:
+        yield d
 
 
 class Family:
