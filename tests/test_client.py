@@ -3,15 +3,18 @@ operator verbs, and a clear error where there is no daemon."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
+from tiercache import BlockShapeError
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
+from tiercache.keys import Namespace
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,57 @@ def test_stats_and_ctl_answer_the_operator_verbs(daemon: DaemonProcess) -> None:
         assert isinstance(stats, dict) and stats
         assert c.ctl("stats").keys() == stats.keys()
         assert c.flush() >= 0
+
+
+def test_a_load_into_the_engines_blocks_copies_them_once_and_takes_at_most_its_rows(
+    daemon: DaemonProcess,
+) -> None:
+    ns = make_ns("client-into")
+    tokens, blocks = make_tokens(3, seed=4), make_blocks(3, seed=4)
+    with Client(daemon.socket) as c:
+        c.save(ns, tokens, blocks)
+        engine = torch.zeros((2, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+        got = c.load(ns, tokens, into=engine)
+        assert got.blocks == 2  # two rows to fill: two blocks, of the three cached
+        assert got.kv().data_ptr() == engine.data_ptr()
+        assert torch.equal(as_bytes(engine), as_bytes(blocks[:2]))
+        out = torch.zeros_like(engine)
+        assert torch.equal(as_bytes(got.kv(out=out)), as_bytes(blocks[:2]))  # a copy
+        with pytest.raises(BlockShapeError, match=re.escape("[2, 2, 2, 4, 2, 8]")):
+            got.kv(out=torch.zeros_like(blocks))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_a_quantized_load_into_dequantizes_straight_out_of_the_arena(
+    daemon: DaemonProcess, fmt: str
+) -> None:
+    ns = Namespace(f"client-into-{fmt}", SPEC, store_dtype=fmt)
+    tokens, blocks = make_tokens(3, seed=5), make_blocks(3, seed=5)
+    with Client(daemon.socket) as c:
+        c.save(ns, tokens, blocks)
+        engine = torch.zeros((4, *SPEC.block_shape), dtype=SPEC.torch_dtype)
+        got = c.load(ns, tokens, into=engine)
+        assert got.blocks == 3 and got.data.shape[0] == 0  # no records copied out
+        assert torch.equal(as_bytes(got.kv()), as_bytes(c.load(ns, tokens).kv()))
+        assert not engine[3].any()
+        assert not torch.equal(as_bytes(engine[:3]), as_bytes(blocks))  # quantized
+
+
+@pytest.mark.parametrize(
+    ("into", "message"),
+    [
+        (torch.zeros((2, *SPEC.block_shape), dtype=torch.float32), "into must be bfloat16"),
+        (torch.zeros((2, 4, 2, 8), dtype=torch.bfloat16), "bfloat16 [n, 2, 2, 4, 2, 8]"),
+        (torch.zeros((*SPEC.block_shape, 2), dtype=torch.bfloat16).movedim(-1, 0), "contiguous"),
+    ],
+)
+def test_an_into_that_cannot_take_blocks_is_refused_before_any_lease(
+    daemon: DaemonProcess, into: torch.Tensor, message: str
+) -> None:
+    ns = make_ns("client-into-bad")
+    tokens = make_tokens(2, seed=6)
+    with Client(daemon.socket) as c:
+        c.save(ns, tokens, make_blocks(2, seed=6))
+        with pytest.raises(BlockShapeError, match=re.escape(message)):
+            c.load(ns, tokens, into=into)
+        assert c.load(ns, tokens).blocks == 2

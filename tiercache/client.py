@@ -31,8 +31,8 @@ from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
 from tiercache.keys import Namespace, Tokens, check_first_block, keys_of
 from tiercache.loop import LoopThread
-from tiercache.results import LoadResult, SaveResult
-from tiercache.storage_format import store_rows
+from tiercache.results import LoadResult, SaveResult, check_into
+from tiercache.storage_format import decode, parse_format, store_rows
 from tiercache.tiers.host import MappedArena
 from tiercache.transaction import abort_later, lease_rounds, save_rounds
 
@@ -303,25 +303,49 @@ class AsyncClient:
         *,
         first_block: int = 0,
         max_blocks: int | None = None,
+        into: torch.Tensor | None = None,
     ) -> LoadResult:
         """The cached run of blocks ``first_block ..`` of ``tokens``, byte-exact (or shorter: a
-        miss ends it). An engine that already holds the first blocks starts after them."""
+        miss ends it). An engine that already holds the first blocks starts after them.
+
+        ``into``, the engine's blocks to fill (as ``TierManager.load``: ``[>= n,
+        *block_shape]`` of the KV dtype, contiguous, CPU), takes at most its rows of blocks
+        straight out of the daemon's arena: exact ones copied once, quantized ones dequantized
+        there (no copy of their records: the result's ``data`` is then empty). ``kv()`` of the
+        result is ``into``'s first ``blocks`` rows."""
         t0 = time.perf_counter()
         nbytes = ns.block_nbytes
         parts: list[torch.Tensor] = []
+        rows: torch.Tensor | None = None
+        fmt = parse_format(ns.store_dtype)
+        if into is not None:
+            check_into(ns, 0, into)
+            max_blocks = into.shape[0] if max_blocks is None else min(max_blocks, into.shape[0])
+            if fmt == "exact":
+                rows = into.view(torch.uint8).view(into.shape[0], nbytes)
 
-        def copy_out(arena: MappedArena, slots: list[int], _: int) -> None:
-            part = torch.empty((len(slots), nbytes), dtype=torch.uint8)
-            arena.read(slots, part)
-            parts.append(part)
+        def copy_out(arena: MappedArena, slots: list[int], done: int) -> None:
+            if into is None:
+                part = torch.empty((len(slots), nbytes), dtype=torch.uint8)
+                arena.read(slots, part)
+                parts.append(part)
+            elif rows is not None:
+                arena.read(slots, rows[done : done + len(slots)])
+            else:
+                for row, view in arena.runs(slots, nbytes):
+                    at = done + row
+                    decode(ns.spec, view, fmt, into[at : at + view.shape[0]])
 
         tiers = await self._leased(ns, tokens, first_block, max_blocks, copy_out)
-        if len(parts) == 1:
+        if rows is not None:
+            data = rows[: len(tiers)]
+        elif len(parts) == 1:
             data = parts[0]
-        else:  # several rounds, or none: a miss is a [0, nbytes] tensor
+        else:  # several rounds, none, or decoded in the arena: a miss is a [0, nbytes] tensor
             data = torch.cat(parts) if parts else torch.empty((0, nbytes), dtype=torch.uint8)
         seconds, per_tier = time.perf_counter() - t0, {t: tiers.count(t) for t in set(tiers)}
-        return LoadResult(data, tiers, ns, seconds, per_tier, first_block)
+        filled = None if into is None else into[: len(tiers)]
+        return LoadResult(data, tiers, ns, seconds, per_tier, first_block, filled)
 
     async def load_into(
         self,
@@ -548,8 +572,11 @@ class Client:
         *,
         first_block: int = 0,
         max_blocks: int | None = None,
+        into: torch.Tensor | None = None,
     ) -> LoadResult:
-        return self._run(self._c.load(ns, tokens, first_block=first_block, max_blocks=max_blocks))
+        return self._run(
+            self._c.load(ns, tokens, first_block=first_block, max_blocks=max_blocks, into=into)
+        )
 
     def load_into(
         self,

@@ -15,6 +15,7 @@ import torch
 from tiercache.errors import BlockShapeError
 from tiercache.index import DEVICE, DISK, HOST, Entry
 from tiercache.keys import Namespace
+from tiercache.results import check_into
 from tiercache.stats import Stats
 from tiercache.storage_format import parse_format
 from tiercache.tiers.device import DeviceTier
@@ -34,22 +35,10 @@ def output_rows(out: torch.Tensor | None, n: int, nbytes: int, pin: bool) -> tor
 
 
 def engine_rows(ns: Namespace, n: int, into: torch.Tensor) -> torch.Tensor:
-    """Where a load into ``into`` (the engine's blocks, ``[>= n, *block_shape]`` of the KV
-    dtype, a contiguous CPU tensor) reads its ``n`` stored records: ``into``'s own bytes for
-    an exact namespace (no staging rows, no copy after), new rows for a quantized one (then
-    decoded into ``into``)."""
-    want = f"{ns.spec.dtype} [>= {n}, {', '.join(map(str, ns.spec.block_shape))}]"
-    if (
-        into.dtype != ns.spec.torch_dtype
-        or tuple(into.shape[1:]) != tuple(ns.spec.block_shape)
-        or into.shape[0] < n
-    ):
-        raise BlockShapeError(f"into must be {want}, got {into.dtype} {list(into.shape)}")
-    if into.device.type != "cpu" or not into.is_contiguous():
-        raise BlockShapeError(
-            f"into must be a contiguous CPU tensor, got a "
-            f"{'' if into.is_contiguous() else 'non-contiguous '}{into.device.type} one"
-        )
+    """Where a load into ``into`` (the engine's blocks, ``check_into``) reads its ``n`` stored
+    records: ``into``'s own bytes for an exact namespace (no staging rows, no copy after), new
+    rows for a quantized one (then decoded into ``into``)."""
+    check_into(ns, n, into)
     if parse_format(ns.store_dtype) == "exact":
         return into[:n].view(torch.uint8).view(n, ns.block_nbytes)
     return output_rows(None, n, ns.block_nbytes, False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tiercache.errors import BlockShapeError
 from tiercache.index import Entry, Index
 from tiercache.keys import BlockKey, Namespace
 from tiercache.storage_format import decode, parse_format
@@ -73,11 +74,35 @@ class LoadResult:
         """The blocks as ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` of the KV dtype
         (written into ``out``, an engine's buffer of that shape and dtype, when given: a
         quantized block is dequantized straight into it). After ``load(into=)``, the blocks
-        filled, decoded once."""
+        it filled (decoded once; ``out`` gets a copy of them)."""
         ns = self.namespace
-        if self.into is not None and out is None:
+        if self.into is None:
+            return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype), out)
+        if out is None:
             return self.into
-        return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype), out)
+        check_into(ns, self.blocks, out, exact=True)
+        return out.copy_(self.into)
+
+
+def check_into(ns: Namespace, n: int, into: torch.Tensor, *, exact: bool = False) -> None:
+    """``into`` can take ``n`` engine blocks of ``ns`` (``load(into=)``): the KV dtype, the
+    block shape, at least ``n`` rows (exactly ``n`` with ``exact``), a contiguous CPU tensor;
+    else a BlockShapeError naming what is wrong."""
+    spec = ns.spec
+    rows = f"{n}" if exact else f">= {n}" if n else "n"
+    want = f"{spec.dtype} [{rows}, {', '.join(map(str, spec.block_shape))}]"
+    if (
+        into.dtype != spec.torch_dtype
+        or into.dim() != 1 + len(spec.block_shape)
+        or tuple(into.shape[1:]) != tuple(spec.block_shape)
+        or (into.shape[0] != n if exact else into.shape[0] < n)
+    ):
+        raise BlockShapeError(f"into must be {want}, got {into.dtype} {list(into.shape)}")
+    if into.device.type != "cpu" or not into.is_contiguous():
+        raise BlockShapeError(
+            f"into must be a contiguous CPU tensor, got a "
+            f"{'' if into.is_contiguous() else 'non-contiguous '}{into.device.type} one"
+        )
 
 
 @dataclass(slots=True)
