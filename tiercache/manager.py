@@ -45,7 +45,7 @@ from tiercache.saves import HostSaves
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
 from tiercache.stats import Stats, timed
-from tiercache.storage_format import store_rows
+from tiercache.storage_format import parse_format, store_rows
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
@@ -396,7 +396,8 @@ class TierManager:
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
         got = LoadResult(out[:ok], tiers[:ok], ns, 0.0, per_tier, first_block)
         if into is not None:  # exact rows were read into it: only quantized ones decode
-            got.into = into[:ok] if out.data_ptr() == into.data_ptr() else got.kv(out=into[:ok])
+            exact = parse_format(ns.store_dtype) == "exact"
+            got.into = into[:ok] if exact else got.kv(out=into[:ok])
         got.seconds = time.perf_counter() - t0
         return got
 

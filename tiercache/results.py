@@ -80,22 +80,25 @@ class LoadResult:
             return decode(ns.spec, self.data[: self.blocks], parse_format(ns.store_dtype), out)
         if out is None:
             return self.into
-        check_into(ns, self.blocks, out, exact=True)
+        if out.dtype != self.into.dtype or out.shape != self.into.shape:
+            raise BlockShapeError(
+                f"out must be {ns.spec.dtype} {list(self.into.shape)}, "
+                f"got {out.dtype} {list(out.shape)}"
+            )
         return out.copy_(self.into)
 
 
-def check_into(ns: Namespace, n: int, into: torch.Tensor, *, exact: bool = False) -> None:
+def check_into(ns: Namespace, n: int, into: torch.Tensor) -> None:
     """``into`` can take ``n`` engine blocks of ``ns`` (``load(into=)``): the KV dtype, the
-    block shape, at least ``n`` rows (exactly ``n`` with ``exact``), a contiguous CPU tensor;
-    else a BlockShapeError naming what is wrong."""
+    block shape, at least ``n`` rows, a contiguous CPU tensor; else a BlockShapeError naming
+    what is wrong."""
     spec = ns.spec
-    rows = f"{n}" if exact else f">= {n}" if n else "n"
-    want = f"{spec.dtype} [{rows}, {', '.join(map(str, spec.block_shape))}]"
+    want = f"{spec.dtype} [{f'>= {n}' if n else 'n'}, {', '.join(map(str, spec.block_shape))}]"
     if (
         into.dtype != spec.torch_dtype
         or into.dim() != 1 + len(spec.block_shape)
         or tuple(into.shape[1:]) != tuple(spec.block_shape)
-        or (into.shape[0] != n if exact else into.shape[0] < n)
+        or into.shape[0] < n
     ):
         raise BlockShapeError(f"into must be {want}, got {into.dtype} {list(into.shape)}")
     if into.device.type != "cpu" or not into.is_contiguous():
