@@ -69,7 +69,7 @@ ages in the trace's own time instead of blocks inserted (21.78% against 21.62%, 
 clock the tier would have to be fed). Of the 9,619 requests with new blocks, 39.6% have
 one of them in a later prompt: 51% of those with one new block, 23.5% of those with more
 than 64, while the reply's length (34-46% by bucket) and the shared prefix's (37-52%) say
-less; a split of class 0 by it would learn from fewer samples again.
+less (a split of class 0 by it is not tried yet; the splits above were).
 With perfect knowledge of which blocks come back at all, LRU reaches the
 ceiling at 5%; nothing a block's history shows predicts that well. What there is to predict is a request's:
 its new blocks (the last one aside) all come back, or none do (3,324 requests
