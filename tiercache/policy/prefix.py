@@ -69,7 +69,8 @@ ages in the trace's own time instead of blocks inserted (21.78% against 21.62%, 
 clock the tier would have to be fed). Of the 9,619 requests with new blocks, 39.6% have
 one of them in a later prompt: 51% of those with one new block, 23.5% of those with more
 than 64, while the reply's length (34-46% by bucket) and the shared prefix's (37-52%) say
-less (a split of class 0 by it is not tried yet; the splits above were).
+less. Splitting class 0 by the count of new blocks its save brought (which a save knows)
+lost too: 21.50% with four buckets (1, 2-4, 5-16, more), 20.41% with two (1-2, more).
 With perfect knowledge of which blocks come back at all, LRU reaches the
 ceiling at 5%; nothing a block's history shows predicts that well. What there is to predict is a request's:
 its new blocks (the last one aside) all come back, or none do (3,324 requests
