@@ -38,14 +38,14 @@ from tiercache.lock import CacheLock
 from tiercache.policy.base import make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.promotion import Promoter
-from tiercache.reads import engine_rows, output_rows, read_entries, usage
+from tiercache.reads import load_rows, read_entries, usage
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.saves import HostSaves
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
 from tiercache.stats import Stats, timed
-from tiercache.storage_format import parse_format, store_rows
+from tiercache.storage_format import store_rows
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
@@ -351,32 +351,17 @@ class TierManager:
         out: torch.Tensor | None = None,
         into: torch.Tensor | None = None,
     ) -> LoadResult:
-        """Read the cached run of ``tokens``' blocks from ``first_block`` (at most ``max_blocks``),
-        byte-exact; it stops at the first block missing or failing its checksum: a load is
-        always a contiguous run of verified blocks.
-
-        The stored records land in ``out`` (uint8 rows) when given. ``into`` instead is the
-        engine's blocks to fill (``[>= n, *block_shape]`` of the KV dtype, contiguous, CPU):
-        exact blocks are read straight into it (no staging rows, no copy after), quantized
-        ones dequantized into it, and ``kv()`` of the result is its first ``blocks`` rows.
-        Rows past them are unspecified: an exact block read after one that failed its
-        checksum is in ``into`` but not served."""
-        if out is not None and into is not None:
-            raise BlockShapeError(
-                "load takes out (stored records) or into (engine blocks), not both"
-            )
+        """Read the cached run of ``tokens``' blocks from ``first_block`` (at most ``max_blocks``)
+        into ``out`` (records) or ``into`` (the engine's blocks: ``reads.load_rows``), byte-exact;
+        a block missing or failing its checksum ends it: a run of verified blocks."""
         t0 = time.perf_counter()
         run = keys_of(ns, tokens)[check_first_block(first_block) :][:max_blocks]
         keys, fetched = await self._ready(ns, run)
         lease = await self._lease(keys)
         entries = lease.entries
         try:
-            if into is None:
-                # Pinned when a device tier serves it: device -> host is then an async DMA.
-                pin = self.device is not None and self.device.device.type == "cuda"
-                out = output_rows(out, len(entries), ns.block_nbytes, pin)
-            else:
-                out = engine_rows(ns, len(entries), into)
+            pin = self.device is not None and self.device.device.type == "cuda"  # async DMA
+            out = load_rows(ns, len(entries), out, into, pin)
             self._lock.free()
             tiers, ok, from_disk, failed = await read_entries(
                 entries, out, self.device, self.host, self.disk, self.stats
@@ -394,12 +379,8 @@ class TierManager:
         if fetched:
             tiers = [REMOTE if e.key in fetched else t for e, t in zip(entries, tiers, strict=True)]
         per_tier = {t: tiers[:ok].count(t) for t in set(tiers[:ok])}
-        got = LoadResult(out[:ok], tiers[:ok], ns, 0.0, per_tier, first_block)
-        if into is not None:  # exact rows were read into it: only quantized ones decode
-            exact = parse_format(ns.store_dtype) == "exact"
-            got.into = into[:ok] if exact else got.kv(out=into[:ok])
-        got.seconds = time.perf_counter() - t0
-        return got
+        got = LoadResult(out[:ok], tiers[:ok], ns, time.perf_counter() - t0, per_tier, first_block)
+        return got.land(into)
 
     # -- leases (the socket data plane) ---------------------------------------
 

@@ -34,10 +34,20 @@ def output_rows(out: torch.Tensor | None, n: int, nbytes: int, pin: bool) -> tor
     return out
 
 
-def engine_rows(ns: Namespace, n: int, into: torch.Tensor) -> torch.Tensor:
-    """Where a load into ``into`` (the engine's blocks, ``check_into``) reads its ``n`` stored
-    records: ``into``'s own bytes for an exact namespace (no staging rows, no copy after), new
-    rows for a quantized one (then decoded into ``into``)."""
+def load_rows(
+    ns: Namespace, n: int, out: torch.Tensor | None, into: torch.Tensor | None, pin: bool
+) -> torch.Tensor:
+    """Where a load of ``n`` blocks of ``ns`` reads their stored records: ``out`` (uint8 rows,
+    checked) or new rows (pinned with ``pin``: a device tier's copy to host is then an async
+    DMA). With ``into`` instead, the engine's blocks to fill (``[>= n,
+    *block_shape]`` of the KV dtype, contiguous, CPU: ``check_into``): ``into``'s own bytes
+    for an exact namespace (no staging rows, no copy after), new rows for a quantized one,
+    which ``LoadResult.land`` decodes into it. Rows past the verified ones are unspecified:
+    an exact block read after one that failed its checksum is in ``into`` but not served."""
+    if into is None:
+        return output_rows(out, n, ns.block_nbytes, pin)
+    if out is not None:
+        raise BlockShapeError("load takes out (stored records) or into (engine blocks), not both")
     check_into(ns, n, into)
     if parse_format(ns.store_dtype) == "exact":
         return into[:n].view(torch.uint8).view(n, ns.block_nbytes)

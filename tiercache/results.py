@@ -87,6 +87,15 @@ class LoadResult:
             )
         return out.copy_(self.into)
 
+    def land(self, into: torch.Tensor | None) -> LoadResult:
+        """After a load into ``into`` (``reads.load_rows``): its first ``blocks`` rows are the
+        blocks (exact records were read into its bytes; quantized ones are decoded into it
+        here)."""
+        if into is not None:
+            exact = parse_format(self.namespace.store_dtype) == "exact"
+            self.into = into[: self.blocks] if exact else self.kv(out=into[: self.blocks])
+        return self
+
 
 def check_into(ns: Namespace, n: int, into: torch.Tensor) -> None:
     """``into`` can take ``n`` engine blocks of ``ns`` (``load(into=)``): the KV dtype, the
