@@ -31,7 +31,7 @@ from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
 from tiercache.keys import Namespace, Tokens, check_first_block, keys_of
 from tiercache.loop import LoopThread
-from tiercache.results import LoadResult, SaveResult, check_into
+from tiercache.results import LoadResult, SaveResult, check_into, stored_in_place
 from tiercache.storage_format import decode, parse_format, store_rows
 from tiercache.tiers.host import MappedArena
 from tiercache.transaction import abort_later, lease_rounds, save_rounds
@@ -321,8 +321,7 @@ class AsyncClient:
         if into is not None:
             check_into(ns, 0, into)
             max_blocks = into.shape[0] if max_blocks is None else min(max_blocks, into.shape[0])
-            if fmt == "exact":
-                rows = into.view(torch.uint8).view(into.shape[0], nbytes)
+            rows = stored_in_place(ns, into)
 
         def copy_out(arena: MappedArena, slots: list[int], done: int) -> None:
             if into is None:

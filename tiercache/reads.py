@@ -15,9 +15,8 @@ import torch
 from tiercache.errors import BlockShapeError
 from tiercache.index import DEVICE, DISK, HOST, Entry
 from tiercache.keys import Namespace
-from tiercache.results import check_into
+from tiercache.results import check_into, stored_in_place
 from tiercache.stats import Stats
-from tiercache.storage_format import parse_format
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskRecord, DiskTier
 from tiercache.tiers.host import HostArena
@@ -49,9 +48,8 @@ def load_rows(
     if out is not None:
         raise BlockShapeError("load takes out (stored records) or into (engine blocks), not both")
     check_into(ns, n, into)
-    if parse_format(ns.store_dtype) == "exact":
-        return into[:n].view(torch.uint8).view(n, ns.block_nbytes)
-    return output_rows(None, n, ns.block_nbytes, False)
+    rows = stored_in_place(ns, into[:n])
+    return rows if rows is not None else output_rows(None, n, ns.block_nbytes, False)
 
 
 async def read_entries(

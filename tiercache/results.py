@@ -92,9 +92,19 @@ class LoadResult:
         blocks (exact records were read into its bytes; quantized ones are decoded into it
         here)."""
         if into is not None:
-            exact = parse_format(self.namespace.store_dtype) == "exact"
-            self.into = into[: self.blocks] if exact else self.kv(out=into[: self.blocks])
+            filled = into[: self.blocks]
+            in_place = stored_in_place(self.namespace, filled) is not None
+            self.into = filled if in_place else self.kv(out=filled)
         return self
+
+
+def stored_in_place(ns: Namespace, into: torch.Tensor) -> torch.Tensor | None:
+    """``into``'s bytes as ``ns``'s stored records (uint8 ``[rows, block_nbytes]``) where the
+    namespace stores the engine's exact bytes, so a load can read straight into it; None for
+    a quantized namespace, whose records are decoded into ``into`` instead."""
+    if parse_format(ns.store_dtype) != "exact":
+        return None
+    return into.view(torch.uint8).view(into.shape[0], ns.block_nbytes)
 
 
 def check_into(ns: Namespace, n: int, into: torch.Tensor) -> None:
