@@ -135,6 +135,25 @@ def test_bench_trace_replays_any_mooncake_format_trace(tmp_path: Path) -> None:
     # Each hit block saves 512 tokens, the last block of a prompt what is left of it.
     assert [r["tokens_saved"] for r in result["results"]] == [924, 1848, 924]
     assert (tmp_path / "trace.png").read_bytes().startswith(b"\x89PNG")
+    assert [sw["name"] for sw in result["sweeps"]] == [
+        "policies",
+        "admission and disk",
+        "engine prefix cache in front",
+    ]
+
+
+def test_bench_trace_main_only_replays_the_host_sweep_alone(tmp_path: Path) -> None:
+    write_trace(tmp_path / "scan.jsonl", SCAN)
+    args = ["--trace", str(tmp_path / "scan.jsonl"), "--capacities", "0.67", "--out", str(tmp_path)]
+
+    assert main([*args, "--policies", "lru,prefix", "--main-only"]) == 0
+
+    result = json.loads((tmp_path / "trace.json").read_text())
+    assert [sw["name"] for sw in result["sweeps"]] == ["policies"]
+    assert [(r["policy"], r["hit_ratio"]) for r in result["results"]] == [
+        ("lru", 2 / 10),
+        ("prefix", 2 / 10),
+    ]
 
 
 @pytest.mark.parametrize(

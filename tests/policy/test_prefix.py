@@ -11,7 +11,7 @@ from tests.policy.traces import filled, k, names, replay
 from tiercache.policy.arc import ARCPolicy
 from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
 from tiercache.policy.lru import LRUPolicy
-from tiercache.policy.prefix import ATTENTION_TOKENS, GHOSTS, PrefixPolicy
+from tiercache.policy.prefix import GHOSTS, PrefixPolicy
 
 # --- prefix ---------------------------------------------------------------------------------
 
@@ -141,19 +141,29 @@ def test_prefix_blocks_used_more_are_never_worth_less() -> None:
     assert policy.reuse_odds(4, 2) == policy.reuse_odds(0, 2) == 1.0
 
 
-def test_prefix_value_is_the_odds_times_the_position_cost() -> None:
+def test_prefix_ranks_by_the_odds_alone() -> None:
     policy = chain(PrefixPolicy(8), "a", "b")
 
-    assert policy.value(k("b")) == 0.5 * (1 + 16 / ATTENTION_TOKENS)
-    assert policy.value(k("a")) == 0.5
+    assert policy.odds(k("b")) == policy.odds(k("a")) == 0.5  # no history: even odds
 
 
-def test_prefix_position_cost_never_breaks_a_tie_of_odds() -> None:
-    policy = PrefixPolicy(8)
-    policy.insert(k("deep"), position=ATTENTION_TOKENS)
+def test_prefix_position_does_not_rank_blocks() -> None:
+    """A deep block's prefill costs more, but ranking by that cost lost prefill compute on
+    every trace measured (the module docstring): the less likely block goes first."""
+    policy = PrefixPolicy(1)
+    for key in ("a", "b", "c"):
+        policy.insert(k(key))
+        policy.remove(k(key))
+    policy.insert(k("b"))  # b back at age 2, a never: class 0 is even odds up to age 2
     policy.insert(k("shallow"))
+    policy.insert(k("deep"), position=65536)
+    policy.insert(k("x"))
+    policy.touch(k("b"))  # class 1 came back at age 3: sure up to there
+    policy.touch(k("shallow"))  # class 0 back at age 2 again: 2/3 up to age 2
 
-    assert names(policy.victims()) == ["deep", "shallow"]  # equal odds: the stalest first
+    assert (policy.odds(k("deep")), policy.odds(k("shallow"))) == (2 / 3, 1.0)
+    # 2/3 x (1 + 65536 / 32768) would have outranked 1.0: the old cost kept the deep block
+    assert next(policy.victims()) == k("deep")
 
 
 def test_prefix_retained_blocks_go_last_until_their_window_passes() -> None:

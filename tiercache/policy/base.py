@@ -8,8 +8,10 @@ name. Every step is O(1): policies keep intrusive lists (``links.py``) and
 
 A block's ``parent`` (the key before it in its prompt) and ``position`` (the
 offset of its first token in the prompt) are what the manager knows when it
-stores a block; a policy that reasons about prefixes uses them, the others
-ignore them. ``None``/0 when unknown (blocks found on disk at start).
+stores a block. The prefix policy uses the parent; none uses the position
+(the prefix policy's docstring says why a cost by position was measured and left
+out), which stays in the interface for a policy that can. ``None``/0 when
+unknown (blocks found on disk at start).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 What it does. A block's *class* is how many times it was used again since it
 was stored (0, 1, 2, 3, 4 or more). Each class keeps its blocks in one
 intrusive list in order of last use, so the front of a class is its stalest
-block. The victim is the front whose value is lowest, where
+block. The victim is the front least likely to be used again,
 
-    value = P(used again | class, idle age) x (1 + position / ATTENTION_TOKENS)
+    P(used again | class, idle age), equal odds: the stalest,
 
 and the walk gives that block's subtree first, deepest first, then the block.
 
@@ -22,13 +22,24 @@ and the walk gives that block's subtree first, deepest first, then the block.
   halved every ``WINDOW`` outcomes per slot, so P follows the workload. Nothing
   is fitted to a trace: with no history every P is 1/2 and the policy is LRU;
   ages count blocks inserted, i.e. cache turnover, on any hardware and load.
-- Cost-aware: a hit on a block saves its prefill, whose attention part grows
-  with the block's position. For a dense transformer of width d, a token's
-  matmuls cost ~24·d² FLOPs per layer and its attention over c earlier tokens
-  ~4·c·d, equal at c = 6·d: 24k tokens at d = 4096, 48k at 8192; we take 32k.
-  The cost scales a difference in P; it never breaks a tie of P (a tie means
-  the history cannot tell two blocks apart, and then staleness is the
-  evidence: letting the cost decide cost 1.3 points of hit ratio at 10%).
+- Cost, measured and left out of the ranking: a hit on a block saves its
+  prefill, whose attention part grows with the block's position (for a dense
+  transformer of width d a token's matmuls cost ~24·d² FLOPs a layer and its
+  attention over c earlier tokens ~4·c·d, equal at c = 6·d: ~32k tokens). This
+  policy ranked by P x (1 + position / 32k tokens) until 2026-12-07, and that
+  lost prefill compute: replayed with positions in tokens, as a connector
+  sends them (the trace benchmark's one-token blocks had hidden it: their
+  positions are block indices, a cost of ~1), on Mooncake's trace and the four
+  synthetic traces of ``tiercache.bench.synth`` (seed 0) at 1, 2, 5 and 10% of
+  the working set, compute saved (each hit block weighted by its cost) was
+  lower with the cost in 11 of 20 cells, higher in 5 and 0.37 points lower on
+  average (Mooncake at 1%: 5.8% against 6.5%, hit ratio 7.3% against 8.1%;
+  synthetic chat at 5%: 23.4% against 25.9%). Deep blocks belong to long
+  prompts, and long prompts come back less often (23.5% of Mooncake's requests
+  with more than 64 new blocks against 51% with one), which P per class does
+  not see; correcting P by the odds learned per class and position (six
+  buckets of doubling length) did no better (compute saved 6.2% at 1% and
+  19.6% at 5%, against 6.5% and 20.0% without the cost).
 - Prefix-aware: hits are contiguous prefixes, so a block is worth nothing
   without its parent. A chain touched root to leaf is laid leaf-oldest (a
   child lands just ahead of its parent), a chosen block goes only after its
@@ -93,7 +104,6 @@ AGE_STEPS = 4  # age buckets per doubling
 AGE_BUCKETS = 128  # ages up to 2^33 blocks inserted
 GHOSTS = 2  # ghost keys per slot: reuses up to ~3 cache lifetimes after a use are seen
 WINDOW = 8  # outcomes per slot before the counts are halved
-ATTENTION_TOKENS = 32768  # context at which attention costs as much as the matmuls
 
 
 def _bucket(age: int) -> int:
@@ -114,7 +124,6 @@ def _bucket_start(bucket: int) -> int:
 class _Block(Link):
     parent: _Block | None = None
     kids: dict[_Block, None] | None = None  # in the order they came
-    position: int = 0  # offset of its first token in the prompt
     uses: int = 0  # times used again since stored (or since its ghost's first store)
     last: int = 0  # the policy's clock at its last use
     ttl: float | None = None  # a retention window, refreshed on use
@@ -125,7 +134,6 @@ class _Block(Link):
 class _Ghost(Link):
     uses: int = 0
     last: int = 0
-    position: int = 0
     parent: BlockKey | None = None
 
 
@@ -159,13 +167,12 @@ class PrefixPolicy:
             self.touch(key)
             return
         self._tick += 1
-        block = _Block(key, position=position, last=self._tick)
+        block = _Block(key, last=self._tick)
         ghost = self._ghost_of.pop(key, None)
         if ghost is not None:
             self._ghosts.unlink(ghost)
             self._outcome(ghost.uses, self._tick - ghost.last)
             block.uses = ghost.uses + 1
-            block.position = position or ghost.position
             parent = parent if parent is not None else ghost.parent
         up = self._blocks.get(parent) if parent is not None else None
         if up is not None:
@@ -207,7 +214,6 @@ class PrefixPolicy:
             key,
             uses=block.uses,
             last=block.last,
-            position=block.position,
             parent=None if block.parent is None else block.parent.key,
         )
         self._ghost_of[key] = ghost
@@ -239,15 +245,15 @@ class PrefixPolicy:
         self._release_expired()
         return self._walk()
 
-    def value(self, key: BlockKey) -> float:
-        """What the walk compares for a resident block: reuse odds x position cost."""
-        return self._rank(self._blocks[key])[1]
+    def odds(self, key: BlockKey) -> float:
+        """What the walk compares for a resident block: its reuse odds at its age now."""
+        return self._rank(self._blocks[key])[0]
 
     def reuse_odds(self, uses: int, age: int) -> float:
         """The learned chance that a block used ``uses`` times and idle for ``age`` inserts is
-        used again: what its value is made of, before its position cost. Between bucket edges
-        the count of later reuses is interpolated, so an older block is worth strictly less
-        wherever reuses were seen (ties would otherwise hand the choice to the position)."""
+        used again. Between bucket edges the count of later reuses is interpolated, so an
+        older block is worth strictly less wherever reuses were seen (a class's stale front
+        is not tied with a fresher one of another class for a whole bucket)."""
         bucket = _bucket(age)
         start, end = _bucket_start(bucket), _bucket_start(bucket + 1)
         part = min(1.0, (age - start) / (end - start))
@@ -265,18 +271,10 @@ class PrefixPolicy:
 
     # -- inside ------------------------------------------------------------------------
 
-    def _rank(self, block: _Block) -> tuple[float, float, int]:
-        """What the walk compares: the reuse odds, the value (odds x position cost), last use."""
-        odds = self.reuse_odds(block.uses, self._tick - block.last)
-        return odds, odds * (1.0 + block.position / ATTENTION_TOKENS), block.last
-
-    @staticmethod
-    def _goes_first(a: tuple[float, float, int], b: tuple[float, float, int]) -> bool:
-        """Lower value first; equal odds (ages past every reuse the history has seen: it
-        cannot tell them apart) go stalest first. Cost scales a difference, never breaks a tie."""
-        if a[0] != b[0] and a[1] != b[1]:
-            return a[1] < b[1]
-        return a[2] < b[2]
+    def _rank(self, block: _Block) -> tuple[float, int]:
+        """What the walk compares, lowest first: the reuse odds, then the last use (equal
+        odds, e.g. ages past every reuse the history has seen, go stalest first)."""
+        return self.reuse_odds(block.uses, self._tick - block.last), block.last
 
     def _place(self, block: _Block) -> None:
         if block.ttl is not None:
@@ -326,9 +324,9 @@ class PrefixPolicy:
             given.add(block.key)
             yield block.key
         fronts = [order.first() for order in self._classes]
-        ranks: list[tuple[float, float, int] | None] = [None] * len(fronts)
+        ranks: list[tuple[float, int] | None] = [None] * len(fronts)
         while True:
-            best, best_rank = -1, (0.0, 0.0, 0)
+            best, best_rank = -1, (0.0, 0)
             for i, order in enumerate(self._classes):
                 front = fronts[i]
                 if front is not None and front.owner is not order:  # gone since: walk on
@@ -339,7 +337,7 @@ class PrefixPolicy:
                 if front is None:
                     continue
                 rank = ranks[i] = ranks[i] or self._rank(front)
-                if best < 0 or self._goes_first(rank, best_rank):
+                if best < 0 or rank < best_rank:
                     best, best_rank = i, rank
             if best < 0:
                 break
