@@ -179,10 +179,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for flag in ("trace", "capacities", "policies")
         if getattr(args, flag) is not None
         for arg in (f"--{flag}", getattr(args, flag))
-    ]
+    ] + (["--main-only"] if args.main_only else [])
     if options and args.name != "trace":
         raise ConfigError(
-            f"--trace, --capacities and --policies are for `bench trace`, not {args.name}"
+            "--trace, --capacities, --policies and --main-only are for `bench trace`, "
+            f"not {args.name}"
         )
     return run(args.name, args.out, quick=args.quick, options=options)
 
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace", help="trace: a trace in Mooncake's JSONL format (default: shipped)")
     b.add_argument("--capacities", help="trace: fractions of the working set, e.g. 0.01,0.05")
     b.add_argument("--policies", help="trace: eviction policies, e.g. lru,arc,prefix")
+    b.add_argument(
+        "--main-only",
+        action="store_true",
+        help="trace: only the host-tier sweep of each policy and capacity",
+    )
     b.set_defaults(func=cmd_bench)
     return p
 

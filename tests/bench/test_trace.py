@@ -13,6 +13,7 @@ import pytest
 
 from tests.bench.runs import writes_json_and_png
 from tiercache.bench.trace import Prompt, ceiling, load_trace, main, replay, working_set
+from tiercache.daemon import cli
 
 SLICE = 500
 
@@ -146,7 +147,7 @@ def test_bench_trace_main_only_replays_the_host_sweep_alone(tmp_path: Path) -> N
     write_trace(tmp_path / "scan.jsonl", SCAN)
     args = ["--trace", str(tmp_path / "scan.jsonl"), "--capacities", "0.67", "--out", str(tmp_path)]
 
-    assert main([*args, "--policies", "lru,prefix", "--main-only"]) == 0
+    assert cli.main(["bench", "trace", *args, "--policies", "lru,prefix", "--main-only"]) == 0
 
     result = json.loads((tmp_path / "trace.json").read_text())
     assert [sw["name"] for sw in result["sweeps"]] == ["policies"]
@@ -154,6 +155,13 @@ def test_bench_trace_main_only_replays_the_host_sweep_alone(tmp_path: Path) -> N
         ("lru", 2 / 10),
         ("prefix", 2 / 10),
     ]
+
+
+def test_main_only_is_refused_for_another_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "storage", "--main-only", "--out", str(tmp_path)]) == 2
+    assert "--main-only are for `bench trace`, not storage" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
