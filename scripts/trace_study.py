@@ -11,7 +11,10 @@ that a request's prompt is extended by a later request (a conversation's next tu
 - how far ahead the next turn comes (in requests), and the odds that a request not yet
   extended after ``a`` requests ever is, with the odds divided by the expected wait
   (hit density): if that falls with age, evicting the stalest first is right and only a
-  better predictor of "comes back at all" can beat recency.
+  better predictor of "comes back at all" can beat recency;
+- how well all of these together rank the requests that are extended: a logistic model
+  over them, fitted on the whole trace (in-sample, so the best these signals can do),
+  as an AUC (0.5 is a coin toss, 1 knows every next turn).
 
     python scripts/trace_study.py [TRACE] [--out FILE]
 """
@@ -22,6 +25,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from tiercache.bench.trace import TRACE, read_trace
 
@@ -87,7 +92,57 @@ def study(prompts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[str]
             cells.append(f"{a}: {100 * odds:.1f}% / {odds / (sum(later) / len(later)) * 1e4:.2f}")
         out.append("odds of a next turn / hit density (per 10k requests), by requests waited: ")
         out.append("  " + "; ".join(cells))
+    new = [len(prompts[i]) - (len(prompts[prev[i]]) if prev[i] >= 0 else 0) for i in every]
+    signals = np.log1p(
+        np.array(
+            [
+                [turn[i], lengths[i], max(0, new[i]), i - prev[i] if prev[i] >= 0 else 0]
+                for i in every
+            ],
+            dtype=np.float64,
+        )
+    )
+    first_turn = np.array([turn[i] == 1 for i in every], dtype=np.float64)
+    x = np.column_stack([np.ones(n), signals, first_turn])
+    y = np.array(extended, dtype=np.float64)
+    out.append(
+        "all of these together (turn, prompt tokens, new blocks, wait since the last turn; "
+        f"logistic, fitted on the whole trace): AUC {auc(fit_logistic(x, y) @ x.T, y):.3f}"
+    )
     return out
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 50) -> np.ndarray:
+    """Weights of a logistic regression of ``y`` on ``x`` (Newton's method, a touch of ridge
+    so that a signal that separates the classes perfectly stays finite)."""
+    w = np.zeros(x.shape[1])
+    ridge = 1e-6 * np.eye(x.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) / len(y) + ridge @ w
+        hess = (x.T * (p * (1 - p))) @ x / len(y) + ridge
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float:
+    """The chance that a random positive scores above a random negative, ties counting half
+    (Mann-Whitney); 0.5 when either class is empty."""
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if not pos or not neg:
+        return 0.5
+    order = np.argsort(score, kind="stable")
+    ranks = np.empty(len(score))
+    s = score[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

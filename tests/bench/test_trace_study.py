@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "trace_study.py"
 
 
@@ -36,3 +38,26 @@ def test_turns_and_waits_are_counted_from_shared_second_blocks(tmp_path: Path) -
     assert lines[5].endswith("p10/p25/p50/p75/p90: 1/1/1/1/1")  # waits 2, 1, 1
     # 3 of 6 are extended, after 4/3 requests on average: 0.5 / (4/3) per request.
     assert lines[7].strip().startswith("0: 50.0% / 3750.00")
+    assert lines[8].startswith("all of these together")
+
+
+def test_auc_counts_ordered_pairs_and_ties_half() -> None:
+    study = _load()
+    y = np.array([0, 0, 1, 1], dtype=np.float64)
+    assert study.auc(np.array([0.1, 0.2, 0.3, 0.4]), y) == 1.0
+    assert study.auc(np.array([0.4, 0.3, 0.2, 0.1]), y) == 0.0
+    assert study.auc(np.zeros(4), y) == 0.5
+    # Pairs (positive, negative): two ordered, one tied, one misordered: (2 + 0.5) / 4.
+    assert study.auc(np.array([0.1, 0.3, 0.3, 0.2]), y) == 0.625
+
+
+def test_a_signal_that_decides_the_label_fits_to_an_auc_of_one() -> None:
+    study = _load()
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=200)
+    noise = rng.normal(size=200)
+    y = (signal > 0).astype(np.float64)
+    x = np.column_stack([np.ones(200), noise, signal])
+    assert study.auc(x @ study.fit_logistic(x, y), y) == 1.0
+    x_noise = np.column_stack([np.ones(200), noise])
+    assert abs(study.auc(x_noise @ study.fit_logistic(x_noise, y), y) - 0.5) < 0.1
