@@ -81,6 +81,81 @@ def test_prefix_orphans_go_first() -> None:
     assert names(policy.victims()) == ["b", "c", "x"]
 
 
+def test_prefix_an_orphan_stays_an_orphan_when_touched_held_or_released() -> None:
+    clock = FakeClock()
+    for step in ("touch", "retain then release", "held past its window"):
+        policy = chain(PrefixPolicy(8, clock=clock), "a", "b")
+        policy.insert(k("x"))
+        if step == "held past its window":
+            policy.retain(k("b"), 5.0)
+        policy.remove(k("a"))  # b's prefix can no longer be whole
+        if step == "touch":
+            policy.touch(k("b"))
+        elif step == "retain then release":
+            policy.retain(k("b"), 5.0)
+            policy.retain(k("b"), None)
+        else:
+            clock.now += 10.0
+
+        assert names(policy.victims()) == ["b", "x"], step
+
+
+def test_prefix_an_orphan_whose_parent_returns_is_its_child_again() -> None:
+    policy = PrefixPolicy(8)
+    policy.insert(k("x"))
+    chain(policy, "a", "b")
+    policy.remove(k("a"))
+    assert names(policy.victims()) == ["b", "x"]
+    policy.insert(k("a"))  # back, e.g. promoted from disk: b is reachable again
+
+    assert names(policy.victims()) == ["x", "b", "a"]  # not first, and before its parent
+    policy.remove(k("a"))
+    assert names(policy.victims()) == ["b", "x"]  # and an orphan again when it leaves
+
+
+def test_prefix_removals_during_the_walk_that_orphan_blocks_are_walked_too() -> None:
+    policy = chain(PrefixPolicy(8), "a", "b", "c")
+    policy.insert(k("x"))
+    policy.remove(k("a"))  # b (with its child c) is an orphan
+    walked = []
+
+    for key in policy.victims():  # taking b orphans c behind the orphans' walk
+        policy.remove(key)
+        walked.append(key)
+
+    assert names(walked) == ["b", "c", "x"]
+    assert len(policy) == 0
+
+
+def test_prefix_keeps_no_list_for_a_window_no_block_is_held_in() -> None:
+    clock = FakeClock()
+    policy = filled(PrefixPolicy(8, clock=clock), "a", "b")
+    for i in range(100):  # a window per session, each computed: every one different
+        policy.retain(k("a"), 60.0 + i)
+        policy.retain(k("b"), 90.0 + i)
+    policy.retain(k("a"), None)
+    clock.now += 1000.0
+    assert sorted(names(policy.victims())) == ["a", "b"]
+
+    assert policy._held == {}  # a leak would slow every walk down by the windows ever seen
+
+
+def test_prefix_a_shared_root_gives_each_child_once_and_held_ones_never() -> None:
+    policy = PrefixPolicy(64)
+    policy.insert(k("root"))
+    kids = [f"k{i}" for i in range(20)]
+    for kid in kids:
+        policy.insert(k(kid), parent=k("root"), position=16)
+    for kid in kids[::3]:
+        policy.retain(k(kid), math.inf)
+
+    walked = names(policy.victims())
+
+    free = [kid for kid in kids if kid not in kids[::3]]
+    assert sorted(walked[: len(free)]) == sorted(free) and walked[len(free)] == "root"
+    assert sorted(walked[len(free) + 1 :]) == sorted(kids[::3])  # the pinned, last
+
+
 def test_prefix_victims_survive_removal_while_iterating() -> None:
     policy = chain(PrefixPolicy(8), "a", "b", "c")
     policy.insert(k("x"))

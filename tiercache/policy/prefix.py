@@ -45,7 +45,8 @@ and the walk gives that block's subtree first, deepest first, then the block.
   child lands just ahead of its parent), a chosen block goes only after its
   subtree, so a chain is trimmed from its end; and a block whose parent
   leaves the tier anyway (pinned or leased children, an explicit evict) is an
-  orphan, evicted before anything else. The parent must be told: an engine
+  orphan, evicted before anything else, touched, held or released, until its
+  parent comes back (promoted from disk, say) and adopts it again. The parent must be told: an engine
   that serves a prefix from its own cache must ``touch`` it here, or the
   prefix's root ages out and every chain under it becomes an orphan.
 - Session-aware: ``retain(key, seconds)`` holds a block out of the victims
@@ -128,6 +129,7 @@ class _Block(Link):
     last: int = 0  # the policy's clock at its last use
     ttl: float | None = None  # a retention window, refreshed on use
     deadline: float = 0.0
+    orphan_of: BlockKey | None = None  # the parent that left the tier while this block stayed
 
 
 @dataclass(slots=True, eq=False)
@@ -150,6 +152,7 @@ class PrefixPolicy:
         self._blocks: dict[BlockKey, _Block] = {}
         self._classes: list[Links[_Block]] = [Links() for _ in range(MAX_CLASS + 1)]
         self._orphans: Links[_Block] = Links()
+        self._orphans_of: dict[BlockKey, dict[_Block, None]] = {}  # departed parent -> kids
         self._held: dict[float, Links[_Block]] = {}  # retained blocks by window, by last use
         self._ghosts: Links[_Ghost] = Links()
         self._ghost_of: dict[BlockKey, _Ghost] = {}
@@ -182,6 +185,15 @@ class PrefixPolicy:
             up.kids[block] = None
         self._blocks[key] = block
         self._place(block)
+        for kid in self._orphans_of.pop(key, ()):  # the parent is back: its prefix is whole
+            kid.orphan_of = None
+            kid.parent = block
+            if block.kids is None:
+                block.kids = {}
+            block.kids[kid] = None
+            if kid.ttl is None:  # out of the orphans: its prefix was just asked for again
+                self._unlink(kid)
+                self._classes[min(kid.uses, MAX_CLASS)].push(kid)
 
     def touch(self, key: BlockKey) -> None:
         block = self._blocks.get(key)
@@ -205,8 +217,16 @@ class PrefixPolicy:
             self._last = None
         if block.parent is not None and block.parent.kids is not None:
             block.parent.kids.pop(block, None)
+        if block.orphan_of is not None:
+            kids = self._orphans_of[block.orphan_of]
+            del kids[block]
+            if not kids:
+                del self._orphans_of[block.orphan_of]
+        if block.kids:
+            self._orphans_of[key] = dict(block.kids)
         for kid in block.kids or ():
             kid.parent = None
+            kid.orphan_of = key
             if kid.ttl is None:
                 self._unlink(kid)
                 self._orphans.push(kid)
@@ -280,6 +300,10 @@ class PrefixPolicy:
         if block.ttl is not None:
             self._held.setdefault(block.ttl, Links()).push(block)
             return
+        if block.orphan_of is not None:  # touched or released, it is still worth nothing
+            self._orphans.push(block)
+            self._last = None
+            return
         order = self._classes[min(block.uses, MAX_CLASS)]
         up = block.parent
         if up is not None and up is self._last and up.owner is order:
@@ -288,10 +312,13 @@ class PrefixPolicy:
             order.push(block)
         self._last = block
 
-    @staticmethod
-    def _unlink(block: _Block) -> None:
-        if block.owner is not None:
-            block.owner.unlink(block)
+    def _unlink(self, block: _Block) -> None:
+        owner = block.owner
+        if owner is None:
+            return
+        owner.unlink(block)
+        if block.ttl is not None and not owner and self._held.get(block.ttl) is owner:
+            del self._held[block.ttl]  # one list per window in use, not per window ever seen
 
     def _outcome(self, uses: int, age: int | None) -> None:
         """A block of class ``uses`` came back at ``age`` (or, ``None``, never)."""
@@ -312,17 +339,28 @@ class PrefixPolicy:
         if not self._held:
             return
         now = self._now()
-        for held in self._held.values():
+        for ttl, held in list(self._held.items()):
             while (block := held.first()) is not None and block.deadline <= now:
                 held.unlink(block)
                 block.ttl = None
-                self._classes[min(block.uses, MAX_CLASS)].push_front(block)
+                if block.orphan_of is not None:
+                    self._orphans.push(block)
+                else:
+                    self._classes[min(block.uses, MAX_CLASS)].push_front(block)
+            if not held:
+                del self._held[ttl]
 
     def _walk(self) -> Iterator[BlockKey]:
         given: set[BlockKey] = set()  # a block is reached both as a front and in a subtree
-        for block in self._orphans.walk():
-            given.add(block.key)
-            yield block.key
+        more = True
+        while more:  # again if the caller's removals orphaned more blocks behind the walk
+            more = False
+            for block in self._orphans.walk():
+                if block.key not in given:
+                    more = True
+                    given.add(block.key)
+                    yield block.key
+        kids: dict[_Block, Iterator[_Block]] = {}  # where each parent's kids were left off
         fronts = [order.first() for order in self._classes]
         ranks: list[tuple[float, int] | None] = [None] * len(fronts)
         while True:
@@ -344,19 +382,29 @@ class PrefixPolicy:
             top = fronts[best]
             assert top is not None
             fronts[best], ranks[best] = self._classes[best].after(top), None
-            for block in self._leaves_first(top, given):
+            for block in self._leaves_first(top, given, kids):
                 given.add(block.key)
                 yield block.key
         yield from self._walk_held()
 
     @staticmethod
-    def _leaves_first(top: _Block, given: set[BlockKey]) -> Iterator[_Block]:
+    def _leaves_first(
+        top: _Block, given: set[BlockKey], kids: dict[_Block, Iterator[_Block]]
+    ) -> Iterator[_Block]:
         """``top`` and its subtree, every block after its descendants, so a chain is trimmed
-        from its end; held blocks and blocks ``given`` already are passed over. Each block is
-        reached once per walk from its parent: O(1) a victim."""
+        from its end; held blocks, blocks gone and blocks ``given`` already are passed over.
+        ``kids`` keeps, per parent, where this walk left off in its children, so each child
+        is looked at once per walk (a shared prefix with thousands of children included):
+        O(1) a victim."""
         at = top
         while True:
-            kid = next((k for k in at.kids or () if k.key not in given and k.ttl is None), None)
+            left = kids.get(at)
+            if left is None:
+                left = kids[at] = iter(list(at.kids or ()))
+            kid = next(
+                (k for k in left if k.owner is not None and k.ttl is None and k.key not in given),
+                None,
+            )
             if kid is not None:
                 at = kid
                 continue
@@ -367,16 +415,21 @@ class PrefixPolicy:
             at = up
 
     def _walk_held(self) -> Iterator[BlockKey]:
-        fronts = {ttl: held.first() for ttl, held in self._held.items()}
+        """Held blocks, earliest deadline first: a merge of the windows' lists (each in order
+        of last use, so of deadline), O(windows in use) a victim."""
+        fronts = {ttl: (held, held.first()) for ttl, held in self._held.items()}
         while True:
+            for window, (held, front) in fronts.items():
+                if front is not None and front.owner is not held:  # gone since: walk on
+                    fronts[window] = (held, held.resume(front))
             ttl = min(
-                (t for t, b in fronts.items() if b is not None),
-                key=lambda t: (fronts[t].deadline, t),  # type: ignore[union-attr]
+                (t for t, (_, b) in fronts.items() if b is not None),
+                key=lambda t: (fronts[t][1].deadline, t),  # type: ignore[union-attr]
                 default=None,
             )
             if ttl is None:
                 return
-            block = fronts[ttl]
+            held, block = fronts[ttl]
             assert block is not None
-            fronts[ttl] = self._held[ttl].after(block)
+            fronts[ttl] = (held, held.after(block))
             yield block.key
