@@ -116,9 +116,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tiercache.daemon.config import to_toml
+    from tiercache.daemon.config import preflight, to_toml
 
     cfg = _config(args.config)
+    preflight(cfg)
     if args.check_config:
         print(to_toml(cfg), end="")
         return 0

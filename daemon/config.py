@@ -51,6 +51,13 @@ class DeviceTierConfig:
     bytes: int = 0
     devices: list[str] = field(default_factory=lambda: ["cuda:0"])
 
+    def __post_init__(self) -> None:
+        if self.bytes and len(self.devices) != 1:
+            raise ConfigError(
+                f"tiers.device.devices: one cache uses one device, got {self.devices}; "
+                "run one daemon (or embedded cache) per GPU"
+            )
+
 
 @dataclass(slots=True)
 class HostTierConfig:
@@ -267,6 +274,33 @@ def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
             )
         out.setdefault(dotted, {})[key] = value
     return out
+
+
+def preflight(cfg: Config) -> None:
+    """What a daemon with ``cfg`` asks of this machine, checked before it starts (and by
+    ``tiercache serve --check-config``): room in /dev/shm for its host arena (a daemon's is
+    always shared; arenas of daemons that died count as room, the daemon removes them) and
+    a CUDA device for a device tier. Raises ``ConfigError`` naming the key."""
+    from tiercache.tiers.host import SHM_DIR, stale_arenas
+
+    host = cfg.tiers.host.bytes
+    if host:
+        st = os.statvfs(SHM_DIR)
+        room = st.f_bavail * st.f_frsize + sum(size for _, size in stale_arenas(SHM_DIR))
+        if room < host:
+            raise ConfigError(
+                f"tiers.host.bytes: {host} B, but {SHM_DIR}, where the daemon's host arena "
+                f"lives, has room for {room} B; lower it or enlarge {SHM_DIR}"
+            )
+    device = cfg.tiers.device
+    if device is not None and device.bytes and device.devices[0].startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"tiers.device.devices: {device.devices[0]}, but torch sees no CUDA device; "
+                "remove [tiers.device] or set its bytes to 0"
+            )
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -109,8 +109,12 @@ class SocketServer:
                 raise ValueError(
                     f"[daemon] socket_group {self.group!r} is not a group on this machine"
                 ) from None
-            os.chown(self.path, -1, gid)
-            os.chmod(self.path, 0o660)
+            # The group's engines connect, then map the shared arena read-write: both
+            # are theirs. Nothing else is (the arena was created owner-only).
+            for path in (self.path, self.manager.host.path):
+                if path is not None:
+                    os.chown(path, -1, gid)
+                    os.chmod(path, 0o660)
         log.info("listening on %s", self.path)
 
     def _remove_stale_socket(self) -> None:

@@ -3,6 +3,7 @@ the blocking ``SyncCache``, and the shared tier's settings passed on as they are
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from tests.conftest import NBYTES, as_bytes, embedded_config, make_blocks, make_ns, make_tokens
 from tiercache.daemon.config import (
     Config,
+    ConfigError,
     DeviceTierConfig,
     DiskTierConfig,
     HostTierConfig,
@@ -18,6 +20,7 @@ from tiercache.daemon.config import (
 )
 from tiercache.embedded import SyncCache, remote_options
 from tiercache.embedded import open_cache as open_embedded
+from tiercache.tiers.host import SHM_DIR
 
 NS = make_ns()
 
@@ -41,12 +44,10 @@ async def test_embedded_config_builds_the_device_tier(tmp_path: Path) -> None:
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
-async def test_more_than_one_device_for_one_cache_is_a_config_error(tmp_path: Path) -> None:
-    cfg = Config()
-    cfg.tiers.device = DeviceTierConfig(bytes=4 * NBYTES, devices=["cuda:0", "cuda:1"])
-
-    with pytest.raises(ValueError, match=r"^tiers\.device\.devices: one cache uses one device"):
-        await open_embedded(cfg)
+def test_more_than_one_device_for_one_cache_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^tiers\.device\.devices: one cache uses one device"):
+        DeviceTierConfig(bytes=4 * NBYTES, devices=["cuda:0", "cuda:1"])
+    DeviceTierConfig(bytes=0, devices=["cuda:0", "cuda:1"])  # no device tier: nothing to refuse
 
 
 async def test_a_config_without_a_disk_tier_opens_a_host_only_cache() -> None:
@@ -91,9 +92,10 @@ def test_a_sync_cache_that_cannot_open_raises_and_leaves_no_loop_thread_behind()
     import threading
 
     cfg = Config()
-    cfg.tiers.device = DeviceTierConfig(bytes=4 * NBYTES, devices=["cuda:0", "cuda:1"])
+    shm = os.statvfs(SHM_DIR)
+    cfg.tiers.host = HostTierConfig(bytes=shm.f_bavail * shm.f_frsize + 2**30, shared=True)
     before = {t.name for t in threading.enumerate()}
-    with pytest.raises(ValueError, match="one cache uses one device"):
+    with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
         SyncCache(cfg)
     assert "tiercache-loop" not in {t.name for t in threading.enumerate()} - before
 

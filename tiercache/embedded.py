@@ -28,11 +28,6 @@ async def open_cache(config: Config | None = None, *, stats: Stats | None = None
     disk = cfg.tiers.disk
     remote = cfg.tiers.remote
     device = cfg.tiers.device
-    if device is not None and device.bytes and len(device.devices) != 1:
-        raise ValueError(
-            f"tiers.device.devices: one cache uses one device, got {device.devices}; "
-            "run one daemon (or embedded cache) per GPU"
-        )
     return await TierManager.open(
         host_bytes=host.bytes,
         device_bytes=device.bytes if device else 0,

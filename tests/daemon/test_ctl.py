@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.cli import main
+from tiercache.daemon.config import Config, ConfigError, HostTierConfig, TiersConfig, preflight
 from tiercache.daemon.ctl import _progress_line, parse_args
+from tiercache.tiers.host import SHM_DIR
 
 NS = make_ns()
 NODE = "ctl-test-node"
@@ -134,6 +137,55 @@ def test_check_config_names_a_bad_key(tmp_path: Path, capsys: pytest.CaptureFixt
     bad.write_text('[policy]\neviction = "fifo"\n')
     assert main(["serve", "--config", str(bad), "--check-config"]) == 2
     assert "policy.eviction: 'fifo' is not one of lru, arc" in capsys.readouterr().err
+
+
+def test_check_config_runs_the_machine_checks_serve_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What only fails when the cache opens (two GPUs for one cache, no CUDA, a host arena
+    /dev/shm cannot hold) fails the check too, by key, with no traceback; serve the same."""
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "1MiB")
+    monkeypatch.setenv("TIERCACHE_TIERS_DEVICE__BYTES", "1GiB")
+    monkeypatch.setenv("TIERCACHE_TIERS_DEVICE__DEVICES", "cuda:0,cuda:1")
+    assert main(["serve", "--check-config"]) == 2
+    assert "error: tiers.device.devices: one cache uses one device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TIERCACHE_TIERS_DEVICE__DEVICES", "cuda:0")
+        for command in (["serve", "--check-config"], ["serve"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert "error: tiers.device.devices: cuda:0, but torch sees no CUDA device" in err
+    monkeypatch.setenv("TIERCACHE_TIERS_DEVICE__BYTES", "0")
+    shm = os.statvfs(SHM_DIR)
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", str(shm.f_bavail * shm.f_frsize + 2**40))
+    for command in (["serve", "--check-config"], ["serve"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "error: tiers.host.bytes: " in err and "lower it or enlarge /dev/shm" in err
+
+
+def test_a_dead_daemons_arena_counts_as_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tiercache.tiers.host as host
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    arena = tmp_path / f"tiercache-{dead}-0badf00d"
+    arena.write_bytes(b"x" * 2**28)
+    stale = host.stale_arenas(tmp_path)
+    assert [p for p, _ in stale] == [arena] and stale[0][1] >= 2**28
+    monkeypatch.setattr(host, "SHM_DIR", tmp_path)
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    # More than is free, less than free plus the dead arena (128 MiB of slack either way).
+    preflight(Config(tiers=TiersConfig(host=HostTierConfig(bytes=free + 2**27))))
+    with pytest.raises(ConfigError, match="lower it or enlarge"):
+        preflight(Config(tiers=TiersConfig(host=HostTierConfig(bytes=free + 2**29))))
 
 
 def test_ctl_arguments_are_json_when_they_parse_and_strings_otherwise() -> None:

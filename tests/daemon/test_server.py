@@ -596,3 +596,48 @@ async def test_a_quantized_namespace_round_trips_over_the_socket_and_stays_apart
     with pytest.raises(RemoteError) as bad:
         await client.call("register", model="m", spec=SPEC.to_dict(), store_dtype="int4")
     assert bad.value.code == "bad_request" and "'int4' is not one of exact" in bad.value.message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user")
+async def test_socket_group_members_may_map_the_arena_and_others_may_not(tmp_path: Path) -> None:
+    """``[daemon] socket_group`` opens the socket and the shared arena to the group, so an
+    engine running as another user in it can copy through the arena; anyone else cannot."""
+    import grp
+    import pwd
+
+    group = grp.getgrgid(os.getgid())
+    env = {**daemon_env(tmp_path), "TIERCACHE_DAEMON__SOCKET_GROUP": group.gr_name}
+    d = Daemon(load_config(env=env))
+    await d.start()
+    try:
+        assert d.manager is not None
+        arena = d.manager.host.path
+        assert arena is not None
+        for path in (Path(d.config.daemon.socket), arena):
+            st_ = path.stat()
+            assert (stat.S_IMODE(st_.st_mode), st_.st_gid) == (0o660, group.gr_gid)
+        nobody = pwd.getpwnam("nobody")
+        assert nobody.pw_gid != group.gr_gid
+        probe = ["/bin/sh", "-c", f": <> {arena}"]  # opens it read-write, as a client maps it
+        member = await asyncio.to_thread(
+            subprocess.run,
+            probe,
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[group.gr_gid],
+            cwd="/",
+            capture_output=True,
+        )
+        assert member.returncode == 0, member.stderr
+        other = await asyncio.to_thread(
+            subprocess.run,
+            probe,
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+        )
+        assert other.returncode != 0 and b"Permission denied" in other.stderr
+    finally:
+        await d.shutdown()

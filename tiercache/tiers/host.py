@@ -42,13 +42,14 @@ def _runs(slots: Sequence[int], rows: Sequence[int]) -> Iterator[tuple[int, int,
             start = i
 
 
-def reap_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
-    """Remove shared arenas whose daemon died without closing them (kill -9); returns their names.
+def stale_arenas(shm_dir: Path = SHM_DIR) -> list[tuple[Path, int]]:
+    """Shared arenas whose daemon died without closing them (kill -9), with the bytes each
+    holds.
 
     Arena files are named ``tiercache-<owner pid>-<random>``: one whose owner
     no longer exists is garbage, and would otherwise hold its memory until reboot.
     """
-    gone: list[str] = []
+    stale: list[tuple[Path, int]] = []
     for path in shm_dir.glob("tiercache-*-*"):
         m = re.fullmatch(r"tiercache-(\d+)-[0-9a-f]+", path.name)
         if m is None:
@@ -56,10 +57,19 @@ def reap_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
         try:
             os.kill(int(m[1]), 0)
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            gone.append(path.name)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                stale.append((path, path.stat().st_blocks * 512))
         except PermissionError:
             pass  # alive, another user's
+    return stale
+
+
+def reap_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove the arenas ``stale_arenas`` finds; returns their names."""
+    gone: list[str] = []
+    for path, _ in stale_arenas(shm_dir):
+        path.unlink(missing_ok=True)
+        gone.append(path.name)
     return gone
 
 
@@ -140,7 +150,7 @@ class HostArena(Slots):
         self.capacity_bytes = capacity_bytes
         self.shared = shared
         self.name = name or f"tiercache-{os.getpid()}-{secrets.token_hex(4)}"
-        self._path: Path | None = None
+        self._path: Path | None = None  # the /dev/shm file of a shared arena
         if shared:
             free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
             if free < capacity_bytes:
@@ -176,6 +186,11 @@ class HostArena(Slots):
             self._pin()
         if slot_bytes is not None:
             self.format(slot_bytes)
+
+    @property
+    def path(self) -> Path | None:
+        """The /dev/shm file a shared arena lives in (engines map it by ``name``)."""
+        return self._path
 
     @property
     def formatted(self) -> bool:
