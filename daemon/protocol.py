@@ -500,7 +500,7 @@ class Arena(Message):
 @dataclass(frozen=True, slots=True)
 class RegisterReply(Message):
     ns: str
-    arena: Arena | None = None  # None: not shared ([tiers.host] shared = false)
+    arena: Arena | None = None  # None: a server over an unshared cache (not a daemon)
 
 
 @dataclass(frozen=True, slots=True)

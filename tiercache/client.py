@@ -120,8 +120,9 @@ class AsyncClient:
             if self._unshared and not self._lost:
                 raise RemoteError(
                     "no_shared_arena",
-                    "the daemon's host arena is not shared ([tiers.host] shared = false): it "
-                    "cannot move bytes for this client; GPU engines attach their caches instead",
+                    "this server's host arena is not shared (a tiercache daemon's always is; "
+                    "this one serves a cache opened unshared): it cannot move bytes for this "
+                    "client; GPU engines attach their caches instead",
                 )
             raise ConnectionError("the tiercache daemon closed the connection")
         return self._arena
