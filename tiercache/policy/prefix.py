@@ -61,34 +61,36 @@ takes to come back does not (a median of ~450 requests for every class); so
 the policy keeps used blocks longer, by as much as the history says they are
 worth at their age, and learns it again on any other workload.
 
-Rejected, each measured on a replay of that trace at 5% of the working set
-(LRU 19.5%, ARC 21.3%, this policy 21.6%) with an exploration harness that
-reproduces the benchmark's LRU and ARC numbers exactly: GreedyDual over the
-same classes with learned values (21.8% at 5%, but 7.8% and 11.0% at 1% and
-2% against 7.9% and 11.7%; fitted offline it does no better, 21.9%: its
-lifetimes are linear in the value);
-LHD's hit density with random sampling (13-16%: sampled victims cut chains in
-the middle); S3-FIFO (18.9%: reuses here are hundreds of requests apart, past
-its small FIFO); per-class TTLs from a knapsack over the reuse-time
-distributions (20.6%); classes split further by position, prompt length or
-the last inter-turn gap (no gain: each class learns from fewer samples);
-LIRS-style admission on a second use (it loses every first reuse, 42% of this
-trace's hits); a new block taking its parent's use count (19.6%; capped at 2,
-21.5%; as a flag, 21.65% against 21.63%: a chain's blocks come back together,
-but a prompt that continues a stored prefix beyond its first block has its new
-blocks come back less often, 12-19%, than one that shares only its first, 28%);
-ages in the trace's own time instead of blocks inserted (21.78% against 21.62%, and a
-clock the tier would have to be fed). Of the 9,619 requests with new blocks, 39.6% have
-one of them in a later prompt: 51% of those with one new block, 23.5% of those with more
-than 64, while the reply's length (34-46% by bucket) and the shared prefix's (37-52%) say
-less. Splitting class 0 by the count of new blocks its save brought (which a save knows)
-lost too: 21.50% with four buckets (1, 2-4, 5-16, more), 20.41% with two (1-2, more).
-With perfect knowledge of which blocks come back at all, LRU reaches the
-ceiling at 5%; nothing a block's history shows predicts that well. What there is to predict is a request's:
-its new blocks (the last one aside) all come back, or none do (3,324 requests
-all, 5,953 none, 342 in between), and a prompt's last block, partial in all
-but 22 requests, comes back 0.7% of the time (an engine saves whole blocks
-only; the replay stores the trace's hash ids as they are).
+Rejected, each measured on a replay of that trace at 5% of the working set (LRU 19.5%,
+ARC 21.3%, this policy 21.6%) with an exploration harness that reproduces the
+benchmark's LRU and ARC numbers exactly: GreedyDual over the same classes with learned
+values (21.8% at 5%, but 7.8% and 11.0% at 1% and 2% against 7.9% and 11.7%; fitted
+offline it does no better, 21.9%: its lifetimes are linear in the value); LHD's hit
+density with random sampling (13-16%: sampled victims cut chains in the middle); S3-FIFO
+(18.9%: reuses here are hundreds of requests apart, past its small FIFO); per-class TTLs
+from a knapsack over the reuse-time distributions (20.6%); classes split further by
+position, prompt length or the last inter-turn gap (no gain: each class learns from
+fewer samples); LIRS-style admission on a second use (it loses every first reuse, 42% of
+this trace's hits); a new block taking its parent's use count (19.6%; capped at 2,
+21.5%; as a flag, 21.65% against 21.63%: a chain's blocks come back together, but a
+prompt that continues a stored prefix beyond its first block has its new blocks come
+back less often, 12-19%, than one that shares only its first, 28%); ages in the trace's
+own time instead of blocks inserted (21.78% against 21.62%, and a clock the tier would
+have to be fed); four ghosts a slot instead of two (a longer memory of reuses: Mooncake
+10.5% and 13.5% at 1% and 2% against 8.1% and 11.7%, but 21.35% at 5%, and lower in 9 of
+the 16 cells of the synthetic traces, agents at 1% by 2 points). Of the 9,619 requests
+with new blocks, 39.6% have one of them in a later prompt: 51% of those with one new
+block, 23.5% of those with more than 64, while the reply's length (34-46% by bucket) and
+the shared prefix's (37-52%) say less. Splitting class 0 by the count of new blocks its
+save brought (which a save knows) lost too: 21.50% with four buckets (1, 2-4, 5-16,
+more), 20.41% with two (1-2, more). With perfect knowledge of which blocks come back at
+all, LRU reaches the ceiling at 5%; nothing a block's history shows predicts that well
+(every signal a cache sees, in one logistic model fitted on the whole trace, ranks next
+turns at an AUC of 0.66: ``scripts/trace_study.py``). What there is to predict is a
+request's: its new blocks (the last one aside) all come back, or none do (3,324 requests
+all, 5,953 none, 342 in between), and a prompt's last block, partial in all but 22
+requests, comes back 0.7% of the time (an engine saves whole blocks only; the replay
+stores the trace's hash ids as they are).
 """
 
 from __future__ import annotations
