@@ -9,6 +9,8 @@ SeaweedFS) and ``vllm`` (runs real vLLM engines), so
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -140,3 +142,13 @@ def key(i: int) -> bytes:
 def row(i: int) -> torch.Tensor:
     """Block ``i``'s bytes: ``i + 1`` everywhere (never zero, so an unwritten row shows)."""
     return torch.full((NBYTES,), i + 1, dtype=torch.uint8)
+
+
+def dead_pid() -> str:
+    """The pid of a process that has exited (a dead daemon's, for arena names)."""
+    return subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, dead_pid, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.cli import main
@@ -169,12 +169,7 @@ def test_a_dead_daemons_arena_counts_as_room(
 ) -> None:
     import tiercache.tiers.host as host
 
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    dead = dead_pid()
     arena = tmp_path / f"tiercache-{dead}-0badf00d"
     arena.write_bytes(b"x" * 2**28)
     stale = host.stale_arenas(tmp_path)

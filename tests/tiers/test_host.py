@@ -16,6 +16,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import dead_pid
 from tiercache.tiers.host import SHM_DIR, ArenaFull, HostArena, MappedArena
 
 SLOT = 64
@@ -365,12 +366,7 @@ def test_a_shared_arena_larger_than_dev_shm_is_refused_by_name() -> None:
 def test_arenas_of_dead_owners_are_reaped_and_live_ones_kept(tmp_path: Path) -> None:
     from tiercache.tiers.host import reap_stale_arenas
 
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    dead = dead_pid()
     (tmp_path / f"tiercache-{dead}-0badf00d").write_bytes(b"x")
     (tmp_path / f"tiercache-{os.getpid()}-0badf00d").write_bytes(b"x")
     (tmp_path / "someone-else").write_bytes(b"x")
