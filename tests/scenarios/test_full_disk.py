@@ -79,3 +79,34 @@ async def test_a_full_device_refuses_writes_but_keeps_serving(small_fs: Path) ->
             assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
     finally:
         await again.close()
+
+
+async def test_a_store_on_a_full_device_reopens_and_serves(small_fs: Path) -> None:
+    """A daemon that stopped on a full disk must start again on it: the compaction at open
+    needs room it may not have, and the journal as it stands is enough."""
+    disk = str(small_fs / "disk")
+    m = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=disk, disk_bytes=10_000 * NBYTES, write="write-through"
+    )
+    tokens, blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
+    await m.save(NS, tokens, blocks)
+    await m.close()
+    fill(small_fs / "filler")
+
+    again = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=disk, disk_bytes=10_000 * NBYTES
+    )
+    try:
+        got = await again.load(NS, tokens)
+        assert got.tiers == ["disk", "disk"]
+        assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    finally:
+        await again.close()
+    (small_fs / "filler").unlink()
+    third = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=disk, disk_bytes=10_000 * NBYTES
+    )
+    try:
+        assert (await third.lookup(NS, tokens)).blocks == 2
+    finally:
+        await third.close()

@@ -25,6 +25,7 @@ from tests.conftest import (
 )
 from tiercache import KVSpec, Namespace, TierManager
 from tiercache.tiers.blockio import SlabIO
+from tiercache.tiers.disk import StoreError
 
 SHARD_BLOCKS = SlabIO(Path()).shard_blocks
 
@@ -120,6 +121,48 @@ async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path
     m2 = await open_cache()
     assert (await m2.lookup(NS, first)).blocks == 1
     assert (await m2.lookup(NS, second)).blocks == 0
+
+
+async def test_a_journal_file_killed_before_its_rename_is_ignored(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    """The store writes ``<seq>.<uuid>.partial`` and renames it into place: a kill -9 between
+    the two leaves a file whose bytes check out but whose write never happened."""
+    m = await open_cache(write="write-through")
+    tokens, blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
+    await m.save(NS, tokens, blocks)
+    await m.close(flush=False)
+    journal = tmp_path / "disk" / "journal"
+    last = sorted(journal.iterdir())[-1]
+    partial = journal / f"{int(last.name) + 1:016d}.0123456789abcdef.partial"
+    partial.write_bytes(last.read_bytes())  # a whole, valid segment: only its name is wrong
+
+    m2 = await open_cache()
+
+    got = await m2.load(NS, tokens)
+    assert got.tiers == ["disk", "disk"]
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    assert not partial.exists()  # the compaction at open removed it
+
+
+async def test_an_open_that_fails_lets_go_of_the_store_for_a_retry(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    m = await open_cache(write="write-through")
+    tokens, blocks = make_tokens(1, seed=1), make_blocks(1, seed=1)
+    await m.save(NS, tokens, blocks)
+    await m.close(flush=False)
+    meta = tmp_path / "disk" / "ns" / NS.hex / "zarr.json"
+    saved = meta.read_bytes()
+    meta.unlink()  # say, a volume mounted half-way
+    with pytest.raises(StoreError, match="missing its metadata"):
+        await open_cache()
+
+    meta.write_bytes(saved)
+    m2 = await open_cache()  # not "in use by another process": the failed open released it
+
+    got = await m2.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
 CHILD = textwrap.dedent(

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,27 +141,49 @@ class DiskTier:
 
         Every block the journal names is checked for presence and size; a
         missing or short chunk is dropped here, a corrupted one on first read.
+        The journal is then compacted; on a full device it opens on the journal
+        as it stands. A failed open releases the store's lock (a retry can follow).
         """
         store = open_store(url, storage_options)
         tier = cls(store, capacity_bytes, url)
         if isinstance(store, LocalStore):
             tier._lock_local(Path(store.root))
-        records = await tier._replay()
-        present = {path: await tier.io.present(path) for path in tier._arrays}
+        try:
+            await tier._recover()
+        except BaseException:
+            tier._release()  # a caller may retry in this process: the lock must not stay held
+            raise
+        return tier
+
+    async def _recover(self) -> None:
+        records = await self._replay()
+        present = {path: await self.io.present(path) for path in self._arrays}
         for rec in records:
             if present.get(rec.array, {}).get(rec.slot, -1) < rec.nbytes:
                 log.warning(
                     "disk block in slot %s/%d is missing or truncated; dropped", rec.array, rec.slot
                 )
-                tier._pending.append((_DEL, rec.array, rec.slot))
-                tier.corrupt_reads += 1
+                self._pending.append((_DEL, rec.array, rec.slot))
+                self.corrupt_reads += 1
                 continue
-            tier._adopt(rec)
-        for arr in tier._arrays.values():
-            used = {s for (a, s) in tier._live if a == arr.path}
+            self._adopt(rec)
+        for arr in self._arrays.values():
+            used = {s for (a, s) in self._live if a == arr.path}
             arr.free = [s for s in range(arr.next_slot) if s not in used]
-        await tier._compact()
-        return tier
+        try:
+            await self._compact()
+        except (DiskFull, StoreError) as e:
+            # The journal as it stands is the state just replayed: open on it. What the
+            # replay dropped stays pending, written by the next sync once there is room.
+            log.warning("journal compaction at open failed, will retry: %s", e)
+
+    def _release(self) -> None:
+        """Let go of the files and the lock without writing anything (``close`` syncs)."""
+        self.io.close()
+        self.store.close()
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+            self._lockfile = None
 
     def _lock_local(self, root: Path) -> None:
         try:
@@ -182,6 +205,11 @@ class DiskTier:
         keys = sorted([k async for k in self.store.list_prefix(JOURNAL)])
         live: dict[tuple[str, int], DiskRecord] = {}
         for k in keys:
+            if not re.fullmatch(r"[0-9]{16}", k[len(JOURNAL) :]):
+                # A store's temporary file (``<seq>.<uuid>.partial``): a write killed before
+                # its rename never happened, whatever its bytes; compaction removes it.
+                log.warning("journal file %s was never completed; ignored", k)
+                continue
             buf = await self.store.get(k, prototype=default_buffer_prototype())
             if buf is None:
                 continue
@@ -495,9 +523,13 @@ class DiskTier:
             snapshot = [
                 (_PUT, r.array, r.slot, r.key, r.nbytes, r.checksum) for r in self._live.values()
             ]
-            self._pending.clear()
+            pending, self._pending = self._pending, []  # the snapshot holds their outcome
+            try:
+                await self._write_segment(snapshot, snapshot=True)
+            except BaseException:
+                self._pending = pending + self._pending  # still to write: nothing is lost
+                raise
             self._segments = 0
-            await self._write_segment(snapshot, snapshot=True)
             for arr in self._arrays.values():
                 arr.free.extend(arr.pending_free)
                 arr.pending_free.clear()
@@ -508,8 +540,4 @@ class DiskTier:
 
     async def close(self) -> None:
         await self.sync_journal()
-        self.io.close()
-        self.store.close()
-        if self._lockfile is not None:
-            os.close(self._lockfile)
-            self._lockfile = None
+        self._release()
