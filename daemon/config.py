@@ -281,12 +281,11 @@ def preflight(cfg: Config) -> None:
     ``tiercache serve --check-config``): room in /dev/shm for its host arena (a daemon's is
     always shared; arenas of daemons that died count as room, the daemon removes them) and
     a CUDA device for a device tier. Raises ``ConfigError`` naming the key."""
-    from tiercache.tiers.host import SHM_DIR, stale_arenas
+    from tiercache.tiers.host import SHM_DIR, shm_free, stale_arenas
 
     host = cfg.tiers.host.bytes
     if host:
-        st = os.statvfs(SHM_DIR)
-        room = st.f_bavail * st.f_frsize + sum(size for _, size in stale_arenas(SHM_DIR))
+        room = shm_free(SHM_DIR) + sum(size for _, size in stale_arenas(SHM_DIR))
         if room < host:
             raise ConfigError(
                 f"tiers.host.bytes: {host} B, but {SHM_DIR}, where the daemon's host arena "

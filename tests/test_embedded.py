@@ -3,7 +3,6 @@ the blocking ``SyncCache``, and the shared tier's settings passed on as they are
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tiercache.daemon.config import (
 )
 from tiercache.embedded import SyncCache, remote_options
 from tiercache.embedded import open_cache as open_embedded
-from tiercache.tiers.host import SHM_DIR
+from tiercache.tiers.host import shm_free
 
 NS = make_ns()
 
@@ -92,8 +91,7 @@ def test_a_sync_cache_that_cannot_open_raises_and_leaves_no_loop_thread_behind()
     import threading
 
     cfg = Config()
-    shm = os.statvfs(SHM_DIR)
-    cfg.tiers.host = HostTierConfig(bytes=shm.f_bavail * shm.f_frsize + 2**30, shared=True)
+    cfg.tiers.host = HostTierConfig(bytes=shm_free() + 2**30, shared=True)
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
         SyncCache(cfg)

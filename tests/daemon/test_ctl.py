@@ -21,7 +21,7 @@ from tiercache.client import Client
 from tiercache.daemon.cli import main
 from tiercache.daemon.config import Config, ConfigError, HostTierConfig, TiersConfig, preflight
 from tiercache.daemon.ctl import _progress_line, parse_args
-from tiercache.tiers.host import SHM_DIR
+from tiercache.tiers.host import shm_free
 
 NS = make_ns()
 NODE = "ctl-test-node"
@@ -156,8 +156,7 @@ def test_check_config_runs_the_machine_checks_serve_runs(
             err = capsys.readouterr().err
             assert "error: tiers.device.devices: cuda:0, but torch sees no CUDA device" in err
     monkeypatch.setenv("TIERCACHE_TIERS_DEVICE__BYTES", "0")
-    shm = os.statvfs(SHM_DIR)
-    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", str(shm.f_bavail * shm.f_frsize + 2**40))
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", str(shm_free() + 2**40))
     for command in (["serve", "--check-config"], ["serve"]):
         assert main(command) == 2
         err = capsys.readouterr().err
@@ -175,8 +174,7 @@ def test_a_dead_daemons_arena_counts_as_room(
     stale = host.stale_arenas(tmp_path)
     assert [p for p, _ in stale] == [arena] and stale[0][1] >= 2**28
     monkeypatch.setattr(host, "SHM_DIR", tmp_path)
-    st = os.statvfs(tmp_path)
-    free = st.f_bavail * st.f_frsize
+    free = host.shm_free(tmp_path)
     # More than is free, less than free plus the dead arena (128 MiB of slack either way).
     preflight(Config(tiers=TiersConfig(host=HostTierConfig(bytes=free + 2**27))))
     with pytest.raises(ConfigError, match="lower it or enlarge"):

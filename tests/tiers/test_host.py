@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import dead_pid
-from tiercache.tiers.host import SHM_DIR, ArenaFull, HostArena, MappedArena
+from tiercache.tiers.host import SHM_DIR, ArenaFull, HostArena, MappedArena, shm_free
 
 SLOT = 64
 
@@ -358,7 +358,7 @@ def test_a_mapping_process_exiting_leaves_the_shared_file_in_place(
 
 
 def test_a_shared_arena_larger_than_dev_shm_is_refused_by_name() -> None:
-    too_big = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize + 2**30
+    too_big = shm_free() + 2**30
     with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
         HostArena(SLOT, too_big, shared=True, pin=False)
 

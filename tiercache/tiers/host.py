@@ -42,6 +42,12 @@ def _runs(slots: Sequence[int], rows: Sequence[int]) -> Iterator[tuple[int, int,
             start = i
 
 
+def shm_free(shm_dir: Path = SHM_DIR) -> int:
+    """Bytes an unprivileged process can still put in ``shm_dir`` (a tmpfs)."""
+    st = os.statvfs(shm_dir)
+    return st.f_bavail * st.f_frsize
+
+
 def stale_arenas(shm_dir: Path = SHM_DIR) -> list[tuple[Path, int]]:
     """Shared arenas whose daemon died without closing them (kill -9), with the bytes each
     holds.
@@ -152,7 +158,7 @@ class HostArena(Slots):
         self.name = name or f"tiercache-{os.getpid()}-{secrets.token_hex(4)}"
         self._path: Path | None = None  # the /dev/shm file of a shared arena
         if shared:
-            free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+            free = shm_free()
             if free < capacity_bytes:
                 # Touching pages past a tmpfs's size kills the process with SIGBUS:
                 # refuse up front instead.
