@@ -341,16 +341,14 @@ class PrefixPolicy:
         if not self._held:
             return
         now = self._now()
-        for ttl, held in list(self._held.items()):
+        for held in list(self._held.values()):
             while (block := held.first()) is not None and block.deadline <= now:
-                held.unlink(block)
+                self._unlink(block)  # and the window's list, once it empties
                 block.ttl = None
                 if block.orphan_of is not None:
                     self._orphans.push(block)
                 else:
                     self._classes[min(block.uses, MAX_CLASS)].push_front(block)
-            if not held:
-                del self._held[ttl]
 
     def _walk(self) -> Iterator[BlockKey]:
         given: set[BlockKey] = set()  # a block is reached both as a front and in a subtree
