@@ -46,9 +46,10 @@ and the walk gives that block's subtree first, deepest first, then the block.
   subtree, so a chain is trimmed from its end; and a block whose parent
   leaves the tier anyway (pinned or leased children, an explicit evict) is an
   orphan, evicted before anything else, touched, held or released, until its
-  parent comes back (promoted from disk, say) and adopts it again. The parent must be told: an engine
-  that serves a prefix from its own cache must ``touch`` it here, or the
-  prefix's root ages out and every chain under it becomes an orphan.
+  parent comes back (promoted from disk, say) and adopts it again. The parent
+  must be told: an engine that serves a prefix from its own cache must
+  ``touch`` it here, or the prefix's root ages out and every chain under it
+  becomes an orphan.
 - Session-aware: ``retain(key, seconds)`` holds a block out of the victims
   until ``seconds`` after its last use, each use starting the window again, as
   hosted prompt caching keeps a prefix for minutes after its last hit;
