@@ -292,13 +292,12 @@ def preflight(cfg: Config) -> None:
                 f"lives, has room for {room} B; lower it or enlarge {SHM_DIR}"
             )
     device = cfg.tiers.device
-    if device is not None and device.bytes and device.devices[0].startswith("cuda"):
-        import torch
+    if device is not None and device.bytes:
+        from tiercache.tiers.device import no_cuda
 
-        if not torch.cuda.is_available():
+        if (missing := no_cuda(device.devices[0])) is not None:
             raise ConfigError(
-                f"tiers.device.devices: {device.devices[0]}, but torch sees no CUDA device; "
-                "remove [tiers.device] or set its bytes to 0"
+                f"tiers.device.devices: {missing}; remove [tiers.device] or set its bytes to 0"
             )
 
 

@@ -40,6 +40,15 @@ class PutResult:
     evicted: int  # blocks evicted to make room
 
 
+def no_cuda(device: str | torch.device) -> str | None:
+    """Why a device tier cannot live on ``device`` (a CUDA device torch cannot see), or None.
+    Shared by the tier and the daemon's preflight (``daemon/config.preflight``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{device}, but torch sees no CUDA device"
+    return None
+
+
 class DeviceTier:
     def __init__(self, capacity_bytes: int, device: str | torch.device) -> None:
         if capacity_bytes <= 0:
@@ -48,10 +57,9 @@ class DeviceTier:
                 "set [tiers.device] bytes"
             )
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if (missing := no_cuda(self.device)) is not None:
             raise ValueError(
-                f"device tier on {self.device}, but torch sees no CUDA device; "
-                "set [tiers.device] devices or remove [tiers.device]"
+                f"device tier on {missing}; set [tiers.device] devices or remove [tiers.device]"
             )
         self.budget_bytes = capacity_bytes
         self.capacity_bytes = capacity_bytes
