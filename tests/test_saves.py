@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
 from tiercache.errors import BlockShapeError, Draining
+from tiercache.keys import KeyChain
 from tiercache.manager import TierManager
 
 
@@ -109,4 +110,25 @@ async def test_a_reservation_cancelled_mid_walk_gives_its_slots_back(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert m.host.free_slots == 4
+    await m.close(flush=False)
+
+
+async def test_blocks_reserved_twice_before_a_commit_keep_one_slot_and_free_the_other() -> None:
+    # Two engines saving one shared prefix at once, or a client's chain naming a key twice:
+    # the second commit must not replace the first's entry and orphan its slot for good.
+    m = await manager(8)
+    ns, tokens, blocks = make_ns(), make_tokens(2), make_blocks(2)
+    rows = blocks.contiguous().view(torch.uint8).view(2, NBYTES)
+    first, second = await m.reserve(ns, tokens), await m.reserve(ns, tokens)
+    for r in (first, second):
+        m.host.write(r.slots, rows, list(r.rows))
+    assert (await m.commit(first)).stored == 2
+    again = await m.commit(second)
+    assert (again.stored, again.present) == (0, 2)
+    assert m.host.free_slots == 6 and len(m.index) == 2
+    key = ns.block_keys(make_tokens(1, seed=5))[0]
+    twice = await m.reserve(ns, KeyChain([key, key]))
+    assert (await m.commit(twice)).stored == 1 and m.host.free_slots == 5
+    assert await m.evict(keys=[*ns.block_keys(tokens), key]) == 3
+    assert m.host.free_slots == 8  # every slot is back
     await m.close(flush=False)

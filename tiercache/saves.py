@@ -110,9 +110,21 @@ class HostSaves:
         async with m._lock:
             # From here the entries are the index's: an abort (after a cancel or a failed
             # write-through below) must not free their slots, so the reservation lets go now.
-            entries, r.entries = r.entries, []
+            reserved, r.entries = r.entries, []
+            entries: list[Entry] = []
+            present = r.present
             now = time.monotonic()
-            for e, row in zip(entries, r.rows, strict=True):
+            for e, row in zip(reserved, r.rows, strict=True):
+                if e.key in m.index:
+                    # Committed since the reserve (another save of the same blocks, or the
+                    # key twice in this chain): the held block stays, this copy's slot goes
+                    # back. Replacing the entry would orphan the held one's slot for good.
+                    slot = e.host_slot
+                    assert slot is not None
+                    m.host.free(slot)
+                    present += 1
+                    continue
+                entries.append(e)
                 e.last_use = now
                 m.index.add(e)
                 i = r.first_block + row  # the block's place in its chain: its parent, position
@@ -129,7 +141,7 @@ class HostSaves:
                 # A disk write under the lock (tiercache.lock): write-through means the save's
                 # reply says the blocks are on disk. Write-back (the default) avoids it.
                 await m.disk_room.write(entries, m.host)
-        return SaveResult(len(entries), r.present, r.rejected)
+        return SaveResult(len(entries), present, r.rejected)
 
     async def abort(self, r: Reservation) -> None:
         """Give back a reservation's slots unfilled (a client that died or gave up)."""
