@@ -100,3 +100,27 @@ async def test_a_reservation_whose_reply_the_next_request_reads_is_given_back(
     assert manager.host.free_slots == manager.host.num_slots == 8
     assert not c._late  # nothing left waiting for a reply
     await c.close()
+
+
+async def test_a_load_cancelled_while_its_lease_is_on_its_way_gives_the_lease_back(
+    daemon: Daemon,
+) -> None:
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    tokens = make_tokens(2)
+    await c.save(NS, tokens, make_blocks(2))
+    manager = daemon.manager
+    assert manager is not None
+    async with manager._lock:  # the acquire's reply comes late
+        load = asyncio.create_task(c.load(NS, tokens))
+        await _waiting(load)
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+    assert (await c.lookup(NS, make_tokens(3, seed=9))).blocks == 0  # reads the late lease
+    for _ in range(50):
+        if all(e.leases == 0 for e in manager.index):
+            break
+        await asyncio.sleep(0.01)
+    assert [e.leases for e in manager.index] == [0, 0]  # evictable again
+    assert not c._late
+    await c.close()

@@ -384,7 +384,9 @@ class AsyncClient:
 
         async def acquire(done: int, left: int | None) -> wire.Leased:
             req = wire.Acquire(ns.hex, keys=packed, first_block=first_block + done, max_blocks=left)
-            return await self.request(req, wire.Leased)
+            # A caller that gives up while the reply is on its way leaves no lease (its blocks
+            # would stay unevictable for as long as this connection lives).
+            return await self.request(req, wire.Leased, undo=release)
 
         async def used(lease: wire.Leased, done: int) -> list[str]:
             use(self._mapped(), lease.slots, done)
