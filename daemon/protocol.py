@@ -38,6 +38,7 @@ from tiercache.keys import KeyChain
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 4 * 2**20
+MAX_MESSAGE = 1024  # characters of an error message
 _LEN = struct.Struct(">I")
 
 # What an operator verb answers (``ctl``): the same JSON object MQTT carries, shaped by
@@ -457,6 +458,9 @@ REQUESTS: dict[str, type[Request]] = {
 def decode_envelope(msg: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     """A request frame's ``(id, op, args)``, checked for shape only."""
     rid = msg.get("id")
+    if rid is not None and type(rid) is not int:
+        # Echoed in the reply: anything else could make the reply too big to send.
+        raise ProtocolError("bad_request", f"'id' must be an integer, got {rid!r:.80}")
     op, args = msg.get("op"), msg.get("args", {})
     if not isinstance(op, str):
         raise ProtocolError("bad_request", "'op' must be a string")
@@ -585,7 +589,11 @@ def reply_frame(rid: Any, result: Reply) -> bytes:
 
 
 def error_frame(rid: Any, code: str, message: str) -> bytes:
-    """The frame of a failed request ``rid`` (``rid`` None: a frame that could not be read)."""
+    """The frame of a failed request ``rid`` (``rid`` None: a frame that could not be read).
+    The message is cut at ``MAX_MESSAGE`` characters: it may quote what the peer sent (an
+    operation, a session name), and a reply over ``MAX_FRAME`` could not be sent at all."""
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}... ({len(message)} characters)"
     return encode({"id": rid, "ok": False, "error": {"code": code, "message": message}})
 
 

@@ -260,6 +260,34 @@ async def test_a_garbage_frame_is_an_error_but_not_the_end(daemon: Daemon) -> No
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        ({"op": "o" * (MAX_FRAME - 40), "args": []}, "bad_request"),
+        ({"op": "ctl", "args": {"verb": "pin", "args": {"session": "s" * (MAX_FRAME - 60)}}},
+         "unknown_session"),
+        ({"id": b"\0" * (MAX_FRAME - 40), "op": "nope"}, "bad_request"),
+    ],
+)  # fmt: skip
+async def test_a_request_quoted_in_its_error_still_gets_a_reply_that_fits_a_frame(
+    daemon: Daemon,
+    args: dict,  # type: ignore[type-arg]
+    code: str,
+) -> None:
+    # The error quotes what was sent: whole, its reply was over MAX_FRAME and the daemon
+    # hung up without one.
+    reader, writer = await raw(daemon)
+    assert (await roundtrip(reader, writer, HELLO))["ok"]  # type: ignore[index]
+    reply = await roundtrip(reader, writer, encode({"id": 2, **args}))
+    assert reply is not None and reply["error"]["code"] == code, reply
+    assert len(reply["error"]["message"]) < 1100
+    again = await roundtrip(
+        reader, writer, encode({"id": 3, "op": "ctl", "args": {"verb": "stats"}})
+    )
+    assert again is not None and again["ok"] is True
+    writer.close()
+
+
 async def test_an_oversized_frame_is_refused_and_the_connection_closed(daemon: Daemon) -> None:
     reader, writer = await raw(daemon)
     reply = await roundtrip(reader, writer, struct.pack(">I", MAX_FRAME + 1))
