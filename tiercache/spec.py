@@ -88,6 +88,8 @@ def dtype_name(dtype: str | torch.dtype) -> str:
             if td == dtype:
                 return name
         raise SpecError(f"unsupported KV dtype {dtype}; supported: {', '.join(DTYPES)}")
+    if not isinstance(dtype, str):  # a spec decoded from a request: any type may come in
+        raise SpecError(f"KVSpec.dtype must be a dtype name, got {dtype!r:.80}")
     name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPES:
         raise SpecError(

@@ -209,6 +209,17 @@ async def test_a_request_before_hello_is_refused(daemon: Daemon) -> None:
             "bad_spec",
         ),
         ({"id": 2, "op": "register", "args": {"model": "m", "spec": {"bogus": 1}}}, "bad_spec"),
+        (
+            {
+                "id": 2,
+                "op": "register",
+                "args": {
+                    "model": "m",
+                    "spec": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": 5},
+                },
+            },
+            "bad_spec",
+        ),
         ({"id": 2, "op": "commit", "args": {"txn": 12345}}, "unknown_txn"),
         ({"id": 2, "op": "release", "args": {"lease": -3}}, "bad_request"),
         ({"id": 2, "op": "ctl", "args": {"verb": "explode"}}, "unknown_verb"),
