@@ -165,6 +165,47 @@ async def test_an_open_that_fails_lets_go_of_the_store_for_a_retry(
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+@pytest.mark.parametrize("stage", ["block writes", "journal write"])
+async def test_a_save_cancelled_during_its_disk_write_gives_the_disk_room_back(
+    open_cache: OpenCache, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    m = await open_cache(write="write-through")
+    await m.save(NS, make_tokens(2), make_blocks(2))
+    disk = m.disk
+    assert disk is not None and disk.used_bytes == 2 * NBYTES
+    stalled = asyncio.Event()
+    if stage == "block writes":
+        real = disk.io.write
+
+        async def slow(path: str, items: list) -> list:  # type: ignore[type-arg]
+            stalled.set()
+            await asyncio.sleep(0.2)  # the I/O threads are still writing when the save goes
+            return await real(path, items)
+
+        monkeypatch.setattr(disk.io, "write", slow)
+    else:
+        real_segment = disk._write_segment
+
+        async def slow_segment(records: list, snapshot: bool = False) -> None:  # type: ignore[type-arg]
+            stalled.set()
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(disk, "_write_segment", slow_segment)
+    save = asyncio.create_task(m.save(NS, make_tokens(3, seed=5), make_blocks(3, seed=5)))
+    await stalled.wait()
+    save.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    await asyncio.sleep(0.4)
+    if stage == "journal write":
+        monkeypatch.setattr(disk, "_write_segment", real_segment)
+        await disk.sync_journal()  # the puts and their dels
+    on_disk = sum(1 for e in m.index if e.disk is not None)
+    assert on_disk == 2 and disk.used_bytes == 2 * NBYTES  # nothing counted for nothing
+    # The cancelled save's blocks are host-resident; a flush writes them in the room given back.
+    assert await m.flush() == 3 * NBYTES and disk.used_bytes == 5 * NBYTES
+
+
 CHILD = textwrap.dedent(
     """
     import asyncio, sys, torch

@@ -372,7 +372,16 @@ class DiskTier:
         writes = [
             (s, data) for s, (_, data) in zip(slots, items, strict=True) if isinstance(s, int)
         ]
-        outcomes = iter(await self.io.write(arr.path, writes))
+        write = asyncio.ensure_future(self.io.write(arr.path, writes))
+        try:
+            outcomes = iter(await asyncio.shield(write))
+        except asyncio.CancelledError:
+            # The caller gave up (a cancelled save or eviction) while the I/O threads write
+            # on: their slots go back once those writes end, journaled nowhere. Otherwise
+            # their bytes stayed counted in used_bytes for the life of the process.
+            taken = [s for s, _ in writes]
+            write.add_done_callback(lambda _: self._unallocate(arr, taken))
+            raise
         results: list[DiskRecord | BaseException] = []
         for (key, data), slot in zip(items, slots, strict=True):
             if not isinstance(slot, int):
@@ -394,6 +403,11 @@ class DiskTier:
         if done:
             try:
                 await self.sync_journal()
+            except asyncio.CancelledError:
+                # No caller will make these blocks visible: a del follows their put.
+                for rec in done:
+                    self.discard(rec)
+                raise
             except (DiskFull, StoreError) as e:
                 # The blocks landed but their records did not: forget them. Their
                 # slots are reusable at once, since no journal record names them.
@@ -407,6 +421,12 @@ class DiskTier:
                     arr.free.append(rec.slot)
                 return [e if isinstance(r, DiskRecord) else r for r in results]
         return results
+
+    def _unallocate(self, arr: _Array, slots: list[int]) -> None:
+        """Give back slots ``_allocate`` took for blocks that were never recorded."""
+        for slot in slots:
+            self.used_bytes -= arr.block_nbytes
+            arr.free.append(slot)
 
     async def get_many(
         self, recs: Sequence[DiskRecord], outs: Sequence[torch.Tensor]
