@@ -193,6 +193,21 @@ async def test_bad_credentials_are_a_clear_error_at_open(
     await m.close()
 
 
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "s3.example.com", "ftp://host:21"])
+async def test_an_endpoint_from_the_environment_without_http_is_a_clear_error_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    # The config checks [tiers.remote] endpoint; AWS_ENDPOINT_URL reaches obstore unchecked,
+    # which panicked on every request, and the tier started "unreachable".
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(key_id="k", secret_file=str(tmp_path / "secret"))
+    with pytest.raises(StoreError, match=f"AWS_ENDPOINT_URL '{endpoint}' is not http"):
+        await TierManager.open(
+            host_bytes=4 * NBYTES, remote_url=f"s3://{BUCKET}/x", remote_options=opts
+        )
+
+
 @pytest.mark.service
 async def test_a_missing_bucket_is_a_clear_error_at_open(
     tmp_path: Path, seaweedfs: SeaweedFS

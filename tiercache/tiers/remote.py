@@ -118,6 +118,14 @@ def _s3_store(url: str, opts: RemoteOptions) -> tuple[Any, str]:
     }
     endpoint = opts.endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
     if endpoint:
+        # Checked here too: AWS_ENDPOINT_URL (or an embedded caller's options) never went through
+        # the config's check, and obstore panics on every request to an endpoint with no scheme.
+        e = urlparse(endpoint)
+        if e.scheme not in ("http", "https") or not e.netloc:
+            source = "[tiers.remote] endpoint" if opts.endpoint else "AWS_ENDPOINT_URL"
+            raise StoreError(
+                f"remote tier {url}: {source} {endpoint!r} is not http(s)://host[:port]"
+            )
         kwargs["endpoint"] = endpoint
     if opts.key_id:
         kwargs["access_key_id"] = opts.key_id
