@@ -134,6 +134,9 @@ class SharedTier:
             self._in_flight = len(batch)
             try:
                 await self._upload(batch)
+            except asyncio.CancelledError:
+                self.uploads.put_back(batch)  # not uploaded: close() reports them with the rest
+                raise
             finally:
                 self._in_flight = 0
                 self._upload_done.set()

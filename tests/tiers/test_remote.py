@@ -170,6 +170,27 @@ async def test_a_hung_store_costs_a_lookup_at_most_one_deadline_and_local_hits_a
         await m.close(flush=False)
 
 
+async def test_close_reports_the_blocks_of_an_upload_batch_stalled_in_flight(
+    tmp_path: Path, black_hole: str
+) -> None:
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
+    m = await TierManager.open(
+        host_bytes=32 * NBYTES,
+        remote_url=f"s3://{BUCKET}/stalled",
+        remote_options=dataclasses.replace(opts, timeout=1.0),
+    )
+    assert m.shared is not None
+    await m.save(NS, make_tokens(20), make_blocks(20))
+    await until(lambda: m.shared is not None and m.shared._in_flight > 0)
+
+    await m.close(flush=False)
+
+    # Every saved block is either uploaded or reported, the batch in flight included.
+    assert m.shared.uploads.uploaded == 0
+    assert m.shared.state()["dropped_blocks"] == {"shutdown": 20}
+
+
 @pytest.mark.service
 async def test_bad_credentials_are_a_clear_error_at_open(
     tmp_path: Path, seaweedfs: SeaweedFS
