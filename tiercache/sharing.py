@@ -85,7 +85,6 @@ class SharedTier:
         self.uploads = UploadQueue(sharing.queue_blocks)
         self._admission = Admission(max(1, sharing.admission))
         self._uploader: asyncio.Task[None] | None = None
-        self._in_flight = 0  # blocks the uploader has taken from the queue and not finished
         self._upload_done = asyncio.Event()  # set after every upload batch (drain waits on it)
         # Fills in flight, by the first key they fetch -> (task, keys adopted so far).
         self._fills: dict[BlockKey, tuple[asyncio.Task[None], set[BlockKey]]] = {}
@@ -131,14 +130,13 @@ class SharedTier:
             if not remote.up and pause > 0:
                 await asyncio.sleep(pause)  # the next upload is the health probe
             batch = self.uploads.take(UPLOAD_BATCH)
-            self._in_flight = len(batch)
             try:
                 await self._upload(batch)
             except asyncio.CancelledError:
                 self.uploads.put_back(batch)  # not uploaded: close() reports them with the rest
                 raise
             finally:
-                self._in_flight = 0
+                self.uploads.done(len(batch))
                 self._upload_done.set()
 
     async def _upload(self, batch: list[tuple[BlockKey, str]]) -> None:
@@ -215,10 +213,10 @@ class SharedTier:
         """Wait until the write-behind queue is empty (or ``seconds``); returns what is left."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while len(self.uploads) or self._in_flight:
+                while len(self.uploads) or self.uploads.in_flight:
                     self._upload_done.clear()
                     await self._upload_done.wait()
-        return len(self.uploads) + self._in_flight
+        return len(self.uploads) + self.uploads.in_flight
 
     # -- fills ----------------------------------------------------------------
 
@@ -337,7 +335,7 @@ class SharedTier:
         """The shared tier's state for ``stats``: health, queue, uploads, losses."""
         return {
             **self.remote.state(),
-            "queue_blocks": len(self.uploads),
+            "queue_blocks": len(self.uploads) + self.uploads.in_flight,  # what the bound counts
             "queue_bound": self.uploads.bound,
             "uploaded_blocks": self.uploads.uploaded,
             "dropped_blocks": dict(self.uploads.dropped),

@@ -182,13 +182,41 @@ async def test_close_reports_the_blocks_of_an_upload_batch_stalled_in_flight(
     )
     assert m.shared is not None
     await m.save(NS, make_tokens(20), make_blocks(20))
-    await until(lambda: m.shared is not None and m.shared._in_flight > 0)
+    await until(lambda: m.shared is not None and m.shared.uploads.in_flight > 0)
 
     await m.close(flush=False)
 
     # Every saved block is either uploaded or reported, the batch in flight included.
     assert m.shared.uploads.uploaded == 0
     assert m.shared.state()["dropped_blocks"] == {"shutdown": 20}
+
+
+async def test_a_failed_upload_batch_keeps_its_place_in_the_queue_bound(
+    tmp_path: Path, black_hole: str
+) -> None:
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
+    m = await TierManager.open(
+        host_bytes=64 * NBYTES,
+        remote_url=f"s3://{BUCKET}/bound",
+        remote_options=dataclasses.replace(opts, timeout=1.0),
+        sharing=Sharing(queue_blocks=20),
+    )
+    try:
+        assert m.shared is not None
+        queue = m.shared.uploads
+        first = make_tokens(20, seed=1)
+        await m.save(NS, first, make_blocks(20, seed=1))  # all accepted
+        await until(lambda: len(queue) == 4)  # a batch of 16 in flight, stalled
+
+        await m.save(NS, make_tokens(16, seed=2), make_blocks(16, seed=2))  # no room: refused
+        assert queue.dropped == {"queue_full": 16}
+        await until(lambda: m.stats.errors["remote_write"] > 0)  # the batch failed: put back
+
+        assert all(k in queue for k in NS.block_keys(first)) and len(queue) == 20
+        assert queue.dropped == {"queue_full": 16}
+    finally:
+        await m.close(flush=False)
 
 
 @pytest.mark.service

@@ -319,12 +319,16 @@ class UploadQueue:
     """The write-behind queue: blocks waiting to go to the shared tier, bounded in count.
 
     A block offered while the queue is full is dropped and counted (a lost
-    chance to share, never lost data: it stays in the local tiers).
+    chance to share, never lost data: it stays in the local tiers). Blocks taken
+    for upload count against the bound until they are done, so a failed batch
+    always finds its room again: a block the queue accepted is never dropped
+    for the blocks offered after it.
     """
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
         self._items: OrderedDict[BlockKey, str] = OrderedDict()  # key -> namespace array
+        self.in_flight = 0  # taken and not yet ``done``
         self.dropped: Counter[str] = Counter()  # reason -> blocks
         self.uploaded = 0
         self.ready = asyncio.Event()
@@ -338,7 +342,7 @@ class UploadQueue:
     def offer(self, key: BlockKey, array: str) -> bool:
         if key in self._items:
             return True
-        if len(self._items) >= self.bound:
+        if len(self._items) + self.in_flight >= self.bound:
             self.dropped["queue_full"] += 1
             return False
         self._items[key] = array
@@ -351,20 +355,23 @@ class UploadQueue:
             out.append(self._items.popitem(last=False))
         if not self._items:
             self.ready.clear()
+        self.in_flight += len(out)
         return out
 
     def put_back(self, items: Sequence[tuple[BlockKey, str]]) -> None:
-        """Return blocks whose upload failed to the head of the queue, within the bound."""
+        """Return taken blocks whose upload failed to the head of the queue (before ``done``:
+        their room was kept for them)."""
         for key, array in reversed(items):
             if key in self._items:
-                continue
-            if len(self._items) >= self.bound:
-                self.dropped["queue_full"] += 1
                 continue
             self._items[key] = array
             self._items.move_to_end(key, last=False)
         if self._items:
             self.ready.set()
+
+    def done(self, taken: int) -> None:
+        """A batch of ``taken`` blocks is finished (uploaded, or put back)."""
+        self.in_flight -= taken
 
 
 # -- retention ------------------------------------------------------------
