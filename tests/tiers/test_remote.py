@@ -219,6 +219,26 @@ async def test_a_failed_upload_batch_keeps_its_place_in_the_queue_bound(
         await m.close(flush=False)
 
 
+async def test_a_failed_batch_doubles_the_backoff_once_not_once_per_block(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: every request is refused at once
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(endpoint=refused, key_id="k", secret_file=str(tmp_path / "secret"))
+    m = await TierManager.open(
+        host_bytes=32 * NBYTES, remote_url=f"s3://{BUCKET}/refused", remote_options=opts
+    )
+    try:
+        assert m.remote is not None and m.remote.backoff == 0.1  # the marker's PUT failed
+        await m.save(NS, make_tokens(16), make_blocks(16))
+        await until(lambda: m.stats.errors["remote_write"] == 16)  # one batch, all refused
+
+        # The store is retried in 0.2 s, not MAX_BACKOFF: the batch was one failed probe.
+        assert m.remote.backoff == 0.2
+    finally:
+        await m.close(flush=False)
+
+
 @pytest.mark.service
 async def test_bad_credentials_are_a_clear_error_at_open(
     tmp_path: Path, seaweedfs: SeaweedFS

@@ -210,10 +210,15 @@ class RemoteTier:
         return self.up or time.monotonic() >= self.down_until
 
     def failed(self, err: BaseException) -> None:
+        """A request failed: down for a backoff that doubles once per failed probe. Requests
+        that were in flight together (an upload batch, a fill's window) fail together:
+        one outage, not one doubling each."""
+        self.last_error = f"{type(err).__name__}: {_first_line(err)}"
+        if not self.up and time.monotonic() < self.down_until:
+            return
         self.up = False
         self.backoff = min(MAX_BACKOFF, max(0.1, self.backoff * 2))
         self.down_until = time.monotonic() + self.backoff
-        self.last_error = f"{type(err).__name__}: {_first_line(err)}"
 
     def succeeded(self) -> None:
         if not self.up:
