@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from typing import Any
 
 import obstore
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
-from tests.services.seaweedfs import objects
+from tests.services.seaweedfs import objects, options, slow_gateway
+from tiercache import TierManager
+from tiercache.bench.seaweedfs import SeaweedFS
 from tiercache.keys import Namespace
 from tiercache.sharing import Sharing
 from tiercache.storage_format import stored_nbytes, zarr_attrs
@@ -157,3 +161,33 @@ async def test_a_quantized_namespace_is_shared_as_its_records_and_says_its_forma
     group = await obstore.get_async(a.remote.obj, f"ns/{int8.hex}/zarr.json")
     attrs = json.loads(bytes(await group.bytes_async()))["attributes"]["tiercache"]
     assert attrs["format"] == zarr_attrs(SPEC, "int8")
+
+
+async def test_a_store_slower_than_the_deadline_costs_one_lookup_one_deadline(
+    open_node: Any, seaweedfs: SeaweedFS, remote_url: str
+) -> None:
+    a = await open_node("a")
+    prompts = [make_tokens(2, seed=s) for s in range(4)]
+    for s, tokens in enumerate(prompts):
+        await a.save(NS, tokens, make_blocks(2, seed=s))
+    assert await a.shared.drain(30) == 0
+    deadline = 0.5
+    async with slow_gateway(seaweedfs, delay=0.3) as endpoint:  # one GET in time, two are not
+        opts = dataclasses.replace(options(seaweedfs, timeout=deadline), endpoint=endpoint)
+        b = await TierManager.open(
+            host_bytes=16 * NBYTES, remote_url=remote_url, remote_options=opts
+        )
+        try:
+            await b.lookup(NS, prompts[0])  # waits the deadline; its fill finishes late
+            waits = []
+            for tokens in prompts[1:]:
+                # The fill before finishes (late), the store up all along.
+                await asyncio.gather(*(task for task, _ in b.shared._fills.values()))
+                t0 = time.monotonic()
+                await b.lookup(NS, tokens)
+                waits.append(time.monotonic() - t0)
+
+            assert b.remote.up and max(waits) < deadline / 2, waits
+            assert b.stats.errors["remote_timeout"] == 1
+        finally:
+            await b.close(flush=False)

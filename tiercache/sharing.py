@@ -236,7 +236,8 @@ class SharedTier:
                 self._fetch(array, nbytes, keys[start:], got), name="tiercache-fill"
             )
             fill = self._fills[first] = (task, got)
-            task.add_done_callback(lambda t: self._fill_done(first, t))
+            started = time.monotonic()
+            task.add_done_callback(lambda t: self._fill_done(first, t, started))
         task, got = fill
         if not self._slow:
             done, _ = await asyncio.wait({task}, timeout=remote.timeout)
@@ -245,13 +246,17 @@ class SharedTier:
                 self._stats.error("remote_timeout")
         return set(got)
 
-    def _fill_done(self, first: BlockKey, task: asyncio.Task[None]) -> None:
+    def _fill_done(self, first: BlockKey, task: asyncio.Task[None], started: float) -> None:
         if self._fills.get(first, (None,))[0] is task:
             del self._fills[first]
-        if not task.cancelled() and task.exception() is None and self.remote.up:
-            self._slow = False  # the store answered a whole fill: wait for it again
-        elif not task.cancelled():
-            log.warning("shared tier fill failed: %s", task.exception())
+        if task.cancelled():
+            return
+        if (err := task.exception()) is not None:
+            log.warning("shared tier fill failed: %s", err)
+        elif self.remote.up and time.monotonic() - started <= self.remote.timeout:
+            # The store answered a whole fill in time: wait for it again. A fill that merely
+            # finished late does not: a store slower than the deadline would cost every lookup.
+            self._slow = False
 
     async def _fetch(
         self, array: str, nbytes: int, keys: list[BlockKey], got: set[BlockKey]

@@ -4,6 +4,8 @@ registered in tests/conftest.py; the gateway starts only when a test asks for on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -80,6 +82,43 @@ async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> As
     yield factory
     for m in opened:
         await m.close(flush=False)
+
+
+@contextlib.asynccontextmanager
+async def slow_gateway(weed: SeaweedFS, delay: float) -> AsyncIterator[str]:
+    """An endpoint in front of ``weed`` that holds every reply for ``delay`` seconds: a store
+    that answers, slowly (in this event loop: the test must await while it works)."""
+    port = int(weed.endpoint.rsplit(":", 1)[1])
+
+    async def pipe(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, reply: bool, asked: list[bool]
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(1 << 16):
+                if reply and asked[0]:  # the first bytes of a reply
+                    await asyncio.sleep(delay)
+                asked[0] = not reply
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", port)
+        asked = [False]  # a request went up since the last reply began
+        pipes = asyncio.gather(pipe(r, uw, False, asked), pipe(ur, w, True, asked))
+        conns.add(pipes)
+        with contextlib.suppress(asyncio.CancelledError):  # closed below, with the server
+            await pipes
+        w.close()
+        uw.close()
+
+    conns: set[asyncio.Future[Any]] = set()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        for c in conns:  # the client's pooled connections outlive its requests
+            c.cancel()
+        await asyncio.sleep(0)
 
 
 async def objects(m: Any, prefix: str = "ns/") -> list[str]:
