@@ -154,6 +154,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
     remote = _config(args.config).tiers.remote
     if remote is None:
         raise ConfigError("tiers.remote.url: no shared tier is configured; retention needs one")
+    if args.max_age is not None and args.max_age < 0:
+        raise ConfigError(f"--max-age: must be seconds >= 0, got {args.max_age}")
     max_bytes = None if args.max_bytes is None else parse_size(args.max_bytes)
     if max_bytes is None and args.max_age is None and not (remote.max_age or remote.max_bytes):
         raise ConfigError(

@@ -94,6 +94,28 @@ async def test_retention_by_size_keeps_what_fits_across_namespaces(open_node: An
     assert len(await objects(a, "ns/")) == 2 + 2  # two blocks and the two namespace groups
 
 
+@pytest.mark.service
+@pytest.mark.parametrize(
+    ("limits", "wrong"),
+    [
+        ({"max_age": -60}, "max_age and max_bytes must be >= 0"),
+        ({"max_bytes": -1}, "max_age and max_bytes must be >= 0"),
+        ({"max_age": 60, "namespace": "not-a-namespace"}, "'not-a-namespace' is not a namespace"),
+    ],
+)
+async def test_retention_refuses_limits_that_would_remove_everything_or_nothing(
+    open_node: Any, limits: dict[str, Any], wrong: str
+) -> None:
+    a = await open_node("a")
+    await a.save(NS, make_tokens(3), make_blocks(3))
+    assert await a.shared.drain(30) == 0
+
+    with pytest.raises(ValueError, match=wrong):
+        await retention(a.remote, **limits)
+
+    assert len(await objects(a, f"ns/{NS.hex}/b/")) == 3
+
+
 # ------------------------------------------------------------------------------------------------
 # The shared tier failing: down, killed mid-write, restarted, refusing, missing, black-holed.
 # ------------------------------------------------------------------------------------------------

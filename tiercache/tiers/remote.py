@@ -465,6 +465,14 @@ async def retention(
     """
     import obstore
 
+    # Checked first: a negative limit would doom every block, and a namespace that is no
+    # namespace id would match nothing and say nothing.
+    if max_age < 0 or max_bytes < 0:
+        raise ValueError(
+            f"retention: max_age and max_bytes must be >= 0, got {max_age} and {max_bytes}"
+        )
+    if namespace is not None and not re.fullmatch(f"[0-9a-f]{{{2 * KEY_BYTES}}}", namespace):
+        raise ValueError(f"retention: namespace {namespace!r} is not a namespace's hex id")
     blocks = await list_blocks(tier, namespace)
     doomed = plan_retention(
         blocks, now=time.time() if now is None else now, max_age=max_age, max_bytes=max_bytes
