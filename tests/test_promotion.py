@@ -18,6 +18,7 @@ from tiercache.lock import CacheLock
 from tiercache.promotion import Promoter
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.stats import Stats
+from tiercache.tiers.blockio import ReadItem
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskTier
 from tiercache.tiers.host import HostArena
@@ -181,6 +182,34 @@ async def test_a_prefetch_stops_where_the_host_tier_has_no_evictable_room(
     assert await c.promoter.prefetch(entries) == 1
     assert c.where() == {0: ("host",), 1: ("host",), 2: ("host", "disk"), 3: ("disk",)}
     assert c.stats.prefetch == {"partial": 1}
+
+
+async def test_a_prefetch_cancelled_during_its_disk_read_forgets_no_block(
+    open_cache: OpenCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = await open_cache(host_blocks=4)
+    entries = await c.on_disk(0, 1)
+    gate = asyncio.Event()
+    real = c.tier.io.read
+
+    async def held(path: str, items: list[ReadItem]) -> list[bool]:
+        await gate.wait()  # the I/O threads still at work when the prefetch is cancelled
+        return await real(path, items)
+
+    monkeypatch.setattr(c.tier.io, "read", held)
+    prefetch = asyncio.create_task(c.promoter.prefetch(entries))
+    await asyncio.sleep(0.01)
+    prefetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await prefetch
+    assert c.where() == {0: ("disk",), 1: ("disk",)}  # not dropped as corrupt
+    assert c.stats.corrupt_blocks == 0
+    assert c.arena.free_slots == 2  # the read still writes into its slots
+    gate.set()
+    async with asyncio.timeout(5):
+        while c.arena.free_slots < 4:  # noqa: ASYNC110 - given back once the read has ended
+            await asyncio.sleep(0.01)
+    assert c.where() == {0: ("disk",), 1: ("disk",)}
 
 
 # --- prefetch on to the device ---------------------------------------------------------------------

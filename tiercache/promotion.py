@@ -28,6 +28,7 @@ from tiercache.room import DiskRoom, HostRoom
 from tiercache.stats import Stats
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskRecord
+from tiercache.transaction import abort_later
 
 
 class Promoter:
@@ -114,27 +115,37 @@ class Promoter:
                 targets.append((e, rec, slot))
         if not targets:
             return 0
-        oks = [False] * len(targets)
         self._lock.free()
+        recs = [rec for _, rec, _ in targets]
+        views = [arena.view(slot, e.nbytes) for e, _, slot in targets]
+        reading = asyncio.ensure_future(disk.disk.get_many(recs, views))
         try:
-            oks = await disk.disk.get_many(
-                [rec for _, rec, _ in targets],
-                [arena.view(slot, e.nbytes) for e, _, slot in targets],
-            )
-        finally:
-            async with self._lock:
-                promoted = 0
-                for (e, rec, slot), ok in zip(targets, oks, strict=True):
-                    if ok and HOST not in e.at and e.key in self._index:
-                        self._host.place(e, slot)
-                        promoted += 1
-                    else:
-                        arena.free(slot)
-                        if not ok:
-                            disk.forget_corrupt([(e, rec)])
-                nbytes = sum(e.nbytes for (e, _, _), ok in zip(targets, oks, strict=True) if ok)
-                self._stats.transfer(DISK, HOST, nbytes, time.perf_counter() - t0)
+            oks = await asyncio.shield(reading)
+        except BaseException:
+            # Cancelled (or the read failed): no block failed verification, so none is
+            # forgotten, and the slots go back only once the I/O threads stop writing them.
+            slots = [slot for _, _, slot in targets]
+            reading.add_done_callback(lambda _: abort_later(self._give_back(slots)))
+            raise
+        async with self._lock:
+            promoted = 0
+            for (e, rec, slot), ok in zip(targets, oks, strict=True):
+                if ok and HOST not in e.at and e.key in self._index:
+                    self._host.place(e, slot)
+                    promoted += 1
+                else:
+                    arena.free(slot)
+                    if not ok:
+                        disk.forget_corrupt([(e, rec)])
+            nbytes = sum(e.nbytes for (e, _, _), ok in zip(targets, oks, strict=True) if ok)
+            self._stats.transfer(DISK, HOST, nbytes, time.perf_counter() - t0)
         return promoted
+
+    async def _give_back(self, slots: list[int]) -> None:
+        """The host slots of a promotion given up, once its read has ended."""
+        async with self._lock:
+            for slot in slots:
+                self._host.arena.free(slot)
 
     async def to_device(self, entries: list[Entry]) -> set[BlockKey]:
         """Copy the host-resident ``entries`` (leased by the caller, so their host slots stay)
