@@ -171,6 +171,22 @@ async def test_pin_keys_pins_only_the_keys_a_chain_gained() -> None:
     assert s.pin_keys(sess) == 0
 
 
+async def test_a_replaced_chain_s_keys_lose_the_pin_as_they_do_across_a_restart(
+    disk: RecordingDisk,
+) -> None:
+    index = stored(Index(), 1, 2, 3, 4)
+    s = Sessions(index, disk, Stats())
+    await s.extend("chat", keys(1, 2, 3))
+    await s.pin("chat")
+    sess = await s.extend("chat", keys(1, 2, 4))  # a regenerated last turn
+    s.pin_keys(sess)  # as its commit does
+    assert pins(index) == {1: 1, 2: 1, 4: 1}
+    assert sess.pinned_keys == set(keys(1, 2, 4))
+    restarted = stored(Index(), 1, 2, 3, 4)
+    await Sessions(restarted, disk, Stats()).restore()
+    assert pins(restarted) == pins(index)
+
+
 async def test_a_pin_stays_on_the_key_when_its_block_is_dropped_and_saved_again() -> None:
     index = stored(Index(), 1)
     s = Sessions(index, None, Stats())

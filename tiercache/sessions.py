@@ -109,6 +109,9 @@ class Sessions:
         old = sess.chains.get(chain, [])
         if len(keys) >= len(old) and keys != old:
             sess.chains[chain] = keys
+            # A pin follows the chains, as a restart rebuilds it from them: the keys a
+            # replaced chain named and no chain names now lose this session's pin.
+            self._unpin_keys(sess, sess.pinned_keys.difference(sess.keys))
             await self.persist(sess)
         return sess
 
@@ -152,14 +155,15 @@ class Sessions:
                 n += k in self._index
         return n
 
-    def _unpin_keys(self, sess: Session) -> int:
+    def _unpin_keys(self, sess: Session, keys: set[BlockKey] | None = None) -> int:
+        """Drop ``sess``'s pin of ``keys`` (default: all it holds); returns how many are stored."""
         n = 0
-        for k in sess.pinned_keys:
+        for k in list(sess.pinned_keys if keys is None else keys):
             self._index.pins[k] -= 1
             if self._index.pins[k] <= 0:
                 del self._index.pins[k]
             n += k in self._index
-        sess.pinned_keys.clear()
+            sess.pinned_keys.discard(k)
         return n
 
     async def set_ttl(self, sid: str, seconds: float | None) -> None:
