@@ -202,6 +202,18 @@ async def test_evicting_a_session_keeps_blocks_another_session_shares(
         await m.evict(session="long")
 
 
+async def test_a_key_given_twice_to_evict_is_one_block_evicted(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2))
+    await m.flush()  # on host and disk: each copy dropped once
+    first = (await m.lookup(NS, tokens)).keys[0]
+    assert await m.evict(keys=[first, first]) == 1
+    assert (await m.lookup(NS, tokens)).blocks == 0
+    assert len(m.index) == 1
+    assert m.disk is not None and m.disk.num_blocks == 1
+
+
 async def test_a_pinned_session_cannot_be_evicted_without_unpinning(open_cache: OpenCache) -> None:
     m = await open_cache()
     await m.save(NS, make_tokens(2), make_blocks(2), session="s")

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from tiercache.errors import BlockShapeError, CacheError
-from tiercache.index import DEVICE, DISK, HOST, REMOTE, Entry, Index
+from tiercache.index import DEVICE, HOST, REMOTE, Entry, Index
 from tiercache.keys import BlockKey, Namespace, Tokens, check_first_block, keys_of
 from tiercache.lock import CacheLock
 from tiercache.policy.base import make_policy
@@ -40,7 +40,7 @@ from tiercache.policy.write import Admission, WritePolicy, make_write_policy
 from tiercache.promotion import Promoter
 from tiercache.reads import load_rows, read_entries, usage
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
-from tiercache.room import DiskRoom, HostRoom
+from tiercache.room import DiskRoom, HostRoom, evict_keys
 from tiercache.saves import HostSaves
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
@@ -504,13 +504,7 @@ class TierManager:
                 targets = await self.sessions.forget(session, force=force)
             else:
                 targets = list(keys or [])
-            gone = [e for k in targets if (e := self.index.get(k)) and self.index.evictable(e)]
-            for e in gone:
-                if HOST in e.at:
-                    self.host_room.drop(e)
-            if self.disk_room is not None:
-                await self.disk_room.drop_all([e for e in gone if DISK in e.at])
-            return len(gone)
+            return await evict_keys(targets, self.index, self.host_room, self.disk_room)
 
     # -- flush / close ------------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tiercache.errors import NoRoom
 from tiercache.index import DISK, HOST, Entry, Index
@@ -279,3 +279,18 @@ class HostRoom:
         need = n - self.arena.free_slots
         if need > 0:
             await self._evict(self._victims(need))
+
+
+async def evict_keys(
+    keys: Iterable[BlockKey], index: Index, host: HostRoom, disk: DiskRoom | None
+) -> int:
+    """Under the lock: remove the blocks of ``keys`` from host and disk (an evict by keys or
+    by session), pinned and leased ones kept; returns how many went. A key given twice is
+    one block, dropped once."""
+    gone = [e for k in dict.fromkeys(keys) if (e := index.get(k)) and index.evictable(e)]
+    for e in gone:
+        if HOST in e.at:
+            host.drop(e)
+    if disk is not None:
+        await disk.drop_all([e for e in gone if DISK in e.at])
+    return len(gone)
