@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -235,6 +236,27 @@ async def test_a_session_past_its_ttl_is_forgotten_and_evicted(open_cache: OpenC
     assert await m.expire(now=sess.expires) == ["s"]
     assert (await m.lookup(NS, tokens)).blocks == 0
     assert "s" not in m.sessions
+
+
+async def test_an_expiry_waiting_for_the_lock_acts_on_the_deadlines_it_finds_there(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache()
+    for sid, seed in (("a", 1), ("b", 2)):
+        await m.save(NS, make_tokens(2, seed=seed), make_blocks(2), session=sid)
+        await m.set_ttl(sid, 60)
+    now = m.sessions["a"].expires + 1  # type: ignore[operator]
+    async with m._lock:  # busy (a flush, a write-through commit) while both wait
+        refresh = asyncio.create_task(m.set_ttl("b", 3600))  # queued first: it wins
+        await asyncio.sleep(0)
+        first = asyncio.create_task(m.expire(now=now))
+        second = asyncio.create_task(m.expire(now=now))  # the daemon's timer and a load's
+        await asyncio.sleep(0.01)
+    await refresh
+    assert await first == ["a"]
+    assert await second == []  # not a second forget of "a": UnknownSession
+    assert list(m.sessions) == [m.sessions["b"]]
+    assert (await m.lookup(NS, make_tokens(2, seed=2))).blocks == 2
 
 
 async def test_admission_threshold_stores_on_second_offer(open_cache: OpenCache) -> None:

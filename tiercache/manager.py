@@ -482,9 +482,11 @@ class TierManager:
         Saves and loads call it whenever the earliest deadline has passed, so TTLs hold in
         embedded mode too; the daemon also runs it on a timer.
         """
-        gone = self.sessions.due(time.time() if now is None else now)
-        for sid in gone:
-            await self.evict(session=sid, force=True)
+        async with self._lock:  # due when forgotten: not forgotten twice, nor after a new TTL
+            gone = self.sessions.due(time.time() if now is None else now)
+            for sid in gone:
+                targets = await self.sessions.forget(sid, force=True)
+                await evict_keys(targets, self.index, self.host_room, self.disk_room)
         return gone
 
     async def evict(
