@@ -205,13 +205,13 @@ async def test_a_pin_stays_on_the_key_when_its_block_is_dropped_and_saved_again(
 # --- TTLs ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seconds", [0, -1.5])
-async def test_a_ttl_must_be_positive(seconds: float) -> None:
+@pytest.mark.parametrize("seconds", [0, -1.5, math.nan, math.inf])
+async def test_a_ttl_must_be_positive_and_finite(seconds: float) -> None:
     s = Sessions(Index(), None, Stats())
     await s.extend("chat", [])
     with pytest.raises(ValueError) as err:
         await s.set_ttl("chat", seconds)
-    assert str(err.value) == f"ttl must be positive seconds, got {seconds}"
+    assert str(err.value) == f"ttl must be positive finite seconds, got {seconds}"
     assert s.get("chat").expires is None
 
 

@@ -168,8 +168,9 @@ class Sessions:
 
     async def set_ttl(self, sid: str, seconds: float | None) -> None:
         """After ``seconds`` the session is forgotten and its blocks evicted (None clears it)."""
-        if seconds is not None and seconds <= 0:
-            raise ValueError(f"ttl must be positive seconds, got {seconds}")
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            # nan is a deadline never due, inf one never reached: None is how to have no TTL
+            raise ValueError(f"ttl must be positive finite seconds, got {seconds}")
         sess = self.get(sid)
         sess.expires = None if seconds is None else time.time() + seconds
         if sess.expires is not None:
