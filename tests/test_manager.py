@@ -280,6 +280,21 @@ async def test_disk_budget_evicts_the_least_recently_used_disk_blocks(
     assert m.stats.evictions["disk"] == 2
 
 
+async def test_a_block_read_from_disk_that_the_disk_evicts_while_it_is_kept_takes_no_slot(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=2, disk_blocks=2)
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    await m.save(NS, tokens, blocks)
+    await m.flush()  # blocks 0 and 1 on host and disk: the disk is full
+    await m.save(NS, make_tokens(1, seed=5), make_blocks(1, seed=5))  # dirty; evicts 0 from host
+    # Keeping block 0 in host evicts the dirty block, whose write-back evicts block 0 from disk.
+    got = await m.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    in_host = sum(1 for e in m.index if "host" in e.at)
+    assert m.usage()["host"]["blocks"] == in_host == len(m.host_room.policy)  # type: ignore[arg-type]
+
+
 async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache) -> None:
     m = await open_cache(write="write-back")
     tokens, blocks = make_tokens(3), make_blocks(3)

@@ -209,6 +209,11 @@ class Promoter:
             slot = await self._host.slot_or_none()
             if slot is None:
                 break
+            if self._index.get(e.key) is not e:
+                # The room for it wrote a host victim back, for which the disk evicted this
+                # very block (unleased once read): placed now, its slot would be lost for good.
+                self._host.arena.free(slot)
+                continue
             self._host.arena.view(slot, e.nbytes).copy_(rows[i])
             self._host.place(e, slot)
             promoted += e.nbytes
