@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiercache.errors import CacheError, SessionPinned, UnknownSession
+from tiercache.keys import KEY_BYTES
 from tiercache.manager import TierManager
 from tiercache.policy.write import make_write_policy
 from tiercache.tiers.disk import DiskFull, StoreError
@@ -105,6 +106,13 @@ class Control:
                 raw = [bytes.fromhex(k) for k in keys]
             except ValueError:
                 raise ControlError("bad_request", "evict: 'keys' must be hex strings") from None
+            # A key of another length names no block: evicting nothing would look like a miss.
+            short = next((k for k, b in zip(keys, raw, strict=True) if len(b) != KEY_BYTES), None)
+            if short is not None:
+                raise ControlError(
+                    "bad_request",
+                    f"evict: a block key is {2 * KEY_BYTES} hex digits, got {short[:80]!r}",
+                )
             return {"blocks": await self.manager.evict(keys=raw)}
         return {"blocks": await self.manager.evict(session=self._session("evict", args))}
 

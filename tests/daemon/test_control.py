@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
-from tiercache.daemon.control import Control
+from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.ctl import render_status
 from tiercache.keys import Namespace
 
@@ -53,3 +55,18 @@ async def test_stats_counts_blocks_per_storage_format_and_tier_also_after_a_rest
     s = await Control(again).run("stats")
     assert s["formats"] == {"exact": {"disk": 3}, "int8": {"disk": 2}}
     assert "formats: exact disk 3; int8 disk 2" in render_status(s)
+
+
+@pytest.mark.parametrize("cut", [16, 34, 0])  # the prefix the logs print, one byte more, none
+async def test_evict_names_a_key_that_is_not_a_block_key(open_cache: OpenCache, cut: int) -> None:
+    m = await open_cache()
+    tokens = make_tokens(1)
+    await m.save(NS, tokens, make_blocks(1))
+    given = ((await m.lookup(NS, tokens)).keys[0].hex() + "00")[:cut]
+    with pytest.raises(ControlError) as err:
+        await Control(m).run("evict", {"keys": [given]})
+    assert (err.value.code, err.value.message) == (
+        "bad_request",
+        f"evict: a block key is 32 hex digits, got {given!r}",
+    )
+    assert (await m.lookup(NS, tokens)).blocks == 1
