@@ -309,6 +309,28 @@ async def test_blocks_sessions_and_pins_survive_a_restart(open_cache: OpenCache)
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+async def test_a_pinned_session_s_blocks_reach_disk_under_write_back(
+    open_cache: OpenCache,
+) -> None:
+    # A close without a flush is what a crash leaves: a pin must outlive it, so the pin
+    # writes the session's host-only blocks, and its later saves write through.
+    m = await open_cache(host_blocks=8, write="write-back")
+    tokens, blocks = make_tokens(4), make_blocks(4)
+    other = make_tokens(2, seed=1)
+    await m.save(NS, tokens[:8], blocks[:2], session="chat")
+    await m.save(NS, other, make_blocks(2), session="unpinned")
+    assert m.disk is not None and len(m.disk.records) == 0
+    await m.pin("chat")
+    assert len(m.disk.records) == 2
+    await m.save(NS, tokens, blocks, session="chat")  # the next turn
+    assert len(m.disk.records) == 4
+    await m.close(flush=False)
+    m2 = await open_cache()
+    assert (await m2.lookup(NS, tokens)).tiers == ["disk"] * 4
+    assert torch.equal(as_bytes((await m2.load(NS, tokens)).kv()), as_bytes(blocks))
+    assert (await m2.lookup(NS, other)).blocks == 0  # not pinned: write-back as before
+
+
 async def test_close_without_flush_loses_only_unwritten_write_back_blocks(
     open_cache: OpenCache,
 ) -> None:

@@ -461,8 +461,12 @@ class TierManager:
     # -- sessions, pins, eviction -------------------------------------------
 
     async def pin(self, session: str) -> int:
+        """Pin ``session``'s blocks (how many are stored); its host-only blocks go to disk
+        now and its later saves write through (``HostSaves``): a pin outlives a crash."""
         async with self._lock:
             n = await self.sessions.pin(session)
+            if n is not None and self.disk_room is not None:
+                await self.disk_room.flush_quietly(self.host, self.sessions[session].keys)
             if self.shared is not None and n is not None:
                 self.shared.share_pinned(self.sessions[session].keys)
             return n or 0

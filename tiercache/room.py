@@ -114,10 +114,11 @@ class DiskRoom:
             self._stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
             log.warning("evict: %s", err)
 
-    async def flush(self, host: HostArena) -> int:
-        """Under the lock: write every host-only block here and sync the journal; returns
-        the bytes written."""
-        dirty = [e for e in self._index if HOST in e.at and DISK not in e.at]
+    async def flush(self, host: HostArena, keys: Iterable[BlockKey] | None = None) -> int:
+        """Under the lock: write every host-only block (of ``keys``, default all) here and
+        sync the journal; returns the bytes written."""
+        some = self._index if keys is None else (e for k in keys if (e := self._index.get(k)))
+        dirty = [e for e in some if HOST in e.at and DISK not in e.at]
         self._index.lease(dirty)
         try:
             written = await self.write(dirty, host) if dirty else 0
@@ -125,6 +126,16 @@ class DiskRoom:
             self._index.unlease(dirty)
         await self.disk.sync_journal()
         return written
+
+    async def flush_quietly(self, host: HostArena, keys: Iterable[BlockKey]) -> int:
+        """``flush`` of ``keys`` where the caller's own work is done whatever the disk says
+        (a pin): a full or failing disk is counted and logged, not raised."""
+        try:
+            return await self.flush(host, keys)
+        except (DiskFull, StoreError) as err:
+            self._stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
+            log.warning("pinned blocks not all on disk: %s", err)
+            return 0
 
     async def write(self, entries: list[Entry], host: HostArena) -> int:
         """Under the lock: copy host-resident ``entries`` to disk, evicting disk blocks for

@@ -137,9 +137,11 @@ class HostSaves:
                 m.shared.saved(entries, sess.keys if sess is not None and sess.pinned else [])
             nbytes = len(entries) * r.ns.block_nbytes
             m.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
-            if m.write.write_on_save and m.disk_room is not None and entries:
+            pinned = sess is not None and sess.pinned
+            if (m.write.write_on_save or pinned) and m.disk_room is not None and entries:
                 # A disk write under the lock (tiercache.lock): write-through means the save's
-                # reply says the blocks are on disk. Write-back (the default) avoids it.
+                # reply says the blocks are on disk. Write-back (the default) avoids it, but
+                # for a pinned session, whose pin must outlive a crash (TierManager.pin).
                 await m.disk_room.write(entries, m.host)
         return SaveResult(len(entries), present, r.rejected)
 

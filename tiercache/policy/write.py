@@ -12,7 +12,9 @@ from tiercache.keys import BlockKey
 class WritePolicy:
     """``write-through``: a save writes host and disk before it returns.
     ``write-back``: a save writes host; disk gets the block when it is evicted
-    from host, and on ``flush`` or shutdown (faster saves, lost on a crash)."""
+    from host, and on ``flush`` or shutdown (faster saves, lost on a crash). Either
+    way a pinned session's blocks are written when it is pinned and as it saves
+    (``TierManager.pin``): a pin outlives a crash."""
 
     name: str
     write_on_save: bool
