@@ -13,6 +13,7 @@ from typing import Any
 import obstore
 import pytest
 import torch
+from zarr.core.buffer import default_buffer_prototype
 
 from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
 from tests.services.seaweedfs import BUCKET, objects, options
@@ -21,8 +22,10 @@ from tiercache.bench.seaweedfs import SeaweedFS
 from tiercache.sharing import Sharing
 from tiercache.tiers.disk import StoreError
 from tiercache.tiers.remote import (
+    MARKER,
     TRAILER_BYTES,
     RemoteOptions,
+    RemoteTier,
     StoredBlock,
     plan_retention,
     retention,
@@ -309,3 +312,18 @@ async def test_a_missing_bucket_is_a_clear_error_at_open(
             remote_url="s3://no-such-bucket/x",
             remote_options=options(seaweedfs),
         )
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("marker", [b'{"format": 2}', b"not json", b'{"format": "1"}'])
+async def test_a_prefix_a_newer_release_laid_out_is_refused_not_overwritten(
+    seaweedfs: SeaweedFS, marker: bytes
+) -> None:
+    url = f"s3://{BUCKET}/marker-{len(marker)}"
+    tier = await RemoteTier.open(url, options(seaweedfs))  # writes format 1: opens again
+    await RemoteTier.open(url, options(seaweedfs))
+    await tier._put(MARKER, marker)
+    with pytest.raises(StoreError, match=f"{MARKER} says format .*this tiercache reads format 1"):
+        await RemoteTier.open(url, options(seaweedfs))
+    got = await tier.store.get(MARKER, prototype=default_buffer_prototype())
+    assert got is not None and got.to_bytes() == marker  # left as it was

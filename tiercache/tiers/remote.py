@@ -195,6 +195,7 @@ class RemoteTier:
         obj, where = _s3_store(url, opts)
         tier = cls(url, obj, where, opts.timeout)
         try:
+            await tier._check_marker()
             await tier._call(tier._put(MARKER, json.dumps({"format": FORMAT}).encode()))
         except StoreError:
             raise
@@ -248,6 +249,24 @@ class RemoteTier:
             raise
         self.succeeded()
         return result
+
+    async def _check_marker(self) -> None:
+        """Refuse a bucket prefix a newer release laid out (its marker names a later format):
+        writing this release's marker over it would hide that from the daemons that use it."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = await self._call(self.store.get(MARKER, prototype=default_buffer_prototype()))
+        if buf is None:
+            return
+        try:
+            found = json.loads(buf.to_bytes())["format"]
+        except (ValueError, TypeError, KeyError):
+            found = None
+        if not isinstance(found, int) or found > FORMAT:
+            raise StoreError(
+                f"remote tier {self.url}: {MARKER} says format {found!r}, this tiercache "
+                f"reads format {FORMAT}; upgrade it, or use another [tiers.remote] url"
+            )
 
     async def _put(self, key: str, body: bytes | bytearray) -> None:
         from zarr.core.buffer.cpu import Buffer
