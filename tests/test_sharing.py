@@ -191,3 +191,26 @@ async def test_a_store_slower_than_the_deadline_costs_one_lookup_one_deadline(
             assert b.stats.errors["remote_timeout"] == 1
         finally:
             await b.close(flush=False)
+
+
+async def test_an_upload_batch_that_raises_is_retried_and_uploads_go_on(
+    open_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await open_node("a")
+    assert a.shared is not None
+    real, calls = a.shared._sources, []
+
+    async def sources(batch: Any) -> Any:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("an unforeseen error reading the batch")
+        return await real(batch)
+
+    monkeypatch.setattr(a.shared, "_sources", sources)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await a.save(NS, tokens, blocks)
+    assert await a.shared.drain(30) == 0  # the failed batch came back and went out
+    assert calls[0] == 3 and len(calls) >= 2
+    assert a.stats.errors["remote_write"] == 1
+    got = await (await open_node("b")).load(NS, tokens)
+    assert got.tiers == ["remote"] * 3 and torch.equal(got.data, as_bytes(blocks))

@@ -135,6 +135,14 @@ class SharedTier:
             except asyncio.CancelledError:
                 self.uploads.put_back(batch)  # not uploaded: close() reports them with the rest
                 raise
+            except Exception as e:
+                # Unforeseen (a bug, a disk read that raised): the batch goes back and the
+                # store gets a backoff, as for a failed upload. Ending here would lose the
+                # batch and leave uploads stopped until the next block is offered.
+                log.exception("shared tier: an upload batch failed; it will be retried")
+                self.uploads.put_back(batch)
+                remote.failed(e)
+                self._stats.error("remote_write")
             finally:
                 self.uploads.done(len(batch))
                 self._upload_done.set()
