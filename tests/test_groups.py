@@ -290,6 +290,30 @@ def test_the_group_with_the_largest_blocks_sizes_the_host_slots_whatever_comes_f
     assert gc.lookup([*TOKENS, 5]) == 20
 
 
+SINKS = ModelKV(
+    (
+        KVGroup("full", (0,), layer_spec(1)),
+        KVGroup("sliding", (1, 2), layer_spec(2, kind="sliding", window=8, sinks=4)),
+    )
+)
+
+
+def test_a_sliding_group_with_sink_tokens_loads_its_sinks_and_its_window(
+    cache: SyncCache,
+) -> None:
+    gc = GroupedCache(cache, "model@1", SINKS)
+    gc.save(TOKENS[: 6 * CACHE_BS], gather)
+
+    got = gc.load([*TOKENS[: 6 * CACHE_BS], 5])
+
+    # the sink block is read whole: it does not cut the prefix at its end
+    assert got.blocks == gc.lookup([*TOKENS[: 6 * CACHE_BS], 5]) == 6
+    assert loaded_values(got) == {
+        "sliding": [(0, [1000.0]), (4, [1004.0, 1005.0])],
+        "full": [(0, [float(i) for i in range(6)])],
+    }
+
+
 def test_a_session_keeps_the_full_groups_whole_and_the_sliding_groups_last_window(
     cache: SyncCache,
 ) -> None:

@@ -273,7 +273,8 @@ class GroupedCache:
                         loads[i].append((r, got))
                         runs.learn(i, r.start, got.blocks)
                     parts.append(got)
-                    bound = min(bound, r.start + got.blocks)
+                    if got.blocks < len(r):  # a whole range (the sinks') bounds nothing
+                        bound = min(bound, r.start + got.blocks)
             if bound >= p:
                 out.seconds = time.perf_counter() - t0
                 return out
