@@ -314,6 +314,22 @@ def test_a_sliding_group_with_sink_tokens_loads_its_sinks_and_its_window(
     }
 
 
+def test_a_sink_range_read_whole_does_not_cut_a_shorter_candidate_at_the_sinks(
+    cache: SyncCache,
+) -> None:
+    gc = GroupedCache(cache, "model@1", SINKS)
+    gc.save(TOKENS[: 3 * CACHE_BS], gather)  # sinks and window merge: sliding blocks 0-2
+    gc.save(TOKENS[: 4 * CACHE_BS], gather)  # sliding blocks 0 and 2-3
+    cache.evict(keys=[gc.namespaces["full"].block_keys(TOKENS)[3]])
+    ids = [*TOKENS[: 4 * CACHE_BS], 5]
+
+    got = gc.load(ids)
+
+    # tried at 4 (the sink block 0 read alone), then at 3, which needs sliding blocks 0-2
+    assert got.blocks == gc.lookup(ids) == 3
+    assert loaded_values(got)["sliding"] == [(0, [1000.0, 1001.0, 1002.0])]
+
+
 def test_a_session_keeps_the_full_groups_whole_and_the_sliding_groups_last_window(
     cache: SyncCache,
 ) -> None:

@@ -155,23 +155,31 @@ TokenIds = Sequence[int] | np.ndarray | torch.Tensor
 
 class _Runs:
     """The runs a rule evaluation learned, per group: a run found from ``start`` to ``end``
-    answers every start inside it without another round trip."""
+    answers every start inside it without another round trip.
+
+    A load that read all it asked for says nothing of the blocks after it: its run answers
+    only once ``limit`` (the rule's, which no candidate's blocks reach) is at its end. Else
+    a sink range read whole would pass for a run that stops there, and a shorter candidate
+    whose sinks and window merge into one range would be cut at the sinks.
+    """
 
     def __init__(self, ask: Callable[[int, int], int]) -> None:
         self._ask = ask
-        self._known: dict[int, list[tuple[int, int]]] = {}
+        self._known: dict[int, list[tuple[int, int, bool]]] = {}
+        self.limit = 0
 
     def __call__(self, g: int, start: int) -> int:
-        for a, end in self._known.get(g, []):
-            if a <= start <= end:
+        for a, end, ends in self._known.get(g, []):
+            if a <= start <= end and (ends or end >= self.limit):
                 return end - start
         got = self._ask(g, start)
         self.learn(g, start, got)
         return got
 
-    def learn(self, g: int, start: int, got: int) -> None:
-        """Group ``g`` holds ``got`` blocks from ``start`` (a load said so), up to what was asked."""
-        self._known.setdefault(g, []).append((start, start + got))
+    def learn(self, g: int, start: int, got: int, asked: int | None = None) -> None:
+        """Group ``g`` holds ``got`` blocks from ``start``: a lookup's whole run, or a load's
+        of ``asked`` blocks (which may go on past them when it read them all)."""
+        self._known.setdefault(g, []).append((start, start + got, asked is None or got < asked))
 
 
 def _cut(loads: list[tuple[range, LoadResult]], want: range) -> LoadResult | None:
@@ -271,13 +279,14 @@ class GroupedCache:
                             ns, chains[g.name], first_block=r.start, max_blocks=len(r)
                         )
                         loads[i].append((r, got))
-                        runs.learn(i, r.start, got.blocks)
+                        runs.learn(i, r.start, got.blocks, len(r))
                     parts.append(got)
                     if got.blocks < len(r):  # a whole range (the sinks') bounds nothing
                         bound = min(bound, r.start + got.blocks)
             if bound >= p:
                 out.seconds = time.perf_counter() - t0
                 return out
+            runs.limit = bound
             p = usable_prefix([g.spec for g in self.groups], runs, bound)
 
     def save(
