@@ -75,11 +75,13 @@ def cmd_size(args: argparse.Namespace) -> int:
     if cfg.tiers.disk is not None:
         tiers.append(("disk", cfg.tiers.disk.bytes, args.store_dtype))
     one_full = len(model.groups) == 1 and first.kind is AttentionKind.FULL
+    # The host and device tiers are carved into slots of one size, the largest block's.
+    slot = cfg.tiers.host.slot_bytes or max(g.spec.block_nbytes for g in model.groups)
     for name, nbytes, fmt in tiers:
         if one_full:
             holds = size_line(first, nbytes, fmt)
         else:
-            fits = model.tokens_in(nbytes)
+            fits = model.tokens_in(nbytes, slot if name != "disk" else 0)
             holds = "a sequence of any length" if fits is None else f"{fits:,} tokens"
             if fmt != "exact":
                 holds += f" (exact; {fmt} sizes are shown for one-group models only)"

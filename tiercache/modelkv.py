@@ -128,18 +128,29 @@ class ModelKV:
         """KV bytes of ``batch`` sequences of ``tokens`` tokens, each group holding what it keeps."""
         return sum(g.spec.bytes_for(tokens, batch) for g in self.groups)
 
-    def tokens_in(self, nbytes: int) -> int | None:
+    def tokens_in(self, nbytes: int, slot_bytes: int = 0) -> int | None:
         """The longest sequence (whole blocks) whose KV fits in ``nbytes``; None when any
-        length fits (every group is windowed and the windows fit)."""
+        length fits (every group is windowed and the windows fit).
+
+        ``slot_bytes``: a tier of fixed-size slots (host, device), where a block of every
+        group takes one slot, so a small group's blocks cost as much as the largest's.
+        """
         bs = self.block_size
+
+        def cost(tokens: int) -> int:
+            if not slot_bytes:
+                return self.bytes_for(tokens)
+            return slot_bytes * sum(-(-g.spec.tokens_held(tokens) // bs) for g in self.groups)
+
         if all(g.spec.max_tokens is not None for g in self.groups):
             longest = max(g.spec.max_tokens or 0 for g in self.groups) + bs
-            if self.bytes_for(longest) <= nbytes:
+            if cost(longest) <= nbytes:
                 return None
-        lo, hi = 0, nbytes // (min(g.spec.bytes_per_token for g in self.groups) * bs) + 1
-        while lo < hi:  # the most blocks that fit: bytes_for only grows with the length
+        block = slot_bytes or min(g.spec.bytes_per_token for g in self.groups) * bs
+        lo, hi = 0, nbytes // block + 1
+        while lo < hi:  # the most blocks that fit: the cost only grows with the length
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.bytes_for(mid * bs) <= nbytes else (lo, mid - 1)
+            lo, hi = (mid, hi) if cost(mid * bs) <= nbytes else (lo, mid - 1)
         return lo * bs
 
     def group(self, name: str) -> KVGroup:

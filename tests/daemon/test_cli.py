@@ -84,6 +84,22 @@ def test_size_reports_what_each_configured_tier_holds(
     assert "disk tier" not in out
 
 
+def test_size_of_gemma_3_27b_counts_a_host_slot_of_the_largest_block_for_every_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text(f'[tiers.host]\nbytes = "1GiB"\n[tiers.disk]\nurl = "{tmp_path / "d"}"\n')
+    args = ["size", "--model-config", str(CONFIGS / "gemma-3-27b-it.json"), "--tokens", "1"]
+    assert main([*args, "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    # host slots are one sliding block (6,815,744 B): 1 GiB is 157 slots, 64 of them the
+    # sliding window's, 93 full blocks of 16 tokens
+    assert "host tier:        1.0 GiB holds 1,488 tokens" in out
+    # the disk stores each group's blocks at their own size: (64 GiB - 1,024 x 425,984 B)
+    # // (16 x 81,920 B) = 52,096 full blocks
+    assert "disk tier:        64.0 GiB holds 833,536 tokens" in out
+
+
 @pytest.mark.parametrize(
     ("fmt", "line"),
     [
