@@ -19,7 +19,7 @@ from zarr.core.buffer.cpu import Buffer
 from tests.conftest import embedded_config, flip_byte, fuzz_examples
 from tiercache import SyncCache
 from tiercache.client import Client
-from tiercache.daemon.config import Config
+from tiercache.daemon.config import Config, load_config
 from tiercache.daemon.process import DaemonProcess
 from tiercache.groups import GroupedCache, needed_blocks, usable_prefix
 from tiercache.keys import Namespace
@@ -408,6 +408,50 @@ class Spy:
 
     def evict(self, **kw: Any) -> int:
         return self.cache.evict(**kw)
+
+
+class FailingSave(Spy):
+    """A BlockCache whose saves in one namespace fail (the daemon went away)."""
+
+    def __init__(self, cache: SyncCache, gc: GroupedCache, group: str) -> None:
+        super().__init__(cache, gc)
+        self.failing = gc.namespaces[group]
+
+    def save(self, ns: Namespace, *args: Any, **kw: Any) -> Any:
+        if ns == self.failing:
+            raise OSError("the daemon went away")
+        return self.cache.save(ns, *args, **kw)
+
+
+def test_a_session_save_that_fails_in_one_group_keeps_the_previous_window(
+    cache: SyncCache,
+) -> None:
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+    gc.cache = FailingSave(cache, gc, "full")  # saved after both sliding groups
+
+    with pytest.raises(OSError, match="the daemon went away"):
+        gc.save(TOKENS, gather, session="chat")
+
+    gc.cache = cache
+    for name in ("sliding-0", "sliding-1"):
+        assert stored(cache, gc.namespaces[name]) == [7, 8, 9, 17, 18, 19]
+    assert gc.lookup([*TOKENS[: 10 * CACHE_BS], 5]) == 10  # the first turn's end still resumes
+    gc.save(TOKENS, gather, session="chat")  # a whole save evicts both older windows
+    assert stored(cache, gc.namespaces["sliding-0"]) == [17, 18, 19]
+
+
+def test_a_session_save_not_admitted_keeps_the_previous_window() -> None:
+    env = {"TIERCACHE_TIERS_DISK__URL": "none", "TIERCACHE_POLICY__ADMISSION": "2"}
+    with SyncCache(load_config(env=env)) as cache:
+        gc = GroupedCache(cache, "model@1", KV)
+        for _ in range(2):  # stored on its second offer
+            gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+
+        results = gc.save(TOKENS, gather, session="chat")
+
+        assert results["sliding-0"].rejected == 3
+        assert gc.lookup([*TOKENS[: 10 * CACHE_BS], 5]) == 10
 
 
 def test_a_resume_whose_blocks_are_all_there_is_one_load_per_group_and_no_lookup(

@@ -23,7 +23,9 @@ that does not belong together.
 Retention: ``GroupedCache.save`` stores of a windowed group only the blocks a resume at
 the saved end E needs (``needed_blocks(spec, E)``: the last window before E and the sink
 blocks), and when the same session saves again it evicts (by key) the blocks its previous
-save kept there that the new save does not keep. A long Gemma 3 chat so keeps the global
+save kept there that the new save does not keep, once every group has stored all it was
+given (a save that fails or is not all admitted leaves the previous end resumable). A long
+Gemma 3 chat so keeps the global
 layers' KV for every block and the local layers' for its last window only. The price: a
 resume at an earlier point than the session's last save (regenerating an earlier reply,
 branching from an older turn) finds no sliding blocks there, so it is a shorter hit or a
@@ -310,6 +312,7 @@ class GroupedCache:
         chains = self._chains(tokens, None)
         end = len(chains[self.groups[0].name])
         results: dict[str, SaveResult] = {}
+        windows: dict[str, list[BlockKey]] = {}
         for g in self.groups:
             ns, chain = self.namespaces[g.name], chains[g.name]
             can = held.get(g.name, range(end)) if held is not None else range(end)
@@ -329,15 +332,23 @@ class GroupedCache:
                 total += SaveResult(0, first - lo, 0)
             results[g.name] = total
             if session and g.spec.max_tokens is not None:
-                kept = [chain[i] for r in needed_blocks(g.spec, end) for i in r]
-                self._retire(session, g.name, kept)
+                windows[g.name] = [chain[i] for r in needed_blocks(g.spec, end) for i in r]
+        # Only now: a group that failed (an error, blocks not admitted or without room) would
+        # leave neither the new end nor the previous one resumable.
+        whole = all(r.rejected == 0 for r in results.values())
+        for name, kept in windows.items():
+            self._retire(session or "", name, kept, whole)
         return results
 
-    def _retire(self, session: str, group: str, kept: list[BlockKey]) -> None:
-        """Evict what ``session``'s previous save kept of a windowed group and this one does not."""
+    def _retire(self, session: str, group: str, kept: list[BlockKey], evict: bool) -> None:
+        """Evict what ``session``'s previous save kept of a windowed group and this one does
+        not; unless ``evict`` is False (this save is not whole), then both are remembered."""
         before = self._kept.get((session, group), [])
         keep = set(kept)
         gone = [k for k in before if k not in keep]
+        if not evict:
+            self._kept[(session, group)] = [*kept, *gone]
+            return
         if gone:
             self.cache.evict(keys=gone)
         self._kept[(session, group)] = kept
