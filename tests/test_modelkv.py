@@ -140,6 +140,30 @@ def test_gemma3_without_a_pattern_gets_transformers_default_of_five_local_to_one
     assert len(full_layers) == 10
 
 
+@pytest.mark.parametrize(
+    ("text_config", "heads", "kv_heads"),
+    [
+        # google/gemma-3-12b-it, as published: no head_dim, which is not 3840 / 16 = 240
+        ({"hidden_size": 3840, "num_attention_heads": 16, "num_hidden_layers": 48,
+          "num_key_value_heads": 8}, 16, 8),
+        # google/gemma-3-4b-it, as published: no heads either
+        ({"hidden_size": 2560, "num_hidden_layers": 34}, 8, 4),
+    ],
+)  # fmt: skip
+def test_gemma3_configs_that_leave_the_kv_shape_out_get_transformers_defaults(
+    text_config: dict[str, Any], heads: int, kv_heads: int
+) -> None:
+    from transformers import Gemma3TextConfig
+
+    text = {**text_config, "model_type": "gemma3_text", "sliding_window": 1024}
+    model = ModelKV.from_hf_config({"model_type": "gemma3", "text_config": text})
+
+    hf = Gemma3TextConfig(**{k: v for k, v in text.items() if k != "model_type"})
+    assert (hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim) == (heads, kv_heads, 256)
+    for g in model.groups:
+        assert (g.spec.num_kv_heads, g.spec.head_dim) == (kv_heads, 256)
+
+
 def test_gemma2_alternates_starting_with_a_sliding_layer() -> None:
     cfg = {**llama3_70b_config(num_hidden_layers=4), "model_type": "gemma2", "sliding_window": 4096}
 

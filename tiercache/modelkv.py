@@ -45,6 +45,11 @@ FULL, SLIDING, CHUNKED, MLA = (
 # transformers' own defaults for configs that leave the sliding pattern out (a layer i is full
 # when (i + 1) % pattern == 0): Gemma 2 and gpt-oss alternate, Gemma 3 has five local to one.
 _PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
+# transformers' defaults for the KV shape where a family's published configs leave it out
+# (gemma-3-4b-it's text_config names no heads; gemma-3-12b-it's no head_dim, which is not
+# hidden_size / heads there: 3840 / 16 = 240, where the model has 256).
+_GEMMA_SHAPE = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
+_SHAPES = {"gemma2": _GEMMA_SHAPE, "gemma3": _GEMMA_SHAPE, "gemma3_text": _GEMMA_SHAPE}
 _QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
 _LLAMA4_NO_ROPE_INTERVAL = 4  # transformers' Llama4TextConfig default
 
@@ -181,6 +186,7 @@ class ModelKV:
         (the KV cache may be stored narrower than the weights).
         """
         cfg = read_hf_config(config)
+        cfg = {**_SHAPES.get(cfg.get("model_type", ""), {}), **cfg}
 
         def need(key: str) -> int:
             if cfg.get(key) is None:
