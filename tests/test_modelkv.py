@@ -232,6 +232,19 @@ def test_llama4_rope_layers_are_chunked_and_every_fourth_is_full() -> None:
     ]
 
 
+def test_llama4_no_rope_layer_interval_sets_which_layers_are_full() -> None:
+    cfg = {
+        **llama3_70b_config(num_hidden_layers=4),
+        "attention_chunk_size": 8192,
+        "no_rope_layer_interval": 2,
+    }
+
+    assert kinds(ModelKV.from_hf_config(cfg)) == [
+        (CHUNKED, CHUNKED, 8192, (0, 2)),
+        (FULL, FULL, 0, (1, 3)),
+    ]
+
+
 def test_layer_types_with_two_windows_name_their_groups_by_window() -> None:
     cfg = {
         **llama3_70b_config(num_hidden_layers=3),

@@ -51,7 +51,7 @@ _PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
 _GEMMA_SHAPE = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
 _SHAPES = {"gemma2": _GEMMA_SHAPE, "gemma3": _GEMMA_SHAPE, "gemma3_text": _GEMMA_SHAPE}
 _QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
-_LLAMA4_NO_ROPE_INTERVAL = 4  # transformers' Llama4TextConfig default
+_LLAMA4_NO_ROPE_INTERVAL = 4  # transformers' Llama4TextConfig no_rope_layer_interval default
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +279,8 @@ def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
     if pattern and cfg.get("sliding_window"):
         return [full if (i + 1) % int(pattern) == 0 else window_of(SLIDING) for i in range(n)]
     if cfg.get("attention_chunk_size"):  # Llama 4: chunked RoPE layers, full NoPE layers
-        uses_rope = cfg.get("no_rope_layers") or [
-            int((i + 1) % _LLAMA4_NO_ROPE_INTERVAL != 0) for i in range(n)
-        ]
+        every = int(cfg.get("no_rope_layer_interval") or _LLAMA4_NO_ROPE_INTERVAL)
+        uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
         if len(uses_rope) != n:
             raise SpecError(
                 f"model config's no_rope_layers lists {len(uses_rope)} layers, "
