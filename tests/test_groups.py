@@ -454,6 +454,20 @@ def test_a_session_save_not_admitted_keeps_the_previous_window() -> None:
         assert gc.lookup([*TOKENS[: 10 * CACHE_BS], 5]) == 10
 
 
+def test_a_session_save_short_of_its_new_window_keeps_the_previous_window(
+    cache: SyncCache,
+) -> None:
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+    # The window at 20 needs blocks 17-19; the caller holds 18-19 only.
+    short = {"sliding-0": range(18, 20), "sliding-1": range(18, 20)}
+
+    gc.save(TOKENS, gather, session="chat", held=short)
+
+    assert gc.lookup([*TOKENS, 5]) == 10  # the new end cannot be resumed...
+    assert stored(cache, gc.namespaces["sliding-0"]) == [7, 8, 9, 18, 19]  # ...the old one can
+
+
 def test_a_resume_whose_blocks_are_all_there_is_one_load_per_group_and_no_lookup(
     cache: SyncCache,
 ) -> None:

@@ -23,9 +23,9 @@ that does not belong together.
 Retention: ``GroupedCache.save`` stores of a windowed group only the blocks a resume at
 the saved end E needs (``needed_blocks(spec, E)``: the last window before E and the sink
 blocks), and when the same session saves again it evicts (by key) the blocks its previous
-save kept there that the new save does not keep, once every group has stored all it was
-given (a save that fails or is not all admitted leaves the previous end resumable). A long
-Gemma 3 chat so keeps the global
+save kept there that the new save does not keep, once every group holds what a resume at
+the new end needs (a save that fails, is not all admitted or lacks blocks the caller does
+not hold leaves the previous end resumable). A long Gemma 3 chat so keeps the global
 layers' KV for every block and the local layers' for its last window only. The price: a
 resume at an earlier point than the session's last save (regenerating an earlier reply,
 branching from an older turn) finds no sliding blocks there, so it is a shorter hit or a
@@ -313,12 +313,14 @@ class GroupedCache:
         end = len(chains[self.groups[0].name])
         results: dict[str, SaveResult] = {}
         windows: dict[str, list[BlockKey]] = {}
+        whole = True  # every group stores all a resume at the end needs
         for g in self.groups:
             ns, chain = self.namespaces[g.name], chains[g.name]
             can = held.get(g.name, range(end)) if held is not None else range(end)
             total = SaveResult(0, 0, 0)
             for r in needed_blocks(g.spec, end):
                 lo, hi = max(r.start, can.start), min(r.stop, can.stop)
+                whole = whole and (lo, hi) == (r.start, r.stop)
                 if lo >= hi:
                     continue
                 have = int(self.cache.lookup(ns, KeyChain(chain[:hi]), first_block=lo).blocks)
@@ -333,9 +335,10 @@ class GroupedCache:
             results[g.name] = total
             if session and g.spec.max_tokens is not None:
                 windows[g.name] = [chain[i] for r in needed_blocks(g.spec, end) for i in r]
-        # Only now: a group that failed (an error, blocks not admitted or without room) would
-        # leave neither the new end nor the previous one resumable.
-        whole = all(r.rejected == 0 for r in results.values())
+        # Only now: a group that failed (an error, blocks not admitted or without room, blocks
+        # the caller does not hold) would leave neither the new end nor the previous one
+        # resumable.
+        whole = whole and all(r.rejected == 0 for r in results.values())
         for name, kept in windows.items():
             self._retire(session or "", name, kept, whole)
         return results
