@@ -567,6 +567,20 @@ def test_a_session_pins_evicts_and_prefetches_every_group_also_after_a_restart(
         assert len(cache.manager.index) == 0
 
 
+def test_a_pinned_chat_keeps_its_sliding_groups_last_window_only(cache: SyncCache) -> None:
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+    assert cache.pin("chat") == 10 + 3 + 3
+
+    gc.save(TOKENS, gather, session="chat")
+
+    # the pin moved with the window: blocks 7-9 were let go of, and evicted
+    for name in ("sliding-0", "sliding-1"):
+        assert stored(cache, gc.namespaces[name]) == [17, 18, 19]
+    assert cache.manager.sessions.pinned_blocks() == 20 + 3 + 3
+    assert cache.evict(keys=gc.namespaces["sliding-0"].block_keys(TOKENS)[17:]) == 0
+
+
 def test_a_daemon_serves_every_group_and_its_retention_across_a_restart(tmp_path: Path) -> None:
     env = {
         "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tiercache.errors import BlockShapeError, Draining
+from tiercache.groups import needed_blocks
 from tiercache.index import HOST, Entry
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.results import Reservation, SaveResult
@@ -72,7 +73,11 @@ class HostSaves:
                 sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
             )
         if r.session:
-            await m.sessions.extend(r.session, keys, r.ns.hex)
+            spec = r.ns.spec
+            window = None
+            if spec.max_tokens is not None:  # a windowed group: a pin protects its window
+                window = [keys[i] for rng in needed_blocks(spec, len(keys)) for i in rng]
+            await m.sessions.extend(r.session, keys, r.ns.hex, window)
         for i in range(n):
             key = keys[first_block + i]
             entry = m.index.get(key)

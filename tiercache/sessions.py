@@ -41,11 +41,20 @@ class Session:
     pinned: bool = False
     pinned_keys: set[BlockKey] = field(default_factory=set)  # keys whose pin this session holds
     expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
+    # Chain -> the keys of it a pin protects, where that is not all of them: a windowed
+    # group's window at the chain's end. Not persisted: after a restart a pin covers whole
+    # chains again until their next save.
+    windows: dict[str, list[BlockKey]] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[BlockKey]:
         """Every key the session names, chain after chain."""
         return [k for chain in self.chains.values() for k in chain]
+
+    @property
+    def protected(self) -> list[BlockKey]:
+        """The keys a pin of the session protects: its chains, of a windowed one its window."""
+        return [k for name, chain in self.chains.items() for k in self.windows.get(name, chain)]
 
     def stored_runs(self, index: Index) -> list[BlockKey]:
         """What a prefetch of the session reads: of each chain, the run of stored blocks from
@@ -100,17 +109,32 @@ class Sessions:
             if sess.expires is not None:
                 self.next_expiry = min(self.next_expiry, sess.expires)
 
-    async def extend(self, sid: str, keys: list[BlockKey], chain: str = "") -> Session:
+    async def extend(
+        self,
+        sid: str,
+        keys: list[BlockKey],
+        chain: str = "",
+        window: list[BlockKey] | None = None,
+    ) -> Session:
         """The session ``sid``, its chain in namespace ``chain`` (a hex id) extended to ``keys``
-        (a longer or new chain replaces it; the record is persisted when it changed)."""
+        (a longer or new chain replaces it; the record is persisted when it changed).
+
+        ``window``: the keys of ``keys`` a resume at its end needs, for a windowed group. A
+        pin then protects those only (``pin_keys``, at the save's commit), and lets go of the
+        window the chain ended in before, which can then be evicted (``tiercache.groups``)."""
         sess = self._by_id.get(sid)
         if sess is None:
             sess = self._by_id[sid] = Session(sid)
         old = sess.chains.get(chain, [])
         if len(keys) >= len(old) and keys != old:
             sess.chains[chain] = keys
+            if window is None:
+                sess.windows.pop(chain, None)
+            else:
+                sess.windows[chain] = window
             # A pin follows the chains, as a restart rebuilds it from them: the keys a
-            # replaced chain named and no chain names now lose this session's pin.
+            # replaced chain named and no chain names now lose this session's pin (a
+            # windowed chain's previous window goes at the commit: ``pin_keys``).
             self._unpin_keys(sess, sess.pinned_keys.difference(sess.keys))
             await self.persist(sess)
         return sess
@@ -146,9 +170,12 @@ class Sessions:
         return n
 
     def pin_keys(self, sess: Session) -> int:
-        """Pin every key of ``sess`` not yet pinned by it; returns how many of them are stored."""
+        """Pin every key ``sess`` protects not yet pinned by it, and unpin those it no longer
+        protects (a windowed chain's older window); returns how many it pinned are stored."""
+        want = sess.protected
+        self._unpin_keys(sess, sess.pinned_keys - set(want))
         n = 0
-        for k in sess.keys:
+        for k in want:
             if k not in sess.pinned_keys:
                 self._index.pins[k] += 1
                 sess.pinned_keys.add(k)
