@@ -581,6 +581,28 @@ def test_a_pinned_chat_keeps_its_sliding_groups_last_window_only(cache: SyncCach
     assert cache.evict(keys=gc.namespaces["sliding-0"].block_keys(TOKENS)[17:]) == 0
 
 
+def test_a_window_that_moved_less_than_its_length_is_no_orphan_of_the_one_it_retired() -> None:
+    # Under the prefix-aware policy a block whose parent leaves goes before anything else.
+    env = {
+        "TIERCACHE_TIERS_HOST__BYTES": str(40 * SLIDING.block_nbytes),
+        "TIERCACHE_TIERS_DISK__URL": "none",
+        "TIERCACHE_POLICY__EVICTION": "prefix",
+    }
+    with SyncCache(load_config(env=env)) as cache:
+        other = KVGroup("other", (0, 1), layer_spec(2))
+        older = list(range(22 * CACHE_BS))
+        cache.save(Namespace("other", other.spec), older, gather(other, list(range(22))))
+        gc = GroupedCache(cache, "model@1", KV)
+        gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")  # sliding 7-9
+        gc.save(TOKENS[: 11 * CACHE_BS], gather, session="chat")  # sliding 8-10: 7 evicted
+
+        newer = list(range(5000, 5000 + 4 * CACHE_BS))  # 4 more blocks: older ones must go
+        cache.save(Namespace("more", other.spec), newer, gather(other, list(range(4))))
+
+        assert stored(cache, gc.namespaces["sliding-0"]) == [8, 9, 10]
+        assert gc.lookup([*TOKENS[: 11 * CACHE_BS], 5]) == 11
+
+
 def test_a_daemon_serves_every_group_and_its_retention_across_a_restart(tmp_path: Path) -> None:
     env = {
         "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),

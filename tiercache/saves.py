@@ -119,6 +119,10 @@ class HostSaves:
             entries: list[Entry] = []
             present = r.present
             now = time.monotonic()
+            # A windowed group's block is used without the blocks before it (a window starts
+            # anywhere): it hangs from no parent, else retiring the previous window would
+            # make the new one's first block an orphan, evicted before anything else.
+            chained = r.ns.spec.max_tokens is None
             for e, row in zip(reserved, r.rows, strict=True):
                 if e.key in m.index:
                     # Committed since the reserve (another save of the same blocks, or the
@@ -133,7 +137,7 @@ class HostSaves:
                 e.last_use = now
                 m.index.add(e)
                 i = r.first_block + row  # the block's place in its chain: its parent, position
-                parent = r.keys[i - 1] if i else None
+                parent = r.keys[i - 1] if i and chained else None
                 m.host_room.place(e, None, parent, i * r.ns.spec.block_size)
             sess = m.sessions[r.session] if r.session and r.session in m.sessions else None
             if sess is not None and sess.pinned:
