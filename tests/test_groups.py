@@ -603,6 +603,24 @@ def test_a_window_that_moved_less_than_its_length_is_no_orphan_of_the_one_it_ret
         assert gc.lookup([*TOKENS[: 11 * CACHE_BS], 5]) == 11
 
 
+@pytest.mark.parametrize("model", ["leftover window", "sinks"])
+def test_a_session_prefetch_reads_the_window_a_resume_needs(tmp_path: Path, model: str) -> None:
+    kv = KV if model != "sinks" else SINKS
+    with SyncCache(config(tmp_path, "write-through")) as cache:
+        GroupedCache(cache, "model@1", kv).save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+        # Another process (that remembers no previous save) saves the chat on: with a
+        # window of 3 blocks, blocks 7-9 are left over and 17-19 are the window at 20.
+        GroupedCache(cache, "model@1", kv).save(TOKENS, gather, session="chat")
+    with SyncCache(config(tmp_path)) as cache:  # reopened: every block on disk only
+        gc = GroupedCache(cache, "model@1", kv)
+        cache.prefetch(session="chat")
+
+        got = gc.load([*TOKENS, 5])
+
+        needed = sum(len(r) for g in kv.groups for r in needed_blocks(g.spec, 20))
+        assert got.blocks == 20 and got.per_tier == {"host": needed}
+
+
 def test_a_daemon_serves_every_group_and_its_retention_across_a_restart(tmp_path: Path) -> None:
     env = {
         "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),

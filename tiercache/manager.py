@@ -44,6 +44,7 @@ from tiercache.room import DiskRoom, HostRoom, evict_keys
 from tiercache.saves import HostSaves
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
+from tiercache.spec import KVSpec
 from tiercache.stats import Stats, timed
 from tiercache.storage_format import store_rows
 from tiercache.tiers.device import DeviceTier
@@ -445,7 +446,7 @@ class TierManager:
         """Promote the blocks of ``tokens`` (or of a session) from disk to host, and with a device
         tier on to the device; returns how many blocks moved up (each counted once)."""
         if session is not None:
-            keys = self.sessions.get(session).stored_runs(self.index)
+            keys = _session_runs(self, session)
         elif ns is not None and tokens is not None:
             keys = keys_of(ns, tokens)
         else:
@@ -558,3 +559,16 @@ class TierManager:
 
 
 __all__ = ["Sharing", "TierManager"]
+
+
+def _session_runs(m: TierManager, session: str) -> list[BlockKey]:
+    """What a prefetch of ``session`` reads (``Session.stored_runs``), knowing the spec of each
+    chain's namespace where this cache does: registered here, or an array of its disk tier."""
+
+    def spec_of(hex_id: str) -> KVSpec | None:
+        ns = m.namespaces.get(f"ns/{hex_id}")
+        if ns is not None:
+            return ns.spec
+        return m.disk.spec(f"ns/{hex_id}") if m.disk is not None and hex_id else None
+
+    return m.sessions.get(session).stored_runs(m.index, spec_of)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tiercache.errors import SessionPinned, UnknownSession
+from tiercache.groups import needed_blocks
 from tiercache.index import Index
 from tiercache.keys import BlockKey
+from tiercache.spec import KVSpec
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskTier
 
@@ -56,11 +58,20 @@ class Session:
         """The keys a pin of the session protects: its chains, of a windowed one its window."""
         return [k for name, chain in self.chains.items() for k in self.windows.get(name, chain)]
 
-    def stored_runs(self, index: Index) -> list[BlockKey]:
+    def stored_runs(
+        self, index: Index, spec_of: Callable[[str], KVSpec | None] = lambda name: None
+    ) -> list[BlockKey]:
         """What a prefetch of the session reads: of each chain, the run of stored blocks from
-        its first stored one (a windowed group keeps only its chain's last blocks)."""
+        its first stored one; of a windowed group's (``spec_of`` its namespace's spec), the
+        stored runs of the blocks a resume at its end needs: its window and sink blocks,
+        not older windows left over, nor the sinks alone."""
         out: list[BlockKey] = []
-        for chain in self.chains.values():
+        for name, chain in self.chains.items():
+            spec = spec_of(name)
+            if spec is not None and spec.max_tokens is not None:
+                for r in needed_blocks(spec, len(chain)):
+                    out += [e.key for e in index.prefix(chain[r.start : r.stop])]
+                continue
             start = next((i for i, k in enumerate(chain) if k in index), len(chain))
             out += [e.key for e in index.prefix(chain[start:])]
         return out

@@ -50,6 +50,7 @@ from zarr.core.buffer.cpu import Buffer
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from tiercache.keys import BlockKey, Namespace
+from tiercache.spec import KVSpec
 from tiercache.storage_format import parse_format, zarr_attrs
 from tiercache.tiers.blockio import BlockIO, SlabIO, block_io_for
 
@@ -324,6 +325,14 @@ class DiskTier:
         attrs = getattr(arr.meta, "attributes", {}) or {}
         fmt = attrs.get("tiercache", {}).get("format", {}).get("store_dtype")
         return str(fmt) if fmt else None
+
+    def spec(self, path: str) -> KVSpec | None:
+        """The KVSpec a namespace array on this tier was created for (its zarr attributes),
+        or None for an array this tier does not have open."""
+        arr = self._arrays.get(path)
+        attrs = (getattr(arr.meta, "attributes", {}) or {}) if arr is not None else {}
+        spec = attrs.get("tiercache", {}).get("spec")
+        return KVSpec.from_dict(dict(spec)) if spec else None
 
     def location(self, rec: DiskRecord) -> tuple[Path, int]:
         """The file and byte offset of a block on a local disk tier (for scrubbing and tests)."""
