@@ -174,16 +174,25 @@ def black_hole() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+async def open_unanswered(
+    tmp_path: Path, endpoint: str, prefix: str, host_blocks: int, deadline: float = 1.0, **kw: Any
+) -> TierManager:
+    """A manager whose shared tier is ``endpoint`` (a store that hangs or refuses), with
+    credentials that are never checked."""
+    (tmp_path / "secret").write_text("s")
+    opts = RemoteOptions(endpoint=endpoint, key_id="k", secret_file=str(tmp_path / "secret"))
+    return await TierManager.open(
+        host_bytes=host_blocks * NBYTES,
+        remote_url=f"s3://{BUCKET}/{prefix}",
+        remote_options=dataclasses.replace(opts, timeout=deadline),
+        **kw,
+    )
+
+
 async def test_a_hung_store_costs_a_lookup_at_most_one_deadline_and_local_hits_are_served(
     tmp_path: Path, black_hole: str
 ) -> None:
-    (tmp_path / "secret").write_text("s")
-    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
-    m = await TierManager.open(
-        host_bytes=16 * NBYTES,
-        remote_url=f"s3://{BUCKET}/hung",
-        remote_options=dataclasses.replace(opts, timeout=0.3),
-    )
+    m = await open_unanswered(tmp_path, black_hole, "hung", 16, deadline=0.3)
     try:
         assert m.remote is not None and not m.remote.up  # started without it
         tokens = make_tokens(4)
@@ -198,13 +207,7 @@ async def test_a_hung_store_costs_a_lookup_at_most_one_deadline_and_local_hits_a
 async def test_close_reports_the_blocks_of_an_upload_batch_stalled_in_flight(
     tmp_path: Path, black_hole: str
 ) -> None:
-    (tmp_path / "secret").write_text("s")
-    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
-    m = await TierManager.open(
-        host_bytes=32 * NBYTES,
-        remote_url=f"s3://{BUCKET}/stalled",
-        remote_options=dataclasses.replace(opts, timeout=1.0),
-    )
+    m = await open_unanswered(tmp_path, black_hole, "stalled", 32)
     assert m.shared is not None
     await m.save(NS, make_tokens(20), make_blocks(20))
     await until(lambda: m.shared is not None and m.shared.uploads.in_flight > 0)
@@ -219,14 +222,7 @@ async def test_close_reports_the_blocks_of_an_upload_batch_stalled_in_flight(
 async def test_a_failed_upload_batch_keeps_its_place_in_the_queue_bound(
     tmp_path: Path, black_hole: str
 ) -> None:
-    (tmp_path / "secret").write_text("s")
-    opts = RemoteOptions(endpoint=black_hole, key_id="k", secret_file=str(tmp_path / "secret"))
-    m = await TierManager.open(
-        host_bytes=64 * NBYTES,
-        remote_url=f"s3://{BUCKET}/bound",
-        remote_options=dataclasses.replace(opts, timeout=1.0),
-        sharing=Sharing(queue_blocks=20),
-    )
+    m = await open_unanswered(tmp_path, black_hole, "bound", 64, sharing=Sharing(queue_blocks=20))
     try:
         assert m.shared is not None
         queue = m.shared.uploads
@@ -248,11 +244,7 @@ async def test_a_failed_batch_doubles_the_backoff_once_not_once_per_block(tmp_pa
     with socket.socket() as s:  # a port nobody listens on: every request is refused at once
         s.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{s.getsockname()[1]}"
-    (tmp_path / "secret").write_text("s")
-    opts = RemoteOptions(endpoint=refused, key_id="k", secret_file=str(tmp_path / "secret"))
-    m = await TierManager.open(
-        host_bytes=32 * NBYTES, remote_url=f"s3://{BUCKET}/refused", remote_options=opts
-    )
+    m = await open_unanswered(tmp_path, refused, "refused", 32, deadline=RemoteOptions().timeout)
     try:
         assert m.remote is not None and m.remote.backoff == 0.1  # the marker's PUT failed
         await m.save(NS, make_tokens(16), make_blocks(16))
