@@ -388,6 +388,21 @@ async def test_a_save_after_the_deadline_expires_the_session(open_cache: OpenCac
     assert (await m.lookup(NS, tokens)).blocks == 0
 
 
+async def test_a_prefetch_after_the_deadline_finds_the_session_gone(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=2)
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2), session="short-lived")
+    await m.save(NS, make_tokens(2, seed=5), make_blocks(2, seed=5))  # pushes them to disk
+    assert (await m.lookup(NS, tokens)).tiers == ["disk", "disk"]
+    await m.set_ttl("short-lived", 0.05)
+    await asyncio.sleep(0.06)
+    with pytest.raises(UnknownSession):
+        await m.prefetch(session="short-lived")
+    assert (await m.lookup(NS, tokens)).blocks == 0
+
+
 async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:
     m = await open_cache()
     await m.save(NS, make_tokens(2), make_blocks(2), session="s")

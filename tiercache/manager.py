@@ -445,12 +445,7 @@ class TierManager:
     ) -> int:
         """Promote the blocks of ``tokens`` (or of a session) from disk to host, and with a device
         tier on to the device; returns how many blocks moved up (each counted once)."""
-        if session is not None:
-            keys = _session_runs(self, session)
-        elif ns is not None and tokens is not None:
-            keys = keys_of(ns, tokens)
-        else:
-            raise ValueError("prefetch needs a session, or a namespace and tokens")
+        keys = await _prefetch_keys(self, ns, tokens, session)
         if self.disk is None and self.device is None:
             return 0
         lease = await self._lease(keys)
@@ -559,6 +554,19 @@ class TierManager:
 
 
 __all__ = ["Sharing", "TierManager"]
+
+
+async def _prefetch_keys(
+    m: TierManager, ns: Namespace | None, tokens: Tokens | None, session: str | None
+) -> list[BlockKey]:
+    """What a prefetch reads: the keys of ``tokens``, or ``session``'s stored runs (a
+    session past its TTL is gone first, not promoted)."""
+    await m._expire_due()
+    if session is not None:
+        return _session_runs(m, session)
+    if ns is not None and tokens is not None:
+        return keys_of(ns, tokens)
+    raise ValueError("prefetch needs a session, or a namespace and tokens")
 
 
 def _session_runs(m: TierManager, session: str) -> list[BlockKey]:

@@ -16,7 +16,8 @@ async def test_stats_counts_dirty_pinned_and_reserved_blocks(open_cache: OpenCac
     m = await open_cache(host_blocks=8, write="write-back")
     control = Control(m)
     await m.save(NS, make_tokens(3, seed=1), make_blocks(3, seed=1), session="a")
-    await m.pin("a")
+    await m.pin("a")  # written to disk: a pin outlives a crash
+    await m.save(NS, make_tokens(3, seed=3), make_blocks(3, seed=3))  # dirty
     r = await m.reserve(NS, make_tokens(2, seed=2))
     s = await control.run("stats")
     assert (s["dirty_blocks"], s["pinned_blocks"], s["reserved_slots"], s["leased_blocks"]) == (
