@@ -133,15 +133,20 @@ class SocketServer:
         )
 
     async def close(self) -> None:
-        """Stop accepting, end every connection (releasing what it held)."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop accepting, end every connection (releasing what it held).
+
+        Connections end before ``wait_closed()``: from Python 3.12.1 on it waits for
+        every connection to finish, so a client still connected would hang the drain.
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -477,6 +477,29 @@ async def test_fuzzed_messages_always_get_a_reply_and_never_hurt_the_daemon(
     await c.close()
 
 
+async def test_closing_ends_connected_clients_before_waiting_for_the_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From Python 3.12.1 on, Server.wait_closed() returns only once every connection has
+    # ended; emulated here (so the suite on 3.11 catches it): a drain that waits on it
+    # while a client is still connected would hang until systemd's SIGKILL.
+    d = Daemon(load_config(env=daemon_env(tmp_path)))
+    await d.start()
+    assert d.server is not None
+    server = d.server
+
+    async def wait_closed_312(self: asyncio.AbstractServer) -> None:
+        while server.clients:  # noqa: ASYNC110 -- a stand-in for the stdlib's own wait
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(asyncio.base_events.Server, "wait_closed", wait_closed_312)
+    c = await AsyncClient.connect(d.config.daemon.socket)
+    assert server.clients == 1
+    await asyncio.wait_for(d.shutdown(), 10)
+    assert server.clients == 0 and not server.path.exists()
+    await c.close()
+
+
 def test_sigterm_flushes_write_back_blocks_and_exits_0(tmp_path: Path) -> None:
     env = {**os.environ, **daemon_env(tmp_path), "TIERCACHE_POLICY__WRITE": "write-back"}
     proc = subprocess.Popen(
