@@ -39,11 +39,21 @@ def _data_dir() -> Path:
     return Path(base) / "tiercache"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 @dataclass(slots=True)
 class DaemonConfig:
     socket: str = field(default_factory=lambda: str(_runtime_dir() / "tiercache.sock"))
     socket_group: str = ""
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        # Checked here, not by logging at serve time (a traceback after the socket is up).
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"daemon.log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
 
 
 @dataclass(slots=True)
@@ -278,11 +288,19 @@ def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 def preflight(cfg: Config) -> None:
     """What a daemon with ``cfg`` asks of this machine, checked before it starts (and by
-    ``tiercache serve --check-config``): room in /dev/shm for its host arena (a daemon's is
-    always shared; arenas of daemons that died count as room, the daemon removes them) and
-    a CUDA device for a device tier. Raises ``ConfigError`` naming the key."""
+    ``tiercache serve --check-config``): a metrics address and MQTT settings it can use,
+    room in /dev/shm for its host arena (a daemon's is always shared; arenas of daemons that
+    died count as room, the daemon removes them) and a CUDA device for a device tier.
+    Raises ``ConfigError`` naming the key."""
+    from tiercache.daemon.metrics import parse_listen
     from tiercache.tiers.host import SHM_DIR, shm_free, stale_arenas
 
+    # What serve would refuse only after opening the cache and its socket.
+    parse_listen(cfg.metrics.listen)
+    if cfg.mqtt.host:
+        from tiercache.daemon.mqtt import _check_config
+
+        _check_config(cfg.mqtt)
     host = cfg.tiers.host.bytes
     if host:
         room = shm_free(SHM_DIR) + sum(size for _, size in stale_arenas(SHM_DIR))

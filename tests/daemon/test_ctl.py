@@ -163,6 +163,44 @@ def test_check_config_runs_the_machine_checks_serve_runs(
         assert "error: tiers.host.bytes: " in err and "lower it or enlarge /dev/shm" in err
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TIERCACHE_DAEMON__LOG_LEVEL": "verbose"},
+            "daemon.log_level: 'verbose' is not one of debug, info, warning, error, critical",
+        ),
+        (
+            {"TIERCACHE_METRICS__LISTEN": "localhost"},
+            "metrics.listen: 'localhost' is not host:port",
+        ),
+        (
+            {"TIERCACHE_MQTT__HOST": "127.0.0.1", "TIERCACHE_MQTT__PORT": "99999"},
+            "mqtt.port: 99999 is not a TCP port",
+        ),
+        (
+            {"TIERCACHE_MQTT__HOST": "127.0.0.1", "TIERCACHE_MQTT__NODE": "a/b"},
+            "mqtt.node: node 'a/b' must be one MQTT topic level",
+        ),
+    ],
+)
+def test_check_config_refuses_what_serve_would_refuse_after_starting(
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Settings serve only reads once the cache and its socket are up (the log level, the
+    metrics address, MQTT) fail the check, and serve, at once: one line, no traceback."""
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "1MiB")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in (["serve", "--check-config"], ["serve"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and "Traceback" not in err
+
+
 def test_a_dead_daemons_arena_counts_as_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
