@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CtlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if e.code != "bad_request" else 2
-    except (TimeoutError, ConnectionError) as e:  # no daemon, no broker, no reply: said for people
+    except (TimeoutError, OSError) as e:  # no daemon, no broker, no reply, a port taken
         print(f"error: {e}", file=sys.stderr)
         return 1
     return code

@@ -98,8 +98,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self.start()
-        try:
+        try:  # a start that fails half-way (metrics port taken) still closes what it opened
+            await self.start()
             await self._stop.wait()
             log.info("stopping: draining and flushing")
         finally:

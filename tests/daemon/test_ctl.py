@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,6 +200,24 @@ def test_check_config_refuses_what_serve_would_refuse_after_starting(
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and "Traceback" not in err
+
+
+def test_serve_with_its_metrics_port_taken_exits_1_in_one_line_and_removes_its_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        monkeypatch.setenv("TIERCACHE_METRICS__LISTEN", listen)
+        monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", str(tmp_path / "tc.sock"))
+        monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", "none")
+        monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "1MiB")
+        monkeypatch.setenv("TIERCACHE_MQTT__HOST", "")
+        assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert f"metrics.listen {listen!r}: cannot listen there" in err and "Traceback" not in err
+    assert not (tmp_path / "tc.sock").exists()  # the socket it had bound is closed again
 
 
 def test_a_dead_daemons_arena_counts_as_room(
