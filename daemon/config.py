@@ -384,6 +384,8 @@ def to_toml(cfg: Config) -> str:
 
     lines: list[str] = []
     d = cfg.to_dict()
+    if cfg.tiers.disk is None:  # left out, the table would mean the default disk tier
+        d["tiers"] = {**d["tiers"], "disk": {"url": "none"}}
     for section in ("daemon", "tiers", "policy", "metrics", "mqtt"):
         tables = d[section].items() if section == "tiers" else [(None, d[section])]
         for sub, body in tables:

@@ -20,7 +20,14 @@ from tests.conftest import NBYTES, dead_pid, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
 from tiercache.daemon.cli import main
-from tiercache.daemon.config import Config, ConfigError, HostTierConfig, TiersConfig, preflight
+from tiercache.daemon.config import (
+    Config,
+    ConfigError,
+    HostTierConfig,
+    TiersConfig,
+    load_config,
+    preflight,
+)
 from tiercache.daemon.ctl import _progress_line, parse_args
 from tiercache.tiers.host import shm_free
 
@@ -131,6 +138,18 @@ def test_check_config_prints_the_effective_config_as_toml(
     cfg = tomllib.loads(capsys.readouterr().out)
     assert cfg["tiers"]["host"]["bytes"] == 2 * 2**30
     assert cfg["policy"]["eviction"] == "arc"
+
+
+def test_check_config_output_loads_back_as_the_same_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A disabled disk tier must be printed as such: a missing [tiers.disk] means the default.
+    monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", "none")
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "1MiB")
+    assert main(["serve", "--check-config"]) == 0
+    printed = tmp_path / "effective.toml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed, env={}) == load_config(None)
 
 
 def test_check_config_names_a_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
