@@ -83,6 +83,20 @@ def test_mla_records_have_one_scale_per_layer_latent_plane_and_head(fmt: str) ->
     assert zarr_attrs(spec, fmt)["scales"]["shape"] == [3, 1, 1]  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_a_block_holding_inf_or_nan_is_refused_not_stored_as_a_head_of_nans(
+    fmt: str, bad: float
+) -> None:
+    # One such element would make its head's scale non-finite: all 128 values of the head
+    # would decode as NaN.
+    x = blocks(SPEC)
+    x[3, 2, 1, 5, 1, 7] = bad
+    with pytest.raises(FormatError, match=r"block 3, layer 2, V, head 1 holds an inf or NaN"):
+        encode(SPEC, x, fmt)  # type: ignore[arg-type]
+    assert encode(SPEC, x, "exact").view(torch.uint8).equal(x.view(torch.uint8).reshape(5, -1))
+
+
 def test_sizes_and_blocks_per_gib() -> None:
     # bf16: 2 bytes per element -> 1, plus 4 bytes per (layer, K/V, head)
     assert stored_nbytes(SPEC, "exact") == SPEC.block_nbytes == 3 * 2 * 8 * 2 * 16 * 2

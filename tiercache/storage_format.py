@@ -22,6 +22,10 @@ exact-sized host slot), it needs two slot sizes and two checksums per block,
 and a block would change bytes, and so checksum, as it moves down, which the
 fail-closed rule (a block is its verified bytes) does not allow.
 
+A block with an inf or NaN is refused by ``encode`` (a FormatError naming the head): one
+such element makes its head's scale non-finite, and every element of the head would decode
+as NaN. Such a block is only stored exact.
+
 The format is chosen per namespace, by the client, at registration
 (``Namespace.store_dtype``): the application decides what error it accepts,
 and every tier holds that namespace's blocks in that one format. There is no
@@ -113,8 +117,22 @@ def encode(spec: KVSpec, blocks: torch.Tensor, fmt: StoreFormat) -> torch.Tensor
     data = records[:, :split].view(rq.QDTYPE[_REF[fmt]]).view(n, *spec.block_shape)
     scales = torch.empty((n, spec.num_layers, spec.planes, spec.num_kv_heads))
     rq.quantize(blocks, _REF[fmt], out=rq.QuantBlocks(data, scales))
+    _check_finite(spec, scales, fmt)
     records[:, split:] = scales.view(torch.uint8).reshape(n, -1)
     return records
+
+
+def _check_finite(spec: KVSpec, scales: torch.Tensor, fmt: StoreFormat) -> None:
+    """A FormatError naming the first head that holds an inf or NaN: its scale (the head's
+    absmax) is not finite, and every element of the head would decode as NaN."""
+    bad = (~torch.isfinite(scales)).nonzero()
+    if len(bad):
+        b, layer, plane, head = (int(i) for i in bad[0])
+        what = "latent" if spec.planes == 1 else "KV"[plane]
+        raise FormatError(
+            f"store_dtype {fmt!r}: block {b}, layer {layer}, {what}, head {head} holds an inf "
+            "or NaN, which a quantized record cannot hold (the whole head would come back NaN)"
+        )
 
 
 def decode(
