@@ -96,6 +96,23 @@ def test_models_with_different_weights_do_not_share_blocks(cache: SyncCache) -> 
     assert chat_b.restore("s", ids)[1] == 0
 
 
+def test_one_model_id_under_another_config_does_not_share_blocks(cache: SyncCache) -> None:
+    # Same weights and KV shape, another RoPE base: the saved KV is wrong for it.
+    kw: dict[str, Any] = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    a = tiny_model("llama", seed=0, **kw)
+    b = tiny_model("llama", seed=0, rope_theta=500.0, **kw)
+    b.load_state_dict(a.state_dict())
+    chat_a = HFChatCache(cache, a, model_id="my-model")
+    chat_b = HFChatCache(cache, b, model_id="my-model")
+    ids = user_message(0, 64, a.config.vocab_size)
+    with torch.no_grad():
+        past = DynamicCache(config=a.config)
+        a(ids[None], past_key_values=past)
+    chat_a.save("s", ids, past)
+    assert HFChatCache(cache, a, model_id="my-model").restore("s", ids)[1] == 48
+    assert chat_b.restore("s", ids)[1] == 0
+
+
 # --- quantized storage (store_dtype): error against exact recompute, measured -------------
 
 QUANT_REPLY = 64

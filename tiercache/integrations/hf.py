@@ -29,13 +29,15 @@ whole blocks it still holds, so the next resume is shorter or a miss, never wron
 Restoring rebuilds each sliding layer with the tokens of its window and the full
 sequence length, as if it had seen the whole conversation.
 
-The namespace fingerprints the model by hashing its weights (xxh3, fast) unless
-a ``model_id`` is given: two models with one config but different weights must
-never share blocks.
+The namespace fingerprints the model by hashing its config and weights (xxh3, fast);
+a ``model_id`` stands for the weights instead (no hashing), and is joined by a hash of the
+config: two models with one config but different weights, or one ``model_id`` under two
+configs (another RoPE base, say), must never share blocks.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -47,6 +49,13 @@ from tiercache.keys import Namespace
 from tiercache.modelkv import KVGroup, ModelKV
 from tiercache.results import SaveResult
 from tiercache.spec import AttentionKind, Layout, SpecError
+
+
+def config_fingerprint(config: Any) -> str:
+    """A hash of everything in ``config`` but where it was loaded from."""
+    what = config.to_dict()
+    what.pop("_name_or_path", None)
+    return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())
 
 
 def model_fingerprint(model: Any) -> str:
@@ -87,7 +96,9 @@ class HFChatCache:
         self._lora = int(getattr(text, "kv_lora_rank", 0) or 0)  # MLA: where keys end
         self.grouped = GroupedCache(
             cache,
-            model_id or model_fingerprint(model),
+            f"{model_id}#config={config_fingerprint(model.config)}"
+            if model_id
+            else model_fingerprint(model),
             self.kv,
             salt=salt,
             store_dtype=store_dtype,
