@@ -318,6 +318,13 @@ class SocketServer:
         """Map an engine's KV caches (CUDA IPC handles) so that ``save_kv`` / ``load_kv`` move
         its blocks with the daemon's kernels; the mappings go when the connection ends."""
         ns = self._ns(conn, req.ns)
+        if ns.store_dtype != "exact":
+            # bad_layout: the engine copies through host memory, where blocks are quantized.
+            raise ProtocolError(
+                "bad_layout",
+                f"attach moves an engine's blocks as they are; a {ns.store_dtype!r} "
+                "namespace saves and loads through host memory (save/load)",
+            )
         if not torch.cuda.is_available():
             raise ProtocolError(
                 "no_cuda",

@@ -160,6 +160,28 @@ async def test_bad_block_ids_and_a_foreign_namespace_are_refused_and_lose_nothin
     assert m.host is not None and m.host.free_slots == 6  # the refused save's slots came back
 
 
+async def test_a_quantized_namespace_is_refused_by_name_and_loses_nothing(
+    open_cache: OpenCache,
+) -> None:
+    # Its slots hold int8 records, not the engine's bytes that these copies move.
+    m = await open_cache(host_blocks=8)
+    quant = Namespace("test-model", SPEC, store_dtype="int8")
+    src, dst = EngineKV(SPEC, vllm_caches(1)), EngineKV(SPEC, vllm_caches(None))
+    tokens = make_tokens(2)
+    await m.save(quant, tokens, make_blocks(2))
+    assert m.host is not None
+    free = m.host.free_slots
+
+    with pytest.raises(LayoutError, match="store_dtype is 'int8'"):
+        await src.save(m, quant, keys(make_tokens(2, seed=7), quant), [0, 1])
+    with pytest.raises(LayoutError, match="store_dtype is 'int8'"):
+        await dst.load(m, quant, keys(tokens, quant), [0, 1])
+
+    assert not reference.gather(SPEC, dst.caches, [0, 1]).any()
+    assert (await m.lookup(quant, make_tokens(2, seed=7))).blocks == 0
+    assert m.host.free_slots == free
+
+
 def test_the_connector_s_attachment_turns_itself_off_where_it_cannot_attach(
     tmp_path: Path,
 ) -> None:

@@ -309,6 +309,12 @@ class EngineKV:
             raise LayoutError(
                 "this engine's caches were attached for another KV spec than the namespace's"
             )
+        if ns.store_dtype != "exact":
+            # The copies move the engine's bytes as they are, not the namespace's records.
+            raise LayoutError(
+                f"an attached engine's blocks are stored exact, but the namespace's "
+                f"store_dtype is {ns.store_dtype!r}: save and load it through host memory"
+            )
 
     @property
     def loads_in_flight(self) -> int:

@@ -572,6 +572,17 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(
 assert SPEC.block_nbytes == NBYTES
 
 
+async def test_attaching_caches_for_a_quantized_namespace_is_refused_as_bad_layout(
+    client: AsyncClient,
+) -> None:
+    # The attached copies move exact bytes; bad_layout sends the engine to host copies.
+    quant = Namespace(NS.model, NS.spec, store_dtype="int8")
+    await client.register(quant)
+    with pytest.raises(RemoteError) as err:
+        await client.call("attach", ns=quant.hex, layers=[], event=b"")
+    assert err.value.code == "bad_layout" and "'int8'" in err.value.message
+
+
 async def test_attaching_gpu_caches_to_a_daemon_without_cuda_is_refused_by_name(
     client: AsyncClient,
 ) -> None:
