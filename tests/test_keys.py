@@ -20,6 +20,7 @@ from tiercache.keys import (
     Namespace,
     TokenError,
     chain_keys,
+    keys_of,
     tail_key,
     tail_keys,
     token_bytes,
@@ -313,6 +314,8 @@ def test_no_tokens_are_no_bytes() -> None:
         ([0, 2**32], r"^token ids must lie in \[0, 2\^32\), got range \[0, 4294967296\]$"),
         ([1.0, 2.0], r"^token ids must be integers, got dtype float64$"),
         ([True, False], r"^token ids must be integers, got dtype bool$"),
+        ([3, True, 4], r"^token ids must be integers, got dtype bool$"),  # not 3, 1, 4
+        ((3, np.True_), r"^token ids must be integers, got dtype bool$"),
         (["a", "b"], r"^token ids must be integers, got dtype <U1$"),
         ([2**70], r"^token ids must be integers, got dtype object$"),
         ([[1, 2], [3, 4]], r"^token ids must be a flat sequence, got shape \(2, 2\)$"),
@@ -321,6 +324,14 @@ def test_no_tokens_are_no_bytes() -> None:
 def test_unhashable_token_ids_are_rejected(bad: Any, message: str) -> None:
     with pytest.raises(TokenError, match=message):
         make_ns().block_keys(bad)
+
+
+@pytest.mark.parametrize("make", [torch.tensor, np.array], ids=["torch", "numpy"])
+def test_a_batch_of_several_rows_is_refused_and_a_batch_of_one_is_its_row(make: Any) -> None:
+    ns, toks = make_ns(), tokens(2 * BLOCK)
+    with pytest.raises(TokenError, match=r"one sequence .* got shape \(2, 4\)"):
+        keys_of(ns, make([toks[:BLOCK], toks[BLOCK:]]))
+    assert keys_of(ns, make([toks])) == ns.block_keys(toks)
 
 
 def test_token_error_is_a_value_error() -> None:

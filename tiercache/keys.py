@@ -63,9 +63,17 @@ Tokens = Sequence[int] | np.ndarray | torch.Tensor | KeyChain
 
 
 def as_tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Token ids as a flat numpy array (a tensor is copied off its device)."""
+    """Token ids as a flat numpy array (a tensor is copied off its device). A tensor or array
+    of one row (``input_ids`` of a batch of one) is flattened; a batch of several rows is a
+    TokenError, not one sequence of all their tokens."""
     if isinstance(tokens, torch.Tensor):
-        tokens = tokens.detach().cpu().reshape(-1).numpy()
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, np.ndarray) and tokens.ndim > 1:
+        if sum(d != 1 for d in tokens.shape) > 1:
+            raise TokenError(
+                f"token ids must be one sequence (a batch of one row), got shape {tokens.shape}"
+            )
+        return tokens.reshape(-1)
     return np.asarray(tokens)
 
 
@@ -160,7 +168,10 @@ _U32 = array.array("I").itemsize == 4  # the fast path for lists packs C unsigne
 
 def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
     """Token ids as little-endian uint32 (what keys hash), or a TokenError naming the fault."""
-    if _U32 and type(tokens) is list and bool not in set(map(type, tokens)):
+    if type(tokens) in (list, tuple) and not {bool, np.bool_}.isdisjoint(map(type, tokens)):
+        # numpy would take a bool among ints for 0 or 1
+        raise TokenError("token ids must be integers, got dtype bool")
+    if _U32 and type(tokens) is list:
         # A list of ints in range packs without numpy (a quarter of the time for a block);
         # anything else (negative, too large, not integers) takes the checked path below.
         try:

@@ -22,6 +22,7 @@ from tests.integrations.chat import REPLY, generate, recompute, user_message
 from tiercache import SyncCache
 from tiercache.demo_models import tiny_model
 from tiercache.integrations.hf import HFChatCache
+from tiercache.keys import TokenError
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -111,6 +112,20 @@ def test_one_model_id_under_another_config_does_not_share_blocks(cache: SyncCach
     chat_a.save("s", ids, past)
     assert HFChatCache(cache, a, model_id="my-model").restore("s", ids)[1] == 48
     assert chat_b.restore("s", ids)[1] == 0
+
+
+def test_a_batch_of_two_prompts_is_refused_not_looked_up_as_one(
+    model: Any, cache: SyncCache
+) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    ids = user_message(0, 64, model.config.vocab_size)
+    with torch.no_grad():
+        past = DynamicCache(config=model.config)
+        model(ids[None], past_key_values=past)
+    chat.save("s", ids, past)
+    with pytest.raises(TokenError, match=r"got shape \(2, 64\)"):
+        chat.restore("s", torch.stack([ids, ids]))
+    assert chat.restore("s", ids[None])[1] == 48
 
 
 # --- quantized storage (store_dtype): error against exact recompute, measured -------------

@@ -45,7 +45,7 @@ import xxhash
 
 from tiercache.groups import BlockCache, GroupedCache, GroupedLoad
 from tiercache.kernels.reference import LayerCache, gather
-from tiercache.keys import Namespace
+from tiercache.keys import Namespace, as_tokens
 from tiercache.modelkv import KVGroup, ModelKV
 from tiercache.results import SaveResult
 from tiercache.spec import AttentionKind, Layout, SpecError
@@ -142,7 +142,7 @@ class HFChatCache:
         blocks a resume needs and the cache lacks are gathered and written; the result counts
         blocks of all groups together.
         """
-        ids = torch.as_tensor(tokens).reshape(-1)
+        ids = torch.as_tensor(as_tokens(tokens))
         bs = self.kv.block_size
         held: dict[str, range] = {}
         offsets: dict[str, int] = {}
@@ -177,7 +177,7 @@ class HFChatCache:
         At most ``len(tokens) - 1`` tokens are restored. ``session`` names the chat for
         pin/evict/prefetch.
         """
-        ids = torch.as_tensor(tokens).reshape(-1)
+        ids = torch.as_tensor(as_tokens(tokens))
         got = self.grouped.load(ids, max_blocks=max(0, (ids.numel() - 1) // self.kv.block_size))
         self.last_load = got
         past = self.new_cache()
