@@ -128,6 +128,18 @@ def test_a_batch_of_two_prompts_is_refused_not_looked_up_as_one(
     assert chat.restore("s", ids[None])[1] == 48
 
 
+def test_a_cache_of_a_batch_is_refused_not_saved_as_row_0(model: Any, cache: SyncCache) -> None:
+    # Its row 0 would be stored under the tokens given, those of row 1 here.
+    chat = HFChatCache(cache, model, block_size=16)
+    a, b = (user_message(i, 64, model.config.vocab_size) for i in range(2))
+    with torch.no_grad():
+        past = DynamicCache(config=model.config)
+        model(torch.stack([a, b]), past_key_values=past)
+    with pytest.raises(ValueError, match="a batch of 2 conversations"):
+        chat.save("b", b, past)
+    assert chat.restore("b", b)[1] == 0
+
+
 # --- quantized storage (store_dtype): error against exact recompute, measured -------------
 
 QUANT_REPLY = 64

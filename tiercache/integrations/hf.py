@@ -136,7 +136,8 @@ class HFChatCache:
         return (torch.cat([k, v], dim=-1),) if group.spec.kind is AttentionKind.MLA else (k, v)
 
     def save(self, session: str, tokens: Any, past: Any) -> SaveResult:
-        """Store the KV of ``tokens`` held in ``past`` (a DynamicCache, batch row 0).
+        """Store the KV of ``tokens`` held in ``past`` (a DynamicCache of one conversation: a
+        batch of several rows is refused, since the tokens name one row's KV).
 
         ``tokens`` are the ids whose KV is in ``past``, in order. Of every group only the
         blocks a resume needs and the cache lacks are gathered and written; the result counts
@@ -152,6 +153,11 @@ class HFChatCache:
             if ids.numel() > seen:
                 raise ValueError(
                     f"{ids.numel()} tokens given but the cache holds only {seen} positions"
+                )
+            if seen and layer.keys.shape[0] != 1:
+                raise ValueError(
+                    f"the cache holds a batch of {layer.keys.shape[0]} conversations; "
+                    "save takes one (batch size 1)"
                 )
             first = -(-(seen - layer.keys.shape[-2]) // bs)  # the first whole block it holds
             held[g.name] = range(first, ids.numel() // bs)
