@@ -126,6 +126,17 @@ def test_decode_refuses_an_engine_buffer_of_another_shape_or_dtype() -> None:
         decode(SPEC, rec, "int8", out=torch.empty((5, *SPEC.block_shape)))
 
 
+@pytest.mark.parametrize("fmt", ("exact", *QUANT))
+def test_encode_refuses_blocks_of_another_shape_or_dtype(fmt: str) -> None:
+    # int8 and e4m3 broadcast one head into two (or a head_dim of 1 into 16) without it.
+    x = blocks(SPEC)
+    for bad in (x[:, :, :, :, :1], x[..., :1], x.float(), x.reshape(5, -1)):
+        with pytest.raises(
+            FormatError, match=r"blocks to encode must be bfloat16 \[5, 3, 2, 8, 2, 16\]"
+        ):
+            encode(SPEC, bad, fmt)  # type: ignore[arg-type]
+
+
 def test_decode_refuses_records_of_another_size() -> None:
     rec = encode(SPEC, blocks(SPEC), "int8")
     with pytest.raises(

@@ -107,6 +107,12 @@ def encode(spec: KVSpec, blocks: torch.Tensor, fmt: StoreFormat) -> torch.Tensor
     """Engine-dtype page-first ``blocks`` ``[n, *block_shape]`` -> stored records, uint8
     ``[n, stored_nbytes]``. ``exact`` is the same bytes, unchanged."""
     n = blocks.shape[0]
+    if blocks.dtype != spec.torch_dtype or tuple(blocks.shape[1:]) != spec.block_shape:
+        # Quantizing would broadcast a block of another shape into the record silently.
+        raise FormatError(
+            f"blocks to encode must be {spec.dtype} {[n, *spec.block_shape]}, "
+            f"got {blocks.dtype} {list(blocks.shape)}"
+        )
     if fmt == "exact":
         return blocks.contiguous().view(torch.uint8).reshape(n, spec.block_nbytes)
     check_spec(spec, fmt)
