@@ -21,7 +21,7 @@ from tests.conftest import embedded_config
 from tests.integrations.chat import REPLY, generate, recompute, user_message
 from tiercache import SyncCache
 from tiercache.demo_models import tiny_model
-from tiercache.integrations.hf import HFChatCache
+from tiercache.integrations.hf import HFChatCache, model_fingerprint
 from tiercache.keys import TokenError
 
 
@@ -95,6 +95,14 @@ def test_models_with_different_weights_do_not_share_blocks(cache: SyncCache) -> 
     chat_a.save("s", ids, past)
     assert chat_a.restore("s", ids)[1] == 48
     assert chat_b.restore("s", ids)[1] == 0
+
+
+def test_a_scalar_in_the_state_dict_is_fingerprinted() -> None:
+    m = tiny_model("llama", num_hidden_layers=1, hidden_size=64, intermediate_size=64)
+    m.register_buffer("logit_scale", torch.tensor(1.5))  # 0-d, as per-tensor scales are
+    before = model_fingerprint(m)
+    m.logit_scale.fill_(2.0)
+    assert model_fingerprint(m) != before
 
 
 def test_one_model_id_under_another_config_does_not_share_blocks(cache: SyncCache) -> None:

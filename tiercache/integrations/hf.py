@@ -64,7 +64,8 @@ def model_fingerprint(model: Any) -> str:
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        # reshape: a 0-d tensor (a scalar scale) cannot be viewed as bytes
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     name = getattr(model.config, "_name_or_path", "") or model.config.model_type
     return f"{name}@{h.hexdigest()}"
 
