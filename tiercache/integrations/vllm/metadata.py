@@ -24,6 +24,9 @@ class Transfer:
     skip: int = 0  # load only: leading engine blocks already computed locally (not written)
     background: bool = False  # load only: asynchronous, reported by get_finished
     finish: bool = False  # save only: the request finished; its blocks wait for this save
+    # save only (finish): packed keys of the old windows to evict once the request's finish
+    # saves are all stored (its last one carries them)
+    evict: bytes = b""
     group: int = 0  # the KV cache group
 
 

@@ -9,6 +9,7 @@ step's forward and which to save after it. The package docstring
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -434,8 +435,10 @@ class Scheduler:
             # (A request aborted while its load runs computed nothing; vLLM holds its blocks
             # until the worker reports the load.)
             saves = self._checkpoint(st, computed, finish=True)
+        old = self._old_windows(st, saves)
+        if old:
+            saves[-1] = dataclasses.replace(saves[-1], evict=KeyChain(old).to_bytes())
         self._finishing += saves
-        dropped = self._drop_old_windows(st)
         found = st.hit * self.block + (st.tail[0] if st.tail else 0)
         return bool(saves), {
             "tiercache": {
@@ -444,7 +447,7 @@ class Scheduler:
                 "found_tokens": found,
                 "stored_tail_tokens": st.saved_tail[1] if st.saved_tail else 0,
                 "loaded_async": st.loaded_async,
-                "dropped_window_blocks": dropped,
+                "dropped_window_blocks": len(old),
                 # Per group, the blocks [first, end) this request stored (or found).
                 "groups": [
                     {
@@ -458,21 +461,27 @@ class Scheduler:
             }
         }
 
-    def _drop_old_windows(self, st: _Req) -> int:
-        """A chat's turn that resumed at ``st.hit`` blocks and saved its own window: each
-        sliding group's blocks of the window it resumed from that its new window does not
-        keep are evicted (by key), so a long chat keeps its sliding layers' last window only
+    def _old_windows(self, st: _Req, saves: list[Transfer]) -> list[BlockKey]:
+        """A chat's turn that resumed at ``st.hit`` blocks and saves its own window at its
+        finish (``saves``): each sliding group's blocks of the window it resumed from that its
+        new window does not keep, so a long chat keeps its sliding layers' last window only
         (``tiercache.groups``: a resume from an older turn then recomputes more, never
-        wrongly). Only for requests that name a session (a chat); returns the blocks evicted."""
+        wrongly). Only for requests that name a session (a chat). The worker evicts them
+        once every finish save is stored: one that fails leaves the old window resumable.
+        None when a new window is no resume point (vLLM freed its first block already)."""
         keys: list[BlockKey] = []
         for g in self.groups if st.session and st.hit else ():
             if g.window is not None and g.index in st.windows:
+                first, end = st.windows[g.index]
+                if not any(
+                    (t.group, t.first, t.count) == (g.index, first, end - first) for t in saves
+                ):
+                    return []  # not saved at this finish
+                if first > needed_blocks(g.ns.spec, end)[0].start:
+                    return []  # a resume at its end needs blocks vLLM has freed
                 old = needed_blocks(g.ns.spec, st.hit)[0].start
-                new = st.windows[g.index][0]
-                keys += self._keys(st, g, st.hit * self.block)[old : min(new, st.hit)]
-        if not keys:
-            return 0
-        return self._link.call("evict", functools.partial(Client.evict, keys=keys)) or 0
+                keys += self._keys(st, g, st.hit * self.block)[old : min(first, st.hit)]
+        return keys
 
     # -- worker side -----------------------------------------------------------
 

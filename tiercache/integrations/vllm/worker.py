@@ -23,12 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from tiercache.client import Client
 from tiercache.integrations.vllm.groups import Group, by_request
 from tiercache.integrations.vllm.link import Link
 from tiercache.integrations.vllm.metadata import TierCacheMetadata, Transfer
 from tiercache.integrations.vllm.options import ConnectorConfigError
 from tiercache.integrations.vllm.transport import Transport, pick
 from tiercache.kernels.reference import gather
+from tiercache.keys import KeyChain
 
 logger = logging.getLogger("vllm.tiercache")
 
@@ -150,13 +152,20 @@ class Worker:
     def save(self, meta: TierCacheMetadata) -> None:
         transport = self.transport
         reachable = True
+        stored: dict[str, bool] = {}  # finished requests: whether each finish save was stored
         for t in meta.saves:
+            res = None
             if reachable and t.req_id not in self._failed_reqs:
                 # An unreachable daemon: no point trying the other saves this step.
-                reachable = (
-                    self._link.call("save", functools.partial(transport.save, t=t)) is not None
-                )
+                res = self._link.call("save", functools.partial(transport.save, t=t))
+                reachable = res is not None
             if t.finish:
+                ok = stored.get(t.req_id, True) and res is not None and not res.rejected
+                stored[t.req_id] = ok
+                if t.evict and ok:
+                    # Its new window is stored: the old one it replaces may go.
+                    old = KeyChain.from_bytes(t.evict)
+                    self._link.call("evict", functools.partial(Client.evict, keys=old))
                 self._sent.add(t.req_id)  # saved or not, vLLM may free its blocks now
 
     # -- reports ---------------------------------------------------------------
