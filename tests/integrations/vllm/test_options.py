@@ -29,6 +29,10 @@ def test_options_default_and_valid() -> None:
         ({"block_tokens": True}, "block_tokens"),
         ({"salt": 7}, "salt"),
         ({"retry_seconds": -1}, "retry_seconds"),
+        # JSON's true, NaN and Infinity (json.loads reads --kv-transfer-config)
+        ({"retry_seconds": True}, "retry_seconds"),
+        ({"retry_seconds": float("nan")}, "retry_seconds"),
+        ({"retry_seconds": float("inf")}, "retry_seconds"),
         ({"min_tail_tokens": -1}, "min_tail_tokens"),
         ({"min_tail_tokens": True}, "min_tail_tokens"),
         ({"async_load": "sometimes"}, "async_load"),

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,17 @@ class Options:
                 "kv_connector_extra_config.min_tail_tokens must be a non-negative integer "
                 f"(0: no tails), got {opts.min_tail_tokens!r}"
             )
-        if not isinstance(opts.retry_seconds, int | float) or opts.retry_seconds < 0:
+        retry = opts.retry_seconds
+        # A bool is an int, and json.loads reads NaN and Infinity: NaN would retry a dead
+        # daemon on every call, Infinity never reconnect to a restarted one.
+        if (
+            not isinstance(retry, int | float)
+            or isinstance(retry, bool)
+            or not math.isfinite(retry)
+            or retry < 0
+        ):
             raise ConnectorConfigError(
-                "kv_connector_extra_config.retry_seconds must be a non-negative number, "
+                "kv_connector_extra_config.retry_seconds must be a finite non-negative number, "
                 f"got {opts.retry_seconds!r}"
             )
         return opts
