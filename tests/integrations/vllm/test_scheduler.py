@@ -200,7 +200,9 @@ HYBRID = [
 ]
 
 
-def cached_step(req_id: str, new_ids: tuple[list[int], ...], computed: int, scheduled: int) -> Any:
+def cached_step(
+    req_id: str, new_ids: tuple[list[int], ...] | None, computed: int, scheduled: int
+) -> Any:
     """vLLM's output of a step that goes on with running request ``req_id`` (or, with no
     ``req_id``, schedules nothing)."""
     cached = SimpleNamespace(
@@ -281,3 +283,35 @@ def test_a_chats_old_window_is_evicted_only_once_its_new_window_is_stored(
     # Turn 2 ends at 35 tokens: vLLM has freed block 6 already, so the window it saves
     # (block 7) is no resume point, and the old one is kept.
     assert third_turn_finds(daemon, seed=22, end=35, finish_saved=True) == 20
+
+
+def test_a_step_scheduled_before_vllm_saw_a_failed_load_saves_nothing(
+    daemon: DaemonProcess,
+) -> None:
+    # vLLM schedules step N + 1 before it sees step N's output (async scheduling). A load
+    # of step N fails (its blocks evicted after the lookup); step N + 1 computes the prompt's
+    # next chunk over them. Its blocks are not saved: the daemon would keep them (a block it
+    # has is never written again) and serve KV that never was the prompt's.
+    tokens = make_tokens(5, seed=31)
+    chain = KeyChain(NS.block_keys(tokens))
+    with Client(daemon.socket) as c:
+        c.save(NS, tokens[: 2 * B], make_blocks(2, seed=31))
+    s = scheduler(daemon.socket)
+    req = Prompt("r1", tokens)
+    assert s.get_num_new_matched_tokens(req, 0) == (8, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(req, None, 8)  # type: ignore[arg-type]
+    with Client(daemon.socket) as c:
+        c.evict(keys=chain[:2])
+    step_n = s.build_connector_meta(step("r1", [1, 2, 3, 4, 5], computed=8, scheduled=4))  # type: ignore[arg-type]
+    step_n1 = s.build_connector_meta(cached_step("r1", None, computed=12, scheduled=8))  # type: ignore[arg-type]
+    kv = {n: torch.rand(2, 8, B, 2, 8).to(torch.bfloat16) + 1 for n in ("l0", "l1")}
+    w = Worker([GROUP], 1, Link(str(daemon.socket), "vllm-worker-test", 60), attach=False)
+    w.register(kv)
+    for meta in (step_n, step_n1):
+        w.start_load(meta, forward=True)
+        w.save(meta)
+    assert w.load_errors() == {1, 2}
+    w.shutdown()
+    with Client(daemon.socket) as c:
+        assert c.lookup(NS, chain, first_block=2).blocks == 0
+        assert c.lookup(NS, chain, first_block=3).blocks == 0

@@ -98,7 +98,7 @@ def test_a_steps_saves_load_into_another_engine_byte_for_byte(daemon: DaemonProc
     b.shutdown()
 
 
-def test_a_missing_block_is_reported_for_vllm_to_recompute_and_its_request_saves_nothing(
+def test_a_missing_block_is_reported_and_its_request_saves_nothing_until_vllm_recomputes_it(
     daemon: DaemonProcess,
 ) -> None:
     src, dst = caches(2), caches(None)
@@ -118,9 +118,18 @@ def test_a_missing_block_is_reported_for_vllm_to_recompute_and_its_request_saves
     assert torch.equal(dst["l0"][:, 4], src["l0"][:, 1])
     # This step computes r2 over the blocks that failed: its saves are skipped (vLLM saves
     # them in a later step, once recomputed).
-    b.save(TierCacheMetadata(saves=[Transfer("r2", keys, 1, 2, [5, 6])]))
+    b.save(TierCacheMetadata(saves=[Transfer("r2", keys, 1, 2, [5, 6], after=12)]))
     with Client(daemon.socket) as c:
         assert c.lookup(NS, KeyChain.from_bytes(keys)).blocks == 1
+    # So are those of the next step, scheduled before vLLM saw the failure (async
+    # scheduling): it computes r2's next tokens over them too.
+    b.save(TierCacheMetadata(saves=[Transfer("r2", keys, 2, 1, [6], after=13)]))
+    with Client(daemon.socket) as c:
+        assert c.lookup(NS, KeyChain.from_bytes(keys), first_block=2).blocks == 0
+    # Once vLLM has rolled r2 back to its first block that failed (token 4), its saves go.
+    b.save(TierCacheMetadata(saves=[Transfer("r2", keys, 1, 2, [5, 6], after=4)]))
+    with Client(daemon.socket) as c:
+        assert c.lookup(NS, KeyChain.from_bytes(keys)).blocks == 3
     a.shutdown()
     b.shutdown()
 

@@ -164,11 +164,11 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
             self.worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        sent, loaded, _ = self.worker.finished()
+        sent, loaded, _ = self.worker.finished(finished_req_ids)
         return sent or None, loaded or None
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        sent, loaded, failed = self.worker.finished()
+        sent, loaded, failed = self.worker.finished(finished_req_ids)
         return KVConnectorTransferResults(sent, loaded, failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -28,6 +28,10 @@ class Transfer:
     # saves are all stored (its last one carries them)
     evict: bytes = b""
     group: int = 0  # the KV cache group
+    # save only: the request's tokens computed before the step that saves (its end, for a
+    # finished request's); a save past a failed load's first token was scheduled before
+    # vLLM rolled the request back (async scheduling), over KV that never loaded
+    after: int = 0
 
 
 @dataclass

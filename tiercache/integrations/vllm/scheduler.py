@@ -286,13 +286,16 @@ class Scheduler:
             # recomputes them (or it dropped a hit): those blocks are saved again.
             st.stored = min(st.stored, computed // self.block)
             done = computed + scheduler_output.num_scheduled_tokens[req_id]
-            meta.saves += self._save(req_id, done)
+            saves = self._save(req_id, done)
             # The step that completes the prompt also saves the prompt's tail (and sliding
             # groups their window): a prompt sent again (a retry, a regenerated reply,
             # n > 1) then loads all of it but one token.
             prompt = len(st.request.prompt_token_ids or ())
             if computed < prompt <= done:
-                meta.saves += self._checkpoint(st, prompt)
+                saves += self._checkpoint(st, prompt)
+            for t in saves:
+                t.after = computed
+            meta.saves += saves
         meta.saves += self._finishing
         self._finishing = []
         return meta
@@ -435,6 +438,8 @@ class Scheduler:
             # (A request aborted while its load runs computed nothing; vLLM holds its blocks
             # until the worker reports the load.)
             saves = self._checkpoint(st, computed, finish=True)
+            for t in saves:
+                t.after = computed
         old = self._old_windows(st, saves)
         if old:
             saves[-1] = dataclasses.replace(saves[-1], evict=KeyChain(old).to_bytes())

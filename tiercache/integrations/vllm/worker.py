@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -49,7 +49,8 @@ class Worker:
         self._link = link
         self._attach = attach
         self._transport: Transport | None = None  # chosen when the engine registers its caches
-        self._failed_reqs: set[str] = set()  # this step's requests whose load failed
+        # requests whose load failed: the token it failed at (vLLM recomputes from there)
+        self._failed_at: dict[str, int] = {}
         # background loads (one request at a time, in order) and what they have finished;
         # _done guards the sets below and _loading
         self._loader: ThreadPoolExecutor | None = None
@@ -81,20 +82,23 @@ class Worker:
     # -- loads -----------------------------------------------------------------
 
     def start_load(self, meta: TierCacheMetadata, forward: bool) -> None:
-        self._failed_reqs.clear()
         self._forward = forward
         reqs: dict[str, list[Transfer]] = {}
         for t in meta.loads:
             reqs.setdefault(t.req_id, []).append(t)
         for req_id, ts in reqs.items():
             if not ts[0].background:
-                failed = [b for t in ts for b in self._load_one(t)]
+                failed = []
+                for t in ts:
+                    missing = self._load_one(t)
+                    if missing:
+                        # Its first token not loaded (engine blocks from the transfer's first).
+                        at = t.first * self.per_block + len(t.block_ids) - len(missing)
+                        at *= self.groups[t.group].engine.block_size
+                        self._failed_at[req_id] = min(self._failed_at.get(req_id, at), at)
+                    failed += missing
                 with self._done:
                     self._load_errors.update(failed)
-                if failed:
-                    # This step computes the request's next tokens over the blocks that
-                    # failed: its saves are skipped (vLLM recomputes them, saves them then).
-                    self._failed_reqs.add(req_id)
                 continue
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(1, thread_name_prefix="tiercache-load")
@@ -155,7 +159,12 @@ class Worker:
         stored: dict[str, bool] = {}  # finished requests: whether each finish save was stored
         for t in meta.saves:
             res = None
-            if reachable and t.req_id not in self._failed_reqs:
+            if t.req_id in self._failed_at and t.after <= self._failed_at[t.req_id]:
+                del self._failed_at[t.req_id]  # scheduled after vLLM rolled it back
+            # This step and those scheduled before vLLM saw the failed load (async
+            # scheduling) compute the request's tokens over the blocks that failed: their
+            # saves are skipped (vLLM recomputes them, saves them then).
+            if reachable and t.req_id not in self._failed_at:
                 # An unreachable daemon: no point trying the other saves this step.
                 res = self._link.call("save", functools.partial(transport.save, t=t))
                 reachable = res is not None
@@ -170,9 +179,11 @@ class Worker:
 
     # -- reports ---------------------------------------------------------------
 
-    def finished(self) -> tuple[set[str], set[str], set[str]]:
+    def finished(self, ended: Collection[str] = ()) -> tuple[set[str], set[str], set[str]]:
         """Requests whose tail save is done, whose background load is done, and of those,
-        whose load failed (recomputed whole)."""
+        whose load failed (recomputed whole). ``ended``: requests vLLM has finished."""
+        for req_id in ended:
+            self._failed_at.pop(req_id, None)
         sent, self._sent = self._sent, set()
         with self._done:
             if not self._forward and self._loading and not self._loaded:
