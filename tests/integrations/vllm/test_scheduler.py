@@ -315,3 +315,33 @@ def test_a_step_scheduled_before_vllm_saw_a_failed_load_saves_nothing(
     with Client(daemon.socket) as c:
         assert c.lookup(NS, chain, first_block=2).blocks == 0
         assert c.lookup(NS, chain, first_block=3).blocks == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "a", "b"),
+    [
+        ("mm_features", ["image-a"], ["image-b"]),  # an image's placeholder ids are the same
+        ("lora_request", "adapter-a", "adapter-b"),
+        ("cache_salt", "tenant-a", "tenant-b"),
+        ("prompt_embeds", torch.zeros(1), torch.ones(1)),
+    ],
+)
+def test_a_request_whose_kv_depends_on_more_than_its_token_ids_is_not_cached(
+    daemon: DaemonProcess, field: str, a: object, b: object
+) -> None:
+    # Keys are chained over token ids only: a request with the same ids and another image,
+    # adapter, salt or embeddings would find (and load) the first one's KV.
+    tokens = make_tokens(3, seed=50 + len(field))
+    s = scheduler(daemon.socket)
+    first = Prompt("a", tokens)
+    setattr(first, field, a)
+    assert s.get_num_new_matched_tokens(first, 0) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(first, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("a", [1, 2, 3], computed=0, scheduled=12))  # type: ignore[arg-type]
+    assert meta.saves == []
+    with Client(daemon.socket) as c:
+        c.save(NS, tokens, make_blocks(3, seed=50))  # as if saved all the same
+    second = Prompt("b", tokens)
+    setattr(second, field, b)
+    assert s.get_num_new_matched_tokens(second, 0) == (0, False)  # type: ignore[arg-type]
+    assert s.get_num_new_matched_tokens(Prompt("c", tokens), 0) == (11, False)  # type: ignore[arg-type]

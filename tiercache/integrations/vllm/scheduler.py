@@ -74,6 +74,22 @@ def _session(request: Request) -> str | None:
     return sid
 
 
+def _keyed_by_more(request: Request) -> str | None:
+    """What, besides its token ids, the request's KV depends on (vLLM's own prefix cache
+    hashes it into the request's blocks): its blocks are neither looked up nor saved, as
+    another request with the same ids but another image, adapter, salt or embeddings would
+    find them under the same keys."""
+    if getattr(request, "mm_features", None):
+        return "multimodal inputs"
+    if getattr(request, "lora_request", None) is not None:
+        return "a LoRA adapter"
+    if getattr(request, "cache_salt", None):
+        return "a cache_salt"
+    if getattr(request, "prompt_embeds", None) is not None:
+        return "prompt embeddings"
+    return None
+
+
 class Scheduler:
     """The requests the engine's scheduler runs, what the daemon holds of each, and the
     loads and saves each step sends the worker side."""
@@ -115,6 +131,8 @@ class Scheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
+        if _keyed_by_more(request):
+            return 0, False
         st = self._reqs.get(request.request_id) or self._new(request)
         st.load, st.hit, st.hit_tiers, st.local = None, 0, [], num_computed_tokens
         st.tail = None
@@ -239,6 +257,8 @@ class Scheduler:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        if _keyed_by_more(request):
+            return  # not cached: build_connector_meta saves nothing of a request it lacks
         st = self._reqs.get(request.request_id) or self._new(request)
         if num_external_tokens > 0:
             st.load = (st.local, st.local + num_external_tokens)
