@@ -214,7 +214,13 @@ def test_a_branch_from_an_older_turn_recomputes_what_its_windows_lost_and_equals
     # blocks are all kept, the sliding layers' window of turn 1 is not, so a model with a
     # sliding group misses (and recomputes); one without finds turn 1.
     f, r = family["f"], family["branch"]
-    same(r, family["plain"]["p3"])
+    # One full group: the branch runs after turn 3 in the same engine, whose load failed at
+    # the corrupted block 1 and which recomputed from there (block-level, as below), so the
+    # block 1 the branch loads is that prefill-over-a-prefix's. Its bf16 numerics differ by
+    # CPU: 0.0356 on this VM's AMD EPYC (the same before this session's changes), under
+    # 0.02 where it was first measured; 0.0558 for turn 3 itself.
+    block_level = f.groups == [("full", None)]
+    same(r, family["plain"]["p3"], PARTIAL_RECOMPUTE_TOL if block_level else LOGPROB_TOL)
     has_sliding = any(window for _, window in f.groups)
     assert found(r) == (0 if has_sliding else 607 // f.block)
 
