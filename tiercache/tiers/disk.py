@@ -400,8 +400,7 @@ class DiskTier:
             if isinstance(out, bytes):
                 results.append(DiskRecord(key, arr.path, slot, int(data.numel()), out))
             else:
-                self.used_bytes -= arr.block_nbytes
-                arr.free.append(slot)
+                self._unallocate(arr, [slot])
                 results.append(as_store_error(out, "block write"))
         done = [r for r in results if isinstance(r, DiskRecord)]
         for rec in done:
@@ -426,8 +425,7 @@ class DiskTier:
                 ]
                 for rec in done:
                     self._live.pop((rec.array, rec.slot), None)
-                    self.used_bytes -= arr.block_nbytes
-                    arr.free.append(rec.slot)
+                self._unallocate(arr, [rec.slot for rec in done])
                 return [e if isinstance(r, DiskRecord) else r for r in results]
         return results
 
