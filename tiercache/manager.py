@@ -462,7 +462,7 @@ class TierManager:
         async with self._lock:
             n = await self.sessions.pin(session)
             if n is not None and self.disk_room is not None:
-                await self.disk_room.flush_quietly(self.host, self.sessions[session].protected)
+                await self.disk_room.flush(self.host, self.sessions[session].protected, quiet=True)
             if self.shared is not None and n is not None:
                 self.shared.share_pinned(self.sessions[session].keys)
             return n or 0

@@ -108,15 +108,24 @@ class DiskRoom:
         the del records can be written."""
         for e in entries:
             self.drop(e)
+        await self._sync_quietly("evict")
+
+    async def _sync_quietly(self, what: str) -> None:
+        """Sync the journal where the caller's own work is done whatever the disk says: a
+        full or failing disk is counted and logged (``what`` it was for), not raised; the
+        records stay pending for the next sync."""
         try:
             await self.disk.sync_journal()
         except (DiskFull, StoreError) as err:
             self._stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
-            log.warning("evict: %s", err)
+            log.warning("%s: %s", what, err)
 
-    async def flush(self, host: HostArena, keys: Iterable[BlockKey] | None = None) -> int:
+    async def flush(
+        self, host: HostArena, keys: Iterable[BlockKey] | None = None, quiet: bool = False
+    ) -> int:
         """Under the lock: write every host-only block (of ``keys``, default all) here and
-        sync the journal; returns the bytes written."""
+        sync the journal (``quiet``: a pin's flush, whose failure is counted and logged, not
+        raised: ``_sync_quietly``); returns the bytes written."""
         some = self._index if keys is None else (e for k in keys if (e := self._index.get(k)))
         dirty = [e for e in some if HOST in e.at and DISK not in e.at]
         self._index.lease(dirty)
@@ -124,18 +133,11 @@ class DiskRoom:
             written = await self.write(dirty, host) if dirty else 0
         finally:
             self._index.unlease(dirty)
-        await self.disk.sync_journal()
+        if quiet:
+            await self._sync_quietly("pinned blocks not all on disk")
+        else:
+            await self.disk.sync_journal()
         return written
-
-    async def flush_quietly(self, host: HostArena, keys: Iterable[BlockKey]) -> int:
-        """``flush`` of ``keys`` where the caller's own work is done whatever the disk says
-        (a pin): a full or failing disk is counted and logged, not raised."""
-        try:
-            return await self.flush(host, keys)
-        except (DiskFull, StoreError) as err:
-            self._stats.error("disk_full" if isinstance(err, DiskFull) else "disk_write")
-            log.warning("pinned blocks not all on disk: %s", err)
-            return 0
 
     async def write(self, entries: list[Entry], host: HostArena) -> int:
         """Under the lock: copy host-resident ``entries`` to disk, evicting disk blocks for
