@@ -17,7 +17,7 @@ from tests.services.seaweedfs import objects, options, slow_gateway
 from tiercache import TierManager
 from tiercache.bench.seaweedfs import SeaweedFS
 from tiercache.keys import Namespace
-from tiercache.sharing import Sharing
+from tiercache.sharing import MAX_FILLS, Sharing
 from tiercache.storage_format import stored_nbytes, zarr_attrs
 from tiercache.tiers.remote import TRAILER_BYTES, object_key
 
@@ -189,6 +189,36 @@ async def test_a_store_slower_than_the_deadline_costs_one_lookup_one_deadline(
 
             assert b.remote.up and max(waits) < deadline / 2, waits
             assert b.stats.errors["remote_timeout"] == 1
+        finally:
+            await b.close(flush=False)
+
+
+async def test_a_burst_of_misses_against_a_slow_store_runs_at_most_max_fills(
+    open_node: Any, seaweedfs: SeaweedFS, remote_url: str
+) -> None:
+    a = await open_node("a")
+    prompts = [make_tokens(2, seed=s) for s in range(MAX_FILLS + 4)]
+    for s, tokens in enumerate(prompts):
+        await a.save(NS, tokens, make_blocks(2, seed=s))
+    assert await a.shared.drain(30) == 0
+    async with slow_gateway(seaweedfs, delay=0.3) as endpoint:  # a fill takes two GETs
+        opts = dataclasses.replace(options(seaweedfs, timeout=0.5), endpoint=endpoint)
+        b = await TierManager.open(
+            host_bytes=64 * NBYTES, remote_url=remote_url, remote_options=opts
+        )
+        try:
+            assert b.shared is not None
+            await asyncio.gather(*(b.lookup(NS, tokens) for tokens in prompts))
+            assert len(b.shared._fills) == MAX_FILLS  # the other four started none
+            assert b.shared.state()["fills_skipped"] == 4
+            await asyncio.gather(*(task for task, _ in b.shared._fills.values()))
+
+            # Once those are done, the skipped misses fill as any other.
+            for tokens in prompts:
+                await b.lookup(NS, tokens)
+            await asyncio.gather(*(task for task, _ in b.shared._fills.values()))
+            for tokens in prompts:
+                assert (await b.lookup(NS, tokens)).tiers == ["host", "host"]
         finally:
             await b.close(flush=False)
 

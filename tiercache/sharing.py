@@ -15,7 +15,9 @@ Network I/O is never awaited under the cache lock nor without a deadline.
   answers with what has arrived; the fill goes on, so a later request finds the rest
   locally. After a fill outlives the deadline, callers stop waiting (they still start
   fills) until one finishes in time; while the store is down they do not ask it at all.
-  So a slow store costs one lookup one deadline, and a dead one costs nothing.
+  So a slow store costs one lookup one deadline, and a dead one costs nothing. At most
+  ``MAX_FILLS`` fills run at once (each up to ``FETCH_WINDOW`` requests): a miss past them
+  starts none, so a burst of lookups against a slow store does not pile up requests.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_BATCH = 16  # blocks in flight to the shared tier at once
 FETCH_WINDOW = 32  # blocks a fill asks the shared tier for at once
+MAX_FILLS = 8  # fills in flight at once; a miss past them is answered locally, unfilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class SharedTier:
         self._fills: dict[BlockKey, tuple[asyncio.Task[None], set[BlockKey]]] = {}
         self._slow = False  # a fill outlived the deadline: callers do not wait
         self._closed = False
+        self.fills_skipped = 0  # misses that started no fill: MAX_FILLS were in flight
 
     # -- uploads --------------------------------------------------------------
 
@@ -239,6 +243,9 @@ class SharedTier:
         first = keys[start]
         fill = self._fills.get(first)
         if fill is None:
+            if len(self._fills) >= MAX_FILLS:
+                self.fills_skipped += 1
+                return set()
             got: set[BlockKey] = set()
             task = asyncio.create_task(
                 self._fetch(array, nbytes, keys[start:], got), name="tiercache-fill"
@@ -353,6 +360,8 @@ class SharedTier:
             "uploaded_blocks": self.uploads.uploaded,
             "dropped_blocks": dict(self.uploads.dropped),
             "admission": self.sharing.admission,
+            "fills_in_flight": len(self._fills),
+            "fills_skipped": self.fills_skipped,
         }
 
     async def close(self, drain: bool) -> None:
