@@ -10,10 +10,11 @@ raise anything else out of ``run``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tiercache.errors import CacheError, SessionPinned, UnknownSession
@@ -53,10 +54,34 @@ class Control:
     # Called once a drain has flushed; the daemon publishes status and events from it.
     on_drained: Callable[[int], Awaitable[None]] | None = None
     draining: bool = False
+    # Set by close(): the manager is about to close, so only `stats` still runs.
+    closing: bool = False
+    _running: int = field(default=0, init=False, repr=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+
+    async def close(self) -> None:
+        """Refuse every verb but ``stats`` from now on and wait for those already running:
+        the daemon closes the manager next, and a verb must not touch it while or after it
+        closes (an evict would delete blocks from a disk tier another daemon may own)."""
+        self.closing = True
+        while self._running:
+            self._idle.clear()
+            await self._idle.wait()
 
     async def run(self, verb: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if verb not in VERBS:
             raise ControlError("unknown_verb", f"unknown verb {verb!r}; verbs: {', '.join(VERBS)}")
+        if self.closing and verb != "stats":
+            raise ControlError("shutting_down", f"{verb}: the daemon is shutting down")
+        self._running += 1
+        try:
+            return await self._run(verb, args)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def _run(self, verb: str, args: Mapping[str, Any] | None) -> dict[str, Any]:
         if args is None:
             args = {}
         if not isinstance(args, Mapping):

@@ -114,6 +114,8 @@ class Daemon:
                 await self.mqtt.set_status("draining")
         if self.server is not None:
             await self.server.close()
+        if self.control is not None:  # MQTT stays up for the status, but no verb runs on
+            await self.control.close()
         for task in self._tasks:
             if task.get_name() != "mqtt":
                 task.cancel()

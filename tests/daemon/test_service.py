@@ -17,6 +17,7 @@ from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import AsyncClient
 from tiercache.daemon import service
 from tiercache.daemon.config import load_config
+from tiercache.daemon.mqtt import request as mqtt_request
 from tiercache.daemon.service import Daemon
 
 NS = make_ns()
@@ -108,3 +109,51 @@ async def test_the_daemon_expires_sessions_on_its_timer(
         await client.close()
     finally:
         await daemon.shutdown()
+
+
+@pytest.mark.service
+async def test_a_command_that_comes_while_the_daemon_shuts_down_is_refused_and_changes_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    node = "closing-test"
+    env = {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(4 * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+        **mqtt_env(mosquitto.config(node=node)),
+    }
+    op = mosquitto.config("operator", node=node)
+    daemon = Daemon(load_config(env=env))
+    await daemon.start()
+    replies: list[dict[str, Any]] = []
+    try:
+        client = await AsyncClient.connect(tmp_path / "tc.sock")
+        await client.save(NS, make_tokens(2), make_blocks(2), session="chat")
+        await client.close()
+        assert (await mqtt_request(op, "stats", {}, timeout=15))["ok"] is True  # serving
+        manager = daemon.manager
+        assert manager is not None
+        close = manager.close
+
+        async def close_then_command(flush: bool = True) -> None:
+            await close(flush)  # the disk tier is closed and its lock released: MQTT is still up
+            replies.append(await mqtt_request(op, "evict", {"session": "chat"}, timeout=15))
+            replies.append(await mqtt_request(op, "stats", {}, timeout=15))
+
+        manager.close = close_then_command  # type: ignore[method-assign]
+    finally:
+        await daemon.shutdown()
+    assert replies[0] == {
+        "ok": False,
+        "error": {"code": "shutting_down", "message": "evict: the daemon is shutting down"},
+    }
+    assert replies[1]["ok"] is True  # stats still answers, for a drain's progress bar
+    again = Daemon(load_config(env=env))
+    await again.start()
+    try:
+        client = await AsyncClient.connect(tmp_path / "tc.sock")
+        assert (await client.lookup(NS, make_tokens(2))).blocks == 2  # nothing was evicted
+        await client.close()
+    finally:
+        await again.shutdown()
