@@ -32,16 +32,23 @@ class CtlError(RuntimeError):
 
 def parse_args(items: list[str]) -> dict[str, Any]:
     """``["session=chat-1", "value=3", "name=policy.admission"]`` -> a dict; values are JSON
-    when they parse as JSON (numbers, true/false/null, lists), else strings."""
+    when they parse as JSON (numbers, true/false/null, lists), else strings. ``NaN``,
+    ``Infinity`` and ``1e999`` stay strings: JSON has no such numbers (MQTT could not send them)."""
+
+    def no_constants(name: str) -> None:
+        raise ValueError(name)
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise CtlError("bad_request", f"argument {item!r} is not key=value")
         try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+            value = json.loads(raw, parse_constant=no_constants)
+            json.dumps(value, allow_nan=False)  # 1e999 parses, as infinity
+        except ValueError:  # JSONDecodeError too
+            value = raw
+        out[key] = value
     return out
 
 

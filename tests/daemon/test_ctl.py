@@ -114,6 +114,19 @@ def test_a_refused_command_exits_1_with_the_daemons_reason(
     assert "unknown_session: unknown session 'nobody'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+@pytest.mark.parametrize("value", ["NaN", "-Infinity", "1e999"])
+def test_a_number_json_cannot_carry_is_sent_as_a_string_and_refused_by_the_daemon(
+    channel: str, value: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request.getfixturevalue(channel)
+    assert main(["ctl", "set", "name=session.ttl", "session=chat", f"value={value}"]) == 1
+    assert (
+        f"bad_value: set session.ttl: must be seconds > 0 or null, got '{value}'"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.service
 def test_a_malformed_argument_exits_2(via_socket: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ctl", "pin", "chat"]) == 2
