@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from tiercache.tiers.disk import DiskFull, StoreError
 
 log = logging.getLogger(__name__)
 
+MAX_INT64 = 2**63 - 1
 VERBS = ("pin", "unpin", "evict", "flush", "prefetch", "stats", "set", "drain")
 
 # The settings `set` may change at run time: name -> (kind, description).
@@ -189,6 +190,12 @@ class Control:
                 raise ControlError(
                     "bad_value", f"set policy.admission: must be an integer >= 1, got {value!r}"
                 )
+            if value > MAX_INT64:  # JSON carries it; the socket's msgpack (stats) could not
+                raise ControlError(
+                    "bad_value",
+                    f"set policy.admission: must be at most {MAX_INT64} (a 64-bit integer, "
+                    f"as in the config file), got {value!r}",
+                )
             m.admission.threshold = value
         elif name == "policy.write":
             try:
@@ -199,8 +206,8 @@ class Control:
             ok = value is None or (
                 isinstance(value, int | float)
                 and not isinstance(value, bool)
-                and math.isfinite(value)
-                and value > 0
+                # Not math.isfinite: an integer beyond a float's range would raise.
+                and 0 < value <= sys.float_info.max
             )
             if not ok:
                 raise ControlError(

@@ -418,6 +418,32 @@ async def test_an_out_of_range_setting_is_a_bad_value_and_changes_nothing(
 
 
 @pytest.mark.service
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            {"name": "policy.admission", "value": 2**64},
+            f"set policy.admission: must be at most {2**63 - 1} (a 64-bit integer, as in the "
+            f"config file), got {2**64}",
+        ),
+        (
+            {"name": "session.ttl", "session": "chat", "value": 10**400},
+            f"set session.ttl: must be seconds > 0 or null, got {10**400}",
+        ),
+    ],
+    ids=["admission-over-64-bits", "ttl-over-a-float"],
+)
+async def test_an_integer_only_json_can_carry_is_a_bad_value_and_changes_nothing(
+    daemon: Daemon, ctl: MqttConfig, manager: TierManager, args: dict[str, Any], message: str
+) -> None:
+    # JSON integers have no bound; the socket's msgpack (every stats reply) stops at 64 bits.
+    assert await request(ctl, "set", args, timeout=WAIT) == error("bad_value", message)
+    assert manager.admission.threshold == 1
+    assert manager.sessions["chat"].expires is None
+    assert (await request(ctl, "stats", {}, timeout=WAIT))["ok"] is True
+
+
+@pytest.mark.service
 async def test_an_unknown_session_is_named_in_the_error(daemon: Daemon, ctl: MqttConfig) -> None:
     assert await request(ctl, "pin", {"session": "nope"}, timeout=WAIT) == error(
         "unknown_session", "unknown session 'nope'"
