@@ -549,7 +549,10 @@ async def request(
     """
     node = cfg.node if node is None else node
     password = _check_config(cfg)
-    _check_level(node, "node")
+    try:
+        _check_level(node, "node")  # `--node`: cfg.node was checked above
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_level(verb, "verb")
     topics = Topics(cfg.prefix, node)
     ticket = uuid.uuid4()

@@ -128,6 +128,15 @@ def test_a_number_json_cannot_carry_is_sent_as_a_string_and_refused_by_the_daemo
 
 
 @pytest.mark.service
+@pytest.mark.parametrize("node", ["a/b", "+", ""])
+def test_a_node_that_is_not_one_topic_level_exits_2_naming_it(
+    via_mqtt: None, node: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--node", node]) == 2
+    assert f"error: node {node!r} must be one MQTT topic level" in capsys.readouterr().err
+
+
+@pytest.mark.service
 def test_a_malformed_argument_exits_2(via_socket: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ctl", "pin", "chat"]) == 2
     assert "argument 'chat' is not key=value" in capsys.readouterr().err
