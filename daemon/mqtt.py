@@ -354,9 +354,12 @@ class MqttControl:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         """One connection: announce, subscribe, serve until it dies or ``stop()``."""
-        await client.publish(self.topics.status, self._status, qos=QOS, retain=True)
+        announced = self._status
+        await client.publish(self.topics.status, announced, qos=QOS, retain=True)
         await client.subscribe(self.topics.commands, qos=QOS)
         self._set_client(client)
+        if self._status != announced:  # set_status() ran meanwhile, with no client to say it
+            await client.publish(self.topics.status, self._status, qos=QOS, retain=True)
         intake = asyncio.create_task(self._intake(client), name="mqtt-intake")
         publisher = asyncio.create_task(self._publish_events(client), name="mqtt-events")
         stopping = asyncio.create_task(self._stop.wait(), name="mqtt-stop")

@@ -546,6 +546,48 @@ async def test_after_a_reconnect_the_node_announces_its_current_status_again(
         await proxy.cut()
 
 
+class HeldAfterConnack(TcpProxy):
+    """Passes the broker's first packet (the CONNACK) on, then holds the rest until ``release()``:
+    the client is connected but still setting up its session (announce, subscribe)."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(target)
+        self.released = asyncio.Event()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._open |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._held(up_reader, writer))
+
+    async def _held(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(65536))
+        await self.released.wait()
+        await self._pipe(reader, writer)
+
+
+@pytest.mark.service
+async def test_a_status_set_while_the_session_is_set_up_is_announced_once_it_is(
+    mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
+) -> None:
+    proxy = HeldAfterConnack(mosquitto.port)
+    await proxy.start()
+    cfg = mosquitto.config("tiercache", node=node, port=proxy.port)
+    mqtt = MqttControl(cfg, Control(manager), backoff=(0.05, 0.2))
+    task = asyncio.create_task(mqtt.run())
+    try:
+        # The announcement reached the broker; its PUBACK (and the SUBACK after it) are held.
+        assert (await operator.next("status")).payload == b"online"
+        assert not mqtt.connected
+        await mqtt.set_status("draining")  # a drain over the socket, say
+        proxy.released.set()
+        assert (await operator.next("status")).payload == b"draining"
+        assert await retained_status(mosquitto, node) == "draining"
+    finally:
+        await asyncio.wait_for(mqtt.stop(), WAIT)
+        await asyncio.wait_for(task, WAIT)
+        await proxy.cut()
+
+
 @pytest.mark.service
 async def test_the_daemon_reconnects_by_itself_after_the_broker_is_killed_and_restarted(
     own_mosquitto: Mosquitto, manager: TierManager, node: str
