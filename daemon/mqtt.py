@@ -55,6 +55,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from tiercache.daemon.config import ConfigError, MqttConfig
 from tiercache.daemon.control import Control, ControlError
@@ -67,6 +68,9 @@ QOS = 1
 # Commands are a few small fields; a bigger payload is a mistake, not a request.
 MAX_PAYLOAD_BYTES = 64 * 1024
 STATES = ("online", "draining")
+_COMMAND_SUBSCRIPTION = SubscribeOptions(
+    qos=QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+)
 
 # What a JSON reader calls the Python types json.loads returns.
 _JSON_TYPE = {
@@ -356,7 +360,8 @@ class MqttControl:
         """One connection: announce, subscribe, serve until it dies or ``stop()``."""
         announced = self._status
         await client.publish(self.topics.status, announced, qos=QOS, retain=True)
-        await client.subscribe(self.topics.commands, qos=QOS)
+        # A command someone published retained would otherwise run again on every connect.
+        await client.subscribe(self.topics.commands, options=_COMMAND_SUBSCRIPTION)
         self._set_client(client)
         if self._status != announced:  # set_status() ran meanwhile, with no client to say it
             await client.publish(self.topics.status, self._status, qos=QOS, retain=True)

@@ -371,6 +371,21 @@ async def test_a_response_topic_on_the_nodes_own_topics_is_refused_and_nothing_r
     assert await retained_status(mosquitto, node) == "online"  # status intact
 
 
+@pytest.mark.service
+async def test_a_retained_command_left_on_the_broker_is_not_run_when_the_daemon_connects(
+    mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator, ctl: MqttConfig
+) -> None:
+    pin = f"tiercache/{node}/cmd/pin"
+    await operator.client.publish(pin, b'{"session": "chat"}', qos=1, retain=True)
+    try:
+        async with serving(mosquitto.config("tiercache", node=node), Control(manager)):
+            # Commands are served in order of arrival: the retained one would come first.
+            assert (await request(ctl, "stats", {}, timeout=WAIT))["result"]["pinned_blocks"] == 0
+        assert not manager.sessions["chat"].pinned
+    finally:
+        await operator.client.publish(pin, b"", qos=1, retain=True)  # clears it
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
