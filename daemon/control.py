@@ -181,7 +181,7 @@ class Control:
 
     async def _set(self, args: Mapping[str, Any]) -> dict[str, Any]:
         name, value = args.get("name"), args.get("value")
-        if name not in SETTABLE:
+        if not isinstance(name, str) or name not in SETTABLE:  # a list or object is unhashable
             known = "; ".join(f"{k} ({v})" for k, v in SETTABLE.items())
             raise ControlError("bad_request", f"set: unknown setting {name!r}; settable: {known}")
         m = self.manager

@@ -476,8 +476,9 @@ async def test_an_unknown_session_is_named_in_the_error(daemon: Daemon, ctl: Mqt
         ("stats", b" " * (MAX_PAYLOAD_BYTES + 1), "bad_request"),
         ("", b"{}", "unknown_verb"),
         ("ピン", b"{}", "unknown_verb"),
+        ("set", b'{"name": ["policy.write"], "value": "write-through"}', "bad_request"),
     ],
-    ids=["not-utf8", "null", "nan", "deep", "too-big", "empty-verb", "unicode-verb"],
+    ids=["not-utf8", "null", "nan", "deep", "too-big", "empty-verb", "unicode-verb", "list-name"],
 )
 async def test_malformed_commands_through_the_broker_get_an_error_reply(
     daemon: Daemon, operator: Operator, verb: str, payload: bytes, code: str
@@ -862,6 +863,7 @@ async def test_any_verb_and_payload_get_exactly_one_well_formed_reply(
         assert set(reply) == {"ok", "error"}
         assert set(reply["error"]) == {"code", "message"}
         assert all(isinstance(v, str) and v for v in reply["error"].values())
+        assert reply["error"]["code"] != "internal", reply  # bad input is never a bug
 
     def no_constants(name: str) -> None:
         raise ValueError(name)
