@@ -19,6 +19,7 @@ from tiercache.daemon.config import Config
 from tiercache.spec import format_size
 
 LONG_VERBS = ("flush", "drain", "prefetch")
+STRING_ARGS = ("session", "name")  # never JSON-parsed: the verbs take only strings there
 
 
 class CtlError(RuntimeError):
@@ -33,7 +34,8 @@ class CtlError(RuntimeError):
 def parse_args(items: list[str]) -> dict[str, Any]:
     """``["session=chat-1", "value=3", "name=policy.admission"]`` -> a dict; values are JSON
     when they parse as JSON (numbers, true/false/null, lists), else strings. ``NaN``,
-    ``Infinity`` and ``1e999`` stay strings: JSON has no such numbers (MQTT could not send them)."""
+    ``Infinity`` and ``1e999`` stay strings: JSON has no such numbers (MQTT could not send them).
+    A session id or a setting's name is always a string, ``session=42`` too."""
 
     def no_constants(name: str) -> None:
         raise ValueError(name)
@@ -43,6 +45,9 @@ def parse_args(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise CtlError("bad_request", f"argument {item!r} is not key=value")
+        if key in STRING_ARGS:
+            out[key] = raw
+            continue
         try:
             value = json.loads(raw, parse_constant=no_constants)
             json.dumps(value, allow_nan=False)  # 1e999 parses, as infinity

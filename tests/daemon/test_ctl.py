@@ -127,6 +127,16 @@ def test_a_number_json_cannot_carry_is_sent_as_a_string_and_refused_by_the_daemo
     )
 
 
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+@pytest.mark.parametrize("session", ["42", "true", "null", "[1]"])
+def test_a_session_id_that_parses_as_json_is_still_a_session_id(
+    channel: str, session: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request.getfixturevalue(channel)
+    assert main(["ctl", "pin", f"session={session}"]) == 1
+    assert f"unknown_session: unknown session {session!r}" in capsys.readouterr().err
+
+
 @pytest.mark.service
 @pytest.mark.parametrize("node", ["a/b", "+", ""])
 def test_a_node_that_is_not_one_topic_level_exits_2_naming_it(
