@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 
 MAX_INT64 = 2**63 - 1
 VERBS = ("pin", "unpin", "evict", "flush", "prefetch", "stats", "set", "drain")
+# The arguments each verb takes; any other is refused (`drain node=gpu-2` is not a drain of gpu-2).
+ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "pin": ("session",),
+    "unpin": ("session",),
+    "evict": ("session", "keys"),
+    "flush": (),
+    "prefetch": ("session",),
+    "stats": (),
+    "set": ("name", "value", "session"),
+    "drain": (),
+}
 
 # The settings `set` may change at run time: name -> (kind, description).
 SETTABLE = {
@@ -88,6 +99,14 @@ class Control:
         if not isinstance(args, Mapping):
             raise ControlError(
                 "bad_request", f"{verb}: arguments must be a JSON object, got {type(args).__name__}"
+            )
+        takes = ARGUMENTS[verb]
+        unknown = next((k for k in args if k not in takes), None)
+        if unknown is not None:
+            raise ControlError(
+                "bad_request",
+                f"{verb}: unknown argument {unknown!r}; {verb} takes "
+                f"{', '.join(takes) or 'no arguments'}",
             )
         handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] = getattr(
             self, f"_{verb}"

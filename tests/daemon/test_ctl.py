@@ -137,6 +137,28 @@ def test_a_session_id_that_parses_as_json_is_still_a_session_id(
     assert f"unknown_session: unknown session {session!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("channel", ["via_socket", "via_mqtt"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stats", "node=elsewhere"], "stats: unknown argument 'node'; stats takes no arguments"),
+        (["flush", "session=chat"], "flush: unknown argument 'session'; flush takes no arguments"),
+        (["pin", "sesion=chat"], "pin: unknown argument 'sesion'; pin takes session"),
+    ],
+)
+def test_an_argument_the_verb_does_not_take_exits_2_naming_it(
+    channel: str,
+    argv: list[str],
+    message: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `ctl drain node=gpu-2` must not drain the default node instead of gpu-2.
+    request.getfixturevalue(channel)
+    assert main(["ctl", *argv]) == 2
+    assert f"error: bad_request: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.service
 @pytest.mark.parametrize("node", ["a/b", "+", ""])
 def test_a_node_that_is_not_one_topic_level_exits_2_naming_it(
