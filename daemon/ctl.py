@@ -64,7 +64,8 @@ async def request(
     if cfg.mqtt.host:
         from tiercache.daemon.mqtt import request as mqtt_request
 
-        reply = await mqtt_request(cfg.mqtt, verb, args, node=node)
+        # A flush or drain over MQTT waits as long as the node is up, as over the socket.
+        reply = await mqtt_request(cfg.mqtt, verb, args, node=node, patient=verb in LONG_VERBS)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise CtlError(str(err.get("code")), str(err.get("message")))

@@ -546,6 +546,7 @@ async def request(
     *,
     node: str | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109 -- one deadline over connect, send and reply
+    patient: bool = False,
 ) -> dict[str, Any]:
     """Send one command to ``node`` (default ``cfg.node``) and return its reply dict.
 
@@ -553,7 +554,9 @@ async def request(
     Correlation Data, so concurrent requesters never see each other's replies.
     Raises ``TimeoutError`` when no reply comes in ``timeout`` seconds,
     ``BrokerUnavailable`` when the broker cannot be used, ``ConfigError`` for
-    bad settings.
+    bad settings. ``patient`` (a flush or drain of many GiB takes minutes): once the
+    node's status says it is up, wait for the reply as long as it stays up; an
+    ``offline`` status (its Last Will) ends the wait at once.
     """
     node = cfg.node if node is None else node
     password = _check_config(cfg)
@@ -578,8 +581,9 @@ async def request(
     )
     status: str | None = None
     connected = False
+    deadline = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout), client:
+        async with deadline, client:
             connected = True
             await client.subscribe(reply_topic, qos=QOS)
             # The retained status tells a timeout apart: daemon offline, or never seen.
@@ -595,6 +599,9 @@ async def request(
             async for message in client.messages:
                 if message.topic.value == topics.status:
                     status = message.payload.decode(errors="replace")
+                    if patient:
+                        up = status in STATES
+                        deadline.reschedule(None if up else asyncio.get_running_loop().time())
                     continue
                 if getattr(message.properties, "CorrelationData", None) != ticket.bytes:
                     continue
@@ -613,6 +620,10 @@ async def request(
         seen = (
             f"its retained status is {status!r}" if status else "the broker holds no status for it"
         )
+        if patient and status is not None and status not in STATES:  # no need to wait it out
+            raise TimeoutError(
+                f"node {node!r} is {status!r} (its status on {_describe(cfg)}): no reply will come"
+            ) from None
         raise TimeoutError(
             f"no reply from node {node!r} within {timeout:g} s via {_describe(cfg)}; {seen} "
             f"(is the daemon running with [mqtt] node = {node!r}, and does the ACL let it "

@@ -799,6 +799,48 @@ async def test_a_slow_verb_does_not_hold_up_other_commands(
 
 
 @pytest.mark.service
+async def test_a_patient_request_waits_past_its_timeout_while_the_node_is_up(
+    mosquitto: Mosquitto, manager: TierManager, node: str, ctl: MqttConfig
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_drained(flushed: int) -> None:
+        await release.wait()  # a drain that flushes many GiB
+
+    async with serving(
+        mosquitto.config("tiercache", node=node), Control(manager, on_drained=slow_drained)
+    ):
+        drain = asyncio.create_task(request(ctl, "drain", {}, timeout=0.5, patient=True))
+        await asyncio.sleep(1.0)  # twice the timeout
+        assert not drain.done()
+        release.set()
+        assert await asyncio.wait_for(drain, WAIT) == ok(
+            {"flushed_bytes": 2 * NBYTES, "draining": True}
+        )
+
+
+@pytest.mark.service
+async def test_a_patient_request_ends_at_once_when_the_node_goes_offline(
+    mosquitto: Mosquitto, manager: TierManager, node: str, ctl: MqttConfig
+) -> None:
+    release = asyncio.Event()
+
+    async def stuck(flushed: int) -> None:
+        await release.wait()
+
+    proxy = TcpProxy(mosquitto.port)
+    await proxy.start()
+    cfg = mosquitto.config("tiercache", node=node, port=proxy.port)
+    async with serving(cfg, Control(manager, on_drained=stuck)) as d:
+        drain = asyncio.create_task(request(ctl, "drain", {}, timeout=60, patient=True))
+        await until(lambda: d.control.draining, "the drain to start")
+        await proxy.cut()  # the daemon's connection dies: its Will says `offline`
+        with pytest.raises(TimeoutError, match=f"node '{node}' is 'offline' .*no reply will come"):
+            await asyncio.wait_for(drain, WAIT)
+        release.set()
+
+
+@pytest.mark.service
 async def test_commands_beyond_the_pending_bound_are_dropped_and_counted(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:
