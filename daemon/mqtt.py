@@ -429,9 +429,10 @@ class MqttControl:
 
     def _refuse_reply_to(self, topic: str) -> str | None:
         """Why a reply may not go to ``topic``, or None: any requester's Response Topic is
-        honoured (MQTTX, Node-RED and paho pick their own), except one with a wildcard or this
-        node's own command, status and event topics, which a reply would forge or overwrite.
-        Where else the daemon may publish is the broker ACL's call (``ops/mosquitto/acl``)."""
+        honoured (MQTTX, Node-RED and paho pick their own), except one with a wildcard or any
+        node's command, status and event topics, which a reply would forge (the ACL lets the
+        daemons' one user write every node's status and events). Where else the daemon may
+        publish is the broker ACL's call (``ops/mosquitto/acl``)."""
         if any(c in topic for c in "+#\0"):
             return "contains a wildcard or NUL (a reply needs one topic)"
         t = self.topics
@@ -439,6 +440,10 @@ class MqttControl:
             topic == b or topic.startswith(b + "/") for b in (f"{t.base}/cmd", f"{t.base}/events")
         ):
             return f"is this node's own command, status or event topic (under {t.base!r})"
+        if topic.startswith(t.prefix + "/"):
+            node, _, rest = topic[len(t.prefix) + 1 :].partition("/")
+            if rest == "status" or rest.split("/", 1)[0] in ("cmd", "events"):
+                return f"is node {node!r}'s command, status or event topic"
         return None
 
     async def _serve_command(

@@ -372,6 +372,26 @@ async def test_a_response_topic_on_the_nodes_own_topics_is_refused_and_nothing_r
 
 
 @pytest.mark.service
+@pytest.mark.parametrize("topic", ["status", "events/drain_done"])
+async def test_a_response_topic_on_another_nodes_status_or_events_is_refused(
+    daemon: Daemon, operator: Operator, manager: TierManager, mosquitto: Mosquitto, topic: str
+) -> None:
+    # The ACL lets the daemon's user write every node's status and events (one user for all
+    # nodes) and the operator neither: a reply there would be a status or event forged for them.
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    reply_to = f"tiercache/{other}/{topic}"
+    async with operator_on(mosquitto, other) as watcher:
+        await operator.send("pin", b'{"session": "chat"}', reply_to=reply_to, correlation=b"c")
+        assert await operator.reply() == error(
+            "bad_request",
+            f"Response Topic {reply_to!r} is node {other!r}'s command, status or event topic",
+        )
+        assert not manager.sessions["chat"].pinned
+        with pytest.raises(AssertionError, match="no message"):
+            await watcher.next(topic)
+
+
+@pytest.mark.service
 async def test_a_retained_command_left_on_the_broker_is_not_run_when_the_daemon_connects(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator, ctl: MqttConfig
 ) -> None:
