@@ -11,8 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
+import xxhash
 
 from tests.conftest import (
     NBYTES,
@@ -162,6 +164,40 @@ async def test_an_open_that_fails_lets_go_of_the_store_for_a_retry(
     m2 = await open_cache()  # not "in use by another process": the failed open released it
 
     got = await m2.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        {"version": 2, "entries": []},  # another release's layout
+        [1, 2, 3],
+        {"snapshot": False, "records": [[1, "ns/x"]]},  # a put cut short
+        {"snapshot": False, "records": [[9, "ns/x", 0]]},  # an op this version has not
+    ],
+)
+async def test_a_whole_journal_segment_of_another_format_is_refused_by_name(
+    open_cache: OpenCache, tmp_path: Path, segment: object
+) -> None:
+    """Its checksum holds, so it was written whole: not a torn write to ignore, and not to be
+    compacted away with the blocks it names."""
+    m = await open_cache(write="write-through")
+    tokens, blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
+    await m.save(NS, tokens, blocks)
+    await m.close(flush=False)
+    journal = tmp_path / "disk" / "journal"
+    foreign = journal / f"{int(sorted(journal.iterdir())[-1].name) + 1:016d}"
+    body = msgpack.packb(segment)
+    foreign.write_bytes(body + xxhash.xxh64_digest(body))
+
+    with pytest.raises(
+        StoreError, match=f"journal segment journal/{foreign.name} .* not a journal"
+    ):
+        await open_cache()
+
+    assert foreign.exists()
+    foreign.unlink()
+    got = await (await open_cache()).load(NS, tokens)  # nothing else was touched
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 

@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 JOURNAL = "journal/"
 SESSIONS = "sessions/"
 _PUT, _DEL = 1, 2
+# A journal record's fields: put (op, array, slot, key, nbytes, checksum), del (op, array, slot).
+_RECORD: dict[int, tuple[type, ...]] = {
+    _PUT: (int, str, int, bytes, int, bytes),
+    _DEL: (int, str, int),
+}
 # Compact the journal (one snapshot segment) once it has this many segments.
 COMPACT_AFTER = 512
 
@@ -97,6 +102,25 @@ class _Array:
     free: list[int]
     next_slot: int
     pending_free: list[int]
+
+
+def _segment(body: bytes) -> tuple[bool, list[list[Any]]]:
+    """A journal segment's (snapshot, records); a ValueError saying what is wrong where its
+    bytes are not a segment of this format."""
+    try:
+        segment = msgpack.unpackb(body)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ValueError(f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(segment, dict) or set(segment) != {"snapshot", "records"}:
+        raise ValueError("not a map of snapshot and records")
+    snapshot, recs = segment["snapshot"], segment["records"]
+    if not isinstance(snapshot, bool) or not isinstance(recs, list):
+        raise ValueError("snapshot is not a bool or records not a list")
+    for r in recs:
+        shape = _RECORD.get(r[0]) if isinstance(r, list) and r and type(r[0]) is int else None
+        if shape is None or len(r) != len(shape) or not all(map(isinstance, r, shape)):
+            raise ValueError(f"record {r!r:.80} is neither a put nor a del")
+    return snapshot, recs
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
@@ -219,13 +243,23 @@ class DiskTier:
             if len(raw) <= 8 or xxhash.xxh64_digest(body) != trailer:
                 log.warning("journal segment %s is torn; its records are ignored", k)
                 continue
+            try:
+                snapshot, recs = _segment(body)
+            except ValueError as e:
+                # Written whole (its checksum holds) but not in this version's format: a
+                # newer release's journal, or another program's file. Dropping it would lose
+                # the blocks it names at the next compaction.
+                raise StoreError(
+                    f"disk tier journal segment {k} in {self.url or 'the store'} is not a "
+                    f"journal this version of tiercache reads ({e}); open the store with the "
+                    "release that wrote it, or give [tiers.disk] url a new directory"
+                ) from None
             self._seq = max(self._seq, int(k[len(JOURNAL) :]) + 1)
-            segment = msgpack.unpackb(body)
-            if segment["snapshot"]:
+            if snapshot:
                 # A snapshot is the whole state; older segments may survive a
                 # crash during compaction and must not add to it.
                 live.clear()
-            for r in segment["records"]:
+            for r in recs:
                 if r[0] == _PUT:
                     _, array, slot, key, nbytes, csum = r
                     live[(array, slot)] = DiskRecord(key, array, slot, nbytes, csum)
