@@ -167,6 +167,29 @@ async def test_an_open_that_fails_lets_go_of_the_store_for_a_retry(
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+@pytest.mark.parametrize("journaled", [True, False])
+@pytest.mark.parametrize(
+    "meta",
+    [b'{"zarr_format": 3, "node', b'{"zarr_format": 3, "node_type": "group"}'],
+    ids=["cut short", "a group's"],
+)
+async def test_an_array_whose_metadata_is_garbage_is_a_store_error_naming_it(
+    open_cache: OpenCache, tmp_path: Path, journaled: bool, meta: bytes
+) -> None:
+    """At open (the journal names its blocks) or at the first save to it (it names none)."""
+    m = await open_cache(write="write-through")
+    tokens, blocks = make_tokens(1, seed=1), make_blocks(1, seed=1)
+    await m.save(NS, tokens, blocks)
+    await m.close(flush=False)
+    if not journaled:
+        for segment in (tmp_path / "disk" / "journal").iterdir():
+            segment.unlink()
+    (tmp_path / "disk" / "ns" / NS.hex / "zarr.json").write_bytes(meta)
+
+    with pytest.raises(StoreError, match=f"array ns/{NS.hex} .*has unreadable metadata"):
+        await (await open_cache()).save(NS, tokens, blocks)
+
+
 @pytest.mark.parametrize(
     "segment",
     [

@@ -293,6 +293,8 @@ class DiskTier:
             za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
         except (FileNotFoundError, KeyError) as e:
             raise StoreError(f"disk tier array {path} is missing its metadata: {e}") from e
+        except ValueError as e:  # its zarr.json cut short, garbage, or not an array's
+            raise StoreError(f"disk tier array {path} has unreadable metadata: {e}") from e
         arr = _Array(path, int(za.shape[1]), za.metadata, [], 0, [])
         try:
             self.io.attach(path, za.metadata, arr.block_nbytes)
@@ -341,6 +343,10 @@ class DiskTier:
             )
         except OSError as e:
             raise StoreError(f"cannot create disk tier array {path} in {self.url}: {e}") from e
+        except ValueError as e:  # its zarr.json cut short, garbage, or not an array's
+            raise StoreError(
+                f"disk tier array {path} in {self.url} has unreadable metadata: {e}"
+            ) from e
         if za.shape[0] < slots:
             await za.resize((slots, nbytes))
             za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
