@@ -111,6 +111,27 @@ async def test_a_shard_cut_short_is_repaired_by_the_next_write(open_cache: OpenC
     assert torch.equal(torch.from_numpy(arr[slot : slot + 1]), as_bytes(more_blocks))
 
 
+async def test_a_budget_raised_at_reopen_grows_the_array_zarr_reads(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    """The array the journal names is opened at start, before any save registers it: it
+    too grows to the new budget, or the blocks past its old shape were the tier's only."""
+    import zarr
+
+    m = await open_cache(write="write-through", disk_blocks=4)
+    await m.save(NS, make_tokens(4), make_blocks(4))
+    await m.close(flush=False)
+    m2 = await open_cache(write="write-through", disk_blocks=64)
+    more, more_blocks = make_tokens(8, seed=5), make_blocks(8, seed=5)
+    await m2.save(NS, more, more_blocks)
+    slots = [m2.index.get(k).disk.slot for k in NS.block_keys(more)]  # type: ignore[union-attr]
+    await m2.close()
+
+    arr = zarr.open_array(str(tmp_path / "disk"), path=f"ns/{NS.hex}", mode="r")
+    assert arr.shape[0] == 64 and max(slots) >= 4
+    assert torch.equal(torch.from_numpy(arr[slots]), as_bytes(more_blocks))
+
+
 async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path: Path) -> None:
     m = await open_cache(write="write-through")
     first, second = make_tokens(1, seed=1), make_tokens(1, seed=2)

@@ -295,6 +295,10 @@ class DiskTier:
             raise StoreError(f"disk tier array {path} is missing its metadata: {e}") from e
         except ValueError as e:  # its zarr.json cut short, garbage, or not an array's
             raise StoreError(f"disk tier array {path} has unreadable metadata: {e}") from e
+        try:
+            za = await self._fit(za, path)
+        except OSError as e:  # a full device: this tier reads and writes its slots all the same
+            log.warning("disk tier array %s keeps its shape %s: %s", path, za.shape, e)
         arr = _Array(path, int(za.shape[1]), za.metadata, [], 0, [])
         try:
             self.io.attach(path, za.metadata, arr.block_nbytes)
@@ -302,6 +306,16 @@ class DiskTier:
             raise StoreError(str(e)) from e
         self._arrays[path] = arr
         return arr
+
+    async def _fit(self, za: Any, path: str) -> Any:
+        """``za`` grown to the slots this tier's byte budget gives blocks of its size (a
+        budget raised since it was created): zarr reads no chunk beyond an array's shape."""
+        nbytes = int(za.shape[1])
+        slots = max(1, self.capacity_bytes // nbytes)
+        if za.shape[0] >= slots:
+            return za
+        await za.resize((slots, nbytes))
+        return await zarr.api.asynchronous.open_array(store=self.store, path=path)
 
     async def register(self, ns: Namespace) -> str:
         """Create (or open) the array that holds ``ns``'s blocks; returns its path."""
@@ -347,9 +361,7 @@ class DiskTier:
             raise StoreError(
                 f"disk tier array {path} in {self.url} has unreadable metadata: {e}"
             ) from e
-        if za.shape[0] < slots:
-            await za.resize((slots, nbytes))
-            za = await zarr.api.asynchronous.open_array(store=self.store, path=path)
+        za = await self._fit(za, path)
         try:
             self.io.attach(path, za.metadata, nbytes)
         except ValueError as e:
