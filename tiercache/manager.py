@@ -520,8 +520,9 @@ class TierManager:
     async def close(self, flush: bool = True) -> None:
         if self._closed:
             return
-        if flush:
-            await self.flush()
+        if flush and self.disk_room is not None:
+            async with self._lock:  # a full disk is counted and logged: the close goes on
+                await self.disk_room.flush(self.host, quiet=True)
         if self.shared is not None:
             await self.shared.close(drain=flush)
         self._closed = True

@@ -124,8 +124,8 @@ class DiskRoom:
         self, host: HostArena, keys: Iterable[BlockKey] | None = None, quiet: bool = False
     ) -> int:
         """Under the lock: write every host-only block (of ``keys``, default all) here and
-        sync the journal (``quiet``: a pin's flush, whose failure is counted and logged, not
-        raised: ``_sync_quietly``); returns the bytes written."""
+        sync the journal (``quiet``: a pin's or a close's flush, whose failure is counted and
+        logged, not raised: ``_sync_quietly``); returns the bytes written."""
         some = self._index if keys is None else (e for k in keys if (e := self._index.get(k)))
         dirty = [e for e in some if HOST in e.at and DISK not in e.at]
         self._index.lease(dirty)
@@ -134,7 +134,7 @@ class DiskRoom:
         finally:
             self._index.unlease(dirty)
         if quiet:
-            await self._sync_quietly("pinned blocks not all on disk")
+            await self._sync_quietly("host blocks not all on disk")
         else:
             await self.disk.sync_journal()
         return written

@@ -112,3 +112,29 @@ async def test_a_store_on_a_full_device_reopens_and_serves(small_fs: Path, budge
         assert (await third.lookup(NS, tokens)).blocks == 2
     finally:
         await third.close()
+
+
+async def test_a_cache_closed_on_a_full_device_lets_go_of_its_store(small_fs: Path) -> None:
+    """The journal records an evict could not write (``del``s) cannot be written at close
+    either: the close says so and goes on, and the store opens again in this process (its
+    lock let go), as the state a kill -9 would have left."""
+    disk = str(small_fs / "disk")
+    m = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=disk, disk_bytes=10_000 * NBYTES, write="write-through"
+    )
+    tokens, blocks = make_tokens(4, seed=1), make_blocks(4, seed=1)
+    await m.save(NS, tokens, blocks)
+    fill(small_fs / "filler")
+    assert await m.evict(keys=NS.block_keys(tokens)[2:]) == 2  # their del records wait
+
+    await m.close()
+
+    again = await TierManager.open(
+        host_bytes=64 * NBYTES, disk_url=disk, disk_bytes=10_000 * NBYTES
+    )
+    try:
+        got = await again.load(NS, tokens)  # the evict never reached the journal
+        assert got.tiers == ["disk"] * 4
+        assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
+    finally:
+        await again.close()

@@ -618,5 +618,14 @@ class DiskTier:
                     await self.store.delete(k)
 
     async def close(self) -> None:
-        await self.sync_journal()
-        self._release()
+        """Sync the journal and let go of the store. On a full or failing disk the journal
+        stays as it stands, the state a restart finds (as after kill -9: a block whose
+        ``del`` is not written kept its slot, and its bytes); the lock is let go all the same."""
+        try:
+            await self.sync_journal()
+        except (DiskFull, StoreError) as e:
+            log.warning(
+                "disk tier closed with %d journal records unwritten: %s", len(self._pending), e
+            )
+        finally:
+            self._release()
