@@ -188,6 +188,29 @@ async def test_an_open_that_fails_lets_go_of_the_store_for_a_retry(
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"id": "chat", "keys": "not a list"},  # another release's layout
+        {"id": "chat", "keys": [b"k" * 16], "pinned": True},  # no expires
+        {"id": "chat", "keys": [b"k" * 16], "chains": [["", 2]], "pinned": True, "expires": None},
+    ],
+)
+async def test_a_whole_session_record_of_another_format_is_a_store_error_naming_it(
+    open_cache: OpenCache, tmp_path: Path, record: dict[str, object]
+) -> None:
+    m = await open_cache(write="write-through")
+    tokens, blocks = make_tokens(2, seed=1), make_blocks(2, seed=1)
+    await m.save(NS, tokens, blocks, session="chat")
+    await m.close(flush=False)
+    (path,) = (tmp_path / "disk" / "sessions").iterdir()
+    body = msgpack.packb(record)
+    path.write_bytes(body + xxhash.xxh64_digest(body))
+
+    with pytest.raises(StoreError, match=f"session record sessions/{path.name} .* not one"):
+        await open_cache()
+
+
 @pytest.mark.parametrize("journaled", [True, False])
 @pytest.mark.parametrize(
     "meta",

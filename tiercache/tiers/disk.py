@@ -123,6 +123,34 @@ def _segment(body: bytes) -> tuple[bool, list[list[Any]]]:
     return snapshot, recs
 
 
+def _session(body: bytes) -> dict[str, Any]:
+    """A session record (``DiskTier.put_session``'s map; ``chains`` may be absent, in a record
+    from before it); a ValueError where its bytes are not one."""
+    try:
+        rec = msgpack.unpackb(body)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ValueError(f"not msgpack: {type(e).__name__}") from None
+    keys = rec.get("keys") if isinstance(rec, dict) else None
+    chains = rec.get("chains", [["", len(keys)]]) if isinstance(keys, list) else None
+    if not (
+        isinstance(rec, dict)
+        and isinstance(rec.get("id"), str)
+        and isinstance(keys, list)
+        and all(isinstance(k, bytes) for k in keys)
+        and isinstance(chains, list)
+        and all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and type(c[1]) is int
+            for c in chains
+        )
+        and sum(n for _, n in chains) == len(keys)
+        and isinstance(rec.get("pinned"), bool)
+        and "expires" in rec
+        and (rec["expires"] is None or isinstance(rec["expires"], int | float))
+    ):
+        raise ValueError("not a map of id, keys, chains, pinned and expires")
+    return rec
+
+
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """A zarr store for ``url``: a plain path or ``file://``, ``memory://``, or any fsspec URL."""
     if url.startswith("file://"):
@@ -554,7 +582,15 @@ class DiskTier:
             if len(raw) <= 8 or xxhash.xxh64_digest(raw[:-8]) != raw[-8:]:
                 log.warning("session record %s is torn; ignored", k)
                 continue
-            out.append(msgpack.unpackb(raw[:-8]))
+            try:
+                out.append(_session(raw[:-8]))
+            except ValueError as e:
+                # Whole (its checksum holds): dropping it would unpin the session's blocks.
+                raise StoreError(
+                    f"session record {k} in {self.url or 'the store'} is not one this version "
+                    f"of tiercache reads ({e}); open the store with the release that wrote it, "
+                    "or remove the file (the session's name and pin go, its blocks stay)"
+                ) from None
         return out
 
     # -- journal ----------------------------------------------------------
