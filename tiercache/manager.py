@@ -152,11 +152,11 @@ class TierManager:
                 device=device,
                 **kwargs,  # type: ignore[arg-type]
             )
+            await manager.sessions.restore()
         except BaseException:
             if disk is not None:
                 await disk.close()  # release its lock: the caller may fix the config and retry
             raise
-        await manager.sessions.restore()
         return manager
 
     @property
