@@ -146,6 +146,37 @@ async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path
     assert (await m2.lookup(NS, second)).blocks == 0
 
 
+async def test_a_block_two_journal_records_name_is_counted_once(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    """A power cut can lose a segment whose ``del`` freed a block that was stored again at
+    another slot: the journal then names that block twice. One copy is adopted, the other's
+    slot freed, or its bytes were counted for good, in no index entry, never evicted."""
+    m = await open_cache(write="write-through", host_blocks=8)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    keys = NS.block_keys(tokens)
+    await m.save(NS, tokens, blocks)
+    await m.evict(keys=[keys[0], keys[2]])  # one segment: both dels
+    await m.save(NS, tokens[: NS.spec.block_size], blocks[:1])  # block 0 again, in slot 2
+    await m.close(flush=False)
+    segments = sorted((tmp_path / "disk" / "journal").iterdir())
+    (lost,) = [
+        s
+        for s in segments
+        if any(r[0] == 2 for r in msgpack.unpackb(s.read_bytes()[:-8])["records"])  # a del
+    ]
+    lost.unlink()
+
+    m2 = await open_cache(host_blocks=8)
+    assert m2.disk is not None
+    assert (m2.disk.num_blocks, m2.disk.used_bytes) == (2, 2 * NBYTES)
+    got = await m2.load(NS, tokens)
+    assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[: got.blocks]))
+    assert got.blocks == 2
+    await m2.evict(keys=keys)
+    assert (m2.disk.num_blocks, m2.disk.used_bytes) == (0, 0)
+
+
 async def test_a_journal_file_killed_before_its_rename_is_ignored(
     open_cache: OpenCache, tmp_path: Path
 ) -> None:

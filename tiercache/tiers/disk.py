@@ -151,6 +151,32 @@ def _session(body: bytes) -> dict[str, Any]:
     return rec
 
 
+def _sort_out(
+    records: list[DiskRecord], present: dict[str, dict[int, int]]
+) -> tuple[list[DiskRecord], list[DiskRecord], int]:
+    """Replayed records -> (to adopt, to drop, how many were missing or cut short on disk).
+    Dropped too: a second copy of a block (a del record lost, say to a power cut): the index
+    holds one, so the other would take its bytes for good, evicted never."""
+    keep: list[DiskRecord] = []
+    drop: list[DiskRecord] = []
+    keys: set[BlockKey] = set()
+    missing = 0
+    for rec in records:
+        if present.get(rec.array, {}).get(rec.slot, -1) < rec.nbytes:
+            log.warning(
+                "disk block in slot %s/%d is missing or truncated; dropped", rec.array, rec.slot
+            )
+            missing += 1
+            drop.append(rec)
+        elif rec.key in keys:
+            log.warning("disk block in slot %s/%d is a second copy; dropped", rec.array, rec.slot)
+            drop.append(rec)
+        else:
+            keys.add(rec.key)
+            keep.append(rec)
+    return keep, drop, missing
+
+
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """A zarr store for ``url``: a plain path or ``file://``, ``memory://``, or any fsspec URL."""
     if url.startswith("file://"):
@@ -211,14 +237,10 @@ class DiskTier:
     async def _recover(self) -> None:
         records = await self._replay()
         present = {path: await self.io.present(path) for path in self._arrays}
-        for rec in records:
-            if present.get(rec.array, {}).get(rec.slot, -1) < rec.nbytes:
-                log.warning(
-                    "disk block in slot %s/%d is missing or truncated; dropped", rec.array, rec.slot
-                )
-                self._pending.append((_DEL, rec.array, rec.slot))
-                self.corrupt_reads += 1
-                continue
+        keep, drop, missing = _sort_out(records, present)
+        self._pending += [(_DEL, rec.array, rec.slot) for rec in drop]
+        self.corrupt_reads += missing
+        for rec in keep:
             self._adopt(rec)
         for arr in self._arrays.values():
             used = {s for (a, s) in self._live if a == arr.path}
