@@ -94,7 +94,11 @@ async def test_a_damaged_shard_file_loses_only_what_it_lost(
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks[:kept]))
 
 
-async def test_a_shard_cut_short_is_repaired_by_the_next_write(open_cache: OpenCache) -> None:
+@pytest.mark.parametrize("read_first", [False, True])
+async def test_a_shard_cut_short_is_repaired_by_the_next_write(
+    open_cache: OpenCache, read_first: bool
+) -> None:
+    """Also when a read opened the shard file first (``read_first``)."""
     import zarr
 
     m, tokens, _ = await saved_on_disk_only(open_cache, 2)
@@ -102,6 +106,8 @@ async def test_a_shard_cut_short_is_repaired_by_the_next_write(open_cache: OpenC
     await m.close()
     os.truncate(path, offset + 2 * NBYTES)  # the blocks survive, the zarr shard index does not
     m2 = await open_cache(write="write-through")
+    if read_first:
+        assert (await m2.load(NS, tokens)).tiers == ["disk", "disk"]
     more, more_blocks = make_tokens(1, seed=77), make_blocks(1, seed=77)
     await m2.save(NS, more, more_blocks)  # lands in the same shard: its index is written again
     assert m2.disk is not None

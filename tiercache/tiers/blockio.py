@@ -72,6 +72,7 @@ class _Slab:
     shard_blocks: int
     tail: bytes  # zarr's shard index for a full shard, written once after the data region
     fds: dict[int, int] = field(default_factory=dict)
+    sized: set[int] = field(default_factory=set)  # shards whose file has its full size and index
 
     @property
     def shard_bytes(self) -> int:
@@ -128,22 +129,21 @@ class SlabIO:
     def _fd(self, slab: _Slab, shard: int, create: bool) -> int:
         with self._fd_lock:
             fd = slab.fds.get(shard)
-            if fd is not None:
-                return fd
-            path = slab.dir / slab.meta.encode_chunk_key((shard, 0))
-            if not create:
-                fd = os.open(path, os.O_RDWR)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    if os.fstat(fd).st_size != slab.shard_bytes:
-                        os.posix_fallocate(fd, 0, slab.shard_blocks * slab.nbytes)
-                        os.pwrite(fd, slab.tail, slab.shard_blocks * slab.nbytes)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            slab.fds[shard] = fd
+            if fd is None:
+                path = slab.dir / slab.meta.encode_chunk_key((shard, 0))
+                if not create:
+                    fd = os.open(path, os.O_RDWR)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                slab.fds[shard] = fd
+            # A writer makes the file whole first (a shard cut short, or opened by a read
+            # before): otherwise a write past its end leaves no index where zarr looks.
+            if create and shard not in slab.sized:
+                if os.fstat(fd).st_size != slab.shard_bytes:
+                    os.posix_fallocate(fd, 0, slab.shard_blocks * slab.nbytes)
+                    os.pwrite(fd, slab.tail, slab.shard_blocks * slab.nbytes)
+                slab.sized.add(shard)
             return fd
 
     def _write(self, slab: _Slab, items: Sequence[WriteItem], part: range, out: list[Any]) -> None:
@@ -242,6 +242,7 @@ class SlabIO:
                 for fd in slab.fds.values():
                     os.close(fd)
                 slab.fds.clear()
+                slab.sized.clear()
 
 
 class ChunkIO:
