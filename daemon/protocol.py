@@ -280,6 +280,9 @@ class Request(Message):
     op: ClassVar[str]
 
 
+_SEQUENCE = "'keys' (the concatenated 16-byte block keys) or 'tokens' (packed little-endian uint32)"
+
+
 @dataclass(frozen=True, slots=True)
 class Chain(Request):
     """A request about a sequence: ``keys`` (the block keys the client hashed: the normal
@@ -294,6 +297,8 @@ class Chain(Request):
     def sequence(self) -> KeyChain | np.ndarray:
         if self.keys is not None:
             return self.chain()
+        if self.tokens is None:
+            raise ProtocolError("bad_request", f"{self.op} needs {_SEQUENCE}")
         return unpack_tokens(self.tokens)
 
     def chain(self) -> KeyChain:
@@ -393,9 +398,9 @@ class Prefetch(Request):
     tokens: bytes | None = None
 
     def by_chain(self) -> Chain:
-        if self.ns is None:
+        if self.ns is None or (self.keys is None and self.tokens is None):
             raise ProtocolError(
-                "bad_request", "prefetch needs 'session', or 'ns' with 'keys' or 'tokens'"
+                "bad_request", f"prefetch needs 'session', or 'ns' with {_SEQUENCE}"
             )
         return Lookup(self.ns, self.keys, self.tokens)
 

@@ -263,6 +263,19 @@ async def test_bad_tokens_and_shapes_are_typed_errors(client: AsyncClient) -> No
     assert err.value.code == "bad_shape" and "do not fit the 2 full blocks" in err.value.message
 
 
+@pytest.mark.parametrize("op", ["lookup", "touch", "reserve", "acquire", "prefetch"])
+async def test_a_sequence_request_with_neither_keys_nor_tokens_names_both(
+    client: AsyncClient, op: str
+) -> None:
+    # It named only 'tokens' ("must be packed ... bytes"), as if keys were not an option.
+    await client.register(NS)
+    with pytest.raises(RemoteError) as err:
+        await client.call(op, ns=NS.hex)
+    assert err.value.code == "bad_request"
+    assert err.value.message.startswith(f"{op} needs")
+    assert "'keys'" in err.value.message and "'tokens'" in err.value.message
+
+
 async def test_a_garbage_frame_is_an_error_but_not_the_end(daemon: Daemon) -> None:
     reader, writer = await raw(daemon)
     reply = await roundtrip(reader, writer, struct.pack(">I", 3) + b"\xc1\xc1\xc1")
