@@ -120,10 +120,11 @@ def unpack_tokens(raw: Any) -> np.ndarray:
 M = TypeVar("M", bound="Message")
 
 
-def _what(name: str, kind: object) -> str:
+def _what(name: str, kind: object, meta: Any) -> str:
     """How a field of type ``kind`` is described in an error naming it."""
     if kind is int:
-        return f"'{name}' must be a non-negative integer"
+        least = "positive" if meta.get("positive") else "non-negative"
+        return f"'{name}' must be a {least} integer"
     if kind is str:
         return f"'{name}' must be a string"
     if kind is bytes:
@@ -146,7 +147,7 @@ def _checker(name: str, kind: object, meta: Any) -> Callable[[Any], Any]:
     hint = meta.get("hint", "")
 
     def bad(value: Any) -> Any:
-        raise ProtocolError("bad_request", hint or f"{_what(name, kind)}, got {value!r:.80}")
+        raise ProtocolError("bad_request", hint or f"{_what(name, kind, meta)}, got {value!r:.80}")
 
     origin = get_origin(kind)
     if kind is Any:
@@ -169,8 +170,11 @@ def _checker(name: str, kind: object, meta: Any) -> Callable[[Any], Any]:
         return nested
     if kind is int:
         signed = bool(meta.get("signed", False))
+        low = 1 if meta.get("positive") else 0
         # type() and not isinstance: a bool is an int to Python, never to the protocol.
-        return lambda value: value if type(value) is int and (signed or value >= 0) else bad(value)
+        return lambda value: (
+            value if type(value) is int and (signed or value >= low) else bad(value)
+        )
     if kind in (str, bytes, bool):
         return lambda value: value if type(value) is kind else bad(value)
     if origin is dict:
@@ -259,6 +263,9 @@ def _codec(cls: type) -> _Codec:
 def _hint(text: str) -> Any:
     """A field whose error message explains more than its type."""
     return {"hint": text}
+
+
+_POSITIVE = {"positive": True}  # an int field that must be at least 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +365,8 @@ class Touch(Chain):
 class Reserve(Chain):
     op = "reserve"
     first_block: int = 0
-    count: int | None = None
+    # Positive: a reservation of no block would be held, empty, until the connection ends.
+    count: int | None = field(default=None, metadata=_POSITIVE)
     session: str | None = None
 
 
@@ -378,7 +386,7 @@ class Abort(Request):
 class Acquire(Chain):
     op = "acquire"
     first_block: int = 0
-    max_blocks: int | None = None
+    max_blocks: int | None = field(default=None, metadata=_POSITIVE)  # as Reserve's count
 
 
 @dataclass(frozen=True, slots=True)

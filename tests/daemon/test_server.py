@@ -276,6 +276,26 @@ async def test_a_sequence_request_with_neither_keys_nor_tokens_names_both(
     assert "'keys'" in err.value.message and "'tokens'" in err.value.message
 
 
+@pytest.mark.parametrize(("op", "field"), [("reserve", "count"), ("acquire", "max_blocks")])
+async def test_a_reservation_or_lease_of_no_block_is_refused_not_held(
+    daemon: Daemon, client: AsyncClient, op: str, field: str
+) -> None:
+    # It was granted: an empty reservation or lease, held until the client hung up.
+    tokens = make_tokens(2)
+    await client.save(NS, tokens, make_blocks(2))
+    if op == "reserve":
+        tokens = make_tokens(2, seed=9)  # blocks to save, not the ones saved
+    chain = KeyChain(NS.block_keys(tokens)).to_bytes()
+    with pytest.raises(RemoteError) as err:
+        await client.call(op, ns=NS.hex, keys=chain, **{field: 0})
+    assert err.value.code == "bad_request"
+    assert f"'{field}' must be a positive integer" in err.value.message
+    assert daemon.server is not None
+    (conn,) = daemon.server._conns.values()
+    assert not conn.reservations and not conn.leases
+    assert len((await client.call(op, ns=NS.hex, keys=chain, **{field: 1}))["slots"]) == 1
+
+
 async def test_a_garbage_frame_is_an_error_but_not_the_end(daemon: Daemon) -> None:
     reader, writer = await raw(daemon)
     reply = await roundtrip(reader, writer, struct.pack(">I", 3) + b"\xc1\xc1\xc1")
