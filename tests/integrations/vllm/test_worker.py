@@ -134,6 +134,23 @@ def test_a_missing_block_is_reported_and_its_request_saves_nothing_until_vllm_re
     b.shutdown()
 
 
+def test_a_save_the_daemon_refuses_does_not_skip_the_steps_other_saves(
+    daemon: DaemonProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An error reply was taken for an unreachable daemon: the step's later saves were
+    # skipped, r2's blocks never stored.
+    keys = chain(2, seed=7)
+    w = worker(daemon.socket, caches(7))
+    bad = Transfer("r1", keys, 1, 2, [1, 2], finish=True)  # blocks 1..3 of a 2-block chain
+    good = Transfer("r2", keys, 0, 2, [3, 4], finish=True)
+    w.save(TierCacheMetadata(saves=[bad, good]))
+    assert "tiercache save failed: bad_shape" in caplog.text  # the refused one is logged
+    assert w.finished()[0] == {"r1", "r2"}
+    with Client(daemon.socket) as c:
+        assert c.lookup(NS, KeyChain.from_bytes(keys)).blocks == 2
+    w.shutdown()
+
+
 def test_a_background_load_is_reported_by_finished_and_its_misses_as_blocks(
     daemon: DaemonProcess,
 ) -> None:

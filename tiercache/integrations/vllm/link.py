@@ -60,6 +60,12 @@ class Link:
                 self._down_logged = False
             return self._client
 
+    @property
+    def connected(self) -> bool:
+        """Whether a client is held: a call the daemon answered with an error keeps it, one
+        that found the daemon gone drops it."""
+        return self._client is not None
+
     def call(self, what: str, fn: Callable[[Client], _T]) -> _T | None:
         """``fn(client)``, or None when the daemon cannot be reached or answers an error. A
         lost connection (the daemon restarted) is retried once on a new one at once."""

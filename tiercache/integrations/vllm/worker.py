@@ -165,9 +165,10 @@ class Worker:
             # scheduling) compute the request's tokens over the blocks that failed: their
             # saves are skipped (vLLM recomputes them, saves them then).
             if reachable and t.req_id not in self._failed_at:
-                # An unreachable daemon: no point trying the other saves this step.
+                # An unreachable daemon: no point trying the other saves this step. A save
+                # it refused (an error reply, logged by the link) is that save's alone.
                 res = self._link.call("save", functools.partial(transport.save, t=t))
-                reachable = res is not None
+                reachable = res is not None or self._link.connected
             if t.finish:
                 ok = stored.get(t.req_id, True) and res is not None and not res.rejected
                 stored[t.req_id] = ok
