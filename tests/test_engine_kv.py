@@ -160,6 +160,22 @@ async def test_bad_block_ids_and_a_foreign_namespace_are_refused_and_lose_nothin
     assert m.host is not None and m.host.free_slots == 6  # the refused save's slots came back
 
 
+async def test_a_load_into_an_engine_block_named_twice_is_refused_and_writes_nothing(
+    open_cache: OpenCache,
+) -> None:
+    # It was taken: both blocks scattered into engine block 1, the first lost unseen.
+    m = await open_cache(host_blocks=8)
+    src, dst = EngineKV(SPEC, vllm_caches(1)), EngineKV(SPEC, vllm_caches(None))
+    tokens = make_tokens(3)
+    await src.save(m, NS, keys(tokens), [5, 2, 9])
+
+    with pytest.raises(LayoutError, match=r"given more than once: \[1\]"):
+        await dst.load(m, NS, keys(tokens), [1, 3, 1])
+
+    assert not reference.gather(SPEC, dst.caches, list(range(NUM_BLOCKS))).any()
+    assert all(e.leases == 0 for e in m.index)
+
+
 async def test_a_quantized_namespace_is_refused_by_name_and_loses_nothing(
     open_cache: OpenCache,
 ) -> None:

@@ -28,6 +28,7 @@ checksums before a block reaches the host arena); the copies here move verified 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -212,6 +213,10 @@ class EngineKV:
         returns: the engine's stream waits on ``done_event``; each round's lease is given
         back once its copy has completed."""
         ids = self._check_ids(block_ids)
+        if len(set(ids)) != len(ids):
+            # Two blocks scattered into one engine block: one of them would be lost unseen.
+            twice = sorted(b for b, n in Counter(ids).items() if n > 1)
+            raise LayoutError(f"a load's 'block_ids' must differ; given more than once: {twice}")
         self._check_ns(ns)
         dev = manager.device
         if dev is None or dev.device != self.device or not dev.formatted:
