@@ -18,6 +18,7 @@ from tiercache.groups import needed_blocks
 from tiercache.index import HOST, Entry
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.results import Reservation, SaveResult
+from tiercache.storage_format import check_scales, parse_format
 from tiercache.transaction import abort_later
 
 if TYPE_CHECKING:
@@ -104,11 +105,21 @@ class HostSaves:
         commit cancelled before it took the blocks (waiting for the lock: a client that went
         away, a caller that gave up) gives their slots back instead."""
         try:
+            self._check_records(r)
             return await self._commit(r)
         except BaseException:
             if r.entries:
                 abort_later(self.abort(r))
             raise
+
+    def _check_records(self, r: Reservation) -> None:
+        """Quantized records as the saver wrote them into the slots (a socket client encodes
+        its own): a scale ``encode`` never writes is refused, naming the block, before the
+        blocks become visible."""
+        fmt = parse_format(r.ns.store_dtype)
+        if fmt != "exact":
+            blocks = [r.first_block + row for row in r.rows]
+            check_scales(r.ns.spec, self._m.host.buffer, fmt, r.slots, blocks)
 
     async def _commit(self, r: Reservation) -> SaveResult:
         m, t0 = self._m, time.perf_counter()

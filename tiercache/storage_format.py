@@ -24,7 +24,9 @@ fail-closed rule (a block is its verified bytes) does not allow.
 
 A block with an inf or NaN is refused by ``encode`` (a FormatError naming the head): one
 such element makes its head's scale non-finite, and every element of the head would decode
-as NaN. Such a block is only stored exact.
+as NaN. Such a block is only stored exact. Records a socket client encoded on its side
+are checked as they are committed (``check_scales``): a scale that ``encode`` never writes
+(NaN, inf, negative) is refused, naming the block.
 
 The format is chosen per namespace, by the client, at registration
 (``Namespace.store_dtype``): the application decides what error it accepts,
@@ -43,6 +45,7 @@ into data and scales and dequantize it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -138,6 +141,35 @@ def _check_finite(spec: KVSpec, scales: torch.Tensor, fmt: StoreFormat) -> None:
         raise FormatError(
             f"store_dtype {fmt!r}: block {b}, layer {layer}, {what}, head {head} holds an inf "
             "or NaN, which a quantized record cannot hold (the whole head would come back NaN)"
+        )
+
+
+def check_scales(
+    spec: KVSpec,
+    records: torch.Tensor,
+    fmt: StoreFormat,
+    rows: Sequence[int],
+    blocks: Sequence[int],
+) -> None:
+    """The ``rows`` of stored records uint8 ``[*, >= stored_nbytes]`` encoded elsewhere (a
+    socket client encodes its blocks): a FormatError naming the first block (``blocks[i]``
+    names ``rows[i]``) with a scale that is not a finite non-negative float32, which
+    ``encode`` never writes: its head would decode as NaN, inf or negated values. Only the
+    scales are copied (``records`` may be the whole host arena)."""
+    if fmt == "exact" or not rows:
+        return
+    raw = records[:, _data_nbytes(spec) : stored_nbytes(spec, fmt)][list(rows)]
+    scales = raw.view(torch.float32).reshape(
+        len(rows), spec.num_layers, spec.planes, spec.num_kv_heads
+    )
+    bad = (~(torch.isfinite(scales) & (scales >= 0))).nonzero()
+    if len(bad):
+        b, layer, plane, head = (int(i) for i in bad[0])
+        what = "latent" if spec.planes == 1 else "KV"[plane]
+        raise FormatError(
+            f"store_dtype {fmt!r}: block {blocks[b]}, layer {layer}, {what}, head {head} has "
+            f"scale {float(scales[b, layer, plane, head])}; a record's scales must be finite "
+            "and non-negative (the head would decode as garbage)"
         )
 
 

@@ -704,6 +704,26 @@ async def test_a_quantized_namespace_round_trips_over_the_socket_and_stays_apart
     assert bad.value.code == "bad_request" and "'int4' is not one of exact" in bad.value.message
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+async def test_quantized_records_with_a_scale_encode_never_writes_are_refused_by_block(
+    daemon: Daemon, client: AsyncClient, scale: float
+) -> None:
+    # They were stored: the head decoded as NaN, inf or negated values on every later load.
+    qns = Namespace(NS.model, SPEC, store_dtype="int8")
+    await client.register(NS)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    records = encode_records(SPEC, blocks, "int8").clone()
+    at = qns.block_nbytes - 4  # the last scale: last layer, V, last head
+    records[1, at:] = torch.tensor([scale]).view(torch.uint8)
+    with pytest.raises(RemoteError) as err:
+        await client.save(qns, tokens, records)
+    assert err.value.code == "bad_request"
+    assert f"block 1, layer 1, V, head 1 has scale {scale}" in err.value.message
+    assert (await client.lookup(qns, tokens)).blocks == 0
+    assert daemon.manager is not None and daemon.manager.host.free_slots == 8
+    assert (await client.save(qns, tokens, blocks)).stored == 3  # encoded by the client
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user")
 async def test_socket_group_members_may_map_the_arena_and_others_may_not(tmp_path: Path) -> None:
     """``[daemon] socket_group`` opens the socket and the shared arena to the group, so an
