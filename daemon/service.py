@@ -8,7 +8,10 @@ counter changes into MQTT events (eviction summaries, disk full, corruption).
 
 Shutdown (SIGTERM or SIGINT) is a drain: stop taking saves, close the socket
 (ending connections releases their leases and reservations), flush
-write-back blocks to disk, publish ``offline``, exit 0. The data plane never
+write-back blocks to disk, publish ``offline``, exit 0. A second signal during the
+drain cuts it short: the flush and the shared tier's uploads stop where they are
+(blocks not yet written are lost, as in a crash), and the tiers close as they stand;
+the disk journal names only blocks whose bytes landed. The data plane never
 waits on MQTT: events go through a bounded queue that drops when the broker is
 away.
 """
@@ -52,6 +55,7 @@ class Daemon:
         self.mqtt: Any = None  # MqttControl when [mqtt] host is set
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._drain: asyncio.Task[None] | None = None  # the shutdown's flush, once started
 
     async def start(self) -> None:
         cfg = self.config
@@ -91,6 +95,10 @@ class Daemon:
         )
 
     def request_stop(self) -> None:
+        """Drain and stop; asked again while the drain runs, cut the drain short."""
+        if self._stop.is_set() and self._drain is not None and not self._drain.done():
+            log.warning("stopping now: the drain is cut short, write-back blocks not flushed")
+            self._drain.cancel()
         self._stop.set()
 
     async def run(self) -> None:
@@ -101,7 +109,7 @@ class Daemon:
         try:  # a start that fails half-way (metrics port taken) still closes what it opened
             await self.start()
             await self._stop.wait()
-            log.info("stopping: draining and flushing")
+            log.info("stopping: draining and flushing (a second signal stops at once)")
         finally:
             await self.shutdown()
 
@@ -120,13 +128,29 @@ class Daemon:
             if task.get_name() != "mqtt":
                 task.cancel()
         if manager is not None:
-            await manager.close()  # flushes write-back blocks
+            await self._close_tiers(manager)
         if self.mqtt is not None:
             await self.mqtt.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.http is not None:
             self.http.close()
         log.info("stopped")
+
+    async def _close_tiers(self, manager: TierManager) -> None:
+        """Drain (flush write-back blocks, upload the shared tier's queue), then close the
+        tiers. ``request_stop`` again cancels the drain only: a disk write it cancels leaves
+        its blocks unrecorded (``DiskTier.put_many``), the journal what a crash there leaves."""
+        if self._drain is None:  # once: a second shutdown finds it done
+            self._drain = asyncio.ensure_future(_flush_and_upload(manager))
+        drain = self._drain
+        try:
+            await asyncio.wait({drain})
+        finally:
+            if not drain.done():  # shutdown itself was cancelled: so is its drain
+                drain.cancel()
+        if not drain.cancelled():
+            drain.result()
+        await manager.close(flush=False)
 
     async def _drained(self, flushed: int) -> None:
         if self.mqtt is not None:
@@ -185,3 +209,11 @@ class Daemon:
             if disk_full > last[2]:
                 await self.mqtt.event("disk_full", {"refused_writes": disk_full - last[2]})
             last = (evictions, corrupt, disk_full)
+
+
+async def _flush_and_upload(manager: TierManager) -> None:
+    """What a shutdown writes before the tiers close: write-back blocks to disk, the shared
+    tier's upload queue (``TierManager.close`` with ``flush``)."""
+    await manager.flush()
+    if manager.shared is not None:
+        await manager.shared.upload_queued()

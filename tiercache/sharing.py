@@ -364,10 +364,15 @@ class SharedTier:
             "fills_skipped": self.fills_skipped,
         }
 
-    async def close(self, drain: bool) -> None:
-        """Upload what is queued (at most ``drain_seconds``, when ``drain``), then stop."""
-        if drain and self.remote.available():
+    async def upload_queued(self) -> None:
+        """Upload what is queued, for at most ``drain_seconds`` (a shutdown's drain)."""
+        if self.remote.available():
             await self.drain(self.sharing.drain_seconds)
+
+    async def close(self, drain: bool) -> None:
+        """Upload what is queued (``upload_queued``, when ``drain``), then stop."""
+        if drain:
+            await self.upload_queued()
         self._closed = True
         tasks = [t for t, _ in self._fills.values()]
         if self._uploader is not None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
+import torch
 
-from tests.conftest import NBYTES, make_blocks, make_ns, make_tokens
+from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import AsyncClient
 from tiercache.daemon import service
@@ -154,6 +157,56 @@ async def test_a_command_that_comes_while_the_daemon_shuts_down_is_refused_and_c
     try:
         client = await AsyncClient.connect(tmp_path / "tc.sock")
         assert (await client.lookup(NS, make_tokens(2))).blocks == 2  # nothing was evicted
+        await client.close()
+    finally:
+        await again.shutdown()
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+async def test_a_second_signal_cuts_the_drain_short_and_leaves_the_disk_consistent(
+    tmp_path: Path,
+) -> None:
+    # The second SIGTERM or SIGINT did nothing: the daemon went on draining, however long.
+    env = {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+    }
+    flushed, written_back = make_tokens(2, seed=1), make_tokens(2, seed=2)
+    daemon = Daemon(load_config(env=env))
+    run = asyncio.create_task(daemon.run())  # serves until SIGTERM or SIGINT
+    await until(lambda: (tmp_path / "tc.sock").exists())
+    client = await AsyncClient.connect(tmp_path / "tc.sock")
+    await client.save(NS, flushed, make_blocks(2, seed=1))
+    await client.ctl("flush")
+    await client.save(NS, written_back, make_blocks(2, seed=2))  # on the host only
+    await client.close()
+    assert daemon.manager is not None
+    async with daemon.manager._lock:  # a drain that cannot end: its flush waits for the lock
+        os.kill(os.getpid(), signal.SIGTERM)
+        await until(lambda: not (tmp_path / "tc.sock").exists())  # then the drain starts
+        os.kill(os.getpid(), signal.SIGINT)
+        done, _ = await asyncio.wait({run}, timeout=60)
+    assert run in done
+    run.result()
+
+    again = Daemon(load_config(env=env))  # the journal replays: what was flushed is there
+    await again.start()
+    try:
+        client = await AsyncClient.connect(tmp_path / "tc.sock")
+        assert (await client.lookup(NS, flushed)).tiers == ["disk", "disk"]
+        assert (await client.lookup(NS, written_back)).blocks == 0  # the drain never wrote it
+        got = await client.load(NS, flushed)
+        assert torch.equal(as_bytes(got.kv()), as_bytes(make_blocks(2, seed=1)))
+        assert (await client.stats())["corrupt_blocks"] == 0
         await client.close()
     finally:
         await again.shutdown()
