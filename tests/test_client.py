@@ -3,8 +3,12 @@ operator verbs, and a clear error where there is no daemon."""
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -152,3 +156,54 @@ def test_an_into_that_cannot_take_blocks_is_refused_before_any_lease(
         with pytest.raises(BlockShapeError, match=re.escape(message)):
             c.load(ns, tokens, into=into)
         assert c.load(ns, tokens).blocks == 2
+
+
+def test_closing_twice_is_a_no_op_and_a_call_after_close_is_a_connection_error(
+    daemon: DaemonProcess,
+) -> None:
+    with Client(daemon.socket) as c:
+        c.close()  # and __exit__ closes again
+    with pytest.raises(ConnectionError, match="closed"):
+        c.lookup(make_ns("client-closed"), make_tokens(1))
+
+
+def test_calls_in_flight_on_other_threads_end_when_the_client_is_closed(
+    daemon: DaemonProcess,
+) -> None:
+    ns = make_ns("client-close-in-flight")
+    c = Client(daemon.socket)
+    c.lookup(ns, make_tokens(1))  # registered: a save's first request is its reserve
+    outcomes: list[BaseException | object] = []
+
+    def save(seed: int) -> None:
+        try:
+            outcomes.append(c.save(ns, make_tokens(2, seed=seed), make_blocks(2, seed=seed)))
+        except BaseException as e:
+            outcomes.append(e)
+
+    lock = c._c._lock
+    savers = [threading.Thread(target=save, args=(seed,), daemon=True) for seed in range(8)]
+    closer = threading.Thread(target=c.close, daemon=True)
+    os.kill(daemon.pid, signal.SIGSTOP)  # the reserves' replies wait
+    try:
+        for saver in savers:  # each reserve queued behind the one before
+            saver.start()
+            _until(lambda: lock.locked())
+        _until(lambda: len(lock._waiters or ()) == len(savers) - 1)
+        closer.start()  # the close queued behind them: their commits come after it
+        _until(lambda: len(lock._waiters or ()) == len(savers))
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    for thread in (closer, *savers):  # a commit found the connection closed: none may hang
+        thread.join(30 if thread is closer else 1)
+    assert not closer.is_alive() and not any(s.is_alive() for s in savers)
+    assert len(outcomes) == len(savers)
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+
+
+def _until(done: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if done():
+            return
+        time.sleep(0.01)
+    raise AssertionError("never happened")

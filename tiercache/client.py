@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from tiercache.tiers.host import MappedArena
 from tiercache.transaction import abort_later, lease_rounds, save_rounds
 
 M = TypeVar("M", bound=wire.Message)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,12 +545,28 @@ class Client:
 
     def __init__(self, path: str | Path, *, name: str = "") -> None:
         self._thread = LoopThread("tiercache-client")
-        self._run = self._thread.run
+        self._calls = 0  # calls running on the loop now (``_run``), close() waits for them
+        self._idle = threading.Condition()
+        self._closed = False
         try:
             self._c: AsyncClient = self._run(AsyncClient.connect(path, name=name))
         except BaseException:
             self._thread.stop()
             raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` on the client's loop; ConnectionError once the client is closed."""
+        with self._idle:
+            if self._closed:
+                coro.close()
+                raise ConnectionError("this tiercache client is closed")
+            self._calls += 1
+        try:
+            return self._thread.run(coro)
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
 
     def lookup(self, ns: Namespace, tokens: Tokens, *, first_block: int = 0) -> RemoteLookup:
         return self._run(self._c.lookup(ns, tokens, first_block=first_block))
@@ -662,9 +680,18 @@ class Client:
         return self._run(self._c.touch(ns, tokens))
 
     def close(self) -> None:
+        """Close the connection (once: closing again does nothing). Calls other threads have
+        in flight end first (on a closed connection: ConnectionError), so that none is left
+        waiting on a stopped loop."""
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
         try:
-            self._run(self._c.close())
+            self._thread.run(self._c.close())
         finally:
+            with self._idle:
+                self._idle.wait_for(lambda: self._calls == 0)
             self._thread.stop()
 
     def __enter__(self) -> Client:
