@@ -3,6 +3,7 @@ operator verbs, and a clear error where there is no daemon."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -16,8 +17,10 @@ import torch
 
 from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
 from tiercache import BlockShapeError
-from tiercache.client import Client
+from tiercache import client as client_module
+from tiercache.client import Client, RemoteError
 from tiercache.daemon.process import DaemonProcess
+from tiercache.daemon.protocol import PROTOCOL_VERSION
 from tiercache.keys import Namespace
 
 
@@ -207,3 +210,21 @@ def _until(done: Callable[[], bool]) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("never happened")
+
+
+def test_a_refused_hello_closes_the_socket_it_opened(
+    daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)  # a newer client
+    gc.disable()  # an unclosed transport is a cycle: only the collector would close its socket
+    try:
+        before = _open_fds()
+        with pytest.raises(RemoteError, match="bad_version"):
+            Client(daemon.socket)
+        assert _open_fds() == before
+    finally:
+        gc.enable()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

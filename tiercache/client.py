@@ -100,7 +100,11 @@ class AsyncClient:
         client = cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
         protocol.on_lost = client._connection_lost
         hello = wire.Hello(PROTOCOL_VERSION, name or f"pid-{os.getpid()}")
-        await client.request(hello, wire.HelloReply)
+        try:
+            await client.request(hello, wire.HelloReply)
+        except BaseException:
+            transport.close()  # refused (another protocol version) or cut off: not kept open
+            raise
         return client
 
     def _connection_lost(self) -> None:
