@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tiercache.transfer import CopyStreams
+from tiercache.transfer import CopyStreams, completion
 
 
 def test_the_cpu_has_no_streams() -> None:
@@ -64,3 +64,48 @@ async def test_an_exception_in_a_cpu_copy_reaches_the_caller() -> None:
 
     with pytest.raises(RuntimeError, match="copy failed"):
         await streams.run("store", copy)
+
+
+async def test_a_cancelled_cpu_copy_is_waited_for_before_the_cancel_is_raised() -> None:
+    # The worker thread copies on after a cancel: were the cancel raised at once, the caller
+    # would free the slots it copies into (a device tier's put) while it still writes them.
+    streams = CopyStreams(torch.device("cpu"))
+    started, release = threading.Event(), threading.Event()
+
+    def copy() -> None:
+        started.set()
+        assert release.wait(10)
+
+    task = asyncio.create_task(streams.run("store", copy))
+    while not started.is_set():  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+    task.cancel()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not task.done()  # still waiting for the copy
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+class _ThreadEvent:
+    """A stand-in for a CUDA event (this machine has none): ``query`` is all completion reads."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+
+async def test_a_cancelled_wait_for_an_event_ends_only_when_the_event_has_completed() -> None:
+    event = _ThreadEvent()
+    task = asyncio.create_task(completion(event))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    task.cancel()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not task.done()  # the copy behind the event is still running
+    event.done.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task

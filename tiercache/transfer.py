@@ -21,6 +21,7 @@ concurrent loads and stores exercise the same interleavings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -33,11 +34,34 @@ Direction = Literal["store", "load"]
 
 
 async def completion(event: torch.cuda.Event) -> None:
-    """Return once ``event`` (recorded on some stream) has completed; never blocks the loop."""
+    """Return once ``event`` (recorded on some stream) has completed; never blocks the loop.
+    Cancelled meanwhile, it still waits for the event, then raises the cancel: the copy runs
+    on regardless, and what the caller does next (free the slots it copies) must come after."""
     delay = POLL_FIRST
+    cancel: asyncio.CancelledError | None = None
     while not event.query():  # type: ignore[no-untyped-call]
-        await asyncio.sleep(delay)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError as e:
+            cancel = e
         delay = min(2 * delay, POLL_MAX)
+    if cancel is not None:
+        raise cancel
+
+
+async def in_thread(copy: Callable[[], None]) -> None:
+    """Run ``copy`` in a worker thread and return once it has ended; as ``completion``, a
+    cancel waits for the copy (a thread cannot be stopped) before it is raised."""
+    task = asyncio.ensure_future(asyncio.to_thread(copy))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancel is what the caller hears
+        raise
 
 
 class CopyStreams:
@@ -60,7 +84,7 @@ class CopyStreams:
         and return when it has completed."""
         stream = self._streams.get(direction)
         if stream is None:
-            await asyncio.to_thread(copy)
+            await in_thread(copy)
             return
         with torch.cuda.stream(stream):
             copy()
