@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,16 @@ def test_a_refused_hello_closes_the_socket_it_opened(
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_negative_max_blocks_is_refused_by_name_not_served_as_a_miss(
+    daemon: DaemonProcess,
+) -> None:
+    ns = make_ns("client-max-blocks")
+    tokens = make_tokens(2, seed=8)
+    with Client(daemon.socket) as c:
+        c.save(ns, tokens, make_blocks(2, seed=8))
+        for load in (c.load, partial(c.load_into, consume=lambda i, rows: None)):
+            with pytest.raises(ValueError, match="max_blocks must be >= 0"):
+                load(ns, tokens, max_blocks=-1)
+        assert c.load(ns, tokens, max_blocks=1).blocks == 1

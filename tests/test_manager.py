@@ -80,6 +80,15 @@ async def test_first_block_saves_a_continuation(open_cache: OpenCache) -> None:
     assert torch.equal(as_bytes(got.kv()), as_bytes(blocks))
 
 
+async def test_a_negative_max_blocks_is_refused_by_name(open_cache: OpenCache) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2))
+    with pytest.raises(ValueError, match=r"^max_blocks must be >= 0 \(or None: no cap\), got -1$"):
+        await m.load(NS, tokens, max_blocks=-1)  # not a slice's -1: all blocks but the last
+    assert (await m.load(NS, tokens, max_blocks=0)).blocks == 0
+
+
 @pytest.mark.parametrize(
     ("blocks", "message"),
     [

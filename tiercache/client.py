@@ -30,7 +30,7 @@ from tiercache.daemon import protocol as wire
 from tiercache.daemon.protocol import PROTOCOL_VERSION, ProtocolError, RemoteError, read_frame
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
-from tiercache.keys import Namespace, Tokens, check_first_block, keys_of
+from tiercache.keys import Namespace, Tokens, check_first_block, check_max_blocks, keys_of
 from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult, check_into, stored_in_place
 from tiercache.storage_format import decode, parse_format, store_rows
@@ -385,6 +385,7 @@ class AsyncClient:
     ) -> list[str]:
         """The read rounds (``transaction.lease_rounds``) of blocks ``first_block ..``, calling
         ``use(arena, slots, blocks before them)`` while each round's slots are held."""
+        check_max_blocks(max_blocks)
         await self.register(ns)
         packed = _chain(ns, tokens)
 

@@ -93,6 +93,13 @@ def check_first_block(first_block: int) -> int:
     return first_block
 
 
+def check_max_blocks(max_blocks: int | None) -> int | None:
+    """``max_blocks`` if it can cap a run of blocks (None or >= 0), else a ValueError naming it."""
+    if max_blocks is not None and max_blocks < 0:
+        raise ValueError(f"max_blocks must be >= 0 (or None: no cap), got {max_blocks}")
+    return max_blocks
+
+
 class TokenError(ValueError):
     """Token ids that cannot be hashed (negative, too large, not integers)."""
 

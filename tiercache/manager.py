@@ -33,7 +33,7 @@ import torch
 
 from tiercache.errors import BlockShapeError, CacheError
 from tiercache.index import DEVICE, HOST, REMOTE, Entry, Index
-from tiercache.keys import BlockKey, Namespace, Tokens, check_first_block, keys_of
+from tiercache.keys import BlockKey, Namespace, Tokens, check_first_block, check_max_blocks, keys_of
 from tiercache.lock import CacheLock
 from tiercache.policy.base import make_policy
 from tiercache.policy.write import Admission, WritePolicy, make_write_policy
@@ -356,7 +356,7 @@ class TierManager:
         into ``out`` (records) or ``into`` (the engine's blocks: ``reads.load_rows``), byte-exact;
         a block missing or failing its checksum ends it: a run of verified blocks."""
         t0 = time.perf_counter()
-        run = keys_of(ns, tokens)[check_first_block(first_block) :][:max_blocks]
+        run = keys_of(ns, tokens)[check_first_block(first_block) :][: check_max_blocks(max_blocks)]
         keys, fetched = await self._ready(ns, run)
         lease = await self._lease(keys)
         entries = lease.entries
