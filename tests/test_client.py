@@ -3,6 +3,7 @@ operator verbs, and a clear error where there is no daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
@@ -19,7 +20,8 @@ import torch
 from tests.conftest import NBYTES, SPEC, as_bytes, make_blocks, make_ns, make_tokens
 from tiercache import BlockShapeError
 from tiercache import client as client_module
-from tiercache.client import Client, RemoteError
+from tiercache.client import AsyncClient, Client, RemoteError
+from tiercache.daemon import protocol as wire
 from tiercache.daemon.process import DaemonProcess
 from tiercache.daemon.protocol import PROTOCOL_VERSION
 from tiercache.keys import Namespace
@@ -242,3 +244,27 @@ def test_a_negative_max_blocks_is_refused_by_name_not_served_as_a_miss(
             with pytest.raises(ValueError, match="max_blocks must be >= 0"):
                 load(ns, tokens, max_blocks=-1)
         assert c.load(ns, tokens, max_blocks=1).blocks == 1
+
+
+async def test_a_reply_cut_off_by_the_daemons_death_is_a_lost_connection(tmp_path: Path) -> None:
+    # A daemon killed while it writes a reply: the client reads part of a frame, then the end
+    # of the stream. That is a lost connection (which the vLLM link reconnects after), not a
+    # protocol error escaping to the engine. The real daemon cannot be stopped mid-frame on
+    # cue, so this peer speaks the protocol up to the reply it cuts.
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = wire.decode(await wire.read_frame(reader) or b"")
+        writer.write(wire.reply_frame(hello["id"], wire.HelloReply(PROTOCOL_VERSION, "peer")))
+        ctl = wire.decode(await wire.read_frame(reader) or b"")
+        reply = wire.reply_frame(ctl["id"], {"blocks": 3})
+        writer.write(reply[: len(reply) // 2])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(peer, str(tmp_path / "peer.sock"))
+    async with server:
+        c = await AsyncClient.connect(tmp_path / "peer.sock")
+        with pytest.raises(ConnectionError, match="inside a"):
+            await c.stats()
+        with pytest.raises(ConnectionError):
+            await c.stats()
+        await c.close()

@@ -161,7 +161,13 @@ class AsyncClient:
         return wire.reply_result(reply)
 
     async def _next_reply(self) -> wire.Frame:
-        body = await read_frame(self._reader)
+        try:
+            body = await read_frame(self._reader)
+        except ProtocolError as e:
+            # Cut off inside a frame (the daemon died while it wrote a reply) or a length no
+            # reply has: either way the replies can no longer be told apart.
+            self._writer.close()
+            raise ConnectionError(f"lost the tiercache daemon's reply: {e.message}") from None
         if body is None:
             raise ConnectionError("the tiercache daemon closed the connection")
         return wire.decode(body)
