@@ -299,9 +299,13 @@ def test_mapped_arena_with_the_wrong_geometry_is_refused(shared_arena: HostArena
         MappedArena(shared_arena.name, SLOT, 5)
 
 
-def test_mapped_arena_of_a_missing_name_is_refused() -> None:
-    with pytest.raises(FileNotFoundError):
-        MappedArena(shm_name(), SLOT, 4)
+def test_mapped_arena_of_a_missing_name_is_refused_saying_what_the_engine_must_see() -> None:
+    # A CPU engine in a container of its own, without the daemon's /dev/shm, gets here.
+    name = shm_name()
+    with pytest.raises(FileNotFoundError) as err:
+        MappedArena(name, SLOT, 4)
+    assert f"shared arena {SHM_DIR / name}" in str(err.value)
+    assert "must see the daemon's /dev/shm" in str(err.value)
 
 
 CHILD = """

@@ -278,7 +278,15 @@ class MappedArena(Slots):
     def __init__(self, name: str, slot_bytes: int, num_slots: int) -> None:
         path = SHM_DIR / name
         size = slot_bytes * num_slots
-        fd = os.open(path, os.O_RDWR)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:  # the same type (a lost daemon to the vLLM link), saying why
+            raise type(e)(
+                e.errno,
+                f"cannot map the tiercache daemon's shared arena {path} ({e.strerror}): a CPU "
+                "engine must see the daemon's /dev/shm (the same machine or container, or a "
+                "shared /dev/shm mount) and, as another user, be in its [daemon] socket_group",
+            ) from None
         try:
             actual = os.fstat(fd).st_size
             if actual < size:
