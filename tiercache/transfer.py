@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -31,6 +31,7 @@ POLL_FIRST = 50e-6  # seconds before the first event.query() after queueing a co
 POLL_MAX = 2e-3  # the longest sleep between two queries
 
 Direction = Literal["store", "load"]
+T = TypeVar("T")
 
 
 async def completion(event: torch.cuda.Event) -> None:
@@ -49,19 +50,24 @@ async def completion(event: torch.cuda.Event) -> None:
         raise cancel
 
 
-async def in_thread(copy: Callable[[], None]) -> None:
-    """Run ``copy`` in a worker thread and return once it has ended; as ``completion``, a
-    cancel waits for the copy (a thread cannot be stopped) before it is raised."""
-    task = asyncio.ensure_future(asyncio.to_thread(copy))
+async def outlast_cancel(work: asyncio.Future[T]) -> T:
+    """``work``'s result; cancelled meanwhile, wait for ``work`` to end (a copy in a thread
+    cannot be stopped), then raise the cancel: what the caller does on it (free the slots or
+    reuse the tensors ``work`` writes into) must come after."""
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
-        while not task.done():
+        while not work.done():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancel is what the caller hears
+                await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # retrieved: the cancel is what the caller hears
         raise
+
+
+async def in_thread(copy: Callable[[], None]) -> None:
+    """Run ``copy`` in a worker thread and return once it has ended (``outlast_cancel``)."""
+    await outlast_cancel(asyncio.ensure_future(asyncio.to_thread(copy)))
 
 
 class CopyStreams:

@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -433,3 +435,35 @@ async def _check_recovered(root: Path, completed: list[int], start: int) -> None
         assert m.stats.corrupt_blocks == 0
     finally:
         await m.close()
+
+
+async def test_a_load_cancelled_during_its_disk_read_writes_nothing_after_the_cancel(
+    open_cache: OpenCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancel used to be raised while the I/O threads still read into the caller's
+    # tensor: an engine that reused its blocks on the cancel got the old read's bytes later.
+    m, tokens, blocks = await saved_on_disk_only(open_cache, 2)
+    assert m.disk is not None
+    started, go = threading.Event(), threading.Event()
+    real = SlabIO._read
+
+    def held(self: SlabIO, *args: Any) -> None:
+        started.set()
+        go.wait(30)
+        real(self, *args)
+
+    monkeypatch.setattr(SlabIO, "_read", held)
+    out = torch.zeros(2, NBYTES, dtype=torch.uint8)
+    load = asyncio.create_task(m.load(NS, tokens, out=out))
+    await asyncio.to_thread(started.wait, 30)
+    load.cancel()
+    await asyncio.sleep(0.05)
+    heard_early = load.done()  # the cancel raised while the read still writes into ``out``
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    heard = out.clone()
+    await asyncio.sleep(0.2)  # a thread still reading would have written by now
+    assert not heard_early
+    assert torch.equal(out, heard)  # nothing written after the cancel was heard
+    assert torch.equal(heard, as_bytes(blocks))  # the read had ended

@@ -53,6 +53,7 @@ from tiercache.keys import BlockKey, Namespace
 from tiercache.spec import KVSpec
 from tiercache.storage_format import parse_format, zarr_attrs
 from tiercache.tiers.blockio import BlockIO, SlabIO, block_io_for
+from tiercache.transfer import outlast_cancel
 
 log = logging.getLogger(__name__)
 
@@ -541,15 +542,22 @@ class DiskTier:
         self, recs: Sequence[DiskRecord], outs: Sequence[torch.Tensor]
     ) -> list[bool]:
         """Read blocks into ``outs`` (uint8, at least ``nbytes`` each); False where one does not
-        verify (missing, truncated, torn or corrupted): a miss, counted, never data."""
+        verify (missing, truncated, torn or corrupted): a miss, counted, never data.
+
+        Cancelled, it raises once the reads have ended: I/O threads cannot be stopped, and
+        ``outs`` are the caller's (an engine's blocks, slots it gives back on the cancel), so
+        nothing may be written into them after the caller hears of it."""
         by_array: dict[str, list[int]] = {}
         for i, rec in enumerate(recs):
             by_array.setdefault(rec.array, []).append(i)
         oks = [False] * len(recs)
         for array, idx in by_array.items():
-            got = await self.io.read(
-                array, [(recs[i].slot, recs[i].nbytes, recs[i].checksum, outs[i]) for i in idx]
+            read = asyncio.ensure_future(
+                self.io.read(
+                    array, [(recs[i].slot, recs[i].nbytes, recs[i].checksum, outs[i]) for i in idx]
+                )
             )
+            got = await outlast_cancel(read)
             for i, ok in zip(idx, got, strict=True):
                 oks[i] = ok
                 if not ok:
