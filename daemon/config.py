@@ -286,10 +286,23 @@ def _env_tables(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def socket_gid(group: str) -> int:
+    """The id of ``[daemon] socket_group``; a ConfigError where this machine has no such group."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"daemon.socket_group: {group!r} is not a group on this machine; create it "
+            "(groupadd) or leave socket_group empty (owner-only socket)"
+        ) from None
+
+
 def preflight(cfg: Config) -> None:
     """What a daemon with ``cfg`` asks of this machine, checked before it starts (and by
     ``tiercache serve --check-config``): a metrics address and MQTT settings it can use,
-    room in /dev/shm for its host arena (a daemon's is always shared; arenas of daemons that
+    a socket group that exists, room in /dev/shm for its host arena (a daemon's is always shared; arenas of daemons that
     died count as room, the daemon removes them) and a CUDA device for a device tier.
     Raises ``ConfigError`` naming the key."""
     from tiercache.daemon.metrics import parse_listen
@@ -309,6 +322,8 @@ def preflight(cfg: Config) -> None:
                 f"tiers.host.bytes: {host} B, but {SHM_DIR}, where the daemon's host arena "
                 f"lives, has room for {room} B; lower it or enlarge {SHM_DIR}"
             )
+    if cfg.daemon.socket_group:
+        socket_gid(cfg.daemon.socket_group)
     device = cfg.tiers.device
     if device is not None and device.bytes:
         from tiercache.tiers.device import no_cuda

@@ -15,7 +15,6 @@ stream can no longer be trusted; a well-delimited but bad message does not.
 from __future__ import annotations
 
 import asyncio
-import grp
 import itertools
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 
 import tiercache
 from tiercache.daemon import protocol as wire
+from tiercache.daemon.config import ConfigError, socket_gid
 from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.protocol import PROTOCOL_VERSION, ProtocolError, Reply, Request
 from tiercache.engine_kv import EngineKV
@@ -94,6 +94,7 @@ class SocketServer:
         return len(self._conns)
 
     async def start(self) -> None:
+        gid = socket_gid(self.group) if self.group else None  # before anything is created
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._remove_stale_socket()
         # Created owner-only: the umask closes the window between bind() and chmod().
@@ -102,13 +103,7 @@ class SocketServer:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         finally:
             os.umask(old)
-        if self.group:
-            try:
-                gid = grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                raise ValueError(
-                    f"[daemon] socket_group {self.group!r} is not a group on this machine"
-                ) from None
+        if gid is not None:
             # The group's engines connect, then map the shared arena read-write: both
             # are theirs. Nothing else is (the arena was created owner-only).
             for path in (self.path, self.manager.host.path):
@@ -128,8 +123,8 @@ class SocketServer:
             return
         finally:
             probe.close()
-        raise RuntimeError(
-            f"another daemon is serving {self.path}; give this one its own [daemon] socket"
+        raise ConfigError(
+            f"daemon.socket: another daemon is serving {self.path}; give this one its own socket"
         )
 
     async def close(self) -> None:
@@ -147,7 +142,7 @@ class SocketServer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-        self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # ours: a start refused did not bind it
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -256,6 +256,10 @@ def test_check_config_runs_the_machine_checks_serve_runs(
             {"TIERCACHE_MQTT__HOST": "127.0.0.1", "TIERCACHE_MQTT__NODE": "a/b"},
             "mqtt.node: node 'a/b' must be one MQTT topic level",
         ),
+        (
+            {"TIERCACHE_DAEMON__SOCKET_GROUP": "no-such-group-tiercache"},
+            "daemon.socket_group: 'no-such-group-tiercache' is not a group on this machine",
+        ),
     ],
 )
 def test_check_config_refuses_what_serve_would_refuse_after_starting(
@@ -323,3 +327,19 @@ def test_ctl_arguments_are_json_when_they_parse_and_strings_otherwise() -> None:
 def test_flush_progress_counts_dirty_blocks_written() -> None:
     line = _progress_line("flush", {"dirty_blocks": 40}, {"dirty_blocks": 10}, 1.5)
     assert line == "flush: [######################        ] 30/40 blocks    1.5s"
+
+
+@pytest.mark.service
+def test_serve_on_the_socket_of_a_running_daemon_exits_2_in_one_line(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERCACHE_DAEMON__SOCKET", str(served))
+    monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", "none")
+    monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "1MiB")
+    monkeypatch.setenv("TIERCACHE_METRICS__LISTEN", "")
+    monkeypatch.setenv("TIERCACHE_MQTT__HOST", "")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "daemon.socket: another daemon is serving" in err and "Traceback" not in err
+    with Client(served) as c:  # the running one is left alone
+        assert c.lookup(NS, make_tokens(3)).blocks == 3

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import NBYTES, SPEC, as_bytes, fuzz_examples, make_blocks, make_ns, make_tokens
 from tiercache.client import AsyncClient, Client, RemoteError
-from tiercache.daemon.config import load_config
+from tiercache.daemon.config import ConfigError, load_config
 from tiercache.daemon.process import DaemonProcess
 from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, decode, encode
 from tiercache.daemon.service import Daemon
@@ -580,7 +580,7 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(
     env = daemon_env(tmp_path)
     env["TIERCACHE_TIERS_DISK__URL"] = str(tmp_path / "disk2")
     second = Daemon(load_config(env=env))
-    with pytest.raises(RuntimeError, match="another daemon is serving"):
+    with pytest.raises(ConfigError, match="another daemon is serving"):
         await second.start()
     await second.shutdown()
     stale = tmp_path / "stale.sock"
