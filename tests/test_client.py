@@ -268,3 +268,25 @@ async def test_a_reply_cut_off_by_the_daemons_death_is_a_lost_connection(tmp_pat
         with pytest.raises(ConnectionError):
             await c.stats()
         await c.close()
+
+
+def test_a_call_the_daemon_does_not_answer_times_out_and_the_client_works_again(
+    daemon: DaemonProcess,
+) -> None:
+    ns = make_ns("client-timeout")
+    tokens, blocks = make_tokens(2, seed=7), make_blocks(2, seed=7)
+    with Client(daemon.socket, timeout=1.0) as c:
+        c.save(ns, tokens, blocks)
+        stuck = Client(daemon.socket, timeout=1.0)
+        os.kill(daemon.pid, signal.SIGSTOP)  # hung: its socket accepts, nothing answers
+        try:
+            with pytest.raises(TimeoutError, match="did not answer"):
+                c.lookup(ns, tokens)
+            with pytest.raises(TimeoutError):
+                Client(daemon.socket, timeout=1.0)  # the hello is bounded too
+            stuck.close()  # returns without the daemon's answer to its bye
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        # The late reply to the call that timed out is not taken for the next one's.
+        assert c.lookup(ns, tokens).blocks == 2
+        assert torch.equal(as_bytes(c.load(ns, tokens).kv()), as_bytes(blocks))

@@ -527,12 +527,14 @@ class AsyncClient:
         return await self.ctl("stats")
 
     async def close(self) -> None:
-        with contextlib.suppress(ConnectionError, RemoteError):
-            await self._send(wire.Bye())
-        self._writer.close()
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
+        try:
+            with contextlib.suppress(ConnectionError, RemoteError):
+                await self._send(wire.Bye())
+        finally:  # a daemon that never answers the bye (cancelled: a timeout) is left too
+            self._writer.close()
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
 
 
 def _chain(ns: Namespace, tokens: Tokens) -> bytes:
@@ -552,10 +554,17 @@ class AttachedCache:
 
 
 class Client:
-    """Blocking ``AsyncClient``, run on a private event-loop thread."""
+    """Blocking ``AsyncClient``, run on a private event-loop thread.
 
-    def __init__(self, path: str | Path, *, name: str = "") -> None:
+    ``timeout``: seconds a call may wait for the daemon (connecting included) before it is
+    cancelled and raises TimeoutError (an OSError), so an engine whose daemon hangs (stopped,
+    deadlocked) is not stuck with it; None waits for ever. ``save_kv`` and ``load_kv``
+    always wait: the daemon copies the engine's own memory there, which the engine must not
+    reuse before the copy is done."""
+
+    def __init__(self, path: str | Path, *, name: str = "", timeout: float | None = None) -> None:
         self._thread = LoopThread("tiercache-client")
+        self._timeout = timeout
         self._calls = 0  # calls running on the loop now (``_run``), close() waits for them
         self._idle = threading.Condition()
         self._closed = False
@@ -565,15 +574,19 @@ class Client:
             self._thread.stop()
             raise
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """``coro`` on the client's loop; ConnectionError once the client is closed."""
+    def _run(self, coro: Coroutine[Any, Any, T], bounded: bool = True) -> T:
+        """``coro`` on the client's loop (within the client's ``timeout`` if ``bounded``);
+        ConnectionError once the client is closed."""
         with self._idle:
             if self._closed:
                 coro.close()
                 raise ConnectionError("this tiercache client is closed")
             self._calls += 1
         try:
-            return self._thread.run(coro)
+            try:
+                return self._thread.run(coro, self._timeout if bounded else None)
+            except TimeoutError as e:
+                raise TimeoutError(f"the tiercache daemon did not answer: {e}") from None
         finally:
             with self._idle:
                 self._calls -= 1
@@ -640,7 +653,8 @@ class Client:
         return self._run(
             self._c.save_kv(
                 cache, tokens, block_ids, first_block=first_block, session=session, stream=stream
-            )
+            ),
+            bounded=False,
         )
 
     def load_kv(
@@ -654,7 +668,8 @@ class Client:
         """``AsyncClient.load_kv``: the calling thread's current stream waits for the scatter."""
         stream = torch.cuda.current_stream(cache.device)
         return self._run(
-            self._c.load_kv(cache, tokens, block_ids, first_block=first_block, stream=stream)
+            self._c.load_kv(cache, tokens, block_ids, first_block=first_block, stream=stream),
+            bounded=False,
         )
 
     def detach(self, cache: AttachedCache) -> None:
@@ -699,7 +714,8 @@ class Client:
                 return
             self._closed = True
         try:
-            self._thread.run(self._c.close())
+            with contextlib.suppress(TimeoutError):  # a hung daemon: left without its bye
+                self._thread.run(self._c.close(), self._timeout)
         finally:
             with self._idle:
                 self._idle.wait_for(lambda: self._calls == 0)

@@ -7,6 +7,8 @@ connection and is logged once."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,5 +122,28 @@ def test_an_error_the_daemon_answers_keeps_the_connection_and_is_logged_once(
         assert "reconnecting" not in caplog.text
         assert link.get() is client
         assert link.call("stats", blocks) == 0
+    finally:
+        link.close()
+
+
+def test_a_hung_daemon_is_a_miss_after_the_timeout_and_tried_again_ever_later(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.start()
+    link = Link(str(daemon.socket), "vllm-worker-1", retry=60, timeout=1.0)
+    try:
+        assert link.call("stats", blocks) == 0
+        os.kill(daemon.pid, signal.SIGSTOP)  # hung: its socket accepts, nothing answers
+        try:
+            assert link.call("stats", blocks) is None  # the engine is not stuck with it
+            assert link.get() is None  # and does not try it again at once
+            link.close(retry_after=0)
+            assert link.call("stats", blocks) is None  # a new connection's hello times out
+            assert link._next_try - time.monotonic() > 100  # the wait doubled: 60 s, 120 s
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        link.close(retry_after=0)
+        assert link.call("stats", blocks) == 0  # back: connected, and the waits start over
+        assert link._timeouts == 0
     finally:
         link.close()

@@ -63,7 +63,10 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
             )
         who = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
         self._link = Link(
-            self.options.socket, f"vllm-{who}-{os.getpid()}", self.options.retry_seconds
+            self.options.socket,
+            f"vllm-{who}-{os.getpid()}",
+            self.options.retry_seconds,
+            self.options.timeout_seconds,
         )
         # Each role builds its own side only: vLLM makes one connector per role.
         self._scheduler: Scheduler | None = None

@@ -17,15 +17,25 @@ logger = logging.getLogger("vllm.tiercache")
 # -- the daemon link -----------------------------------------------------------
 
 
+MAX_PAUSE = 300.0  # the longest wait between two tries of a daemon that keeps timing out
+
+
 class Link:
     """A ``Client`` connected on first use and dropped on a connection error; reconnects
     at most every ``retry`` seconds, so a dead daemon costs a failed connect per retry
-    period, not per request."""
+    period, not per request. A call (or a connect) the daemon does not answer within
+    ``timeout`` seconds is a lost connection too: a hung daemon (stopped, deadlocked) costs
+    the engine one timeout, then one per wait before the next try, a wait that doubles with
+    each timeout in a row (up to ``MAX_PAUSE``)."""
 
-    def __init__(self, socket: str | None, name: str, retry: float) -> None:
+    def __init__(
+        self, socket: str | None, name: str, retry: float, timeout: float | None = None
+    ) -> None:
         self._socket = socket
         self._name = name
         self._retry = retry
+        self._timeout = timeout
+        self._timeouts = 0  # timeouts in a row: the wait before the next try doubles with each
         self._client: Client | None = None
         self._next_try = 0.0
         self._down_logged = False
@@ -46,19 +56,27 @@ class Link:
             if time.monotonic() < self._next_try:
                 return None
             try:
-                self._client = Client(self._path(), name=self._name)
+                self._client = Client(self._path(), name=self._name, timeout=self._timeout)
             except (OSError, RemoteError) as e:
-                self._next_try = time.monotonic() + self._retry
+                self._next_try = time.monotonic() + self._pause(isinstance(e, TimeoutError))
                 if not self._down_logged:
                     logger.warning(
                         "tiercache daemon unavailable (%s); caching is off until it is back", e
                     )
                     self._down_logged = True
                 return None
+            self._timeouts = 0
             if self._down_logged:
                 logger.info("tiercache daemon connected at %s", self._path())
                 self._down_logged = False
             return self._client
+
+    def _pause(self, timed_out: bool) -> float:
+        """Seconds before the next try: the retry period, doubled per timeout in a row."""
+        self._timeouts = self._timeouts + 1 if timed_out else 0
+        if not self._timeouts:
+            return self._retry
+        return min(self._retry * 2.0 ** (self._timeouts - 1), max(self._retry, MAX_PAUSE))
 
     @property
     def connected(self) -> bool:
@@ -77,7 +95,7 @@ class Link:
                 return fn(client)
             except LINK_ERRORS as e:
                 self.failed(what, e, retry_after=0.0 if attempt == 0 else None)
-                if isinstance(e, RemoteError):
+                if isinstance(e, RemoteError | TimeoutError):  # a hung daemon: not again now
                     return None
         return None
 
@@ -92,6 +110,8 @@ class Link:
                 logger.warning("tiercache %s failed: %s", what, exc)
             return
         logger.warning("tiercache %s failed, reconnecting: %s", what, exc)
+        if isinstance(exc, TimeoutError):
+            retry_after = self._pause(True)
         self.close(retry_after=self._retry if retry_after is None else retry_after, wait=False)
 
     def close(self, retry_after: float = 0.0, wait: bool = True) -> None:

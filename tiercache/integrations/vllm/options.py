@@ -36,6 +36,7 @@ class Options:
     block_tokens: int | None = None
     model_fingerprint: str | None = None
     retry_seconds: float = 5.0
+    timeout_seconds: float | None = 30.0  # a call the daemon does not answer: a lost link
     min_tail_tokens: int | None = None
     async_load: str = "auto"
     attach: str = "auto"
@@ -95,6 +96,17 @@ class Options:
             raise ConnectorConfigError(
                 "kv_connector_extra_config.retry_seconds must be a finite non-negative number, "
                 f"got {opts.retry_seconds!r}"
+            )
+        timeout = opts.timeout_seconds
+        if timeout is not None and (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ConnectorConfigError(
+                "kv_connector_extra_config.timeout_seconds must be a finite positive number "
+                f"(null: wait for ever), got {opts.timeout_seconds!r}"
             )
         return opts
 
