@@ -132,3 +132,24 @@ async def test_blocks_reserved_twice_before_a_commit_keep_one_slot_and_free_the_
     assert await m.evict(keys=[*ns.block_keys(tokens), key]) == 3
     assert m.host.free_slots == 8  # every slot is back
     await m.close(flush=False)
+
+
+async def test_a_block_admitted_without_room_is_stored_by_the_next_round() -> None:
+    # admission=2: the second offer admits a block; one that then finds no host slot (a reader
+    # holds the rest) is offered again by the save's next round, which must store it, not
+    # count it as a first offer and leave a hole in the chain.
+    m = await TierManager.open(host_bytes=4 * NBYTES, slot_bytes=NBYTES, admission=2)
+    ns, other, tokens = make_ns(), make_tokens(2, seed=9), make_tokens(4)
+    for _ in range(2):
+        await m.save(ns, other, make_blocks(2, seed=9))
+    lease = await m.acquire(ns, other)  # 2 of the 4 slots held by a reader
+    assert (await m.save(ns, tokens, make_blocks(4))).rejected == 4  # the first offer
+    first = await m.reserve(ns, tokens)  # the second: room for blocks 0 and 1 only
+    assert (first.walked, len(first.slots)) == (2, 2)
+    m.host.write(first.slots, make_blocks(4).contiguous().view(torch.uint8).view(4, NBYTES), [0, 1])
+    await m.commit(first)
+    await m.release(lease)
+    rest = await m.reserve(ns, tokens, first_block=2)
+    assert (rest.walked, len(rest.slots), rest.rejected) == (2, 2, 0)
+    await m.abort(rest)
+    await m.close(flush=False)

@@ -90,6 +90,7 @@ class HostSaves:
             else:
                 slot = await m.host_room.slot_or_none()
                 if slot is None:
+                    m.admission.refund(key)  # its next offer (the caller's next round) stores it
                     if not r.entries:
                         r.rejected += n - i
                         r.walked = n

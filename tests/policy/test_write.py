@@ -80,3 +80,12 @@ def test_a_repeat_sighting_refreshes_a_key_in_memory() -> None:
 def test_admission_threshold_below_one_is_rejected(threshold: int) -> None:
     with pytest.raises(ValueError, match=rf"^admission threshold must be >= 1, got {threshold}$"):
         Admission(threshold)
+
+
+def test_a_refunded_key_is_admitted_on_its_next_offer() -> None:
+    admission = Admission(3)
+    assert offers(admission, ["a", "a", "a"]) == [False, False, True]
+
+    admission.refund(k("a"))  # admitted, but there was no room to store it
+
+    assert offers(admission, ["a", "a"]) == [True, False]

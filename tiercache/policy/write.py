@@ -53,7 +53,15 @@ class Admission:
         count = self._seen.pop(key, 0) + 1
         if count >= self.threshold:
             return True
+        self._remember(key, count)
+        return False
+
+    def refund(self, key: BlockKey) -> None:
+        """``key`` was admitted but not stored (no room for it): its next offer admits it."""
+        if self.threshold > 1:
+            self._remember(key, self.threshold - 1)
+
+    def _remember(self, key: BlockKey, count: int) -> None:
         self._seen[key] = count
         if len(self._seen) > self.memory:
             self._seen.popitem(last=False)
-        return False
