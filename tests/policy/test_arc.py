@@ -3,6 +3,8 @@ that it keeps frequently used keys through a scan that LRU flushes them for."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tests.policy.traces import HOT, SCAN, filled, k, names, replay
@@ -84,32 +86,128 @@ def arc_with_ghosts(
     return policy
 
 
-def test_arc_ghost_overflow_drops_the_oldest_ghost_of_the_longer_list() -> None:
-    policy = arc_with_ghosts(3, b1=["a"], b2=["x", "y"], resident={"z": 2})
+def test_arc_a_t1_victim_of_a_full_t1_leaves_no_ghost() -> None:
+    # The paper's case IV(A) with |T1| = c: T1's oldest goes without a ghost (B1 stays
+    # empty), so a scan longer than the cache does not fill B1 with keys never seen again.
+    evicted, _ = replay(ARCPolicy(3), 3, ["a", "b", "c", "d"])
+    policy = ARCPolicy(3)
+    for key in ("a", "b", "c"):
+        policy.insert(k(key))
+    policy.remove(k("a"))  # the victim the tier took for d
 
-    policy.remove(k("z"))
+    policy.insert(k("d"))
 
-    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["a"], "b2": ["y", "z"]}
-
-
-def test_arc_ghost_overflow_on_equal_lists_drops_from_b1() -> None:
-    policy = arc_with_ghosts(3, b1=["a"], b2=["x", "y"], resident={"b": 1})
-
-    policy.remove(k("b"))
-
-    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["b"], "b2": ["x", "y"]}
+    assert evicted == ["a"]
+    assert arc_state(policy) == {"t1": ["b", "c", "d"], "t2": [], "b1": [], "b2": []}
 
 
-def test_arc_ghosts_never_outnumber_capacity() -> None:
-    policy = filled(ARCPolicy(3), *"abcdefgh")
-    assert isinstance(policy, ARCPolicy)
-    for key in "abcd":
-        policy.touch(k(key))
+def test_arc_a_new_key_drops_the_oldest_b1_ghost_while_t1_and_b1_hold_c_keys() -> None:
+    policy = arc_with_ghosts(3, b1=["a", "b"], b2=[], resident={"x": 2, "y": 1})
 
-    for key in "abcdefgh":
-        policy.remove(k(key))
+    policy.insert(k("z"))  # |T1| + |B1| = 3 = c: the paper drops B1's oldest
 
-    assert len(policy.b1) + len(policy.b2) == 3
+    assert arc_state(policy) == {"t1": ["y", "z"], "t2": ["x"], "b1": ["b"], "b2": []}
+
+
+def test_arc_a_new_key_drops_the_oldest_b2_ghost_when_the_directory_holds_2c_keys() -> None:
+    policy = arc_with_ghosts(2, b1=["a"], b2=["x", "y"], resident={"z": 2})
+
+    policy.insert(k("n"))  # |T1| + |B1| = 1 < c, and 4 keys = 2c: B2's oldest goes
+
+    assert arc_state(policy) == {"t1": ["n"], "t2": ["z"], "b1": ["a"], "b2": ["y"]}
+
+
+class PaperARC:
+    """Megiddo and Modha's ARC (FAST '03, Fig. 4) as a tier drives it: on a miss with the
+    cache full the victim (REPLACE) is chosen before the missed key is looked at, so a ghost
+    hit adapts p after it and the paper's tie (x in B2 and |T1| = p) cannot arise."""
+
+    def __init__(self, c: int) -> None:
+        self.c, self.p = c, 0.0
+        self.t1: dict[str, None] = {}
+        self.t2: dict[str, None] = {}
+        self.b1: dict[str, None] = {}
+        self.b2: dict[str, None] = {}
+        self.evicted: list[str] = []
+
+    def _replace(self) -> None:
+        if self.t1 and (len(self.t1) > self.p or not self.t2):
+            key = next(iter(self.t1))
+            del self.t1[key]
+            self.b1[key] = None
+        else:
+            key = next(iter(self.t2))
+            del self.t2[key]
+            self.b2[key] = None
+        self.evicted.append(key)
+
+    def access(self, x: str) -> None:
+        c = self.c
+        if x in self.t1 or x in self.t2:
+            self.t1.pop(x, None)
+            self.t2.pop(x, None)
+            self.t2[x] = None
+        elif x in self.b1 or x in self.b2:
+            if len(self.t1) + len(self.t2) == c:
+                self._replace()
+            if x in self.b1:
+                self.p = min(c, self.p + max(len(self.b2) / len(self.b1), 1))
+                del self.b1[x]
+            else:
+                self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
+                del self.b2[x]
+            self.t2[x] = None
+        else:
+            l1 = len(self.t1) + len(self.b1)
+            if l1 == c and len(self.t1) < c:
+                del self.b1[next(iter(self.b1))]
+                self._replace()
+            elif l1 == c:
+                key = next(iter(self.t1))
+                del self.t1[key]
+                self.evicted.append(key)
+            elif l1 + len(self.t2) + len(self.b2) >= c:
+                if l1 + len(self.t2) + len(self.b2) == 2 * c:
+                    del self.b2[next(iter(self.b2))]
+                if len(self.t1) + len(self.t2) == c:
+                    self._replace()
+            self.t1[x] = None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_arc_evicts_as_the_paper_does_and_keeps_its_directory_bounds(seed: int) -> None:
+    rng = random.Random(seed)
+    c = rng.randint(1, 8)
+    trace = [str(rng.randint(0, rng.choice([c, 2 * c, 4 * c]))) for _ in range(400)]
+    paper = PaperARC(c)
+    for x in trace:
+        paper.access(x)
+    policy = ARCPolicy(c)
+
+    evicted, resident = replay(policy, c, trace)
+
+    assert evicted == paper.evicted
+    assert resident == set(paper.t1) | set(paper.t2)
+    assert arc_state(policy) == {n: list(getattr(paper, n)) for n in ("t1", "t2", "b1", "b2")}
+    assert policy.target_t1 == paper.p
+
+
+def test_arc_directory_stays_within_2c_on_a_tier_holding_more_than_c_blocks() -> None:
+    # A disk tier sized by one block size holds more blocks of a smaller one: residents past
+    # c, removed in any order, never grow the ghosts past the directory's 2c.
+    rng = random.Random(0)
+    policy = ARCPolicy(4)
+    resident: set[str] = set()
+    for step in range(5000):
+        key = str(rng.randint(0, 60))
+        if key in resident and rng.random() < 0.5:
+            policy.remove(k(key))
+            resident.discard(key)
+        else:
+            policy.insert(k(key))
+            resident.add(key)
+        assert len(policy.b1) + len(policy.b2) <= 8, step
+        assert len(policy) + len(policy.b1) + len(policy.b2) <= max(8, len(resident)), step
 
 
 def test_arc_victims_come_from_t1_first_while_t1_is_above_target() -> None:

@@ -7,6 +7,14 @@ it. Victims come from T1 while it is above its target, else from T2. Scans of
 one-time blocks (a long prompt nobody resumes) pass through T1 without flushing
 the frequently resumed prefixes in T2, which is why it is offered beside LRU.
 
+The directory keeps the paper's bounds: when a new key enters T1, T1 + B1 stays
+within c (B1's oldest ghost goes; with T1 full that is the victim just removed,
+which the paper drops unghosted) and all four lists within 2c (B2's oldest
+goes). The one difference from the paper is the order a tier imposes: it
+evicts before it inserts, so a ghost hit adapts the target after its victim
+was chosen (the paper adapts first); ``tests/policy/test_arc.py`` replays random
+traces against the paper's algorithm in that order, victim for victim.
+
 The four lists are intrusive (``links.py``): every step, victims included, is
 O(1). A block's parent and position are taken and ignored (ARC is a baseline).
 """
@@ -41,6 +49,7 @@ class ARCPolicy:
     def insert(self, key: BlockKey, parent: BlockKey | None = None, position: int = 0) -> None:
         link = self._links.get(key)
         if link is None:
+            self._directory_room()
             self._links[key] = link = Link(key)
             self.t1.push(link)
         elif link.owner is self.t1 or link.owner is self.t2:
@@ -73,11 +82,25 @@ class ARCPolicy:
         link.owner.unlink(link)  # a fresh link for the ghost: a walk standing on this one walks on
         self._links[link.key] = ghost = Link(link.key)
         ghosts.push(ghost)
-        while len(self.b1) + len(self.b2) > self.capacity:
-            oldest = (self.b1 if len(self.b1) >= len(self.b2) and len(self.b1) else self.b2).first()
-            assert oldest is not None and oldest.owner is not None
-            oldest.owner.unlink(oldest)
-            del self._links[oldest.key]
+        # A tier holding more blocks than ``capacity`` (a disk sized by another block size)
+        # still keeps the directory within 2c: the oldest ghost of the longer list goes.
+        while len(self._links) > 2 * self.capacity and (self.b1 or self.b2):
+            self._forget(self.b1 if len(self.b1) >= len(self.b2) else self.b2)
+
+    def _directory_room(self) -> None:
+        """ARC's case IV, before a new key enters T1: L1 = T1 + B1 stays within c (its oldest
+        ghost goes; with T1 full that is the T1 victim just removed, as the paper drops it
+        unghosted) and the whole directory within 2c (the oldest B2 ghost goes)."""
+        if len(self.t1) + len(self.b1) >= self.capacity and self.b1:
+            self._forget(self.b1)
+        if len(self._links) >= 2 * self.capacity and (self.b1 or self.b2):
+            self._forget(self.b2 if self.b2 else self.b1)
+
+    def _forget(self, ghosts: Links[Link]) -> None:
+        oldest = ghosts.first()
+        assert oldest is not None
+        ghosts.unlink(oldest)
+        del self._links[oldest.key]
 
     def victims(self) -> Iterator[BlockKey]:
         first, second = (self.t1, self.t2) if len(self.t1) > self.target_t1 else (self.t2, self.t1)
