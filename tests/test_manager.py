@@ -662,3 +662,34 @@ async def test_a_load_takes_out_or_into_not_both(open_cache: OpenCache) -> None:
     into = torch.zeros((1, *SPEC.block_shape), dtype=SPEC.torch_dtype)
     with pytest.raises(BlockShapeError, match=r"out .* or into .*, not both"):
         await m.load(NS, make_tokens(1), out=out, into=into)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "arc", "prefix"])
+async def test_a_pinned_session_costs_the_eviction_walk_nothing(
+    open_cache: OpenCache, eviction: str
+) -> None:
+    """The host and disk policies hold a pinned session's blocks out of their victims (the
+    walk passed over each pinned block on every eviction) and take them back on unpin."""
+    m = await open_cache(host_blocks=8, eviction=eviction, write="write-through")
+    pinned, other = make_tokens(3, seed=1), make_tokens(3, seed=2)
+    await m.save(NS, pinned, make_blocks(3, seed=1), session="chat")
+    await m.pin("chat")
+    await m.save(NS, other, make_blocks(3, seed=2))
+    held = set(NS.block_keys(pinned))
+
+    def first_victims(policy: object) -> list[bytes]:
+        walk = list(policy.victims())  # type: ignore[attr-defined]
+        return walk[: len(walk) - len(held)] if eviction == "prefix" else walk
+
+    assert m.host_room.policy is not None and m.disk_room is not None
+    for policy in (m.host_room.policy, m.disk_room.policy):
+        walk = first_victims(policy)
+        assert held.isdisjoint(walk) and set(NS.block_keys(other)) <= set(walk)
+    await m.unpin("chat")
+    for policy in (m.host_room.policy, m.disk_room.policy):
+        assert held <= set(policy.victims())  # type: ignore[union-attr]
+    # Saved again into the session while pinned: still held.
+    await m.pin("chat")
+    await m.evict(keys=list(NS.block_keys(other)))
+    await m.save(NS, pinned, make_blocks(3, seed=1), session="chat")
+    assert held.isdisjoint(first_victims(m.host_room.policy))

@@ -17,7 +17,7 @@ on the key (``tiercache.sessions``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -75,6 +75,22 @@ class Index:
         # Pin counts by key, held by pinned sessions (a key may be pinned before or after
         # its block is stored, and stays pinned if the block is dropped and saved again).
         self.pins: Counter[BlockKey] = Counter()
+        # Told when a key's first pin comes or its last goes: the rooms take a pinned block
+        # out of their policies' victims (``RetainingPolicy``), so pins cost the walk nothing.
+        self.pin_changed: list[Callable[[BlockKey, bool], None]] = []
+
+    def pin(self, key: BlockKey) -> None:
+        self.pins[key] += 1
+        if self.pins[key] == 1:
+            for changed in self.pin_changed:
+                changed(key, True)
+
+    def unpin(self, key: BlockKey) -> None:
+        self.pins[key] -= 1
+        if self.pins[key] <= 0:
+            del self.pins[key]
+            for changed in self.pin_changed:
+                changed(key, False)
 
     def evictable(self, entry: Entry) -> bool:
         return entry.leases == 0 and self.pins[entry.key] == 0

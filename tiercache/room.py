@@ -17,6 +17,7 @@ that one journal record for a whole save, not one per block.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -24,7 +25,7 @@ from tiercache.errors import NoRoom
 from tiercache.index import DISK, HOST, Entry, Index
 from tiercache.keys import BlockKey
 from tiercache.lock import CacheLock
-from tiercache.policy.base import EvictionPolicy, make_policy
+from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
@@ -47,6 +48,7 @@ class DiskRoom:
         self._stats = stats
         self._gone = gone
         self.policy: EvictionPolicy | None = None
+        index.pin_changed.append(self._pin_changed)
         if disk.records:
             self._policy_for(min(r.nbytes for r in disk.records))
             for rec in disk.records:
@@ -71,6 +73,11 @@ class DiskRoom:
     def touch(self, e: Entry) -> None:
         if DISK in e.at:
             self._order.touch(e.key)
+
+    def _pin_changed(self, key: BlockKey, pinned: bool) -> None:
+        e = self._index.get(key)
+        if e is not None and DISK in e.at:
+            hold(self.policy, key, pinned)
 
     def drop(self, e: Entry) -> None:
         """Under the lock: free ``e``'s disk copy (evicted, failed verification or deleted)."""
@@ -169,6 +176,8 @@ class DiskRoom:
                     e.checksum = res.checksum
                     e.at[DISK] = res
                     self._order.insert(e.key)
+                    if self._index.pins[e.key]:
+                        hold(self.policy, e.key, True)
                     written += e.nbytes
                 elif isinstance(res, DiskFull):
                     self._stats.error("disk_full")
@@ -201,6 +210,7 @@ class HostRoom:
         self._gone = gone
         self._disk = disk
         self.policy: EvictionPolicy | None = None
+        index.pin_changed.append(self._pin_changed)
 
     def format(self, slot_bytes: int) -> None:
         """Carve the arena into slots of ``slot_bytes`` (once: the first namespace's block)."""
@@ -226,10 +236,17 @@ class HostRoom:
             e.at[HOST] = slot
         assert e.host_slot is not None
         self._order.insert(e.key, parent, position)
+        if self._index.pins[e.key]:
+            hold(self.policy, e.key, True)
 
     def touch(self, e: Entry) -> None:
         if HOST in e.at:
             self._order.touch(e.key)
+
+    def _pin_changed(self, key: BlockKey, pinned: bool) -> None:
+        e = self._index.get(key)
+        if e is not None and HOST in e.at:
+            hold(self.policy, key, pinned)
 
     def drop(self, e: Entry) -> None:
         """Under the lock: free ``e``'s host slot (its bytes are elsewhere, or let go)."""
@@ -292,6 +309,14 @@ class HostRoom:
         need = n - self.arena.free_slots
         if need > 0:
             await self._evict(self._victims(need))
+
+
+def hold(policy: EvictionPolicy | None, key: BlockKey, pinned: bool) -> None:
+    """Take a pinned block out of ``policy``'s victims, or put it back: a policy that can
+    (``RetainingPolicy``; all of tiercache's) then walks no pinned block, where the walk
+    passed over each one (``Index.evictable``, still checked) on every eviction."""
+    if isinstance(policy, RetainingPolicy):
+        policy.retain(key, math.inf if pinned else None)
 
 
 async def evict_keys(

@@ -188,7 +188,7 @@ class Sessions:
         n = 0
         for k in want:
             if k not in sess.pinned_keys:
-                self._index.pins[k] += 1
+                self._index.pin(k)
                 sess.pinned_keys.add(k)
                 n += k in self._index
         return n
@@ -197,9 +197,7 @@ class Sessions:
         """Drop ``sess``'s pin of ``keys`` (default: all it holds); returns how many are stored."""
         n = 0
         for k in list(sess.pinned_keys if keys is None else keys):
-            self._index.pins[k] -= 1
-            if self._index.pins[k] <= 0:
-                del self._index.pins[k]
+            self._index.unpin(k)
             n += k in self._index
             sess.pinned_keys.discard(k)
         return n

@@ -9,7 +9,7 @@ import pytest
 
 from tests.policy.traces import filled, k, names, replay
 from tiercache.policy.arc import ARCPolicy
-from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
+from tiercache.policy.base import POLICIES, EvictionPolicy, RetainingPolicy, make_policy
 from tiercache.policy.lru import LRUPolicy
 from tiercache.policy.prefix import GHOSTS, PrefixPolicy
 
@@ -286,9 +286,33 @@ def test_prefix_a_released_block_is_a_candidate_again() -> None:
     assert names(policy.victims()) == ["b", "a"]
 
 
-@pytest.mark.parametrize(("name", "retains"), [("lru", False), ("arc", False), ("prefix", True)])
-def test_only_the_prefix_policy_can_hold_session_blocks(name: str, retains: bool) -> None:
-    assert isinstance(make_policy(name, 8), RetainingPolicy) is retains
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_holds_a_pinned_block_behind_every_other_until_released(name: str) -> None:
+    policy = make_policy(name, 8)
+    assert isinstance(policy, RetainingPolicy)
+    for key in "abc":
+        policy.insert(k(key))
+    policy.retain(k("a"), math.inf)
+    policy.insert(k("a"))  # used while pinned: still held
+    policy.touch(k("a"))
+
+    assert names(policy.victims())[:2] == ["b", "c"]
+    assert "a" not in names(policy.victims())[:2] and len(policy) == 3
+
+    policy.retain(k("a"), None)
+    assert names(policy.victims()) == ["b", "c", "a"]  # back, as just used
+    policy.retain(k("b"), math.inf)
+    policy.remove(k("b"))  # a held block can leave the tier (an explicit evict)
+    assert names(policy.victims()) == ["c", "a"] and len(policy) == 2
+
+
+@pytest.mark.parametrize("name", ["lru", "arc"])
+def test_lru_and_arc_hold_pins_but_refuse_a_retention_window(name: str) -> None:
+    policy = make_policy(name, 8)
+    policy.insert(k("a"))
+    assert isinstance(policy, RetainingPolicy)
+    with pytest.raises(ValueError, match=r"holds pins \(math.inf\) only"):
+        policy.retain(k("a"), 300.0)
 
 
 @pytest.mark.parametrize("seconds", [0.0, -5.0])

@@ -17,6 +17,9 @@ traces against the paper's algorithm in that order, victim for victim.
 
 The four lists are intrusive (``links.py``): every step, victims included, is
 O(1). A block's parent and position are taken and ignored (ARC is a baseline).
+A pinned block (``retain(key, math.inf)``) leaves T1 or T2 until it is released
+(``retain(key, None)``), when it goes back to the end of the list it left: pinned
+blocks cost the walk nothing and are outside the adaptation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tiercache.keys import BlockKey
+from tiercache.policy.base import check_pin
 from tiercache.policy.links import Link, Links
 
 
@@ -39,7 +43,8 @@ class ARCPolicy:
         self.t2: Links[Link] = Links()
         self.b1: Links[Link] = Links()
         self.b2: Links[Link] = Links()
-        self._links: dict[BlockKey, Link] = {}  # every key in any of the four lists
+        self._links: dict[BlockKey, Link] = {}  # every key in any of the four lists, or held
+        self._held: dict[Link, Links[Link]] = {}  # pinned -> the list (T1 or T2) it left
 
     def _move(self, link: Link, to: Links[Link]) -> None:
         if link.owner is not None:
@@ -52,8 +57,8 @@ class ARCPolicy:
             self._directory_room()
             self._links[key] = link = Link(key)
             self.t1.push(link)
-        elif link.owner is self.t1 or link.owner is self.t2:
-            self.touch(key)
+        elif link.owner is self.t1 or link.owner is self.t2 or link in self._held:
+            self.touch(key)  # held: stays held
         elif link.owner is self.b1:
             self.target_t1 = min(
                 self.capacity, self.target_t1 + max(1.0, len(self.b2) / len(self.b1))
@@ -72,6 +77,8 @@ class ARCPolicy:
         link = self._links.get(key)
         if link is None:
             return
+        if (left := self._held.pop(link, None)) is not None:
+            left.push(link)  # a held block leaves as it would have from its list
         if link.owner is self.t1:
             self._ghost(link, self.b1)
         elif link.owner is self.t2:
@@ -102,6 +109,19 @@ class ARCPolicy:
         ghosts.unlink(oldest)
         del self._links[oldest.key]
 
+    def retain(self, key: BlockKey, seconds: float | None) -> None:
+        """Pin ``key`` (``math.inf``) or release it (``None``); ghosts and unknown keys are
+        ignored."""
+        link = self._links.get(key)
+        if link is None:
+            return
+        check_pin(self.name, seconds)
+        if seconds is not None and (link.owner is self.t1 or link.owner is self.t2):
+            self._held[link] = link.owner
+            link.owner.unlink(link)
+        elif seconds is None and (left := self._held.pop(link, None)) is not None:
+            left.push(link)
+
     def victims(self) -> Iterator[BlockKey]:
         first, second = (self.t1, self.t2) if len(self.t1) > self.target_t1 else (self.t2, self.t1)
         return self._walk(first, second)
@@ -112,4 +132,4 @@ class ARCPolicy:
         yield from second
 
     def __len__(self) -> int:
-        return len(self.t1) + len(self.t2)
+        return len(self.t1) + len(self.t2) + len(self._held)

@@ -16,6 +16,7 @@ unknown (blocks found on disk at start).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -47,12 +48,23 @@ class EvictionPolicy(Protocol):
 
 @runtime_checkable
 class RetainingPolicy(EvictionPolicy, Protocol):
-    """A policy that holds session blocks the way hosted prompt caching does (``prefix``). The
-    manager asks ``isinstance(policy, RetainingPolicy)``, a capability, never a name."""
+    """A policy that holds blocks out of its victims: pinned sessions' blocks (every policy
+    here), and windows refreshed on use the way hosted prompt caching keeps a prefix
+    (``prefix`` only). The rooms ask ``isinstance(policy, RetainingPolicy)``, a capability,
+    never a name."""
 
     def retain(self, key: BlockKey, seconds: float | None) -> None:
         """Keep ``key`` out of the victims until ``seconds`` after its last use (``math.inf``:
         a pin; ``None``: back to normal); every touch starts the window again."""
+
+
+def check_pin(policy: str, seconds: float | None) -> None:
+    """A policy that holds pins but no retention windows (LRU, ARC) refuses a window."""
+    if seconds is not None and seconds != math.inf:
+        raise ValueError(
+            f"the {policy} policy holds pins (math.inf) only, not a {seconds} s window; "
+            "retention windows are the prefix policy's"
+        )
 
 
 def make_policy(name: str, capacity_blocks: int) -> EvictionPolicy:
