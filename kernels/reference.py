@@ -39,11 +39,26 @@ class LayoutError(ValueError):
     """A KV cache whose shapes do not match its KVSpec and layout."""
 
 
-def _ids(block_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+def _ids(
+    block_ids: torch.Tensor | Sequence[int],
+    spec: KVSpec,
+    caches: Sequence[LayerCache],
+    batch: int,
+) -> torch.Tensor:
+    """``block_ids`` on the caches' device, each checked to be a block of every layer (and
+    ``batch`` a row of an hf cache) before anything moves: torch's own index errors came
+    only after the layers before the one too short were written, and named token positions."""
     ids = torch.as_tensor(block_ids, dtype=torch.long)
     if ids.dim() != 1:
         raise LayoutError(f"block ids must be 1-D, got shape {list(ids.shape)}")
-    return ids.to(device)
+    count = num_blocks(spec, caches)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
+        bad = ids[(ids < 0) | (ids >= count)][0]
+        raise LayoutError(f"block id {int(bad)} is out of range for a cache of {count} blocks")
+    first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
+    if spec.layout is Layout.HF and not 0 <= batch < first.shape[0]:
+        raise LayoutError(f"batch {batch} is out of range for a batch of {first.shape[0]}")
+    return ids.to(first.device)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +171,7 @@ def gather(
     """Copy blocks ``block_ids`` out of ``caches`` into ``[n, *spec.block_shape]``."""
     _check(spec, caches)
     first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
-    ids = _ids(block_ids, first.device)
+    ids = _ids(block_ids, spec, caches, batch)
     n, bs = ids.numel(), spec.block_size
     if out is None:
         out = torch.empty((n, *spec.block_shape), dtype=spec.torch_dtype, device=first.device)
@@ -195,7 +210,7 @@ def scatter(
     """Copy ``blocks`` (``[n, *spec.block_shape]``) into ``caches`` at ``block_ids``."""
     _check(spec, caches)
     first = caches[0][0] if isinstance(caches[0], tuple) else caches[0]
-    ids = _ids(block_ids, first.device)
+    ids = _ids(block_ids, spec, caches, batch)
     n, bs = ids.numel(), spec.block_size
     check_blocks(spec, blocks, n)
     # Moved as bytes, like the kernels: torch has no CPU index_copy_ for fp8, and a

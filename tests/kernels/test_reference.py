@@ -459,6 +459,51 @@ def test_block_ids_that_are_not_1d_are_a_layout_error(op: str) -> None:
         run(op, spec, make_caches(spec), ids=[IDS])
 
 
+@pytest.mark.parametrize("bad", [NUM_BLOCKS, NUM_BLOCKS + 1, -1, -NUM_BLOCKS])
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_block_id_out_of_range_is_a_layout_error_that_writes_nothing(
+    layout: Layout, op: str, bad: int
+) -> None:
+    spec = make_spec(layout)
+    caches = make_caches(spec, extra_tokens=3)  # hf: a partial block past the last whole one
+    before = clone_caches(caches)
+
+    with raises_layout_error(f"block id {bad} is out of range for a cache of {NUM_BLOCKS} blocks"):
+        run(op, spec, caches, ids=[0, 2, bad])
+
+    assert_same_bytes(caches, raw_caches(before))
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+def test_a_block_id_past_the_shortest_layer_is_a_layout_error_that_writes_nothing(op: str) -> None:
+    spec = make_spec(Layout.VLLM)
+    caches = make_caches(spec)
+    caches[-1] = caches[-1][:, : NUM_BLOCKS - 2].clone()  # type: ignore[index]
+    before = clone_caches(caches)
+
+    with raises_layout_error(f"block id 4 is out of range for a cache of {NUM_BLOCKS - 2} blocks"):
+        run(op, spec, caches)
+
+    assert_same_bytes(caches, raw_caches(before))
+
+
+@pytest.mark.parametrize("batch", [-1, 2])
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+def test_an_hf_batch_row_out_of_range_is_a_layout_error(op: str, batch: int) -> None:
+    spec = make_spec(Layout.HF)
+    caches = make_caches(spec, batch=2)
+    before = clone_caches(caches)
+
+    with raises_layout_error(f"batch {batch} is out of range for a batch of 2"):
+        if op == "gather":
+            gather(spec, caches, IDS, batch=batch)
+        else:
+            scatter(spec, make_blocks(spec, len(IDS)), caches, IDS, batch=batch)
+
+    assert_same_bytes(caches, raw_caches(before))
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "got"),
     [
