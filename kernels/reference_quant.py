@@ -197,7 +197,8 @@ def error_bound(q: QuantBlocks, dtype: torch.dtype) -> torch.Tensor:
 
     int8: half a quantization step, ``scale / 2``. e4m3: half an ulp of a 3-mantissa-bit
     number, ``|x| / 16``, or ``scale * 2**-10`` in the subnormal range. Both plus half an ulp
-    of the engine dtype at the restored value (``eps / 2 * |x'|``, eps as ``torch.finfo``).
+    of the engine dtype at the restored value (``eps / 2 * max(|x'|, smallest_normal)``, as
+    ``torch.finfo`` gives them).
     """
     scale = q.scales[:, :, :, None, :, None]
     restored = q.data.float() * scale
@@ -209,9 +210,13 @@ def error_bound(q: QuantBlocks, dtype: torch.dtype) -> torch.Tensor:
         y = restored.abs() / torch.where(scale > 0, scale, torch.ones_like(scale))
         e = torch.floor(torch.log2(y.clamp(min=2.0**-6)))
         step = torch.exp2(e - 4) * scale
-    # The final rounding to ``dtype``, and slack for the two float32 roundings (x / scale and
-    # q * scale), each at most 2**-24 relative.
-    return step + (torch.finfo(dtype).eps / 2 + 2**-22) * restored.abs()
+    # The final rounding to ``dtype``: half an ulp at x', which below the dtype's smallest
+    # normal is half the (fixed) subnormal spacing, not eps / 2 * |x'| (float16 goes subnormal
+    # below 6.1e-5, where ordinary KV values fall). And slack for the two float32 roundings
+    # (x / scale and q * scale), each at most 2**-24 relative.
+    finfo = torch.finfo(dtype)
+    half_ulp = restored.abs().clamp(min=finfo.smallest_normal) * (finfo.eps / 2)
+    return step + half_ulp + 2**-22 * restored.abs()
 
 
 def gather_quantized(

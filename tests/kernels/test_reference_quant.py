@@ -246,6 +246,19 @@ def test_round_trip_error_is_within_the_documented_bound(fmt: str, dtype: str) -
     assert bool((err <= error_bound(q, torch_dtype)).all())
 
 
+@pytest.mark.parametrize("magnitude", [1e-1, 1e-3, 1e-5])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_error_of_small_float16_values_is_within_the_documented_bound(
+    fmt: str, magnitude: float
+) -> None:
+    """float16 goes subnormal below 6.1e-5: its last rounding there is half the fixed subnormal
+    spacing, which a bound relative to the value (eps / 2 * |x'|) undercounted."""
+    g = torch.Generator().manual_seed(0)
+    blocks = (torch.randn((8, 4, 2, 16, 8, 64), generator=g) * magnitude).to(torch.float16)
+
+    assert measure_error(blocks, fmt)["worst_over_bound"] <= 1.0  # type: ignore[arg-type]
+
+
 def test_int8_error_in_float32_reaches_but_never_exceeds_half_a_step() -> None:
     """The bound is scale/2 and tight: float32 adds no rounding worth counting."""
     blocks = random_blocks(8, torch.float32)
