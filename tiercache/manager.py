@@ -167,9 +167,9 @@ class TierManager:
         """Carve the host arena (and the device tier) into slots, once."""
         if self.host.formatted:
             return
+        if self.device is not None and not self.device.formatted:  # first: if it fails, it
+            self.device.format(slot_bytes)  # fails every time, never once and then off
         self.host_room.format(slot_bytes)
-        if self.device is not None and not self.device.formatted:
-            self.device.format(slot_bytes)
 
     def _gone(self, e: Entry) -> None:
         """A local tier let go of ``e``: with no local copy left it leaves the index, and its

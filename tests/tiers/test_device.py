@@ -293,3 +293,15 @@ async def test_evicting_a_session_drops_its_device_copies(open_cache: OpenCache)
     assert await m.evict(session="a") == 2
     assert (await m.lookup(NS, tokens)).blocks == 0
     assert m.usage()["device"]["used_bytes"] == 0
+
+
+async def test_a_device_budget_below_one_block_fails_every_save_not_just_the_first(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(device_bytes=NBYTES // 2, device_name="cpu")
+
+    for seed in range(2):
+        with pytest.raises(ValueError, match=r"raise \[tiers\.device\] bytes"):
+            await m.save(NS, make_tokens(2, seed=seed), make_blocks(2, seed=seed))
+
+    assert not m.host.formatted and not m.device.formatted  # type: ignore[union-attr]
