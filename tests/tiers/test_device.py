@@ -169,6 +169,51 @@ async def test_a_block_discarded_while_it_is_stored_never_becomes_visible() -> N
     assert (key(0) in t, t.used_bytes) == (False, 0)
 
 
+async def all_free(t: DeviceTier) -> None:
+    """Wait (at most 10 s) until no slot of ``t`` is in use."""
+    for _ in range(1000):
+        if not t.used_bytes:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{t.used_bytes} B of the device tier still in use")
+
+
+async def test_a_cancelled_store_keeps_its_slot_until_its_copy_has_ended() -> None:
+    t = tier(1, slot_bytes=32 << 20)  # 32 MiB: the copy goes on after the cancel
+    src = rows(2, width=32 << 20)
+    storing = asyncio.create_task(t.put([key(0)], src, [0]))
+    await asyncio.sleep(0)  # the copy runs in a worker thread
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await storing
+
+    blocked = await t.put([key(1)], src, [1])  # else it would share the slot with that copy
+    assert blocked.stored == 0
+    await all_free(t)  # the slot comes back once the cancelled copy has ended
+
+    assert (await t.put([key(1)], src, [1])).stored == 1
+    assert key(0) not in t
+    assert torch.equal(await read(t, [key(1)], width=32 << 20), src[1:])
+
+
+async def test_a_cancelled_read_holds_its_slot_until_its_copy_has_ended() -> None:
+    t = tier(1, slot_bytes=32 << 20)
+    src = rows(2, width=32 << 20)
+    await t.put([key(0)], src, [0])
+    reading = asyncio.create_task(read(t, [key(0)], width=32 << 20))
+    await asyncio.sleep(0)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    t.discard(key(0))
+
+    blocked = await t.put([key(1)], src, [1])  # the cancelled copy still reads the slot
+    assert blocked.stored == 0
+    await all_free(t)
+
+    assert (await t.put([key(1)], src, [1])).stored == 1
+
+
 async def test_concurrent_reads_and_stores_never_tear_a_block() -> None:
     """Readers read whatever is present while writers store other keys into a tier too small
     for all of them (so stores keep evicting): every read equals its key's bytes."""

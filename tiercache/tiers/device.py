@@ -23,6 +23,7 @@ pinning.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,25 +152,32 @@ class DeviceTier:
             for slot, row, n in _runs(slots, srcrows):
                 self.buffer[slot : slot + n, :width].copy_(src[row : row + n], non_blocking=True)
 
-        stored = 0
-        ok = False
+        copying = asyncio.ensure_future(self.streams.run("store", copy))
         try:
-            await self.streams.run("store", copy)
-            ok = True
-        finally:
-            # Visible only now, and only if the copy completed and the key was not discarded
-            # meanwhile; any other slot goes back to the free list.
-            for key, slot, _ in mine:
-                filled = self._pending.get(key) == slot
-                if filled:
-                    del self._pending[key]
-                if ok and filled and slot not in self._orphans:
-                    self._slots[key] = slot
-                    stored += 1
-                else:
-                    self._orphans.discard(slot)
-                    self._free.append(slot)
-        return PutResult(stored, evicted)
+            await asyncio.shield(copying)
+        except BaseException:
+            # Failed or cancelled: the slots go back free, but a cancelled copy goes on (in a
+            # worker thread, or queued on the store stream), so only once it has ended: a
+            # slot freed before would take the next put's block and then this one's bytes.
+            _when_done(copying, lambda: self._settle(mine, False))
+            raise
+        return PutResult(self._settle(mine, True), evicted)
+
+    def _settle(self, mine: list[tuple[BlockKey, int, int]], ok: bool) -> int:
+        """A put's slots once its copy has ended: visible only if the copy completed and the
+        key was not discarded meanwhile; any other slot goes back to the free list."""
+        stored = 0
+        for key, slot, _ in mine:
+            filled = self._pending.get(key) == slot
+            if filled:
+                del self._pending[key]
+            if ok and filled and slot not in self._orphans:
+                self._slots[key] = slot
+                stored += 1
+            else:
+                self._orphans.discard(slot)
+                self._free.append(slot)
+        return stored
 
     def hold(self, keys: Sequence[BlockKey]) -> list[int]:
         """The slots of ``keys`` (all visible here: check with ``in``), held against eviction
@@ -206,10 +214,12 @@ class DeviceTier:
             for slot, row, n in _runs(slots, rows):
                 out[row : row + n].copy_(self.buffer[slot : slot + n, :width], non_blocking=True)
 
+        copying = asyncio.ensure_future(self.streams.run("load", copy))
         try:
-            await self.streams.run("load", copy)
+            await asyncio.shield(copying)
         finally:
-            self.unhold(slots)
+            # Cancelled, the copy still reads the slots: they stay held until it has ended.
+            _when_done(copying, lambda: self.unhold(slots))
 
     def discard(self, key: BlockKey) -> bool:
         """Forget ``key``'s copy; its slot is free at once, or when the copy using it is done."""
@@ -230,3 +240,11 @@ class DeviceTier:
         self.streams.synchronize()
         self._slots.clear()
         del self.buffer, self._raw
+
+
+def _when_done(task: asyncio.Future[None], then: Callable[[], object]) -> None:
+    """``then()`` now if ``task`` has ended, else when it does."""
+    if task.done():
+        then()
+    else:
+        task.add_done_callback(lambda _: then())
