@@ -131,6 +131,30 @@ async def test_reading_a_block_that_is_not_there_is_a_key_error() -> None:
         await read(tier(1), [key(7)])
 
 
+@pytest.mark.parametrize(("src_rows", "bad"), [([2, 3], 3), ([-1, 0], -1), ([5], 5)])
+async def test_a_source_row_out_of_range_is_refused_before_anything_is_stored(
+    src_rows: list[int], bad: int
+) -> None:
+    t = tier(4)
+
+    with pytest.raises(ValueError, match=f"^row {bad} is out of range for src of 3 rows"):
+        await t.put([key(i) for i in range(len(src_rows))], rows(3), src_rows)
+
+    assert (len(t), t.used_bytes) == (0, 0)
+
+
+async def test_a_read_into_rows_out_of_range_is_refused_and_holds_nothing() -> None:
+    t = tier(2)
+    await t.put([key(0), key(1)], rows(2), [0, 1])
+    out = torch.zeros((2, SLOT), dtype=torch.uint8)
+
+    with pytest.raises(ValueError, match=r"^row 2 is out of range for out of 2 rows"):
+        await t.read([key(0), key(1)], out, [1, 2])
+
+    t.discard(key(0))
+    assert t.used_bytes == SLOT  # its slot was not held by the refused read
+
+
 async def test_discard_frees_the_slot() -> None:
     t = tier(1)
     await t.put([key(0)], rows(1), [0])

@@ -131,6 +131,7 @@ class DeviceTier:
             raise ValueError("device tier is not formatted: register a namespace first")
         if src.shape[1] > self.slot_bytes:
             raise ValueError(f"rows of {src.shape[1]} B do not fit {self.slot_bytes}-byte slots")
+        _check_rows(rows, src, "src")
         mine: list[tuple[BlockKey, int, int]] = []  # key, slot, row
         evicted = 0
         for key, row in zip(keys, rows, strict=True):
@@ -207,6 +208,7 @@ class DeviceTier:
     async def read(self, keys: Sequence[BlockKey], out: torch.Tensor, rows: Sequence[int]) -> None:
         """Copy blocks ``keys`` (all visible here: check with ``in``) into ``out[rows[i]]``,
         the first ``out.shape[1]`` bytes of each slot; marks them most recently used."""
+        _check_rows(rows, out, "out")
         slots = self.hold(keys)
         width = out.shape[1]
 
@@ -240,6 +242,14 @@ class DeviceTier:
         self.streams.synchronize()
         self._slots.clear()
         del self.buffer, self._raw
+
+
+def _check_rows(rows: Sequence[int], t: torch.Tensor, what: str) -> None:
+    """Every row inside ``t``: a row past its end was cut off by the slicing, and a run cut to
+    one row was broadcast over every slot of the run (a block stored as another's bytes)."""
+    if rows and not 0 <= min(rows) <= max(rows) < t.shape[0]:
+        bad = next(r for r in rows if not 0 <= r < t.shape[0])
+        raise ValueError(f"row {bad} is out of range for {what} of {t.shape[0]} rows")
 
 
 def _when_done(task: asyncio.Future[None], then: Callable[[], object]) -> None:
