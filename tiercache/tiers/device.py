@@ -216,12 +216,12 @@ class DeviceTier:
             for slot, row, n in _runs(slots, rows):
                 out[row : row + n].copy_(self.buffer[slot : slot + n, :width], non_blocking=True)
 
-        copying = asyncio.ensure_future(self.streams.run("load", copy))
         try:
-            await asyncio.shield(copying)
+            # Cancelled, it raises once the copy has ended (``transfer.outlast_cancel``): the
+            # copy reads the slots and writes the caller's ``out`` until then.
+            await self.streams.run("load", copy)
         finally:
-            # Cancelled, the copy still reads the slots: they stay held until it has ended.
-            _when_done(copying, lambda: self.unhold(slots))
+            self.unhold(slots)
 
     def discard(self, key: BlockKey) -> bool:
         """Forget ``key``'s copy; its slot is free at once, or when the copy using it is done."""
