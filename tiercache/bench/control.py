@@ -63,6 +63,7 @@ class Ops:
         self.cache, self.ns, self.prefix, self.worker = cache, ns, prefix, worker
         self.block = torch.randint(0, 256, (1, SPEC.block_nbytes), dtype=torch.uint8)
         self.n = 0
+        self.stored = 0  # new blocks its saves stored
 
     async def lookup(self) -> None:
         hit = await self.cache.lookup(self.ns, self.prefix)
@@ -71,8 +72,9 @@ class Ops:
     async def save_load(self) -> None:
         self.n += 1
         tokens = [2**31 + self.worker * 10**6 + self.n] * SPEC.block_size
-        await self.cache.save(self.ns, tokens, self.block)
+        saved = await self.cache.save(self.ns, tokens, self.block)
         got = await self.cache.load(self.ns, tokens)
+        self.stored += saved.stored  # a save of a block already held copies nothing
         assert got.blocks == 1
 
 
@@ -117,12 +119,14 @@ async def _run(workdir: Path, quick: bool) -> dict[str, Any]:
         seed = await AsyncClient.connect(workdir / "tc.sock")
         await seed.save(ns, prefix, blocks, session="bench")
         rows: list[dict[str, Any]] = []
+        workers = 0  # numbered across concurrencies: no two workers save the same blocks
         for c in CONCURRENCY:
             clients = [await AsyncClient.connect(workdir / "tc.sock") for _ in range(c)]
-            ops = [Ops(cl, ns, prefix, w) for w, cl in enumerate(clients)]
+            ops = [Ops(cl, ns, prefix, w) for w, cl in enumerate(clients, workers)]
+            workers += c
             for name, fn in (("lookup", Ops.lookup), ("save+load", Ops.save_load)):
                 await _measure(ops, fn, 2)  # warm-up
-                cpu0 = _cpu_seconds(daemon.pid)
+                cpu0, stored0 = _cpu_seconds(daemon.pid), sum(o.stored for o in ops)
                 lat = await _measure(ops, fn, per_client)
                 cpu = _cpu_seconds(daemon.pid) - cpu0
                 rows.append(
@@ -130,6 +134,7 @@ async def _run(workdir: Path, quick: bool) -> dict[str, Any]:
                         "op": name,
                         "clients": c,
                         "n": len(lat),
+                        "blocks_stored": sum(o.stored for o in ops) - stored0,
                         "p50_s": _pct(lat, 0.5),
                         "p99_s": _pct(lat, 0.99),
                         "daemon_cpu_s_per_1k": 1000 * cpu / len(lat),
