@@ -5,8 +5,10 @@ never a lower LRU hit ratio for it, a resume served from disk in every format)."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from tests.services.seaweedfs import options
 from tiercache.bench.quant import (
@@ -17,6 +19,7 @@ from tiercache.bench.quant import (
     trace_at_equal_bytes,
 )
 from tiercache.bench.seaweedfs import SeaweedFS
+from tiercache.manager import TierManager
 
 QUANTIZED = [f for f in FORMATS if f != "exact"]
 
@@ -64,6 +67,21 @@ def test_host_and_disk_comparisons_cover_every_format(tmp_path: Path) -> None:
     assert all(f"  {fmt}: " in text for fmt in QUANTIZED)
     assert "disk resume of 64 tokens" in text
     assert all(f"    {fmt}: save " in text for fmt in FORMATS)
+
+
+def test_a_resume_that_restores_nothing_fails_the_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The raw read fills the engine's buffer with the exact bytes, and nothing compared the
+    # buffer with the blocks: a resume that wrote elsewhere was timed and reported.
+    load = TierManager.load
+
+    async def load_elsewhere(self: TierManager, ns: Any, tokens: Any, **kw: Any) -> Any:
+        return await load(self, ns, tokens, **{**kw, "into": torch.empty_like(kw["into"])})
+
+    monkeypatch.setattr(TierManager, "load", load_elsewhere)
+    with pytest.raises(RuntimeError, match="resume from disk restored different values"):
+        tier_resume(64, 1, tmp_path)
 
 
 @pytest.mark.service
