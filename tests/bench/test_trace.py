@@ -179,6 +179,33 @@ def test_bench_trace_rejects_bad_flags_by_name(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"hash_ids": [1], "input_length": 9}\nnot json\n',
+            "t.jsonl:2: not a Mooncake trace line",
+        ),
+        ("", "t.jsonl: no request with a block id, nothing to replay"),
+        ('{"hash_ids": [], "input_length": 0}\n', "no request with a block id"),
+        ('{"hash_ids": [4294967296], "input_length": 9}\n', "t.jsonl:1: block ids must be in"),
+        ('{"hash_ids": [-1], "input_length": 9}\n', "t.jsonl:1: block ids must be in"),
+    ],
+)
+def test_bench_trace_refuses_a_trace_it_cannot_replay_in_one_line(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # These ended in a traceback: a ValueError from the reader, the host tier's "budget must
+    # be positive" for a trace with no blocks, numpy's OverflowError for an id past uint32.
+    (tmp_path / "t.jsonl").write_text(text)
+    args = ["bench", "trace", "--trace", str(tmp_path / "t.jsonl"), "--main-only"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "keys"), [("trace", {"sweeps", "machine"})])
 def test_benchmark_writes_json_and_png(tmp_path: Path, name: str, keys: set[str]) -> None:

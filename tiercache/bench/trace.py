@@ -102,6 +102,10 @@ def _open(path: Path) -> TextIO:
     return lzma.open(path, "rt") if path.suffix == ".xz" else path.open()
 
 
+class TraceError(ValueError):
+    """A trace file this replay cannot read: a line not in Mooncake's format, or no blocks."""
+
+
 def read_trace(path: Path = TRACE, limit: int | None = None) -> Trace:
     """The requests of a Mooncake-format trace, in arrival order (the first ``limit``)."""
     prompts: list[Prompt] = []
@@ -117,12 +121,19 @@ def read_trace(path: Path = TRACE, limit: int | None = None) -> Trace:
                 ids = tuple(int(i) for i in rec["hash_ids"])
                 length = int(rec.get("input_length", len(ids) * TRACE_BLOCK_TOKENS))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise TraceError(
                     f"{path}:{n}: not a Mooncake trace line (needs hash_ids, a list of "
                     f"block ids, and input_length): {e}"
                 ) from e
+            if not all(0 <= i < 2**32 for i in ids) or length < 0:
+                # A block of the replay is its id as a uint32 (SPEC).
+                raise TraceError(
+                    f"{path}:{n}: block ids must be in [0, 2**32) and input_length at least 0"
+                )
             prompts.append(ids)
             tokens.append(length)
+    if not any(prompts):
+        raise TraceError(f"{path}: no request with a block id, nothing to replay")
     return Trace(prompts, tokens, str(path))
 
 
@@ -584,7 +595,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.trace.is_file():
         p.error(f"--trace {args.trace}: no such file")
-    result = run(args.out, args.quick, args.trace, args.policies, args.capacities, args.main_only)
+    try:
+        result = run(
+            args.out, args.quick, args.trace, args.policies, args.capacities, args.main_only
+        )
+    except TraceError as e:
+        p.error(f"--trace {e}")
     print(report(result))
     return 0
 
