@@ -83,6 +83,21 @@ def test_cli_passes_out_and_quick_to_the_run_and_prints_its_report(
     assert seen[-1] == (Path("bench-out"), False)
 
 
+@pytest.mark.parametrize("out", ["results.json", "results.json/sub"])
+def test_cli_refuses_an_out_that_is_a_file_before_measuring(
+    tmp_path: Path, out: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The file was found only when the results were written, after the whole run.
+    (tmp_path / "results.json").write_text("{}")
+    ran: list[Path] = []
+    with pytest.raises(SystemExit) as e:
+        cli(None, lambda o, q: ran.append(o) or {}, lambda r: "", ["--out", str(tmp_path / out)])
+    assert e.value.code == 2 and not ran
+    assert f"--out: {tmp_path / 'results.json'} is a file, not a directory" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(
     ("n", "label"),
     [(512 * 2**10, "512 KiB"), (2**20, "1 MiB"), (64 * 2**20, "64 MiB"), (2**10, "1 KiB")],

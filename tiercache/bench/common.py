@@ -73,6 +73,18 @@ def write(out: Path, name: str, result: dict[str, Any], fig: Any) -> tuple[Path,
     return json_path, png_path
 
 
+def out_dir(text: str) -> Path:
+    """``--out``: a directory, or a path where one can be made. Checked before anything is
+    measured: a file there was found only when the results were written, after the run."""
+    path = Path(text)
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise argparse.ArgumentTypeError(f"{where} is a file, not a directory")
+            break
+    return path
+
+
 def cli(
     doc: str | None,
     run: Callable[[Path, bool], dict[str, Any]],
@@ -81,7 +93,9 @@ def cli(
 ) -> int:
     """The command line every benchmark module shares: ``--out DIR`` and ``--quick``."""
     p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where the JSON and PNG go")
+    p.add_argument(
+        "--out", type=out_dir, default=Path("bench-out"), help="where the JSON and PNG go"
+    )
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement"
     )

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from tiercache.bench.common import side_by_side
+from tiercache.bench.common import out_dir, side_by_side
 from tiercache.kernels import cuda, reference
 from tiercache.kernels.reference_quant import Format
 from tiercache.spec import AttentionKind, KVSpec
@@ -299,7 +299,7 @@ def cli(
     """The command line of a GPU benchmark: ``--out DIR`` (where ``files`` go), ``--quick``;
     on a machine without CUDA it says so and exits 1."""
     p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help=f"where {files} go")
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"), help=f"where {files} go")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)
     if not cuda.available():

@@ -62,7 +62,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from tiercache.bench.common import write
+from tiercache.bench.common import out_dir, write
 from tiercache.daemon.config import (
     Config,
     DiskTierConfig,
@@ -576,7 +576,9 @@ def _policies(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="where the JSON and PNG go")
+    p.add_argument(
+        "--out", type=out_dir, default=Path("bench-out"), help="where the JSON and PNG go"
+    )
     p.add_argument("--quick", action="store_true", help="the first 300 requests, two capacities")
     p.add_argument("--trace", type=Path, default=TRACE, help="a trace in Mooncake's JSONL format")
     p.add_argument(
