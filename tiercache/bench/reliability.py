@@ -16,7 +16,9 @@ machine, on loopback and in temporary directories, bounded in count and time.
   reservations; the daemon must release all of them.
 - load: 16 clients (by default) run a mix of saves, lookups, loads,
   prefetches, pins and unpins against a host tier under eviction pressure;
-  every load is checked byte for byte; the daemon's memory is sampled.
+  every load is checked byte for byte, and at the end every acknowledged
+  conversation is read back (what is not served was lost); the daemon's memory
+  is sampled.
 
 Block contents are a function of the block key, so any block served can be
 checked without remembering what was saved.
@@ -295,6 +297,7 @@ async def load(
     lat: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     wrong = served = 0
+    acked: dict[tuple[int, int], list[int]] = {}  # (client, conversation): its longest saved turn
     rss: list[int] = []
     deadline = time.monotonic() + seconds
 
@@ -328,7 +331,11 @@ async def load(
                     i = len(mine)
                     tokens = chain(rng.randrange(2**30), rng.randint(2, 8))
                     mine.append(tokens)
-                await timed("save", c.save(NS, tokens, blocks_for(tokens), session=f"{w}-{i}"))
+                saved = await timed(
+                    "save", c.save(NS, tokens, blocks_for(tokens), session=f"{w}-{i}")
+                )
+                if saved is not None and not saved.rejected:  # acknowledged, every block
+                    acked[(w, i)] = tokens
             elif op == "lookup":
                 tokens = rng.choice(mine)
                 await timed("lookup", c.lookup(NS, tokens))
@@ -360,6 +367,16 @@ async def load(
     t0 = time.perf_counter()
     await asyncio.gather(sampler(), *(worker(w) for w in range(clients)))
     elapsed = time.perf_counter() - t0
+    # Every acknowledged conversation, read back once the load is over: what is not served
+    # (host evictions go to the disk tier, which has room for all) was lost.
+    c = await AsyncClient.connect(daemon.socket, name="load-check")
+    acked_blocks = lost = 0
+    for tokens in acked.values():
+        got, bad = await _served_exactly(c, tokens)
+        acked_blocks += len(tokens) // SPEC.block_size
+        lost += len(tokens) // SPEC.block_size - got
+        wrong += bad
+    await c.close()
     daemon.stop()
     ops = sum(len(v) for v in lat.values())
     budget = host_blocks * SPEC.block_nbytes + MEMORY_OVERHEAD
@@ -384,7 +401,8 @@ async def load(
         "max_rss_bytes": max(rss, default=0),
         "memory_budget_bytes": budget,
         "within_memory_budget": max(rss, default=0) <= budget,
-        "lost": 0,
+        "acked_blocks": acked_blocks,
+        "lost": lost,
     }
 
 
