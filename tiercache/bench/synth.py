@@ -116,6 +116,8 @@ def _next(turn: Turn, rng: random.Random) -> Turn | None:
 
 def generate(kind: str, seed: int = 0, hours: float = 1.0) -> list[dict[str, Any]]:
     """The requests of ``hours`` of traffic of model ``kind``, in arrival order."""
+    if not 0 < hours < math.inf:  # nan never ends the arrivals, inf never ends at all
+        raise ValueError(f"hours must be a positive finite number, got {hours}")
     rng = random.Random(seed)
     kinds = ("chat", "documents", "agents") if kind == "mixed" else (kind,)
     # New conversations per second: about 300k prompt blocks an hour each, as in Mooncake's.
@@ -149,18 +151,33 @@ def generate(kind: str, seed: int = 0, hours: float = 1.0) -> list[dict[str, Any
     return out
 
 
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < hours < math.inf:
+        raise argparse.ArgumentTypeError(f"hours must be a positive finite number, got {text!r}")
+    return hours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("kind", choices=["chat", "documents", "agents", "mixed"])
     p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hours", type=float, default=1.0)
+    p.add_argument("--hours", type=_hours, default=1.0)
     args = p.parse_args(argv)
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a directory, not the JSONL file to write")
     rows = generate(args.kind, args.seed, args.hours)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        p.error(f"--out {args.out}: {e.strerror}: {e.filename}")
     blocks = sum(len(r["hash_ids"]) for r in rows)
     print(f"{args.out}: {len(rows):,} requests, {blocks:,} prompt blocks")
     return 0
