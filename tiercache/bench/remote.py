@@ -133,7 +133,7 @@ async def _must(got: Awaitable[Any]) -> None:
 def resume(weed: SeaweedFS, workdir: Path, prefix: int, reps: int) -> dict[str, Any]:
     from transformers import DynamicCache
 
-    from tiercache.bench.resume import _first_token
+    from tiercache.bench.resume import _first_token, check_restored
     from tiercache.daemon.config import load_config
     from tiercache.demo_models import tiny_model
     from tiercache.embedded import SyncCache
@@ -169,18 +169,20 @@ def resume(weed: SeaweedFS, workdir: Path, prefix: int, reps: int) -> dict[str, 
     recompute: list[float] = []
     remote: list[float] = []
     reused = 0
+    restored: Any = None
     for rep in range(reps):
         recompute.append(timed(lambda: _first_token(model, ids, DynamicCache(config=model.config))))
         b = node(f"b{rep}")  # a node that never saw the chat: empty host and disk
         chat = HFChatCache(b, model, model_id="bench-llama")
 
         def go(chat: HFChatCache = chat) -> None:
-            nonlocal reused
+            nonlocal reused, restored
             restored, reused = chat.restore("chat", ids)
             _first_token(model, ids, restored)
 
         remote.append(timed(go))
         assert chat.last_load is not None and set(chat.last_load.per_tier) == {"remote"}
+        check_restored(past, restored, reused, "the shared tier")
         b.close()
     return {
         "prefix_tokens": prefix,

@@ -39,6 +39,15 @@ def _first_token(model: Any, ids: torch.Tensor, past: Any) -> None:
         )
 
 
+def check_restored(saved: Any, restored: Any, tokens: int, where: str) -> None:
+    """``restored`` (a resumed turn's cache, the new message appended) must hold the first
+    ``tokens`` of the keys and values of ``saved``, the cache they were saved from."""
+    for a, b in zip(saved.layers, restored.layers, strict=True):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            if not torch.equal(x[..., :tokens, :], y[..., :tokens, :]):
+                raise RuntimeError(f"the resume from {where} restored other keys and values")
+
+
 def bench_prefix(model: Any, prefix: int, reps: int, workdir: Path) -> dict[str, Any]:
     from transformers import DynamicCache
 
@@ -61,20 +70,23 @@ def bench_prefix(model: Any, prefix: int, reps: int, workdir: Path) -> dict[str,
     host: list[float] = []
     disk: list[float] = []
     reused = 0
+    restored: Any = None
     for _ in range(reps):
         recompute.append(timed(lambda: _first_token(model, ids, DynamicCache(config=model.config))))
 
         def resume() -> None:
-            nonlocal reused
+            nonlocal reused, restored
             restored, reused = chat.restore("bench", ids)
             _first_token(model, ids, restored)
 
         host.append(timed(resume))
+        check_restored(past, restored, reused, "host")
         cache.close()
         cache = SyncCache(cfg)  # a restart: host is empty, every block is on disk
         chat.cache = cache
         disk.append(timed(resume))
         assert chat.last_load is not None and chat.last_load.per_tier == {"disk": reused // 16}
+        check_restored(past, restored, reused, "disk")
     cache.close()
     rec = statistics.median(recompute)
     return {
