@@ -157,6 +157,19 @@ def test_bench_trace_main_only_replays_the_host_sweep_alone(tmp_path: Path) -> N
     ]
 
 
+def test_bench_trace_quick_keeps_the_capacities_asked_for(tmp_path: Path) -> None:
+    # --quick replaced any --capacities with its own two (0.05 and 0.2), silently.
+    write_trace(tmp_path / "scan.jsonl", SCAN)
+    args = ["--trace", str(tmp_path / "scan.jsonl"), "--out", str(tmp_path), "--main-only"]
+
+    assert main([*args, "--quick", "--capacities", "0.67", "--policies", "lru"]) == 0
+    result = json.loads((tmp_path / "trace.json").read_text())
+    assert [(r["capacity"], r["hit_ratio"]) for r in result["results"]] == [(0.67, 2 / 10)]
+    assert main([*args, "--quick", "--policies", "lru"]) == 0
+    result = json.loads((tmp_path / "trace.json").read_text())
+    assert [r["capacity"] for r in result["results"]] == [0.05, 0.2]
+
+
 def test_main_only_is_refused_for_another_benchmark(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

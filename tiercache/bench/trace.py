@@ -86,6 +86,7 @@ NS = Namespace("mooncake-conversation-trace", SPEC)
 HOST_WITH_DISK = 0.01  # the host tier of a host+disk replay, as a fraction of the working set
 ENGINE_SHARE = 0.01  # the engine's own prefix cache, as a fraction of the working set
 CAPACITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
+QUICK_CAPACITIES = (0.05, 0.2)
 DEFAULT_POLICIES = POLICIES
 
 Prompt = tuple[int, ...]  # a request's block ids
@@ -506,12 +507,13 @@ def run(
     quick: bool = False,
     trace: Path = TRACE,
     policies: Sequence[str] = DEFAULT_POLICIES,
-    capacities: Sequence[float] = CAPACITIES,
+    capacities: Sequence[float] | None = None,
     main_only: bool = False,
 ) -> dict[str, Any]:
+    """``capacities``: None, the default ones (two with ``quick``)."""
     loaded = read_trace(trace, limit=300 if quick else None)
-    if quick:
-        capacities = (0.05, 0.2)
+    if capacities is None:
+        capacities = QUICK_CAPACITIES if quick else CAPACITIES
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-trace-"))
     t0 = time.perf_counter()
     try:
@@ -579,13 +581,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--out", type=out_dir, default=Path("bench-out"), help="where the JSON and PNG go"
     )
-    p.add_argument("--quick", action="store_true", help="the first 300 requests, two capacities")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first 300 requests, and two capacities unless --capacities names others",
+    )
     p.add_argument("--trace", type=Path, default=TRACE, help="a trace in Mooncake's JSONL format")
     p.add_argument(
         "--capacities",
         type=_fractions,
-        default=CAPACITIES,
-        help="fractions of the working set, comma-separated",
+        default=None,
+        help=f"fractions of the working set, comma-separated (default: {CAPACITIES})",
     )
     p.add_argument("--policies", type=_policies, default=DEFAULT_POLICIES, help="comma-separated")
     p.add_argument(
