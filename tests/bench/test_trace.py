@@ -7,6 +7,7 @@ go through ``open_cache``. Exact hit counts, no timings.
 from __future__ import annotations
 
 import json
+import lzma
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,25 @@ def test_bench_trace_main_only_replays_the_host_sweep_alone(tmp_path: Path) -> N
         ("lru", 2 / 10),
         ("prefix", 2 / 10),
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("t.jsonl", b"\xbd\xff not text\n"),
+        ("t.jsonl.xz", b"not xz at all\n"),
+        ("t.jsonl.xz", lzma.compress(b'{"hash_ids": [1], "input_length": 9}\n' * 50)[:40]),
+    ],
+)
+def test_bench_trace_refuses_a_file_that_is_not_jsonl_text_in_one_line(
+    tmp_path: Path, name: str, data: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A binary file or a broken .xz ended in UnicodeDecodeError, LZMAError or EOFError.
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(SystemExit) as e:
+        main(["--trace", str(tmp_path / name), "--main-only", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert f"{name}: not a JSONL text file (or .xz of one)" in capsys.readouterr().err
 
 
 def test_bench_trace_quick_keeps_the_capacities_asked_for(tmp_path: Path) -> None:

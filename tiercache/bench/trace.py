@@ -111,28 +111,31 @@ def read_trace(path: Path = TRACE, limit: int | None = None) -> Trace:
     """The requests of a Mooncake-format trace, in arrival order (the first ``limit``)."""
     prompts: list[Prompt] = []
     tokens: list[int] = []
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(prompts) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ids = tuple(int(i) for i in rec["hash_ids"])
-                length = int(rec.get("input_length", len(ids) * TRACE_BLOCK_TOKENS))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TraceError(
-                    f"{path}:{n}: not a Mooncake trace line (needs hash_ids, a list of "
-                    f"block ids, and input_length): {e}"
-                ) from e
-            if not all(0 <= i < 2**32 for i in ids) or length < 0:
-                # A block of the replay is its id as a uint32 (SPEC).
-                raise TraceError(
-                    f"{path}:{n}: block ids must be in [0, 2**32) and input_length at least 0"
-                )
-            prompts.append(ids)
-            tokens.append(length)
+    try:
+        with _open(path) as f:
+            for n, line in enumerate(f, 1):
+                if limit is not None and len(prompts) == limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    ids = tuple(int(i) for i in rec["hash_ids"])
+                    length = int(rec.get("input_length", len(ids) * TRACE_BLOCK_TOKENS))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise TraceError(
+                        f"{path}:{n}: not a Mooncake trace line (needs hash_ids, a list of "
+                        f"block ids, and input_length): {e}"
+                    ) from e
+                if not all(0 <= i < 2**32 for i in ids) or length < 0:
+                    # A block of the replay is its id as a uint32 (SPEC).
+                    raise TraceError(
+                        f"{path}:{n}: block ids must be in [0, 2**32) and input_length at least 0"
+                    )
+                prompts.append(ids)
+                tokens.append(length)
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:  # not text, a broken .xz
+        raise TraceError(f"{path}: not a JSONL text file (or .xz of one): {e}") from e
     if not any(prompts):
         raise TraceError(f"{path}: no request with a block id, nothing to replay")
     return Trace(prompts, tokens, str(path))
