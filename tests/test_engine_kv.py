@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import NBYTES, SPEC, OpenCache, make_blocks, make_ns, make_tokens
+from tiercache import TierManager
 from tiercache.client import Client
 from tiercache.daemon.process import DaemonProcess
 from tiercache.engine_kv import EngineKV
@@ -58,13 +59,22 @@ async def test_blocks_saved_from_one_engine_cache_load_into_another_byte_for_byt
     assert not reference.gather(SPEC, dst.caches, untouched).any()
 
 
-async def test_a_changed_token_ends_the_run_and_leaves_the_engine_block_alone(
+async def saved_three(
     open_cache: OpenCache,
-) -> None:
+) -> tuple[TierManager, EngineKV, EngineKV, list[int]]:
+    """A cache holding three blocks saved from engine blocks 5, 2, 9 of ``src``; an empty
+    engine ``dst``; the tokens."""
     m = await open_cache(host_blocks=8)
     src, dst = EngineKV(SPEC, vllm_caches(1)), EngineKV(SPEC, vllm_caches(None))
     tokens = make_tokens(3)
     await src.save(m, NS, keys(tokens), [5, 2, 9])
+    return m, src, dst, tokens
+
+
+async def test_a_changed_token_ends_the_run_and_leaves_the_engine_block_alone(
+    open_cache: OpenCache,
+) -> None:
+    m, src, dst, tokens = await saved_three(open_cache)
     changed = list(tokens)
     changed[2 * SPEC.block_size] += 1  # the third block's first token
 
@@ -164,10 +174,7 @@ async def test_a_load_into_an_engine_block_named_twice_is_refused_and_writes_not
     open_cache: OpenCache,
 ) -> None:
     # It was taken: both blocks scattered into engine block 1, the first lost unseen.
-    m = await open_cache(host_blocks=8)
-    src, dst = EngineKV(SPEC, vllm_caches(1)), EngineKV(SPEC, vllm_caches(None))
-    tokens = make_tokens(3)
-    await src.save(m, NS, keys(tokens), [5, 2, 9])
+    m, _, dst, tokens = await saved_three(open_cache)
 
     with pytest.raises(LayoutError, match=r"given more than once: \[1\]"):
         await dst.load(m, NS, keys(tokens), [1, 3, 1])

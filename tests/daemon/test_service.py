@@ -26,6 +26,17 @@ from tiercache.daemon.service import Daemon
 NS = make_ns()
 
 
+def daemon_env(tmp_path: Path, host_blocks: int, **more: str) -> dict[str, str]:
+    """A daemon in ``tmp_path`` (socket, disk tier) with no metrics endpoint."""
+    return {
+        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+        "TIERCACHE_TIERS_HOST__BYTES": str(host_blocks * NBYTES),
+        "TIERCACHE_METRICS__LISTEN": "",
+        **more,
+    }
+
+
 async def _next(messages: AsyncIterator[aiomqtt.Message], topic: str, within: float = 15) -> Any:
     async def find() -> Any:
         async for msg in messages:
@@ -45,13 +56,7 @@ async def test_the_daemon_publishes_events_status_and_drain(
     monkeypatch.setattr(service, "EVENT_INTERVAL", 0.2)
     node = "service-test"
     cfg = mosquitto.config(node=node)
-    env = {
-        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-        "TIERCACHE_TIERS_HOST__BYTES": str(4 * NBYTES),
-        "TIERCACHE_METRICS__LISTEN": "",
-        **mqtt_env(cfg),
-    }
+    env = daemon_env(tmp_path, 4, **mqtt_env(cfg))
     op = mosquitto.config("operator", node=node)
     password = (await asyncio.to_thread(Path(op.password_file).read_text)).strip()
     daemon = Daemon(load_config(env=env))
@@ -91,12 +96,7 @@ async def test_the_daemon_expires_sessions_on_its_timer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "EXPIRE_INTERVAL", 0.05)
-    env = {
-        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
-        "TIERCACHE_METRICS__LISTEN": "",
-    }
+    env = daemon_env(tmp_path, 8)
     daemon = Daemon(load_config(env=env))
     await daemon.start()
     try:
@@ -119,13 +119,7 @@ async def test_a_command_that_comes_while_the_daemon_shuts_down_is_refused_and_c
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     node = "closing-test"
-    env = {
-        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-        "TIERCACHE_TIERS_HOST__BYTES": str(4 * NBYTES),
-        "TIERCACHE_METRICS__LISTEN": "",
-        **mqtt_env(mosquitto.config(node=node)),
-    }
+    env = daemon_env(tmp_path, 4, **mqtt_env(mosquitto.config(node=node)))
     op = mosquitto.config("operator", node=node)
     daemon = Daemon(load_config(env=env))
     await daemon.start()
@@ -174,12 +168,7 @@ async def test_a_second_signal_cuts_the_drain_short_and_leaves_the_disk_consiste
     tmp_path: Path,
 ) -> None:
     # The second SIGTERM or SIGINT did nothing: the daemon went on draining, however long.
-    env = {
-        "TIERCACHE_DAEMON__SOCKET": str(tmp_path / "tc.sock"),
-        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
-        "TIERCACHE_TIERS_HOST__BYTES": str(8 * NBYTES),
-        "TIERCACHE_METRICS__LISTEN": "",
-    }
+    env = daemon_env(tmp_path, 8)
     flushed, written_back = make_tokens(2, seed=1), make_tokens(2, seed=2)
     daemon = Daemon(load_config(env=env))
     run = asyncio.create_task(daemon.run())  # serves until SIGTERM or SIGINT
