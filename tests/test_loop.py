@@ -65,3 +65,41 @@ def test_stop_ends_the_thread_and_closes_the_loop() -> None:
     lt.stop()
     assert lt.loop.is_closed()
     assert not any(t.name == "test-loop-stop" for t in threading.enumerate())
+
+
+def test_a_run_past_its_timeout_is_cancelled_and_raises_once_the_coroutine_has_ended() -> None:
+    lt = LoopThread("test-loop")
+    ended: list[str] = []
+    try:
+
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                ended.append("cleaned up")  # before the caller hears of the timeout
+
+        with pytest.raises(TimeoutError, match=r"no answer within 0\.1 s"):
+            lt.run(slow(), timeout=0.1)
+        assert ended == ["cleaned up"]
+        assert lt.run(asyncio.sleep(0, "still serving"), timeout=5) == "still serving"
+    finally:
+        lt.stop()
+
+
+def test_a_run_the_busy_loop_never_started_times_out_instead_of_waiting_for_ever() -> None:
+    lt = LoopThread("test-loop")
+    ran: list[bool] = []
+    go = threading.Event()
+    try:
+        lt.loop.call_soon_threadsafe(go.wait, 1)  # the loop is busy past the timeout
+
+        async def body() -> None:
+            ran.append(True)
+
+        with pytest.raises(TimeoutError):
+            lt.run(body(), timeout=0.1)
+        go.set()
+        assert ran == []  # cancelled before it ever ran
+    finally:
+        go.set()
+        lt.stop()

@@ -19,27 +19,26 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (or exception). Past ``timeout``
-        seconds it is cancelled, and TimeoutError raised once it has ended (a copy it runs
-        in a thread ends first: nothing it writes lands after the caller hears of it)."""
+        seconds it is cancelled, and TimeoutError raised once the task has ended (a copy it
+        runs in a thread ends first: nothing it writes lands after the caller hears of it;
+        a task the busy loop never started ends at once)."""
         ended = threading.Event()
-        future = asyncio.run_coroutine_threadsafe(_ending(coro, ended), self.loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            if future.done():  # finished in between: its own outcome
-                return future.result()
-            future.cancel()
+        tasks: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            task.add_done_callback(lambda _: ended.set())
+            tasks.append(task)
+
+        self.loop.call_soon_threadsafe(start)
+        if not ended.wait(timeout):
+            self.loop.call_soon_threadsafe(lambda: tasks[0].cancel())  # after start(): FIFO
             ended.wait()
-            raise TimeoutError(f"no answer within {timeout:g} s") from None
+            if tasks[0].cancelled():
+                raise TimeoutError(f"no answer within {timeout:g} s")
+        return tasks[0].result()  # done: its own outcome
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
-
-
-async def _ending(coro: Coroutine[Any, Any, T], ended: threading.Event) -> T:
-    try:
-        return await coro
-    finally:
-        ended.set()
