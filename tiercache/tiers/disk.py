@@ -542,22 +542,15 @@ class DiskTier:
         self, recs: Sequence[DiskRecord], outs: Sequence[torch.Tensor]
     ) -> list[bool]:
         """Read blocks into ``outs`` (uint8, at least ``nbytes`` each); False where one does not
-        verify (missing, truncated, torn or corrupted): a miss, counted, never data.
-
-        Cancelled, it raises once the reads have ended: I/O threads cannot be stopped, and
-        ``outs`` are the caller's (an engine's blocks, slots it gives back on the cancel), so
-        nothing may be written into them after the caller hears of it."""
+        verify (missing, truncated, torn or corrupted): a miss, counted, never data. A cancel
+        is raised once the reads have ended: nothing lands in the caller's ``outs`` after."""
         by_array: dict[str, list[int]] = {}
         for i, rec in enumerate(recs):
             by_array.setdefault(rec.array, []).append(i)
         oks = [False] * len(recs)
         for array, idx in by_array.items():
-            read = asyncio.ensure_future(
-                self.io.read(
-                    array, [(recs[i].slot, recs[i].nbytes, recs[i].checksum, outs[i]) for i in idx]
-                )
-            )
-            got = await outlast_cancel(read)
+            items = [(recs[i].slot, recs[i].nbytes, recs[i].checksum, outs[i]) for i in idx]
+            got = await outlast_cancel(asyncio.ensure_future(self.io.read(array, items)))
             for i, ok in zip(idx, got, strict=True):
                 oks[i] = ok
                 if not ok:
