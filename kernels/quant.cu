@@ -1,4 +1,4 @@
-// Quantized gather and dequantizing scatter: int8 (any GPU) and fp8 e4m3 (sm_89 and later).
+// Quantized gather and dequantizing scatter: int8 (sm_75 and later) and fp8 e4m3 (sm_89 and later).
 //
 // What: `tc_quant_gather_<fmt>_<dtype>` reads blocks of an engine's paged KV cache (addressed
 // exactly as in gather_scatter.cu: a per-(layer, K/V) pointer table and three byte strides)
@@ -46,15 +46,29 @@ struct F16 {
   }
 };
 
+// float32 bits -> bfloat16 bits, rounded to nearest even as c10::BFloat16 does: overflow
+// carries into the exponent and gives inf, a NaN becomes the quiet 0x7fc0. The GPUs before
+// sm_80 use it; host code too (tests/kernels/test_cuda.py checks it against torch).
+__host__ __device__ __forceinline__ unsigned short bf16_bits_rn(unsigned int u) {
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return (unsigned short)0x7fc0;
+  }
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 struct BF16 {
   typedef unsigned short Storage;
   static __device__ __forceinline__ float to_float(unsigned short x) {
     return __uint_as_float((unsigned int)x << 16);  // exact: bf16 is float32's top half
   }
   static __device__ __forceinline__ unsigned short from_float(float f) {
+#if __CUDA_ARCH__ >= 800
     unsigned short x;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x) : "f"(f));  // sm_80+
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x) : "f"(f));
     return x;
+#else
+    return bf16_bits_rn(__float_as_uint(f));  // cvt to bf16 is sm_80+
+#endif
   }
 };
 
@@ -92,6 +106,14 @@ struct E4M3 {
   }
 };
 
+// max that keeps a NaN, as torch's amax does (fmaxf alone drops it): a head holding a NaN gets
+// a NaN scale, which the store refuses (tiercache/storage_format.py) instead of keeping the
+// head with the NaN quantized to 0. Which NaN wins depends on the order, but any NaN makes the
+// scale NaN; the other scales stay order-independent. Host code too, for the test.
+__host__ __device__ __forceinline__ float nan_max(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
+}
+
 // The (token t, element j) of head `head` of this slab, on the engine side.
 template <class E>
 __device__ __forceinline__ typename E::Storage* engine_at(unsigned char* paged, long long s_token,
@@ -124,11 +146,11 @@ __device__ __forceinline__ void quant_slab(const unsigned long long* __restrict_
       float absmax = 0.0f;
       for (unsigned int e = lane; e < n; e += 32) {
         const unsigned int t = e / d, j = e - t * d;
-        absmax = fmaxf(absmax, fabsf(E::to_float(*engine_at<E>(paged, s_token, s_head, head, t, j))));
+        absmax = nan_max(absmax, fabsf(E::to_float(*engine_at<E>(paged, s_token, s_head, head, t, j))));
       }
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) {
-        absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
+        absmax = nan_max(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
       }
       const float scale = __fdiv_rn(absmax, Q::kMax);
       const float divisor = scale > 0.0f ? scale : 1.0f;  // an all-zero head stores zeros

@@ -1,7 +1,7 @@
 """What CI can check of the CUDA kernels without a GPU: the sources compile, and the addressing
 the host launches them with finds exactly the bytes the torch reference moves.
 
-Compiling: every ``kernels/*.cu`` with ``nvcc`` for sm_80 (A100) and sm_90 (H100) in one
+Compiling: every ``kernels/*.cu`` with ``nvcc`` for sm_75 (T4), sm_80 (A100) and sm_90 (H100) in one
 invocation, warnings as errors; skipped only where ``nvcc`` is absent (CI has it). At run time
 CuPy compiles the same files with NVRTC, which these tests cannot reach without a driver.
 
@@ -44,6 +44,7 @@ KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 NVCC_FLAGS = [
     "-c", "-O2", "--std=c++17", "-Werror", "all-warnings",
+    "-gencode", "arch=compute_75,code=sm_75",
     "-gencode", "arch=compute_80,code=sm_80",
     "-gencode", "arch=compute_90,code=sm_90",
 ]  # fmt: skip
@@ -55,7 +56,9 @@ def test_the_kernel_sources_are_there() -> None:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_source_compiles_for_sm80_and_sm90_without_warnings(source: Path, tmp_path: Path) -> None:
+def test_source_compiles_for_sm75_sm80_and_sm90_without_warnings(
+    source: Path, tmp_path: Path
+) -> None:
     result = subprocess.run(
         ["nvcc", *NVCC_FLAGS, str(source), "-o", str(tmp_path / "k.o")],
         capture_output=True,
@@ -65,6 +68,85 @@ def test_source_compiles_for_sm80_and_sm90_without_warnings(source: Path, tmp_pa
 
     assert result.returncode == 0, result.stderr
     assert "warning" not in (result.stdout + result.stderr).lower()
+
+
+HARNESS = """
+#include "quant.cu"
+#include <cstdio>
+#include <cstring>
+int main() {  // stdin: float32 bits; stdout: bf16_bits_rn of each, then nan_max of each pair
+  unsigned int u[2];
+  while (fread(u, 4, 2, stdin) == 2) {
+    const unsigned short b[2] = {bf16_bits_rn(u[0]), bf16_bits_rn(u[1])};
+    float f[2];
+    memcpy(f, u, 8);
+    const float m = nan_max(f[0], f[1]);
+    fwrite(b, 2, 2, stdout);
+    fwrite(&m, 4, 1, stdout);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def quant_on_the_host(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """quant.cu's host-and-device helpers, compiled for the host: ``run(float32 bits)`` gives
+    (bf16 bits of each, nan_max of each pair)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH")
+    where = tmp_path_factory.mktemp("quant_host")
+    (where / "h.cu").write_text(HARNESS)
+    cmd = ["nvcc", "-O2", "--std=c++17", "-I", str(KERNELS), str(where / "h.cu")]
+    build = subprocess.run(
+        [*cmd, "-o", str(where / "h")], capture_output=True, text=True, timeout=300
+    )
+    assert build.returncode == 0, build.stderr
+
+    def run(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        done = subprocess.run(
+            [str(where / "h")], input=bits.numpy().tobytes(), capture_output=True, timeout=300
+        )
+        assert done.returncode == 0
+        out = torch.frombuffer(bytearray(done.stdout), dtype=torch.uint8).view(-1, 8)
+        return out[:, :4].contiguous().view(torch.int16).flatten(), out[:, 4:].contiguous().view(
+            torch.float32
+        ).flatten()
+
+    return run
+
+
+def test_the_pre_sm80_bfloat16_rounding_matches_torch(quant_on_the_host: Any) -> None:
+    """GPUs before sm_80 have no cvt to bf16, so quant.cu's dequantizing scatter rounds on the
+    bits there (``bf16_bits_rn``): it must give torch's bfloat16 for every rounding case: ties
+    both ways, carries into the exponent, overflow to inf, subnormals, infinities and NaNs."""
+    tops = torch.arange(1 << 16, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    seeded = torch.randint(0, 1 << 32, (1 << 16,), generator=torch.Generator().manual_seed(0))
+    bits = torch.cat([(tops[:, None] | lows[None, :]).flatten(), seeded]).to(torch.uint32)
+
+    got, _ = quant_on_the_host(bits)
+
+    want = bits.view(torch.float32).to(torch.bfloat16).view(torch.int16)
+    nan = bits.view(torch.float32).isnan()
+    assert got.numel() == bits.numel()
+    assert torch.equal(got[~nan], want[~nan])
+    assert (got[nan] == 0x7FC0).all()  # the quiet NaN torch writes too (sign aside)
+
+
+def test_the_quantizing_absmax_keeps_a_nan(quant_on_the_host: Any) -> None:
+    """fmaxf drops a NaN: a head holding one would be stored with the NaN quantized to 0, where
+    the torch reference's amax gives a NaN scale that the store refuses. ``nan_max`` keeps it
+    on either side, and both of the kernel's reductions (per lane, across the warp) use it."""
+    nan, inf = float("nan"), float("inf")
+    pairs = torch.tensor([[1.0, 2.0], [nan, 1.0], [1.0, nan], [inf, 1.0], [0.0, 3.0], [nan, inf]])
+
+    _, got = quant_on_the_host(pairs.view(torch.uint32).flatten())
+
+    assert got[[0, 3, 4]].tolist() == [2.0, inf, 3.0]
+    assert got[[1, 2, 5]].isnan().all()
+    source = (KERNELS / "quant.cu").read_text()
+    assert re.findall(r"absmax = (\w+)\(absmax,", source) == ["nan_max", "nan_max"]
 
 
 # --- addressing, followed through memory ----------------------------------------------------
