@@ -161,6 +161,18 @@ class Namespace:
         """
         return chain_keys(self.id if start is None else start, tokens, self.spec.block_size)
 
+    def seed(self, extra: str = "") -> BlockKey:
+        """The key a chain's first block hangs from: the namespace id, or, for KV that
+        depends on more than the token ids (a LoRA adapter, a ``cache_salt``: what vLLM's
+        own prefix cache hashes into a request's blocks), one derived from the id and
+        ``extra``, so that such chains never meet the plain ones or each other. Hashed in a
+        domain of its own (blake2b's personalization): no token ids hash to it."""
+        if not extra:
+            return self.id
+        h = hashlib.blake2b(extra.encode(), digest_size=KEY_BYTES, person=b"tiercache-seed")
+        h.update(self.id)
+        return h.digest()
+
     def tail_keys(
         self, tokens: Sequence[int] | np.ndarray, parent: BlockKey | None = None
     ) -> list[BlockKey]:

@@ -321,16 +321,14 @@ def test_a_step_scheduled_before_vllm_saw_a_failed_load_saves_nothing(
     ("field", "a", "b"),
     [
         ("mm_features", ["image-a"], ["image-b"]),  # an image's placeholder ids are the same
-        ("lora_request", "adapter-a", "adapter-b"),
-        ("cache_salt", "tenant-a", "tenant-b"),
         ("prompt_embeds", torch.zeros(1), torch.ones(1)),
     ],
 )
 def test_a_request_whose_kv_depends_on_more_than_its_token_ids_is_not_cached(
     daemon: DaemonProcess, field: str, a: object, b: object
 ) -> None:
-    # Keys are chained over token ids only: a request with the same ids and another image,
-    # adapter, salt or embeddings would find (and load) the first one's KV.
+    # Keys are chained over token ids only: a request with the same ids and another image
+    # or embeddings would find (and load) the first one's KV.
     tokens = make_tokens(3, seed=50 + len(field))
     s = scheduler(daemon.socket)
     first = Prompt("a", tokens)
@@ -345,3 +343,53 @@ def test_a_request_whose_kv_depends_on_more_than_its_token_ids_is_not_cached(
     setattr(second, field, b)
     assert s.get_num_new_matched_tokens(second, 0) == (0, False)  # type: ignore[arg-type]
     assert s.get_num_new_matched_tokens(Prompt("c", tokens), 0) == (11, False)  # type: ignore[arg-type]
+
+
+def adapter(name: str, path: str = "/adapters") -> SimpleNamespace:
+    return SimpleNamespace(lora_name=name, lora_path=f"{path}/{name}", lora_int_id=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "a", "others"),
+    [
+        # by name and path, as vLLM's prefix cache keys an adapter (its int id is per engine)
+        ("lora_request", adapter("a"), [adapter("b"), adapter("a", "/elsewhere")]),
+        ("cache_salt", "tenant-a", ["tenant-b"]),
+    ],
+)
+def test_a_lora_adapter_or_a_cache_salt_has_chains_of_its_own(
+    daemon: DaemonProcess, field: str, a: object, others: list[object]
+) -> None:
+    # Saved for real (the worker gathers the blocks) under adapter or salt ``a``, a prompt
+    # and its tail are found under ``a`` again, and by no request under another adapter or
+    # salt, or under none; and a plain request's blocks are not found under ``a``.
+    tokens = make_tokens(3, seed=60 + len(field))[:10]
+    s = scheduler(daemon.socket, min_tail=1)
+    first = Prompt("a", tokens)
+    setattr(first, field, a)
+    assert s.get_num_new_matched_tokens(first, 0) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(first, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("a", [5, 6, 7], computed=0, scheduled=10))  # type: ignore[arg-type]
+    assert [(t.first, t.count) for t in meta.saves] == [(0, 2), (2, 1)]  # 2 blocks and the tail
+    shape = (2, 8, B, SPEC.num_kv_heads, SPEC.head_dim)
+    kv = {n: torch.rand(shape).to(SPEC.torch_dtype) + 1 for n in ("l0", "l1")}
+    worker = Worker([GROUP], 1, Link(str(daemon.socket), "vllm-worker-test", retry=60), False)
+    worker.register(kv)
+    worker.save(meta)
+    worker.shutdown()
+
+    again = Prompt("b", tokens)
+    setattr(again, field, a)
+    assert s.get_num_new_matched_tokens(again, 0) == (9, False)  # type: ignore[arg-type]
+    for i, other in enumerate(others):
+        req = Prompt(f"c{i}", tokens)
+        setattr(req, field, other)
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
+    assert s.get_num_new_matched_tokens(Prompt("d", tokens), 0) == (0, False)  # type: ignore[arg-type]
+    plain = make_tokens(3, seed=70 + len(field))
+    with Client(daemon.socket) as c:
+        c.save(NS, plain, make_blocks(3, seed=70))
+    assert s.get_num_new_matched_tokens(Prompt("e", plain), 0) == (11, False)  # type: ignore[arg-type]
+    under_a = Prompt("f", plain)
+    setattr(under_a, field, a)
+    assert s.get_num_new_matched_tokens(under_a, 0) == (0, False)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ _HIT_SOURCES = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 class _Req:
     request: Request
     session: str | None
+    seeds: list[BlockKey]  # per group: what the chain's first block hangs from (_extra)
     keys: list[list[BlockKey]]  # per group: the chain over the request's whole blocks so far
     block_ids: list[list[int]]  # per group: the engine blocks vLLM gave the request
     stored: int = 0  # tiercache blocks [0, stored) are in the daemon (found, or saved)
@@ -75,19 +77,30 @@ def _session(request: Request) -> str | None:
 
 
 def _keyed_by_more(request: Request) -> str | None:
-    """What, besides its token ids, the request's KV depends on (vLLM's own prefix cache
-    hashes it into the request's blocks): its blocks are neither looked up nor saved, as
-    another request with the same ids but another image, adapter, salt or embeddings would
+    """What, besides its token ids and :func:`_extra`, the request's KV depends on (vLLM's
+    own prefix cache hashes it into the request's blocks): its blocks are neither looked up
+    nor saved, as another request with the same ids but another image or embeddings would
     find them under the same keys."""
     if getattr(request, "mm_features", None):
         return "multimodal inputs"
-    if getattr(request, "lora_request", None) is not None:
-        return "a LoRA adapter"
-    if getattr(request, "cache_salt", None):
-        return "a cache_salt"
     if getattr(request, "prompt_embeds", None) is not None:
         return "prompt embeddings"
     return None
+
+
+def _extra(request: Request) -> str:
+    """The request's LoRA adapter and ``cache_salt``, as vLLM's prefix cache keys them (an
+    adapter by name and path): its chains hang from ``Namespace.seed(extra)``, so a request
+    under another adapter or salt, or under none, never finds its blocks. Empty when it has
+    neither: the plain chain."""
+    extra: dict[str, object] = {}
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        extra["lora"] = [str(getattr(lora, "lora_name", lora)), str(getattr(lora, "lora_path", ""))]
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        extra["cache_salt"] = str(salt)
+    return json.dumps(extra, sort_keys=True) if extra else ""
 
 
 class Scheduler:
@@ -119,12 +132,13 @@ class Scheduler:
         keys = st.keys[g.index]
         if want > len(keys):
             toks = st.request.all_token_ids[len(keys) * self.block : want * self.block]
-            keys += g.ns.block_keys(toks, start=keys[-1] if keys else None)
+            keys += g.ns.block_keys(toks, start=keys[-1] if keys else st.seeds[g.index])
         return keys[:want]
 
     def _new(self, request: Request) -> _Req:
         n = len(self.groups)
-        st = _Req(request, _session(request), [[] for _ in range(n)], [[] for _ in range(n)])
+        seeds = [g.ns.seed(_extra(request)) for g in self.groups]
+        st = _Req(request, _session(request), seeds, [[] for _ in range(n)], [[] for _ in range(n)])
         self._reqs[request.request_id] = st
         return st
 
@@ -229,8 +243,8 @@ class Scheduler:
 
     def _parent(self, st: _Req, g: Group, start: int) -> BlockKey:
         """The key a tail of group ``g`` starting at token ``start`` (a block boundary) hangs
-        from: the chain's block before it, or the namespace for a first block."""
-        return self._keys(st, g, start)[-1] if start else g.ns.id
+        from: the chain's block before it, or the chain's seed for a first block."""
+        return self._keys(st, g, start)[-1] if start else st.seeds[g.index]
 
     def _engine_ids(self, st: _Req, g: Group, first: int, end: int) -> list[int]:
         """The engine blocks of group ``g`` that hold tiercache blocks ``first ..`` up to
