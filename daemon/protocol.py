@@ -34,7 +34,10 @@ from typing import Any, ClassVar, TypeVar, Union, cast, get_args, get_origin, ge
 import msgpack
 import numpy as np
 
-from tiercache.keys import KeyChain
+from tiercache.errors import BlockShapeError, Draining, NoRoom, SessionPinned, UnknownSession
+from tiercache.ipc import IpcError
+from tiercache.keys import KeyChain, TokenError
+from tiercache.spec import SpecError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 4 * 2**20
@@ -587,12 +590,65 @@ Reply = Message | OperatorResult | None
 
 
 class RemoteError(RuntimeError):
-    """The daemon answered a request with an error; ``code`` is stable, ``message`` explains."""
+    """The daemon answered a request with an error; ``code`` is stable, ``message`` explains.
+
+    A code the daemon gives for one of the embedded cache's errors arrives as a subclass of
+    that error too (:func:`remote_error`): ``except NoRoom`` or ``except ValueError`` catches
+    the same failure from a daemon as from an in-process cache."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.code, self.message)
+
+
+# The codes daemon/server.py's _classify gives, each as the embedded error it stands for.
+class RemoteBlockShapeError(RemoteError, BlockShapeError): ...
+
+
+class RemoteTokenError(RemoteError, TokenError): ...
+
+
+class RemoteSpecError(RemoteError, SpecError): ...
+
+
+class RemoteUnknownSession(RemoteError, UnknownSession): ...
+
+
+class RemoteSessionPinned(RemoteError, SessionPinned): ...
+
+
+class RemoteDraining(RemoteError, Draining): ...
+
+
+class RemoteNoRoom(RemoteError, NoRoom): ...
+
+
+class RemoteIpcError(RemoteError, IpcError): ...
+
+
+class RemoteValueError(RemoteError, ValueError): ...
+
+
+_TYPED: dict[str, type[RemoteError]] = {
+    "bad_shape": RemoteBlockShapeError,
+    "bad_tokens": RemoteTokenError,
+    "bad_spec": RemoteSpecError,
+    "unknown_session": RemoteUnknownSession,
+    "session_pinned": RemoteSessionPinned,
+    "draining": RemoteDraining,
+    "no_room": RemoteNoRoom,
+    "ipc_failed": RemoteIpcError,
+    "bad_request": RemoteValueError,
+}
+
+
+def remote_error(code: str, message: str) -> RemoteError:
+    """The RemoteError for a reply's ``code``: typed as the embedded error it stands for."""
+    return _TYPED.get(code, RemoteError)(code, message)
 
 
 def reply_frame(rid: Any, result: Reply) -> bytes:
@@ -616,7 +672,7 @@ def reply_result(reply: Any) -> Any:
         raise ProtocolError("bad_reply", f"a reply must be a map, got {reply!r:.80}")
     if not reply.get("ok"):
         err = reply.get("error") or {}
-        raise RemoteError(str(err.get("code", "unknown")), str(err.get("message", "")))
+        raise remote_error(str(err.get("code", "unknown")), str(err.get("message", "")))
     return reply.get("result")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import pickle
 import re
 import signal
 import threading
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,8 +24,11 @@ from tiercache import BlockShapeError
 from tiercache import client as client_module
 from tiercache.client import AsyncClient, Client, RemoteError
 from tiercache.daemon import protocol as wire
+from tiercache.daemon.config import load_config
 from tiercache.daemon.process import DaemonProcess
 from tiercache.daemon.protocol import PROTOCOL_VERSION
+from tiercache.embedded import SyncCache
+from tiercache.errors import CacheError
 from tiercache.keys import Namespace
 
 
@@ -290,3 +295,35 @@ def test_a_call_the_daemon_does_not_answer_times_out_and_the_client_works_again(
         # The late reply to the call that timed out is not taken for the next one's.
         assert c.lookup(ns, tokens).blocks == 2
         assert torch.equal(as_bytes(c.load(ns, tokens).kv()), as_bytes(blocks))
+
+
+def test_a_daemons_errors_are_the_embedded_caches_error_classes(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    # Code written against the embedded cache catches the same failures from a daemon: each
+    # error code arrives as a RemoteError that is also the embedded error it stands for.
+    ns, tokens = make_ns("client-typed-errors"), make_tokens(2, seed=90)
+    failures: list[Callable[[Any], object]] = [
+        lambda c: c.pin("no-such-session"),
+        lambda c: c.evict(session="pinned-chat"),
+    ]
+    config = load_config(env={"TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk")})
+    with Client(daemon.socket) as remote, SyncCache(config) as local:
+        for cache in (remote, local):
+            cache.save(ns, tokens, make_blocks(2, seed=90), session="pinned-chat")
+            cache.pin("pinned-chat")
+        for fail in failures:
+            with pytest.raises(CacheError) as embedded:
+                fail(local)
+            with pytest.raises(RemoteError) as got:
+                fail(remote)
+            assert isinstance(got.value, type(embedded.value)), (got.value, embedded.value)
+            assert got.value.code in str(got.value)
+            again = pickle.loads(pickle.dumps(got.value))  # across processes, say
+            assert (type(again), again.code, again.message) == (
+                type(got.value),
+                got.value.code,
+                got.value.message,
+            )
+    assert isinstance(wire.remote_error("bad_request", "x"), ValueError)
+    assert type(wire.remote_error("a_code_from_a_newer_daemon", "x")) is RemoteError
