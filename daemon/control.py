@@ -70,6 +70,18 @@ class Control:
     closing: bool = False
     _running: int = field(default=0, init=False, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _verbs: set[asyncio.Task[dict[str, Any]]] = field(default_factory=set, init=False, repr=False)
+    _cut: bool = field(default=False, init=False, repr=False)
+
+    def cut_short(self) -> bool:
+        """Cancel the verbs running now (a second stop signal): close() waits for them, and a
+        flush or prefetch of a large tier may take minutes. A cancelled flush leaves what a
+        cancelled drain does (``Daemon._close_tiers``); each caller gets ``shutting_down``.
+        Whether any was running."""
+        self._cut = True
+        for task in self._verbs:
+            task.cancel()
+        return bool(self._verbs)
 
     async def close(self) -> None:
         """Refuse every verb but ``stats`` from now on and wait for those already running:
@@ -86,9 +98,21 @@ class Control:
         if self.closing and verb != "stats":
             raise ControlError("shutting_down", f"{verb}: the daemon is shutting down")
         self._running += 1
+        verb_task = asyncio.ensure_future(self._run(verb, args))
+        self._verbs.add(verb_task)
         try:
-            return await self._run(verb, args)
+            # Its own task, so that cut_short() stops the verb and not the caller (an MQTT
+            # command's reply, a socket connection); cancelling the caller cancels it too.
+            return await verb_task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self._cut and verb_task.cancelled() and not (me and me.cancelling()):
+                raise ControlError(
+                    "shutting_down", f"{verb}: cut short, the daemon was told to stop at once"
+                ) from None
+            raise
         finally:
+            self._verbs.discard(verb_task)
             self._running -= 1
             if not self._running:
                 self._idle.set()

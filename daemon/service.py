@@ -9,7 +9,8 @@ counter changes into MQTT events (eviction summaries, disk full, corruption).
 Shutdown (SIGTERM or SIGINT) is a drain: stop taking saves, close the socket
 (ending connections releases their leases and reservations), flush
 write-back blocks to disk, publish ``offline``, exit 0. A second signal during the
-drain cuts it short: the flush and the shared tier's uploads stop where they are
+drain cuts it short: operator verbs still running (a long ``flush``) are cancelled,
+the flush and the shared tier's uploads stop where they are
 (blocks not yet written are lost, as in a crash), and the tiers close as they stand;
 the disk journal names only blocks whose bytes landed. The data plane never
 waits on MQTT: events go through a bounded queue that drops when the broker is
@@ -56,6 +57,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._drain: asyncio.Task[None] | None = None  # the shutdown's flush, once started
+        self._hurry = False  # a second stop signal came: no drain from now on
 
     async def start(self) -> None:
         cfg = self.config
@@ -96,9 +98,13 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Drain and stop; asked again while the drain runs, cut the drain short."""
-        if self._stop.is_set() and self._drain is not None and not self._drain.done():
-            log.warning("stopping now: the drain is cut short, write-back blocks not flushed")
-            self._drain.cancel()
+        if self._stop.is_set():
+            self._hurry = True
+            if self.control is not None and self.control.cut_short():
+                log.warning("stopping now: the operator verbs still running are cut short")
+            if self._drain is not None and not self._drain.done():
+                log.warning("stopping now: the drain is cut short, write-back blocks not flushed")
+                self._drain.cancel()
         self._stop.set()
 
     async def run(self) -> None:
@@ -140,8 +146,13 @@ class Daemon:
         """Drain (flush write-back blocks, upload the shared tier's queue), then close the
         tiers. ``request_stop`` again cancels the drain only: a disk write it cancels leaves
         its blocks unrecorded (``DiskTier.put_many``), the journal what a crash there leaves."""
-        if self._drain is None:  # once: a second shutdown finds it done
+        if self._drain is None and self._hurry:  # the second signal came before the drain
+            log.warning("stopping now: no drain, write-back blocks not flushed")
+        elif self._drain is None:  # once: a second shutdown finds it done
             self._drain = asyncio.ensure_future(_flush_and_upload(manager))
+        if self._drain is None:
+            await manager.close(flush=False)
+            return
         drain = self._drain
         try:
             await asyncio.wait({drain})

@@ -199,3 +199,35 @@ async def test_a_second_signal_cuts_the_drain_short_and_leaves_the_disk_consiste
         await client.close()
     finally:
         await again.shutdown()
+
+
+@pytest.mark.service
+async def test_a_second_signal_cuts_a_long_operator_verb_short(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # Shutdown waits for the operator verbs already running (Control.close), and the second
+    # signal only cut the drain, which starts after that wait: a flush sent over MQTT that
+    # took minutes held the daemon for minutes, signals or not.
+    node = "cut-verb-test"
+    env = daemon_env(tmp_path, 8, **mqtt_env(mosquitto.config(node=node)))
+    op = mosquitto.config("operator", node=node)
+    daemon = Daemon(load_config(env=env))
+    run = asyncio.create_task(daemon.run())  # serves until SIGTERM or SIGINT
+    await until(lambda: (tmp_path / "tc.sock").exists())
+    client = await AsyncClient.connect(tmp_path / "tc.sock")
+    await client.save(NS, make_tokens(2, seed=3), make_blocks(2, seed=3))
+    await client.close()
+    assert (await mqtt_request(op, "stats", {}, timeout=15))["ok"] is True
+    assert daemon.manager is not None and daemon.control is not None
+    control = daemon.control
+    async with daemon.manager._lock:  # a flush that cannot end: it waits for the lock
+        flush = asyncio.create_task(mqtt_request(op, "flush", {}, timeout=60))
+        await until(lambda: bool(control._verbs))
+        os.kill(os.getpid(), signal.SIGTERM)
+        await until(lambda: control.closing)  # shutdown waits for the flush
+        os.kill(os.getpid(), signal.SIGINT)
+        reply = await flush  # while the flush still could not have run
+    assert reply["ok"] is False and reply["error"]["code"] == "shutting_down", reply
+    done, _ = await asyncio.wait({run}, timeout=60)
+    assert run in done
+    run.result()
