@@ -16,9 +16,11 @@ from tiercache.daemon.config import (
     DiskTierConfig,
     HostTierConfig,
     RemoteTierConfig,
+    load_config,
 )
 from tiercache.embedded import SyncCache, remote_options
 from tiercache.embedded import open_cache as open_embedded
+from tiercache.errors import CacheError
 from tiercache.tiers.host import shm_free
 
 NS = make_ns()
@@ -96,6 +98,56 @@ def test_a_sync_cache_that_cannot_open_raises_and_leaves_no_loop_thread_behind()
     with pytest.raises(ValueError, match=r"lower \[tiers.host\] bytes or enlarge /dev/shm"):
         SyncCache(cfg)
     assert "tiercache-loop" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_closed_sync_cache_says_so_and_closing_it_again_does_nothing(tmp_path: Path) -> None:
+    cache = SyncCache(embedded_config(tmp_path))
+    with cache:
+        cache.save(NS, make_tokens(2), make_blocks(2))
+        cache.close()  # closed in the block, closed again by the with: once
+    with pytest.raises(CacheError, match="this SyncCache is closed"):
+        cache.lookup(NS, make_tokens(2))
+
+
+def test_closing_a_sync_cache_waits_for_a_call_another_thread_has_in_flight() -> None:
+    import asyncio
+    import threading
+
+    # No disk tier: its close takes no lock (a flush would), so it could end first.
+    env = {"TIERCACHE_TIERS_DISK__URL": "none", "TIERCACHE_TIERS_HOST__BYTES": "1MiB"}
+    cache = SyncCache(load_config(env=env))
+    tokens = make_tokens(2)
+    cache.save(NS, tokens, make_blocks(2))
+    held, release = threading.Event(), asyncio.Event()
+
+    async def busy() -> None:  # another request holds the cache lock for a while
+        async with cache.manager._lock:
+            held.set()
+            await release.wait()
+
+    loop = cache._thread.loop
+    asyncio.run_coroutine_threadsafe(busy(), loop)
+    held.wait()
+    got: list[list[str]] = []
+    reader = threading.Thread(
+        target=lambda: got.append(cache.lookup(NS, tokens).tiers), daemon=True
+    )
+    reader.start()
+
+    async def tasks() -> int:  # on the loop besides this one
+        return len(asyncio.all_tasks()) - 1
+
+    while asyncio.run_coroutine_threadsafe(tasks(), loop).result() < 2:
+        reader.join(0.01)  # until the lookup is on the loop, waiting for the lock
+    closer = threading.Thread(target=cache.close, daemon=True)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # it waits for the lookup, which waits for the lock
+    loop.call_soon_threadsafe(release.set)
+    closer.join(30)
+    reader.join(30)
+    assert not reader.is_alive() and not closer.is_alive()
+    assert got == [["host", "host"]]
 
 
 def test_remote_options_carry_the_remote_tiers_settings_over() -> None:

@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from tiercache.daemon.config import Config, RemoteTierConfig, load_config
+from tiercache.errors import CacheError
 from tiercache.keys import BlockKey, Namespace, Tokens
 from tiercache.loop import LoopThread
 from tiercache.manager import TierManager
@@ -19,6 +22,8 @@ from tiercache.results import LoadResult, LookupResult, SaveResult
 from tiercache.sharing import Sharing
 from tiercache.stats import Stats
 from tiercache.tiers.remote import RemoteOptions, RemoteTier, RetentionReport, retention
+
+T = TypeVar("T")
 
 
 async def open_cache(config: Config | None = None, *, stats: Stats | None = None) -> TierManager:
@@ -82,16 +87,36 @@ async def run_retention(
 
 
 class SyncCache:
-    """Blocking facade over a ``TierManager`` running on its own event-loop thread."""
+    """Blocking facade over a ``TierManager`` running on its own event-loop thread.
+
+    Safe to share between threads. ``close`` waits for the calls other threads have in
+    flight before it closes the cache and stops the loop (stopped under them, they would
+    wait for ever); closing again does nothing, and a call after it is a ``CacheError``."""
 
     def __init__(self, config: Config | None = None) -> None:
         self._thread = LoopThread("tiercache-loop")
-        self._run = self._thread.run
+        self._calls = 0  # calls running on the loop now (``_run``): close() waits for them
+        self._idle = threading.Condition()  # guards _calls and _closed
+        self._closed = False
         try:
-            self.manager: TierManager = self._run(open_cache(config))
+            self.manager: TierManager = self._thread.run(open_cache(config))
         except BaseException:
             self._thread.stop()
             raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` on the cache's loop; a ``CacheError`` once the cache is closed."""
+        with self._idle:
+            if self._closed:
+                coro.close()
+                raise CacheError("this SyncCache is closed")
+            self._calls += 1
+        try:
+            return self._thread.run(coro)
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
 
     def save(
         self,
@@ -147,8 +172,14 @@ class SyncCache:
         return self._run(self.manager.flush())
 
     def close(self) -> None:
+        """Flush write-back blocks and close the cache (once: closing again does nothing)."""
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+            self._idle.wait_for(lambda: self._calls == 0)
         try:
-            self._run(self.manager.close())
+            self._thread.run(self.manager.close())
         finally:
             self._thread.stop()
 
