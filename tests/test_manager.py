@@ -20,7 +20,7 @@ from tests.conftest import (
     make_tokens,
 )
 from tiercache import BlockShapeError, KVSpec, NoRoom, SessionPinned, UnknownSession
-from tiercache.keys import Namespace
+from tiercache.keys import KeyChain, Namespace
 
 NS = make_ns()
 
@@ -410,6 +410,24 @@ async def test_a_prefetch_after_the_deadline_finds_the_session_gone(
     with pytest.raises(UnknownSession):
         await m.prefetch(session="short-lived")
     assert (await m.lookup(NS, tokens)).blocks == 0
+
+
+async def test_a_lookup_after_the_deadline_finds_no_hit_a_load_would_miss(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache()
+    tokens = make_tokens(2)
+    await m.save(NS, tokens, make_blocks(2), session="short-lived")
+    await m.set_ttl("short-lived", 0.05)
+    await asyncio.sleep(0.06)
+    assert (await m.lookup(NS, tokens)).tiers == []  # the engine is promised nothing
+    assert (await m.load(NS, tokens)).tiers == []
+    tails = NS.tail_keys(make_tokens(1)[:3])
+    await m.save(NS, KeyChain(tails[-1:]), make_blocks(1), session="tail")
+    assert (await m.lookup_tail(NS, tails)) == (2, "host")
+    await m.set_ttl("tail", 0.05)
+    await asyncio.sleep(0.06)
+    assert (await m.lookup_tail(NS, tails)) == (-1, "miss")
 
 
 async def test_a_ttl_survives_a_restart(open_cache: OpenCache) -> None:

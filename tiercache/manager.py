@@ -284,6 +284,7 @@ class TierManager:
         which tier each is. With a shared tier, blocks past the local run are fetched from it
         (waiting at most its deadline) and promoted to host; they are reported as ``remote``.
         """
+        await self._expire_due()  # a session past its TTL is no hit that a load then misses
         keys = keys_of(ns, tokens)
         run = keys[check_first_block(first_block) :]
         hit = self.index.prefix(run)
@@ -305,6 +306,7 @@ class TierManager:
         first): its index and tier, or ``(-1, "miss")``. Local tiers only (a tail is not
         fetched from the shared tier). A hit counts one block in the lookup metrics; a miss
         counts nothing (the missing full block after the chain was already counted)."""
+        await self._expire_due()
         for i in range(len(candidates) - 1, -1, -1):
             e = self.index.get(candidates[i])
             if e is not None and (tier := e.best_tier) is not None:
@@ -479,8 +481,8 @@ class TierManager:
     async def expire(self, now: float | None = None) -> list[str]:
         """Forget every session whose TTL has passed; returns their ids.
 
-        Saves and loads call it whenever the earliest deadline has passed, so TTLs hold in
-        embedded mode too; the daemon also runs it on a timer.
+        Saves, lookups and loads call it whenever the earliest deadline has passed, so TTLs
+        hold in embedded mode too; the daemon also runs it on a timer.
         """
         async with self._lock:  # due when forgotten: not forgotten twice, nor after a new TTL
             gone = self.sessions.due(time.time() if now is None else now)
