@@ -151,3 +151,30 @@ def test_bad_input_exits_2_naming_what_was_wrong(
     args = [str(model_config) if a == "MODEL" else str(bad) if a == "BADCFG" else a for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_retention_against_a_store_that_does_not_answer_exits_1_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = tmp_path / "secret"
+    secret.write_text("not-a-secret\n")
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text(
+        '[tiers.disk]\nurl = "none"\n[tiers.remote]\nurl = "s3://bucket/prefix"\n'
+        f'endpoint = "http://127.0.0.1:{port}"\nkey_id = "id"\nsecret_file = "{secret}"\n'
+        "max_age = 60\n"
+    )
+    assert main(["retention", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(
+        f"error: retention: remote tier s3://bucket/prefix at http://127.0.0.1:{port} "
+        "did not list its blocks: "
+    )
+    assert not any("Traceback" in line or "Debug source" in line for line in err)
+    # the tier's own log of the store it could not reach is one line too
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]

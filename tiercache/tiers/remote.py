@@ -201,7 +201,12 @@ class RemoteTier:
             raise
         except Exception as e:
             tier.failed(e)
-            log.error("remote tier %s at %s is unreachable, starting without it: %s", url, where, e)
+            log.error(
+                "remote tier %s at %s is unreachable, starting without it: %s",
+                url,
+                where,
+                _first_line(e),
+            )
         return tier
 
     # -- health -------------------------------------------------------------
@@ -233,22 +238,36 @@ class RemoteTier:
 
         try:
             result = await asyncio.wait_for(coro, self.timeout * 2)
-        except (oe.PermissionDeniedError, oe.UnauthenticatedError) as e:
-            raise StoreError(
+        except (
+            oe.PermissionDeniedError,
+            oe.UnauthenticatedError,
+            oe.NotFoundError,
+            FileNotFoundError,
+        ) as e:
+            if (err := self.access_error(e)) is None:
+                raise
+            raise err from None
+        self.succeeded()
+        return result
+
+    def access_error(self, e: BaseException) -> StoreError | None:
+        """The ``StoreError`` naming the fix for a store that refused the credentials or has
+        no such bucket; None for any other failure (an outage)."""
+        import obstore.exceptions as oe
+
+        if isinstance(e, oe.PermissionDeniedError | oe.UnauthenticatedError):
+            return StoreError(
                 f"remote tier {self.url} at {self.where} refused the credentials ({_first_line(e)}); "
                 "set [tiers.remote] key_id and secret_file, or AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY"
-            ) from None
-        except (FileNotFoundError, oe.NotFoundError) as e:
-            if "NoSuchBucket" in str(e):
-                bucket = urlparse(self.url).netloc
-                raise StoreError(
-                    f"remote tier {self.url}: bucket {bucket!r} does not exist at {self.where}; "
-                    "create it, or fix [tiers.remote] url"
-                ) from None
-            raise
-        self.succeeded()
-        return result
+            )
+        if isinstance(e, FileNotFoundError | oe.NotFoundError) and "NoSuchBucket" in str(e):
+            bucket = urlparse(self.url).netloc
+            return StoreError(
+                f"remote tier {self.url}: bucket {bucket!r} does not exist at {self.where}; "
+                "create it, or fix [tiers.remote] url"
+            )
+        return None
 
     async def _check_marker(self) -> None:
         """Refuse a bucket prefix a newer release laid out (its marker names a later format):
@@ -492,7 +511,13 @@ async def retention(
         )
     if namespace is not None and not re.fullmatch(f"[0-9a-f]{{{2 * KEY_BYTES}}}", namespace):
         raise ValueError(f"retention: namespace {namespace!r} is not a namespace's hex id")
-    blocks = await list_blocks(tier, namespace)
+    try:
+        blocks = await list_blocks(tier, namespace)
+    except Exception as e:  # one line naming the store, not obstore's multi-page debug dump
+        raise tier.access_error(e) or ConnectionError(
+            f"retention: remote tier {tier.url} at {tier.where} did not list its blocks: "
+            f"{_first_line(e)}"
+        ) from None
     doomed = plan_retention(
         blocks, now=time.time() if now is None else now, max_age=max_age, max_bytes=max_bytes
     )
@@ -504,7 +529,7 @@ async def retention(
             await obstore.delete_async(tier.obj, [b.path for b in chunk])
         except Exception as e:
             report.failed += len(chunk)
-            log.warning("retention: deleting %d objects failed: %s", len(chunk), e)
+            log.warning("retention: deleting %d objects failed: %s", len(chunk), _first_line(e))
             continue
         removed.extend(chunk)
     gone = {b.path for b in removed}
