@@ -603,6 +603,23 @@ def test_a_window_that_moved_less_than_its_length_is_no_orphan_of_the_one_it_ret
         assert gc.lookup([*TOKENS[: 11 * CACHE_BS], 5]) == 11
 
 
+def test_after_a_restart_a_pin_still_protects_a_sliding_groups_window_only(
+    tmp_path: Path,
+) -> None:
+    with SyncCache(config(tmp_path, "write-through")) as cache:
+        GroupedCache(cache, "model@1", KV).save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+        gc = GroupedCache(cache, "model@1", KV)  # another process: no previous save known
+        gc.save(TOKENS, gather, session="chat")  # sliding blocks 7-9 are left over
+        assert stored(cache, gc.namespaces["sliding-0"]) == [7, 8, 9, 17, 18, 19]
+        assert cache.pin("chat") == 20 + 3 + 3
+    with SyncCache(config(tmp_path)) as cache:
+        gc = GroupedCache(cache, "model@1", KV)
+        assert cache.manager.sessions.pinned_blocks() == 20 + 3 + 3
+        for name in ("sliding-0", "sliding-1"):  # the leftovers are not pinned: they can go
+            assert cache.evict(keys=gc.namespaces[name].block_keys(TOKENS)[7:10]) == 3
+            assert cache.evict(keys=gc.namespaces[name].block_keys(TOKENS)[17:]) == 0
+
+
 @pytest.mark.parametrize("model", ["leftover window", "sinks"])
 def test_a_session_prefetch_reads_the_window_a_resume_needs(tmp_path: Path, model: str) -> None:
     kv = KV if model != "sinks" else SINKS

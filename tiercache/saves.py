@@ -14,10 +14,10 @@ import time
 from typing import TYPE_CHECKING
 
 from tiercache.errors import BlockShapeError, Draining
-from tiercache.groups import needed_blocks
 from tiercache.index import HOST, Entry
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.results import Reservation, SaveResult
+from tiercache.sessions import window
 from tiercache.storage_format import check_scales, parse_format
 from tiercache.transaction import abort_later
 
@@ -73,12 +73,8 @@ class HostSaves:
             await m.host_room.make_room(
                 sum(1 for k in keys[first_block : first_block + n] if k not in m.index)
             )
-        if r.session:
-            spec = r.ns.spec
-            window = None
-            if spec.max_tokens is not None:  # a windowed group: a pin protects its window
-                window = [keys[i] for rng in needed_blocks(spec, len(keys)) for i in rng]
-            await m.sessions.extend(r.session, keys, r.ns.hex, window)
+        if r.session:  # of a windowed group's chain, a pin protects its window
+            await m.sessions.extend(r.session, keys, r.ns.hex, window(r.ns.spec, keys))
         for i in range(n):
             key = keys[first_block + i]
             entry = m.index.get(key)

@@ -33,6 +33,14 @@ from tiercache.tiers.disk import DiskTier
 log = logging.getLogger(__name__)
 
 
+def window(spec: KVSpec, chain: list[BlockKey]) -> list[BlockKey] | None:
+    """The keys of ``chain`` a resume at its end needs, which a pin then protects, for a
+    windowed group (``spec``); None for a full or MLA group's chain (all of it)."""
+    if spec.max_tokens is None:
+        return None
+    return [chain[i] for r in needed_blocks(spec, len(chain)) for i in r]
+
+
 @dataclass(slots=True)
 class Session:
     """A named chat: the chain of keys it saved in each namespace, and the protection it asked
@@ -44,8 +52,8 @@ class Session:
     pinned_keys: set[BlockKey] = field(default_factory=set)  # keys whose pin this session holds
     expires: float | None = None  # wall-clock deadline (time.time()) set by a TTL; None: no TTL
     # Chain -> the keys of it a pin protects, where that is not all of them: a windowed
-    # group's window at the chain's end. Not persisted: after a restart a pin covers whole
-    # chains again until their next save.
+    # group's window at the chain's end. Not persisted: a restart derives it again from the
+    # chain and its namespace's spec on the disk tier (``window``).
     windows: dict[str, list[BlockKey]] = field(default_factory=dict)
 
     @property
@@ -114,6 +122,12 @@ class Sessions:
             for name, n in rec.get("chains", [["", len(keys)]]):
                 chains[name], keys = keys[:n], keys[n:]
             sess = Session(rec["id"], chains, pinned=rec["pinned"], expires=rec["expires"])
+            for name, chain in chains.items():
+                # Else a pin would cover the whole chain, and hold the windows a save left
+                # over (another process's, which remembers no previous save) until the next.
+                spec = self._disk.spec(f"ns/{name}") if name else None
+                if spec is not None and (kept := window(spec, chain)) is not None:
+                    sess.windows[name] = kept
             self._by_id[sess.id] = sess
             if sess.pinned:
                 self.pin_keys(sess)
