@@ -600,6 +600,32 @@ async def test_the_prefix_policy_trims_a_chain_from_its_end(
     assert (await m.lookup(NS, chain)).blocks == kept
 
 
+@pytest.mark.parametrize("how", ["load", "prefetch", "acquire"])
+async def test_a_chain_promoted_from_disk_is_trimmed_from_its_end_too(
+    open_cache: OpenCache, how: str
+) -> None:
+    # Promotions placed blocks in the host policy with no parent, so the prefix policy took a
+    # chain read back from disk (after a restart, say) for six roots: it evicted its first
+    # blocks and kept its last, which no lookup reaches without them.
+    m = await open_cache(host_blocks=6, eviction="prefix")
+    chain = make_tokens(6, seed=1)
+    await m.save(NS, chain, make_blocks(6))
+    await m.close()
+    m = await open_cache(host_blocks=6, eviction="prefix")
+    assert (await m.lookup(NS, chain)).tiers == ["disk"] * 6
+    if how == "load":
+        await m.load(NS, chain)
+    elif how == "prefetch":
+        assert await m.prefetch(NS, chain) == 6
+    else:
+        await m.release(await m.acquire(NS, chain))
+    assert (await m.lookup(NS, chain)).tiers == ["host"] * 6
+
+    await m.save(NS, make_tokens(3, seed=2), make_blocks(3))  # 3 of the chain's slots go
+
+    assert (await m.lookup(NS, chain)).tiers == ["host"] * 3 + ["disk"] * 3
+
+
 # --- load(into=): a resume straight into the engine's blocks ----------------------------------
 
 

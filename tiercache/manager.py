@@ -375,7 +375,7 @@ class TierManager:
                     self.disk_room.forget_corrupt(failed)
                 self.promoter.served(entries[:ok])
                 if from_disk:
-                    await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out)
+                    await self.promoter.keep([(i, e) for i, e in from_disk if i < ok], out, entries)
         finally:
             if lease.entries:  # not ended above (an error or a cancel on the way)
                 await self.release(lease)
@@ -412,7 +412,7 @@ class TierManager:
             tiers = [HOST if t == DEVICE else t for t in tiers]
             self.index.lease(entries)
         if self.disk_room is not None and any(HOST not in e.at for e in entries):
-            await self.promoter.to_host(entries)
+            await self.promoter.to_host(entries, chained=True)
         async with self._lock:
             n = next((i for i, e in enumerate(entries) if HOST not in e.at), len(entries))
             self.index.unlease(entries[n:])
@@ -452,7 +452,7 @@ class TierManager:
             return 0
         lease = await self._lease(keys)
         try:
-            return await self.promoter.prefetch(lease.entries)
+            return await self.promoter.prefetch(lease.entries, chained=session is None)
         finally:
             await self.release(lease)
 

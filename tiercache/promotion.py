@@ -54,9 +54,10 @@ class Promoter:
         # Keys being promoted by a prefetch -> the event set when it is done.
         self._prefetching: dict[BlockKey, asyncio.Event] = {}
 
-    async def prefetch(self, entries: list[Entry]) -> int:
+    async def prefetch(self, entries: list[Entry], chained: bool = False) -> int:
         """Promote the cached prefix ``entries`` (leased by the caller) disk -> host, and with a
-        device tier on to the device; returns how many blocks moved up (each counted once)."""
+        device tier on to the device; returns how many blocks moved up (each counted once).
+        ``chained``: ``entries`` are one chain's run (``to_host``)."""
         device = self._device
         todo = [
             e
@@ -71,7 +72,10 @@ class Promoter:
             self._prefetching[e.key] = done
         try:
             cold = [e for e in todo if HOST not in e.at]
-            promoted = await self.to_host(cold) if cold and self._disk is not None else 0
+            if cold and self._disk is not None:  # the whole run, for the blocks' parents
+                promoted = await self.to_host(entries if chained else cold, chained)
+            else:
+                promoted = 0
             if device is not None:
                 # Every block now in host memory goes on to the device (those already in
                 # host memory too); a block counts once however far it moved.
@@ -89,18 +93,20 @@ class Promoter:
         self._stats.prefetched("done" if promoted == len(todo) else "partial")
         return promoted
 
-    async def to_host(self, entries: list[Entry]) -> int:
+    async def to_host(self, entries: list[Entry], chained: bool = False) -> int:
         """Copy disk-only ``entries`` (leased by the caller) into host slots; returns how many.
 
         Slots are allocated first and the verified bytes read straight into them; a block
         that fails verification is forgotten (counted), and its slot goes back. Stops
-        allocating when the host tier has no evictable room.
+        allocating when the host tier has no evictable room. ``chained``: ``entries`` are one
+        chain's run, block after block, so each tells the host policy its parent (``_parent``).
         """
         disk = self._disk
         assert disk is not None
         arena = self._host.arena
         t0 = time.perf_counter()
         targets: list[tuple[Entry, DiskRecord, int]] = []
+        at = {id(e): i for i, e in enumerate(entries)} if chained else {}
         async with self._lock:
             # A prefetch by session right after a restart, before any engine registered.
             self._ensure_format(max(e.nbytes for e in entries))
@@ -131,7 +137,7 @@ class Promoter:
             promoted = 0
             for (e, rec, slot), ok in zip(targets, oks, strict=True):
                 if ok and HOST not in e.at and e.key in self._index:
-                    self._host.place(e, slot)
+                    self._host.place(e, slot, _parent(entries, at[id(e)]) if chained else None)
                     promoted += 1
                 else:
                     arena.free(slot)
@@ -197,9 +203,12 @@ class Promoter:
         if first:
             self._stats.prefetched("early", time.monotonic() - first)
 
-    async def keep(self, read: list[tuple[int, Entry]], rows: torch.Tensor) -> None:
+    async def keep(
+        self, read: list[tuple[int, Entry]], rows: torch.Tensor, run: list[Entry] | None = None
+    ) -> None:
         """Under the lock: blocks a load read (and verified) from disk into ``rows[i]`` get a
-        host slot too, while there is room: the next read of them is a memcpy."""
+        host slot too, while there is room: the next read of them is a memcpy. ``run``: the
+        load's entries, one chain's, so each block tells the host policy its parent."""
         self._lock.held()
         t0 = time.perf_counter()
         promoted = 0
@@ -215,7 +224,19 @@ class Promoter:
                 self._host.arena.free(slot)
                 continue
             self._host.arena.view(slot, e.nbytes).copy_(rows[i])
-            self._host.place(e, slot)
+            self._host.place(e, slot, _parent(run, i) if run is not None else None)
             promoted += e.nbytes
         if promoted:
             self._stats.transfer(DISK, HOST, promoted, time.perf_counter() - t0)
+
+
+def _parent(run: list[Entry], i: int) -> BlockKey | None:
+    """The block before ``run[i]`` in its chain where it is in host memory (placed just
+    before it, or there already), for a promoted block's place in the host policy: the prefix
+    policy trims a chain from its end, and without parents a promoted chain was evicted root
+    first. The first block of a run, and one after a block held only elsewhere, get none (a
+    parent not in the tier would make the block an orphan, evicted first)."""
+    if i == 0:
+        return None
+    p = run[i - 1]
+    return p.key if HOST in p.at else None
