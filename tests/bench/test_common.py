@@ -14,7 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from tiercache.bench.common import cli, machine, side_by_side, size_label, timed, write
+from tiercache.bench.common import (
+    cli,
+    in_memory_fs,
+    machine,
+    side_by_side,
+    size_label,
+    timed,
+    write,
+)
 
 
 def test_side_by_side_alternates_which_goes_first_and_reports_medians() -> None:
@@ -104,3 +112,13 @@ def test_cli_refuses_an_out_that_is_a_file_before_measuring(
 )
 def test_size_label(n: int, label: str) -> None:
     assert size_label(n) == label
+
+
+def test_in_memory_fs_names_tmpfs_where_the_page_cache_cannot_be_dropped() -> None:
+    # A "cold" read from tmpfs is as warm as any: the cold benchmarks must say so.
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    if not any(m[1] == "/dev/shm" and m[2] == "tmpfs" for m in mounts):
+        pytest.skip("/dev/shm is not a tmpfs here")
+    assert in_memory_fs(Path("/dev/shm")) == "tmpfs"
+    assert in_memory_fs(Path("/dev/shm/a/file/not/there")) == "tmpfs"
+    assert in_memory_fs(Path("/proc/self")) is None  # procfs: not a file system of files

@@ -108,8 +108,29 @@ def size_label(n: int) -> str:
     return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
 
 
+def in_memory_fs(path: Path) -> str | None:
+    """The type of ``path``'s file system where its files live in memory (tmpfs, ramfs), so
+    ``drop_page_cache`` cannot make a read cold; None for a file system on a device."""
+    path = path.resolve()
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if (
+                    len(fields) > 2
+                    and path.is_relative_to(fields[1])
+                    and len(fields[1]) > len(best)
+                ):
+                    best, fstype = fields[1], fields[2]
+    except OSError:
+        return None
+    return fstype if fstype in ("tmpfs", "ramfs") else None
+
+
 def drop_page_cache(root: Path) -> int:
-    """Evict ``root``'s files from the page cache (no root needed); returns the files touched."""
+    """Evict ``root``'s files from the page cache (no root needed); returns the files touched.
+    On tmpfs or ramfs (``in_memory_fs``) the files stay in memory: the benchmarks say so."""
     n = 0
     for dirpath, _, files in os.walk(root):
         for name in files:

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from tiercache.bench import trace
-from tiercache.bench.common import cli, drop_page_cache, side_by_side, timed, write
+from tiercache.bench.common import (
+    cli,
+    drop_page_cache,
+    in_memory_fs,
+    side_by_side,
+    timed,
+    write,
+)
 from tiercache.keys import Namespace
 from tiercache.manager import TierManager
 from tiercache.spec import KVSpec
@@ -244,7 +251,14 @@ def tier_resume(
             raise RuntimeError(f"the {fmt} resume from {tier} restored different values")
     out["tier"] = tier
     if remote is None:
-        out["page_cache"] = "dropped before each load" if cold else "warm"
+        memory_fs = in_memory_fs(workdir)
+        out["page_cache"] = (
+            "warm"
+            if not cold
+            else f"not dropped: {memory_fs} keeps files in memory"
+            if memory_fs
+            else "dropped before each load"
+        )
     loop.close()
     return out
 
