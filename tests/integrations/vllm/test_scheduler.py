@@ -71,6 +71,16 @@ def step(req_id: str, block_ids: list[int], computed: int, scheduled: int) -> An
     )
 
 
+def save_for_real(daemon: DaemonProcess, meta: Any) -> None:
+    """A worker side saves what ``meta`` says from an engine's (random) paged KV cache."""
+    shape = (2, 8, B, SPEC.num_kv_heads, SPEC.head_dim)
+    kv = {n: torch.rand(shape).to(SPEC.torch_dtype) + 1 for n in ("l0", "l1")}
+    worker = Worker([GROUP], 1, Link(str(daemon.socket), "vllm-worker-test", retry=60), False)
+    worker.register(kv)
+    worker.save(meta)
+    worker.shutdown()
+
+
 def scheduler(socket: str | Path, min_tail: int = 0, **options: Any) -> Scheduler:
     link = Link(str(socket), "vllm-scheduler-test", retry=60)
     return Scheduler(Options(**options), [GROUP], B, min_tail, link)
@@ -147,12 +157,7 @@ def test_a_new_prompts_blocks_and_tail_are_saved_and_found_by_another_engine(
         "chat-a",
     )
     assert (tail.first, tail.count, tail.block_ids, tail.session) == (2, 1, [7], None)
-    shape = (2, 8, B, SPEC.num_kv_heads, SPEC.head_dim)
-    kv = {n: torch.rand(shape).to(SPEC.torch_dtype) + 1 for n in ("l0", "l1")}
-    worker = Worker([GROUP], 1, Link(str(daemon.socket), "vllm-worker-test", retry=60), False)
-    worker.register(kv)
-    worker.save(meta)
-    worker.shutdown()
+    save_for_real(daemon, meta)
     with Client(daemon.socket) as c:
         assert c.pin("chat-a") == 2  # the session names its whole blocks
 
@@ -371,12 +376,7 @@ def test_a_lora_adapter_or_a_cache_salt_has_chains_of_its_own(
     s.update_state_after_alloc(first, None, 0)  # type: ignore[arg-type]
     meta = s.build_connector_meta(step("a", [5, 6, 7], computed=0, scheduled=10))  # type: ignore[arg-type]
     assert [(t.first, t.count) for t in meta.saves] == [(0, 2), (2, 1)]  # 2 blocks and the tail
-    shape = (2, 8, B, SPEC.num_kv_heads, SPEC.head_dim)
-    kv = {n: torch.rand(shape).to(SPEC.torch_dtype) + 1 for n in ("l0", "l1")}
-    worker = Worker([GROUP], 1, Link(str(daemon.socket), "vllm-worker-test", retry=60), False)
-    worker.register(kv)
-    worker.save(meta)
-    worker.shutdown()
+    save_for_real(daemon, meta)
 
     again = Prompt("b", tokens)
     setattr(again, field, a)
