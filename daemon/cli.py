@@ -103,14 +103,19 @@ def size_line(spec: KVSpec, nbytes: int, fmt: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tiercache.daemon.demo import run_demo
+    from tiercache.daemon.process import DaemonStartError
 
-    reports = run_demo(
-        _config(args.config),
-        config_path=args.config,
-        turns=args.turns,
-        context_tokens=args.context_tokens,
-        reply_tokens=args.reply_tokens,
-    )
+    try:
+        reports = run_demo(
+            _config(args.config),
+            config_path=args.config,
+            turns=args.turns,
+            context_tokens=args.context_tokens,
+            reply_tokens=args.reply_tokens,
+        )
+    except DaemonStartError as e:  # its log went with the demo's temporary directory
+        print(f"error: the demo's tiercache daemon did not start: {e.reason}", file=sys.stderr)
+        return 1
     if not all(r.identical for r in reports):
         print("error: a resumed reply differed from full recompute", file=sys.stderr)
         return 1

@@ -19,6 +19,25 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+class DaemonStartError(RuntimeError):
+    """The daemon exited, or never opened its socket, before it served. ``reason`` is one line
+    saying why (the daemon's own ``error:`` line where it printed one), for a caller that shows
+    it to a person: the log itself may live in a directory that is gone by then."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _reason(log_tail: str, code: int | None) -> str:
+    """The line of a failed daemon's log that says why it stopped."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    return lines[-1] if lines else f"it exited with status {code} and logged nothing"
+
+
 class DaemonProcess:
     def __init__(
         self, workdir: Path, env: Mapping[str, str] | None = None, config_path: str | None = None
@@ -53,14 +72,15 @@ class DaemonProcess:
         # The socket file appears when the daemon binds it, a moment before it listens: a
         # client in that moment is refused. Started means a connection is accepted.
         while not self._accepts():
-            if self.proc.poll() is not None:
+            if (code := self.proc.poll()) is not None:
                 tail = self.log.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"the tiercache daemon did not start:\n{tail}")
+                raise DaemonStartError(
+                    f"the tiercache daemon did not start:\n{tail}", _reason(tail, code)
+                )
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(
-                    f"the tiercache daemon did not open {self.socket} in {timeout:.0f} s"
-                )
+                why = f"it did not open {self.socket} in {timeout:.0f} s"
+                raise DaemonStartError(f"the tiercache daemon did not start: {why}", why)
             time.sleep(0.02)
 
     def _accepts(self) -> bool:

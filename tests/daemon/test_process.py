@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tiercache.client import Client
-from tiercache.daemon.process import DaemonProcess
+from tiercache.daemon.process import DaemonProcess, DaemonStartError
 
 
 def env(tmp_path: Path) -> dict[str, str]:
@@ -52,3 +52,11 @@ def test_a_daemon_that_cannot_start_raises_with_the_tail_of_its_log(tmp_path: Pa
 def test_the_pid_of_a_daemon_not_running_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="not running"):
         _ = DaemonProcess(tmp_path).pid
+
+
+def test_a_failed_start_gives_the_daemons_own_error_line_as_its_reason(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path, {"TIERCACHE_TIERS_HOST__BYTES": "lots"})
+    with pytest.raises(DaemonStartError) as e:
+        d.start()
+    assert e.value.reason.startswith("tiers.host.bytes: bad size 'lots'")
+    assert "\n" not in e.value.reason  # the daemon's one line, not its log
