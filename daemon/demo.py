@@ -28,7 +28,7 @@ import torch
 from tiercache.client import Client
 from tiercache.daemon.config import Config
 from tiercache.daemon.process import DaemonProcess
-from tiercache.integrations.hf import HFChatCache
+from tiercache.integrations.hf import HFChatCache, generate_cache_kwarg
 from tiercache.spec import format_size
 
 MESSAGES = [
@@ -62,7 +62,11 @@ def _ttft(model: Any, ids: torch.Tensor, past: Any) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(
-            ids[None], past_key_values=past, max_new_tokens=1, do_sample=False, pad_token_id=0
+            ids[None],
+            **{generate_cache_kwarg(): past},
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
         )
     return (time.perf_counter() - t0) * 1000
 
@@ -137,14 +141,14 @@ def run_demo(
                 with torch.no_grad():
                     resumed = model.generate(
                         convo[None],
-                        past_key_values=past,
+                        **{generate_cache_kwarg(): past},
                         max_new_tokens=reply_tokens,
                         do_sample=False,
                         pad_token_id=0,
                     )[0]
                     recomputed = model.generate(
                         convo[None],
-                        past_key_values=DynamicCache(config=model.config),
+                        **{generate_cache_kwarg(): DynamicCache(config=model.config)},
                         max_new_tokens=reply_tokens,
                         do_sample=False,
                         pad_token_id=0,

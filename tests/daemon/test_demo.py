@@ -4,6 +4,7 @@ same reply as recomputing it, and the turn after the restart resumed from disk."
 from __future__ import annotations
 
 import fcntl
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ def test_demo_resumes_every_turn_with_the_same_reply_and_one_from_disk(
 ) -> None:
     monkeypatch.setenv("TIERCACHE_TIERS_DISK__URL", str(tmp_path / "disk"))
     monkeypatch.setenv("TIERCACHE_TIERS_HOST__BYTES", "64MiB")
-    assert main(["demo", "--turns", "3", "--context-tokens", "256", "--reply-tokens", "8"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["demo", "--turns", "3", "--context-tokens", "256", "--reply-tokens", "8"]) == 0
+    # transformers 5.25 (what `pip install tiercache[hf]` gets) warns, between the table's rows,
+    # on every generate(past_key_values=...): the demo passes the cache by its current name.
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     rows = [
         line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()
     ]

@@ -7,6 +7,7 @@ restoring tampered KV, so the restored cache is really what the model attends to
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tests.conftest import embedded_config
 from tests.integrations.chat import REPLY, generate, recompute, user_message
 from tiercache import SyncCache
 from tiercache.demo_models import tiny_model
-from tiercache.integrations.hf import HFChatCache, model_fingerprint
+from tiercache.integrations.hf import HFChatCache, generate_cache_kwarg, model_fingerprint
 from tiercache.keys import TokenError
 
 
@@ -206,3 +207,19 @@ def test_quantized_chat_stays_within_the_measured_bound(
     assert worst <= 1.5 * measured_dlogp + 1e-3
     # the restored KV really is the quantized one: the replies are not those of exact KV
     assert agreement < 1.0 and worst > 0.0
+
+
+def test_generate_cache_kwarg_names_what_generate_takes_without_a_warning() -> None:
+    model = tiny_model("llama", seed=0)
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        model.generate(
+            torch.arange(1, 9)[None],
+            **{generate_cache_kwarg(): cache},
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert cache.get_seq_length() == 9  # generate filled the cache it was given
+    assert [w for w in caught if issubclass(w.category, FutureWarning)] == []

@@ -2,7 +2,7 @@
 
     chat = HFChatCache(cache, model)
     past, reused = chat.restore("chat-42", prompt_ids)          # before a turn (empty: a miss)
-    out = model.generate(prompt_ids[None], past_key_values=past, ...)  # prefills the rest only
+    out = model.generate(prompt_ids[None], **{generate_cache_kwarg(): past}, ...)  # the rest only
     chat.save("chat-42", out[0, :-1], past)                    # after it
 
 ``restore`` always leaves at least one token of the prompt uncached, because
@@ -49,6 +49,16 @@ from tiercache.keys import Namespace, as_tokens
 from tiercache.modelkv import KVGroup, ModelKV
 from tiercache.results import SaveResult
 from tiercache.spec import AttentionKind, Layout, SpecError
+
+
+def generate_cache_kwarg() -> str:
+    """The keyword the installed transformers' ``generate`` takes a cache by: ``cache`` in the
+    releases that renamed it (5.25 has), ``past_key_values`` before them. The renaming releases
+    still take ``past_key_values``, with a ``FutureWarning`` on every call until 6.0 drops it."""
+    from transformers.generation import utils
+
+    names = getattr(utils, "ALL_CACHE_NAMES", None) or ["past_key_values"]
+    return "cache" if names[0] == "cache" else "past_key_values"
 
 
 def config_fingerprint(config: Any) -> str:
