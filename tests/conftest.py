@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(
                 f"{item.nodeid} starts {', '.join(sorted(starts))}: mark it `service`"
             )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The suite's ``XDG_DATA_HOME``: a cache or daemon a test opens on the default disk tier
+    (``$XDG_DATA_HOME/tiercache/disk``) gets the session's own, never the user's, which a
+    running ``tiercache serve`` holds locked (the test would fail) and which the tests would
+    fill with their blocks. Child processes (``DaemonProcess``) inherit it."""
+    home = tmp_path_factory.mktemp("xdg-data-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(home))
+        yield home
 
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)

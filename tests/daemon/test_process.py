@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 from tiercache.client import Client
+from tiercache.daemon.config import load_config
 from tiercache.daemon.process import DaemonProcess, DaemonStartError
 
 
 def env(tmp_path: Path) -> dict[str, str]:
-    return {"TIERCACHE_TIERS_HOST__BYTES": "1MiB"}
+    return {
+        "TIERCACHE_TIERS_HOST__BYTES": "1MiB",
+        "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "disk"),
+    }
 
 
 def test_start_waits_for_the_socket_and_stop_terminates_cleanly(tmp_path: Path) -> None:
@@ -60,3 +64,9 @@ def test_a_failed_start_gives_the_daemons_own_error_line_as_its_reason(tmp_path:
         d.start()
     assert e.value.reason.startswith("tiers.host.bytes: bad size 'lots'")
     assert "\n" not in e.value.reason  # the daemon's one line, not its log
+
+
+def test_a_default_disk_tier_in_the_tests_is_the_sessions_own(own_data_home: Path) -> None:
+    # The user's (~/.local/share/tiercache/disk) may be held by their running daemon.
+    disk = load_config(env={}).tiers.disk
+    assert disk is not None and disk.url == f"file://{own_data_home}/tiercache/disk"
