@@ -160,7 +160,8 @@ class Metrics(Stats):
 
         self.transfer_seconds = hist(
             "tiercache_transfer_seconds",
-            "Duration of block transfers between tiers and clients, by path.",
+            "Duration of block copies the daemon made, by path (a socket client's own copies "
+            "into and out of the shared arena are counted in bytes, not timed).",
             ("src", "dst"),
             LATENCY_BUCKETS,
         )

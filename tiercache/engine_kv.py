@@ -28,6 +28,7 @@ checksums before a block reaches the host arena); the copies here move verified 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -192,9 +193,11 @@ class EngineKV:
                 rows = self._gather(todo, stream).view(torch.uint8).view(len(todo), nbytes)
                 host.write(slots, rows, non_blocking=True)
 
+            t0 = time.perf_counter()
             finished = await self._run("store", copy)
             if finished is not None:
                 await completion(finished)
+            r.fill_seconds = time.perf_counter() - t0  # the commit's transfer sample
 
         return await save_rounds(len(ids), reserve, fill, manager.commit, manager.abort)
 

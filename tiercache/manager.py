@@ -41,7 +41,7 @@ from tiercache.promotion import Promoter
 from tiercache.reads import load_rows, read_entries, usage
 from tiercache.results import Lease, LoadResult, LookupResult, Reservation, SaveResult
 from tiercache.room import DiskRoom, HostRoom, evict_keys
-from tiercache.saves import HostSaves
+from tiercache.saves import HostSaves, fill_slots
 from tiercache.sessions import Sessions
 from tiercache.sharing import SharedTier, Sharing
 from tiercache.spec import KVSpec
@@ -252,7 +252,7 @@ class TierManager:
             )
 
         async def fill(r: Reservation, done: int) -> None:
-            self.host.write(r.slots, data, [done + row for row in r.rows])
+            fill_slots(self.host, r, data, done)
 
         return await save_rounds(data.shape[0], reserve, fill, self.commit, self.abort)
 

@@ -141,6 +141,10 @@ class Reservation:
     present: int = 0
     rejected: int = 0
     walked: int = 0  # blocks from first_block this reservation covered
+    # How long the fill's copy took, where this process made it (an embedded save, an attached
+    # engine's gather): the commit's transfer sample. None where a socket client copied in its
+    # own process: the commit then counts the bytes, untimed (it cannot see that copy).
+    fill_seconds: float | None = None
 
     @property
     def slots(self) -> list[int]:

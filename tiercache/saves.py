@@ -22,7 +22,18 @@ from tiercache.storage_format import check_scales, parse_format
 from tiercache.transaction import abort_later
 
 if TYPE_CHECKING:
+    import torch
+
     from tiercache.manager import TierManager
+    from tiercache.tiers.host import HostArena
+
+
+def fill_slots(host: HostArena, r: Reservation, data: torch.Tensor, done: int) -> None:
+    """An embedded save's fill: rows ``done + r.rows`` of ``data`` copied into ``r``'s slots,
+    the copy timed (``Reservation.fill_seconds``) for the commit's transfer sample."""
+    t0 = time.perf_counter()
+    host.write(r.slots, data, [done + row for row in r.rows])
+    r.fill_seconds = time.perf_counter() - t0
 
 
 class HostSaves:
@@ -119,7 +130,7 @@ class HostSaves:
             check_scales(r.ns.spec, self._m.host.buffer, fmt, r.slots, blocks)
 
     async def _commit(self, r: Reservation) -> SaveResult:
-        m, t0 = self._m, time.perf_counter()
+        m = self._m
         async with m._lock:
             # From here the entries are the index's: an abort (after a cancel or a failed
             # write-through below) must not free their slots, so the reservation lets go now.
@@ -153,7 +164,8 @@ class HostSaves:
             if m.shared is not None:
                 m.shared.saved(entries, sess.keys if sess is not None and sess.pinned else [])
             nbytes = len(entries) * r.ns.block_nbytes
-            m.stats.transfer("client", HOST, nbytes, time.perf_counter() - t0)
+            # Timed by the copy, where this process made it; never by this bookkeeping.
+            m.stats.transfer("client", HOST, nbytes, r.fill_seconds if entries else None)
             pinned = sess is not None and sess.pinned
             if (m.write.write_on_save or pinned) and m.disk_room is not None and entries:
                 # A disk write under the lock (tiercache.lock): write-through means the save's

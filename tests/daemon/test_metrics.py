@@ -216,6 +216,34 @@ async def test_saves_lookups_and_loads_from_host_count_blocks_bytes_and_requests
     assert value(m, "tiercache_request_seconds_sum", op="load") > 0
 
 
+async def test_a_save_is_timed_by_its_copy_and_only_where_this_process_made_it(
+    open_cache: OpenCache,
+) -> None:
+    m = Metrics()
+    cache = await open_cache(host_blocks=8, disk_blocks=64, stats=m)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await cache.save(NS, tokens, blocks)  # embedded: the cache copies, and times that copy
+    await cache.save(NS, tokens, blocks)  # every block held already: nothing copied or timed
+    assert value(m, "tiercache_transfer_seconds_count", src="client", dst="host") == 1
+
+    # A socket client's save: it copies into the reserved slots in its own process and the
+    # cache only commits them, so the bytes count but the commit's bookkeeping is no sample.
+    r = await cache.reserve(NS, make_tokens(2, seed=1))
+    await cache.commit(r)
+    assert value(m, "tiercache_transfer_bytes_total", src="client", dst="host") == 5 * B
+    assert value(m, "tiercache_transfer_seconds_count", src="client", dst="host") == 1
+
+    # Where the copy was made here (an attached engine's gather), the sample is its duration.
+    before = value(m, "tiercache_transfer_seconds_sum", src="client", dst="host")
+    r = await cache.reserve(NS, make_tokens(2, seed=2))
+    r.fill_seconds = 0.25
+    await cache.commit(r)
+    assert value(m, "tiercache_transfer_seconds_count", src="client", dst="host") == 2
+    assert value(m, "tiercache_transfer_seconds_sum", src="client", dst="host") - before == (
+        pytest.approx(0.25)
+    )
+
+
 async def test_tier_gauges_are_read_from_the_manager_at_scrape_time(
     open_cache: OpenCache,
 ) -> None:
