@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -689,6 +690,31 @@ def test_the_unit_is_hardened_but_leaves_the_gpu_and_jit_usable() -> None:
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert s["PrivateDevices"] == ["no"]  # /dev/nvidia*
     assert "MemoryDenyWriteExecute" not in s  # CUDA PTX JIT, NVRTC, torch JIT
+
+
+def test_the_units_install_steps_work_before_any_tiercache_directory_exists(
+    tmp_path: Path,
+) -> None:
+    # The steps in the unit's header, run as written into an empty root (where /etc/tiercache
+    # does not exist yet: the unit's ConfigurationDirectory= makes it only at its first start).
+    steps = [
+        line.removeprefix("#").strip()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("#   install ")
+    ]
+    assert len(steps) == 2
+    root = tmp_path / "root"
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)  # systemd's own
+    for step in steps:
+        argv = shlex.split(step)
+        argv[-1] = f"{root}{argv[-1]}"
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, f"{step}: {done.stderr}"
+    installed = root / "etc" / "tiercache" / "tiercache.toml"
+    assert load_config(installed, env={}) == load_config(EXAMPLE, env={})
+    assert (root / "etc" / "systemd" / "system" / "tiercache.service").read_text() == (
+        UNIT.read_text()
+    )
 
 
 def test_the_example_config_fits_the_units_directories() -> None:
