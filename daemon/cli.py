@@ -132,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from tiercache.daemon.service import Daemon
 
-    logging.getLogger().setLevel(cfg.daemon.log_level.upper())
+    # An explicit --log-level wins over [daemon] log_level for this run.
+    logging.getLogger().setLevel((args.log_level or cfg.daemon.log_level).upper())
     asyncio.run(Daemon(cfg).run())
     return 0
 
@@ -202,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tiercache", description="Tiered KV-cache offload for LLM inference."
     )
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="default: warning; for serve, [daemon] log_level",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
@@ -291,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=(args.log_level or "warning").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for name in ("tokens", "batch", "turns", "context_tokens", "reply_tokens", "block_size"):
         value = getattr(args, name, None)

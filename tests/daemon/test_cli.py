@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import llama3_70b_config
 from tiercache.daemon.cli import main
+from tiercache.daemon.process import DaemonProcess
 
 
 @pytest.fixture
@@ -178,3 +180,28 @@ def test_retention_against_a_store_that_does_not_answer_exits_1_in_one_line(
     assert not any("Traceback" in line or "Debug source" in line for line in err)
     # the tier's own log of the store it could not reach is one line too
     assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "logged", "not_logged"),
+    [
+        (["--log-level", "debug"], "DEBUG", None),
+        (["--log-level", "error"], None, "INFO"),
+        ([], "INFO", "DEBUG"),  # no flag: [daemon] log_level, "info" by default
+    ],
+)
+def test_serve_logs_at_the_level_the_command_line_asks_over_the_configs(
+    tmp_path: Path, flag: list[str], logged: str | None, not_logged: str | None
+) -> None:
+    d = DaemonProcess(
+        tmp_path,
+        {"TIERCACHE_TIERS_HOST__BYTES": "1MiB", "TIERCACHE_TIERS_DISK__URL": str(tmp_path / "d")},
+    )
+    d.args = [sys.executable, "-m", "tiercache.daemon.cli", *flag, "serve"]
+    d.start()
+    assert d.stop() == 0
+    log = d.log.read_text()
+    if logged is not None:
+        assert f" {logged} " in log
+    if not_logged is not None:
+        assert f" {not_logged} " not in log
