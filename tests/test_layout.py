@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,27 @@ def test_every_test_file_is_named_after_a_module_of_its_folder() -> None:
 def test_every_folder_of_the_tests_mirrors_a_package_folder() -> None:
     for d in TESTS.iterdir():
         if d.is_dir() and d.name != "__pycache__" and d.name not in NOT_MIRRORS:
-            assert (PACKAGE / d.name / "__init__.py").is_file(), f"tests/{d.name} mirrors nothing"
+            assert (PACKAGE / d.name).is_dir(), f"tests/{d.name} mirrors nothing"
+
+
+@pytest.mark.parametrize("folder", ["daemon", "kernels"])
+def test_a_top_level_folder_does_not_shadow_the_pypi_package_of_its_name(
+    folder: str, tmp_path: Path
+) -> None:
+    # daemon/ and kernels/ sit at the top of the checkout, which pytest and ``python -m`` put
+    # first on sys.path; with an __init__.py each was a regular package that hid PyPI's
+    # ``kernels`` (transformers imports it from 5.2x on) and ``daemon`` (python-daemon). As
+    # namespace folders they give way to an installed package of the name.
+    site = tmp_path / "site"
+    (site / folder).mkdir(parents=True)
+    (site / folder / "__init__.py").write_text("FROM_PYPI = True\n")
+    code = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path.append({str(site)!r}); "
+        f"import {folder}; print({folder}.FROM_PYPI)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr
+    assert __import__(f"tiercache.{folder}", fromlist=["x"]).__path__  # still tiercache's
 
 
 # The size limits that keep each concept in a room of its own (issue 14): a class past them
