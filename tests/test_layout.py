@@ -92,7 +92,7 @@ def test_a_top_level_folder_does_not_shadow_the_pypi_package_of_its_name(
     (site / folder).mkdir(parents=True)
     (site / folder / "__init__.py").write_text("FROM_PYPI = True\n")
     code = (
-        f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path.append({str(site)!r}); "
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(site)!r}]; "
         f"import {folder}; print({folder}.FROM_PYPI)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
