@@ -256,6 +256,27 @@ def test_layer_types_with_two_windows_name_their_groups_by_window() -> None:
     assert [g.name for g in ModelKV.from_hf_config(cfg).groups] == [SLIDING, CHUNKED, FULL]
 
 
+def test_layers_that_reuse_an_earlier_layers_kv_are_in_no_group() -> None:
+    # gemma-3n-E2B's text config: 30 layers, four sliding to one full, the last 10 attend to the
+    # KV of layers 18 (sliding) and 19 (full) and cache none of their own.
+    cfg = {
+        "model_type": "gemma3n_text", "num_hidden_layers": 30, "num_kv_shared_layers": 10,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+        "hidden_size": 2048, "sliding_window": 512,
+        "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 6,
+    }  # fmt: skip
+
+    model = ModelKV.from_hf_config(cfg)
+
+    assert kinds(model) == [
+        (SLIDING, SLIDING, 512, tuple(i for i in range(20) if i % 5 != 4)),
+        (FULL, FULL, 0, (4, 9, 14, 19)),
+    ]
+    assert model.bytes_per_token == 2 * 20 * 2 * 256 * 2
+    with pytest.raises(SpecError, match=r"num_kv_shared_layers is 30, but num_hidden_layers is 30"):
+        ModelKV.from_hf_config({**cfg, "num_kv_shared_layers": 30})
+
+
 def test_deepseek_v3_is_one_mla_group_of_the_576_value_latent() -> None:
     model = ModelKV.from_hf_config(CONFIGS / "deepseek-v3.json")
 

@@ -21,7 +21,9 @@ Gemma configs, with transformers' defaults where a Gemma or gpt-oss config leave
 ``attention_chunk_size`` with ``no_rope_layers`` (Llama 4), ``sliding_window`` alone (every
 layer slides: Mistral 7B v0.1, Phi-3), ``kv_lora_rank`` with ``qk_rope_head_dim`` (MLA). A
 layer type that keeps no per-token KV (linear attention, state-space layers) is a SpecError
-naming it: there is nothing for tiercache to store for it.
+naming it: there is nothing for tiercache to store for it. Layers that reuse an earlier
+layer's KV (Gemma 3n and 4's ``num_kv_shared_layers``, the last layers of the model) cache
+none of their own and belong to no group.
 """
 
 from __future__ import annotations
@@ -194,6 +196,15 @@ class ModelKV:
             return int(cfg[key])
 
         n = need("num_hidden_layers")
+        # Gemma 3n and 4: the last ``num_kv_shared_layers`` layers attend to the KV of an earlier
+        # layer of their kind and cache none of their own (transformers' DynamicCache has no
+        # layer for them), so they are in no group.
+        shared = int(cfg.get("num_kv_shared_layers") or 0)
+        if not 0 <= shared < n:
+            raise SpecError(
+                f"model config's num_kv_shared_layers is {shared}, but num_hidden_layers is {n}: "
+                "at least one layer must cache KV of its own"
+            )
         if dtype is None:
             dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
         assert dtype is not None
@@ -202,13 +213,15 @@ class ModelKV:
         )
         if cfg.get("kv_lora_rank"):
             latent = need("kv_lora_rank") + need("qk_rope_head_dim")
-            spec = KVSpec(num_layers=n, num_kv_heads=1, head_dim=latent, kind=MLA, **common)
-            return cls((KVGroup("mla", tuple(range(n)), spec),))
+            spec = KVSpec(
+                num_layers=n - shared, num_kv_heads=1, head_dim=latent, kind=MLA, **common
+            )
+            return cls((KVGroup("mla", tuple(range(n - shared)), spec),))
         heads = need("num_attention_heads")
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or need("hidden_size") // heads)
         by_kind: dict[tuple[AttentionKind, int], list[int]] = {}
-        for i, kind_window in enumerate(layer_kinds(cfg, n)):
+        for i, kind_window in enumerate(layer_kinds(cfg, n)[: n - shared]):
             by_kind.setdefault(kind_window, []).append(i)
         kinds = [kind for kind, _ in by_kind]
         groups = []

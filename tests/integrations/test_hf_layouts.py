@@ -216,3 +216,50 @@ def test_a_plain_dynamic_cache_is_saved_as_far_as_it_holds_whole_blocks(
     assert torch.equal(
         generate(model, prompt, restored, REPLY)[0], recompute(model, prompt, REPLY)[0]
     )
+
+
+def gemma3n(**overrides: Any) -> Any:
+    """A tiny Gemma 3n: sliding and full layers alternate, and the last two layers reuse the KV
+    of layers 2 (sliding) and 3 (full), caching none of their own."""
+    import transformers
+
+    fields: dict[str, Any] = dict(
+        vocab_size=2048, vocab_size_per_layer_input=2048, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        sliding_window=WINDOW, num_kv_shared_layers=2, hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention"] * 3, laurel_rank=8,
+        activation_sparsity_pattern=[0.0] * 6, initializer_range=0.4,
+    )  # fmt: skip
+    config = transformers.Gemma3nTextConfig(**{**fields, **overrides})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def test_a_model_whose_last_layers_share_kv_resumes_identical_to_recompute(
+    cache: SyncCache,
+) -> None:
+    model = gemma3n()
+    chat = HFChatCache(cache, model, block_size=BS)
+    assert [(g.name, g.layers) for g in chat.kv.groups] == [("sliding", (0, 2)), ("full", (1, 3))]
+    ids = user_message(0, 100, model.config.vocab_size)
+    past = chat.new_cache()
+    with torch.no_grad():
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    prompt = torch.cat([ids, user_message(1, 10, model.config.vocab_size)])
+    expected, _ = recompute(model, prompt, REPLY)
+
+    restored, reused = chat.restore("chat", prompt)
+
+    assert reused == 96
+    assert torch.equal(generate(model, prompt, restored, REPLY)[0], expected)
+    # Controls: an early token changes the reply, and so does the restored KV of a layer whose
+    # KV the shared layers reuse.
+    changed = prompt.clone()
+    changed[3] = (changed[3] + 1) % model.config.vocab_size
+    assert not torch.equal(recompute(model, changed, REPLY)[0], expected)
+    tampered, _ = chat.restore("chat", prompt)
+    tampered.layers[2].values.mul_(-1.0)
+    assert not torch.equal(generate(model, prompt, tampered, REPLY)[0], expected)
