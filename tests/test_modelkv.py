@@ -277,6 +277,52 @@ def test_layers_that_reuse_an_earlier_layers_kv_are_in_no_group() -> None:
         ModelKV.from_hf_config({**cfg, "num_kv_shared_layers": 30})
 
 
+GEMMA4_TEXT = {
+    "model_type": "gemma4_text", "num_hidden_layers": 12, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 4096, "sliding_window": 1024,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "full_heads", "full_head_dim"),
+    [
+        ({}, 8, 512),  # transformers' default global_head_dim
+        ({"global_head_dim": 384, "num_global_key_value_heads": 2}, 8, 384),  # K != V: heads kept
+        ({"global_head_dim": 384, "num_global_key_value_heads": 2, "attention_k_eq_v": True}, 2, 384),
+        ({"per_layer_config": {"5": {"head_dim": 128}, "11": {"head_dim": 128}}}, 8, 128),
+    ],
+)  # fmt: skip
+def test_gemma4_full_layers_have_a_kv_shape_of_their_own(
+    fields: dict[str, Any], full_heads: int, full_head_dim: int
+) -> None:
+    sliding, full = ModelKV.from_hf_config({**GEMMA4_TEXT, **fields}).groups
+
+    assert (sliding.name, sliding.layers, sliding.spec.num_kv_heads, sliding.spec.head_dim) == (
+        SLIDING, (0, 1, 2, 3, 4, 6, 7, 8, 9, 10), 8, 256,
+    )  # fmt: skip
+    assert (full.name, full.layers, full.spec.num_kv_heads, full.spec.head_dim) == (
+        FULL, (5, 11), full_heads, full_head_dim,
+    )  # fmt: skip
+
+
+def test_layers_of_one_kind_with_another_window_or_shape_are_groups_of_their_own() -> None:
+    cfg = {
+        **llama3_70b_config(num_hidden_layers=4), "sliding_window": 64,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+        "per_layer_config": {1: {"sliding_window": 128}, 3: {"num_key_value_heads": 2}},
+    }  # fmt: skip
+
+    model = ModelKV.from_hf_config(cfg)
+
+    assert [(g.name, g.layers, g.spec.window, g.spec.num_kv_heads) for g in model.groups] == [
+        ("sliding-64", (0,), 64, 8), ("sliding-128", (1,), 128, 8),
+        ("full-0-8x128", (2,), 0, 8), ("full-0-2x128", (3,), 0, 2),
+    ]  # fmt: skip
+    with pytest.raises(SpecError, match="per_layer_config must map layer indices"):
+        ModelKV.from_hf_config({**cfg, "per_layer_config": {"last": {"head_dim": 64}}})
+
+
 def test_deepseek_v3_is_one_mla_group_of_the_576_value_latent() -> None:
     model = ModelKV.from_hf_config(CONFIGS / "deepseek-v3.json")
 

@@ -182,9 +182,11 @@ class ModelKV:
         their ``text_config``.
 
         GQA and MQA come from ``num_key_value_heads`` (absent: one KV head per attention
-        head); an explicit ``head_dim`` wins over hidden/heads. Groups are named by kind
-        (``full``, ``sliding``, ``chunked``, ``mla``; ``sliding-<window>`` where windows
-        differ) in the order their first layer appears. ``dtype`` overrides the config's own
+        head); an explicit ``head_dim`` wins over hidden/heads, and a layer's own
+        (``per_layer_config``: Gemma 4's full layers) over the model's. Layers of one kind with
+        another window or KV shape are another group. Groups are named by kind (``full``,
+        ``sliding``, ``chunked``, ``mla``; ``sliding-<window>`` where windows differ) in the
+        order their first layer appears. ``dtype`` overrides the config's own
         (the KV cache may be stored narrower than the weights).
         """
         cfg = read_hf_config(config)
@@ -217,22 +219,76 @@ class ModelKV:
                 num_layers=n - shared, num_kv_heads=1, head_dim=latent, kind=MLA, **common
             )
             return cls((KVGroup("mla", tuple(range(n - shared)), spec),))
-        heads = need("num_attention_heads")
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or need("hidden_size") // heads)
-        by_kind: dict[tuple[AttentionKind, int], list[int]] = {}
-        for i, kind_window in enumerate(layer_kinds(cfg, n)[: n - shared]):
-            by_kind.setdefault(kind_window, []).append(i)
-        kinds = [kind for kind, _ in by_kind]
+        kinds = layer_kinds(cfg, n)
+        by_kind: dict[tuple[AttentionKind, int, int, int], list[int]] = {}
+        for i, override in enumerate(layer_overrides(cfg, kinds)[: n - shared]):
+            layer = {**cfg, **override}
+            kind, window = kinds[i]
+            if kind is not FULL and override:
+                kind, window = window_of(layer, kind)
+            heads = int(layer.get("num_attention_heads") or need("num_attention_heads"))
+            kv_heads = int(layer.get("num_key_value_heads") or heads)
+            head_dim = int(layer.get("head_dim") or need("hidden_size") // heads)
+            by_kind.setdefault((kind, window, kv_heads, head_dim), []).append(i)
         groups = []
-        for (kind, window), layers in by_kind.items():
-            name = str(kind) if kinds.count(kind) == 1 else f"{kind}-{window}"
+        for (kind, window, kv_heads, head_dim), layers in by_kind.items():
             spec = KVSpec(
                 num_layers=len(layers), num_kv_heads=kv_heads, head_dim=head_dim,
                 kind=kind, window=window, **common,
             )  # fmt: skip
-            groups.append(KVGroup(name, tuple(layers), spec))
+            groups.append(KVGroup(group_name(list(by_kind), spec), tuple(layers), spec))
         return cls(tuple(groups))
+
+
+def group_name(keys: list[tuple[AttentionKind, int, int, int]], spec: KVSpec) -> str:
+    """The kind, and where several groups have it the window, and where several have that too
+    the KV shape: ``full``, ``sliding-1024``, ``full-0-4x512``."""
+    same = [k for k in keys if k[0] is spec.kind]
+    if len(same) == 1:
+        return str(spec.kind)
+    name = f"{spec.kind}-{spec.window}"
+    if sum(k[1] == spec.window for k in same) > 1:
+        name += f"-{spec.num_kv_heads}x{spec.head_dim}"
+    return name
+
+
+# Gemma 4: its full layers' KV shape, which a config.json gives as these fields (transformers'
+# Gemma4TextConfig turns them into ``per_layer_config``), with transformers' defaults.
+_GEMMA4 = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+_GEMMA4_GLOBAL_HEAD_DIM = 512
+
+
+def layer_overrides(
+    cfg: dict[str, Any], kinds: list[tuple[AttentionKind, int]]
+) -> list[dict[str, Any]]:
+    """What each layer's config sets over the model's (``per_layer_config``: Gemma 4's full
+    layers have a head_dim of their own, other models a window or heads per layer)."""
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is None and cfg.get("model_type") in _GEMMA4:
+        full: dict[str, Any] = {"head_dim": cfg.get("global_head_dim", _GEMMA4_GLOBAL_HEAD_DIM)}
+        if cfg.get("attention_k_eq_v") and cfg.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = cfg["num_global_key_value_heads"]
+        per_layer = {i: full for i, (kind, _) in enumerate(kinds) if kind is FULL}
+    if per_layer is None:
+        return [{} for _ in kinds]
+    if not (
+        isinstance(per_layer, dict)
+        and all(str(i).isdigit() and isinstance(v, dict) for i, v in per_layer.items())
+    ):
+        raise SpecError(
+            "model config's per_layer_config must map layer indices to the fields each layer "
+            f"sets, got {per_layer!r:.80}"
+        )
+    by_index = {int(i): v for i, v in per_layer.items()}
+    return [by_index.get(i, {}) for i in range(len(kinds))]
+
+
+def window_of(cfg: dict[str, Any], kind: AttentionKind) -> tuple[AttentionKind, int]:
+    """``(kind, window)`` of a sliding or chunked layer configured by ``cfg``."""
+    key = "sliding_window" if kind is SLIDING else "attention_chunk_size"
+    if not cfg.get(key):
+        raise SpecError(f"model config has {kind} attention layers but no {key!r}")
+    return kind, int(cfg[key])
 
 
 def read_hf_config(config: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
@@ -258,13 +314,6 @@ def read_hf_config(config: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
 
 def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
     """``(kind, window)`` of each of the ``n`` layers a config describes (see the module doc)."""
-
-    def window_of(kind: AttentionKind) -> tuple[AttentionKind, int]:
-        key = "sliding_window" if kind is SLIDING else "attention_chunk_size"
-        if not cfg.get(key):
-            raise SpecError(f"model config has {kind} attention layers but no {key!r}")
-        return kind, int(cfg[key])
-
     full = (FULL, 0)
     types = cfg.get("layer_types")
     if types is not None:
@@ -281,16 +330,16 @@ def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
                     f"layer {i} of the model is a {t!r} layer: tiercache stores the per-token KV "
                     f"of attention layers ({', '.join(named)}), and a {t!r} layer has none"
                 )
-            out.append(full if named[t] is FULL else window_of(named[t]))
+            out.append(full if named[t] is FULL else window_of(cfg, named[t]))
         return out
     if "use_sliding_window" in cfg:  # Qwen2: the layers from max_window_layers on slide
         if not cfg["use_sliding_window"] or not cfg.get("sliding_window"):
             return [full] * n
         first = int(cfg.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS))
-        return [window_of(SLIDING) if i >= first else full for i in range(n)]
+        return [window_of(cfg, SLIDING) if i >= first else full for i in range(n)]
     pattern = cfg.get("sliding_window_pattern") or _PATTERNS.get(cfg.get("model_type", ""))
     if pattern and cfg.get("sliding_window"):
-        return [full if (i + 1) % int(pattern) == 0 else window_of(SLIDING) for i in range(n)]
+        return [full if (i + 1) % int(pattern) == 0 else window_of(cfg, SLIDING) for i in range(n)]
     if cfg.get("attention_chunk_size"):  # Llama 4: chunked RoPE layers, full NoPE layers
         every = int(cfg.get("no_rope_layer_interval") or _LLAMA4_NO_ROPE_INTERVAL)
         uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
@@ -299,7 +348,7 @@ def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
                 f"model config's no_rope_layers lists {len(uses_rope)} layers, "
                 f"but num_hidden_layers is {n}"
             )
-        return [window_of(CHUNKED) if r else full for r in uses_rope]
+        return [window_of(cfg, CHUNKED) if r else full for r in uses_rope]
     if cfg.get("sliding_window"):
-        return [window_of(SLIDING)] * n
+        return [window_of(cfg, SLIDING)] * n
     return [full] * n

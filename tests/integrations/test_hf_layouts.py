@@ -263,3 +263,42 @@ def test_a_model_whose_last_layers_share_kv_resumes_identical_to_recompute(
     tampered, _ = chat.restore("chat", prompt)
     tampered.layers[2].values.mul_(-1.0)
     assert not torch.equal(generate(model, prompt, tampered, REPLY)[0], expected)
+
+
+def test_a_model_whose_full_layers_have_a_wider_head_resumes_identical_to_recompute(
+    cache: SyncCache,
+) -> None:
+    # Gemma 4: the full layers' head_dim (global_head_dim) is twice the sliding layers'.
+    import transformers
+
+    config = transformers.Gemma4TextConfig(
+        vocab_size=2048, vocab_size_per_layer_input=2048, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        global_head_dim=64, sliding_window=WINDOW, hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.4,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    chat = HFChatCache(cache, model, block_size=BS)
+    assert [(g.name, g.spec.head_dim) for g in chat.kv.groups] == [("sliding", 32), ("full", 64)]
+    ids = user_message(0, 100, model.config.vocab_size)
+    past = chat.new_cache()
+    with torch.no_grad():
+        model(ids[None], past_key_values=past)
+    chat.save("chat", ids, past)
+    prompt = torch.cat([ids, user_message(1, 10, model.config.vocab_size)])
+
+    def logits(past: Any, start: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(prompt[None, start:], past_key_values=past).logits[0, -1]
+
+    expected = logits(DynamicCache(config=model.config), 0)
+    restored, reused = chat.restore("chat", prompt)
+
+    assert reused == 96
+    torch.testing.assert_close(logits(restored, reused), expected, atol=1e-4, rtol=0)
+    # Control: the full layers' restored KV is what the prompt's last token attends to.
+    tampered, _ = chat.restore("chat", prompt)
+    tampered.layers[1].values.mul_(-1.0)
+    assert float((logits(tampered, reused) - expected).abs().max()) > 0.1
