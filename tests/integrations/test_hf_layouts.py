@@ -27,7 +27,7 @@ from tiercache.demo_models import WINDOW, tiny_model
 from tiercache.groups import needed_blocks
 from tiercache.integrations.hf import HFChatCache
 from tiercache.keys import Namespace
-from tiercache.spec import AttentionKind
+from tiercache.spec import AttentionKind, SpecError
 
 BS = 8
 FAMILIES = ["gemma3", "gpt_oss", "mistral", "deepseek_v2", "deepseek_v3"]
@@ -302,3 +302,26 @@ def test_a_model_whose_full_layers_have_a_wider_head_resumes_identical_to_recomp
     tampered, _ = chat.restore("chat", prompt)
     tampered.layers[1].values.mul_(-1.0)
     assert float((logits(tampered, reused) - expected).abs().max()) > 0.1
+
+
+def test_a_model_whose_layers_cache_more_than_kv_is_refused_naming_the_layer(
+    cache: SyncCache,
+) -> None:
+    # DeepSeek-V3.2's layers also cache indexer keys, which tiercache does not store: restored
+    # without them, generate failed inside the model's indexer.
+    import transformers
+
+    config = transformers.DeepseekV32Config(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=32, q_lora_rank=64,
+        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16,
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+        topk_group=1, moe_intermediate_size=64, index_topk=16, index_head_dim=16,
+        index_n_heads=4,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    with pytest.raises(
+        SpecError, match=r"^layer 0 of the model is cached as a DynamicIndexedLayer"
+    ):
+        HFChatCache(cache, model, block_size=BS)

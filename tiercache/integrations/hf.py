@@ -17,7 +17,9 @@ layers, Mistral-style models slide everywhere) and DeepSeek-V2/V3's MLA, which
 transformers caches as the compressed latent (its ``keys`` are the normalized
 ``kv_lora_rank`` part, its ``values`` the rotated ``qk_rope_head_dim`` part): tiercache
 stores the two side by side as one plane of ``kv_lora_rank + qk_rope_head_dim`` values
-per token and layer, the same latent vLLM's MLA cache holds, not K and V per head.
+per token and layer, the same latent vLLM's MLA cache holds, not K and V per head. A model
+whose cache layers keep anything else (DeepSeek-V3.2's indexer keys, chunked attention,
+recurrent state) is refused when the ``HFChatCache`` is made, naming the layer.
 
 A sliding layer of transformers keeps only the last ``window - 1`` tokens, so the whole
 blocks of the window a resume needs are not all in a plain ``DynamicCache`` any more
@@ -80,6 +82,36 @@ def model_fingerprint(model: Any) -> str:
     return f"{name}@{h.hexdigest()}"
 
 
+def _check_cache_layers(kv: ModelKV, config: Any) -> None:
+    """A SpecError unless transformers caches each layer of ``kv`` as its group says: K and V
+    per token (``DynamicLayer``; ``DynamicSlidingWindowLayer`` of the group's window), and
+    nothing more. A layer that also caches something tiercache does not store (DeepSeek-V3.2's
+    and GLM-5's indexer keys) would be restored without it."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = DynamicCache(config=config).layers
+    if len(layers) != kv.num_layers:
+        raise SpecError(
+            f"transformers caches {len(layers)} layers of this model, its config names "
+            f"{kv.num_layers} in KV cache groups; HFChatCache cannot tell which is which"
+        )
+    for g in kv.groups:
+        sliding = g.spec.kind is AttentionKind.SLIDING
+        for i in g.layers:
+            layer = layers[i]
+            window = getattr(layer, "sliding_window", None)
+            want = DynamicSlidingWindowLayer if sliding else DynamicLayer
+            if type(layer) is not want or (sliding and window != g.spec.window):
+                what = type(layer).__name__ + (f" of window {window}" if window else "")
+                raise SpecError(
+                    f"layer {i} of the model is cached as a {what}, but its KV cache group "
+                    f"{g.name!r} is {g.describe()}: HFChatCache stores the K and V (or MLA "
+                    "latent) of DynamicLayer and DynamicSlidingWindowLayer caches, nothing else "
+                    "a layer keeps"
+                )
+
+
 class HFChatCache:
     """Session save/restore of a transformers model's ``DynamicCache`` through tiercache."""
 
@@ -103,6 +135,7 @@ class HFChatCache:
                     f"KV cache group {g.name!r} ({g.describe()}): transformers' chunked and "
                     "sink-token caches are not supported by HFChatCache"
                 )
+        _check_cache_layers(self.kv, model.config)
         text = model.config.get_text_config(decoder=True)
         self._lora = int(getattr(text, "kv_lora_rank", 0) or 0)  # MLA: where keys end
         self.grouped = GroupedCache(
