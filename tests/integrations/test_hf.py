@@ -24,6 +24,7 @@ from tiercache import SyncCache
 from tiercache.demo_models import tiny_model
 from tiercache.integrations.hf import HFChatCache, generate_cache_kwarg, model_fingerprint
 from tiercache.keys import TokenError
+from tiercache.results import SaveResult
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -135,6 +136,15 @@ def test_a_batch_of_two_prompts_is_refused_not_looked_up_as_one(
     with pytest.raises(TokenError, match=r"got shape \(2, 64\)"):
         chat.restore("s", torch.stack([ids, ids]))
     assert chat.restore("s", ids[None])[1] == 48
+
+
+def test_saving_a_cache_nothing_ran_through_stores_nothing(model: Any, cache: SyncCache) -> None:
+    chat = HFChatCache(cache, model, block_size=16)
+    for past in (DynamicCache(), DynamicCache(config=model.config), chat.new_cache()):
+        assert chat.save("s", [], past) == SaveResult(0, 0, 0)
+    with pytest.raises(ValueError, match="3 tokens given but the cache holds only 0 positions"):
+        chat.save("s", [1, 2, 3], DynamicCache())
+    assert chat.restore("s", user_message(0, 64, model.config.vocab_size))[1] == 0
 
 
 def test_a_cache_of_a_batch_is_refused_not_saved_as_row_0(model: Any, cache: SyncCache) -> None:

@@ -192,13 +192,17 @@ class HFChatCache:
         held: dict[str, range] = {}
         offsets: dict[str, int] = {}
         for g in self.kv.groups:
-            layer = past.layers[g.layers[0]]
-            seen = layer.get_seq_length()
+            # A cache nothing ran through yet has no layers (DynamicCache()) or empty ones.
+            layer = past.layers[g.layers[0]] if g.layers[0] < len(past.layers) else None
+            seen = 0 if layer is None else layer.get_seq_length()
             if ids.numel() > seen:
                 raise ValueError(
                     f"{ids.numel()} tokens given but the cache holds only {seen} positions"
                 )
-            if seen and layer.keys.shape[0] != 1:
+            if layer is None or not seen:
+                held[g.name], offsets[g.name] = range(0), 0
+                continue
+            if layer.keys.shape[0] != 1:
                 raise ValueError(
                     f"the cache holds a batch of {layer.keys.shape[0]} conversations; "
                     "save takes one (batch size 1)"
