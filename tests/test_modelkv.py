@@ -338,6 +338,11 @@ def test_deepseek_v3_is_one_mla_group_of_the_576_value_latent() -> None:
         ({"layer_types": ["full_attention"]}, r"^model config's layer_types lists 1 layers, but num_hidden_layers is 2$"),
         ({"layer_types": ["sliding_attention"] * 2}, r"^model config has sliding attention layers but no 'sliding_window'$"),
         ({"kv_lora_rank": 512}, r"^model config has no 'qk_rope_head_dim'; is it a decoder LLM config\?$"),
+        # Kimi Linear (MLA and KDA layers), as transformers writes it and as its config.json does
+        ({"kv_lora_rank": 512, "qk_rope_head_dim": 64, "layer_types": ["linear_attention", "full_attention"]}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        ({"kv_lora_rank": 512, "qk_rope_head_dim": 64, "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2]}}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        # a Qwen3-Next / Qwen3.5 config.json: three linear layers to one full
+        ({"full_attention_interval": 2}, r"^layer 0 of the model is a 'linear_attention' layer"),
         ({"attention_chunk_size": 64, "no_rope_layers": [1, 1, 0]}, r"^model config's no_rope_layers lists 3 layers, but num_hidden_layers is 2$"),
     ],
 )  # fmt: skip
@@ -346,6 +351,15 @@ def test_configs_tiercache_cannot_store_are_refused_naming_why(
 ) -> None:
     with pytest.raises(SpecError, match=message):
         ModelKV.from_hf_config({**llama3_70b_config(num_hidden_layers=2), **cfg})
+
+
+def test_deepseek_v32_indexed_layers_cache_the_mla_latent() -> None:
+    cfg = {
+        "num_hidden_layers": 2, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+        "layer_types": ["indexed_attention"] * 2,
+    }  # fmt: skip
+
+    assert kinds(ModelKV.from_hf_config(cfg)) == [(MLA, MLA, 0, (0, 1))]
 
 
 def test_kvspec_from_hf_config_points_a_hybrid_model_to_modelkv() -> None:

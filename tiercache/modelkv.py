@@ -214,6 +214,9 @@ class ModelKV:
             dtype=dtype_name(dtype), block_size=block_size, layout=Layout(layout)
         )
         if cfg.get("kv_lora_rank"):
+            # Every layer caches the latent (DeepSeek-V3.2's indexed layers keep their indexer
+            # keys beside it); a layer of another type (Kimi Linear's KDA layers) is refused.
+            typed_layers(cfg, n, {"full_attention": MLA, "indexed_attention": MLA})
             latent = need("kv_lora_rank") + need("qk_rope_head_dim")
             spec = KVSpec(
                 num_layers=n - shared, num_kv_heads=1, head_dim=latent, kind=MLA, **common
@@ -312,26 +315,44 @@ def read_hf_config(config: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
     return cfg
 
 
+def typed_layers(
+    cfg: dict[str, Any], n: int, named: dict[str, AttentionKind]
+) -> list[AttentionKind] | None:
+    """The kind of each of the ``n`` layers the config's ``layer_types`` names (None where it
+    has none), or a SpecError for a layer type ``named`` has no kind for."""
+    types = cfg.get("layer_types")
+    linear = cfg.get("linear_attn_config")
+    if types is None and "full_attention_interval" in cfg:
+        # Qwen3-Next and Qwen3.5 config.json files: every interval-th layer attends, the rest
+        # are linear (Gated DeltaNet), as transformers reads them.
+        every = int(cfg["full_attention_interval"])
+        types = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    elif types is None and isinstance(linear, dict) and linear.get("kda_layers"):
+        # Kimi Linear's config.json: its KDA layers, numbered from 1, are linear.
+        kda = {int(i) - 1 for i in linear["kda_layers"]}
+        types = ["linear_attention" if i in kda else "full_attention" for i in range(n)]
+    if types is None:
+        return None
+    if len(types) != n:
+        raise SpecError(
+            f"model config's layer_types lists {len(types)} layers, but num_hidden_layers is {n}"
+        )
+    for i, t in enumerate(types):
+        if t not in named:
+            raise SpecError(
+                f"layer {i} of the model is a {t!r} layer: tiercache stores the per-token KV "
+                f"of attention layers ({', '.join(named)}), and a {t!r} layer has none"
+            )
+    return [named[t] for t in types]
+
+
 def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
     """``(kind, window)`` of each of the ``n`` layers a config describes (see the module doc)."""
     full = (FULL, 0)
-    types = cfg.get("layer_types")
+    named = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
+    types = typed_layers(cfg, n, named)
     if types is not None:
-        if len(types) != n:
-            raise SpecError(
-                f"model config's layer_types lists {len(types)} layers, "
-                f"but num_hidden_layers is {n}"
-            )
-        named = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
-        out = []
-        for i, t in enumerate(types):
-            if t not in named:
-                raise SpecError(
-                    f"layer {i} of the model is a {t!r} layer: tiercache stores the per-token KV "
-                    f"of attention layers ({', '.join(named)}), and a {t!r} layer has none"
-                )
-            out.append(full if named[t] is FULL else window_of(cfg, named[t]))
-        return out
+        return [full if t is FULL else window_of(cfg, t) for t in types]
     if "use_sliding_window" in cfg:  # Qwen2: the layers from max_window_layers on slide
         if not cfg["use_sliding_window"] or not cfg.get("sliding_window"):
             return [full] * n
