@@ -11,6 +11,7 @@ import torch
 from tests.conftest import SPEC
 from tiercache.engine_kv import EngineKV
 from tiercache.ipc import HANDLE_BYTES, IpcError, TensorHandle, export_tensor, open_event
+from tiercache.spec import KVSpec
 
 GOOD: dict[str, Any] = {
     "handle": bytes(range(HANDLE_BYTES)),
@@ -68,7 +69,7 @@ def test_only_cuda_tensors_and_event_handles_of_the_right_size_are_shared() -> N
     [
         (None, "'layers' must list the 2 layers"),
         ([[GOOD]], "'layers' must list the 2 layers"),
-        ([[GOOD], [GOOD, GOOD]], "layer 1: the vllm layout sends 1 tensor handle"),
+        ([[GOOD], [GOOD, GOOD]], "layer 1: the vllm layout of a full spec sends 1 tensor handle"),
         ([[GOOD], [{**GOOD, "offset": "0"}]], "layer 1: 'offset'"),
     ],
 )
@@ -77,3 +78,18 @@ def test_an_attach_with_the_wrong_layers_is_refused_before_anything_is_mapped(
 ) -> None:
     with pytest.raises(IpcError, match=message):
         EngineKV.attach(SPEC, layers, bytes(HANDLE_BYTES))
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads", "message"),
+    [
+        ("full", 2, "layer 0: the hf layout of a full spec sends 2 tensor handle"),
+        # an MLA latent in the hf layout is one tensor a layer, as the kernels take it
+        ("mla", 1, "layer 1: the hf layout of a mla spec sends 1 tensor handle"),
+    ],
+)
+def test_the_hf_layout_sends_one_handle_a_plane(kind: str, heads: int, message: str) -> None:
+    spec = KVSpec(num_layers=2, num_kv_heads=heads, head_dim=8, layout="hf", kind=kind)
+
+    with pytest.raises(IpcError, match=message):
+        EngineKV.attach(spec, [[GOOD], [GOOD, GOOD]], bytes(HANDLE_BYTES))

@@ -82,9 +82,10 @@ class EngineKV:
     @classmethod
     def attach(cls, spec: KVSpec, layers: Any, event: Any) -> EngineKV:
         """Map an engine's caches from the handles it sent (``layers``: one list per layer of
-        one tensor handle, or two for the hf layout's K and V; ``event``: the engine's
-        interprocess event)."""
-        per_layer = 2 if spec.layout is Layout.HF else 1
+        one tensor handle, or for the hf layout one a plane: K and V, or an MLA latent;
+        ``event``: the engine's interprocess event)."""
+        hf = spec.layout is Layout.HF
+        per_layer = spec.planes if hf else 1
         if spec.layout is Layout.VLLM_CPU:
             raise ipc.IpcError("the vllm-cpu layout is a CPU cache: it maps the host arena instead")
         if not isinstance(layers, list) or len(layers) != spec.num_layers:
@@ -96,7 +97,8 @@ class EngineKV:
         for i, layer in enumerate(layers):
             if not isinstance(layer, list) or len(layer) != per_layer:
                 raise ipc.IpcError(
-                    f"layer {i}: the {spec.layout} layout sends {per_layer} tensor handle(s) a layer"
+                    f"layer {i}: the {spec.layout} layout of a {spec.kind} spec sends "
+                    f"{per_layer} tensor handle(s) a layer"
                 )
             handles.append([ipc.TensorHandle.from_wire(h, f"layer {i}") for h in layer])
         opened: list[ipc.OpenedTensor] = []
@@ -105,8 +107,11 @@ class EngineKV:
                 opened += [ipc.OpenedTensor(h) for h in layer_handles]
             tensors = [o.tensor for o in opened if o.tensor is not None]
             caches: list[LayerCache] = (
-                [(tensors[2 * i], tensors[2 * i + 1]) for i in range(spec.num_layers)]
-                if per_layer == 2
+                [
+                    tuple(tensors[per_layer * i : per_layer * (i + 1)])
+                    for i in range(spec.num_layers)
+                ]
+                if hf
                 else list(tensors)
             )
             device = reference.tensors(caches)[0].device
