@@ -277,6 +277,28 @@ def test_layers_that_reuse_an_earlier_layers_kv_are_in_no_group() -> None:
         ModelKV.from_hf_config({**cfg, "num_kv_shared_layers": 30})
 
 
+@pytest.mark.parametrize(
+    ("model_type", "full"),
+    [
+        ("gemma3n_text", (4,)),  # four sliding to one full
+        ("gemma4_text", (5, 6)),  # five to one, and the last layer is full
+    ],
+)
+def test_gemma3n_and_4_without_layer_types_get_transformers_default_patterns(
+    model_type: str, full: tuple[int, ...]
+) -> None:
+    cfg = {
+        "model_type": model_type, "num_hidden_layers": 7, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "head_dim": 256, "global_head_dim": 256, "hidden_size": 2048,
+        "sliding_window": 512,
+    }  # fmt: skip
+
+    assert kinds(ModelKV.from_hf_config(cfg)) == [
+        (SLIDING, SLIDING, 512, tuple(i for i in range(7) if i not in full)),
+        (FULL, FULL, 0, full),
+    ]
+
+
 GEMMA4_TEXT = {
     "model_type": "gemma4_text", "num_hidden_layers": 12, "num_attention_heads": 16,
     "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 4096, "sliding_window": 1024,

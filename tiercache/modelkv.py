@@ -45,8 +45,13 @@ FULL, SLIDING, CHUNKED, MLA = (
 )
 
 # transformers' own defaults for configs that leave the sliding pattern out (a layer i is full
-# when (i + 1) % pattern == 0): Gemma 2 and gpt-oss alternate, Gemma 3 has five local to one.
-_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
+# when (i + 1) % pattern == 0): Gemma 2 and gpt-oss alternate, Gemma 3 and 4 have five local
+# to one, Gemma 3n four to one. Gemma 4's last layer is full whatever the pattern says.
+_GEMMA4 = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+_PATTERNS = {
+    "gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2, "gemma3n": 5, "gemma3n_text": 5,
+    **dict.fromkeys(_GEMMA4, 6),
+}  # fmt: skip
 # transformers' defaults for the KV shape where a family's published configs leave it out
 # (gemma-3-4b-it's text_config names no heads; gemma-3-12b-it's no head_dim, which is not
 # hidden_size / heads there: 3840 / 16 = 240, where the model has 256).
@@ -255,9 +260,8 @@ def group_name(keys: list[tuple[AttentionKind, int, int, int]], spec: KVSpec) ->
     return name
 
 
-# Gemma 4: its full layers' KV shape, which a config.json gives as these fields (transformers'
-# Gemma4TextConfig turns them into ``per_layer_config``), with transformers' defaults.
-_GEMMA4 = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+# Gemma 4: its full layers' head_dim, where a config.json leaves it out (transformers'
+# Gemma4TextConfig turns global_head_dim into ``per_layer_config``).
 _GEMMA4_GLOBAL_HEAD_DIM = 512
 
 
@@ -360,7 +364,11 @@ def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
         return [window_of(cfg, SLIDING) if i >= first else full for i in range(n)]
     pattern = cfg.get("sliding_window_pattern") or _PATTERNS.get(cfg.get("model_type", ""))
     if pattern and cfg.get("sliding_window"):
-        return [full if (i + 1) % int(pattern) == 0 else window_of(cfg, SLIDING) for i in range(n)]
+        last = n - 1 if cfg.get("model_type") in _GEMMA4 else n
+        return [
+            full if (i + 1) % int(pattern) == 0 or i == last else window_of(cfg, SLIDING)
+            for i in range(n)
+        ]
     if cfg.get("attention_chunk_size"):  # Llama 4: chunked RoPE layers, full NoPE layers
         every = int(cfg.get("no_rope_layer_interval") or _LLAMA4_NO_ROPE_INTERVAL)
         uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
