@@ -325,3 +325,55 @@ def test_a_model_whose_layers_cache_more_than_kv_is_refused_naming_the_layer(
         SpecError, match=r"^layer 0 of the model is cached as a DynamicIndexedLayer"
     ):
         HFChatCache(cache, model, block_size=BS)
+
+
+def test_a_chat_with_an_image_reuses_only_the_blocks_before_it(cache: SyncCache) -> None:
+    # Gemma 3 with a vision tower: four placeholder ids stand for an image, and their KV (and
+    # every later token's) comes from its pixels, which no block key names. Another image
+    # under the same ids must not get the first image's KV.
+    import transformers
+
+    config = transformers.Gemma3Config(
+        text_config=dict(
+            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=WINDOW,
+            query_pre_attn_scalar=32, initializer_range=0.4,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        ),
+        mm_tokens_per_image=4, image_token_index=2000, boi_token_index=1998, eoi_token_index=1999,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.Gemma3ForConditionalGeneration(config).eval()
+        with torch.no_grad():  # transformers starts the image projection at zero
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+        image_a, image_b = torch.randn(2, 1, 3, 28, 28)
+    ids = torch.cat(
+        [
+            user_message(0, 20, 1990),
+            torch.tensor([1998, *[2000] * 4, 1999]),
+            user_message(1, 40, 1990),
+        ]
+    )
+
+    def logits(pixels: torch.Tensor, past: Any = None, start: int = 0) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(ids[None, start:], pixel_values=pixels, past_key_values=past)
+        return out.logits[0, -1]
+
+    expected = logits(image_b)
+    assert float((logits(image_a) - expected).abs().max()) > 0.1  # the image matters
+    chat = HFChatCache(cache, model, block_size=BS)
+    past = chat.new_cache()
+    with torch.no_grad():
+        model(ids[None], pixel_values=image_a, past_key_values=past)
+    chat.save("a", ids, past)
+
+    restored, reused = chat.restore("b", ids)  # the same ids, image B
+
+    assert reused == 16  # the whole blocks before the image (which starts at token 20)
+    assert chat.restore("b", ids.numpy().astype("uint32"))[1] == 16  # any integer dtype
+    torch.testing.assert_close(logits(image_b, restored, reused), expected, atol=1e-4, rtol=0)

@@ -112,6 +112,13 @@ def _check_cache_layers(kv: ModelKV, config: Any) -> None:
                 )
 
 
+# Config attributes naming the token ids that stand for an image, a video or audio.
+_MEDIA_TOKENS = (
+    "image_token_id", "image_token_index", "video_token_id", "video_token_index",
+    "audio_token_id", "audio_token_index",
+)  # fmt: skip
+
+
 class HFChatCache:
     """Session save/restore of a transformers model's ``DynamicCache`` through tiercache."""
 
@@ -138,6 +145,14 @@ class HFChatCache:
         _check_cache_layers(self.kv, model.config)
         text = model.config.get_text_config(decoder=True)
         self._lora = int(getattr(text, "kv_lora_rank", 0) or 0)  # MLA: where keys end
+        # Placeholder ids whose embeddings come from pixels or audio: the KV from the first one
+        # on depends on more than the token ids, which are all a block key hashes.
+        self._media = torch.tensor(
+            sorted({
+                v for c in (model.config, text) for name in _MEDIA_TOKENS
+                if isinstance(v := getattr(c, name, None), int) and not isinstance(v, bool)
+            }), dtype=torch.long,
+        )  # fmt: skip
         self.grouped = GroupedCache(
             cache,
             f"{model_id}#config={config_fingerprint(model.config)}"
@@ -179,13 +194,21 @@ class HFChatCache:
         k, v = layer.keys[:, :, a:b], layer.values[:, :, a:b]
         return (torch.cat([k, v], dim=-1),) if group.spec.kind is AttentionKind.MLA else (k, v)
 
+    def _text(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` up to the first image, video or audio placeholder: the blocks whose KV the
+        token ids determine (an image's KV, and every later token's, depends on its pixels)."""
+        media = torch.isin(ids.long(), self._media).nonzero()  # isin promotes no uint32
+        return ids[: int(media[0])] if media.numel() else ids
+
     def save(self, session: str, tokens: Any, past: Any) -> SaveResult:
         """Store the KV of ``tokens`` held in ``past`` (a DynamicCache of one conversation: a
         batch of several rows is refused, since the tokens name one row's KV).
 
         ``tokens`` are the ids whose KV is in ``past``, in order. Of every group only the
         blocks a resume needs and the cache lacks are gathered and written; the result counts
-        blocks of all groups together.
+        blocks of all groups together. Blocks from a multimodal model's first image (video,
+        audio) placeholder on are not stored: their KV depends on the pixels, which no key
+        names.
         """
         ids = torch.as_tensor(as_tokens(tokens))
         bs = self.kv.block_size
@@ -221,18 +244,20 @@ class HFChatCache:
             ]
             return gather(g.spec, caches, [b - lo for b in block_ids]).cpu()
 
-        results = self.grouped.save(ids, gather_group, held=held, session=session)
+        results = self.grouped.save(self._text(ids), gather_group, held=held, session=session)
         return sum(results.values(), SaveResult(0, 0, 0))
 
     def restore(self, session: str, tokens: Any) -> tuple[Any, int]:
         """A DynamicCache holding the longest prefix of ``tokens`` every group can resume at,
         and its length in tokens (an empty cache and 0 on a miss).
 
-        At most ``len(tokens) - 1`` tokens are restored. ``session`` names the chat for
-        pin/evict/prefetch.
+        At most ``len(tokens) - 1`` tokens are restored, and none from the first image (video,
+        audio) placeholder on: the model computes those from the pixels it is given.
+        ``session`` names the chat for pin/evict/prefetch.
         """
         ids = torch.as_tensor(as_tokens(tokens))
-        got = self.grouped.load(ids, max_blocks=max(0, (ids.numel() - 1) // self.kv.block_size))
+        most = max(0, (ids.numel() - 1) // self.kv.block_size)
+        got = self.grouped.load(self._text(ids), max_blocks=most)
         self.last_load = got
         past = self.new_cache()
         if got.blocks == 0:
