@@ -249,20 +249,28 @@ def test_a_model_whose_last_layers_share_kv_resumes_identical_to_recompute(
         model(ids[None], past_key_values=past)
     chat.save("chat", ids, past)
     prompt = torch.cat([ids, user_message(1, 10, model.config.vocab_size)])
-    expected, _ = recompute(model, prompt, REPLY)
+    expected, expected_logp = recompute(model, prompt, REPLY)
 
     restored, reused = chat.restore("chat", prompt)
 
     assert reused == 96
-    assert torch.equal(generate(model, prompt, restored, REPLY)[0], expected)
-    # Controls: an early token changes the reply, and so does the restored KV of a layer whose
-    # KV the shared layers reuse.
+    resumed, logp = generate(model, prompt, restored, REPLY)
+    assert torch.equal(resumed, expected)
+    torch.testing.assert_close(logp, expected_logp, atol=1e-4, rtol=0)
+    # Controls: an early token changes the reply, so does the restored KV of a layer whose KV
+    # the shared layers reuse, and that of every layer changes the log-probs.
     changed = prompt.clone()
     changed[3] = (changed[3] + 1) % model.config.vocab_size
     assert not torch.equal(recompute(model, changed, REPLY)[0], expected)
     tampered, _ = chat.restore("chat", prompt)
     tampered.layers[2].values.mul_(-1.0)
     assert not torch.equal(generate(model, prompt, tampered, REPLY)[0], expected)
+    for layer in range(4):
+        tampered, _ = chat.restore("chat", prompt)
+        tampered.layers[layer].values.mul_(-1.0)
+        assert (
+            float((generate(model, prompt, tampered, REPLY)[1] - expected_logp).abs().max()) > 0.1
+        )
 
 
 def test_a_model_whose_full_layers_have_a_wider_head_resumes_identical_to_recompute(
