@@ -365,6 +365,13 @@ def test_deepseek_v3_is_one_mla_group_of_the_576_value_latent() -> None:
         ({"kv_lora_rank": 512, "qk_rope_head_dim": 64, "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2]}}, r"^layer 0 of the model is a 'linear_attention' layer"),
         # a Qwen3-Next / Qwen3.5 config.json: three linear layers to one full
         ({"full_attention_interval": 2}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        # Mamba hybrids, as their config.json files give the layers: Jamba, Bamba, Nemotron-H,
+        # and layers_block_type (Bamba and Nemotron-H as transformers writes them); LFM2's convs
+        ({"attn_layer_period": 2, "attn_layer_offset": 1}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        ({"attn_layer_indices": [1]}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        ({"hybrid_override_pattern": "M*"}, r"^layer 0 of the model is a 'linear_attention' layer"),
+        ({"layers_block_type": ["attention", "mamba"]}, r"^layer 1 of the model is a 'linear_attention' layer"),
+        ({"full_attn_idxs": [1]}, r"^layer 0 of the model is a 'conv' layer"),
         ({"attention_chunk_size": 64, "no_rope_layers": [1, 1, 0]}, r"^model config's no_rope_layers lists 3 layers, but num_hidden_layers is 2$"),
     ],
 )  # fmt: skip
@@ -373,6 +380,23 @@ def test_configs_tiercache_cannot_store_are_refused_naming_why(
 ) -> None:
     with pytest.raises(SpecError, match=message):
         ModelKV.from_hf_config({**llama3_70b_config(num_hidden_layers=2), **cfg})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"layers_block_type": ["attention", "attention"]},
+        {"attn_layer_period": 1, "attn_layer_offset": 0},
+        {"attn_layer_indices": [0, 1]},
+        {"full_attn_idxs": [0, 1]},
+    ],
+)
+def test_hybrid_family_fields_naming_only_attention_layers_are_one_full_group(
+    fields: dict[str, Any],
+) -> None:
+    model = ModelKV.from_hf_config({**llama3_70b_config(num_hidden_layers=2), **fields})
+
+    assert kinds(model) == [(FULL, FULL, 0, (0, 1))]
 
 
 def test_deepseek_v32_indexed_layers_cache_the_mla_latent() -> None:

@@ -322,19 +322,9 @@ def read_hf_config(config: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
 def typed_layers(
     cfg: dict[str, Any], n: int, named: dict[str, AttentionKind]
 ) -> list[AttentionKind] | None:
-    """The kind of each of the ``n`` layers the config's ``layer_types`` names (None where it
-    has none), or a SpecError for a layer type ``named`` has no kind for."""
-    types = cfg.get("layer_types")
-    linear = cfg.get("linear_attn_config")
-    if types is None and "full_attention_interval" in cfg:
-        # Qwen3-Next and Qwen3.5 config.json files: every interval-th layer attends, the rest
-        # are linear (Gated DeltaNet), as transformers reads them.
-        every = int(cfg["full_attention_interval"])
-        types = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-    elif types is None and isinstance(linear, dict) and linear.get("kda_layers"):
-        # Kimi Linear's config.json: its KDA layers, numbered from 1, are linear.
-        kda = {int(i) - 1 for i in linear["kda_layers"]}
-        types = ["linear_attention" if i in kda else "full_attention" for i in range(n)]
+    """The kind of each of the ``n`` layers the config's layer types name (``declared_types``;
+    None where it names none), or a SpecError for a layer type ``named`` has no kind for."""
+    types = declared_types(cfg, n)
     if types is None:
         return None
     if len(types) != n:
@@ -348,6 +338,52 @@ def typed_layers(
                 f"of attention layers ({', '.join(named)}), and a {t!r} layer has none"
             )
     return [named[t] for t in types]
+
+
+# transformers' newer names for layer types older configs use.
+_LEGACY_TYPES = {
+    "attention": "full_attention", "mamba": "linear_attention",
+    "deepseek_sparse_attention": "indexed_attention",
+}  # fmt: skip
+_NEMOTRON_H = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def declared_types(cfg: dict[str, Any], n: int) -> list[str] | None:
+    """Each layer's type as transformers names it, from ``layer_types`` (Bamba and Nemotron-H
+    write it ``layers_block_type``) or what a family's config.json says instead (None where it
+    says nothing of the kind)."""
+    types = cfg.get("layer_types") or cfg.get("layers_block_type") or _family_types(cfg, n)
+    if types is None:
+        return None
+    return [_LEGACY_TYPES.get(t, t) if isinstance(t, str) else t for t in types]
+
+
+def _family_types(cfg: dict[str, Any], n: int) -> list[str] | None:
+    linear = cfg.get("linear_attn_config")
+    if "full_attention_interval" in cfg:
+        # Qwen3-Next and Qwen3.5: every interval-th layer attends, the rest are Gated DeltaNet.
+        every = int(cfg["full_attention_interval"])
+        return ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    if isinstance(linear, dict) and linear.get("kda_layers"):
+        # Kimi Linear: its KDA layers, numbered from 1, are linear.
+        kda = {int(i) - 1 for i in linear["kda_layers"]}
+        return ["linear_attention" if i in kda else "full_attention" for i in range(n)]
+    if "attn_layer_period" in cfg:
+        # Jamba: one attention layer a period, at its offset; the others are Mamba.
+        period, offset = int(cfg["attn_layer_period"]), int(cfg.get("attn_layer_offset") or 0)
+        return ["attention" if i % period == offset else "mamba" for i in range(n)]
+    if cfg.get("attn_layer_indices") is not None:
+        # Bamba: the attention layers by index; the others are Mamba.
+        attn = {int(i) for i in cfg["attn_layer_indices"]}
+        return ["attention" if i in attn else "mamba" for i in range(n)]
+    if cfg.get("full_attn_idxs") is not None:
+        # LFM2: the attention layers by index; the others are short convolutions.
+        attn = {int(i) for i in cfg["full_attn_idxs"]}
+        return ["full_attention" if i in attn else "conv" for i in range(n)]
+    if isinstance(cfg.get("hybrid_override_pattern"), str):
+        # Nemotron-H: a letter a layer (Mamba, attention, MLP, MoE).
+        return [_NEMOTRON_H.get(c, c) for c in cfg["hybrid_override_pattern"]]
+    return None
 
 
 def layer_kinds(cfg: dict[str, Any], n: int) -> list[tuple[AttentionKind, int]]:
