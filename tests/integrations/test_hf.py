@@ -25,6 +25,7 @@ from tiercache.demo_models import tiny_model
 from tiercache.integrations.hf import HFChatCache, generate_cache_kwarg, model_fingerprint
 from tiercache.keys import TokenError
 from tiercache.results import SaveResult
+from tiercache.spec import SpecError
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -105,6 +106,15 @@ def test_a_scalar_in_the_state_dict_is_fingerprinted() -> None:
     before = model_fingerprint(m)
     m.logit_scale.fill_(2.0)
     assert model_fingerprint(m) != before
+
+
+def test_weights_it_cannot_read_are_refused_pointing_to_model_id(cache: SyncCache) -> None:
+    m = tiny_model("llama", num_hidden_layers=1, hidden_size=64, intermediate_size=64)
+    m.lm_head.to("meta")  # as accelerate leaves an offloaded weight
+
+    with pytest.raises(SpecError, match=r"weight 'lm_head.weight' is on the meta device.*model_id"):
+        HFChatCache(cache, m)
+    assert HFChatCache(cache, m, model_id="tiny@1").restore("s", [1, 2, 3])[1] == 0
 
 
 def test_one_model_id_under_another_config_does_not_share_blocks(cache: SyncCache) -> None:

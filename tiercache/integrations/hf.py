@@ -75,6 +75,12 @@ def model_fingerprint(model: Any) -> str:
     h = xxhash.xxh3_128()
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
+        if p.is_meta:
+            raise SpecError(
+                f"the model's weight {name!r} is on the meta device (offloaded, or not loaded), "
+                "so it cannot be hashed into the namespace: pass HFChatCache(model_id=...), a "
+                "name that changes whenever the weights do"
+            )
         h.update(name.encode())
         # reshape: a 0-d tensor (a scalar scale) cannot be viewed as bytes
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
