@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,6 +251,44 @@ def test_a_negative_max_blocks_is_refused_by_name_not_served_as_a_miss(
             with pytest.raises(ValueError, match="max_blocks must be >= 0"):
                 load(ns, tokens, max_blocks=-1)
         assert c.load(ns, tokens, max_blocks=1).blocks == 1
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan, math.inf, True, "5"])
+def test_a_timeout_no_call_can_keep_is_refused_by_name_not_blamed_on_the_daemon(
+    daemon: DaemonProcess, timeout: Any
+) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be positive seconds or None, got "):
+        Client(daemon.socket, timeout=timeout)
+
+
+BAD_BLOCK_NUMBERS = [
+    (2**70, "must be < 2**64"),  # msgpack's OverflowError before
+    (True, "must be an integer"),  # sent as block 1 by save and load before
+    (1.5, "must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("value", "error"), BAD_BLOCK_NUMBERS)
+def test_a_block_number_no_block_has_is_refused_by_name_in_every_call(
+    daemon: DaemonProcess, value: Any, error: str
+) -> None:
+    ns = make_ns(f"client-bad-block-number-{value!r}")
+    tokens, blocks = make_tokens(2, seed=9), make_blocks(2, seed=9)
+    with Client(daemon.socket) as c:
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("first_block", lambda: c.save(ns, tokens, blocks, first_block=value)),
+            ("first_block", lambda: c.lookup(ns, tokens, first_block=value)),
+            ("first_block", lambda: c.load(ns, tokens, first_block=value)),
+            ("first_block", lambda: c.load_into(ns, tokens, lambda i, r: None, first_block=value)),
+            ("max_blocks", lambda: c.load(ns, tokens, max_blocks=value)),
+        ]
+        for name, call in calls:
+            with pytest.raises(ValueError) as e:
+                call()
+            assert str(e.value).startswith(f"{name} {error}")
+            assert str(e.value).endswith(f"got {value!r}")
+        assert c.save(ns, tokens, blocks, first_block=np.int64(0)).stored == 2
+        assert c.load(ns, tokens, first_block=np.int64(1)).blocks == 1
 
 
 async def test_a_reply_cut_off_by_the_daemons_death_is_a_lost_connection(tmp_path: Path) -> None:

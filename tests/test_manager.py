@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,6 +88,24 @@ async def test_a_negative_max_blocks_is_refused_by_name(open_cache: OpenCache) -
     with pytest.raises(ValueError, match=r"^max_blocks must be >= 0 \(or None: no cap\), got -1$"):
         await m.load(NS, tokens, max_blocks=-1)  # not a slice's -1: all blocks but the last
     assert (await m.load(NS, tokens, max_blocks=0)).blocks == 0
+
+
+@pytest.mark.parametrize("value", [2**70, True, 1.5])
+async def test_a_block_number_the_socket_client_refuses_is_refused_embedded_too(
+    open_cache: OpenCache, value: Any
+) -> None:
+    m = await open_cache()
+    tokens, blocks = make_tokens(2), make_blocks(2)
+    for call in (
+        m.save(NS, tokens, blocks[:1], first_block=value),  # True saved block 1 before
+        m.lookup(NS, tokens, first_block=value),
+        m.load(NS, tokens, first_block=value),
+    ):
+        with pytest.raises(ValueError, match=r"^first_block must be"):
+            await call
+    with pytest.raises(ValueError, match=r"^max_blocks must be"):
+        await m.load(NS, tokens, max_blocks=value)
+    assert (await m.lookup(NS, tokens)).blocks == 0
 
 
 @pytest.mark.parametrize(

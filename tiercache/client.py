@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -30,7 +31,14 @@ from tiercache.daemon import protocol as wire
 from tiercache.daemon.protocol import PROTOCOL_VERSION, ProtocolError, RemoteError, read_frame
 from tiercache.kernels import reference
 from tiercache.kernels.reference import LayerCache
-from tiercache.keys import Namespace, Tokens, check_first_block, check_max_blocks, keys_of
+from tiercache.keys import (
+    Namespace,
+    Tokens,
+    block_count,
+    check_first_block,
+    check_max_blocks,
+    keys_of,
+)
 from tiercache.loop import LoopThread
 from tiercache.results import LoadResult, SaveResult, check_into, stored_in_place
 from tiercache.storage_format import decode, parse_format, store_rows
@@ -282,6 +290,7 @@ class AsyncClient:
         session: str | None = None,
     ) -> SaveResult:
         """Store blocks ``first_block ..`` of ``tokens`` (page-first rows, typed or uint8)."""
+        first_block = check_first_block(first_block)
         await self.register(ns)
         data = store_rows(ns, blocks)
         packed = _chain(ns, tokens)
@@ -327,6 +336,7 @@ class AsyncClient:
         there (no copy of their records: the result's ``data`` is then empty). ``kv()`` of the
         result is ``into``'s first ``blocks`` rows."""
         t0 = time.perf_counter()
+        first_block = check_first_block(first_block)
         nbytes = ns.block_nbytes
         parts: list[torch.Tensor] = []
         rows: torch.Tensor | None = None
@@ -391,7 +401,7 @@ class AsyncClient:
     ) -> list[str]:
         """The read rounds (``transaction.lease_rounds``) of blocks ``first_block ..``, calling
         ``use(arena, slots, blocks before them)`` while each round's slots are held."""
-        check_max_blocks(max_blocks)
+        first_block, max_blocks = check_first_block(first_block), check_max_blocks(max_blocks)
         await self.register(ns)
         packed = _chain(ns, tokens)
 
@@ -450,8 +460,8 @@ class AsyncClient:
         s = stream if stream is not None else torch.cuda.current_stream(cache.device)
         cache.written.record(s)
         req = wire.SaveKV(
-            cache.ns.hex, cache.id, _chain(cache.ns, tokens), [int(b) for b in block_ids],
-            first_block, session,
+            cache.ns.hex, cache.id, _chain(cache.ns, tokens), _block_ids(block_ids),
+            check_first_block(first_block), session,
         )  # fmt: skip
         res = await self.request(req, wire.Stored)
         return SaveResult(res.stored, res.present, res.rejected)
@@ -470,8 +480,8 @@ class AsyncClient:
         ``len(block_ids)``); returns their tiers. Work queued on ``stream`` (default: the current
         one) after this returns runs after the scatter."""
         req = wire.LoadKV(
-            cache.ns.hex, cache.id, _chain(cache.ns, tokens), [int(b) for b in block_ids],
-            first_block,
+            cache.ns.hex, cache.id, _chain(cache.ns, tokens), _block_ids(block_ids),
+            check_first_block(first_block),
         )  # fmt: skip
         res = await self.request(req, wire.Loaded)
         if res.wait:
@@ -537,6 +547,12 @@ class AsyncClient:
                 self._arena = None
 
 
+def _block_ids(block_ids: Sequence[int]) -> list[int]:
+    """The engine's block ids as the protocol carries them (a float or a bool is refused, not
+    truncated into another block's id)."""
+    return [block_count("block_ids", b) for b in block_ids]
+
+
 def _chain(ns: Namespace, tokens: Tokens) -> bytes:
     """The block keys of ``tokens``, hashed here so the daemon does not have to."""
     return keys_of(ns, tokens).to_bytes()
@@ -563,6 +579,13 @@ class Client:
     reuse before the copy is done."""
 
     def __init__(self, path: str | Path, *, name: str = "", timeout: float | None = None) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf
+        ):
+            # Not the daemon's fault: a timeout of 0 or less times out every call at once.
+            raise ValueError(f"timeout must be positive seconds or None, got {timeout!r:.80}")
         self._thread = LoopThread("tiercache-client")
         self._timeout = timeout
         self._calls = 0  # calls running on the loop now (``_run``), close() waits for them

@@ -25,6 +25,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,18 +87,38 @@ def keys_of(ns: Namespace, tokens: Tokens) -> KeyChain:
     return KeyChain(ns.block_keys(as_tokens(tokens)))
 
 
+# The largest block index or count a caller may name: what the socket protocol carries (an
+# unsigned 64-bit integer), checked in embedded mode too so code behaves the same in both.
+MAX_BLOCKS = 2**64 - 1
+
+
+def block_count(name: str, value: object, hint: str = "") -> int:
+    """``value`` as a block index or count (an integer, numpy's and torch's included, in
+    ``0 ..= MAX_BLOCKS``), else a ValueError naming ``name``. A bool or a float is refused
+    rather than read as 1 or truncated: it is a caller's mistake, never a block number."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer{hint}, got {value!r:.80}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0{hint}, got {n}")
+    if n > MAX_BLOCKS:
+        raise ValueError(f"{name} must be < 2**64{hint}, got {n}")
+    return n
+
+
 def check_first_block(first_block: int) -> int:
-    """``first_block`` if it can start a run of blocks (>= 0), else a ValueError naming it."""
-    if first_block < 0:
-        raise ValueError(f"first_block must be >= 0, got {first_block}")
-    return first_block
+    """``first_block`` if it can start a run of blocks, else a ValueError naming it."""
+    return block_count("first_block", first_block)
 
 
 def check_max_blocks(max_blocks: int | None) -> int | None:
-    """``max_blocks`` if it can cap a run of blocks (None or >= 0), else a ValueError naming it."""
-    if max_blocks is not None and max_blocks < 0:
-        raise ValueError(f"max_blocks must be >= 0 (or None: no cap), got {max_blocks}")
-    return max_blocks
+    """``max_blocks`` if it can cap a run of blocks (None: no cap), else a ValueError naming it."""
+    if max_blocks is None:
+        return None
+    return block_count("max_blocks", max_blocks, " (or None: no cap)")
 
 
 class TokenError(ValueError):

@@ -243,7 +243,7 @@ class TierManager:
         chain becomes these keys; a pinned session pins them. These are the save rounds a
         socket client runs through the shared arena (``tiercache.transaction``).
         """
-        data = store_rows(ns, blocks)
+        first_block, data = check_first_block(first_block), store_rows(ns, blocks)
         keys = keys_of(ns, tokens)
 
         async def reserve(done: int, left: int) -> Reservation:
