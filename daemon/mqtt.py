@@ -20,7 +20,9 @@ Why it is shaped this way:
 - Each command runs in its own task, at most ``max_concurrent`` at a time, so
   a slow ``flush`` never stops intake and a ``stats`` sent behind it is
   answered at once. Verbs are not cancelled on a timeout: a flush cut in half
-  is worse than a late reply (the requester has its own timeout).
+  is worse than a late reply (the requester has its own timeout). Past
+  ``max_pending`` accepted commands, a command is answered ``busy`` without
+  running, so its requester need not wait out its timeout.
 - The data plane never waits on the broker: ``event()`` appends to a bounded
   deque (the oldest event is dropped, and counted, when it is full) that a
   publisher task drains while connected. Events raised during an outage are
@@ -282,6 +284,8 @@ class MqttControl:
         self._client: aiomqtt.Client | None = None  # set while a session is up and subscribed
         self._slots = asyncio.Semaphore(max_concurrent)  # verbs running at once
         self._commands: set[asyncio.Task[None]] = set()  # accepted, not yet replied to
+        # `busy` replies to commands over the bound, not yet published (bounded the same way).
+        self._refusals: set[asyncio.Task[None]] = set()
         # (topic kind, encoded payload), newest last; drained by the publisher task.
         self._events: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=event_queue)
         self._events_ready = asyncio.Event()
@@ -350,7 +354,8 @@ class MqttControl:
                 await asyncio.wait_for(self._stopped.wait(), self.stop_grace + 2 * self.timeout + 1)
             except TimeoutError:
                 log.warning("MQTT did not stop cleanly within its timeouts")
-        leftover = list(self._commands)  # never started a session, or the grace ran out
+        # Never started a session, or the grace ran out.
+        leftover = [*self._commands, *self._refusals]
         for task in leftover:
             task.cancel()
         if leftover:
@@ -381,8 +386,8 @@ class MqttControl:
                     raise error
             raise aiomqtt.MqttError("the session ended without an error")
         # Let accepted commands answer while the connection is still up.
-        if self._commands:
-            await asyncio.wait(self._commands, timeout=self.stop_grace)
+        if self._commands or self._refusals:
+            await asyncio.wait(self._commands | self._refusals, timeout=self.stop_grace)
         # A clean DISCONNECT discards the Will, so say `offline` ourselves.
         await client.publish(self.topics.status, "offline", qos=QOS, retain=True)
         self._set_client(None)
@@ -415,17 +420,27 @@ class MqttControl:
             # Refused before the verb runs; the refusal goes to this node's reply topic.
             refusal = ControlError("bad_request", f"Response Topic {reply_to!r} {why}")
             reply_to = self.topics.reply
+        tasks = self._commands
         if len(self._commands) >= self.max_pending:
+            # Not run, but answered: a requester waiting on its Response Topic hears it now
+            # instead of at its timeout. A flood past twice the bound goes unanswered.
             self.dropped_commands += 1
             log.warning(
                 "MQTT command %r dropped: %d commands already pending", verb, len(self._commands)
             )
-            return
+            if len(self._refusals) >= self.max_pending:
+                return
+            tasks = self._refusals
+            refusal = refusal or ControlError(
+                "busy",
+                f"{verb}: not run, {len(self._commands)} commands are already pending on node "
+                f"{self.cfg.node!r}; send it again once they are answered",
+            )
         task = asyncio.create_task(
             self._serve_command(verb, message.payload, reply_to, correlation, refusal)
         )
-        self._commands.add(task)
-        task.add_done_callback(self._commands.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _refuse_reply_to(self, topic: str) -> str | None:
         """Why a reply may not go to ``topic``, or None: any requester's Response Topic is

@@ -861,7 +861,7 @@ async def test_a_patient_request_ends_at_once_when_the_node_goes_offline(
 
 
 @pytest.mark.service
-async def test_commands_beyond_the_pending_bound_are_dropped_and_counted(
+async def test_commands_beyond_the_pending_bound_are_refused_as_busy_and_counted(
     mosquitto: Mosquitto, manager: TierManager, node: str, operator: Operator
 ) -> None:
     release = asyncio.Event()
@@ -876,6 +876,16 @@ async def test_commands_beyond_the_pending_bound_are_dropped_and_counted(
         await operator.send("stats", reply_to=f"{operator.base}/reply/stats")  # waits for the slot
         await operator.send("stats", reply_to=f"{operator.base}/reply/dropped")  # over the bound
         await until(lambda: d.mqtt.dropped_commands == 1, "the third command to be dropped")
+        # Its requester hears so at once, not at its own timeout.
+        dropped = await operator.reply("reply/dropped")
+        assert dropped == {
+            "ok": False,
+            "error": {
+                "code": "busy",
+                "message": f"stats: not run, 2 commands are already pending on node {node!r}; "
+                "send it again once they are answered",
+            },
+        }
         release.set()
         assert (await operator.reply("reply/drain"))["ok"] is True
         assert (await operator.reply("reply/stats"))["result"]["draining"] is True
