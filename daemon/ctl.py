@@ -86,24 +86,41 @@ async def request(
 async def run_with_progress(
     cfg: Config, verb: str, args: dict[str, Any], node: str | None = None, out: TextIO = sys.stderr
 ) -> dict[str, Any]:
-    """``request``, with a progress line on ``out`` while a long verb runs (terminals only)."""
+    """``request``, with a progress line on ``out`` while a long verb runs (terminals only).
+
+    The line is only a view: a poll that fails (a timeout, a ``busy`` node, a dropped
+    connection) is skipped and the next one tried, and ctl ends with the verb's own outcome."""
     task = asyncio.create_task(request(cfg, verb, args, node))
     if verb not in LONG_VERBS or not out.isatty():
         return await task
-    start = await request(cfg, "stats", {}, node)
+    start: dict[str, Any] | None = None  # the first poll that answered
     t0 = time.monotonic()
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.25)
-        if task.done():
-            break
-        try:
-            now = await request(cfg, "stats", {}, node)
-        except CtlError:
-            continue
-        out.write("\r" + _progress_line(verb, start, now, time.monotonic() - t0))
-        out.flush()
-    out.write("\r" + " " * 78 + "\r")
+    try:
+        while not task.done():
+            poll = asyncio.create_task(_poll(cfg, node))
+            # A slow poll never holds up the verb's answer.
+            await asyncio.wait({task, poll}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
+                break
+            now = poll.result()
+            if now is not None:
+                start = start if start is not None else now
+                out.write("\r" + _progress_line(verb, start, now, time.monotonic() - t0))
+                out.flush()
+            await asyncio.wait({task}, timeout=0.25)
+    finally:
+        out.write("\r" + " " * 78 + "\r")
     return await task
+
+
+async def _poll(cfg: Config, node: str | None) -> dict[str, Any] | None:
+    """The daemon's stats for a progress line, or None if this poll failed."""
+    try:
+        return await request(cfg, "stats", {}, node)
+    except (CtlError, OSError, ValueError):  # OSError: timeouts and lost connections
+        return None
 
 
 def _progress_line(verb: str, start: dict[str, Any], now: dict[str, Any], elapsed: float) -> str:

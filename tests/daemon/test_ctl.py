@@ -3,6 +3,8 @@ local socket and over a real Mosquitto (as the ``operator`` user of ops/mosquitt
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import signal
 import socket
@@ -19,16 +21,19 @@ import torch
 from tests.conftest import NBYTES, dead_pid, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import Client
+from tiercache.daemon import protocol as wire
 from tiercache.daemon.cli import main
 from tiercache.daemon.config import (
     Config,
     ConfigError,
+    DaemonConfig,
     HostTierConfig,
     TiersConfig,
     load_config,
     preflight,
 )
-from tiercache.daemon.ctl import _progress_line, parse_args
+from tiercache.daemon.ctl import _progress_line, parse_args, run_with_progress
+from tiercache.daemon.protocol import PROTOCOL_VERSION
 from tiercache.tiers.host import shm_free
 
 NS = make_ns()
@@ -327,6 +332,60 @@ def test_ctl_arguments_are_json_when_they_parse_and_strings_otherwise() -> None:
 def test_flush_progress_counts_dirty_blocks_written() -> None:
     line = _progress_line("flush", {"dirty_blocks": 40}, {"dirty_blocks": 10}, 1.5)
     assert line == "flush: [######################        ] 30/40 blocks    1.5s"
+
+
+class Terminal(io.StringIO):
+    """What ctl writes its progress line to when run in a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_a_failed_progress_poll_is_skipped_and_ctl_ends_with_the_verbs_outcome(
+    tmp_path: Path,
+) -> None:
+    # Polls that fail (here: connections the daemon drops before answering; over MQTT a
+    # timeout or a busy node) say nothing about the flush, which goes on. A real daemon
+    # cannot be made to drop a poll on cue, so this peer speaks the protocol: it cuts the
+    # first, third and fifth stats polls, and answers the flush once the fifth came.
+    polls: list[int] = []
+    fifth = asyncio.Event()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await wire.read_frame(reader)
+        if hello is not None:
+            reply = wire.HelloReply(PROTOCOL_VERSION, "peer")
+            writer.write(wire.reply_frame(wire.decode(hello)["id"], reply))
+        frame = await wire.read_frame(reader)
+        if frame is None:  # a poll ctl gave up once the flush was answered
+            return
+        req = wire.decode(frame)
+        if req["args"]["verb"] == "flush":
+            await fifth.wait()
+            writer.write(wire.reply_frame(req["id"], {"bytes": 42}))
+        else:
+            polls.append(len(polls) + 1)
+            n = polls[-1]
+            if n == 5:  # the fourth's answer is on ctl's line
+                fifth.set()
+            if n % 2:
+                writer.close()  # cut before the answer
+                return
+            writer.write(wire.reply_frame(req["id"], {"dirty_blocks": 4 if n == 2 else 1}))
+        bye = await wire.read_frame(reader)
+        if bye is not None:
+            writer.write(wire.reply_frame(wire.decode(bye)["id"], None))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(peer, str(tmp_path / "peer.sock"))
+    cfg = Config(daemon=DaemonConfig(socket=str(tmp_path / "peer.sock")))
+    out = Terminal()
+    async with server:
+        result = await asyncio.wait_for(run_with_progress(cfg, "flush", {}, out=out), 60)
+    assert result == {"bytes": 42}
+    assert polls[:5] == [1, 2, 3, 4, 5]  # a sixth may have started meanwhile
+    assert "flush: [" + "#" * 22 in out.getvalue() and "] 3/4 blocks" in out.getvalue()
 
 
 @pytest.mark.service
