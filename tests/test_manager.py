@@ -108,6 +108,34 @@ async def test_a_block_number_the_socket_client_refuses_is_refused_embedded_too(
     assert (await m.lookup(NS, tokens)).blocks == 0
 
 
+async def test_a_disk_budget_lowered_at_reopen_is_kept_from_the_open_on(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=8, disk_blocks=16)
+    a, b = make_tokens(4, seed=1), make_tokens(4, seed=2)
+    await m.save(NS, a, make_blocks(4, seed=1), session="a")
+    await m.save(NS, b, make_blocks(4, seed=2), session="b")
+    await m.pin("b")
+    await m.close()
+
+    m = await open_cache(host_blocks=8, disk_blocks=5)  # the same store
+    # Over budget by 3 blocks: the 3 least recent go at once, never a pinned one.
+    assert m.usage()["disk"] == {
+        "capacity_bytes": 5 * NBYTES,
+        "used_bytes": 5 * NBYTES,
+        "blocks": 5,
+    }
+    assert m.stats.evictions["disk"] == 3
+    assert (await m.lookup(NS, b)).blocks == 4
+    await m.close()
+
+    m = await open_cache(host_blocks=8, disk_blocks=2)
+    # Only the pinned session is left, over the budget: it stays (a pin is the operator's).
+    assert m.usage()["disk"]["blocks"] == 4
+    assert (await m.lookup(NS, a)).blocks == 0 and (await m.lookup(NS, b)).blocks == 4
+    await m.close()
+
+
 @pytest.mark.parametrize(
     ("blocks", "message"),
     [

@@ -152,7 +152,7 @@ class TierManager:
                 device=device,
                 **kwargs,  # type: ignore[arg-type]
             )
-            await manager.sessions.restore()
+            await _restore(manager)
         except BaseException:
             if disk is not None:
                 await disk.close()  # release its lock: the caller may fix the config and retry
@@ -583,3 +583,12 @@ def _session_runs(m: TierManager, session: str) -> list[BlockKey]:
         return m.disk.spec(f"ns/{hex_id}") if m.disk is not None and hex_id else None
 
     return m.sessions.get(session).stored_runs(m.index, spec_of)
+
+
+async def _restore(m: TierManager) -> None:
+    """At open: the sessions persisted on disk (their pins first), then the disk tier within
+    its budget. Outside the class, which is at its size limit (tests/test_layout.py)."""
+    await m.sessions.restore()
+    if m.disk_room is not None:
+        async with m._lock:
+            await m.disk_room.fit_budget()

@@ -109,6 +109,28 @@ class DiskRoom:
                 return True
         return False
 
+    async def fit_budget(self) -> int:
+        """Under the lock, at open: evict down to the tier's byte budget, which may have been
+        lowered since the store was written (else the tier stayed over it, and said so in its
+        metrics, until a write made room); returns how many blocks went. Pinned blocks stay."""
+        before = self.disk.num_blocks
+        if not self._room(0, set()):
+            log.warning(
+                "disk tier holds %d B of pinned or in-use blocks, over its budget of %d B: "
+                "unpin sessions or raise [tiers.disk] bytes",
+                self.disk.used_bytes,
+                self.disk.capacity_bytes,
+            )
+        gone = before - self.disk.num_blocks
+        if gone:
+            log.info(
+                "disk tier over its budget of %d B: evicted %d blocks",
+                self.disk.capacity_bytes,
+                gone,
+            )
+            await self._sync_quietly("disk tier budget at open")
+        return gone
+
     async def drop_all(self, entries: list[Entry]) -> None:
         """Under the lock: remove ``entries`` from disk and make it durable. On a full or
         failing disk the blocks are still gone from the index; their slots stay unused until
