@@ -4,12 +4,15 @@ and kill -9 in the middle of heavy disk writes loses nothing that completed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +155,43 @@ async def test_a_torn_journal_segment_is_ignored(open_cache: OpenCache, tmp_path
     m2 = await open_cache()
     assert (await m2.lookup(NS, first)).blocks == 1
     assert (await m2.lookup(NS, second)).blocks == 0
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """``path`` made undeletable, even by root (``chattr +i``), for the block."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a file immutable here: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+async def test_a_journal_segment_that_cannot_be_deleted_is_left_not_a_failed_open(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    # Every open compacts the journal into one snapshot and deletes the segments before it.
+    # One that refused to go raised a raw PermissionError out of the open: the daemon could
+    # not start on a store that holds all its blocks.
+    m = await open_cache(write="write-through")
+    tokens = make_tokens(3)
+    await m.save(NS, tokens[:8], make_blocks(2))
+    await m.save(NS, tokens, make_blocks(3))
+    await m.close()
+    journal = tmp_path / "disk" / "journal"
+    stuck = sorted(journal.iterdir())[0]
+    with immutable(stuck):
+        m2 = await open_cache()
+        assert (await m2.lookup(NS, tokens)).blocks == 3
+        await m2.close()
+        assert stuck in set(journal.iterdir())  # left, older than the snapshot after it
+        m3 = await open_cache()  # which a replay reads over it
+        assert (await m3.lookup(NS, tokens)).tiers == ["disk"] * 3
+        await m3.close()
 
 
 async def test_a_block_two_journal_records_name_is_counted_once(

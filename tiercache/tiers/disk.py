@@ -178,6 +178,26 @@ def _sort_out(
     return keep, drop, missing
 
 
+async def _journal_keys(store: Store) -> list[str]:
+    """The journal's files, or a StoreError saying why they cannot be listed."""
+    try:
+        return [k async for k in store.list_prefix(JOURNAL)]
+    except OSError as e:
+        raise as_store_error(e, "journal listing") from e
+
+
+async def _drop_segments(store: Store, keys: list[str]) -> None:
+    """Delete journal segments a snapshot replaced. One that cannot go (a read-only or
+    immutable file, a store that refuses) is left, logged: it is older than the snapshot,
+    which the replay reads over it, and the next compaction tries it again. It was raised
+    before, and made an open (whose compaction deletes them) fail outright."""
+    for k in keys:
+        try:
+            await store.delete(k)
+        except OSError as e:
+            log.warning("journal segment %s outlived its compaction (left for the next): %s", k, e)
+
+
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """A zarr store for ``url``: a plain path or ``file://``, ``memory://``, or any fsspec URL."""
     if url.startswith("file://"):
@@ -657,7 +677,7 @@ class DiskTier:
     async def _compact(self) -> None:
         """Replace the journal with one snapshot of the live records."""
         async with self._journal_lock:
-            old = [k async for k in self.store.list_prefix(JOURNAL)]
+            old = await _journal_keys(self.store)
             snapshot = [
                 (_PUT, r.array, r.slot, r.key, r.nbytes, r.checksum) for r in self._live.values()
             ]
@@ -672,9 +692,7 @@ class DiskTier:
                 arr.free.extend(arr.pending_free)
                 arr.pending_free.clear()
             latest = f"{JOURNAL}{self._seq - 1:016d}"
-            for k in old:
-                if k != latest:
-                    await self.store.delete(k)
+            await _drop_segments(self.store, [k for k in old if k != latest])
 
     async def close(self) -> None:
         """Sync the journal and let go of the store. On a full or failing disk the journal
