@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,56 @@ async def test_blocks_reserved_twice_before_a_commit_keep_one_slot_and_free_the_
     assert (await m.commit(twice)).stored == 1 and m.host.free_slots == 5
     assert await m.evict(keys=[*ns.block_keys(tokens), key]) == 3
     assert m.host.free_slots == 8  # every slot is back
+    await m.close(flush=False)
+
+
+async def test_a_block_admitted_then_aborted_is_admitted_by_its_next_offer() -> None:
+    # admission=2: a client that reserves a block on its second offer and then gives up (an
+    # abort, a dropped connection) made that offer all the same; the block was counted
+    # from zero again and needed two more offers to be stored.
+    m = await TierManager.open(host_bytes=4 * NBYTES, slot_bytes=NBYTES, admission=2)
+    ns, tokens = make_ns(), make_tokens(2)
+    assert (await m.reserve(ns, tokens)).rejected == 2  # the first offer
+    second = await m.reserve(ns, tokens)
+    assert len(second.slots) == 2
+    await m.abort(second)
+    third = await m.reserve(ns, tokens)
+    assert (len(third.slots), third.rejected) == (2, 0)
+    await m.abort(third)
+    await m.close(flush=False)
+
+
+async def test_a_save_cancelled_while_its_admitted_block_waits_for_room_keeps_its_offers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host slot of a block admitted on its second offer comes from evicting a dirty
+    # block, which is written back to disk first; a save cancelled there (its caller gave
+    # up) lost the block's offers.
+    m = await TierManager.open(
+        host_bytes=NBYTES, slot_bytes=NBYTES, admission=2,
+        disk_url=str(tmp_path / "disk"), disk_bytes=8 * NBYTES,
+    )  # fmt: skip
+    ns, held, tokens = make_ns(), make_tokens(1, seed=1), make_tokens(1, seed=2)
+    for _ in range(2):
+        await m.save(ns, held, make_blocks(1, seed=1))  # the host's one slot, dirty
+    assert (await m.save(ns, tokens, make_blocks(1, seed=2))).rejected == 1  # the first offer
+    disk = m.disk
+    assert disk is not None
+    stalled, real = asyncio.Event(), disk.io.write
+
+    async def slow(path: str, items: list) -> list:  # type: ignore[type-arg]
+        stalled.set()
+        await asyncio.sleep(3600)  # the write-back of the held block, cancelled below
+        return await real(path, items)
+
+    monkeypatch.setattr(disk.io, "write", slow)
+    save = asyncio.create_task(m.save(ns, tokens, make_blocks(1, seed=2)))  # the second
+    await stalled.wait()
+    save.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    monkeypatch.setattr(disk.io, "write", real)
+    assert (await m.save(ns, tokens, make_blocks(1, seed=2))).stored == 1  # the third stores it
     await m.close(flush=False)
 
 

@@ -95,7 +95,11 @@ class HostSaves:
             elif not m.admission.admit(key):
                 r.rejected += 1
             else:
-                slot = await m.host_room.slot_or_none()
+                try:
+                    slot = await m.host_room.slot_or_none()  # may write back: may be cancelled
+                except BaseException:
+                    m.admission.refund(key)  # admitted, never stored: its next offer still is
+                    raise
                 if slot is None:
                     m.admission.refund(key)  # its next offer (the caller's next round) stores it
                     if not r.entries:
@@ -180,7 +184,10 @@ class HostSaves:
             self._free(r)
 
     def _free(self, r: Reservation) -> None:
-        """Under the lock: the reservation's slots back to the arena (once: then it is empty)."""
+        """Under the lock: the reservation's slots back to the arena (once: then it is empty).
+        Its blocks were admitted but are not stored: their next offer admits them."""
+        for e in r.entries:
+            self._m.admission.refund(e.key)
         for slot in r.slots:
             self._m.host.free(slot)
         r.entries = []
