@@ -77,7 +77,7 @@ ERROR_KINDS = (
 # Why a block offered to the shared tier did not get there: the write-behind queue was full,
 # it left every local tier first, its local copy failed verification, the daemon stopped.
 REMOTE_DROP_REASONS = ("queue_full", "evicted", "corrupt", "shutdown")
-OPS = ("save", "load", "prefetch", "lookup", "lookup_tail")
+OPS = ("save", "load", "acquire", "touch", "prefetch", "lookup", "lookup_tail")
 
 # A host hit is a memcpy of a few KiB (~10 us); a cold object-store read of a
 # large batch can take seconds: log-spaced 10 us .. 10 s.
@@ -167,7 +167,8 @@ class Metrics(Stats):
         )
         self.request_seconds = hist(
             "tiercache_request_seconds",
-            "Duration of cache operations (save, load, prefetch, lookup), by operation.",
+            "Duration of cache operations in the daemon, by operation (a socket client's load is "
+            "an acquire and its copy; its save is a reservation and a commit, not timed here).",
             ("op",),
             LATENCY_BUCKETS,
         )

@@ -166,7 +166,7 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
         L(reason=r) for r in ("queue_full", "evicted", "corrupt", "shutdown")
     }
     assert label_sets(text, "tiercache_request_seconds_count") == {
-        L(op=o) for o in ("save", "load", "prefetch", "lookup", "lookup_tail")
+        L(op=o) for o in ("save", "load", "acquire", "touch", "prefetch", "lookup", "lookup_tail")
     }
     samples = scrape(text)
     assert samples[("tiercache_build_info", L(version=tiercache.__version__))] == 1
