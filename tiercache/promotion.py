@@ -72,10 +72,10 @@ class Promoter:
             self._prefetching[e.key] = done
         try:
             cold = [e for e in todo if HOST not in e.at]
-            if cold and self._disk is not None:  # the whole run, for the blocks' parents
-                promoted = await self.to_host(entries if chained else cold, chained)
-            else:
-                promoted = 0
+            # The whole run (to_host skips blocks in host memory), for the blocks' parents.
+            promoted = (
+                await self.to_host(entries, chained) if cold and self._disk is not None else 0
+            )
             if device is not None:
                 # Every block now in host memory goes on to the device (those already in
                 # host memory too); a block counts once however far it moved.
