@@ -68,8 +68,8 @@ class Control:
     draining: bool = False
     # Set by close(): the manager is about to close, so only `stats` still runs.
     closing: bool = False
-    _running: int = field(default=0, init=False, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    # The verbs running now, each in a task of its own: close() waits for them.
     _verbs: set[asyncio.Task[dict[str, Any]]] = field(default_factory=set, init=False, repr=False)
     _cut: bool = field(default=False, init=False, repr=False)
 
@@ -88,7 +88,7 @@ class Control:
         the daemon closes the manager next, and a verb must not touch it while or after it
         closes (an evict would delete blocks from a disk tier another daemon may own)."""
         self.closing = True
-        while self._running:
+        while self._verbs:
             self._idle.clear()
             await self._idle.wait()
 
@@ -97,7 +97,6 @@ class Control:
             raise ControlError("unknown_verb", f"unknown verb {verb!r}; verbs: {', '.join(VERBS)}")
         if self.closing and verb != "stats":
             raise ControlError("shutting_down", f"{verb}: the daemon is shutting down")
-        self._running += 1
         verb_task = asyncio.ensure_future(self._run(verb, args))
         self._verbs.add(verb_task)
         try:
@@ -113,8 +112,7 @@ class Control:
             raise
         finally:
             self._verbs.discard(verb_task)
-            self._running -= 1
-            if not self._running:
+            if not self._verbs:
                 self._idle.set()
 
     async def _run(self, verb: str, args: Mapping[str, Any] | None) -> dict[str, Any]:
