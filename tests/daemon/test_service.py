@@ -19,7 +19,7 @@ from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tiercache.client import AsyncClient
 from tiercache.daemon import service
-from tiercache.daemon.config import load_config
+from tiercache.daemon.config import MqttConfig, load_config
 from tiercache.daemon.mqtt import request as mqtt_request
 from tiercache.daemon.service import Daemon
 
@@ -35,6 +35,15 @@ def daemon_env(tmp_path: Path, host_blocks: int, **more: str) -> dict[str, str]:
         "TIERCACHE_METRICS__LISTEN": "",
         **more,
     }
+
+
+def mqtt_daemon(
+    tmp_path: Path, mosquitto: Mosquitto, node: str, host_blocks: int
+) -> tuple[Daemon, MqttConfig, dict[str, str]]:
+    """A daemon of ``node`` on the test broker (not started), an operator's MQTT settings for
+    that node, and the daemon's environment (to start another on the same disk)."""
+    env = daemon_env(tmp_path, host_blocks, **mqtt_env(mosquitto.config(node=node)))
+    return Daemon(load_config(env=env)), mosquitto.config("operator", node=node), env
 
 
 async def _next(messages: AsyncIterator[aiomqtt.Message], topic: str, within: float = 15) -> Any:
@@ -118,10 +127,7 @@ async def test_the_daemon_expires_sessions_on_its_timer(
 async def test_a_command_that_comes_while_the_daemon_shuts_down_is_refused_and_changes_nothing(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    node = "closing-test"
-    env = daemon_env(tmp_path, 4, **mqtt_env(mosquitto.config(node=node)))
-    op = mosquitto.config("operator", node=node)
-    daemon = Daemon(load_config(env=env))
+    daemon, op, env = mqtt_daemon(tmp_path, mosquitto, "closing-test", 4)
     await daemon.start()
     replies: list[dict[str, Any]] = []
     try:
@@ -208,10 +214,7 @@ async def test_a_second_signal_cuts_a_long_operator_verb_short(
     # Shutdown waits for the operator verbs already running (Control.close), and the second
     # signal only cut the drain, which starts after that wait: a flush sent over MQTT that
     # took minutes held the daemon for minutes, signals or not.
-    node = "cut-verb-test"
-    env = daemon_env(tmp_path, 8, **mqtt_env(mosquitto.config(node=node)))
-    op = mosquitto.config("operator", node=node)
-    daemon = Daemon(load_config(env=env))
+    daemon, op, _ = mqtt_daemon(tmp_path, mosquitto, "cut-verb-test", 8)
     run = asyncio.create_task(daemon.run())  # serves until SIGTERM or SIGINT
     await until(lambda: (tmp_path / "tc.sock").exists())
     client = await AsyncClient.connect(tmp_path / "tc.sock")
