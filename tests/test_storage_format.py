@@ -13,6 +13,7 @@ import zarr
 from tiercache.kernels import reference_quant as rq
 from tiercache.keys import Namespace
 from tiercache.manager import TierManager
+from tiercache.results import record_rows
 from tiercache.spec import AttentionKind, KVSpec
 from tiercache.storage_format import (
     FormatError,
@@ -116,6 +117,40 @@ def test_decode_into_an_engine_buffer_writes_what_it_returns(fmt: str) -> None:
 
     assert got.data_ptr() == engine.data_ptr()
     assert engine.view(torch.uint8).equal(decode(SPEC, rec, fmt).view(torch.uint8))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_records_read_into_their_blocks_tails_decode_in_place_as_from_rows_of_their_own(
+    dtype: str, fmt: str
+) -> None:
+    """A load into an engine's blocks reads each quantized record into the tail of the block
+    it decodes to (``record_rows``) and decodes it there: the same bits as from separate
+    rows, over several chunks of the dequantization, NaN codes (the table's path) included."""
+    spec = KVSpec(3, 2, 16, dtype=dtype, block_size=8)
+    ns = Namespace("m", spec, store_dtype=fmt)
+    n = 2 * rq._step(torch.empty((1, *spec.block_shape))) + 3
+    rec = encode(spec, blocks(spec, n), fmt)  # type: ignore[arg-type]
+    if fmt == "fp8_e4m3":
+        rec[n - 2, 5] = 0x7F  # a NaN code: that chunk decodes through the table
+    engine = torch.full((n, *spec.block_shape), 7.0, dtype=spec.torch_dtype)
+    tails = record_rows(ns, engine)
+    assert tails is not None and tails.shape == rec.shape
+    assert tails.data_ptr() + rec.shape[1] == engine.data_ptr() + spec.block_nbytes
+    tails.copy_(rec)
+
+    decode(spec, tails, fmt, out=engine)  # type: ignore[arg-type]
+
+    want = decode(spec, rec, fmt)  # type: ignore[arg-type]
+    assert engine.view(torch.uint8).equal(want.view(torch.uint8))
+    assert torch.isnan(want[n - 2]).any() == (fmt == "fp8_e4m3")
+
+
+def test_a_record_larger_than_its_block_is_staged_in_rows_of_its_own() -> None:
+    tiny = KVSpec(2, 2, 1, dtype="bfloat16", block_size=1)  # 2 bytes a head, 4 of scale
+    ns = Namespace("m", tiny, store_dtype="int8")
+    assert stored_nbytes(tiny, "int8") > tiny.block_nbytes
+    assert record_rows(ns, torch.zeros((3, *tiny.block_shape), dtype=torch.bfloat16)) is None
 
 
 def test_decode_refuses_an_engine_buffer_of_another_shape_or_dtype() -> None:

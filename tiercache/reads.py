@@ -15,7 +15,7 @@ import torch
 from tiercache.errors import BlockShapeError
 from tiercache.index import DEVICE, DISK, HOST, Entry
 from tiercache.keys import Namespace
-from tiercache.results import check_into, stored_in_place
+from tiercache.results import check_into, record_rows
 from tiercache.stats import Stats
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskRecord, DiskTier
@@ -40,15 +40,16 @@ def load_rows(
     checked) or new rows (pinned with ``pin``: a device tier's copy to host is then an async
     DMA). With ``into`` instead, the engine's blocks to fill (``[>= n,
     *block_shape]`` of the KV dtype, contiguous, CPU: ``check_into``): ``into``'s own bytes
-    for an exact namespace (no staging rows, no copy after), new rows for a quantized one,
-    which ``LoadResult.land`` decodes into it. Rows past the verified ones are unspecified:
-    an exact block read after one that failed its checksum is in ``into`` but not served."""
+    (``record_rows``: an exact record is its block, a quantized one is read into its block's
+    tail and ``LoadResult.land`` decodes it in place; no staging rows, no copy after).
+    Rows past the verified ones are unspecified: a block read after one that failed its
+    checksum is in ``into`` (raw, if quantized) but not served."""
     if into is None:
         return output_rows(out, n, ns.block_nbytes, pin)
     if out is not None:
         raise BlockShapeError("load takes out (stored records) or into (engine blocks), not both")
     check_into(ns, n, into)
-    rows = stored_in_place(ns, into[:n])
+    rows = record_rows(ns, into[:n])
     return rows if rows is not None else output_rows(None, n, ns.block_nbytes, False)
 
 

@@ -54,7 +54,9 @@ class LookupResult:
 
 @dataclass(slots=True)
 class LoadResult:
-    data: torch.Tensor  # uint8 [blocks, block_nbytes], page-first
+    # uint8 [blocks, block_nbytes], page-first: the stored records (after a quantized
+    # load(into=), decoded over in into's blocks: read kv())
+    data: torch.Tensor
     tiers: list[str]
     namespace: Namespace
     seconds: float = 0.0
@@ -93,9 +95,28 @@ class LoadResult:
         here)."""
         if into is not None:
             filled = into[: self.blocks]
-            in_place = stored_in_place(self.namespace, filled) is not None
-            self.into = filled if in_place else self.kv(out=filled)
+            exact = stored_in_place(self.namespace, filled) is not None
+            # A quantized record read into its block's tail (``record_rows``) is decoded over.
+            self.into = filled if exact else self.kv(out=filled)
         return self
+
+
+def record_rows(ns: Namespace, into: torch.Tensor) -> torch.Tensor | None:
+    """Where a load into the engine's blocks ``into`` reads ``ns``'s stored records: uint8
+    ``[rows, ns.block_nbytes]`` views of ``into``'s own bytes. An exact record is its block's
+    bytes. A quantized record (one byte per element, then the scales) is smaller than the
+    block it decodes to, so it is read into the *tail* of that block's bytes, and ``land``
+    decodes it in place: ``decode`` copies the scales out first and reads each chunk of
+    blocks whole before writing any of it. So a quantized resume needs no staging rows (64
+    MiB of fresh pages at 8k tokens of the benchmark's model, whose first touch cost as much
+    as the reads). None where a record would not fit in its block (a block with fewer than
+    four tokens x head_dim elements per head and layer): staging rows then."""
+    if parse_format(ns.store_dtype) == "exact":
+        return stored_in_place(ns, into)
+    whole, stored = ns.spec.block_nbytes, ns.block_nbytes
+    if stored > whole:
+        return None
+    return into.view(torch.uint8).view(into.shape[0], whole)[:, whole - stored :]
 
 
 def stored_in_place(ns: Namespace, into: torch.Tensor) -> torch.Tensor | None:
