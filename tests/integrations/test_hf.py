@@ -108,6 +108,69 @@ def test_a_scalar_in_the_state_dict_is_fingerprinted() -> None:
     assert model_fingerprint(m) != before
 
 
+def _turn_one(model: Any, chat: HFChatCache, session: str = "s") -> torch.Tensor:
+    """Turn 1 of a chat, generated and saved: the conversation so far."""
+    ids = user_message(0, 150, model.config.vocab_size)
+    past, _ = chat.restore(session, ids)
+    out, _ = generate(model, ids, past)
+    chat.save(session, out[:-1], past)
+    return out
+
+
+def _resume_equals_recompute(model: Any, chat: HFChatCache, convo: torch.Tensor) -> int:
+    past, reused = chat.restore("s", convo)
+    assert torch.equal(generate(model, convo, past)[0], recompute(model, convo)[0])
+    return reused
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "optimizer step"])
+def test_weights_changed_in_place_after_the_cache_was_made_are_not_served_old_kv(
+    cache: SyncCache, how: str
+) -> None:
+    """The weights are fingerprinted again when they change under the same model object:
+    before, the fingerprint taken when the HFChatCache was made kept serving the old
+    weights' KV, and turn 2 differed from recompute."""
+    kw: dict[str, Any] = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    model = tiny_model("llama", seed=0, **kw)
+    chat = HFChatCache(cache, model, block_size=16)
+    convo = _turn_one(model, chat)
+    assert chat.restore("s", convo)[1] == 160  # the control: unchanged weights, a hit
+    if how == "load_state_dict":
+        model.load_state_dict(tiny_model("llama", seed=1, **kw).state_dict())
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(convo[None], labels=convo[None]).loss.backward()
+        opt.step()
+    assert _resume_equals_recompute(model, chat, convo) == 0
+
+
+def test_a_peft_adapter_switched_on_is_a_namespace_of_its_own(cache: SyncCache) -> None:
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama", seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora)  # B random: the adapter changes the KV
+    model.add_adapter("other", lora)
+    chat = HFChatCache(cache, model, block_size=16)
+    convo = _turn_one(model, chat)
+
+    model.set_adapter("other")  # same state dict, another forward
+    assert _resume_equals_recompute(model, chat, convo) == 0
+    model.set_adapter("default")
+    assert _resume_equals_recompute(model, chat, convo) == 160
+    with model.disable_adapter():  # the base model's KV: none stored
+        assert _resume_equals_recompute(model, chat, convo) == 0
+    model.merge_adapter()  # the same adapter, merged: other weights, other rounding
+    assert _resume_equals_recompute(model, chat, convo) == 0
+    model.unmerge_adapter()
+
+    named = HFChatCache(cache, model, model_id="tiny-with-lora")  # weights named, not hashed
+    assert torch.equal(_turn_one(model, named, "n"), convo)
+    model.set_adapter("other")
+    assert named.restore("n", convo)[1] == 0
+    model.set_adapter("default")
+    assert named.restore("n", convo)[1] == 160
+
+
 def test_weights_it_cannot_read_are_refused_pointing_to_model_id(cache: SyncCache) -> None:
     m = tiny_model("llama", num_hidden_layers=1, hidden_size=64, intermediate_size=64)
     m.lm_head.to("meta")  # as accelerate leaves an offloaded weight

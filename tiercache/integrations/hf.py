@@ -34,7 +34,12 @@ sequence length, as if it had seen the whole conversation.
 The namespace fingerprints the model by hashing its config and weights (xxh3, fast);
 a ``model_id`` stands for the weights instead (no hashing), and is joined by a hash of the
 config: two models with one config but different weights, or one ``model_id`` under two
-configs (another RoPE base, say), must never share blocks.
+configs (another RoPE base, say), must never share blocks. The fingerprint is taken again
+whenever the weights may have changed under the same model object (``weights_version``:
+each tensor's version counter, which every in-place write torch tracks bumps, such as an
+optimizer step or ``load_state_dict``; and which PEFT adapters are active, merged or
+disabled, which a ``model_id`` is joined by too). Writes torch does not track (through
+``.data``) are not seen: pass a new ``model_id`` after those.
 """
 
 from __future__ import annotations
@@ -70,10 +75,35 @@ def config_fingerprint(config: Any) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())
 
 
+def adapter_state(model: Any) -> tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...]:
+    """The switches of ``model``'s PEFT adapter layers: per layer, its active adapters, the
+    ones merged into its base weights, and whether adapters are disabled. They change the KV
+    without changing the state dict (which holds every adapter loaded, active or not)."""
+    return tuple(
+        (name, tuple(m.active_adapters), tuple(m.merged_adapters), bool(m.disable_adapters))
+        for name, m in model.named_modules()
+        if hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")  # BaseTunerLayer
+    )
+
+
+def weights_version(model: Any) -> tuple[Any, ...]:
+    """What changes whenever ``model_fingerprint`` may: each state-dict tensor's name, where
+    it lives and its version counter (bumped by every in-place write torch tracks: an
+    optimizer step, ``load_state_dict``, a ``copy_`` under ``no_grad``), and the adapter
+    switches. Cheap: no weight is read."""
+    tensors = tuple(
+        (name, p.data_ptr(), p._version) for name, p in model.state_dict(keep_vars=True).items()
+    )
+    return tensors, adapter_state(model)
+
+
 def model_fingerprint(model: Any) -> str:
-    """``<name>@<hash of config and weights>``: equal exactly when the KV would be equal."""
+    """``<name>@<hash of config, weights and adapter switches>``: equal exactly when the KV
+    would be equal."""
     h = xxhash.xxh3_128()
     h.update(model.config.to_json_string(use_diff=False).encode())
+    if adapters := adapter_state(model):  # nothing for a model without PEFT layers
+        h.update(repr(adapters).encode())
     for name, p in sorted(model.state_dict().items()):
         if p.is_meta:
             raise SpecError(
@@ -159,16 +189,34 @@ class HFChatCache:
                 if isinstance(v := getattr(c, name, None), int) and not isinstance(v, bool)
             }), dtype=torch.long,
         )  # fmt: skip
-        self.grouped = GroupedCache(
-            cache,
-            f"{model_id}#config={config_fingerprint(model.config)}"
-            if model_id
-            else model_fingerprint(model),
-            self.kv,
-            salt=salt,
-            store_dtype=store_dtype,
-        )
+        self._model_id, self._salt, self._store_dtype = model_id, salt, store_dtype
+        self._version: tuple[Any, ...] = ()
+        self._grouped = self._namespaced(cache)
         self.last_load: GroupedLoad | None = None  # the last restore's load (tiers, seconds)
+
+    def _namespaced(self, cache: BlockCache) -> GroupedCache:
+        """The model's groups under the fingerprint of its weights as they are now."""
+        self._version = self._weights()
+        if self._model_id:
+            name = f"{self._model_id}#config={config_fingerprint(self.model.config)}"
+            if adapters := self._version[-1]:
+                name += "#adapters=" + xxhash.xxh3_64_hexdigest(repr(adapters).encode())
+        else:
+            name = model_fingerprint(self.model)
+        return GroupedCache(cache, name, self.kv, salt=self._salt, store_dtype=self._store_dtype)
+
+    def _weights(self) -> tuple[Any, ...]:
+        # A model_id names the weights: only the adapter switches are watched then.
+        return (adapter_state(self.model),) if self._model_id else weights_version(self.model)
+
+    @property
+    def grouped(self) -> GroupedCache:
+        """The model's groups and their namespaces. Fingerprinted again when the weights may
+        have changed since (an optimizer step, ``load_state_dict``, an adapter loaded, switched
+        or merged): KV computed under other weights is never restored."""
+        if self._weights() != self._version:
+            self._grouped = self._namespaced(self._grouped.cache)
+        return self._grouped
 
     @property
     def cache(self) -> BlockCache:
