@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tiercache.spec import AttentionKind, KVSpec
 from tiercache.storage_format import (
     FormatError,
     blocks_per_gib,
+    check_records,
     decode,
     encode,
     stored_nbytes,
@@ -96,6 +98,64 @@ def test_a_block_holding_inf_or_nan_is_refused_not_stored_as_a_head_of_nans(
     with pytest.raises(FormatError, match=r"block 3, layer 2, V, head 1 holds an inf or NaN"):
         encode(SPEC, x, fmt)  # type: ignore[arg-type]
     assert encode(SPEC, x, "exact").view(torch.uint8).equal(x.view(torch.uint8).reshape(5, -1))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_every_record_encode_writes_passes_the_commit_check(fmt: str, dtype: str) -> None:
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype=dtype, block_size=8)
+    x = blocks(spec, n=6)
+    top = torch.finfo(spec.torch_dtype).max
+    x[1, 0, 1] = top  # a head at the dtype's largest value: the largest scale encode writes
+    x[2, 2, 0, 3] = -top
+    x[3] = torch.finfo(spec.torch_dtype).tiny  # and the smallest
+    rec = encode(spec, x, fmt)  # type: ignore[arg-type]
+    # in slots 7, 8, 2, 3, 4, 9 of an arena (runs broken, and bytes after the record)
+    arena = torch.zeros((10, rec.shape[1] + 5), dtype=torch.uint8)
+    slots = [7, 8, 2, 3, 4, 9]
+    arena[slots, : rec.shape[1]] = rec
+    check_records(spec, arena, fmt, slots, list(range(6)))  # type: ignore[arg-type]
+
+
+# Each case: the record's byte to change, the code written there, what the error names.
+# A data byte's place: ((((layer * 2 + kv) * 8 + token) * 2 + head) * 16 + dim).
+_DATA_AT = (((2 * 2 + 1) * 8 + 3) * 2 + 1) * 16 + 4  # layer 2, V, token 3, head 1, dim 4
+
+
+@pytest.mark.parametrize(
+    ("fmt", "code", "names"),
+    [
+        ("fp8_e4m3", 0x7F, "holds code 0x7f (an fp8 NaN)"),
+        ("fp8_e4m3", 0xFF, "holds code 0xff (an fp8 NaN)"),
+        ("int8", 0x80, "holds code 0x80 (int8 -128"),
+    ],
+)
+def test_a_record_with_a_code_encode_never_writes_is_refused_naming_its_head(
+    fmt: str, code: int, names: str
+) -> None:
+    # An fp8 NaN code was committed with only the scales checked: the element decoded as NaN
+    # for every reader of the block.
+    rec = encode(SPEC, blocks(SPEC), fmt).clone()  # type: ignore[arg-type]
+    rec[4, _DATA_AT] = code
+    check_records(SPEC, rec, fmt, [0, 1, 2, 3], [10, 11, 12, 13])  # type: ignore[arg-type]
+    with pytest.raises(FormatError, match=rf"block 14, layer 2, V, head 1 {re.escape(names)}"):
+        check_records(SPEC, rec, fmt, [0, 1, 2, 3, 4], [10, 11, 12, 13, 14])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 1e37])
+def test_a_record_with_a_scale_encode_never_writes_is_refused_naming_its_head(
+    fmt: str, scale: float
+) -> None:
+    # 1e37: finite, but over bf16's largest value / QMAX: the head decoded as inf (and fp8's
+    # zero codes as NaN).
+    rec = encode(SPEC, blocks(SPEC), fmt).clone()  # type: ignore[arg-type]
+    n_data = 3 * 2 * 8 * 2 * 16
+    rec[2, n_data + 4 * 7 : n_data + 4 * 8] = torch.tensor([scale]).view(torch.uint8)
+    with pytest.raises(FormatError, match=r"block 2, layer 1, V, head 1 has scale"):
+        check_records(SPEC, rec, fmt, [0, 1, 2], [0, 1, 2])  # type: ignore[arg-type]
+    if scale != -1.0:  # that one decodes the head negated
+        assert not torch.isfinite(decode(SPEC, rec, fmt).float()).all()  # type: ignore[arg-type]
 
 
 def test_sizes_and_blocks_per_gib() -> None:

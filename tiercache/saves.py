@@ -18,7 +18,7 @@ from tiercache.index import HOST, Entry
 from tiercache.keys import Namespace, Tokens, keys_of
 from tiercache.results import Reservation, SaveResult
 from tiercache.sessions import window
-from tiercache.storage_format import check_scales, parse_format
+from tiercache.storage_format import check_records, parse_format
 from tiercache.transaction import abort_later
 
 if TYPE_CHECKING:
@@ -126,12 +126,12 @@ class HostSaves:
 
     def _check_records(self, r: Reservation) -> None:
         """Quantized records as the saver wrote them into the slots (a socket client encodes
-        its own): a scale ``encode`` never writes is refused, naming the block, before the
-        blocks become visible."""
+        its own): a scale or code ``encode`` never writes is refused, naming the block, before
+        the blocks become visible."""
         fmt = parse_format(r.ns.store_dtype)
         if fmt != "exact":
             blocks = [r.first_block + row for row in r.rows]
-            check_scales(r.ns.spec, self._m.host.buffer, fmt, r.slots, blocks)
+            check_records(r.ns.spec, self._m.host.buffer, fmt, r.slots, blocks)
 
     async def _commit(self, r: Reservation) -> SaveResult:
         m = self._m

@@ -25,8 +25,9 @@ fail-closed rule (a block is its verified bytes) does not allow.
 A block with an inf or NaN is refused by ``encode`` (a FormatError naming the head): one
 such element makes its head's scale non-finite, and every element of the head would decode
 as NaN. Such a block is only stored exact. Records a socket client encoded on its side
-are checked as they are committed (``check_scales``): a scale that ``encode`` never writes
-(NaN, inf, negative) is refused, naming the block.
+are checked as they are committed (``check_records``): a scale or a code that ``encode``
+never writes (a NaN, inf, negative or oversized scale; an fp8 NaN code, int8's -128) is
+refused, naming the block, layer, K/V and head.
 
 The format is chosen per namespace, by the client, at registration
 (``Namespace.store_dtype``): the application decides what error it accepts,
@@ -63,6 +64,8 @@ FORMATS: tuple[StoreFormat, ...] = ("exact", "int8", "fp8_e4m3")
 # int8 and e4m3 take the same bytes; e4m3's relative error (2.6 %) is above int8's (0.8 %).
 # The reference's names for the quantized formats.
 _REF: dict[str, rq.Format] = {"int8": "int8", "fp8_e4m3": "fp8"}
+# Bytes of records ``check_records`` scans at once: its temporaries stay in the CPU's cache.
+_CHECK_BYTES = 1 << 19
 
 
 class FormatError(ValueError):
@@ -144,7 +147,7 @@ def _check_finite(spec: KVSpec, scales: torch.Tensor, fmt: StoreFormat) -> None:
         )
 
 
-def check_scales(
+def check_records(
     spec: KVSpec,
     records: torch.Tensor,
     fmt: StoreFormat,
@@ -152,25 +155,60 @@ def check_scales(
     blocks: Sequence[int],
 ) -> None:
     """The ``rows`` of stored records uint8 ``[*, >= stored_nbytes]`` encoded elsewhere (a
-    socket client encodes its blocks): a FormatError naming the first block (``blocks[i]``
-    names ``rows[i]``) with a scale that is not a finite non-negative float32, which
-    ``encode`` never writes: its head would decode as NaN, inf or negated values. Only the
-    scales are copied (``records`` may be the whole host arena)."""
+    socket client encodes its blocks) hold only what ``encode`` writes: a FormatError names
+    the first block (``blocks[i]`` names ``rows[i]``), layer, K/V and head that does not.
+
+    A scale must be finite, non-negative and at most the engine dtype's largest value over
+    QMAX (above it, ``decode`` multiplies codes into inf, and fp8's zeros into NaN); a code
+    must not be an fp8 NaN (``0x7f``, ``0xff``: ``encode`` refuses the inf or NaN heads that
+    are its only source) nor int8's -128 (``encode`` clamps to +-127). The records are read
+    in place, a few blocks at a time (``records`` may be the whole host arena)."""
     if fmt == "exact" or not rows:
         return
-    raw = records[:, _data_nbytes(spec) : stored_nbytes(spec, fmt)][list(rows)]
-    scales = raw.view(torch.float32).reshape(
-        len(rows), spec.num_layers, spec.planes, spec.num_kv_heads
-    )
-    bad = (~(torch.isfinite(scales) & (scales >= 0))).nonzero()
-    if len(bad):
-        b, layer, plane, head = (int(i) for i in bad[0])
+    split, want = _data_nbytes(spec), stored_nbytes(spec, fmt)
+    top = torch.div(torch.tensor(torch.finfo(spec.torch_dtype).max), rq.QMAX[_REF[fmt]])
+    step = max(1, _CHECK_BYTES // split)
+    for row, slot, n in _row_runs(rows, step):
+        rec = records[slot : slot + n]
+        scales = rec[:, split:want].clone(memory_format=torch.contiguous_format).view(torch.float32)
+        scales = scales.reshape(n, spec.num_layers, spec.planes, spec.num_kv_heads)
+        bad_scale = ~(torch.isfinite(scales) & (scales >= 0) & (scales <= top))
+        codes = rec[:, :split]
+        if fmt == "int8":
+            bad_codes = bool(codes.view(torch.int8).amin() == -128)
+        else:
+            bad_codes = bool((codes & 0x7F).amax() == 0x7F)
+        if not bad_codes and not bool(bad_scale.any()):
+            continue
+        data = codes.reshape(n, *spec.block_shape)  # [n, layers, planes, tokens, heads, dim]
+        bad_code = (data == 0x80) if fmt == "int8" else ((data & 0x7F) == 0x7F)
+        per_head = bad_code.any(dim=5).any(dim=3)
+        b, layer, plane, head = (int(i) for i in (per_head | bad_scale).nonzero()[0])
         what = "latent" if spec.planes == 1 else "KV"[plane]
+        where = f"block {blocks[row + b]}, layer {layer}, {what}, head {head}"
+        if bad_scale[b, layer, plane, head]:
+            raise FormatError(
+                f"store_dtype {fmt!r}: {where} has scale {float(scales[b, layer, plane, head])}; "
+                f"a record's scales must be finite, non-negative and at most {float(top):.7g} "
+                "(the head would decode as garbage)"
+            )
+        code = int(data[b, layer, plane, :, head][bad_code[b, layer, plane, :, head]][0])
+        kind = "int8 -128, which encode clamps to -127" if fmt == "int8" else "an fp8 NaN"
         raise FormatError(
-            f"store_dtype {fmt!r}: block {blocks[b]}, layer {layer}, {what}, head {head} has "
-            f"scale {float(scales[b, layer, plane, head])}; a record's scales must be finite "
-            "and non-negative (the head would decode as garbage)"
+            f"store_dtype {fmt!r}: {where} holds code 0x{code:02x} ({kind}); a record holds "
+            "only the codes encode writes (the element would decode as NaN or out of range)"
         )
+
+
+def _row_runs(rows: Sequence[int], step: int) -> list[tuple[int, int, int]]:
+    """(index in ``rows``, its row, length <= ``step``) of each run of consecutive rows."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1 or i - start == step:
+            out.append((start, rows[start], i - start))
+            start = i
+    return out
 
 
 def decode(

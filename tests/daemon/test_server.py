@@ -724,6 +724,23 @@ async def test_quantized_records_with_a_scale_encode_never_writes_are_refused_by
     assert (await client.save(qns, tokens, blocks)).stored == 3  # encoded by the client
 
 
+async def test_fp8_records_with_a_nan_code_are_refused_naming_the_head(
+    daemon: Daemon, client: AsyncClient
+) -> None:
+    # Only the scales were checked: the element decoded as NaN for every reader.
+    qns = Namespace(NS.model, SPEC, store_dtype="fp8_e4m3")
+    await client.register(NS)
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    records = encode_records(SPEC, blocks, "fp8_e4m3").clone()
+    records[2, (((1 * 2 + 0) * 4 + 1) * 2 + 1) * 8] = 0xFF  # layer 1, K, token 1, head 1
+    with pytest.raises(RemoteError) as err:
+        await client.save(qns, tokens, records)
+    assert err.value.code == "bad_request"
+    assert "block 2, layer 1, K, head 1 holds code 0xff (an fp8 NaN)" in err.value.message
+    assert (await client.lookup(qns, tokens)).blocks == 0
+    assert daemon.manager is not None and daemon.manager.host.free_slots == 8
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user")
 async def test_socket_group_members_may_map_the_arena_and_others_may_not(tmp_path: Path) -> None:
     """``[daemon] socket_group`` opens the socket and the shared arena to the group, so an
