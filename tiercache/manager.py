@@ -49,7 +49,7 @@ from tiercache.stats import Stats, timed
 from tiercache.storage_format import store_rows
 from tiercache.tiers.device import DeviceTier
 from tiercache.tiers.disk import DiskTier
-from tiercache.tiers.host import HostArena
+from tiercache.tiers.host import HostArena, slot_count
 from tiercache.tiers.remote import RemoteOptions, RemoteTier
 from tiercache.transaction import save_rounds
 
@@ -167,6 +167,7 @@ class TierManager:
         """Carve the host arena (and the device tier) into slots, once."""
         if self.host.formatted:
             return
+        slot_count(self.host.budget_bytes, slot_bytes)  # a size the host refuses formats nothing
         if self.device is not None and not self.device.formatted:  # first: if it fails, it
             self.device.format(slot_bytes)  # fails every time, never once and then off
         self.host_room.format(slot_bytes)

@@ -29,6 +29,7 @@ from tiercache.daemon.protocol import MAX_FRAME, PROTOCOL_VERSION, decode, encod
 from tiercache.daemon.service import Daemon
 from tiercache.kernels import reference_quant as rq
 from tiercache.keys import KeyChain, Namespace
+from tiercache.spec import KVSpec
 from tiercache.storage_format import encode as encode_records
 
 NS = make_ns()
@@ -739,6 +740,32 @@ async def test_fp8_records_with_a_nan_code_are_refused_naming_the_head(
     assert "block 2, layer 1, K, head 1 holds code 0xff (an fp8 NaN)" in err.value.message
     assert (await client.lookup(qns, tokens)).blocks == 0
     assert daemon.manager is not None and daemon.manager.host.free_slots == 8
+
+
+async def test_a_first_namespace_of_tiny_blocks_is_refused_and_a_real_one_still_registers(
+    tmp_path: Path,
+) -> None:
+    # A 2 B block carved the 64 MiB arena into 32 M slots (1.3 GiB of the daemon's memory; a
+    # default 1 GiB arena: ~10 GiB) and every real model was refused as too big for them.
+    env = daemon_env(tmp_path)
+    env["TIERCACHE_TIERS_HOST__BYTES"] = str(64 * 2**20)
+    d = Daemon(load_config(env=env))
+    await d.start()
+    try:
+        c = await AsyncClient.connect(d.config.daemon.socket)
+        tiny = KVSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=1)
+        with pytest.raises(RemoteError) as err:
+            await c.register(Namespace("tiny", tiny))
+        assert err.value.code == "bad_request"
+        assert "a 2 B block would carve the 67108864 B host tier into 33554432 slots" in str(
+            err.value
+        )
+        tokens, blocks = make_tokens(2), make_blocks(2)
+        assert (await c.save(NS, tokens, blocks)).stored == 2
+        assert torch.equal((await c.load(NS, tokens)).data, as_bytes(blocks))
+        await c.close()
+    finally:
+        await d.shutdown()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user")

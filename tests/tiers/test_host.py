@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import dead_pid
-from tiercache.tiers.host import SHM_DIR, ArenaFull, HostArena, MappedArena, shm_free
+from tiercache.tiers.host import MAX_SLOTS, SHM_DIR, ArenaFull, HostArena, MappedArena, shm_free
 
 SLOT = 64
 
@@ -69,6 +69,24 @@ def test_budget_smaller_than_one_block_is_rejected_and_names_the_key() -> None:
         match=r"^host tier budget \(63 B\) is smaller than one block \(64 B\); raise \[tiers\.host\] bytes$",
     ):
         HostArena(64, 63, pin=False)
+
+
+def test_a_block_too_small_for_the_budget_is_refused_before_the_arena_is_carved() -> None:
+    # A 2 B block carved 32 MiB into 16 M slots, ~40 B of bookkeeping each (a 1 GiB arena:
+    # ~10 GiB), and the arena stayed in 2 B slots, too small for any real model's block.
+    a = HostArena(None, 2 * MAX_SLOTS + 2, pin=False)
+    try:
+        with pytest.raises(
+            ValueError,
+            match=rf"^a 2 B block would carve the {2 * MAX_SLOTS + 2} B host tier into "
+            rf"{MAX_SLOTS + 1} slots, more than the {MAX_SLOTS} .* slot_bytes to at least 3$",
+        ):
+            a.format(2)
+        assert not a.formatted
+        a.format(3)
+        assert a.num_slots == (2 * MAX_SLOTS + 2) // 3 <= MAX_SLOTS
+    finally:
+        a.close()
 
 
 @pytest.mark.parametrize("slot_bytes", [0, -1])

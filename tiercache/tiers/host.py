@@ -79,6 +79,35 @@ def reap_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
     return gone
 
 
+# The most slots an arena is carved into. Each slot costs ~40 B of bookkeeping (its free-list
+# entry and used flag now, its index entry once filled), carved all at once: a block of a few
+# bytes (a hand-made spec) made a 1 GiB arena 256 M slots, ~10 GiB of the daemon's memory and
+# seconds of its event loop, and left every real model's block refused as too big. 2**24 is
+# 1 TiB of 64 KiB blocks, smaller than any real model's.
+MAX_SLOTS = 2**24
+
+
+def slot_count(budget_bytes: int, slot_bytes: int) -> int:
+    """How many slots of ``slot_bytes`` an arena of ``budget_bytes`` is carved into; a
+    ValueError saying why it cannot be (checked before anything is carved)."""
+    if slot_bytes <= 0:
+        raise ValueError(f"host arena slot size must be positive, got {slot_bytes}")
+    if budget_bytes < slot_bytes:
+        raise ValueError(
+            f"host tier budget ({budget_bytes} B) is smaller than one block "
+            f"({slot_bytes} B); raise [tiers.host] bytes"
+        )
+    n = budget_bytes // slot_bytes
+    if n > MAX_SLOTS:
+        raise ValueError(
+            f"a {slot_bytes} B block would carve the {budget_bytes} B host tier into {n} slots, "
+            f"more than the {MAX_SLOTS} it keeps track of; host slots are sized by the first "
+            "namespace registered: register the real model first or set [tiers.host] "
+            f"slot_bytes to at least {-(-budget_bytes // MAX_SLOTS)}"
+        )
+    return n
+
+
 class ArenaFull(RuntimeError):
     """No free slot in the host arena (the caller evicts, then retries)."""
 
@@ -206,15 +235,8 @@ class HostArena(Slots):
         """Carve the arena into ``capacity // slot_bytes`` slots (once)."""
         if self.formatted:
             raise ValueError(f"host arena already has {self.slot_bytes}-byte slots")
-        if slot_bytes <= 0:
-            raise ValueError(f"host arena slot size must be positive, got {slot_bytes}")
-        if self.budget_bytes < slot_bytes:
-            raise ValueError(
-                f"host tier budget ({self.budget_bytes} B) is smaller than one block "
-                f"({slot_bytes} B); raise [tiers.host] bytes"
-            )
+        self.num_slots = slot_count(self.budget_bytes, slot_bytes)
         self.slot_bytes = slot_bytes
-        self.num_slots = self.budget_bytes // slot_bytes
         self.capacity_bytes = self.num_slots * slot_bytes
         self.buffer = self._raw[: self.capacity_bytes].view(self.num_slots, slot_bytes)
         self._free = deque(range(self.num_slots))
