@@ -124,3 +124,44 @@ async def test_a_load_cancelled_while_its_lease_is_on_its_way_gives_the_lease_ba
     assert [e.leases for e in manager.index] == [0, 0]  # evictable again
     assert not c._late
     await c.close()
+
+
+async def test_a_load_cancelled_while_its_release_waits_behind_another_request_still_releases(
+    daemon: Daemon,
+) -> None:
+    # The release was cut short before it was sent: the blocks stayed leased (unevictable)
+    # for as long as the client stayed connected.
+    c = await AsyncClient.connect(daemon.config.daemon.socket)
+    tokens = make_tokens(2)
+    await c.save(NS, tokens, make_blocks(2))
+    manager = daemon.manager
+    assert manager is not None
+    busy, done = asyncio.Event(), asyncio.Event()
+
+    async def busy_daemon() -> None:
+        async with manager._lock:
+            busy.set()
+            await done.wait()
+
+    held: list[asyncio.Future[None]] = []
+
+    def consume(row: int, rows: object) -> None:  # the lease is used: now the daemon is busy
+        held.append(asyncio.ensure_future(busy_daemon()))
+
+    load = asyncio.create_task(c.load_into(NS, tokens, consume))
+    await asyncio.sleep(0)  # the load's acquire is on its way, holding the connection
+    other = asyncio.create_task(c.touch(NS, tokens))  # next on the connection, before the release
+    await busy.wait()
+    await _waiting(load)  # its release waits for the touch, which waits for the busy daemon
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    done.set()
+    assert await other == 2
+    for _ in range(50):
+        if all(e.leases == 0 for e in manager.index):
+            break
+        await asyncio.sleep(0.01)
+    assert [e.leases for e in manager.index] == [0, 0]  # evictable again
+    assert await c.evict(keys=[e.key for e in manager.index]) == 2
+    await c.close()

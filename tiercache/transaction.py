@@ -42,12 +42,13 @@ L = TypeVar("L", bound=Leased)
 _aborts: set[asyncio.Future[None]] = set()  # aborts running after their caller left
 
 
-def abort_later(abort: Awaitable[None]) -> None:
+def abort_later(abort: Awaitable[None]) -> asyncio.Future[None]:
     """Run ``abort`` to its end although whoever started the save was cancelled (a cancel
     must not wait on the cache's lock, nor leave the reserved slots taken)."""
     task = asyncio.ensure_future(abort)
     _aborts.add(task)
     task.add_done_callback(_aborts.discard)
+    return task
 
 
 async def save_rounds(
@@ -91,7 +92,8 @@ async def lease_rounds(
 ) -> list[str]:
     """Read the cached run (at most ``max_blocks``): ``acquire(done, left)`` the next lease,
     ``use(lease, done)`` it (returns where its blocks were read from), ``release(lease)``
-    (also when ``use`` raised). Returns the tiers of every block served."""
+    (also when ``use`` raised, and to its end when the caller is cancelled). Returns the
+    tiers of every block served."""
     tiers: list[str] = []
     while max_blocks is None or len(tiers) < max_blocks:
         left = None if max_blocks is None else max_blocks - len(tiers)
@@ -99,7 +101,10 @@ async def lease_rounds(
         try:
             got = await use(lease, len(tiers)) if lease.tiers else []
         finally:
-            await release(lease)
+            # To its end, although the caller is cancelled meanwhile (a timeout while the
+            # release waits its turn behind another request): a release cut short left the
+            # blocks leased, unevictable, for as long as the client stayed connected.
+            await asyncio.shield(abort_later(release(lease)))
         tiers += got
         if not got or len(got) >= lease.prefix:
             break
