@@ -21,6 +21,7 @@ from typing import Any
 
 from tiercache.policy.base import POLICIES
 from tiercache.spec import parse_size
+from tiercache.tiers.host import slot_count
 
 ENV_PREFIX = "TIERCACHE_"
 
@@ -74,6 +75,16 @@ class HostTierConfig:
     bytes: int = 2**30
     slot_bytes: int = 0  # 0: the block size of the first namespace registered
     shared: bool = False  # a /dev/shm arena that CPU engines in other processes map
+
+    def __post_init__(self) -> None:
+        # Checked here, not where the arena is made: there a bad value was a traceback.
+        if self.bytes <= 0:
+            raise ConfigError(f"tiers.host.bytes: must be positive, got {self.bytes}")
+        if self.slot_bytes:
+            try:
+                slot_count(self.bytes, self.slot_bytes)
+            except ValueError as e:
+                raise ConfigError(f"tiers.host.slot_bytes: {e}") from None
 
 
 @dataclass(slots=True)

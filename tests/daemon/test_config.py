@@ -371,6 +371,23 @@ def test_variables_that_are_not_overrides_are_ignored(name: str) -> None:
             "tiers.host.slot_bytes: size must be a string like '32GiB' or an integer, got True",
             id="bool-size",
         ),
+        pytest.param(
+            "[tiers.host]\nbytes = 0\n", "tiers.host.bytes: must be positive, got 0", id="no-host"
+        ),
+        pytest.param(
+            "[tiers.host]\nbytes = '1MiB'\nslot_bytes = '2MiB'\n",
+            "tiers.host.slot_bytes: host tier budget (1048576 B) is smaller than one block "
+            "(2097152 B); raise [tiers.host] bytes",
+            id="slot-over-budget",
+        ),
+        pytest.param(
+            "[tiers.host]\nbytes = '1GiB'\nslot_bytes = 4\n",
+            "tiers.host.slot_bytes: a 4 B block would carve the 1073741824 B host tier into "
+            "268435456 slots, more than the 16777216 it keeps track of; host slots are sized by "
+            "the first namespace registered: register the real model first or set [tiers.host] "
+            "slot_bytes to at least 64",
+            id="tiny-slots",
+        ),
         pytest.param("[mqtt]\nport = 'abc'\n", "mqtt.port: expected int, got 'abc'", id="bad-int"),
         pytest.param("[mqtt]\nport = true\n", "mqtt.port: expected int, got True", id="bool-int"),
         pytest.param(
