@@ -13,6 +13,7 @@ from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
 from tiercache.client import AsyncClient
 from tiercache.daemon.config import load_config
 from tiercache.daemon.service import Daemon
+from tiercache.manager import TierManager
 
 NS = make_ns()
 
@@ -102,14 +103,28 @@ async def test_a_reservation_whose_reply_the_next_request_reads_is_given_back(
     await c.close()
 
 
-async def test_a_load_cancelled_while_its_lease_is_on_its_way_gives_the_lease_back(
-    daemon: Daemon,
-) -> None:
+async def _two_saved(daemon: Daemon) -> tuple[AsyncClient, list[int], TierManager]:
+    """A client of ``daemon`` that saved two blocks: it, their tokens, the daemon's cache."""
     c = await AsyncClient.connect(daemon.config.daemon.socket)
     tokens = make_tokens(2)
     await c.save(NS, tokens, make_blocks(2))
-    manager = daemon.manager
-    assert manager is not None
+    assert daemon.manager is not None
+    return c, tokens, daemon.manager
+
+
+async def _released(manager: TierManager, blocks: int) -> None:
+    """Wait for the daemon to end every lease (a release may land after its caller left)."""
+    for _ in range(50):
+        if all(e.leases == 0 for e in manager.index):
+            break
+        await asyncio.sleep(0.01)
+    assert [e.leases for e in manager.index] == [0] * blocks  # evictable again
+
+
+async def test_a_load_cancelled_while_its_lease_is_on_its_way_gives_the_lease_back(
+    daemon: Daemon,
+) -> None:
+    c, tokens, manager = await _two_saved(daemon)
     async with manager._lock:  # the acquire's reply comes late
         load = asyncio.create_task(c.load(NS, tokens))
         await _waiting(load)
@@ -117,11 +132,7 @@ async def test_a_load_cancelled_while_its_lease_is_on_its_way_gives_the_lease_ba
         with pytest.raises(asyncio.CancelledError):
             await load
     assert (await c.lookup(NS, make_tokens(3, seed=9))).blocks == 0  # reads the late lease
-    for _ in range(50):
-        if all(e.leases == 0 for e in manager.index):
-            break
-        await asyncio.sleep(0.01)
-    assert [e.leases for e in manager.index] == [0, 0]  # evictable again
+    await _released(manager, 2)
     assert not c._late
     await c.close()
 
@@ -131,11 +142,7 @@ async def test_a_load_cancelled_while_its_release_waits_behind_another_request_s
 ) -> None:
     # The release was cut short before it was sent: the blocks stayed leased (unevictable)
     # for as long as the client stayed connected.
-    c = await AsyncClient.connect(daemon.config.daemon.socket)
-    tokens = make_tokens(2)
-    await c.save(NS, tokens, make_blocks(2))
-    manager = daemon.manager
-    assert manager is not None
+    c, tokens, manager = await _two_saved(daemon)
     busy, done = asyncio.Event(), asyncio.Event()
 
     async def busy_daemon() -> None:
@@ -158,10 +165,6 @@ async def test_a_load_cancelled_while_its_release_waits_behind_another_request_s
         await load
     done.set()
     assert await other == 2
-    for _ in range(50):
-        if all(e.leases == 0 for e in manager.index):
-            break
-        await asyncio.sleep(0.01)
-    assert [e.leases for e in manager.index] == [0, 0]  # evictable again
+    await _released(manager, 2)
     assert await c.evict(keys=[e.key for e in manager.index]) == 2
     await c.close()
