@@ -691,17 +691,25 @@ async def test_a_load_into_the_engines_blocks_reads_exact_blocks_into_their_own_
     assert not engine[4].any()  # a row past the load is left alone
 
 
+@pytest.mark.parametrize("device", [False, True], ids=["host and disk", "device tier too"])
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
 async def test_a_quantized_load_into_the_engines_blocks_is_what_kv_decodes(
-    open_cache: OpenCache, fmt: str
+    open_cache: OpenCache, fmt: str, device: bool
 ) -> None:
-    m = await open_cache(host_blocks=2)
+    """Each record is read into the tail of the engine block it decodes to
+    (``results.record_rows``) from whichever tier holds it, and decoded there."""
+    extra = {"device_bytes": 2 * NBYTES, "device_name": "cpu"} if device else {}
+    m = await open_cache(host_blocks=2, **extra)
     ns = Namespace("test-model", SPEC, store_dtype=fmt)
     tokens, blocks = make_tokens(4), make_blocks(4)
     await m.save(ns, tokens, blocks)
+    if device:  # block 0, on disk, up to the device tier
+        assert await m.prefetch(ns, tokens[: SPEC.block_size]) == 1
     engine = torch.zeros((4, *SPEC.block_shape), dtype=SPEC.torch_dtype)
     got = await m.load(ns, tokens, into=engine)
-    assert got.blocks == 4 and got.tiers[0] == "disk"  # host slots hold more quantized blocks
+    # Host slots hold more quantized blocks than exact ones: only block 0 went to disk.
+    assert got.blocks == 4 and got.tiers[0] == ("device" if device else "disk")
+    assert "host" in got.tiers
     assert got.kv().data_ptr() == engine.data_ptr()
     again = (await m.load(ns, tokens)).kv()  # the records, decoded by kv()
     assert torch.equal(as_bytes(engine), as_bytes(again))
