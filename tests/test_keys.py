@@ -21,6 +21,7 @@ from tiercache.keys import (
     TokenError,
     chain_keys,
     keys_of,
+    media_seed,
     tail_key,
     tail_keys,
     token_bytes,
@@ -374,3 +375,20 @@ def test_namespace_tail_keys_stop_short_of_a_block_and_follow_parent_and_tokens(
 def test_an_empty_tail_has_no_key() -> None:
     with pytest.raises(TokenError, match="at least one token"):
         tail_key(b"\0" * KEY_BYTES, [])
+
+
+def test_a_media_seed_follows_the_chain_and_the_media_and_meets_no_other_key() -> None:
+    ns = make_ns()
+    prev = ns.block_keys(tokens(BLOCK))[0]
+    seed = media_seed(prev, ["5:img-a"])
+    assert len(seed) == KEY_BYTES
+    others = {
+        media_seed(prev, ["5:img-b"]),  # another image
+        media_seed(prev, ["6:img-a"]),  # the same image elsewhere
+        media_seed(ns.id, ["5:img-a"]),  # after another block
+        media_seed(prev, ["5:img-a", "7:img-b"]),  # and a second one
+        prev,
+        ns.seed("5:img-a"),  # a LoRA adapter's or a salt's seed of the same text
+    }
+    assert seed not in others and len(others) == 6
+    assert ns.block_keys(tokens(BLOCK), start=seed) != ns.block_keys(tokens(BLOCK), start=prev)

@@ -237,6 +237,19 @@ def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 
 
 _TAIL = b"tiercache-tail"  # BLAKE2 personalization: the tail keys' own hash domain
+_MEDIA = b"tiercache-media"  # and the media seeds'
+
+
+def media_seed(prev: bytes, identifiers: Sequence[str]) -> BlockKey:
+    """What a chain's block hangs from when media (an image, a video, audio) starts inside
+    it: ``prev`` (the key of the block before, or the chain's seed) mixed with the media
+    items' content hashes (``identifiers``, as the engine hashes them), in a hash domain of
+    its own. Every later block chains from it, so the KV of a prompt with one image is
+    never found by a prompt of the same token ids with another image, or with none (the
+    placeholder ids of two images are the same)."""
+    h = hashlib.blake2b("\0".join(identifiers).encode(), digest_size=KEY_BYTES, person=_MEDIA)
+    h.update(prev)
+    return h.digest()
 
 
 def tail_keys(parent: bytes, tokens: Sequence[int] | np.ndarray) -> list[BlockKey]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 
 from tests.conftest import SPEC, make_blocks, make_ns, make_tokens
 from tests.integrations.vllm.test_worker import background_done
@@ -322,18 +323,61 @@ def test_a_step_scheduled_before_vllm_saw_a_failed_load_saves_nothing(
         assert c.lookup(NS, chain, first_block=3).blocks == 0
 
 
-@pytest.mark.parametrize(
-    ("field", "a", "b"),
-    [
-        ("mm_features", ["image-a"], ["image-b"]),  # an image's placeholder ids are the same
-        ("prompt_embeds", torch.zeros(1), torch.ones(1)),
-    ],
-)
+def media(*items: tuple[str, int]) -> list[MultiModalFeatureSpec]:
+    """vLLM's features of images ``(content hash, placeholder offset)``, 2 tokens each."""
+    return [
+        MultiModalFeatureSpec(None, "image", ident, PlaceholderRange(offset=at, length=2))
+        for ident, at in items
+    ]
+
+
+def test_a_prompt_with_an_image_is_found_from_the_image_on_only_with_that_image(
+    daemon: DaemonProcess,
+) -> None:
+    # The image's placeholder ids are the same whatever its pixels: a chain over token ids
+    # alone would hand one image's KV to a prompt with another. The chain is re-seeded by
+    # the image's content hash in the block it starts in (block 1 here): the blocks before
+    # it are found by any prompt of the same ids, the blocks from it on only with that image.
+    tokens = make_tokens(3, seed=55)[:10]  # 2 whole blocks and a tail of 2
+    s = scheduler(daemon.socket, min_tail=1)
+    first = Prompt("a", tokens)
+    first.mm_features = media(("img-a", B + 1))  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(first, 0) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(first, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("a", [1, 2, 3], computed=0, scheduled=10))  # type: ignore[arg-type]
+    assert [(t.first, t.count) for t in meta.saves] == [(0, 2), (2, 1)]  # the tail after it too
+    save_for_real(daemon, meta)
+
+    def found(req_id: str, images: list[MultiModalFeatureSpec], toks: list[int] = tokens) -> int:
+        req = Prompt(req_id, toks)
+        req.mm_features = images  # type: ignore[attr-defined]
+        return s.get_num_new_matched_tokens(req, 0)[0]  # type: ignore[arg-type]
+
+    assert found("same image", media(("img-a", B + 1))) == 9  # its blocks and its tail
+    assert found("other image", media(("img-b", B + 1))) == B  # block 0 only
+    assert found("no image", []) == B
+    assert found("image elsewhere", media(("img-a", B + 2))) == B
+    assert found("a second image", media(("img-a", B + 1), ("img-c", 2 * B + 1))) == 2 * B
+    # A tail is keyed by its token ids only: one that an image starts in is neither saved
+    # nor found.
+    late = make_tokens(3, seed=56)[:10]
+    with_image = Prompt("l", late)
+    with_image.mm_features = media(("img-d", 2 * B + 1))  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(with_image, 0) == (0, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(with_image, None, 0)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("l", [4, 5, 6], computed=0, scheduled=10))  # type: ignore[arg-type]
+    assert [(t.first, t.count) for t in meta.saves] == [(0, 2)]
+    save_for_real(daemon, meta)
+    assert found("late image", media(("img-d", 2 * B + 1)), late) == 2 * B
+    assert found("late, no image", [], late) == 2 * B  # the image starts after both blocks
+
+
+@pytest.mark.parametrize(("field", "a", "b"), [("prompt_embeds", torch.zeros(1), torch.ones(1))])
 def test_a_request_whose_kv_depends_on_more_than_its_token_ids_is_not_cached(
     daemon: DaemonProcess, field: str, a: object, b: object
 ) -> None:
-    # Keys are chained over token ids only: a request with the same ids and another image
-    # or embeddings would find (and load) the first one's KV.
+    # Keys are chained over token ids only: a request with the same ids and other
+    # embeddings would find (and load) the first one's KV.
     tokens = make_tokens(3, seed=50 + len(field))
     s = scheduler(daemon.socket)
     first = Prompt("a", tokens)

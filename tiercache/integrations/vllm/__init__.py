@@ -18,9 +18,11 @@ How it works, per role:
   least one prompt token is always left to compute, as the engine needs its
   logits. A request with a LoRA adapter or a ``cache_salt`` gets chains of its own
   (keyed, as vLLM keys them, by the adapter's name and path and by the salt): it
-  finds only blocks saved under the same adapter and salt. A request whose KV
-  depends on images or prompt embeddings is not cached: the keys could not tell it
-  apart. ``build_connector_meta`` tells the worker which blocks to load before
+  finds only blocks saved under the same adapter and salt. A request with images
+  (video, audio) has its chain re-seeded by each item's content hash where the
+  item starts (``keys.media_seed``): blocks from an image on are found only with
+  that image. A request with prompt embeddings is not cached: the keys could not
+  tell it apart. ``build_connector_meta`` tells the worker which blocks to load before
   this step's forward and which blocks became full (and are saved after it).
 - **Worker**: copies between the engine's paged KV cache and the daemon's
   shared host arena with the torch reference gather/scatter

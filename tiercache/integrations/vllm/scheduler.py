@@ -24,7 +24,7 @@ from tiercache.integrations.vllm.groups import NULL_BLOCK, Group, by_request
 from tiercache.integrations.vllm.link import Link
 from tiercache.integrations.vllm.metadata import TierCacheMetadata, Transfer
 from tiercache.integrations.vllm.options import Options
-from tiercache.keys import BlockKey, KeyChain, tail_key
+from tiercache.keys import BlockKey, KeyChain, media_seed, tail_key
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -55,6 +55,14 @@ class _Req:
     load_async: bool = False  # the last lookup's load runs in the background
     loaded_async: bool = False  # a load of this request ran in the background
     windows: dict[int, tuple[int, int]] = field(default_factory=dict)  # sliding: saved blocks
+    # Block -> content hashes of the media items (images, video, audio) starting in it: the
+    # chain is re-seeded there (``media_seed``); and the tokens where each item starts.
+    media: dict[int, list[str]] = field(default_factory=dict)
+    media_starts: list[int] = field(default_factory=list)
+
+    def media_from(self, start: int) -> int | None:
+        """The first token at or after ``start`` where a media item starts."""
+        return next((o for o in self.media_starts if o >= start), None)
 
 
 def _session(request: Request) -> str | None:
@@ -77,15 +85,23 @@ def _session(request: Request) -> str | None:
 
 
 def _keyed_by_more(request: Request) -> str | None:
-    """What, besides its token ids and :func:`_extra`, the request's KV depends on (vLLM's
-    own prefix cache hashes it into the request's blocks): its blocks are neither looked up
-    nor saved, as another request with the same ids but another image or embeddings would
-    find them under the same keys."""
-    if getattr(request, "mm_features", None):
-        return "multimodal inputs"
+    """What, besides its token ids, :func:`_extra` and its media (:func:`_media`), the
+    request's KV depends on: its blocks are neither looked up nor saved, as another request
+    with the same ids but other embeddings would find them under the same keys."""
     if getattr(request, "prompt_embeds", None) is not None:
         return "prompt embeddings"
     return None
+
+
+def _media(request: Request) -> dict[int, list[str]]:
+    """The request's media items (images, video, audio) by the token where their placeholders
+    start: ``"<offset>:<content hash>"`` (the hash is the ``identifier`` vLLM's own prefix
+    cache and encoder cache key the item by)."""
+    out: dict[int, list[str]] = {}
+    for f in getattr(request, "mm_features", None) or ():
+        at = int(f.mm_position.offset)
+        out.setdefault(at, []).append(f"{at}:{f.identifier}")
+    return out
 
 
 def _extra(request: Request) -> str:
@@ -127,18 +143,30 @@ class Scheduler:
 
     def _keys(self, st: _Req, g: Group, tokens: int) -> list[BlockKey]:
         """Group ``g``'s chain over the request's first ``tokens`` tokens (whole blocks),
-        extended incrementally as the request grows."""
+        extended incrementally as the request grows; re-seeded by the content hashes of the
+        media starting in a block (``media_seed``), so blocks from an image on are keyed by
+        the image too."""
         want = tokens // self.block
         keys = st.keys[g.index]
-        if want > len(keys):
-            toks = st.request.all_token_ids[len(keys) * self.block : want * self.block]
-            keys += g.ns.block_keys(toks, start=keys[-1] if keys else st.seeds[g.index])
+        while want > len(keys):
+            b = len(keys)
+            prev = keys[-1] if keys else st.seeds[g.index]
+            if b in st.media:
+                prev, end = media_seed(prev, st.media[b]), b + 1
+            else:
+                end = min([want, *(m for m in st.media if m > b)])
+            toks = st.request.all_token_ids[b * self.block : end * self.block]
+            keys += g.ns.block_keys(toks, start=prev)
         return keys[:want]
 
     def _new(self, request: Request) -> _Req:
         n = len(self.groups)
         seeds = [g.ns.seed(_extra(request)) for g in self.groups]
         st = _Req(request, _session(request), seeds, [[] for _ in range(n)], [[] for _ in range(n)])
+        starts = _media(request)
+        for offset, ids in sorted(starts.items()):
+            st.media.setdefault(offset // self.block, []).extend(ids)
+        st.media_starts = sorted(starts)
         self._reqs[request.request_id] = st
         return st
 
@@ -223,7 +251,12 @@ class Scheduler:
         chain's first ``start // block`` blocks in every group: ``st.tail`` and its tier. A
         tail that ends with the prompt is loaded whole, and its last token computed again.
         (A sliding group's window before it is within the prefix's, found already.)"""
-        toks = st.request.all_token_ids[start : min(prompt, start + self.block - 1)]
+        # A tail key hashes token ids only: it stops before media that starts inside it.
+        media = st.media_from(start)
+        end = min(prompt, start + self.block - 1, prompt if media is None else media)
+        if end - start < self.min_tail:
+            return
+        toks = st.request.all_token_ids[start:end]
         first, *others = self.groups
         candidates = first.ns.tail_keys(toks, self._parent(st, first, start))[self.min_tail - 1 :]
         res = self._link.call("lookup_tail", lambda c: c.lookup_tail(first.ns, candidates))
@@ -423,11 +456,13 @@ class Scheduler:
                     Transfer(req_id, chain, first, n, ids, sid, finish=finish, group=g.index)
                 )
                 st.windows[g.index] = (first, full)
+        media = st.media_from(full * self.block)
         if (
             not self.min_tail
             or r < self.min_tail
             or st.saved_tail == (full, r)
             or (st.tail is not None and st.hit == full and st.tail[0] == r)
+            or (media is not None and media < end)  # a tail key does not hash the media
         ):
             return saves
         st.saved_tail = (full, r)
