@@ -19,7 +19,7 @@ from tiercache.bench.seaweedfs import SeaweedFS
 from tiercache.keys import Namespace
 from tiercache.sharing import MAX_FILLS, Sharing
 from tiercache.storage_format import stored_nbytes, zarr_attrs
-from tiercache.tiers.remote import TRAILER_BYTES, object_key
+from tiercache.tiers.remote import TRAILER_BYTES, object_key, retention
 
 pytestmark = pytest.mark.service
 
@@ -83,6 +83,30 @@ async def test_an_object_stored_under_another_blocks_key_is_a_miss(open_node: An
 
     assert (await b.lookup(NS, tokens)).tiers == []
     assert b.stats.corrupt_blocks == 1
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut_short"])
+async def test_a_block_retention_deleted_or_cut_short_is_uploaded_again_on_its_next_hit(
+    open_node: Any, damage: str
+) -> None:
+    a = await open_node("a", sharing=Sharing(recheck_seconds=0))
+    b = await open_node("b")
+    tokens, blocks = make_tokens(3), make_blocks(3)
+    await a.save(NS, tokens, blocks)
+    assert await a.shared.drain(30) == 0
+    if damage == "deleted":
+        await retention(a.remote, max_age=60, now=time.time() + 3600)
+    else:
+        key = object_key(f"ns/{NS.hex}", NS.block_keys(tokens)[0])
+        await obstore.put_async(a.remote.obj, key, b"cut short")
+    assert (await b.lookup(NS, tokens)).tiers == []
+
+    await a.load(NS, tokens)  # a hit on the node that uploaded them
+    assert await a.shared.drain(30) == 0
+
+    got = await b.load(NS, tokens)
+    assert torch.equal(got.data, as_bytes(blocks)) and got.tiers == ["remote"] * 3
+    assert a.shared.state()["found_gone_blocks"] == (3 if damage == "deleted" else 1)
 
 
 async def test_two_nodes_writing_the_same_blocks_at_once_leave_one_intact_copy(

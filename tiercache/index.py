@@ -2,8 +2,9 @@
 
 One dict, O(1) lookup, one small slotted record per block (about 250 bytes with its key).
 Where a block lives is one map on its entry, tier name -> location: the host slot (an
-int), the disk record (``DiskRecord``); the device tier and the shared tier as ``True`` (the
-device tier keeps its own slots, and a shared-tier object is named by the key). A block is in the index only while host or disk
+int), the disk record (``DiskRecord``); the device tier as ``True`` (it keeps its own slots), the
+shared tier as the monotonic time the store was last known to hold the block (an object is named
+by the key, and retention may delete it). A block is in the index only while host or disk
 holds a verified copy of it (the device tier is a read cache over them and the shared tier
 belongs to every daemon): an entry with neither is deleted at once.
 
@@ -32,7 +33,7 @@ REMOTE: Final = "remote"
 TIERS: Final = (DEVICE, HOST, DISK, REMOTE)  # fastest first
 LOCAL: Final = frozenset({HOST, DISK})  # the tiers whose copies keep an entry in the index
 
-Location = int | DiskRecord | bool
+Location = int | DiskRecord | bool | float
 
 
 @dataclass(slots=True)

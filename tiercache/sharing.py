@@ -7,7 +7,10 @@ Network I/O is never awaited under the cache lock nor without a deadline.
   background task takes batches, copies their bytes out of host memory under the lock (or
   reads and verifies them from disk under a lease), and PUTs them outside it. A failure
   marks the store down and puts the blocks back in the queue; while it is down the next
-  upload is the health probe.
+  upload is the health probe. A block is believed stored once uploaded (or fetched), but
+  only for ``recheck_seconds``: retention or an operator may delete its object, so a
+  sighting after that queues it again, and the uploader asks the store (one HEAD) whether
+  the whole object is still there; one that is gone or cut short is uploaded again.
 - **Fills.** ``lookup``, ``load`` and ``acquire`` that miss locally start a fill: a
   background task that fetches the missing blocks in chain order (the first alone, then
   windows in parallel; it stops at the first absent block) and adopts each verified one
@@ -61,6 +64,7 @@ class Sharing:
     admission: int = 1
     pinned: bool = True
     drain_seconds: float = 10.0  # how long close() keeps uploading what is queued
+    recheck_seconds: float = 600.0  # how long an upload (or fetch) is believed still stored
 
 
 class SharedTier:
@@ -94,14 +98,19 @@ class SharedTier:
         self._slow = False  # a fill outlived the deadline: callers do not wait
         self._closed = False
         self.fills_skipped = 0  # misses that started no fill: MAX_FILLS were in flight
+        self.found_gone = 0  # blocks believed stored whose object was gone: uploaded again
 
     # -- uploads --------------------------------------------------------------
 
     def sighted(self, e: Entry) -> None:
-        """A save or a read met ``e``: queue it once it is worth sharing."""
-        if REMOTE in e.at or e.key in self.uploads or not self.sharing.admission:
+        """A save or a read met ``e``: queue it once it is worth sharing (or, believed stored
+        for ``recheck_seconds``, to ask the store whether it still is)."""
+        if e.key in self.uploads or not self.sharing.admission:
             return
-        if self._admission.admit(e.key):
+        if REMOTE in e.at:
+            if self._stale(e):
+                self._share(e)
+        elif self._admission.admit(e.key):
             self._share(e)
 
     def saved(self, entries: list[Entry], pinned: Iterable[BlockKey]) -> None:
@@ -116,8 +125,15 @@ class SharedTier:
             return
         for k in keys:
             e = self._index.get(k)
-            if e is not None and REMOTE not in e.at:
+            if e is not None and (REMOTE not in e.at or self._stale(e)):
                 self._share(e)
+
+    def _stale(self, e: Entry) -> bool:
+        """Whether ``e`` was last known stored more than ``recheck_seconds`` ago."""
+        known = e.at[REMOTE]
+        return not isinstance(known, float) or (
+            time.monotonic() - known >= self.sharing.recheck_seconds
+        )
 
     def _share(self, e: Entry) -> None:
         if self._closed:
@@ -154,6 +170,7 @@ class SharedTier:
     async def _upload(self, batch: list[tuple[BlockKey, str]]) -> None:
         """PUT a batch of queued blocks; failures go back to the queue and mark the store down."""
         remote = self.remote
+        await self._recheck(batch)
         t0 = time.perf_counter()
         sources = await self._sources(batch)
 
@@ -175,7 +192,7 @@ class SharedTier:
                     remote.failed(res)
                     self._stats.error("remote_write")
             else:
-                e.at[REMOTE] = True
+                e.at[REMOTE] = time.monotonic()
                 self.uploads.uploaded += 1
                 moved[src] = moved.get(src, 0) + e.nbytes
         for src, nbytes in moved.items():
@@ -185,6 +202,39 @@ class SharedTier:
                 "shared tier: %d uploads failed, will retry: %s", len(retry), remote.last_error
             )
             self.uploads.put_back(retry)
+
+    async def _recheck(self, batch: list[tuple[BlockKey, str]]) -> None:
+        """Ask the store for the queued blocks believed stored (their belief is stale): one
+        still whole there is believed for another ``recheck_seconds``; one gone or cut short
+        loses the belief, so ``_sources`` takes its bytes and it is uploaded again. One the
+        store did not answer for keeps its stale belief: its next sighting asks again."""
+        stale = [
+            e for key, _ in batch if (e := self._index.get(key)) is not None and REMOTE in e.at
+        ]
+        if not stale:
+            return
+        results = await asyncio.gather(
+            *(self.remote.stored(e.array, e.key, e.nbytes) for e in stale), return_exceptions=True
+        )
+        now, gone = time.monotonic(), 0
+        for e, res in zip(stale, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, asyncio.CancelledError):
+                    self.remote.failed(res)
+                    self._stats.error("remote_read")
+            elif res:
+                e.at[REMOTE] = now
+            elif REMOTE in e.at:
+                del e.at[REMOTE]
+                gone += 1
+        if gone:
+            self.found_gone += gone
+            log.warning(
+                "shared tier: %d blocks this daemon stored are gone from %s (retention, or "
+                "deleted); uploading them again",
+                gone,
+                self.remote.url,
+            )
 
     async def _sources(
         self, batch: list[tuple[BlockKey, str]]
@@ -344,7 +394,7 @@ class SharedTier:
                     return adopted, False
                 data, csum = fetched
                 np.copyto(self._host.arena.view(slot, nbytes).numpy(), data)
-                e = Entry(key, array, nbytes, csum, at={REMOTE: True}, last_use=now)
+                e = Entry(key, array, nbytes, csum, at={REMOTE: now}, last_use=now)
                 self._index.add(e)
                 self._host.place(e, slot, up)
                 got.add(key)
@@ -362,6 +412,7 @@ class SharedTier:
             "admission": self.sharing.admission,
             "fills_in_flight": len(self._fills),
             "fills_skipped": self.fills_skipped,
+            "found_gone_blocks": self.found_gone,
         }
 
     async def upload_queued(self) -> None:

@@ -336,6 +336,19 @@ class RemoteTier:
             raise CorruptObject(f"remote block {object_key(array, key)} failed verification")
         return got
 
+    async def stored(self, array: str, key: BlockKey, nbytes: int) -> bool:
+        """Whether block ``key``'s object is in the store at its whole length (one HEAD: the
+        bytes are not read). Raises the store's error on failure."""
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            meta = await self._call(obstore.head_async(self.obj, object_key(array, key)))
+        except (FileNotFoundError, oe.NotFoundError):
+            self.succeeded()  # it answered
+            return False
+        return int(meta["size"]) == nbytes + TRAILER_BYTES
+
     def state(self) -> dict[str, Any]:
         return {
             "url": self.url,
