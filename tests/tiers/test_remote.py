@@ -279,6 +279,25 @@ async def test_bad_credentials_are_a_clear_error_at_open(
     await m.close()
 
 
+@pytest.mark.service
+async def test_no_credentials_at_all_are_a_clear_error_at_open_not_a_store_down(
+    tmp_path: Path, seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no key configured anywhere obstore asks EC2's metadata service (here a port
+    # nothing listens on, as off EC2); the tier started "unreachable" and stayed down.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    with pytest.raises(StoreError, match=r"no credentials; set \[tiers.remote\] key_id and"):
+        await TierManager.open(
+            host_bytes=4 * NBYTES,
+            remote_url=f"s3://{BUCKET}/x",
+            remote_options=RemoteOptions(endpoint=seaweedfs.endpoint),
+        )
+
+
 @pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "s3.example.com", "ftp://host:21"])
 async def test_an_endpoint_from_the_environment_without_http_is_a_clear_error_at_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str

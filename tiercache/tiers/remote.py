@@ -66,6 +66,7 @@ MAGIC = b"TCB1"
 _TRAILER = struct.Struct(f"<4s{KEY_BYTES}sQ16s")  # magic, key, nbytes, xxh3-128 of the bytes
 TRAILER_BYTES = _TRAILER.size
 MAX_BACKOFF = 5.0  # seconds: a down store is probed at least this often (one small request)
+_METADATA_PATHS = ("/latest/api/token", "/latest/meta-data/")  # EC2's credentials service
 _BLOCK_PATH = re.compile(r"^ns/([0-9a-f]+)/b/([0-9a-f]{32})$")
 
 
@@ -187,7 +188,7 @@ class RemoteTier:
     async def open(cls, url: str, opts: RemoteOptions | None = None) -> RemoteTier:
         """Connect and prove access by writing the marker object.
 
-        Bad credentials and a missing bucket are ``StoreError``s naming the fix.
+        Bad or missing credentials and a missing bucket are ``StoreError``s naming the fix.
         An unreachable store is not: the tier starts down and comes up when the
         store answers (the same as an outage later on).
         """
@@ -200,6 +201,8 @@ class RemoteTier:
         except StoreError:
             raise
         except Exception as e:
+            if (err := _no_credentials(url, where, e)) is not None:
+                raise err from None
             tier.failed(e)
             log.error(
                 "remote tier %s at %s is unreachable, starting without it: %s",
@@ -365,6 +368,19 @@ class RemoteTier:
 
 class CorruptObject(Exception):
     """A remote object that is not a whole, intact copy of its block."""
+
+
+def _no_credentials(url: str, where: str, e: BaseException) -> StoreError | None:
+    """The ``StoreError`` for a store opened with no credentials, else None. With none given
+    (no key_id, no ``AWS_*`` keys), obstore asks the instance metadata service for them: off
+    EC2 that fails before the store is asked, which is no outage to wait out."""
+    if not any(path in str(e) for path in _METADATA_PATHS):
+        return None
+    return StoreError(
+        f"remote tier {url} at {where}: no credentials; set [tiers.remote] key_id and "
+        "secret_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the instance metadata "
+        f"service gave none: {_first_line(e)})"
+    )
 
 
 def _first_line(e: BaseException) -> str:
