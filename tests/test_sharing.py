@@ -139,6 +139,25 @@ async def test_with_admission_two_only_blocks_seen_twice_are_shared(open_node: A
     )
 
 
+async def test_with_admission_two_a_block_a_full_queue_refused_goes_on_its_next_sighting(
+    open_node: Any,
+) -> None:
+    a = await open_node("a", sharing=Sharing(admission=2, queue_blocks=2))
+    tokens = make_tokens(4)
+    await a.save(NS, tokens, make_blocks(4))
+    await a.load(NS, tokens)  # the second sightings: two fit the queue, two are refused
+    assert await a.shared.drain(30) == 0
+    assert a.shared.state()["dropped_blocks"] == {"queue_full": 2}
+    assert len(await objects(a, f"ns/{NS.hex}/b/")) == 2
+
+    await a.load(NS, tokens)  # the refused two are offered again
+    assert await a.shared.drain(30) == 0
+
+    assert await objects(a, f"ns/{NS.hex}/b/") == sorted(
+        object_key(f"ns/{NS.hex}", k) for k in NS.block_keys(tokens)
+    )
+
+
 async def test_with_admission_zero_only_pinned_sessions_are_shared(open_node: Any) -> None:
     a = await open_node("a", sharing=Sharing(admission=0))
     kept, other = make_tokens(2, seed=1), make_tokens(3, seed=2)

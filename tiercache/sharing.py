@@ -110,8 +110,8 @@ class SharedTier:
         if REMOTE in e.at:
             if self._stale(e):
                 self._share(e)
-        elif self._admission.admit(e.key):
-            self._share(e)
+        elif self._admission.admit(e.key) and not self._share(e):
+            self._admission.refund(e.key)  # refused (a full queue): its next sighting goes
 
     def saved(self, entries: list[Entry], pinned: Iterable[BlockKey]) -> None:
         """A save committed ``entries``; ``pinned``: the keys of its session when pinned."""
@@ -135,12 +135,13 @@ class SharedTier:
             time.monotonic() - known >= self.sharing.recheck_seconds
         )
 
-    def _share(self, e: Entry) -> None:
-        if self._closed:
-            return
-        self.uploads.offer(e.key, e.array)
+    def _share(self, e: Entry) -> bool:
+        """Queue ``e`` for the uploader; False if it was refused (closed, or the queue full)."""
+        if self._closed or not self.uploads.offer(e.key, e.array):
+            return False
         if self._uploader is None or self._uploader.done():
             self._uploader = asyncio.create_task(self._upload_loop(), name="tiercache-upload")
+        return True
 
     async def _upload_loop(self) -> None:
         remote = self.remote
