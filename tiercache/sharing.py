@@ -97,6 +97,10 @@ class SharedTier:
         self._fills: dict[BlockKey, tuple[asyncio.Task[None], set[BlockKey]]] = {}
         self._slow = False  # a fill outlived the deadline: callers do not wait
         self._closed = False
+        self._prober: asyncio.Task[None] | None = None
+        remote.on_down = self._watch
+        if not remote.up:  # unreachable at open
+            self._watch()
         self.fills_skipped = 0  # misses that started no fill: MAX_FILLS were in flight
         self.found_gone = 0  # blocks believed stored whose object was gone: uploaded again
 
@@ -281,6 +285,28 @@ class SharedTier:
                     await self._upload_done.wait()
         return len(self.uploads) + self.uploads.in_flight
 
+    # -- health ---------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """The store went down: probe it after each backoff until it answers, also when
+        nothing is queued or fetched (``up`` feeds ``stats``, the metrics and their alert)."""
+        if self._closed or (self._prober is not None and not self._prober.done()):
+            return
+        self._prober = asyncio.get_running_loop().create_task(
+            self._probe_loop(), name="tiercache-probe"
+        )
+
+    async def _probe_loop(self) -> None:
+        remote = self.remote
+        while not remote.up:
+            await asyncio.sleep(max(0.0, remote.down_until - time.monotonic()))
+            if remote.up or not remote.available():  # an upload or a fill asked it meanwhile
+                continue
+            try:
+                await remote.probe()
+            except Exception as e:
+                remote.failed(e)
+
     # -- fills ----------------------------------------------------------------
 
     async def fill(
@@ -427,8 +453,7 @@ class SharedTier:
             await self.upload_queued()
         self._closed = True
         tasks = [t for t, _ in self._fills.values()]
-        if self._uploader is not None:
-            tasks.append(self._uploader)
+        tasks += [t for t in (self._uploader, self._prober) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

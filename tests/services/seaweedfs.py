@@ -85,10 +85,11 @@ async def open_node(tmp_path: Path, seaweedfs: SeaweedFS, remote_url: str) -> As
 
 
 @contextlib.asynccontextmanager
-async def slow_gateway(weed: SeaweedFS, delay: float) -> AsyncIterator[str]:
-    """An endpoint in front of ``weed`` that holds every reply for ``delay`` seconds: a store
-    that answers, slowly (in this event loop: the test must await while it works)."""
-    port = int(weed.endpoint.rsplit(":", 1)[1])
+async def slow_gateway(weed: SeaweedFS, delay: float, port: int = 0) -> AsyncIterator[str]:
+    """An endpoint in front of ``weed`` (on ``port``, 0: a free one) that holds every reply for
+    ``delay`` seconds: a store that answers, slowly (in this event loop: the test must await
+    while it works)."""
+    upstream = int(weed.endpoint.rsplit(":", 1)[1])
 
     async def pipe(
         src: asyncio.StreamReader, dst: asyncio.StreamWriter, reply: bool, asked: list[bool]
@@ -103,7 +104,7 @@ async def slow_gateway(weed: SeaweedFS, delay: float) -> AsyncIterator[str]:
         dst.close()
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        ur, uw = await asyncio.open_connection("127.0.0.1", port)
+        ur, uw = await asyncio.open_connection("127.0.0.1", upstream)
         asked = [False]  # a request went up since the last reply began
         pipes = asyncio.gather(pipe(r, uw, False, asked), pipe(ur, w, True, asked))
         conns.add(pipes)
@@ -113,7 +114,7 @@ async def slow_gateway(weed: SeaweedFS, delay: float) -> AsyncIterator[str]:
         uw.close()
 
     conns: set[asyncio.Future[Any]] = set()
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
     async with server:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         for c in conns:  # the client's pooled connections outlive its requests

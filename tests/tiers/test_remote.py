@@ -16,13 +16,14 @@ import torch
 from zarr.core.buffer import default_buffer_prototype
 
 from tests.conftest import NBYTES, as_bytes, make_blocks, make_ns, make_tokens
-from tests.services.seaweedfs import BUCKET, objects, options
+from tests.services.seaweedfs import BUCKET, objects, options, slow_gateway
 from tiercache import TierManager
 from tiercache.bench.seaweedfs import SeaweedFS
 from tiercache.sharing import Sharing
 from tiercache.tiers.disk import StoreError
 from tiercache.tiers.remote import (
     MARKER,
+    MAX_BACKOFF,
     TRAILER_BYTES,
     RemoteOptions,
     RemoteTier,
@@ -202,6 +203,31 @@ async def test_a_hung_store_costs_a_lookup_at_most_one_deadline_and_local_hits_a
         assert m.stats.errors["remote_timeout"] <= 1
     finally:
         await m.close(flush=False)
+
+
+@pytest.mark.service
+async def test_a_store_back_is_found_up_with_nothing_to_upload_or_fetch(
+    tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    # Down at start (nothing listens on its port), then it answers; the node has no traffic.
+    # Only requests probed the store, so an idle node said "down" (and kept the
+    # TierCacheSharedTierDown alert firing) for as long as it was idle.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = await TierManager.open(
+        host_bytes=4 * NBYTES,
+        remote_url=f"s3://{BUCKET}/back",
+        remote_options=dataclasses.replace(
+            options(seaweedfs, timeout=0.5), endpoint=f"http://127.0.0.1:{port}"
+        ),
+    )
+    try:
+        assert m.remote is not None and not m.remote.up
+        async with slow_gateway(seaweedfs, 0, port):
+            await until(lambda: m.remote is not None and m.remote.up, limit=4 * MAX_BACKOFF)
+    finally:
+        await m.close()
 
 
 async def test_close_reports_the_blocks_of_an_upload_batch_stalled_in_flight(

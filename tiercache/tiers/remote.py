@@ -30,7 +30,8 @@ and touches nothing else in the bucket.
 
 Outage: every request has a deadline; a failure marks the tier down for a
 backoff that doubles up to ``MAX_BACKOFF``. While down, the data plane does
-not ask it anything; the next attempt after the backoff is the health probe.
+not ask it anything; the next attempt after the backoff is the health probe
+(the shared tier's own probe, when nothing else asks: ``sharing.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import re
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,7 @@ class RemoteTier:
         self.down_until = 0.0  # monotonic time before which the tier is not asked
         self.backoff = 0.0
         self.last_error = ""
+        self.on_down: Callable[[], None] | None = None  # told when the store goes down
         self._groups: set[str] = set()  # namespace groups known to exist
 
     @classmethod
@@ -225,9 +227,11 @@ class RemoteTier:
         self.last_error = f"{type(err).__name__}: {_first_line(err)}"
         if not self.up and time.monotonic() < self.down_until:
             return
-        self.up = False
+        went_down, self.up = self.up, False
         self.backoff = min(MAX_BACKOFF, max(0.1, self.backoff * 2))
         self.down_until = time.monotonic() + self.backoff
+        if went_down and self.on_down is not None:
+            self.on_down()
 
     def succeeded(self) -> None:
         if not self.up:
@@ -289,6 +293,17 @@ class RemoteTier:
                 f"remote tier {self.url}: {MARKER} says format {found!r}, this tiercache "
                 f"reads format {FORMAT}; upgrade it, or use another [tiers.remote] url"
             )
+
+    async def probe(self) -> None:
+        """One small request (the marker's metadata): returns (and the tier is up) when the
+        store answers, the marker there or not; raises the store's error otherwise."""
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            await self._call(obstore.head_async(self.obj, MARKER))
+        except (FileNotFoundError, oe.NotFoundError):
+            self.succeeded()
 
     async def _put(self, key: str, body: bytes | bytearray) -> None:
         from zarr.core.buffer.cpu import Buffer
