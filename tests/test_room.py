@@ -4,6 +4,7 @@ pinned or leased blocks never go, and the disk tier's write, flush, drop and cor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import NBYTES, flip_byte, key, make_ns, row
+from tests.conftest import NBYTES, SPEC, flip_byte, key, make_ns, row
 from tiercache.errors import NoRoom
 from tiercache.index import DISK, HOST, Entry, Index
 from tiercache.lock import CacheLock
+from tiercache.policy.arc import ARCPolicy
 from tiercache.policy.base import POLICIES, EvictionPolicy
 from tiercache.room import DiskRoom, HostRoom
 from tiercache.stats import Stats
@@ -483,3 +485,91 @@ async def test_a_disk_room_moves_nothing_before_a_namespace_sizes_its_policy(
         assert policy is not None and policy.name == "arc"
     finally:
         await tier.close()
+
+
+# --- disk room: namespaces of several block sizes -----------------------------------------------
+
+BIG = make_ns(model="big-model", spec=dataclasses.replace(SPEC, num_layers=4 * SPEC.num_layers))
+BIG_NBYTES = 4 * NBYTES
+
+
+@dataclass
+class Mixed:
+    """A disk tier of 4 big (16 small) blocks under ``eviction``, its two namespaces' arrays."""
+
+    index: Index
+    lock: CacheLock
+    arena: HostArena
+    host: HostRoom
+    disk: DiskRoom
+    arrays: dict[int, str]  # block size -> array
+
+    async def write(self, i: int, nbytes: int) -> None:
+        """Block ``i`` of ``nbytes`` saved, written to disk and its host copy let go."""
+        async with self.lock:
+            slot = await self.host.slot()
+            self.arena.view(slot, nbytes).fill_(i + 1)
+            e = self.index.get(key(i)) or Entry(key(i), self.arrays[nbytes], nbytes)
+            self.index.add(e)
+            self.host.place(e, slot)
+            assert await self.disk.write([e], self.arena) == nbytes
+            self.host.drop(e)
+
+
+@pytest.fixture
+async def mixed(tmp_path: Path) -> AsyncIterator[Callable[[str, int], Awaitable[Mixed]]]:
+    """``await mixed(eviction, first)``: the namespace of ``first``-byte blocks registers first."""
+    opened: list[tuple[HostArena, DiskTier]] = []
+
+    async def factory(eviction: str, first: int) -> Mixed:
+        index, lock = Index(), CacheLock()
+        tier = await DiskTier.open(str(tmp_path / "disk"), 4 * BIG_NBYTES)
+        arena = HostArena(None, 2 * BIG_NBYTES, pin=False)
+        opened.append((arena, tier))
+        disk = DiskRoom(tier, eviction, index, lock, Stats(), index.drop_if_empty)
+        host = HostRoom(arena, eviction, index, lock, Stats(), index.drop_if_empty, disk)
+        host.format(BIG_NBYTES)
+        arrays = {NBYTES: await tier.register(NS), BIG_NBYTES: await tier.register(BIG)}
+        disk.prepare(first)
+        return Mixed(index, lock, arena, host, disk, arrays)
+
+    yield factory
+    for arena, tier in opened:
+        arena.close()
+        await tier.close()
+
+
+async def test_a_disk_arc_sized_by_big_blocks_keeps_the_ghosts_of_the_small_ones_it_holds(
+    mixed: Callable[[str, int], Awaitable[Mixed]],
+) -> None:
+    m = await mixed("arc", BIG_NBYTES)  # 4 big blocks' worth: ARC would count 4
+    for i in range(16):
+        await m.write(i, NBYTES)  # a tier of 16 small blocks, full
+    e = m.index.get(key(15))
+    assert e is not None
+    m.disk.touch(e)  # used again: T1 holds 15
+    await m.write(16, NBYTES)  # evicts block 0 from T1
+    await m.write(0, NBYTES)  # block 0 again: T1 was too small, as ARC learns from its ghost
+
+    policy = m.disk.policy
+    assert isinstance(policy, ARCPolicy)
+    assert (policy.target_t1, list(policy.t2)) == (1.0, [key(15), key(0)])
+    assert policy.capacity == 16
+
+
+async def test_a_disk_arc_sized_by_small_blocks_bounds_its_ghosts_by_the_big_ones_it_holds(
+    mixed: Callable[[str, int], Awaitable[Mixed]],
+) -> None:
+    m = await mixed("arc", NBYTES)  # 16 small blocks' worth: ARC would count 16
+    for i in range(12):
+        await m.write(i, BIG_NBYTES)  # a tier of 4 big blocks: 8 evicted
+
+    policy = m.disk.policy
+    assert isinstance(policy, ARCPolicy)
+    # T1 + B1 within the 4 blocks the tier holds (the paper drops a full T1's victim
+    # unghosted), not the 8 blocks evicted.
+    assert (list(policy.t1), list(policy.b1)) == (
+        [key(i) for i in range(8, 12)],
+        [],
+    )
+    assert policy.capacity == 4

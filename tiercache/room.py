@@ -25,7 +25,7 @@ from tiercache.errors import NoRoom
 from tiercache.index import DISK, HOST, Entry, Index
 from tiercache.keys import BlockKey
 from tiercache.lock import CacheLock
-from tiercache.policy.base import EvictionPolicy, RetainingPolicy, make_policy
+from tiercache.policy.base import EvictionPolicy, RetainingPolicy, SizedPolicy, make_policy
 from tiercache.stats import Stats
 from tiercache.tiers.disk import DiskFull, DiskRecord, DiskTier, StoreError
 from tiercache.tiers.host import ArenaFull, HostArena
@@ -50,16 +50,10 @@ class DiskRoom:
         self.policy: EvictionPolicy | None = None
         index.pin_changed.append(self._pin_changed)
         if disk.records:
-            self._policy_for(min(r.nbytes for r in disk.records))
+            self.policy = make_policy(eviction, blocks_at_budget(disk, 0))
             for rec in disk.records:
                 index.add(Entry(rec.key, rec.array, rec.nbytes, rec.checksum, at={DISK: rec}))
                 self._order.insert(rec.key)
-
-    def _policy_for(self, block_nbytes: int) -> EvictionPolicy:
-        if self.policy is None:
-            capacity_blocks = max(1, self.disk.capacity_bytes // block_nbytes)
-            self.policy = make_policy(self._eviction, capacity_blocks)
-        return self.policy
 
     @property
     def _order(self) -> EvictionPolicy:
@@ -67,8 +61,10 @@ class DiskRoom:
         return self.policy
 
     def prepare(self, block_nbytes: int) -> None:
-        """Size the policy from the first namespace's block (ARC counts blocks)."""
-        self._policy_for(block_nbytes)
+        """Make the policy, sized from the first namespace's block until the tier holds
+        blocks (then from their mix: ``_room``)."""
+        if self.policy is None:
+            self.policy = make_policy(self._eviction, blocks_at_budget(self.disk, block_nbytes))
 
     def touch(self, e: Entry) -> None:
         if DISK in e.at:
@@ -99,6 +95,8 @@ class DiskRoom:
     def _room(self, nbytes: int, keep: set[BlockKey]) -> bool:
         if self.disk.has_room(nbytes):
             return True
+        if isinstance(self.policy, SizedPolicy):  # the tier is full: it holds this many
+            self.policy.resize(blocks_at_budget(self.disk, 0))
         for key in self._order.victims():
             e = self._index.get(key)
             if e is None or key in keep or DISK not in e.at or not self._index.evictable(e):
@@ -331,6 +329,18 @@ class HostRoom:
         need = n - self.arena.free_slots
         if need > 0:
             await self._evict(self._victims(need))
+
+
+def blocks_at_budget(disk: DiskTier, block_nbytes: int) -> int:
+    """How many blocks ``disk`` holds at its byte budget: at the mix of block sizes it holds
+    (namespaces of several models, a model's KV cache groups), or, empty, blocks of
+    ``block_nbytes``. Sized by one namespace's block alone, the policy's bounds (ARC's ghost
+    lists and target, the prefix policy's ghosts and counting window) were off by the ratio
+    of the sizes: sized by big blocks on a tier of small ones, ARC kept no ghost at all and
+    never adapted."""
+    if disk.used_bytes > 0:
+        return max(1, disk.num_blocks * disk.capacity_bytes // disk.used_bytes)
+    return max(1, disk.capacity_bytes // max(1, block_nbytes))
 
 
 def hold(policy: EvictionPolicy | None, key: BlockKey, pinned: bool) -> None:

@@ -330,3 +330,40 @@ def test_arc_keeps_frequently_used_keys_through_a_scan() -> None:
 
     assert evicted == ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]
     assert resident == {"h1", "h2", "s8", "s9"}
+
+
+def test_arc_resized_down_keeps_its_target_and_ghosts_within_the_new_capacity() -> None:
+    policy = ARCPolicy(8)
+    for key in "abcdef":
+        policy.insert(k(key))
+    policy.touch(k("f"))
+    for key in "abcdef":
+        policy.remove(k(key))  # b1 = [a, b, c, d, e], b2 = [f]
+    policy.insert(k("a"))  # a b1 hit: into t2
+    policy.insert(k("g"))
+    policy.target_t1 = 6.0
+
+    policy.resize(2)
+
+    assert (policy.capacity, policy.target_t1) == (2, 2.0)
+    # T1 + B1 within c (B1's oldest ghosts go), and the directory, 4 keys, within 2c.
+    assert arc_state(policy) == {"t1": ["g"], "t2": ["a"], "b1": ["e"], "b2": ["f"]}
+
+
+def test_arc_resized_up_keeps_what_it_had() -> None:
+    policy = ARCPolicy(2)
+    for key in "ab":
+        policy.insert(k(key))
+        policy.remove(k(key))
+
+    policy.resize(4)
+    policy.insert(k("c"))
+    policy.remove(k("c"))
+
+    assert policy.capacity == 4
+    assert arc_state(policy) == {"t1": [], "t2": [], "b1": ["a", "b", "c"], "b2": []}
+
+
+def test_arc_refuses_to_resize_to_no_blocks() -> None:
+    with pytest.raises(ValueError, match=r"^ARC needs a positive capacity in blocks$"):
+        ARCPolicy(2).resize(0)

@@ -342,3 +342,21 @@ def test_prefix_learns_to_keep_a_recurring_block_over_one_offs() -> None:
         "o30", "o31", "o32", "o40", "o41", "o42", "o50", "o51",
     ]  # fmt: skip
     assert resident == {"h", "o52"}
+
+
+def test_prefix_resized_down_forgets_the_ghosts_beyond_its_new_capacity() -> None:
+    policy = PrefixPolicy(4)  # room for 8 ghosts
+    for key in "abcdef":
+        policy.insert(k(key))
+        policy.remove(k(key))
+
+    policy.resize(2)  # room for 4: a and b never came back
+    policy.insert(k("c"))  # c's ghost is still there: a reuse at age 4
+
+    assert policy.capacity == 2
+    assert policy.reuse_odds(0, 4) == 1 / 3
+
+
+def test_prefix_refuses_to_resize_to_no_blocks() -> None:
+    with pytest.raises(ValueError, match=r"^the prefix policy needs a positive capacity"):
+        PrefixPolicy(2).resize(0)

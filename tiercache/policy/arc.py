@@ -13,7 +13,9 @@ which the paper drops unghosted) and all four lists within 2c (B2's oldest
 goes). The one difference from the paper is the order a tier imposes: it
 evicts before it inserts, so a ghost hit adapts the target after its victim
 was chosen (the paper adapts first); ``tests/policy/test_arc.py`` replays random
-traces against the paper's algorithm in that order, victim for victim.
+traces against the paper's algorithm in that order, victim for victim. c is what the
+tier holds when full; a tier of blocks of several sizes says so as its mix changes
+(``resize``, from ``room.DiskRoom``).
 
 The four lists are intrusive (``links.py``): every step, victims included, is
 O(1). A block's parent and position are taken and ignored (ARC is a baseline).
@@ -89,10 +91,25 @@ class ARCPolicy:
         link.owner.unlink(link)  # a fresh link for the ghost: a walk standing on this one walks on
         self._links[link.key] = ghost = Link(link.key)
         ghosts.push(ghost)
-        # A tier holding more blocks than ``capacity`` (a disk sized by another block size)
+        self._trim()
+
+    def _trim(self) -> None:
+        # A tier holding more blocks than ``capacity`` (resized down while its blocks leave)
         # still keeps the directory within 2c: the oldest ghost of the longer list goes.
         while len(self._links) > 2 * self.capacity and (self.b1 or self.b2):
             self._forget(self.b1 if len(self.b1) >= len(self.b2) else self.b2)
+
+    def resize(self, capacity_blocks: int) -> None:
+        """The tier holds ``capacity_blocks`` when full from now on (its mix of block sizes
+        changed): the target stays within it, and the ghosts within the paper's bounds, T1 +
+        B1 <= c and the directory <= 2c (the oldest ghosts go)."""
+        if capacity_blocks <= 0:
+            raise ValueError("ARC needs a positive capacity in blocks")
+        self.capacity = capacity_blocks
+        self.target_t1 = min(self.target_t1, capacity_blocks)
+        while len(self.t1) + len(self.b1) > capacity_blocks and self.b1:
+            self._forget(self.b1)
+        self._trim()
 
     def _directory_room(self) -> None:
         """ARC's case IV, before a new key enters T1: L1 = T1 + B1 stays within c (its oldest

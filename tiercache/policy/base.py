@@ -58,6 +58,19 @@ class RetainingPolicy(EvictionPolicy, Protocol):
         a pin; ``None``: back to normal); every touch starts the window again."""
 
 
+@runtime_checkable
+class SizedPolicy(EvictionPolicy, Protocol):
+    """A policy whose bounds count blocks: ARC's target and ghost lists, the prefix policy's
+    ghosts and counting window. A tier whose blocks differ in size (namespaces of several
+    models, or a model's KV cache groups) holds a count that follows its mix of sizes, and
+    tells the policy (``room.DiskRoom``); LRU has no such bound."""
+
+    capacity: int
+
+    def resize(self, capacity_blocks: int) -> None:
+        """The tier holds ``capacity_blocks`` when full, from now on."""
+
+
 def check_pin(policy: str, seconds: float | None) -> None:
     """A policy that holds pins but no retention windows (LRU, ARC) refuses a window."""
     if seconds is not None and seconds != math.inf:

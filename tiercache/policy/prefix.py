@@ -253,7 +253,19 @@ class PrefixPolicy:
         )
         self._ghost_of[key] = ghost
         self._ghosts.push(ghost)
-        if len(self._ghosts) > GHOSTS * self.capacity:
+        self._forget_ghosts()
+
+    def resize(self, capacity_blocks: int) -> None:
+        """The tier holds ``capacity_blocks`` when full from now on (its mix of block sizes
+        changed): ghosts beyond ``GHOSTS`` a slot are forgotten (blocks never back), and the
+        counts are halved every ``WINDOW`` outcomes a slot of the new size."""
+        if capacity_blocks <= 0:
+            raise ValueError("the prefix policy needs a positive capacity in blocks")
+        self.capacity = capacity_blocks
+        self._forget_ghosts()
+
+    def _forget_ghosts(self) -> None:
+        while len(self._ghosts) > GHOSTS * self.capacity:
             oldest = self._ghosts.first()
             assert oldest is not None
             self._ghosts.unlink(oldest)
