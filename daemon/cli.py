@@ -75,11 +75,16 @@ def cmd_size(args: argparse.Namespace) -> int:
     if cfg.tiers.disk is not None:
         tiers.append(("disk", cfg.tiers.disk.bytes, args.store_dtype))
     one_full = len(model.groups) == 1 and first.kind is AttentionKind.FULL
-    # The host and device tiers are carved into slots of one size, the largest block's.
-    slot = cfg.tiers.host.slot_bytes or max(g.spec.block_nbytes for g in model.groups)
+    # The host and device tiers are carved into slots of one size: [tiers.host] slot_bytes
+    # (set to fit several models' blocks), else the largest block's.
+    set_slot = cfg.tiers.host.slot_bytes
+    largest = max(g.spec.block_nbytes for g in model.groups)
+    slot = set_slot or largest
     for name, nbytes, fmt in tiers:
         if one_full:
-            holds = size_line(first, nbytes, fmt)
+            holds = size_line(first, nbytes, fmt, set_slot if name != "disk" else 0)
+        elif name != "disk" and slot < largest:
+            holds = refused(largest, slot)
         else:
             fits = model.tokens_in(nbytes, slot if name != "disk" else 0)
             holds = "a sequence of any length" if fits is None else f"{fits:,} tokens"
@@ -89,16 +94,32 @@ def cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
-def size_line(spec: KVSpec, nbytes: int, fmt: str) -> str:
-    """How many tokens and blocks ``nbytes`` of a tier holds under its storage format."""
+def size_line(spec: KVSpec, nbytes: int, fmt: str, slot_bytes: int = 0) -> str:
+    """How many tokens and blocks ``nbytes`` of a tier holds under its storage format;
+    ``slot_bytes``: the tier is carved into slots of that size ([tiers.host] slot_bytes),
+    one a block whatever its size."""
     f = parse_format(fmt)
     try:
         check_spec(spec, f)
     except FormatError:
-        return f"{spec.tokens_in(nbytes):,} tokens ({fmt}: a {spec.dtype} cache is stored exact)"
-    per = stored_nbytes(spec, f)
-    blocks = nbytes // per
-    return f"{blocks * spec.block_size:,} tokens ({fmt}: {blocks:,} blocks of {per:,} bytes)"
+        per, how = spec.block_nbytes, f"{fmt}: a {spec.dtype} cache is stored exact"
+    else:
+        per, how = stored_nbytes(spec, f), fmt
+    if slot_bytes and per > slot_bytes:
+        return refused(per, slot_bytes)
+    blocks = nbytes // (slot_bytes or per)
+    slots = f" in slots of {slot_bytes:,} bytes" if slot_bytes else ""
+    if how != fmt:
+        return f"{blocks * spec.block_size:,} tokens ({how}{slots})"
+    return f"{blocks * spec.block_size:,} tokens ({how}: {blocks:,} blocks of {per:,} bytes{slots})"
+
+
+def refused(block_bytes: int, slot_bytes: int) -> str:
+    """What a tier of slots holds of a model whose blocks are larger than its slots."""
+    return (
+        f"nothing: a block of {block_bytes:,} bytes is larger than [tiers.host] slot_bytes "
+        f"({slot_bytes:,}); the daemon refuses this model"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

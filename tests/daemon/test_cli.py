@@ -124,6 +124,59 @@ def test_size_reports_blocks_per_tier_under_its_storage_format(
 
 
 @pytest.mark.parametrize(
+    ("slot_bytes", "line"),
+    [
+        # 1 GiB // 20 MiB = 51 slots, one 16-token block each, whatever the block's size
+        (
+            "20MiB",
+            "host tier:        1.0 GiB holds 816 tokens (exact: 51 blocks of 5,242,880 bytes "
+            "in slots of 20,971,520 bytes)",
+        ),
+        (
+            "4MiB",
+            "host tier:        1.0 GiB holds nothing: a block of 5,242,880 bytes is larger than "
+            "[tiers.host] slot_bytes (4,194,304); the daemon refuses this model",
+        ),
+    ],
+)
+def test_size_counts_a_configured_host_slot_for_every_block_of_a_one_group_model(
+    model_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    slot_bytes: str,
+    line: str,
+) -> None:
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text(
+        f'[tiers.host]\nbytes = "1GiB"\nslot_bytes = "{slot_bytes}"\n'
+        f'[tiers.disk]\nurl = "{tmp_path / "d"}"\nbytes = "1GiB"\n'
+    )
+    args = ["size", "--model-config", str(model_config), "--tokens", "1", "--config", str(cfg)]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the disk stores blocks at their own size
+    assert out[-2:] == [
+        line,
+        "disk tier:        1.0 GiB holds 3,264 tokens (exact: 204 blocks of 5,242,880 bytes)",
+    ]
+
+
+def test_size_of_a_grouped_model_whose_blocks_a_configured_host_slot_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "tiercache.toml"
+    cfg.write_text(
+        '[tiers.host]\nbytes = "1GiB"\nslot_bytes = "4MiB"\n[tiers.disk]\nurl = "none"\n'
+    )
+    args = ["size", "--model-config", str(CONFIGS / "gemma-3-27b-it.json"), "--tokens", "1"]
+    assert main([*args, "--config", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "host tier:        1.0 GiB holds nothing: a block of 6,815,744 bytes is larger than "
+        "[tiers.host] slot_bytes (4,194,304); the daemon refuses this model"
+    )
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (
