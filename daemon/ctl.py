@@ -139,9 +139,11 @@ def render_status(stats: dict[str, Any]) -> str:
     lines = []
     for tier, u in stats.get("tiers", {}).items():
         cap = u["capacity_bytes"] or 1
+        kv = u.get("kv_bytes", u["used_bytes"])  # blocks smaller than the host's slots
         lines.append(
             f"{tier:<5} {format_size(u['used_bytes']):>10} of {format_size(u['capacity_bytes']):>10} "
             f"({100 * u['used_bytes'] / cap:5.1f}%)  {u['blocks']} blocks"
+            + (f", {format_size(kv)} of KV in their slots" if kv < u["used_bytes"] else "")
         )
     formats = stats.get("formats") or {}
     if len(formats) > 1 or any(f != "exact" for f in formats):  # all exact: nothing to say

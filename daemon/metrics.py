@@ -376,12 +376,23 @@ class _Collector:
                 "tiercache_tier_capacity_bytes",
                 "Byte budget of a tier (0: absent).",
             ),
-            ("used_bytes", "tiercache_tier_used_bytes", "Bytes of blocks stored in a tier."),
+            (
+                "used_bytes",
+                "tiercache_tier_used_bytes",
+                "Bytes a tier's blocks take (host and device: whole slots).",
+            ),
             ("blocks", "tiercache_tier_blocks", "Blocks stored in a tier."),
+            (
+                "kv_bytes",
+                "tiercache_tier_kv_bytes",
+                "Bytes of KV the blocks in a tier hold (host, disk): under used_bytes where "
+                "blocks are smaller than the host's slots, which each takes whole.",
+            ),
         ):
             fam = GaugeMetricFamily(name, doc, labels=["tier"])
             for tier in tiers:
-                fam.add_metric([tier], usage.get(tier, {}).get(field_, 0))
+                if field_ != "kv_bytes" or tier in TIERS:  # not counted on the device tier
+                    fam.add_metric([tier], usage.get(tier, {}).get(field_, 0))
             yield fam
 
     def _remote(self) -> Iterator[Metric]:

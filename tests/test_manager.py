@@ -124,6 +124,7 @@ async def test_a_disk_budget_lowered_at_reopen_is_kept_from_the_open_on(
         "capacity_bytes": 5 * NBYTES,
         "used_bytes": 5 * NBYTES,
         "blocks": 5,
+        "kv_bytes": 5 * NBYTES,
     }
     assert m.stats.evictions["disk"] == 3
     assert (await m.lookup(NS, b)).blocks == 4

@@ -536,7 +536,7 @@ class TierManager:
             self.device.close()
 
     def usage(self) -> dict[str, dict[str, int]]:
-        return usage(self.device, self.host, self.disk)
+        return usage(self.device, self.host, self.disk, self.host_room.kv_bytes)
 
     def blocks_by_format(self) -> dict[str, dict[str, int]]:
         """Blocks per storage format per tier (one walk of the index). A namespace not

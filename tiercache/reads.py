@@ -103,9 +103,14 @@ async def read_entries(
 
 
 def usage(
-    device: DeviceTier | None, host: HostArena, disk: DiskTier | None
+    device: DeviceTier | None,
+    host: HostArena,
+    disk: DiskTier | None,
+    host_kv_bytes: int | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Capacity, bytes used and blocks of each tier, for ``stats`` and the metrics."""
+    """Capacity, bytes used and blocks of each tier, for ``stats`` and the metrics; and, given
+    ``host_kv_bytes``, the bytes of KV the host's blocks hold (``kv_bytes``, the disk's too):
+    a host slot is taken whole by a smaller block, so ``used_bytes`` alone overstates it."""
     out: dict[str, dict[str, int]] = {}
     if device is not None:
         out[DEVICE] = {
@@ -118,10 +123,14 @@ def usage(
         "used_bytes": host.used_bytes,
         "blocks": host.num_slots - host.free_slots,
     }
+    if host_kv_bytes is not None:
+        out[HOST]["kv_bytes"] = host_kv_bytes
     if disk is not None:
         out[DISK] = {
             "capacity_bytes": disk.capacity_bytes,
             "used_bytes": disk.used_bytes,
             "blocks": disk.num_blocks,
         }
+        if host_kv_bytes is not None:
+            out[DISK]["kv_bytes"] = disk.used_bytes  # each block at its own size
     return out

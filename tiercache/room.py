@@ -230,6 +230,9 @@ class HostRoom:
         self._gone = gone
         self._disk = disk
         self.policy: EvictionPolicy | None = None
+        # The bytes of the blocks in the slots: under the slots' bytes when a namespace's
+        # blocks are smaller than the slots (sized by another namespace, or slot_bytes).
+        self.kv_bytes = 0
         index.pin_changed.append(self._pin_changed)
 
     def format(self, slot_bytes: int) -> None:
@@ -256,6 +259,7 @@ class HostRoom:
             e.at[HOST] = slot
         assert e.host_slot is not None
         self._order.insert(e.key, parent, position)
+        self.kv_bytes += e.nbytes
         if self._index.pins[e.key]:
             hold(self.policy, e.key, True)
 
@@ -275,6 +279,7 @@ class HostRoom:
         self.arena.free(slot)
         del e.at[HOST]
         self._order.remove(e.key)
+        self.kv_bytes -= e.nbytes
         self._gone(e)
 
     def _victims(self, n: int) -> list[Entry]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
@@ -71,3 +73,21 @@ async def test_evict_names_a_key_that_is_not_a_block_key(open_cache: OpenCache, 
         f"evict: a block key is 32 hex digits, got {given!r}",
     )
     assert (await m.lookup(NS, tokens)).blocks == 1
+
+
+async def test_stats_and_status_show_the_kv_bytes_of_blocks_smaller_than_the_host_slots(
+    open_cache: OpenCache,
+) -> None:
+    m = await open_cache(host_blocks=16)
+    await m.register(make_ns(model="big", spec=replace(SPEC, num_layers=4 * SPEC.num_layers)))
+    await m.save(NS, make_tokens(4), make_blocks(4))  # 4 blocks of 512 B in 2 KiB slots
+    s = await Control(m).run("stats")
+    assert s["tiers"]["host"] == {
+        "capacity_bytes": 16 * 512,
+        "used_bytes": 16 * 512,
+        "blocks": 4,
+        "kv_bytes": 4 * 512,
+    }
+    assert render_status(s).splitlines()[0] == (
+        "host     8.0 KiB of    8.0 KiB (100.0%)  4 blocks, 2.0 KiB of KV in their slots"
+    )

@@ -25,7 +25,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ EXPECTED_TYPES = {
     "tiercache_tier_capacity_bytes": "gauge",
     "tiercache_tier_used_bytes": "gauge",
     "tiercache_tier_blocks": "gauge",
+    "tiercache_tier_kv_bytes": "gauge",
     "tiercache_lookup_blocks_total": "counter",
     "tiercache_transfer_bytes_total": "counter",
     "tiercache_transfer_seconds": "histogram",
@@ -139,6 +140,7 @@ def test_the_first_scrape_has_every_label_combination_at_zero() -> None:
     assert label_sets(text, "tiercache_tier_capacity_bytes") == tiers
     assert label_sets(text, "tiercache_tier_used_bytes") == tiers
     assert label_sets(text, "tiercache_tier_blocks") == tiers
+    assert label_sets(text, "tiercache_tier_kv_bytes") == tiers
     assert label_sets(text, "tiercache_evictions_total") == tiers
     assert label_sets(text, "tiercache_lookup_blocks_total") == {
         L(result=r) for r in ("host", "disk", "remote", "miss")
@@ -261,6 +263,8 @@ async def test_tier_gauges_are_read_from_the_manager_at_scrape_time(
     await cache.flush()
     assert value(m, "tiercache_tier_used_bytes", tier="disk") == 3 * B
     assert value(m, "tiercache_tier_blocks", tier="disk") == 3
+    assert value(m, "tiercache_tier_kv_bytes", tier="host") == 3 * B
+    assert value(m, "tiercache_tier_kv_bytes", tier="disk") == 3 * B
     assert value(m, "tiercache_transfer_bytes_total", src="host", dst="disk") == 3 * B
 
 
@@ -347,6 +351,22 @@ async def test_a_corrupt_disk_block_is_counted_and_dropped(
     # Its only copy was on disk: the block is no longer cached anywhere.
     assert value(m, "tiercache_dropped_blocks_total") == 1
     assert value(m, "tiercache_tier_blocks", tier="disk") == 2
+
+
+async def test_a_model_of_blocks_smaller_than_the_host_slots_shows_its_kv_bytes(
+    open_cache: OpenCache,
+) -> None:
+    m = Metrics()
+    cache = await open_cache(host_blocks=8, disk_blocks=64, stats=m)
+    m.bind(cache)
+    await cache.register(make_ns(model="big", spec=replace(NS.spec, num_layers=4)))  # 2 x B slots
+    await cache.save(NS, make_tokens(3), make_blocks(3))
+    await cache.flush()
+
+    assert value(m, "tiercache_tier_used_bytes", tier="host") == 3 * 2 * B  # whole slots
+    assert value(m, "tiercache_tier_kv_bytes", tier="host") == 3 * B
+    assert value(m, "tiercache_tier_used_bytes", tier="disk") == 3 * B
+    assert value(m, "tiercache_tier_kv_bytes", tier="disk") == 3 * B
 
 
 async def test_a_host_tier_full_of_pinned_blocks_counts_a_host_full_error(

@@ -130,6 +130,8 @@ class CacheMachine(RuleBasedStateMachine):
         usage = self.m.usage()
         assert usage.get("host", {"used_bytes": 0})["used_bytes"] <= 3 * NBYTES
         assert usage["disk"]["used_bytes"] <= 5 * NBYTES
+        in_host = sum(e.nbytes for e in self.m.index if "host" in e.at)
+        assert usage.get("host", {"kv_bytes": 0})["kv_bytes"] == in_host
 
     @invariant()
     def pins_match_pinned_sessions(self) -> None:
