@@ -23,10 +23,10 @@ recurrent state) is refused when the ``HFChatCache`` is made, naming the layer.
 
 A sliding layer of transformers keeps only the last ``window - 1`` tokens, so the whole
 blocks of the window a resume needs are not all in a plain ``DynamicCache`` any more
-after a turn. The caches ``restore`` returns (and ``new_cache``) record their sliding
-layers' past (``activate_past_recording``): attention still sees only the window, but the
-layer keeps the tokens since the restored window began, and ``save`` stores whole blocks
-of the window. A plain ``DynamicCache`` may be saved too: its sliding groups get the
+after a turn. The caches ``restore`` returns (and ``new_cache``) have sliding layers that
+keep the whole blocks of their window (``hf_window.WindowBlocksLayer``): attention still
+sees only the window, the layer holds at most a block more (and the last forward's tokens),
+however long the turn or the conversation, and ``save`` stores whole blocks of the window. A plain ``DynamicCache`` may be saved too: its sliding groups get the
 whole blocks it still holds, so the next resume is shorter or a miss, never wrong.
 Restoring rebuilds each sliding layer with the tokens of its window and the full
 sequence length, as if it had seen the whole conversation.
@@ -232,14 +232,17 @@ class HFChatCache:
         return self.grouped.namespaces
 
     def new_cache(self) -> Any:
-        """An empty ``DynamicCache`` for the model whose sliding layers keep what a save needs."""
+        """An empty ``DynamicCache`` for the model whose sliding layers keep what a save needs
+        (``tiercache.integrations.hf_window``): the whole blocks of their window, no more."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
+        from tiercache.integrations.hf_window import WindowBlocksLayer
+
         past = DynamicCache(config=self.model.config)
-        for layer in past.layers:
+        for i, layer in enumerate(past.layers):
             if isinstance(layer, DynamicSlidingWindowLayer):
-                layer.activate_past_recording()  # type: ignore[no-untyped-call]
+                past.layers[i] = WindowBlocksLayer(layer.sliding_window, self.kv.block_size)
         return past
 
     def _planes(self, group: KVGroup, layer: Any, a: int, b: int) -> tuple[torch.Tensor, ...]:
@@ -331,8 +334,8 @@ class HFChatCache:
                     latent = planes[0]
                     planes = [latent[..., : self._lora].contiguous(), latent[..., self._lora :]]
                 layer = past.layers[i]
+                if spec.kind is AttentionKind.SLIDING:  # it holds the window of got.tokens
+                    layer.cumulative_length = got.tokens - n * spec.block_size
                 layer.update(*planes)
-                if spec.kind is AttentionKind.SLIDING:
-                    layer.cumulative_length = got.tokens  # it holds the window of that many
         assert past.get_seq_length() == got.tokens
         return past, got.tokens
