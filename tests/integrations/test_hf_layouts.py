@@ -385,3 +385,26 @@ def test_a_chat_with_an_image_reuses_only_the_blocks_before_it(cache: SyncCache)
     assert reused == 16  # the whole blocks before the image (which starts at token 20)
     assert chat.restore("b", ids.numpy().astype("uint32"))[1] == 16  # any integer dtype
     torch.testing.assert_close(logits(image_b, restored, reused), expected, atol=1e-4, rtol=0)
+
+
+def test_a_model_with_chunked_attention_is_refused_naming_its_layers(cache: SyncCache) -> None:
+    # Llama 4: three chunked layers to one full. The refusal named only the group, not which
+    # layers of the model it meant, nor why.
+    import transformers
+
+    config = transformers.Llama4TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        attention_chunk_size=WINDOW, num_local_experts=2, no_rope_layers=[1, 1, 1, 0],
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    with pytest.raises(SpecError) as refused:
+        HFChatCache(cache, model, block_size=BS)
+
+    assert str(refused.value) == (
+        "layer 0 of the model attends in chunks (KV cache group 'chunked': 3 layers, chunks of "
+        "32 tokens, layers 0, 1, 2): HFChatCache stores full, sliding and MLA layers only; a "
+        "resume through transformers' cache of chunked or sink-token layers was never checked "
+        "against recompute"
+    )

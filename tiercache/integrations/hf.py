@@ -174,9 +174,13 @@ class HFChatCache:
         )
         for g in self.kv.groups:
             if g.spec.kind is AttentionKind.CHUNKED or g.spec.sinks:
+                chunked = g.spec.kind is AttentionKind.CHUNKED
+                what = "attends in chunks" if chunked else "keeps sink tokens"
                 raise SpecError(
-                    f"KV cache group {g.name!r} ({g.describe()}): transformers' chunked and "
-                    "sink-token caches are not supported by HFChatCache"
+                    f"layer {g.layers[0]} of the model {what} (KV cache group {g.name!r}: "
+                    f"{g.describe()}, layers {', '.join(map(str, g.layers))}): HFChatCache stores "
+                    "full, sliding and MLA layers only; a resume through transformers' cache of "
+                    "chunked or sink-token layers was never checked against recompute"
                 )
         _check_cache_layers(self.kv, model.config)
         text = model.config.get_text_config(decoder=True)
