@@ -232,6 +232,34 @@ def test_a_cache_of_a_batch_is_refused_not_saved_as_row_0(model: Any, cache: Syn
     assert chat.restore("b", b)[1] == 0
 
 
+def test_a_cache_holding_more_positions_than_the_tokens_is_refused_not_stored(
+    model: Any, cache: SyncCache
+) -> None:
+    # transformers' assisted generation runs the whole prompt again on top of a restored cache:
+    # here 64 restored positions and the 104-token prompt. Saved, its positions 64-95 (the KV
+    # of tokens 0-31) were stored under the keys of tokens 64-95, and a later resume got them.
+    chat = HFChatCache(cache, model, block_size=16)
+    vocab = model.config.vocab_size
+    ids = user_message(0, 64, vocab)
+    past = chat.new_cache()
+    with torch.no_grad():
+        model(ids[None], past_key_values=past)
+    chat.save("s", ids, past)
+    convo = torch.cat([ids, user_message(1, 40, vocab)])
+    past, reused = chat.restore("s", convo)
+    assert reused == 64
+    with torch.no_grad():
+        model(convo[None], past_key_values=past)  # the whole prompt again
+
+    with pytest.raises(ValueError, match=r"^104 tokens given but the cache holds 168 positions"):
+        chat.save("s", convo, past)
+
+    nxt = torch.cat([convo, user_message(2, 10, vocab)])
+    restored, reused = chat.restore("t", nxt)
+    assert reused == 64  # nothing of the refused save
+    assert torch.equal(generate(model, nxt, restored)[0], recompute(model, nxt)[0])
+
+
 # --- quantized storage (store_dtype): error against exact recompute, measured -------------
 
 QUANT_REPLY = 64

@@ -265,7 +265,8 @@ class HFChatCache:
         """Store the KV of ``tokens`` held in ``past`` (a DynamicCache of one conversation: a
         batch of several rows is refused, since the tokens name one row's KV).
 
-        ``tokens`` are the ids whose KV is in ``past``, in order. Of every group only the
+        ``tokens`` are the ids whose KV is in ``past``, in order, all of them (a cache holding
+        more positions than ``tokens`` is refused: what it holds is not known). Of every group only the
         blocks a resume needs and the cache lacks are gathered and written; the result counts
         blocks of all groups together. Blocks from a multimodal model's first image (video,
         audio) placeholder on are not stored: their KV depends on the pixels, which no key
@@ -282,6 +283,13 @@ class HFChatCache:
             if ids.numel() > seen:
                 raise ValueError(
                     f"{ids.numel()} tokens given but the cache holds only {seen} positions"
+                )
+            if ids.numel() < seen:  # its positions are not these tokens: stored under their keys
+                raise ValueError(
+                    f"{ids.numel()} tokens given but the cache holds {seen} positions: save takes "
+                    "the ids of every position it holds, in order (after generate, out[0, :-1]); "
+                    "transformers' assisted generation (assistant_model) runs the whole prompt "
+                    "again on top of a restored cache"
                 )
             if layer is None or not seen:
                 held[g.name], offsets[g.name] = range(0), 0
