@@ -359,6 +359,22 @@ def test_without_a_session_every_saved_window_stays(cache: SyncCache) -> None:
     assert gc.lookup([*TOKENS[: 10 * CACHE_BS], 5]) == 10
 
 
+def test_a_window_another_session_kept_stays_until_no_session_keeps_it(cache: SyncCache) -> None:
+    # A chat forked after its first turn: both sessions' saves keep sliding blocks 7-9. The
+    # first one to move on evicted them, and a resume of the fork there was a miss.
+    gc = GroupedCache(cache, "model@1", KV)
+    gc.save(TOKENS[: 10 * CACHE_BS], gather, session="chat")
+    gc.save(TOKENS[: 10 * CACHE_BS], gather, session="fork")
+
+    gc.save(TOKENS, gather, session="chat")
+
+    assert stored(cache, gc.namespaces["sliding-0"]) == [7, 8, 9, 17, 18, 19]
+    assert gc.lookup([*TOKENS[: 10 * CACHE_BS], 5]) == 10
+    gc.save(TOKENS, gather, session="fork")  # the fork moves on: no session keeps 7-9
+    for name in ("sliding-0", "sliding-1"):
+        assert stored(cache, gc.namespaces[name]) == [17, 18, 19]
+
+
 def test_blocks_already_stored_are_not_gathered_again(cache: SyncCache) -> None:
     gc = GroupedCache(cache, "model@1", KV)
     gc.save(TOKENS[: 10 * CACHE_BS], gather)

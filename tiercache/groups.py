@@ -197,6 +197,22 @@ def _cut(loads: list[tuple[range, LoadResult]], want: range) -> LoadResult | Non
     return None
 
 
+def remember(
+    kept: dict[tuple[str, str], list[BlockKey]],
+    keeping: dict[BlockKey, int],
+    at: tuple[str, str],
+    keys: list[BlockKey],
+) -> None:
+    """``kept[at] = keys``, with ``keeping`` counting the lists of ``kept`` that name each key."""
+    for k in kept.get(at, []):
+        keeping[k] -= 1
+        if not keeping[k]:
+            del keeping[k]
+    for k in keys:
+        keeping[k] = keeping.get(k, 0) + 1
+    kept[at] = keys
+
+
 class GroupedCache:
     """Every KV cache group of one model (``ModelKV``) through one ``BlockCache``: each group in
     its own namespace, a hit as ``usable_prefix`` says, windowed groups kept to their window.
@@ -228,6 +244,7 @@ class GroupedCache:
         }
         # (session, group) -> keys the session's last save kept of a windowed group
         self._kept: dict[tuple[str, str], list[BlockKey]] = {}
+        self._keeping: dict[BlockKey, int] = {}  # key -> how many of those lists name it
 
     def _chains(self, tokens: TokenIds, max_blocks: int | None) -> dict[str, KeyChain]:
         """Each group's keys of the full blocks of ``tokens`` (at most ``max_blocks``)."""
@@ -349,9 +366,8 @@ class GroupedCache:
         before = self._kept.get((session, group), [])
         keep = set(kept)
         gone = [k for k in before if k not in keep]
-        if not evict:
-            self._kept[(session, group)] = [*kept, *gone]
-            return
-        if gone:
+        remember(self._kept, self._keeping, (session, group), kept if evict else [*kept, *gone])
+        # What another session's last save kept too (a chat forked there) is its window still.
+        gone = [k for k in gone if k not in self._keeping]
+        if evict and gone:
             self.cache.evict(keys=gone)
-        self._kept[(session, group)] = kept
