@@ -144,6 +144,23 @@ def test_weights_changed_in_place_after_the_cache_was_made_are_not_served_old_kv
     assert _resume_equals_recompute(model, chat, convo) == 0
 
 
+@pytest.mark.parametrize("model_id", [None, "tiny"])
+def test_a_model_cast_after_the_cache_was_made_saves_and_resumes_in_its_new_dtype(
+    cache: SyncCache, model_id: str | None
+) -> None:
+    """Before, the KV spec kept the dtype the model had when the HFChatCache was made: after
+    ``model.to(torch.bfloat16)`` every save raised a LayoutError and every restore missed."""
+    kw: dict[str, Any] = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    model = tiny_model("llama", seed=0, **kw)
+    chat = HFChatCache(cache, model, block_size=16, model_id=model_id)
+    _turn_one(model, chat)
+    model.to(torch.bfloat16)
+    convo = _turn_one(model, chat, "cast")  # saved in bfloat16
+    assert chat.restore("cast", convo)[1] == 160
+    past, _ = chat.restore("cast", convo)
+    assert past.layers[0].keys.dtype == torch.bfloat16
+
+
 def test_a_peft_adapter_switched_on_is_a_namespace_of_its_own(cache: SyncCache) -> None:
     peft = pytest.importorskip("peft")
     base = tiny_model("llama", seed=0, num_hidden_layers=2, hidden_size=128, intermediate_size=256)

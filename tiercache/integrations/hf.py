@@ -199,8 +199,14 @@ class HFChatCache:
         self.last_load: GroupedLoad | None = None  # the last restore's load (tiers, seconds)
 
     def _namespaced(self, cache: BlockCache) -> GroupedCache:
-        """The model's groups under the fingerprint of its weights as they are now."""
+        """The model's groups under the fingerprint of its weights as they are now (and their
+        KV dtype: the model may have been cast since)."""
         self._version = self._weights()
+        if self.kv.groups[0].spec.torch_dtype != self.model.dtype:
+            self.kv = ModelKV.from_hf_config(
+                self.model.config, dtype=self.model.dtype, block_size=self.kv.block_size,
+                layout=Layout.HF,
+            )  # fmt: skip
         if self._model_id:
             name = f"{self._model_id}#config={config_fingerprint(self.model.config)}"
             if adapters := self._version[-1]:
@@ -210,8 +216,10 @@ class HFChatCache:
         return GroupedCache(cache, name, self.kv, salt=self._salt, store_dtype=self._store_dtype)
 
     def _weights(self) -> tuple[Any, ...]:
-        # A model_id names the weights: only the adapter switches are watched then.
-        return (adapter_state(self.model),) if self._model_id else weights_version(self.model)
+        # A model_id names the weights: only the adapter switches (and a cast) are watched then.
+        if self._model_id:
+            return (str(self.model.dtype), adapter_state(self.model))
+        return weights_version(self.model)
 
     @property
     def grouped(self) -> GroupedCache:
