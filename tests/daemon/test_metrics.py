@@ -650,6 +650,88 @@ def test_the_dashboard_has_the_panels_operators_look_for() -> None:
     } <= titles
 
 
+# -- every series the ops files name exists ---------------------------------------------------
+
+
+def exported_labels() -> dict[str, dict[str, set[str]]]:
+    """Sample name -> label -> values, from a first scrape (every label value at zero); a
+    histogram's family name (as an alert's text may name it) also maps to its labels."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for (name, labels), _ in scrape(Metrics().render()).items():
+        names = [name, re.sub(r"_(bucket|count|sum)$", "", name)]
+        for n in names:
+            got = out.setdefault(n, {})
+            for k, v in labels:
+                if k != "le" or n == name:
+                    got.setdefault(k, set()).add(v)
+    return out
+
+
+SELECTOR = re.compile(r"\b(tiercache_[a-z_]+)\b(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'\s*([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*')
+# Labels Prometheus adds to every scraped series, and what the dashboard's variables stand for.
+TARGET_LABELS = {"job", "instance"}
+
+
+def selector_problems(where: str, text: str) -> list[str]:
+    """What in ``text`` names a ``tiercache_*`` series the exporter does not have: an unknown
+    metric, a label it does not carry, or a label value it never exports (a misspelt
+    ``result="hits"`` selects nothing, and an alert on it never fires)."""
+    known = exported_labels()
+    problems = []
+    for name, matchers in SELECTOR.findall(text):
+        if name not in known:
+            problems.append(f"{where}: no metric {name}")
+            continue
+        for m in filter(str.strip, matchers.split(",")):
+            parsed = MATCHER.fullmatch(m)
+            assert parsed, f"{where}: cannot read the matcher {m!r} of {name}"
+            label, op, val = parsed.groups()
+            if label in TARGET_LABELS:
+                continue
+            if label not in known[name]:
+                problems.append(f"{where}: {name} has no label {label!r}")
+                continue
+            values = val.split("|") if op in ("=~", "!~") else [val]
+            problems += [
+                f"{where}: {name} never has {label}={v!r} (it has {sorted(known[name][label])})"
+                for v in values
+                if v not in known[name][label]
+            ]
+    return problems
+
+
+def test_every_series_the_dashboard_queries_is_exported() -> None:
+    problems = [p for where, expr in dashboard_targets() for p in selector_problems(where, expr)]
+    assert problems == []
+
+
+def test_every_series_the_rules_name_is_exported() -> None:
+    # The live test below evaluates every rule, but an alert on a series that does not exist
+    # evaluates fine (to nothing) and never fires: names and labels are checked here.
+    problems = [
+        p
+        for rule in rules()
+        for where, text in [
+            (_rule_id(rule), rule["expr"]),
+            *((f"{_rule_id(rule)} {k}", v) for k, v in rule.get("annotations", {}).items()),
+        ]
+        for p in selector_problems(where, text)
+    ]
+    assert problems == []
+
+
+def test_the_rules_unit_tests_feed_only_exported_series() -> None:
+    tests = yaml.safe_load(RULES_TESTS.read_text())["tests"]
+    problems = [
+        p
+        for t in tests
+        for s in t.get("input_series", [])
+        for p in selector_problems(t["name"], s["series"])
+    ]
+    assert problems == []
+
+
 def test_grafana_provisioning_points_at_a_prometheus_and_a_dashboard_folder() -> None:
     datasources = (OPS / "grafana/provisioning/datasources/prometheus.yml").read_text()
     assert "type: prometheus" in datasources
