@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,9 @@ from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
 from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.ctl import render_status
 from tiercache.keys import Namespace
+from tiercache.tiers.remote import RemoteOptions
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 NS = make_ns()
 
@@ -91,3 +97,36 @@ async def test_stats_and_status_show_the_kv_bytes_of_blocks_smaller_than_the_hos
     assert render_status(s).splitlines()[0] == (
         "host     8.0 KiB of    8.0 KiB (100.0%)  4 blocks, 2.0 KiB of KV in their slots"
     )
+
+
+def readme_stats_section() -> str:
+    """The README's list of the ``stats`` result (from its introduction to the metrics)."""
+    text = README.read_text()
+    start = text.index("`stats` (the verb over MQTT or the socket")
+    return text[start : text.index("Prometheus metrics (", start)]
+
+
+async def test_the_readme_names_every_field_stats_answers_and_no_other(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    # Every tier and a shared tier (a store nothing answers: it starts down, no service needed).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    m = await open_cache(
+        device_bytes=2 * SPEC.block_nbytes,
+        device_name="cpu",
+        remote_url="s3://bucket/prefix",
+        remote_options=RemoteOptions(
+            endpoint=f"http://127.0.0.1:{port}", key_id="k", secret_file=str(secret), timeout=0.5
+        ),
+    )
+    s = await Control(m).run("stats")
+    fields = {*s, *s["policy"], *s["remote"]} | {f for t in s["tiers"].values() for f in t}
+    named = set(re.findall(r"`([a-z_]+)`", readme_stats_section()))
+    assert set(s["tiers"]) == {"device", "host", "disk"}
+    assert fields - named == set()  # answered, not documented
+    # Documented, not answered (tier names and the section's own words aside).
+    assert named - fields - {"device", "host", "disk", "null", "stats"} == set()

@@ -732,6 +732,13 @@ def test_the_rules_unit_tests_feed_only_exported_series() -> None:
     assert problems == []
 
 
+def test_the_readme_names_every_exported_metric_and_no_other() -> None:
+    readme = (ROOT / "README.md").read_text()
+    named = {n for n in re.findall(r"\btiercache_[a-z_]+", readme) if not n.endswith("_")}
+    assert set(EXPECTED_TYPES) - named == set()  # exported, not documented
+    assert named - set(exported_labels()) == set()  # documented, not exported
+
+
 def test_grafana_provisioning_points_at_a_prometheus_and_a_dashboard_folder() -> None:
     datasources = (OPS / "grafana/provisioning/datasources/prometheus.yml").read_text()
     assert "type: prometheus" in datasources
