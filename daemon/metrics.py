@@ -77,6 +77,11 @@ ERROR_KINDS = (
 # Why a block offered to the shared tier did not get there: the write-behind queue was full,
 # it left every local tier first, its local copy failed verification, the daemon stopped.
 REMOTE_DROP_REASONS = ("queue_full", "evicted", "corrupt", "shutdown")
+# With a device tier ([tiers.device]): its hits, its evictions and its two paths (prefetch
+# promotions into it, loads served from it). Exported from the first scrape only when
+# there is one, so a daemon without a GPU shows no device series.
+DEVICE = "device"
+DEVICE_PATHS = (("host", DEVICE), (DEVICE, "client"))
 OPS = ("save", "load", "acquire", "touch", "prefetch", "lookup", "lookup_tail")
 
 # A host hit is a memcpy of a few KiB (~10 us); a cold object-store read of a
@@ -207,6 +212,13 @@ class Metrics(Stats):
         self._manager = manager
         self._clients = clients
         self._mqtt_connected = mqtt_connected
+        if self._has_device():
+            for src, dst in DEVICE_PATHS:
+                self.transfer_seconds.labels(src, dst)
+
+    def _has_device(self) -> bool:
+        # getattr: a stand-in manager (tests) has no device attribute.
+        return getattr(self._manager, "device", None) is not None
 
     # -- events from the manager (base counters kept by Stats) -------------------
 
@@ -277,6 +289,10 @@ class _Collector:
         lookups, evictions = dict(m.lookups), dict(m.evictions)
         prefetch, errors = dict(m.prefetch), dict(m.errors)
         transfer_bytes: Counter[tuple[str, str]] = Counter(dict(m.transfer_bytes))
+        device = m._has_device()
+        tiers = (DEVICE, *TIERS) if device else TIERS
+        results = (DEVICE, *LOOKUP_RESULTS) if device else LOOKUP_RESULTS
+        paths = (*TRANSFER_PATHS, *DEVICE_PATHS) if device else TRANSFER_PATHS
 
         info = GaugeMetricFamily(
             "tiercache_build_info", "tiercache version (value is always 1).", labels=["version"]
@@ -288,17 +304,17 @@ class _Collector:
 
         yield _counter(
             "tiercache_lookup_blocks",
-            "Blocks looked up, by where the hit was (host, disk) or miss.",
+            "Blocks looked up, by where the hit was (device, host, disk, remote) or miss.",
             "result",
             lookups,
-            LOOKUP_RESULTS,
+            results,
         )
         fam = CounterMetricFamily(
             "tiercache_transfer_bytes",
             "Bytes moved between tiers and clients, by path.",
             labels=["src", "dst"],
         )
-        for path in dict.fromkeys([*TRANSFER_PATHS, *transfer_bytes]):
+        for path in dict.fromkeys([*paths, *transfer_bytes]):
             fam.add_metric(list(path), transfer_bytes[path])
         yield fam
         yield _counter(
@@ -306,7 +322,7 @@ class _Collector:
             "Blocks evicted from a tier to make room.",
             "tier",
             evictions,
-            TIERS,
+            tiers,
         )
         yield _counter(
             "tiercache_prefetch",

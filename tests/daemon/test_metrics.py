@@ -319,6 +319,43 @@ async def test_prefetch_counts_done_then_noop_and_the_promoted_bytes(
     )  # the no-op is a request too
 
 
+async def test_a_device_tier_s_series_are_exported_from_the_first_scrape(
+    open_cache: OpenCache,
+) -> None:
+    # A series born at its first event loses that event to rate() and increase(): the
+    # device tier's hits, evictions and paths are there at 0 before it is used, and its
+    # use adds no series the first scrape did not have.
+    m = Metrics()
+    cache = await open_cache(host_blocks=8, device_bytes=2 * B, device_name="cpu", stats=m)
+    m.bind(cache)
+    first = m.render()
+    assert label_sets(first, "tiercache_lookup_blocks_total") >= {L(result="device")}
+    assert label_sets(first, "tiercache_evictions_total") >= {L(tier="device")}
+    for name in ("tiercache_transfer_bytes_total", "tiercache_transfer_seconds_count"):
+        assert label_sets(first, name) >= {
+            L(src="host", dst="device"),
+            L(src="device", dst="client"),
+        }
+
+    tokens = make_tokens(3)
+    await cache.save(NS, tokens, make_blocks(3), session="s")
+    await cache.prefetch(session="s")  # host -> device: the 2 blocks it has room for
+    await cache.lookup(NS, tokens)
+    await cache.load(NS, tokens)  # from the device, and from host
+    await cache.save(NS, make_tokens(2, seed=9), make_blocks(2), session="t")
+    await cache.prefetch(session="t")  # evicts the device's blocks of "s"
+    used = m.render()
+    assert value(m, "tiercache_transfer_bytes_total", src="host", dst="device") > 0
+    assert value(m, "tiercache_transfer_bytes_total", src="device", dst="client") > 0
+    assert value(m, "tiercache_lookup_blocks_total", result="device") > 0
+    assert value(m, "tiercache_evictions_total", tier="device") > 0
+    assert set(scrape(used)) == set(scrape(first))
+
+
+def test_without_a_device_tier_no_device_series_are_exported() -> None:
+    assert not [k for k in scrape(Metrics().render()) if "device" in dict(k[1]).values()]
+
+
 def test_prefetch_timing_fills_the_lead_and_lateness_histograms() -> None:
     m = Metrics()
     m.prefetched("early", 0.2)
