@@ -135,6 +135,22 @@ def _progress_line(verb: str, start: dict[str, Any], now: dict[str, Any], elapse
     return f"{verb}: {format_size(max(0, moved))} promoted  {elapsed:5.1f}s"
 
 
+def _remote_line(r: dict[str, Any]) -> str:
+    """The shared tier in one line: whether its store answers (why not, when it retries),
+    its write-behind queue and what it uploaded and dropped."""
+    health = (
+        "up"
+        if r.get("up")
+        else f"DOWN (retry in {r.get('retry_in_s', 0):.1f}s; {r.get('last_error') or 'no answer'})"
+    )
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted((r.get("dropped_blocks") or {}).items()))
+    return (
+        f"remote {r.get('url', '')}: {health}, queue {r.get('queue_blocks', 0)} of "
+        f"{r.get('queue_bound', 0)}, uploaded {r.get('uploaded_blocks', 0)}, "
+        f"dropped {dropped or 'none'}"
+    )
+
+
 def render_status(stats: dict[str, Any]) -> str:
     lines = []
     for tier, u in stats.get("tiers", {}).items():
@@ -163,6 +179,8 @@ def render_status(stats: dict[str, Any]) -> str:
     lines.append(
         f"corrupt blocks {stats.get('corrupt_blocks', 0)}, errors {stats.get('errors', {}) or 'none'}"
     )
+    if remote := stats.get("remote"):
+        lines.append(_remote_line(remote))
     policy = stats.get("policy", {})
     lines.append(
         f"policy: {policy.get('eviction')}, {policy.get('write')}, admission {policy.get('admission')}"

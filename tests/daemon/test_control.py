@@ -6,10 +6,12 @@ import re
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
+from tiercache import TierManager
 from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.ctl import render_status
 from tiercache.keys import Namespace
@@ -106,22 +108,55 @@ def readme_stats_section() -> str:
     return text[start : text.index("Prometheus metrics (", start)]
 
 
-async def test_the_readme_names_every_field_stats_answers_and_no_other(
-    open_cache: OpenCache, tmp_path: Path
-) -> None:
-    # Every tier and a shared tier (a store nothing answers: it starts down, no service needed).
+async def open_with_a_dead_store(open_cache: OpenCache, tmp_path: Path, **kw: Any) -> TierManager:
+    """A cache whose shared tier's store nothing answers: it starts down, no service needed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     secret = tmp_path / "secret"
     secret.write_text("x")
-    m = await open_cache(
-        device_bytes=2 * SPEC.block_nbytes,
-        device_name="cpu",
+    return await open_cache(
         remote_url="s3://bucket/prefix",
         remote_options=RemoteOptions(
             endpoint=f"http://127.0.0.1:{port}", key_id="k", secret_file=str(secret), timeout=0.5
         ),
+        **kw,
+    )
+
+
+async def test_status_says_the_shared_tier_is_down_and_why(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    # Before, status printed nothing of the shared tier: a node whose store was down looked
+    # healthy to the operator reading it.
+    m = await open_with_a_dead_store(open_cache, tmp_path)
+    line = next(x for x in render_status(await Control(m).run("stats")).splitlines() if "s3:" in x)
+    assert line.startswith("remote s3://bucket/prefix: DOWN (retry in ")
+    assert "error sending request" in line  # the store's own words
+    assert line.endswith("queue 0 of 4096, uploaded 0, dropped none")
+
+
+def test_status_shows_an_up_shared_tier_s_queue_and_drops_and_nothing_without_one() -> None:
+    remote = {
+        "url": "s3://b/p",
+        "up": True,
+        "queue_blocks": 3,
+        "queue_bound": 4096,
+        "uploaded_blocks": 12,
+        "dropped_blocks": {"queue_full": 2, "evicted": 1},
+    }
+    assert "remote s3://b/p: up, queue 3 of 4096, uploaded 12, dropped evicted 1, queue_full 2" in (
+        render_status({"remote": remote}).splitlines()
+    )
+    assert "remote" not in render_status({"remote": None})
+
+
+async def test_the_readme_names_every_field_stats_answers_and_no_other(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    # Every tier and a shared tier.
+    m = await open_with_a_dead_store(
+        open_cache, tmp_path, device_bytes=2 * SPEC.block_nbytes, device_name="cpu"
     )
     s = await Control(m).run("stats")
     fields = {*s, *s["policy"], *s["remote"]} | {f for t in s["tiers"].values() for f in t}
