@@ -429,8 +429,9 @@ class _Collector:
         )
         yield _gauge(
             "tiercache_remote_queue_blocks",
-            "Blocks waiting in the write-behind queue to the shared tier.",
-            lambda: len(uploads) if uploads is not None else 0,
+            "Blocks in the write-behind queue to the shared tier, waiting or being uploaded "
+            "(what [tiers.remote] queue_blocks bounds).",
+            lambda: len(uploads) + uploads.in_flight if uploads is not None else 0,
         )
         yield CounterMetricFamily(
             "tiercache_remote_uploaded_blocks",

@@ -9,6 +9,7 @@ SeaweedFS) and ``vllm`` (runs real vLLM engines), so
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +23,7 @@ from tests.services.mosquitto import mosquitto_fixture, own_mosquitto_fixture
 from tests.services.seaweedfs import open_node, own_seaweedfs, remote_url, seaweedfs
 from tiercache import KVSpec, Namespace, TierManager
 from tiercache.daemon.config import Config, load_config
+from tiercache.tiers.remote import RemoteOptions
 
 # The services' fixtures, for every test folder; each starts only when a test asks for it.
 __all__ = [
@@ -136,6 +138,22 @@ async def open_cache(tmp_path: Path) -> AsyncIterator[OpenCache]:
     yield factory
     for m in opened:
         await m.close(flush=False)
+
+
+async def open_with_a_dead_store(
+    open_cache: OpenCache, tmp_path: Path, **kwargs: Any
+) -> TierManager:
+    """A cache with a shared tier whose store nothing answers (a free port): it starts down
+    and stays down, with no service to run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = tmp_path / "dead-store-secret"
+    secret.write_text("x")
+    options = RemoteOptions(
+        endpoint=f"http://127.0.0.1:{port}", key_id="k", secret_file=str(secret), timeout=0.5
+    )
+    return await open_cache(remote_url="s3://bucket/prefix", remote_options=options, **kwargs)
 
 
 def fuzz_examples(n: int) -> int:

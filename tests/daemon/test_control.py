@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import SPEC, OpenCache, make_blocks, make_ns, make_tokens
-from tiercache import TierManager
+from tests.conftest import (
+    SPEC,
+    OpenCache,
+    make_blocks,
+    make_ns,
+    make_tokens,
+    open_with_a_dead_store,
+)
 from tiercache.daemon.control import Control, ControlError
 from tiercache.daemon.ctl import render_status
 from tiercache.keys import Namespace
-from tiercache.tiers.remote import RemoteOptions
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -106,22 +109,6 @@ def readme_stats_section() -> str:
     text = README.read_text()
     start = text.index("`stats` (the verb over MQTT or the socket")
     return text[start : text.index("Prometheus metrics (", start)]
-
-
-async def open_with_a_dead_store(open_cache: OpenCache, tmp_path: Path, **kw: Any) -> TierManager:
-    """A cache whose shared tier's store nothing answers: it starts down, no service needed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    secret = tmp_path / "secret"
-    secret.write_text("x")
-    return await open_cache(
-        remote_url="s3://bucket/prefix",
-        remote_options=RemoteOptions(
-            endpoint=f"http://127.0.0.1:{port}", key_id="k", secret_file=str(secret), timeout=0.5
-        ),
-        **kw,
-    )
 
 
 async def test_status_says_the_shared_tier_is_down_and_why(

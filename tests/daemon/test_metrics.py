@@ -34,7 +34,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import tiercache
-from tests.conftest import NBYTES, OpenCache, flip_byte, make_blocks, make_ns, make_tokens
+from tests.conftest import (
+    NBYTES,
+    OpenCache,
+    flip_byte,
+    make_blocks,
+    make_ns,
+    make_tokens,
+    open_with_a_dead_store,
+)
 from tests.services.mosquitto import Mosquitto, mqtt_env
 from tests.services.prometheus import PrometheusServer, promtool, running_prometheus
 from tiercache import TierManager
@@ -404,6 +412,24 @@ async def test_a_model_of_blocks_smaller_than_the_host_slots_shows_its_kv_bytes(
     assert value(m, "tiercache_tier_kv_bytes", tier="host") == 3 * B
     assert value(m, "tiercache_tier_used_bytes", tier="disk") == 3 * B
     assert value(m, "tiercache_tier_kv_bytes", tier="disk") == 3 * B
+
+
+async def test_the_shared_tier_queue_gauge_counts_the_batch_in_flight_as_stats_does(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    # The queue's bound counts the blocks taken for upload until their batch is done; the
+    # gauge counted only those still waiting, so it read 0 with a full queue dropping offers
+    # behind a batch stuck on a hung store.
+    m = Metrics()
+    cache = await open_with_a_dead_store(open_cache, tmp_path, stats=m)
+    m.bind(cache)
+    assert cache.shared is not None
+    uploads = cache.shared.uploads
+    for k in make_ns().block_keys(make_tokens(3)):
+        assert uploads.offer(k, "array")
+    uploads.take(2)  # a batch in flight
+    assert value(m, "tiercache_remote_queue_blocks") == 3
+    assert cache.shared.state()["queue_blocks"] == 3
 
 
 async def test_a_host_tier_full_of_pinned_blocks_counts_a_host_full_error(
