@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_serve)
 
-    st = sub.add_parser("status", help="tiers, hit ratios and errors of a running daemon")
+    st = sub.add_parser(
+        "status", help="tiers, hit ratios, errors and shared tier of a running daemon"
+    )
     st.add_argument("--config", default=None)
     st.add_argument("--node", default=None, help="with MQTT: the node to ask (default [mqtt] node)")
     st.add_argument("--json", action="store_true")
