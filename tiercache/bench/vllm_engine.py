@@ -8,6 +8,8 @@ vLLM tests and the vLLM benchmark start, one per engine.
     {"model": "/path/to/model", "connector": null | {"name": "TierCacheConnector",
      "extra": {...}} | {"name": "ExampleConnector", "extra": {...}},
      "prompts": [{"tokens": [...], "session": "chat-1", "max_tokens": 8},
+                 {"tokens": [...], "image": {"seed": 1, "size": 64}},  # with a noise image
+                                             # (its placeholder token among the tokens)
                  {"after": 0, "tokens": [...]},  # a chat's next turn: step 0's prompt, its
                                                  # reply, then these tokens
                  {"batch": [[...], [...]], "max_tokens": 128},   # throughput ("outputs": true
@@ -17,9 +19,11 @@ vLLM tests and the vLLM benchmark start, one per engine.
                  {"wait": "/tmp/x"},                             # barrier: x.ready, then x.go
                  {"reset_prefix_cache": true}, ...],  # empty vLLM's own prefix cache
      "warmup": true, "kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": false,
-     "reserved_cpus": 1, "engine_args": {"disable_hybrid_kv_cache_manager": true}}
+     "reserved_cpus": 1, "tokenizer": false,
+     "engine_args": {"disable_hybrid_kv_cache_manager": true}}
 
-(``engine_args``: more keyword arguments of ``vllm.LLM``.)
+(``engine_args``: more keyword arguments of ``vllm.LLM``; ``tokenizer``: load the model
+directory's tokenizer and processor, which a multimodal model's image prompts need.)
 
 Each ``tokens`` prompt is generated alone (greedy, one request at a time), so its wall time
 with ``max_tokens: 1`` is its time to first token. ``OUT.json`` has the engine's
@@ -68,7 +72,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         max_model_len=job.get("max_model_len", 4096),
         max_num_batched_tokens=job.get("max_model_len", 4096),
         enforce_eager=True,
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=not job.get("tokenizer", False),
         enable_prefix_caching=job.get("prefix_caching", False),
         seed=0,
         **kw,
@@ -87,11 +91,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             extra_args=extra,
         )
 
-    def generate(tokens: list[int], max_tokens: int, session: str | None) -> dict[str, Any]:
+    def generate(
+        tokens: list[int], max_tokens: int, session: str | None, image: dict[str, int] | None
+    ) -> dict[str, Any]:
         extra = {"kv_transfer_params": {"session_id": session}} if session else None
         sp = greedy(max_tokens, extra=extra)
+        prompt = TokensPrompt(prompt_token_ids=tokens)
+        if image is not None:
+            prompt["multi_modal_data"] = {"image": noise_image(**image)}
         t = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], sp, use_tqdm=False)[0]
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]
         return {"seconds": time.perf_counter() - t, **result(out)}
 
     def result(out: Any) -> dict[str, Any]:
@@ -108,7 +117,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     if job.get("warmup", True):
         # Shorter than a block: neither looked up nor saved; warms the kernels.
-        generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None)
+        generate([3, 4, 5, 6, 7, 8, 9, 10], 4, None, None)
 
     def batch(prompts: list[list[int]], max_tokens: int, outputs: bool) -> dict[str, Any]:
         sp = greedy(max_tokens, logprobs=outputs)
@@ -184,10 +193,21 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 j = p["after"]
                 prompt = sent[j] + results[j]["tokens"]
             prompt = prompt + list(p["tokens"])
-            results.append(generate(prompt, p.get("max_tokens", 8), p.get("session")))
+            results.append(
+                generate(prompt, p.get("max_tokens", 8), p.get("session"), p.get("image"))
+            )
             results[-1]["prompt_tokens"] = len(prompt)
         sent.append(prompt)
     return {"startup_seconds": started, "results": results}
+
+
+def noise_image(seed: int, size: int) -> Any:
+    """A ``size`` x ``size`` RGB image of uniform noise drawn from ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
 
 
 def launch(
