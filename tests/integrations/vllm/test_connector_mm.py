@@ -16,7 +16,11 @@ another text after it, blocks 0 and 1 (vLLM then computes from token 256, inside
 and runs the vision tower for the image's last tokens). Each equals what an engine without
 the connector gives; the control: image B changes the output.
 
-Three engine starts (about 20-30 s each on 2 cores).
+Then two engines where vLLM does not hash images (its prefix cache off and
+``mm_processor_cache_gb=0``): another image under the same name finds only the text before it.
+
+Five engine starts (about 20-30 s each on 2 cores): 93 s for the first four tests, 200 s for
+the module (measured on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -134,7 +138,12 @@ def daemon(workdir: Path) -> Iterator[Daemon]:
 
 
 def engine(
-    model: str, workdir: Path, name: str, prompts: list[dict[str, Any]], socket: str | None
+    model: str,
+    workdir: Path,
+    name: str,
+    prompts: list[dict[str, Any]],
+    socket: str | None,
+    engine_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     job = {
         "model": model,
@@ -144,6 +153,7 @@ def engine(
         else {"name": "TierCacheConnector", "extra": {"socket": socket}},
         "prompts": prompts,
         "max_model_len": 2048,
+        "engine_args": engine_args or {},
     }
     return list(launch(job, workdir / "engines", name)["results"])
 
@@ -228,3 +238,24 @@ def test_the_daemon_counts_the_blocks_found(resumed: dict[str, dict[str, Any]]) 
     # block 0, the other text's 2 blocks. (A lookup that finds part of what it asks for is
     # asked again for that part, ``groups.usable_prefix``, and counted again: image B's.)
     assert resumed["hits"]["host"] >= 2 + 1 + 1 + 2
+
+
+def test_images_vllm_does_not_hash_are_never_found_by_another_image(
+    model: str, workdir: Path, daemon: Daemon, plain: dict[str, dict[str, Any]]
+) -> None:
+    # vLLM hashes an image's content for its caches only: with its prefix cache off and
+    # mm_processor_cache_gb 0, an image's identifier is a count of the engine's requests
+    # with media ("renderer0-mm-1-image-0"), the same for every engine's first image. The
+    # blocks from such an image on are neither saved nor looked up: engine E's image B
+    # finds only the text before it, not what engine D saved with image A under the same
+    # identifier.
+    unhashed = {"mm_processor_cache_gb": 0}
+    (a,) = engine(model, workdir, "D-unhashed-a", [prompt(A)], daemon.socket, unhashed)
+    (b,) = engine(model, workdir, "E-unhashed-b", [prompt(B)], daemon.socket, unhashed)
+    same(b, plain["b"])
+    assert found(b) == 1
+    assert b["num_cached_tokens"] == BLOCK
+    same(a, plain["a"])
+    assert a["kv_transfer_params"]["tiercache"]["stored_blocks"] == 1  # block 0 (found)
+    log = (workdir / "engines" / "E-unhashed-b.log").read_text()
+    assert "vLLM does not hash the content of images" in log

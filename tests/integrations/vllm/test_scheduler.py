@@ -372,6 +372,30 @@ def test_a_prompt_with_an_image_is_found_from_the_image_on_only_with_that_image(
     assert found("late, no image", [], late) == 2 * B  # the image starts after both blocks
 
 
+def test_images_vllm_numbers_by_request_are_cached_only_before_the_first(
+    daemon: DaemonProcess,
+) -> None:
+    # With its caches off, vLLM names an image by a count of requests, the same in every
+    # engine (connector.media_hashed): another image under that name must not find this
+    # one's blocks. Only the blocks before the block the first image starts in are cached.
+    tokens = make_tokens(3, seed=57)[:10]
+    name = "renderer0-mm-1-image-0"
+    hashed = scheduler(daemon.socket, min_tail=1)
+    first = Prompt("a", tokens)
+    first.mm_features = media((name, B + 1))  # type: ignore[attr-defined]
+    hashed.get_num_new_matched_tokens(first, 0)  # type: ignore[arg-type]
+    hashed.update_state_after_alloc(first, None, 0)  # type: ignore[arg-type]
+    save_for_real(daemon, hashed.build_connector_meta(step("a", [1, 2, 3], 0, 10)))  # type: ignore[arg-type]
+    link = Link(str(daemon.socket), "vllm-scheduler-test", retry=60)
+    s = Scheduler(Options(), [GROUP], B, 1, link, media_hashed=False)
+    other = Prompt("b", tokens)
+    other.mm_features = media((name, B + 1))  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(other, 0) == (B, False)  # type: ignore[arg-type]
+    s.update_state_after_alloc(other, None, B)  # type: ignore[arg-type]
+    meta = s.build_connector_meta(step("b", [4, 5, 6], computed=B, scheduled=10 - B))  # type: ignore[arg-type]
+    assert meta.saves == []  # block 0 was found; nothing from the image on is saved
+
+
 @pytest.mark.parametrize(("field", "a", "b"), [("prompt_embeds", torch.zeros(1), torch.ones(1))])
 def test_a_request_whose_kv_depends_on_more_than_its_token_ids_is_not_cached(
     daemon: DaemonProcess, field: str, a: object, b: object

@@ -21,8 +21,10 @@ How it works, per role:
   finds only blocks saved under the same adapter and salt. A request with images
   (video, audio) has its chain re-seeded by each item's content hash where the
   item starts (``keys.media_seed``): blocks from an image on are found only with
-  that image. A request with prompt embeddings is not cached: the keys could not
-  tell it apart. ``build_connector_meta`` tells the worker which blocks to load before
+  that image. (vLLM hashes items only for its caches: with its prefix cache off
+  and ``mm_processor_cache_gb=0``, ``connector.media_hashed``, the blocks from a
+  request's first item on are not cached.) A request with prompt embeddings is
+  not cached: the keys could not tell it apart. ``build_connector_meta`` tells the worker which blocks to load before
   this step's forward and which blocks became full (and are saved after it).
 - **Worker**: copies between the engine's paged KV cache and the daemon's
   shared host arena with the torch reference gather/scatter

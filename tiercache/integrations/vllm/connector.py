@@ -37,6 +37,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.tiercache")
 
 
+def media_hashed(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM identifies a request's media items by their content. It hashes them for
+    its own caches only: with its prefix cache off and ``mm_processor_cache_gb=0`` an item's
+    identifier is the engine's count of requests with media ("renderer0-mm-7-image-0"), the
+    same for another image in another engine, so keys seeded by it would serve one image's
+    KV for another (items the client names with ``multi_modal_uuids`` keep their names, but
+    cannot be told apart from the counted ones)."""
+    mm = vllm_config.model_config.multimodal_config
+    return (
+        mm is None
+        or mm.mm_processor_cache_gb != 0
+        or bool(vllm_config.cache_config.enable_prefix_caching)
+    )
+
+
 class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM KV connector (v1 API) backed by a tiercache daemon. See the package docstring."""
 
@@ -72,8 +87,16 @@ class TierCacheConnector(KVConnectorBase_V1, SupportsHMA):
         self._scheduler: Scheduler | None = None
         self._worker: Worker | None = None
         if role == KVConnectorRole.SCHEDULER:
+            hashed = media_hashed(vllm_config)
+            if not hashed:
+                logger.warning(
+                    "vLLM does not hash the content of images, video or audio with its prefix "
+                    "cache off and mm_processor_cache_gb=0 (it numbers them by request): the "
+                    "blocks from a request's first media item on are not cached. Enable "
+                    "prefix caching or set mm_processor_cache_gb above 0 to cache them."
+                )
             self._scheduler = Scheduler(
-                self.options, self.groups, self.vllm_block, min_tail, self._link
+                self.options, self.groups, self.vllm_block, min_tail, self._link, hashed
             )
         else:
             self._worker = Worker(

@@ -59,6 +59,12 @@ class _Req:
     # chain is re-seeded there (``media_seed``); and the tokens where each item starts.
     media: dict[int, list[str]] = field(default_factory=dict)
     media_starts: list[int] = field(default_factory=list)
+    keyed: int | None = None  # blocks [keyed, ..) are neither looked up nor saved (_new)
+
+    def full(self, tokens: int, block: int) -> int:
+        """The whole blocks of the first ``tokens`` tokens that may be looked up and saved."""
+        full = tokens // block
+        return full if self.keyed is None else min(full, self.keyed)
 
     def media_from(self, start: int) -> int | None:
         """The first token at or after ``start`` where a media item starts."""
@@ -124,9 +130,18 @@ class Scheduler:
     loads and saves each step sends the worker side."""
 
     def __init__(
-        self, options: Options, groups: list[Group], vllm_block: int, min_tail: int, link: Link
+        self,
+        options: Options,
+        groups: list[Group],
+        vllm_block: int,
+        min_tail: int,
+        link: Link,
+        media_hashed: bool = True,
     ) -> None:
         self.options = options
+        # Whether vLLM keys media items by their content (``media_hashed`` in the package):
+        # when not, the blocks from a request's first item on are not cached.
+        self.media_hashed = media_hashed
         self.groups = groups
         self.vllm_block = vllm_block
         self.block = groups[0].ns.spec.block_size
@@ -167,6 +182,8 @@ class Scheduler:
         for offset, ids in sorted(starts.items()):
             st.media.setdefault(offset // self.block, []).extend(ids)
         st.media_starts = sorted(starts)
+        if starts and not self.media_hashed:
+            st.keyed = min(starts) // self.block
         self._reqs[request.request_id] = st
         return st
 
@@ -182,7 +199,7 @@ class Scheduler:
         # At least one prompt token is left to compute: the engine needs its logits. The
         # last block may still be loaded whole (its last token is computed over it).
         limit = prompt - 1
-        full = prompt // self.block
+        full = st.full(prompt, self.block)
         if prompt < self.min_tokens:
             return 0, False
         if limit <= num_computed_tokens:
@@ -411,7 +428,7 @@ class Scheduler:
             limit = min(limit, len(st.request.prompt_token_ids or ()))
         if limit < self.min_tokens:
             return []
-        full = limit // self.block
+        full = st.full(limit, self.block)
         if full <= st.stored:
             return []
         saves = []
