@@ -108,6 +108,21 @@ def test_a_stored_prefix_is_matched_beyond_vllms_own_cache_up_to_the_prompts_las
     assert always.get_num_new_matched_tokens(Prompt("e", tokens[:14]), 0) == (12, True)  # type: ignore[arg-type]
 
 
+def test_a_partial_hit_is_one_lookup_in_the_daemon(daemon: DaemonProcess) -> None:
+    # usable_prefix narrows the prefix to the run found and asks for it again: the daemon
+    # counted every block of a partial hit twice (and refreshed it twice).
+    tokens = make_tokens(4, seed=3)
+    with Client(daemon.socket) as c:
+        c.save(NS, tokens[: 2 * B], make_blocks(2, seed=3))
+        before = c.stats()["lookup_blocks"]
+    s = scheduler(daemon.socket)
+    assert s.get_num_new_matched_tokens(Prompt("r1", tokens), 0) == (2 * B, False)  # type: ignore[arg-type]
+    with Client(daemon.socket) as c:
+        after = c.stats()["lookup_blocks"]
+    assert after.get("host", 0) - before.get("host", 0) == 2
+    assert after.get("miss", 0) - before.get("miss", 0) == 2  # blocks 2 and 3
+
+
 def test_a_short_prompt_or_a_daemon_that_is_down_is_a_miss(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:

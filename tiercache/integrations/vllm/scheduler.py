@@ -233,8 +233,16 @@ class Scheduler:
         """The blocks of the longest prefix within ``full`` every group can resume from
         (``usable_prefix``), and per block the slowest tier a group found it in."""
         tiers: dict[int, str] = {}
+        # usable_prefix asks again for the run it already has when it narrows the prefix
+        # (a partial hit): one lookup each, or the daemon counted (and refreshed) it twice.
+        asked: dict[tuple[int, int], int] = {}
 
         def run(i: int, first: int) -> int:
+            if (i, first) not in asked:
+                asked[(i, first)] = look_up(i, first)
+            return asked[(i, first)]
+
+        def look_up(i: int, first: int) -> int:
             g = self.groups[i]
             chain = KeyChain(self._keys(st, g, full * self.block))
             look = functools.partial(Client.lookup, ns=g.ns, tokens=chain, first_block=first)
