@@ -189,17 +189,16 @@ def dequantize(q: QuantBlocks, dtype: torch.dtype, out: torch.Tensor | None = No
         x = buf[: chunk.shape[0]]
         if not fp8:
             x.copy_(chunk).mul_(scales[i : i + step])
-            out[i : i + step].copy_(x)
-            continue
-        # torch converts e4m3 one element at a time on a CPU (20x slower than the table; the
-        # bits moved into a float16, 2x faster than the table)
-        x.copy_(_e4m3_as_f16(chunk, bits[: chunk.shape[0]]).view(torch.float16))
-        lo, hi = torch.aminmax(x)
-        if float(hi) > _E4M3_MAX_AS_F16 or float(lo) < -_E4M3_MAX_AS_F16:
-            torch.take(_E4M3, chunk.view(torch.uint8).long(), out=x)  # a NaN code: the table
-            x.mul_(scales[i : i + step])
         else:
-            x.mul_(scales_f16[i : i + step])
+            # torch converts e4m3 one element at a time on a CPU (20x slower than the table;
+            # the bits moved into a float16, 2x faster than the table)
+            x.copy_(_e4m3_as_f16(chunk, bits[: chunk.shape[0]]).view(torch.float16))
+            lo, hi = torch.aminmax(x)
+            if float(hi) > _E4M3_MAX_AS_F16 or float(lo) < -_E4M3_MAX_AS_F16:
+                torch.take(_E4M3, chunk.view(torch.uint8).long(), out=x)  # a NaN code
+                x.mul_(scales[i : i + step])
+            else:
+                x.mul_(scales_f16[i : i + step])
         out[i : i + step].copy_(x)
     return out
 

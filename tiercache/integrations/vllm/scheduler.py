@@ -233,16 +233,11 @@ class Scheduler:
         """The blocks of the longest prefix within ``full`` every group can resume from
         (``usable_prefix``), and per block the slowest tier a group found it in."""
         tiers: dict[int, str] = {}
+
         # usable_prefix asks again for the run it already has when it narrows the prefix
         # (a partial hit): one lookup each, or the daemon counted (and refreshed) it twice.
-        asked: dict[tuple[int, int], int] = {}
-
+        @functools.cache
         def run(i: int, first: int) -> int:
-            if (i, first) not in asked:
-                asked[(i, first)] = look_up(i, first)
-            return asked[(i, first)]
-
-        def look_up(i: int, first: int) -> int:
             g = self.groups[i]
             chain = KeyChain(self._keys(st, g, full * self.block))
             look = functools.partial(Client.lookup, ns=g.ns, tokens=chain, first_block=first)
@@ -277,8 +272,9 @@ class Scheduler:
         tail that ends with the prompt is loaded whole, and its last token computed again.
         (A sliding group's window before it is within the prefix's, found already.)"""
         # A tail key hashes token ids only: it stops before media that starts inside it.
-        media = st.media_from(start)
-        end = min(prompt, start + self.block - 1, prompt if media is None else media)
+        end = min(prompt, start + self.block - 1)
+        if (media := st.media_from(start)) is not None:
+            end = min(end, media)
         if end - start < self.min_tail:
             return
         toks = st.request.all_token_ids[start:end]
